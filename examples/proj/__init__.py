@@ -1,0 +1,1 @@
+"""The example app used by the README, the demo and the tests."""

@@ -1,0 +1,62 @@
+"""Example tasks."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from proj.qops import app
+
+
+@app.task
+def add(x: float, y: float) -> float:
+    return x + y
+
+
+@app.task
+def mul(x: float, y: float) -> float:
+    return x * y
+
+
+@app.task
+def xsum(numbers: list[float]) -> float:
+    return sum(numbers)
+
+
+@app.task
+def sleep(seconds: float) -> float:
+    """A slow task: sleeps, then returns how long it slept."""
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def fail(message: str = "kaboom") -> None:
+    """A failing task: raises ValueError(message)."""
+    raise ValueError(message)
+
+
+@app.task
+def pid() -> int:
+    """The pid of the process that ran the task."""
+    return os.getpid()
+
+
+@app.task(bind=True, max_retries=3, default_retry_delay=0.1)
+def flaky(self, succeed_on: int = 2) -> int:
+    """Fails until its retry number reaches ``succeed_on``; returns the retry count."""
+    if self.request.retries < succeed_on:
+        raise self.retry(exc=RuntimeError("not yet"))
+    return int(self.request.retries)
+
+
+@app.task(time_limit=1, soft_time_limit=0.5)
+def limited(seconds: float) -> str:
+    """Sleeps ``seconds`` under a soft limit of 0.5 s and a hard limit of 1 s."""
+    from qops import SoftTimeLimitExceeded
+
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "soft limit hit"
+    return "done"

@@ -1,0 +1,3 @@
+from qops.cli.main import main
+
+main()

@@ -1,0 +1,404 @@
+"""App: settings, the task registry, routing and sending, and finding the app for -A."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import importlib
+import os
+import sys
+import threading
+import traceback as tb_mod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from qops import protocol
+from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
+from qops.errors import AppNotFound, ConfigError, NoResultBackend, UsageError
+from qops.result import AsyncResult
+from qops.settings import Settings, default_broker_url
+from qops.task import Context, Signature, Task
+from qops.transports.base import Transport, TransportOptions, from_url
+
+# Names on the wire for each compatibility preset (PROTOCOL.md).
+NAMES = {
+    "qops": {"queue": "qops", "mailbox": "qops.pidbox", "events": "qopsev",
+             "result_prefix": "qops-task-meta-"},
+    "celery": {"queue": "celery", "mailbox": "celery.pidbox", "events": "celeryev",
+               "result_prefix": "celery-task-meta-"},
+}
+
+_apps: list[App] = []
+_running = threading.local()  # stack of Context for tasks running in this thread
+
+
+def current_app() -> App:
+    if not _apps:
+        return App("default")
+    return _apps[-1]
+
+
+class App:
+    """A qops application: ``app = App('proj', broker='redis://...')``."""
+
+    def __init__(self, main: str | None = None, *, broker: str | None = None,
+                 backend: str | None = None, include: Iterable[str] | None = None,
+                 config_source: Any = None, namespace: str | None = None,
+                 **settings: Any) -> None:
+        self.main = main or "__main__"
+        self.conf = Settings()
+        self.tasks: dict[str, Task] = {}
+        if config_source is not None:
+            self.conf.config_from_object(config_source, namespace=namespace)
+        if broker:
+            self.conf.set("broker_url", broker, source="App(broker=...)")
+        if backend:
+            self.conf.set("result_backend", backend, source="App(backend=...)")
+        if include:
+            self.conf.set("include", list(include), source="App(include=...)")
+        self.conf.update(settings, source="App(...)", strict=True)
+        self._transport: Transport | None = None
+        self._backend: ResultBackend | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        _apps.append(self)
+
+    def __repr__(self) -> str:
+        return f"<qops.App {self.main}>"
+
+    # -- configuration ---------------------------------------------------------------
+    def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
+        self.conf.config_from_object(obj, namespace=namespace)
+        self._reset_connections()
+
+    @property
+    def names(self) -> dict[str, str]:
+        compat = self.conf.compat
+        if compat not in NAMES:
+            raise ConfigError(f"compat must be 'qops' or 'celery', not {compat!r}")
+        return NAMES[compat]
+
+    @property
+    def default_queue(self) -> str:
+        return str(self.conf.task_default_queue or self.names["queue"])
+
+    @property
+    def broker_url(self) -> str:
+        return str(self.conf.broker_url or default_broker_url())
+
+    @property
+    def result_backend_url(self) -> str | None:
+        url = self.conf.result_backend
+        if url:
+            return str(url)
+        if self.broker_url.startswith("sqlite:"):
+            return self.broker_url  # results live in the same file
+        return None
+
+    def transport_options(self) -> TransportOptions:
+        c = self.conf
+        return TransportOptions(
+            heartbeat_interval=float(c.worker_heartbeat_interval),
+            heartbeat_ttl=float(c.worker_heartbeat_ttl),
+            max_message_size=int(c.task_max_message_size),
+            connect_timeout=float(c.broker_connection_timeout),
+        )
+
+    # -- connections (made on first use, again after a fork) -------------------------------
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child must not share the parent's sockets.
+            self._transport = None
+            self._backend = None
+            self._pid = os.getpid()
+
+    def _reset_connections(self) -> None:
+        self.close()
+
+    @property
+    def transport(self) -> Transport:
+        self._check_fork()
+        with self._lock:
+            if self._transport is None:
+                self._transport = from_url(self.broker_url, self.transport_options())
+            return self._transport
+
+    @property
+    def backend(self) -> ResultBackend:
+        self._check_fork()
+        with self._lock:
+            if self._backend is None:
+                url = self.result_backend_url
+                if not url:
+                    raise NoResultBackend(
+                        "no result backend is configured: set result_backend "
+                        "(e.g. App(..., backend='redis://localhost:6379/1'), "
+                        "QOPS_RESULT_BACKEND or --result-backend)")
+                transport = None
+                if url.startswith("rpc:"):
+                    transport = self._transport_unlocked()
+                self._backend = backend_from_url(
+                    url, expires=self.conf.result_expires,
+                    prefix=self.names["result_prefix"], transport=transport)
+            return self._backend
+
+    def _transport_unlocked(self) -> Transport:
+        if self._transport is None:
+            self._transport = from_url(self.broker_url, self.transport_options())
+        return self._transport
+
+    @property
+    def has_backend(self) -> bool:
+        return bool(self.result_backend_url)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+            if self._backend is not None:
+                self._backend.close()
+            self._transport = None
+            self._backend = None
+
+    # -- tasks ---------------------------------------------------------------------------
+    def task(self, *args: Any, **options: Any) -> Any:
+        """``@app.task`` or ``@app.task(name=..., bind=True, queue=..., ...)``."""
+
+        def register(fun: Callable[..., Any]) -> Task:
+            name = options.pop("name", None) or self.gen_task_name(fun)
+            task = Task(self, fun, name=name, **options)
+            self.tasks[name] = task
+            return task
+
+        if len(args) == 1 and callable(args[0]) and not options:
+            return register(args[0])
+        if args:
+            raise UsageError("@app.task takes keyword options only")
+        return register
+
+    def gen_task_name(self, fun: Callable[..., Any]) -> str:
+        module = fun.__module__
+        if module == "__main__":
+            module = self.main
+        return f"{module}.{fun.__name__}"
+
+    def import_modules(self) -> list[str]:
+        """Import ``imports`` and ``include`` so their tasks register. Returns the names."""
+        names = [*self.conf.imports, *self.conf.include]
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ConfigError(f"cannot import task module {name!r}: {exc}") from exc
+        return names
+
+    def rate_limit_for(self, task: Task) -> str | None:
+        ann = self._annotation(task.name)
+        if "rate_limit" in ann:
+            return ann["rate_limit"]  # type: ignore[no-any-return]
+        return task.rate_limit or self.conf.task_default_rate_limit
+
+    def _annotation(self, name: str) -> dict[str, Any]:
+        anns = self.conf.task_annotations or {}
+        merged: dict[str, Any] = {}
+        if isinstance(anns, dict):
+            merged.update(anns.get("*", {}))
+            merged.update(anns.get(name, {}))
+        return merged
+
+    def option_for(self, task: Task, key: str, setting: str) -> Any:
+        """A task option: annotation > the task's own value > the app setting."""
+        ann = self._annotation(task.name)
+        if key in ann:
+            return ann[key]
+        value = getattr(task, key, None)
+        return self.conf.get(setting) if value is None else value
+
+    # -- routing and sending ---------------------------------------------------------------
+    def route(self, name: str, queue: str | None = None, task: Task | None = None) -> str:
+        if queue:
+            return queue
+        routes = self.conf.task_routes or {}
+        for pattern, target in routes.items():
+            if pattern == name or fnmatch.fnmatchcase(name, pattern):
+                if isinstance(target, str):
+                    return target
+                if isinstance(target, dict) and target.get("queue"):
+                    return str(target["queue"])
+        if task is not None and task.queue:
+            return task.queue
+        return self.default_queue
+
+    def send_task(self, name: str, args: Iterable[Any] | None = None,
+                  kwargs: dict[str, Any] | None = None, *, countdown: float | None = None,
+                  eta: dt.datetime | None = None, expires: float | dt.datetime | None = None,
+                  queue: str | None = None, priority: int | None = None,
+                  task_id: str | None = None, link: Any = None, link_error: Any = None,
+                  time_limit: float | None = None, soft_time_limit: float | None = None,
+                  ignore_result: bool | None = None, parent_id: str | None = None,
+                  root_id: str | None = None, chain: list[dict[str, Any]] | None = None,
+                  group: str | None = None, group_index: int | None = None,
+                  chord: dict[str, Any] | None = None, shadow: str | None = None,
+                  retries: int = 0, task: Task | None = None, **unknown: Any) -> AsyncResult:
+        """Send a task by name; returns its AsyncResult. Never drops silently: raises
+        PublishError/BrokerUnreachable when the broker did not take the message."""
+        if unknown:
+            raise UsageError(f"unknown option(s) for sending {name}: {', '.join(sorted(unknown))}")
+        task = task or self.tasks.get(name)
+        now = dt.datetime.now(dt.timezone.utc)
+        if countdown is not None:
+            eta = now + dt.timedelta(seconds=float(countdown))
+        if isinstance(expires, (int, float)):
+            expires = now + dt.timedelta(seconds=float(expires))
+        if priority is None:
+            priority = self.conf.task_default_priority
+        if ignore_result is None:
+            ignore_result = bool(self.conf.task_ignore_result)
+        target = self.route(name, queue, task)
+        if self.conf.task_always_eager and task is not None:
+            return self._apply_eager(task, list(args or ()), dict(kwargs or {}), task_id)
+        reply_to = None
+        if self.has_backend and not ignore_result:
+            reply_to = self.backend.prepare_send()
+        message = protocol.build_task_message(
+            name, args, kwargs, task_id=task_id, eta=eta, expires=expires,
+            retries=retries, time_limit=time_limit, soft_time_limit=soft_time_limit,
+            root_id=root_id, parent_id=parent_id, group=group, group_index=group_index,
+            callbacks=_sig_list(link), errbacks=_sig_list(link_error), chain=chain,
+            chord=chord, reply_to=reply_to, priority=priority, shadow=shadow,
+            ignore_result=ignore_result)
+        self.transport.publish(target, message)
+        return AsyncResult(message.headers["id"], app=self)
+
+    def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
+        sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
+        options = {k: v for k, v in sig.options.items()
+                   if k in _SEND_KEYS}
+        options.update(extra)
+        return self.send_task(sig.name, sig.args, sig.kwargs, task=self.tasks.get(sig.name),
+                              **options)
+
+    def _apply_eager(self, task: Task, args: list[Any], kwargs: dict[str, Any],
+                     task_id: str | None) -> AsyncResult:
+        from qops.backends.memory import MemoryBackend
+
+        tid = task_id or protocol.build_task_message(task.name).headers["id"]
+        backend = MemoryBackend(f"memory://eager-{id(self)}", expires=None)
+        self.push_request(Context(id=tid, args=args, kwargs=kwargs, is_eager=True))
+        task.push_request(Context(id=tid, args=args, kwargs=kwargs, is_eager=True))
+        try:
+            value = task(*args, **kwargs)
+            backend.store(tid, SUCCESS, value)
+        except Exception as exc:
+            backend.store(tid, FAILURE, exc, tb_mod.format_exc())
+        finally:
+            task.pop_request()
+            self.pop_request()
+        return AsyncResult(tid, app=self, backend=backend)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        return AsyncResult(task_id, app=self)
+
+    def signature(self, name: str, args: Iterable[Any] | None = None,
+                  kwargs: dict[str, Any] | None = None, **options: Any) -> Signature:
+        return Signature(name, args, kwargs, options=options, app=self)
+
+    # -- the task running in this thread (for child tasks' parent_id) ---------------------
+    @staticmethod
+    def push_request(ctx: Context) -> None:
+        if not hasattr(_running, "stack"):
+            _running.stack = []
+        _running.stack.append(ctx)
+
+    @staticmethod
+    def pop_request() -> None:
+        _running.stack.pop()
+
+    @staticmethod
+    def current_request() -> Context | None:
+        stack = getattr(_running, "stack", None)
+        return stack[-1] if stack else None
+
+
+_SEND_KEYS = {"countdown", "eta", "expires", "queue", "priority", "task_id", "link",
+              "link_error", "time_limit", "soft_time_limit", "ignore_result", "shadow",
+              "parent_id", "root_id", "chain", "group", "group_index", "chord", "retries"}
+
+
+def _sig_list(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return [dict(value)]
+    return [dict(v) for v in value]
+
+
+# -- finding the app for -A ------------------------------------------------------------------
+
+
+def load_app(spec: str) -> App:
+    """Resolve ``-A``: ``module:attr``, ``module.attr``, then ``app``/``qops``/``celery``
+    attributes, then any App in the module, then submodules ``module.qops`` /
+    ``module.celery``. The error says everything that was tried."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    tried: list[str] = []
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        module = _import(module_name, tried)
+        if module is not None:
+            found = _attr_path(module, attr)
+            if isinstance(found, App):
+                return found
+            tried.append(f"{spec} (no App at {attr!r})")
+        raise AppNotFound(f"cannot load app {spec!r}: tried {'; '.join(tried)}")
+    module = _import(spec, tried, quiet_missing=True)
+    if module is None and "." in spec:
+        parent_name, _, attr = spec.rpartition(".")
+        parent = _import(parent_name, tried)
+        if parent is not None:
+            found = getattr(parent, attr, None)
+            if isinstance(found, App):
+                return found
+            tried.append(f"{parent_name}.{attr} (not an App)")
+    if module is not None:
+        app = _find_in_module(module, tried)
+        if app is not None:
+            return app
+        for sub in ("qops", "celery"):
+            submodule = _import(f"{spec}.{sub}", tried, quiet_missing=True)
+            if submodule is not None:
+                app = _find_in_module(submodule, tried)
+                if app is not None:
+                    return app
+    raise AppNotFound(f"cannot find a qops App for -A {spec!r}: tried {'; '.join(tried)}")
+
+
+def _import(name: str, tried: list[str], quiet_missing: bool = False) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            tried.append(f"import {name} (no such module)")
+            return None
+        raise AppNotFound(f"importing {name!r} failed: {exc}") from exc
+    except Exception as exc:  # the user's module raised while importing
+        raise AppNotFound(f"importing {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _find_in_module(module: Any, tried: list[str]) -> App | None:
+    for attr in ("app", "qops", "celery"):
+        found = getattr(module, attr, None)
+        if isinstance(found, App):
+            return found
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if apps:
+        return apps[0]
+    tried.append(f"{module.__name__} (attributes app/qops/celery and any App: none)")
+    return None

@@ -1,0 +1,137 @@
+"""Result backends: the public logic lives here; subclasses implement _get/_store/_delete
+and, where the store can wake a waiter, _wait.
+
+A result is Celery's meta dict (PROTOCOL.md §4)::
+
+    {"status": "SUCCESS", "result": 42, "traceback": null, "children": [],
+     "date_done": "...", "task_id": "..."}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from qops import protocol
+from qops.errors import ResultTimeout, UsageError
+
+PENDING = "PENDING"
+RECEIVED = "RECEIVED"
+STARTED = "STARTED"
+RETRY = "RETRY"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+ALL_STATES = frozenset({PENDING, RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED})
+
+
+def pending(task_id: str) -> dict[str, Any]:
+    return {"status": PENDING, "result": None, "traceback": None, "children": [],
+            "date_done": None, "task_id": task_id}
+
+
+class ResultBackend(ABC):
+    def __init__(self, url: str, *, expires: float | None = 86400,
+                 prefix: str = "qops-task-meta-") -> None:
+        self.url = url
+        self.expires = expires or None  # 0 = keep forever
+        self.prefix = prefix
+
+    # -- public ---------------------------------------------------------------------
+    def store(self, task_id: str, state: str, result: Any = None, traceback: str | None = None,
+              *, reply_to: str | None = None, children: list[Any] | None = None,
+              extra: dict[str, Any] | None = None) -> None:
+        """Record ``state`` for the task. A SUCCESS is never overwritten."""
+        if state not in ALL_STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if isinstance(result, BaseException):
+            result = protocol.exception_to_dict(result)
+        meta: dict[str, Any] = {
+            "status": state,
+            "result": result,
+            "traceback": traceback,
+            "children": children or [],
+            "date_done": dt.datetime.now(dt.timezone.utc).isoformat()
+            if state in READY_STATES else None,
+            "task_id": task_id,
+        }
+        if extra:
+            meta.update(extra)
+        self._store(task_id, protocol.dumps(meta).encode(), state, reply_to=reply_to)
+
+    def get_meta(self, task_id: str) -> dict[str, Any]:
+        raw = self._get(task_id)
+        if raw is None:
+            return pending(task_id)
+        meta = protocol.loads(raw)
+        if not isinstance(meta, dict):
+            return pending(task_id)
+        return meta
+
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the task is ready; raise ResultTimeout after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            meta = self.get_meta(task_id)
+            if meta["status"] in READY_STATES:
+                return meta
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
+                                    f"(state {meta['status']})")
+            self._wait(task_id, 1.0 if left is None else min(left, 1.0))
+
+    def forget(self, task_id: str) -> None:
+        self._delete(task_id)
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def prepare_send(self) -> str | None:
+        """The ``reply_to`` a producer should put in the messages it sends (rpc only)."""
+        return None
+
+    # -- for subclasses ---------------------------------------------------------------
+    @abstractmethod
+    def _get(self, task_id: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _store(self, task_id: str, data: bytes, state: str, *, reply_to: str | None) -> None:
+        """Save ``data`` unless a SUCCESS is already stored for the task."""
+
+    @abstractmethod
+    def _delete(self, task_id: str) -> None: ...
+
+    def _wait(self, task_id: str, timeout: float) -> None:
+        """Return when the task's state may have changed, or after ``timeout``.
+
+        Default: poll with a short, growing interval."""
+        step = getattr(self, "_poll", 0.005)
+        time.sleep(min(step, timeout))
+        self._poll = min(step * 2, 0.1)
+
+
+def backend_from_url(url: str, *, expires: float | None = 86400,
+                     prefix: str = "qops-task-meta-", transport: Any = None) -> ResultBackend:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        from qops.backends.sqlite import SQLiteBackend
+
+        return SQLiteBackend(url, expires=expires, prefix=prefix)
+    if scheme in ("redis", "rediss", "unix"):
+        from qops.backends.redis import RedisBackend
+
+        return RedisBackend(url, expires=expires, prefix=prefix)
+    if scheme == "rpc":
+        from qops.backends.rpc import RPCBackend
+
+        return RPCBackend(url, expires=expires, prefix=prefix, transport=transport)
+    if scheme == "memory":
+        from qops.backends.memory import MemoryBackend
+
+        return MemoryBackend(url, expires=expires, prefix=prefix)
+    raise UsageError(f"unknown result backend scheme {scheme or url!r}: use sqlite:///path, "
+                     "redis://host:6379/0 or rpc://")

@@ -1,0 +1,103 @@
+"""All CLI output goes through here: tables, JSON, errors, exit codes.
+
+``--json`` prints exactly one JSON document on stdout; logs and warnings go to stderr.
+rich is imported only when a table is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from qops.errors import EX_FAILURE, QopsError
+
+
+class Terminal:
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False,
+                 no_color: bool = False, debug: bool = False) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.no_color = no_color or bool(os.environ.get("NO_COLOR"))
+        self.debug = debug
+        self._console: Any = None
+        self._err_console: Any = None
+
+    def _rich(self, err: bool = False) -> Any:
+        from rich.console import Console
+
+        if err:
+            if self._err_console is None:
+                self._err_console = Console(stderr=True, no_color=self.no_color,
+                                            highlight=False)
+            return self._err_console
+        if self._console is None:
+            self._console = Console(no_color=self.no_color, highlight=False,
+                                    soft_wrap=True)
+        return self._console
+
+    def print(self, text: str = "", style: str | None = None) -> None:
+        if self.quiet or self.json_mode:
+            return
+        if style and sys.stdout.isatty() and not self.no_color:
+            self._rich().print(text, style=style, markup=False)
+        else:
+            print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        """A remark for the human (stderr, even with --json)."""
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def json(self, document: Any) -> None:
+        print(json.dumps(document, indent=2, default=str), flush=True)
+
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+              title: str | None = None) -> None:
+        if self.quiet:
+            return
+        if not sys.stdout.isatty():
+            # Plain, aligned text for pipes and logs: no box characters.
+            cells = [[str(c) for c in columns]] + [[_cell(c) for c in r] for r in rows]
+            widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+            if title:
+                print(title)
+            for row in cells:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            sys.stdout.flush()
+            return
+        from rich.table import Table
+
+        table = Table(title=title, show_edge=False, header_style="bold")
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*[_cell(c) for c in row])
+        self._rich().print(table)
+
+    def error(self, message: str) -> None:
+        text = f"qops: error: {message}"
+        if sys.stderr.isatty() and not self.no_color:
+            self._rich(err=True).print(text, style="bold red", markup=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"qops: warning: {message}", file=sys.stderr, flush=True)
+
+    def abort(self, exc: QopsError | str, code: int | None = None) -> NoReturn:
+        if isinstance(exc, QopsError):
+            self.error(str(exc))
+            raise SystemExit(exc.exit_code if code is None else code)
+        self.error(exc)
+        raise SystemExit(EX_FAILURE if code is None else code)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)

@@ -1,0 +1,320 @@
+"""Celery task message protocol v2 (JSON only): build, parse, and the JSON type tags.
+
+See PROTOCOL.md §1. Non-JSON values travel as ``{"__type__": ..., "__value__": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import datetime as dt
+import decimal
+import json
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from qops.errors import ProtocolError
+from qops.transports.base import JSON, Message
+
+# -- JSON with type tags -------------------------------------------------------------
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, dt.datetime):
+        return {"__type__": "datetime", "__value__": obj.isoformat()}
+    if isinstance(obj, dt.date):
+        return {"__type__": "date", "__value__": obj.isoformat()}
+    if isinstance(obj, dt.time):
+        return {"__type__": "time", "__value__": obj.isoformat()}
+    if isinstance(obj, uuid.UUID):
+        return {"__type__": "uuid", "__value__": str(obj)}
+    if isinstance(obj, decimal.Decimal):
+        return {"__type__": "decimal", "__value__": str(obj)}
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"__type__": "bytes", "__value__": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "__json__"):
+        return obj.__json__()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+_DECODERS: dict[str, Any] = {
+    "datetime": dt.datetime.fromisoformat,
+    "date": dt.date.fromisoformat,
+    "time": dt.time.fromisoformat,
+    "uuid": uuid.UUID,
+    "decimal": decimal.Decimal,
+    "bytes": lambda v: base64.b64decode(v),
+}
+
+
+def _hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 2 and "__type__" in obj and "__value__" in obj:
+        decode = _DECODERS.get(obj["__type__"])
+        if decode is not None:
+            return decode(obj["__value__"])
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_default, separators=(",", ":"))
+
+
+def loads(data: str | bytes) -> Any:
+    return json.loads(data, object_hook=_hook)
+
+
+# -- exceptions on the wire ----------------------------------------------------------
+
+
+def exception_to_dict(exc: BaseException) -> dict[str, Any]:
+    return {
+        "exc_type": type(exc).__name__,
+        "exc_message": [_jsonable(a) for a in exc.args],
+        "exc_module": type(exc).__module__,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def dict_to_exception(meta: Any) -> BaseException:
+    """Rebuild an exception from its wire form without importing anything new.
+
+    The class is looked up in modules already loaded (builtins, qops.errors, the user's
+    task modules); when it can't be found, an Exception subclass of the same name is made
+    so ``except`` by name in logs and ``type(e).__name__`` still say the truth."""
+    if not isinstance(meta, dict) or "exc_type" not in meta:
+        return Exception(meta)
+    name = str(meta.get("exc_type"))
+    module = str(meta.get("exc_module") or "builtins")
+    args = meta.get("exc_message") or []
+    if not isinstance(args, (list, tuple)):
+        args = [args]
+    cls: Any = None
+    if module == "builtins":
+        cls = getattr(builtins, name, None)
+    elif module in sys.modules:
+        cls = getattr(sys.modules[module], name, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        cls = type(name, (Exception,), {"__module__": module})
+    try:
+        return cls(*args)  # type: ignore[no-any-return]
+    except Exception:
+        exc = Exception.__new__(cls)
+        exc.args = tuple(args)
+        return exc  # type: ignore[no-any-return]
+
+
+# -- task messages ---------------------------------------------------------------------
+
+_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def origin() -> str:
+    return f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.isoformat()
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """An ISO 8601 time from a header (naive = UTC), or None."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, dt.datetime):
+        parsed = value
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            raise ProtocolError(f"invalid time {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed
+
+
+def build_task_message(
+    name: str,
+    args: Any = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    task_id: str | None = None,
+    eta: dt.datetime | None = None,
+    expires: dt.datetime | None = None,
+    retries: int = 0,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+    root_id: str | None = None,
+    parent_id: str | None = None,
+    group: str | None = None,
+    group_index: int | None = None,
+    callbacks: list[dict[str, Any]] | None = None,
+    errbacks: list[dict[str, Any]] | None = None,
+    chain: list[dict[str, Any]] | None = None,
+    chord: dict[str, Any] | None = None,
+    reply_to: str | None = None,
+    priority: int | None = None,
+    shadow: str | None = None,
+    ignore_result: bool = False,
+) -> Message:
+    task_id = task_id or str(uuid.uuid4())
+    args = list(args or ())
+    kwargs = dict(kwargs or {})
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": shadow,
+        "eta": _iso(eta),
+        "expires": _iso(expires),
+        "group": group,
+        "group_index": group_index,
+        "retries": retries,
+        # hard first, as Celery's code does (its prose doc says the reverse)
+        "timelimit": [time_limit, soft_time_limit],
+        "root_id": root_id or task_id,
+        "parent_id": parent_id,
+        "argsrepr": _saferepr(args),
+        "kwargsrepr": _saferepr(kwargs),
+        "origin": origin(),
+        "ignore_result": ignore_result,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    embed = {"callbacks": callbacks, "errbacks": errbacks, "chain": chain, "chord": chord}
+    body = dumps([args, kwargs, embed]).encode("utf-8")
+    props: dict[str, Any] = {"correlation_id": task_id, "reply_to": reply_to or "",
+                             "delivery_mode": 2}
+    if priority is not None:
+        props["priority"] = max(0, min(9, int(priority)))
+    return Message(body=body, headers=headers, properties=props)
+
+
+def _saferepr(value: Any, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class TaskRequest:
+    """A parsed task message: what a worker needs to run it."""
+
+    id: str
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    retries: int = 0
+    eta: dt.datetime | None = None
+    expires: dt.datetime | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    group_index: int | None = None
+    callbacks: list[dict[str, Any]] | None = None
+    errbacks: list[dict[str, Any]] | None = None
+    chain: list[dict[str, Any]] | None = None
+    chord: dict[str, Any] | None = None
+    reply_to: str | None = None
+    priority: int | None = None
+    ignore_result: bool = False
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def context(self) -> dict[str, Any]:
+        """What ``task.request`` shows inside a running task."""
+        return {
+            "id": self.id, "task": self.name, "args": self.args, "kwargs": self.kwargs,
+            "retries": self.retries, "eta": _iso(self.eta), "expires": _iso(self.expires),
+            "root_id": self.root_id, "parent_id": self.parent_id, "group": self.group,
+            "group_index": self.group_index, "reply_to": self.reply_to,
+            "timelimit": [self.time_limit, self.soft_time_limit],
+            "callbacks": self.callbacks, "errbacks": self.errbacks, "chain": self.chain,
+            "chord": self.chord, "ignore_result": self.ignore_result,
+            "priority": self.priority,
+        }
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"invalid time limit {value!r}") from None
+
+
+def parse_task_message(message: Message) -> TaskRequest:
+    """Validate and parse a v2 task message. Raises ProtocolError with the reason."""
+    headers = message.headers or {}
+    if "task" not in headers:
+        raise ProtocolError("protocol v1 message (no 'task' header): not supported")
+    name = headers.get("task")
+    task_id = headers.get("id") or message.properties.get("correlation_id")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("the 'task' header is not a task name")
+    if not isinstance(task_id, str) or not task_id:
+        raise ProtocolError("the message has no task id")
+    if (message.content_type or JSON) != JSON:
+        raise ProtocolError(f"content type {message.content_type!r} is not accepted (JSON only)")
+    try:
+        body = loads(message.body.decode(message.content_encoding or "utf-8"))
+    except (ValueError, UnicodeDecodeError, LookupError) as exc:
+        raise ProtocolError(f"body is not valid JSON: {exc}") from None
+    if not (isinstance(body, list) and len(body) == 3):
+        raise ProtocolError("body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not isinstance(args, list):
+        raise ProtocolError("args is not a list")
+    if not isinstance(kwargs, dict):
+        raise ProtocolError("kwargs is not an object")
+    if not isinstance(embed, dict):
+        embed = {}
+    timelimit = headers.get("timelimit") or [None, None]
+    if not isinstance(timelimit, (list, tuple)) or len(timelimit) != 2:
+        timelimit = [None, None]
+    try:
+        retries = int(headers.get("retries") or 0)
+    except (TypeError, ValueError):
+        raise ProtocolError("retries is not a number") from None
+    prio = message.properties.get("priority")
+    return TaskRequest(
+        id=task_id,
+        name=name,
+        args=args,
+        kwargs=kwargs,
+        retries=retries,
+        eta=parse_time(headers.get("eta")),
+        expires=parse_time(headers.get("expires")),
+        time_limit=_num(timelimit[0]),
+        soft_time_limit=_num(timelimit[1]),
+        root_id=headers.get("root_id"),
+        parent_id=headers.get("parent_id"),
+        group=headers.get("group"),
+        group_index=headers.get("group_index"),
+        callbacks=embed.get("callbacks"),
+        errbacks=embed.get("errbacks"),
+        chain=embed.get("chain"),
+        chord=embed.get("chord"),
+        reply_to=message.properties.get("reply_to") or None,
+        priority=int(prio) if isinstance(prio, (int, float)) else None,
+        ignore_result=bool(headers.get("ignore_result")),
+        headers=headers,
+    )

@@ -1,0 +1,336 @@
+"""Every setting with its default and type, the old (Celery 3) names, and where each
+value came from.
+
+Sources, highest first: command line > environment (``QOPS_<NAME>``) > YAML file
+(``--config``/``QOPS_CONFIG``, else ``./qops.yaml``, else ``/etc/qops/qops.yaml``) >
+the app's own code (``App(...)``, ``config_from_object``, ``conf.update``) > defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qops.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    type: str  # str, int, float, bool, list, dict, any
+    doc: str
+
+
+def _s(name: str, default: Any, type_: str, doc: str) -> Setting:
+    return Setting(name, default, type_, doc)
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    _s("broker_url", None, "str", "broker URL; default: the embedded SQLite file"),
+    _s("result_backend", None, "str", "result backend URL; default: SQLite with the SQLite broker"),
+    _s("compat", "qops", "str", "names on the wire: 'qops' or 'celery'"),
+    _s("imports", [], "list", "modules a worker imports to register tasks"),
+    _s("include", [], "list", "more modules to import (as App(include=...))"),
+    _s("timezone", "UTC", "str", "time zone for crontab schedules"),
+    _s("enable_utc", True, "bool", "times in messages are UTC"),
+    _s("task_default_queue", None, "str", "queue for tasks with no route (default: the namespace)"),
+    _s("task_routes", {}, "dict", "task name or glob -> {'queue': name} or queue name"),
+    _s("task_annotations", {}, "dict", "task name or '*' -> task options (rate_limit, ...)"),
+    _s("task_serializer", "json", "str", "only 'json' is supported"),
+    _s("result_serializer", "json", "str", "only 'json' is supported"),
+    _s("accept_content", ["json"], "list", "content types a worker accepts"),
+    _s("task_acks_late", True, "bool", "ack after the task ends (at-least-once); differs from Celery"),
+    _s("task_reject_on_worker_lost", True, "bool",
+       "requeue a task whose pool process died (else FAILURE with WorkerLostError)"),
+    _s("task_time_limit", None, "float", "hard time limit in seconds"),
+    _s("task_soft_time_limit", None, "float", "soft time limit in seconds"),
+    _s("task_default_rate_limit", None, "str", "rate limit for every task, e.g. '10/m'"),
+    _s("task_ignore_result", False, "bool", "do not store results"),
+    _s("task_track_started", False, "bool", "store STARTED when a task starts"),
+    _s("task_default_priority", None, "int", "priority 0..9 (9 runs first)"),
+    _s("task_always_eager", False, "bool", "run tasks in-process on apply_async (tests)"),
+    _s("task_max_message_size", 16 * 1024 * 1024, "int", "largest message accepted, bytes"),
+    _s("result_expires", 86400, "float", "seconds a result is kept (0 = forever)"),
+    _s("worker_concurrency", None, "int", "pool size (default: number of CPUs)"),
+    _s("worker_pool", "prefork", "str", "prefork, threads or solo"),
+    _s("worker_prefetch_multiplier", 4, "int", "messages reserved per pool slot"),
+    _s("worker_heartbeat_interval", 2.0, "float", "seconds between worker heartbeats"),
+    _s("worker_heartbeat_ttl", 10.0, "float",
+       "a worker silent this long is dead and its messages go back to the queue"),
+    _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks"),
+    _s("worker_send_task_events", False, "bool", "send task events (-E)"),
+    _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker"),
+    _s("broker_transport_options", {}, "dict", "transport-specific options"),
+    _s("beat_schedule", {}, "dict", "periodic tasks"),
+    _s("beat_schedule_filename", "qops-beat-schedule", "str", "beat's state file"),
+]}
+
+# Celery 3 upper-case names that seeds and old projects use.
+OLD_NAMES: dict[str, str] = {
+    "BROKER_URL": "broker_url",
+    "CELERY_BROKER_URL": "broker_url",
+    "CELERY_RESULT_BACKEND": "result_backend",
+    "CELERY_IMPORTS": "imports",
+    "CELERY_INCLUDE": "include",
+    "CELERY_TIMEZONE": "timezone",
+    "CELERY_ENABLE_UTC": "enable_utc",
+    "CELERY_TASK_RESULT_EXPIRES": "result_expires",
+    "CELERY_RESULT_EXPIRES": "result_expires",
+    "CELERYBEAT_SCHEDULE": "beat_schedule",
+    "CELERY_ROUTES": "task_routes",
+    "CELERY_ANNOTATIONS": "task_annotations",
+    "CELERY_DEFAULT_QUEUE": "task_default_queue",
+    "CELERY_TASK_SERIALIZER": "task_serializer",
+    "CELERY_RESULT_SERIALIZER": "result_serializer",
+    "CELERY_ACCEPT_CONTENT": "accept_content",
+    "CELERY_ACKS_LATE": "task_acks_late",
+    "CELERY_IGNORE_RESULT": "task_ignore_result",
+    "CELERY_TRACK_STARTED": "task_track_started",
+    "CELERY_ALWAYS_EAGER": "task_always_eager",
+    "CELERY_DEFAULT_RATE_LIMIT": "task_default_rate_limit",
+    "CELERYD_CONCURRENCY": "worker_concurrency",
+    "CELERYD_PREFETCH_MULTIPLIER": "worker_prefetch_multiplier",
+    "CELERYD_POOL": "worker_pool",
+    "CELERYD_TASK_TIME_LIMIT": "task_time_limit",
+    "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
+    "CELERYD_MAX_TASKS_PER_CHILD": "worker_max_tasks_per_child",
+    "CELERY_SEND_TASK_EVENTS": "worker_send_task_events",
+    "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
+    "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
+}
+
+# Celery 4+ lower-case names that qops spells differently.
+ALIASES: dict[str, str] = {
+    "result_backend_url": "result_backend",
+    "worker_task_time_limit": "task_time_limit",
+    "task_create_missing_queues": "",  # always true in qops: accepted and ignored
+    "broker_connection_retry_on_startup": "",
+    "worker_hijack_root_logger": "",
+}
+
+LAYERS = ("default", "app", "yaml", "env", "cli")
+
+
+def canonical(key: str) -> str | None:
+    """The setting name for ``key`` (any accepted spelling), '' if ignored, None if unknown."""
+    if key in SETTINGS:
+        return key
+    if key in OLD_NAMES:
+        return OLD_NAMES[key]
+    if key in ALIASES:
+        return ALIASES[key]
+    return None
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Check and convert ``value`` for setting ``name`` (strings from env are parsed)."""
+    setting = SETTINGS[name]
+    if value is None:
+        return None
+    kind = setting.type
+    try:
+        if kind == "str":
+            return str(value)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind == "list":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        if kind == "dict":
+            if isinstance(value, str):
+                import json
+
+                value = json.loads(value)
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r} from {source}: {value!r} is not a valid {kind}") from None
+    return value
+
+
+class Settings:
+    """Layered settings. Read as attributes (``conf.broker_url``) or items."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_layers", {layer: {} for layer in LAYERS})
+        object.__setattr__(self, "_sources", {})
+        object.__setattr__(self, "_loaded_outside", False)
+        for s in SETTINGS.values():
+            self._layers["default"][s.name] = s.default
+
+    # -- reading -------------------------------------------------------------------
+    def _ensure_outside(self) -> None:
+        # env and YAML are read the first time a value is needed, so an App made at
+        # import time does not touch the disk, and the CLI can set QOPS_CONFIG first.
+        if not self._loaded_outside:
+            object.__setattr__(self, "_loaded_outside", True)
+            self.load_yaml(find_config_file())
+            self.load_env(os.environ)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._ensure_outside()
+        key = canonical(name)
+        if not key:
+            return default
+        for layer in reversed(LAYERS):
+            if key in self._layers[layer]:
+                return self._layers[layer][key]
+        return default
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = canonical(name)
+        if key is None:
+            raise AttributeError(f"no setting {name!r}")
+        return self.get(key)
+
+    def __getitem__(self, name: str) -> Any:
+        if canonical(name) is None:
+            raise KeyError(name)
+        return self.get(name)
+
+    def source(self, name: str) -> str:
+        self._ensure_outside()
+        key = canonical(name) or name
+        for layer in reversed(LAYERS):
+            if key in self._layers[layer]:
+                return str(self._sources.get((layer, key), layer))
+        return "default"
+
+    def table(self) -> list[tuple[str, Any, str]]:
+        """(name, value, where it came from) for every setting."""
+        self._ensure_outside()
+        return [(name, self.get(name), self.source(name)) for name in sorted(SETTINGS)]
+
+    # -- writing -------------------------------------------------------------------
+    def set(self, name: str, value: Any, layer: str = "app", source: str | None = None,
+            strict: bool = False) -> None:
+        key = canonical(name)
+        if key is None:
+            if strict:
+                raise ConfigError(f"unknown setting {name!r} in {source or layer}"
+                                  + _suggest(name))
+            return
+        if key == "":
+            return
+        self._layers[layer][key] = coerce(key, value, source or layer)
+        self._sources[(layer, key)] = source or _LAYER_NAMES[layer]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.set(name, value, strict=True, source="app code")
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.set(name, value, strict=True, source="app code")
+
+    def update(self, mapping: Mapping[str, Any] | None = None, *, layer: str = "app",
+               source: str | None = None, strict: bool = False, **kwargs: Any) -> None:
+        for key, value in {**(mapping or {}), **kwargs}.items():
+            self.set(key, value, layer=layer, source=source, strict=strict)
+
+    def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
+        """Take settings from a module, a dotted module path, a class or a dict.
+
+        With ``namespace='QOPS'`` only ``QOPS_*`` names are read, Django style
+        (``QOPS_BROKER_URL`` -> ``broker_url``)."""
+        if isinstance(obj, str):
+            try:
+                obj = importlib.import_module(obj)
+            except ImportError as exc:
+                raise ConfigError(f"cannot import config module {obj!r}: {exc}") from None
+        items: Iterable[tuple[str, Any]]
+        if isinstance(obj, Mapping):
+            items = obj.items()
+        else:
+            items = ((k, getattr(obj, k)) for k in dir(obj) if not k.startswith("_"))
+        label = getattr(obj, "__name__", type(obj).__name__)
+        for key, value in items:
+            if namespace:
+                prefix = namespace.rstrip("_") + "_"
+                if not key.startswith(prefix):
+                    continue
+                key = key[len(prefix):].lower()
+            if canonical(key):
+                self.set(key, value, layer="app", source=f"config object {label}")
+
+    def load_env(self, environ: Mapping[str, str]) -> None:
+        for name in SETTINGS:
+            var = "QOPS_" + name.upper()
+            if var in environ:
+                self.set(name, environ[var], layer="env", source=f"env {var}")
+
+    def load_yaml(self, path: Path | None) -> None:
+        if path is None:
+            return
+        self._layers["yaml"].clear()
+        for key, value in read_yaml(path).items():
+            if key == "app":
+                continue  # used by the CLI to find the app
+            self.set(key, value, layer="yaml", source=f"file {path}", strict=True)
+
+
+_LAYER_NAMES = {"default": "default", "app": "app code", "yaml": "config file",
+                "env": "environment", "cli": "command line"}
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(SETTINGS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def find_config_file() -> Path | None:
+    explicit = os.environ.get("QOPS_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    for candidate in (Path("qops.yaml"), Path("/etc/qops/qops.yaml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+    return data
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "qops"
+
+
+def default_broker_url() -> str:
+    return f"sqlite://{(default_state_dir() / 'broker.db').absolute()}"

@@ -1,0 +1,321 @@
+"""Task and Signature."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from qops.errors import MaxRetriesExceeded, Retry, UsageError
+
+if TYPE_CHECKING:
+    from qops.app import App
+    from qops.result import AsyncResult
+
+# apply_async options that travel in a signature's "options"
+SEND_OPTIONS = ("countdown", "eta", "expires", "queue", "priority", "task_id", "link",
+                "link_error", "time_limit", "soft_time_limit", "ignore_result", "shadow")
+
+
+class Context:
+    """``task.request`` while a task runs."""
+
+    def __init__(self, **values: Any) -> None:
+        self.id: str | None = None
+        self.args: list[Any] = []
+        self.kwargs: dict[str, Any] = {}
+        self.retries = 0
+        self.is_eager = False
+        self.hostname: str | None = None
+        self.delivery_info: dict[str, Any] = {}
+        self.root_id: str | None = None
+        self.parent_id: str | None = None
+        self.group: str | None = None
+        self.chain: list[Any] | None = None
+        self.callbacks: list[Any] | None = None
+        self.errbacks: list[Any] | None = None
+        self.eta: str | None = None
+        self.expires: str | None = None
+        self.timelimit: list[Any] = [None, None]
+        self.__dict__.update(values)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.__dict__.get(key, default)
+
+    def __repr__(self) -> str:
+        return f"<Context {self.__dict__!r}>"
+
+
+class Task:
+    """A registered task. Made by ``@app.task``; calling it runs the function here."""
+
+    name: str
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600
+    retry_jitter: bool = True
+    queue: str | None = None
+    rate_limit: str | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    acks_late: bool | None = None
+    ignore_result: bool | None = None
+    priority: int | None = None
+    reject_on_worker_lost: bool | None = None
+    typing: bool = True
+
+    def __init__(self, app: App, fun: Callable[..., Any], *, name: str, bind: bool = False,
+                 **options: Any) -> None:
+        self.app = app
+        self.run = fun
+        self.name = name
+        self.bind = bind
+        for key, value in options.items():
+            if not hasattr(Task, key) or key.startswith("_"):
+                raise UsageError(f"unknown task option {key!r} for {name}")
+            setattr(self, key, value)
+        if isinstance(self.autoretry_for, type):
+            self.autoretry_for = (self.autoretry_for,)
+        self._local = threading.local()
+        self.__doc__ = fun.__doc__
+        self.__name__ = getattr(fun, "__name__", name)
+        self.__module__ = getattr(fun, "__module__", "")
+        self.__wrapped__ = fun
+        self._signature = inspect.signature(fun)
+
+    def __repr__(self) -> str:
+        return f"<@task: {self.name}>"
+
+    # -- running ---------------------------------------------------------------------
+    @property
+    def request(self) -> Context:
+        stack = getattr(self._local, "stack", None)
+        return stack[-1] if stack else Context()
+
+    def push_request(self, context: Context) -> None:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        self._local.stack.append(context)
+
+    def pop_request(self) -> None:
+        self._local.stack.pop()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bind:
+            return self.run(self, *args, **kwargs)
+        return self.run(*args, **kwargs)
+
+    def check_arguments(self, args: Iterable[Any], kwargs: dict[str, Any]) -> None:
+        """Raise TypeError when ``args``/``kwargs`` don't fit the function."""
+        if not self.typing:
+            return
+        pre = (None,) if self.bind else ()
+        self._signature.bind(*pre, *args, **kwargs)
+
+    # -- sending ---------------------------------------------------------------------
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Iterable[Any] | None = None,
+                    kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
+        args = list(args or ())
+        kwargs = dict(kwargs or {})
+        if self.typing:
+            try:
+                self.check_arguments(args, kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.name}: {exc}") from None
+        for key, attr in (("time_limit", self.time_limit),
+                          ("soft_time_limit", self.soft_time_limit),
+                          ("priority", self.priority)):
+            if attr is not None:
+                options.setdefault(key, attr)
+        if self.ignore_result is not None:
+            options.setdefault("ignore_result", self.ignore_result)
+        # Called from inside a running task: the new task is its child.
+        parent = self.app.current_request()
+        if parent is not None and parent.id:
+            options.setdefault("parent_id", parent.id)
+            options.setdefault("root_id", parent.root_id or parent.id)
+        return self.app.send_task(self.name, args, kwargs, task=self, **options)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        return Signature(self.name, args, kwargs, app=self.app)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        return Signature(self.name, args, kwargs, immutable=True, app=self.app)
+
+    def signature(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,
+                  **options: Any) -> Signature:
+        return Signature(self.name, args, kwargs, options=options, app=self.app)
+
+    subtask = signature
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
+        return self.app.AsyncResult(task_id)
+
+    def retry(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,
+              exc: BaseException | None = None, throw: bool = True,
+              countdown: float | None = None, eta: dt.datetime | None = None,
+              max_retries: int | None = None) -> Retry:
+        """Ask the worker to run this task again later (raises Retry)."""
+        req = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and req.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceeded(
+                f"Can't retry {self.name}[{req.id}] args:{req.args} kwargs:{req.kwargs}")
+        if eta is not None:
+            if eta.tzinfo is None:
+                eta = eta.replace(tzinfo=dt.timezone.utc)
+            when = max(0.0, (eta - dt.datetime.now(dt.timezone.utc)).total_seconds())
+        else:
+            when = self.default_retry_delay if countdown is None else countdown
+        err = Retry(exc=exc, when=when)
+        err.args_override = None if args is None else list(args)  # type: ignore[attr-defined]
+        err.kwargs_override = None if kwargs is None else dict(kwargs)  # type: ignore[attr-defined]
+        if throw:
+            raise err
+        return err
+
+    def backoff_delay(self, retries: int) -> float:
+        """Countdown for autoretry: exponential when retry_backoff is set."""
+        if not self.retry_backoff:
+            return self.default_retry_delay
+        factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        delay = min(factor * (2 ** retries), float(self.retry_backoff_max))
+        if self.retry_jitter:
+            delay = random.uniform(0, delay)
+        return delay
+
+
+class Signature(dict):  # type: ignore[type-arg]
+    """A task call that can be sent later: ``add.s(2, 2)``. It is a dict so it travels
+    in messages as PROTOCOL.md §1 describes."""
+
+    def __init__(self, task: str | dict[str, Any], args: Iterable[Any] | None = None,
+                 kwargs: dict[str, Any] | None = None, options: dict[str, Any] | None = None,
+                 immutable: bool = False, subtask_type: str | None = None,
+                 app: App | None = None, **extra: Any) -> None:
+        if isinstance(task, dict):
+            super().__init__(task)
+            self.setdefault("args", [])
+            self.setdefault("kwargs", {})
+            self.setdefault("options", {})
+            self.setdefault("subtask_type", None)
+            self.setdefault("immutable", False)
+        else:
+            super().__init__(task=task, args=list(args or ()), kwargs=dict(kwargs or {}),
+                             options=dict(options or {}, **extra), subtask_type=subtask_type,
+                             immutable=immutable)
+        self._app = app
+
+    @property
+    def name(self) -> str:
+        return str(self["task"])
+
+    @property
+    def task(self) -> str:
+        return str(self["task"])
+
+    @property
+    def args(self) -> list[Any]:
+        return list(self["args"])
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self["kwargs"])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self["options"])
+
+    @property
+    def immutable(self) -> bool:
+        return bool(self["immutable"])
+
+    @property
+    def app(self) -> App:
+        if self._app is None:
+            from qops.app import current_app
+
+            self._app = current_app()
+        return self._app
+
+    def clone(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,
+              **options: Any) -> Signature:
+        """A copy with ``args`` prepended (unless immutable) and options merged."""
+        new_args = self.args if self.immutable else [*(args or ()), *self.args]
+        new_kwargs = self.kwargs if self.immutable else {**self.kwargs, **(kwargs or {})}
+        return Signature(self.name, new_args, new_kwargs, options={**self.options, **options},
+                         immutable=self.immutable, subtask_type=self.get("subtask_type"),
+                         app=self._app)
+
+    def set(self, **options: Any) -> Signature:
+        self["options"] = {**self.options, **options}
+        return self
+
+    def set_immutable(self, immutable: bool) -> None:
+        self["immutable"] = immutable
+
+    def link(self, callback: dict[str, Any]) -> dict[str, Any]:
+        self["options"].setdefault("link", []).append(dict(callback))
+        return callback
+
+    def link_error(self, errback: dict[str, Any]) -> dict[str, Any]:
+        self["options"].setdefault("link_error", []).append(dict(errback))
+        return errback
+
+    def apply_async(self, args: Iterable[Any] | None = None,
+                    kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
+        sig = self.clone(args, kwargs, **options)
+        opts = sig.options
+        task = self.app.tasks.get(sig.name)
+        if task is not None:
+            return task.apply_async(sig.args, sig.kwargs, **opts)
+        return self.app.send_task(sig.name, sig.args, sig.kwargs, **opts)
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        return self.apply_async(args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sig = self.clone(args, kwargs)
+        return self.app.tasks[sig.name](*sig.args, **sig.kwargs)
+
+    def __or__(self, other: Any) -> Any:
+        from qops.canvas import chain
+
+        return chain(self, other)
+
+    def __repr__(self) -> str:
+        args = ", ".join([*map(repr, self["args"]),
+                          *(f"{k}={v!r}" for k, v in self["kwargs"].items())])
+        return f"{self.name}({args}){'!' if self.immutable else ''}"
+
+
+def signature(varies: Any, *args: Any, **kwargs: Any) -> Signature:
+    """``signature('proj.add', args=(2, 2))`` or a signature dict -> Signature."""
+    if isinstance(varies, Signature):
+        return varies
+    if isinstance(varies, dict) and not args and not kwargs:
+        return _from_dict(varies)
+    return Signature(varies, *args, **kwargs)
+
+
+def _from_dict(d: dict[str, Any], app: App | None = None) -> Signature:
+    if d.get("subtask_type") == "chain":
+        from qops.canvas import chain
+
+        return chain.from_dict(d, app=app)
+    return Signature(d, app=app)
+
+
+def new_task_id() -> str:
+    return str(uuid.uuid4())

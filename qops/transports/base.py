@@ -1,0 +1,378 @@
+"""The transport interface: everything qops sends between processes goes through it.
+
+A transport speaks qops's own terms, not AMQP's:
+
+- **queues**: ``publish`` a message to a named queue; a ``Consumer`` reserves messages
+  from one or more queues (at most ``prefetch`` unacknowledged at a time) and then
+  ``ack``s, ``requeue``s or ``reject``s (dead-letters) each one. A reserved message that
+  is never acked goes back to its queue only when its consumer is dead (connection
+  dropped on RabbitMQ; heartbeat expired on Redis and SQLite) -- never while it lives.
+- **fanout**: ``broadcast`` a message on a channel to every current ``subscribe``r
+  (remote control, events). Nothing is stored for subscribers that are not listening.
+- **dead letters**: messages that can't be run (bad JSON, unknown task, ...) are kept,
+  with their reason, in a store that can be listed, requeued and purged.
+
+Thread rules: a ``Transport`` may be shared by threads. ``Consumer.get`` is called from
+one thread only (the consumer loop); ``ack``/``requeue``/``reject``/``heartbeat`` may be
+called from any thread. ``Subscription.get`` is called from one thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qops.errors import UsageError
+
+JSON = "application/json"
+
+
+@dataclass
+class Message:
+    """A message as qops sees it on every transport (Celery's shape: headers, properties, body).
+
+    ``properties["priority"]`` is in qops's scale on every transport: 0..9, **9 runs
+    first**, None/absent = unset. Each transport maps it to its wire form (Redis: the
+    kombu step lists, where step 0 is served first, so wire step = 9 - p floored to
+    0/3/6/9 and unset goes to the base list; AMQP: as is, with ``x-max-priority``).
+    """
+
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    content_type: str = JSON
+    content_encoding: str = "utf-8"
+
+    @property
+    def priority(self) -> int:
+        return int(self.properties.get("priority") or 0)
+
+
+@dataclass
+class Delivery:
+    """A reserved message. ``message`` is None when the raw bytes could not be decoded;
+    ``error`` then says why, and the consumer loop dead-letters ``raw``."""
+
+    queue: str
+    tag: Any
+    raw: bytes
+    message: Message | None = None
+    error: str | None = None
+    redelivered: bool = False
+
+
+@dataclass
+class QueueStats:
+    name: str
+    ready: int
+    in_flight: int
+    consumers: int
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    queue: str
+    reason: str
+    raw: bytes
+    time: float
+
+    def as_dict(self) -> dict[str, Any]:
+        text = self.raw.decode("utf-8", "replace")
+        return {"id": self.id, "queue": self.queue, "reason": self.reason,
+                "time": self.time, "size": len(self.raw),
+                "preview": text[:200]}
+
+
+@dataclass
+class TransportOptions:
+    """Tunables shared by the transports (filled from settings)."""
+
+    heartbeat_interval: float = 2.0  # how often a consumer proves it is alive
+    heartbeat_ttl: float = 10.0  # dead after this long without a heartbeat
+    max_message_size: int = 16 * 1024 * 1024
+    max_priority: int = 9  # AMQP x-max-priority for queues qops declares
+    connect_timeout: float = 5.0
+    confirm_publish: bool = True
+
+
+class Consumer(ABC):
+    """Reserves messages from queues for one worker (see module doc for thread rules)."""
+
+    #: unique id of this consumer, used for in-flight tracking and liveness
+    id: str
+
+    @abstractmethod
+    def get(self, timeout: float) -> Delivery | None:
+        """Wait up to ``timeout`` seconds for the next message; None when there is none.
+
+        Never returns more than ``prefetch`` deliveries that are not yet
+        acked/requeued/rejected: past that it waits (and returns None on timeout)."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """The message is done: remove it for good."""
+
+    @abstractmethod
+    def requeue(self, delivery: Delivery) -> None:
+        """Put the message back at the head of its queue, at once."""
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter the message with ``reason`` and remove it from the queue."""
+        self.transport.dead_letter(delivery.queue, delivery.raw, reason)
+        self.ack(delivery)
+
+    @abstractmethod
+    def heartbeat(self) -> None:
+        """Prove this consumer is alive (no-op where the broker tracks connections)."""
+
+    @abstractmethod
+    def add_queue(self, queue: str) -> None:
+        """Start consuming from another queue."""
+
+    @abstractmethod
+    def cancel_queue(self, queue: str) -> None:
+        """Stop consuming from a queue (reserved messages stay reserved)."""
+
+    @property
+    @abstractmethod
+    def queues(self) -> list[str]: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop consuming; every message still reserved goes back to its queue at once."""
+
+    transport: Transport
+
+
+class Subscription(ABC):
+    @abstractmethod
+    def get(self, timeout: float) -> Message | None:
+        """Next broadcast message, or None after ``timeout`` seconds."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Transport(ABC):
+    """One broker connection factory. Subclasses implement the abstract methods."""
+
+    scheme: str = ""
+
+    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+        self.url = url
+        self.options = options or TransportOptions()
+
+    # -- queues -------------------------------------------------------------------
+    @abstractmethod
+    def publish(self, queue: str, message: Message) -> None:
+        """Put ``message`` on ``queue`` (declaring it if needed). Raises PublishError or
+        BrokerUnreachable when the broker did not take it: never drops silently."""
+
+    @abstractmethod
+    def consumer(self, queues: Sequence[str], prefetch: int,
+                 consumer_id: str | None = None) -> Consumer:
+        """A new consumer reserving from ``queues`` (in order of preference)."""
+
+    @abstractmethod
+    def purge(self, queue: str) -> int:
+        """Delete the ready messages of ``queue``; return how many. In-flight ones stay."""
+
+    @abstractmethod
+    def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """Stats for ``queues``, or for every queue the broker knows (this namespace)."""
+
+    @abstractmethod
+    def queue_exists(self, queue: str) -> bool: ...
+
+    def recover(self) -> int:
+        """Put back the messages held by dead consumers; return how many.
+
+        Called periodically by live workers. No-op where the broker does it itself."""
+        return 0
+
+    # -- fanout -------------------------------------------------------------------
+    @abstractmethod
+    def broadcast(self, channel: str, message: Message) -> None: ...
+
+    @abstractmethod
+    def subscribe(self, channel: str) -> Subscription: ...
+
+    # -- dead letters ---------------------------------------------------------------
+    @abstractmethod
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None: ...
+
+    @abstractmethod
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    @abstractmethod
+    def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        """Put dead letters back on their queues (all when ``ids`` is None)."""
+
+    @abstractmethod
+    def purge_dead_letters(self) -> int: ...
+
+    # -- lifecycle -------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise BrokerUnreachable if the broker cannot be reached."""
+        self.queue_stats([])
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def safe_url(self) -> str:
+        return mask_password(self.url)
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- helpers shared by transports ---------------------------------------------------
+
+
+def mask_password(url: str) -> str:
+    """``redis://:secret@host/0`` -> ``redis://:**@host/0``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc
+    creds, _, hostpart = netloc.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:**@{hostpart}"))
+
+
+def encode_envelope(queue: str, message: Message, exchange: str = "") -> bytes:
+    """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded."""
+    props = dict(message.properties)
+    props.setdefault("delivery_mode", 2)
+    props.setdefault("priority", 0)
+    props["body_encoding"] = "base64"
+    props["delivery_info"] = {"exchange": exchange, "routing_key": queue}
+    if "delivery_tag" not in props:
+        import uuid
+
+        props["delivery_tag"] = str(uuid.uuid4())
+    env = {
+        "body": base64.b64encode(message.body).decode("ascii"),
+        "content-encoding": message.content_encoding,
+        "content-type": message.content_type,
+        "headers": message.headers,
+        "properties": props,
+    }
+    return json.dumps(env, separators=(",", ":")).encode()
+
+
+def decode_envelope(raw: bytes | str) -> Message:
+    """Parse a kombu JSON envelope. Raises ValueError with a reason when it is not one."""
+    try:
+        env = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid JSON envelope: {exc}") from None
+    if not isinstance(env, dict) or "body" not in env:
+        raise ValueError("envelope is not an object with a 'body'")
+    props = env.get("properties") or {}
+    if not isinstance(props, dict):
+        raise ValueError("envelope 'properties' is not an object")
+    body = env["body"]
+    if props.get("body_encoding") == "base64":
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"invalid base64 body: {exc}") from None
+    elif isinstance(body, str):
+        data = body.encode("utf-8")
+    else:
+        raise ValueError("envelope body is not a string")
+    headers = env.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ValueError("envelope 'headers' is not an object")
+    props = {k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")}
+    return Message(body=data, headers=headers, properties=props,
+                   content_type=env.get("content-type") or JSON,
+                   content_encoding=env.get("content-encoding") or "utf-8")
+
+
+class Backoff:
+    """Poll intervals that start short and grow to ``maximum`` while nothing arrives."""
+
+    def __init__(self, start: float = 0.001, maximum: float = 0.05) -> None:
+        self.start = self.delay = start
+        self.maximum = maximum
+
+    def reset(self) -> None:
+        self.delay = self.start
+
+    def sleep(self, deadline: float) -> bool:
+        """Sleep for the next interval (not past ``deadline``); False once it has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(self.delay, left))
+        self.delay = min(self.delay * 2, self.maximum)
+        return True
+
+
+class PrefetchGate:
+    """Counts reserved-but-unsettled deliveries for transports that poll (SQLite, Redis)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def full(self) -> bool:
+        with self._cond:
+            return self._count >= self.limit
+
+    def room(self) -> int:
+        with self._cond:
+            return max(0, self.limit - self._count)
+
+    def take(self, n: int = 1) -> None:
+        with self._cond:
+            self._count += n
+
+    def release(self) -> None:
+        with self._cond:
+            self._count = max(0, self._count - 1)
+            self._cond.notify_all()
+
+    def wait_for_room(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count < self.limit, timeout)
+
+
+def from_url(url: str, options: TransportOptions | None = None) -> Transport:
+    """The transport for ``url``, by scheme. Imports only the module it needs."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        from qops.transports.sqlite import SQLiteTransport
+
+        return SQLiteTransport(url, options)
+    if scheme in ("redis", "rediss", "unix"):
+        from qops.transports.redis import RedisTransport
+
+        return RedisTransport(url, options)
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        from qops.transports.amqp import AMQPTransport
+
+        return AMQPTransport(url, options)
+    if scheme == "memory":
+        from qops.transports.memory import MemoryTransport
+
+        return MemoryTransport(url, options)
+    raise UsageError(
+        f"unknown broker URL scheme {scheme or url!r}: use sqlite:///path, redis://host:6379/0 "
+        "or amqp://user:pass@host:5672//"
+    )

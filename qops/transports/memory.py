@@ -1,0 +1,238 @@
+"""In-process transport for unit tests (``memory://name``): same contract, no broker.
+
+Every transport opened on the same URL in one process shares one broker state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from qops.transports.base import (
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Message,
+    QueueStats,
+    Subscription,
+    Transport,
+    TransportOptions,
+    decode_envelope,
+    encode_envelope,
+)
+
+
+@dataclass
+class _State:
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    queues: dict[str, deque[bytes]] = field(default_factory=dict)
+    # consumer id -> {tag: (queue, raw)}
+    in_flight: dict[str, dict[str, tuple[str, bytes]]] = field(default_factory=dict)
+    consumers: dict[str, list[str]] = field(default_factory=dict)
+    subscribers: dict[str, list[_MemorySubscription]] = field(default_factory=dict)
+    dead: dict[str, DeadLetter] = field(default_factory=dict)
+
+
+_STATES: dict[str, _State] = {}
+_STATES_LOCK = threading.Lock()
+
+
+class MemoryTransport(Transport):
+    scheme = "memory"
+
+    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+        super().__init__(url, options)
+        with _STATES_LOCK:
+            self.state = _STATES.setdefault(url, _State())
+
+    def publish(self, queue: str, message: Message) -> None:
+        raw = encode_envelope(queue, message)
+        st = self.state
+        with st.lock:
+            q = st.queues.setdefault(queue, deque())
+            # qops scale: 9 runs first; keep the deque ordered by priority, FIFO within one
+            q.append(raw)
+            if message.priority:
+                items = sorted(q, key=lambda r: -decode_envelope(r).priority)
+                q.clear()
+                q.extend(items)
+            st.lock.notify_all()
+
+    def consumer(self, queues: Sequence[str], prefetch: int,
+                 consumer_id: str | None = None) -> Consumer:
+        return _MemoryConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
+
+    def purge(self, queue: str) -> int:
+        with self.state.lock:
+            q = self.state.queues.get(queue)
+            n = len(q) if q else 0
+            if q:
+                q.clear()
+            return n
+
+    def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        st = self.state
+        with st.lock:
+            names = list(queues) if queues is not None else sorted(st.queues)
+            out = []
+            for name in names:
+                flight = sum(1 for held in st.in_flight.values()
+                             for (qn, _) in held.values() if qn == name)
+                cons = sum(1 for qs in st.consumers.values() if name in qs)
+                out.append(QueueStats(name, len(st.queues.get(name, ())), flight, cons))
+            return out
+
+    def queue_exists(self, queue: str) -> bool:
+        with self.state.lock:
+            return queue in self.state.queues
+
+    def broadcast(self, channel: str, message: Message) -> None:
+        with self.state.lock:
+            for sub in list(self.state.subscribers.get(channel, ())):
+                sub.items.append(message)
+            self.state.lock.notify_all()
+
+    def subscribe(self, channel: str) -> Subscription:
+        sub = _MemorySubscription(self, channel)
+        with self.state.lock:
+            self.state.subscribers.setdefault(channel, []).append(sub)
+        return sub
+
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
+        dl = DeadLetter(uuid.uuid4().hex, queue, reason, raw, time.time())
+        with self.state.lock:
+            self.state.dead[dl.id] = dl
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        with self.state.lock:
+            return list(self.state.dead.values())[:limit]
+
+    def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        st = self.state
+        with st.lock:
+            chosen = list(st.dead) if ids is None else [i for i in ids if i in st.dead]
+            for i in chosen:
+                dl = st.dead.pop(i)
+                st.queues.setdefault(dl.queue, deque()).append(dl.raw)
+            st.lock.notify_all()
+            return len(chosen)
+
+    def purge_dead_letters(self) -> int:
+        with self.state.lock:
+            n = len(self.state.dead)
+            self.state.dead.clear()
+            return n
+
+    def close(self) -> None:
+        pass
+
+
+class _MemoryConsumer(Consumer):
+    def __init__(self, transport: MemoryTransport, queues: list[str], prefetch: int,
+                 cid: str) -> None:
+        self.transport = transport
+        self.id = cid
+        self.prefetch = max(1, prefetch)
+        st = transport.state
+        with st.lock:
+            st.consumers[cid] = list(queues)
+            st.in_flight[cid] = {}
+
+    @property
+    def queues(self) -> list[str]:
+        with self.transport.state.lock:
+            return list(self.transport.state.consumers.get(self.id, []))
+
+    def get(self, timeout: float) -> Delivery | None:
+        st = self.transport.state
+        deadline = time.monotonic() + timeout
+        with st.lock:
+            while True:
+                held = st.in_flight.get(self.id)
+                if held is None:
+                    return None
+                if len(held) < self.prefetch:
+                    for q in st.consumers.get(self.id, []):
+                        dq = st.queues.get(q)
+                        if dq:
+                            raw = dq.popleft()
+                            tag = uuid.uuid4().hex
+                            held[tag] = (q, raw)
+                            d = Delivery(queue=q, tag=tag, raw=raw)
+                            try:
+                                d.message = decode_envelope(raw)
+                            except ValueError as exc:
+                                d.error = str(exc)
+                            return d
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                st.lock.wait(left)
+
+    def _settle(self, delivery: Delivery, requeue: bool) -> None:
+        st = self.transport.state
+        with st.lock:
+            item = st.in_flight.get(self.id, {}).pop(delivery.tag, None)
+            if item and requeue:
+                st.queues.setdefault(item[0], deque()).appendleft(item[1])
+            st.lock.notify_all()
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, requeue=False)
+
+    def requeue(self, delivery: Delivery) -> None:
+        self._settle(delivery, requeue=True)
+
+    def heartbeat(self) -> None:
+        pass
+
+    def add_queue(self, queue: str) -> None:
+        with self.transport.state.lock:
+            qs = self.transport.state.consumers.setdefault(self.id, [])
+            if queue not in qs:
+                qs.append(queue)
+            self.transport.state.queues.setdefault(queue, deque())
+            self.transport.state.lock.notify_all()
+
+    def cancel_queue(self, queue: str) -> None:
+        with self.transport.state.lock:
+            qs = self.transport.state.consumers.get(self.id, [])
+            if queue in qs:
+                qs.remove(queue)
+
+    def close(self) -> None:
+        st = self.transport.state
+        with st.lock:
+            held = st.in_flight.pop(self.id, {})
+            for q, raw in reversed(list(held.values())):
+                st.queues.setdefault(q, deque()).appendleft(raw)
+            st.consumers.pop(self.id, None)
+            st.lock.notify_all()
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, transport: MemoryTransport, channel: str) -> None:
+        self.transport = transport
+        self.channel = channel
+        self.items: deque[Message] = deque()
+
+    def get(self, timeout: float) -> Message | None:
+        st = self.transport.state
+        deadline = time.monotonic() + timeout
+        with st.lock:
+            while not self.items:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                st.lock.wait(left)
+            return self.items.popleft()
+
+    def close(self) -> None:
+        with self.transport.state.lock:
+            subs = self.transport.state.subscribers.get(self.channel, [])
+            if self in subs:
+                subs.remove(self)

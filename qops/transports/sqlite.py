@@ -1,0 +1,421 @@
+"""The embedded transport: one SQLite file shared by every process on the machine.
+
+WAL mode lets readers and one writer work at once; every reserve is one
+``BEGIN IMMEDIATE`` transaction, so two workers never take the same message. A
+reserved row keeps the id of the consumer that holds it; consumers prove they are alive
+by moving their ``alive_until`` forward. ``recover()`` hands back the rows of consumers
+that are dead: their time ran out, or (same host) their process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.transports.base import (
+    Backoff,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Message,
+    QueueStats,
+    Subscription,
+    Transport,
+    TransportOptions,
+    decode_envelope,
+    encode_envelope,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    consumer TEXT,
+    redelivered INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, consumer, priority DESC, id);
+CREATE INDEX IF NOT EXISTS messages_consumer ON messages (consumer);
+CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS consumers (
+    id TEXT PRIMARY KEY, queues TEXT NOT NULL, host TEXT, pid INTEGER, alive_until REAL
+);
+CREATE TABLE IF NOT EXISTS broadcasts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, payload BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY, queue TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT PRIMARY KEY, status TEXT NOT NULL, data BLOB NOT NULL, expires REAL
+);
+"""
+
+BROADCAST_KEEP = 60.0  # seconds a broadcast row is kept for slow pollers
+HOST = socket.gethostname()
+
+
+def path_from_url(url: str) -> Path:
+    """``sqlite:///abs/path.db`` (``sqlite:////abs/path.db``, SQLAlchemy's spelling, too)
+    or ``sqlite://relative.db`` -> Path."""
+    parts = urlsplit(url)
+    raw = unquote((parts.netloc or "") + parts.path)
+    while raw.startswith("//"):
+        raw = raw[1:]
+    if not raw or raw == "/":
+        raise UsageError(f"{url!r} names no file: use sqlite:///path/to/broker.db")
+    return Path(raw)
+
+
+class SQLiteDB:
+    """Thread-local connections to one SQLite file, created with the schema."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.path = path_from_url(url)
+        self.timeout = timeout
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self.conn()
+            conn.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise BrokerUnreachable(f"cannot open SQLite broker {self.path}: {exc}") from None
+
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(str(self.path), timeout=self.timeout,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit is durable against process crashes (what a queue
+            # needs here); only a power loss may lose the last transactions.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: the write lock is taken up front, so two
+        reservers never read the same ready rows."""
+        conn = self.conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise BrokerUnreachable(f"SQLite broker {self.path} is not writable: {exc}") from None
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SQLiteTransport(Transport):
+    scheme = "sqlite"
+
+    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+        super().__init__(url, options)
+        self.db = SQLiteDB(url)
+
+    @property
+    def path(self) -> Path:
+        return self.db.path
+
+    # -- queues ---------------------------------------------------------------------
+    def publish(self, queue: str, message: Message) -> None:
+        raw = encode_envelope(queue, message)
+        if len(raw) > self.options.max_message_size:
+            raise PublishError(f"message of {len(raw)} bytes is larger than the limit "
+                               f"({self.options.max_message_size} bytes)")
+        try:
+            with self.db.write() as conn:
+                conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+                conn.execute("INSERT INTO messages (queue, priority, payload) VALUES (?, ?, ?)",
+                             (queue, message.priority, raw))
+        except sqlite3.Error as exc:
+            raise PublishError(f"could not publish to {queue!r}: {exc}") from None
+
+    def consumer(self, queues: Sequence[str], prefetch: int,
+                 consumer_id: str | None = None) -> Consumer:
+        return SQLiteConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
+
+    def purge(self, queue: str) -> int:
+        with self.db.write() as conn:
+            cur = conn.execute("DELETE FROM messages WHERE queue = ? AND consumer IS NULL",
+                               (queue,))
+            return cur.rowcount
+
+    def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        conn = self.db.conn()
+        names = list(queues) if queues is not None else [
+            r[0] for r in conn.execute("SELECT name FROM queues ORDER BY name")]
+        counts = {(q, held): n for q, held, n in conn.execute(
+            "SELECT queue, consumer IS NOT NULL, COUNT(*) FROM messages GROUP BY 1, 2")}
+        now = time.time()
+        consumers: dict[str, int] = {}
+        for (qs,) in conn.execute("SELECT queues FROM consumers WHERE alive_until >= ?", (now,)):
+            for q in qs.split("\n"):
+                consumers[q] = consumers.get(q, 0) + 1
+        return [QueueStats(q, counts.get((q, 0), 0), counts.get((q, 1), 0), consumers.get(q, 0))
+                for q in names]
+
+    def queue_exists(self, queue: str) -> bool:
+        row = self.db.conn().execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchone()
+        return row is not None
+
+    def recover(self) -> int:
+        now = time.time()
+        conn = self.db.conn()
+        dead = []
+        for cid, host, pid, until in conn.execute(
+                "SELECT id, host, pid, alive_until FROM consumers"):
+            if until < now or (host == HOST and pid and not _process_alive(pid)):
+                dead.append(cid)
+        orphans = [r[0] for r in conn.execute(
+            "SELECT DISTINCT consumer FROM messages WHERE consumer IS NOT NULL "
+            "AND consumer NOT IN (SELECT id FROM consumers)")]
+        if not dead and not orphans:
+            return 0
+        moved = 0
+        with self.db.write() as conn:
+            for cid in dead + orphans:
+                moved += conn.execute(
+                    "UPDATE messages SET consumer = NULL, redelivered = 1 WHERE consumer = ?",
+                    (cid,)).rowcount
+                conn.execute("DELETE FROM consumers WHERE id = ?", (cid,))
+        return moved
+
+    # -- fanout -------------------------------------------------------------------------
+    def broadcast(self, channel: str, message: Message) -> None:
+        raw = encode_envelope(channel, message)
+        now = time.time()
+        with self.db.write() as conn:
+            conn.execute("INSERT INTO broadcasts (channel, payload, created) VALUES (?, ?, ?)",
+                         (channel, raw, now))
+            conn.execute("DELETE FROM broadcasts WHERE created < ?", (now - BROADCAST_KEEP,))
+
+    def subscribe(self, channel: str) -> Subscription:
+        return SQLiteSubscription(self, channel)
+
+    # -- dead letters ---------------------------------------------------------------------
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("INSERT INTO dead_letters (id, queue, reason, payload, created) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (uuid.uuid4().hex, queue, reason, bytes(raw), time.time()))
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self.db.conn().execute(
+            "SELECT id, queue, reason, payload, created FROM dead_letters "
+            "ORDER BY created LIMIT ?", (limit,))
+        return [DeadLetter(i, q, r, bytes(p), c) for i, q, r, p, c in rows]
+
+    def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        with self.db.write() as conn:
+            if ids is None:
+                rows = conn.execute("SELECT id, queue, payload FROM dead_letters").fetchall()
+            else:
+                rows = [r for i in ids for r in conn.execute(
+                    "SELECT id, queue, payload FROM dead_letters WHERE id = ?", (i,))]
+            for dl_id, queue, payload in rows:
+                conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+                conn.execute("INSERT INTO messages (queue, priority, payload) VALUES (?, 0, ?)",
+                             (queue, payload))
+                conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
+            return len(rows)
+
+    def purge_dead_letters(self) -> int:
+        with self.db.write() as conn:
+            return conn.execute("DELETE FROM dead_letters").rowcount
+
+    def ping(self) -> None:
+        self.db.conn().execute("SELECT 1")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class SQLiteConsumer(Consumer):
+    def __init__(self, transport: SQLiteTransport, queues: list[str], prefetch: int,
+                 cid: str) -> None:
+        self.transport = transport
+        self.db = transport.db
+        self.id = cid
+        self.prefetch = max(1, prefetch)
+        self._queues = list(queues)
+        self._held: set[int] = set()  # rows reserved and not yet settled
+        self._lock = threading.Lock()
+        self._backoff = Backoff(0.001, 0.05)
+        with self.db.write() as conn:
+            for q in self._queues:
+                conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (q,))
+            conn.execute(
+                "INSERT OR REPLACE INTO consumers (id, queues, host, pid, alive_until) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (cid, "\n".join(self._queues), HOST, os.getpid(),
+                 time.time() + transport.options.heartbeat_ttl))
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self._queues)
+
+    def _reserve(self, room: int) -> list[Delivery]:
+        if not self._queues or room <= 0:
+            return []
+        marks = ",".join("?" * len(self._queues))
+        with self.db.write() as conn:
+            rows = conn.execute(
+                f"SELECT id, queue, payload, redelivered FROM messages WHERE consumer IS NULL "
+                f"AND queue IN ({marks}) ORDER BY priority DESC, id LIMIT ?",
+                (*self._queues, room)).fetchall()
+            if rows:
+                conn.executemany("UPDATE messages SET consumer = ? WHERE id = ?",
+                                 [(self.id, r[0]) for r in rows])
+        out = []
+        for row_id, queue, payload, redelivered in rows:
+            raw = bytes(payload)
+            d = Delivery(queue=queue, tag=row_id, raw=raw, redelivered=bool(redelivered))
+            try:
+                d.message = decode_envelope(raw)
+            except ValueError as exc:
+                d.error = str(exc)
+            out.append(d)
+        return out
+
+    def get(self, timeout: float) -> Delivery | None:
+        # Reserve one row a call: the rows this consumer holds are all in the database
+        # (never only in memory), so a crash can't lose them.
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                room = self.prefetch - len(self._held)
+            if room > 0:
+                got = self._reserve(1)
+                if got:
+                    with self._lock:
+                        self._held.add(got[0].tag)
+                    self._backoff.reset()
+                    return got[0]
+            if not self._backoff.sleep(deadline):
+                return None
+
+    def _settle(self, delivery: Delivery, sql: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(sql, (delivery.tag, self.id))
+        with self._lock:
+            self._held.discard(delivery.tag)
+        self._backoff.reset()
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, "DELETE FROM messages WHERE id = ? AND consumer = ?")
+
+    def requeue(self, delivery: Delivery) -> None:
+        # The row keeps its id, so it is back at the head of its queue.
+        self._settle(delivery, "UPDATE messages SET consumer = NULL, redelivered = 1 "
+                               "WHERE id = ? AND consumer = ?")
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("INSERT INTO dead_letters (id, queue, reason, payload, created) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (uuid.uuid4().hex, delivery.queue, reason, delivery.raw, time.time()))
+            conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?",
+                         (delivery.tag, self.id))
+        with self._lock:
+            self._held.discard(delivery.tag)
+
+    def heartbeat(self) -> None:
+        with self.db.write() as conn:
+            conn.execute("UPDATE consumers SET alive_until = ? WHERE id = ?",
+                         (time.time() + self.transport.options.heartbeat_ttl, self.id))
+
+    def _save_queues(self) -> None:
+        with self.db.write() as conn:
+            for q in self._queues:
+                conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (q,))
+            conn.execute("UPDATE consumers SET queues = ? WHERE id = ?",
+                         ("\n".join(self._queues), self.id))
+
+    def add_queue(self, queue: str) -> None:
+        if queue not in self._queues:
+            self._queues = [*self._queues, queue]
+            self._save_queues()
+
+    def cancel_queue(self, queue: str) -> None:
+        if queue in self._queues:
+            self._queues = [q for q in self._queues if q != queue]
+            self._save_queues()
+
+    def close(self) -> None:
+        with self.db.write() as conn:
+            conn.execute("UPDATE messages SET consumer = NULL, redelivered = 1 "
+                         "WHERE consumer = ?", (self.id,))
+            conn.execute("DELETE FROM consumers WHERE id = ?", (self.id,))
+        with self._lock:
+            self._held.clear()
+
+
+class SQLiteSubscription(Subscription):
+    def __init__(self, transport: SQLiteTransport, channel: str) -> None:
+        self.db = transport.db
+        self.channel = channel
+        row = self.db.conn().execute("SELECT MAX(id) FROM broadcasts").fetchone()
+        self.last = row[0] or 0
+        self._backoff = Backoff(0.001, 0.02)
+
+    def get(self, timeout: float) -> Message | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.db.conn().execute(
+                "SELECT id, payload FROM broadcasts WHERE channel = ? AND id > ? "
+                "ORDER BY id LIMIT 1", (self.channel, self.last)).fetchone()
+            if row:
+                self.last = row[0]
+                self._backoff.reset()
+                try:
+                    return decode_envelope(bytes(row[1]))
+                except ValueError:
+                    continue
+            if not self._backoff.sleep(deadline):
+                return None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,375 @@
+"""Execution pools: solo, threads and prefork.
+
+Every pool takes jobs from one queue, in order. ``drain_unstarted`` hands back the jobs
+not yet started (warm shutdown puts them back on the broker at once).
+
+prefork: each slot is a parent thread that owns one child process and a pipe to it.
+The thread sends a job, waits for the outcome -- at most the hard time limit, after
+which it kills the child and starts a new one -- and reports the outcome. A child that
+dies mid-task is reported as LOST. Children die with the parent (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Pipe
+from typing import TYPE_CHECKING, Any
+
+from qops import protocol
+from qops.errors import TimeLimitExceeded, UsageError, WorkerLostError
+from qops.worker.request import LOST, execute
+
+if TYPE_CHECKING:
+    from qops.app import App
+
+log = logging.getLogger("qops.worker")
+
+OnDone = Callable[[dict[str, Any]], None]
+_STOP = object()
+
+
+class Pool(ABC):
+    name = ""
+
+    def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
+                 on_child_start: Callable[[int], None] | None = None) -> None:
+        self.app = app
+        self.concurrency = max(1, concurrency)
+        self.max_tasks_per_child = max_tasks_per_child
+        self.on_child_start = on_child_start
+        self.jobs: queue.Queue[Any] = queue.Queue()
+        self.running: dict[str, dict[str, Any]] = {}  # task id -> job, while it runs
+        self._lock = threading.Lock()
+
+    def submit(self, job: dict[str, Any], on_done: OnDone, hard_limit: float | None) -> None:
+        self.jobs.put((job, on_done, hard_limit))
+
+    def drain_unstarted(self) -> list[dict[str, Any]]:
+        out = []
+        while True:
+            try:
+                item = self.jobs.get_nowait()
+            except queue.Empty:
+                return out
+            if item is not _STOP:
+                out.append(item[0])
+
+    def busy(self) -> int:
+        with self._lock:
+            return len(self.running)
+
+    def _mark(self, job: dict[str, Any], started: bool) -> None:
+        with self._lock:
+            if started:
+                job["time_start"] = time.time()
+                self.running[job["id"]] = job
+            else:
+                self.running.pop(job["id"], None)
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def stop(self, timeout: float | None = None) -> None:
+        """Warm: let running jobs finish, then stop."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Cold: stop at once, killing what runs."""
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def terminate_job(self, task_id: str, sig: int) -> bool:
+        """Signal the process running ``task_id`` (prefork only)."""
+        return False
+
+
+class ThreadPool(Pool):
+    """Runs tasks in threads of the worker process. Time limits are not enforced here
+    (a thread cannot be killed); use prefork for them."""
+
+    name = "threads"
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=self._run, name=f"{self.name}-{i + 1}",
+                                         daemon=True) for i in range(self.concurrency)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is _STOP:
+                return
+            job, on_done, _hard = item
+            self._mark(job, True)
+            try:
+                outcome = execute(self.app, job)
+            finally:
+                self._mark(job, False)
+            _report(on_done, outcome)
+
+    def stop(self, timeout: float | None = None) -> None:
+        for _ in self.threads:
+            self.jobs.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def terminate(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(_STOP)
+
+    def grow(self, n: int) -> None:
+        for i in range(n):
+            t = threading.Thread(target=self._run, name=f"{self.name}-{len(self.threads) + i}",
+                                 daemon=True)
+            self.threads.append(t)
+            t.start()
+        self.concurrency += n
+
+    def shrink(self, n: int) -> None:
+        n = min(n, self.concurrency - 1)
+        for _ in range(n):
+            self.jobs.put(_STOP)
+        self.concurrency -= n
+
+
+class SoloPool(ThreadPool):
+    """One task at a time."""
+
+    name = "solo"
+
+    def __init__(self, app: App, concurrency: int = 1, **kwargs: Any) -> None:
+        super().__init__(app, 1, **kwargs)
+
+
+def _report(on_done: OnDone, outcome: dict[str, Any]) -> None:
+    try:
+        on_done(outcome)
+    except Exception:  # the worker logs its own errors; this keeps the pool alive
+        log.exception("error while handling a task outcome")
+
+
+# -- prefork ------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Child:
+    def __init__(self, pid: int, conn: Connection) -> None:
+        self.pid = pid
+        self.conn = conn
+        self.done = 0
+
+
+class _Slot(threading.Thread):
+    def __init__(self, pool: PreforkPool, index: int) -> None:
+        super().__init__(name=f"prefork-slot-{index}", daemon=True)
+        self.pool = pool
+        self.index = index
+        self.child: _Child | None = None
+        self.job: dict[str, Any] | None = None
+        self.stopping = False
+
+    def spawn(self) -> None:
+        parent_conn, child_conn = Pipe()
+        ppid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                parent_conn.close()
+                _child_main(self.pool, self.index, child_conn, ppid)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        child_conn.close()
+        self.child = _Child(pid, parent_conn)
+        if self.pool.on_child_start:
+            self.pool.on_child_start(pid)
+
+    def reap(self, kill: bool) -> int | None:
+        child, self.child = self.child, None
+        if child is None:
+            return None
+        if kill:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.conn.close()
+        try:
+            _, status = os.waitpid(child.pid, 0)
+        except ChildProcessError:
+            return None
+        return status
+
+    def run(self) -> None:
+        pool = self.pool
+        while True:
+            item = pool.jobs.get()
+            if item is _STOP:
+                break
+            job, on_done, hard = item
+            if self.child is None:
+                self.spawn()
+            assert self.child is not None
+            self.job = job
+            pool._mark(job, True)
+            try:
+                outcome = self._run_one(job, hard)
+            finally:
+                pool._mark(job, False)
+                self.job = None
+            _report(on_done, outcome)
+        self.reap(kill=False)
+
+    def _run_one(self, job: dict[str, Any], hard: float | None) -> dict[str, Any]:
+        child = self.child
+        assert child is not None
+        start = time.monotonic()
+        try:
+            child.conn.send(job)
+            ready = child.conn.poll(hard) if hard else child.conn.poll(None)
+            if not ready:
+                self.reap(kill=True)
+                exc = TimeLimitExceeded(f"hard time limit ({hard}s) exceeded")
+                return {"state": "FAILURE", "result": protocol.exception_to_dict(exc),
+                        "traceback": None, "runtime": time.monotonic() - start}
+            outcome: dict[str, Any] = child.conn.recv()
+        except (EOFError, OSError):
+            status = self.reap(kill=True)
+            how = _describe_status(status)
+            exc2 = WorkerLostError(f"pool process exited during the task ({how})")
+            return {"state": LOST, "result": protocol.exception_to_dict(exc2),
+                    "traceback": None, "runtime": time.monotonic() - start}
+        child.done += 1
+        if outcome.pop("_exit", False):
+            self.reap(kill=False)
+        return outcome
+
+
+def _describe_status(status: int | None) -> str:
+    if status is None:
+        return "unknown status"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> None:
+    _die_with_parent()
+    if os.getppid() != ppid:  # the parent died before prctl took effect
+        return
+    # The parent decides about shutdown: a TERM or INT sent to the whole process group
+    # must not stop a task half-way (warm shutdown lets it finish).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    os.environ["QOPS_POOL_INDEX"] = str(index)
+    if pool.child_init:
+        pool.child_init(index)
+    done = 0
+    limit = pool.max_tasks_per_child
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        outcome = execute(pool.app, job)
+        done += 1
+        if limit and done >= limit:
+            outcome["_exit"] = True
+        conn.send(outcome)
+        if outcome.get("_exit"):
+            return
+
+
+class PreforkPool(Pool):
+    name = "prefork"
+
+    def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
+                 on_child_start: Callable[[int], None] | None = None,
+                 child_init: Callable[[int], None] | None = None) -> None:
+        super().__init__(app, concurrency, max_tasks_per_child, on_child_start)
+        self.child_init = child_init
+        self.slots: list[_Slot] = []
+
+    def start(self) -> None:
+        for i in range(self.concurrency):
+            self._add_slot()
+
+    def _add_slot(self) -> None:
+        slot = _Slot(self, len(self.slots) + 1)
+        slot.spawn()  # children start now, so a broken app fails at start-up
+        self.slots.append(slot)
+        slot.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        for _ in self.slots:
+            self.jobs.put(_STOP)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for s in self.slots:
+            s.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def terminate(self) -> None:
+        for s in self.slots:
+            s.stopping = True
+            s.reap(kill=True)
+        for _ in self.slots:
+            self.jobs.put(_STOP)
+
+    def pids(self) -> list[int]:
+        return [s.child.pid for s in self.slots if s.child is not None]
+
+    def terminate_job(self, task_id: str, sig: int) -> bool:
+        for s in self.slots:
+            if s.job is not None and s.job["id"] == task_id and s.child is not None:
+                os.kill(s.child.pid, sig)
+                return True
+        return False
+
+    def grow(self, n: int) -> None:
+        for _ in range(n):
+            self._add_slot()
+        self.concurrency += n
+
+    def shrink(self, n: int) -> None:
+        n = min(n, self.concurrency - 1)
+        for _ in range(n):
+            self.jobs.put(_STOP)
+        self.concurrency -= n
+
+
+POOLS: dict[str, type[Pool]] = {"prefork": PreforkPool, "threads": ThreadPool,
+                                "solo": SoloPool}
+
+
+def make_pool(kind: str, app: App, concurrency: int, **kwargs: Any) -> Pool:
+    try:
+        cls = POOLS[kind]
+    except KeyError:
+        raise UsageError(f"unknown pool {kind!r}: choose prefork, threads or solo") from None
+    if cls is not PreforkPool:
+        kwargs.pop("child_init", None)
+    return cls(app, concurrency, **kwargs)

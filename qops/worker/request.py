@@ -1,0 +1,106 @@
+"""Running one task: what happens inside a pool process or thread.
+
+``execute`` takes a job (plain data, so it can cross a pipe) and returns an outcome
+(plain data too). The worker's main process turns the outcome into a stored result,
+an ack, a retry or a callback.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from qops import protocol
+from qops.errors import MaxRetriesExceeded, Reject, Retry, SoftTimeLimitExceeded
+from qops.task import Context
+
+if TYPE_CHECKING:
+    from qops.app import App
+
+# outcome states besides the result states
+REJECTED = "REJECTED"
+LOST = "LOST"
+
+
+def make_job(request: Any, hostname: str, delivery_info: dict[str, Any],
+             soft_time_limit: float | None) -> dict[str, Any]:
+    ctx = request.context()
+    ctx["hostname"] = hostname
+    ctx["delivery_info"] = delivery_info
+    return {"id": request.id, "name": request.name, "args": request.args,
+            "kwargs": request.kwargs, "context": ctx, "soft_time_limit": soft_time_limit}
+
+
+def _soft_limit_handler(signum: int, frame: Any) -> None:
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
+    """Run the job's task here; never raises."""
+    start = time.monotonic()
+    task = app.tasks.get(job["name"])
+    if task is None:  # checked before dispatch; kept for a registry changed under us
+        return {"state": "FAILURE", "result": {"exc_type": "NotRegistered",
+                "exc_message": [job["name"]], "exc_module": "qops.errors"},
+                "traceback": None, "runtime": 0.0}
+    ctx = Context(**job["context"])
+    soft = job.get("soft_time_limit")
+    use_alarm = bool(soft) and threading.current_thread() is threading.main_thread()
+    if use_alarm:
+        signal.signal(signal.SIGALRM, _soft_limit_handler)
+        signal.setitimer(signal.ITIMER_REAL, float(soft))
+    task.push_request(ctx)
+    app.push_request(ctx)
+    try:
+        try:
+            value = task(*job["args"], **job["kwargs"])
+        except Exception as exc:
+            if task.autoretry_for and isinstance(exc, task.autoretry_for) \
+                    and not isinstance(exc, Retry):
+                try:
+                    task.retry(exc=exc, countdown=task.backoff_delay(ctx.retries))
+                except Retry as retry:
+                    return _retry_outcome(retry, start)
+                except Exception as final:
+                    return _failure(final, start)
+            raise
+        finally:
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            protocol.dumps(value)
+        except (TypeError, ValueError) as exc:
+            return _failure(TypeError(f"result of {job['name']} is not JSON serializable: "
+                                      f"{exc}"), start, tb=None)
+        return {"state": "SUCCESS", "result": value, "traceback": None,
+                "runtime": time.monotonic() - start}
+    except Retry as retry:
+        return _retry_outcome(retry, start)
+    except MaxRetriesExceeded as exc:
+        return _failure(exc, start)
+    except Reject as rej:
+        return {"state": REJECTED, "reason": rej.reason or "rejected by the task",
+                "requeue": rej.requeue, "runtime": time.monotonic() - start}
+    except Exception as exc:
+        return _failure(exc, start)
+    finally:
+        app.pop_request()
+        task.pop_request()
+
+
+def _failure(exc: BaseException, start: float, tb: str | None = "") -> dict[str, Any]:
+    return {"state": "FAILURE", "result": protocol.exception_to_dict(exc),
+            "traceback": traceback.format_exc() if tb == "" else tb,
+            "runtime": time.monotonic() - start}
+
+
+def _retry_outcome(retry: Retry, start: float) -> dict[str, Any]:
+    exc = retry.exc or retry
+    return {"state": "RETRY", "result": protocol.exception_to_dict(exc),
+            "traceback": traceback.format_exc(), "when": retry.when or 0.0,
+            "args": getattr(retry, "args_override", None),
+            "kwargs": getattr(retry, "kwargs_override", None),
+            "runtime": time.monotonic() - start}

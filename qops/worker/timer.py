@@ -1,0 +1,62 @@
+"""A timer thread: calls functions at given times (ETA tasks, rate-limit waits)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("qops.worker")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None], Any]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="timer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def call_at(self, when: float, fun: Callable[[], None], item: Any = None) -> None:
+        """Call ``fun`` at ``when`` (time.time()). ``item`` is handed back by drain()."""
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), fun, item))
+            self._cond.notify()
+
+    def call_later(self, delay: float, fun: Callable[[], None], item: Any = None) -> None:
+        self.call_at(time.time() + delay, fun, item)
+
+    def scheduled(self) -> list[tuple[float, Any]]:
+        with self._cond:
+            return sorted((when, item) for when, _, _, item in self._heap)
+
+    def drain(self) -> list[Any]:
+        """Stop and return the items of every call not yet made."""
+        with self._cond:
+            self._stopped = True
+            items = [item for _, _, _, item in sorted(self._heap)]
+            self._heap.clear()
+            self._cond.notify()
+        return items
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (
+                        not self._heap or self._heap[0][0] > time.time()):
+                    wait = None if not self._heap else self._heap[0][0] - time.time()
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                _, _, fun, _ = heapq.heappop(self._heap)
+            try:
+                fun()
+            except Exception:
+                log.exception("timer callback failed")

@@ -1,0 +1,416 @@
+"""The worker: start-up as a readable sequence of steps, the consumer loop, shutdown.
+
+    worker = Worker(app, hostname="w1@host", queues=["qops"], concurrency=4)
+    worker.start()     # blocks until TERM/INT/QUIT or worker.request_stop()
+
+Delivery guarantees (docs/guarantees.md): with ``acks_late`` (the default) a message is
+acked after its task ends, so a worker that dies mid-task leaves it to be run again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from qops import protocol
+from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
+from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
+from qops.transports.base import Consumer, Delivery
+from qops.worker.pool import Pool, make_pool
+from qops.worker.ratelimit import RateLimits
+from qops.worker.request import LOST, REJECTED, make_job
+from qops.worker.timer import Timer
+
+if TYPE_CHECKING:
+    from qops.app import App
+    from qops.protocol import TaskRequest
+    from qops.task import Task
+
+log = logging.getLogger("qops.worker")
+
+WARM, COLD = "warm", "cold"
+
+
+class Worker:
+    def __init__(self, app: App, *, hostname: str, queues: Sequence[str] | None = None,
+                 concurrency: int | None = None, pool: str | None = None,
+                 prefetch_multiplier: int | None = None,
+                 max_tasks_per_child: int | None = None,
+                 on_ready: Callable[[Worker], None] | None = None,
+                 child_init: Callable[[int], None] | None = None) -> None:
+        conf = app.conf
+        self.app = app
+        self.hostname = hostname
+        self.queues = list(queues or [app.default_queue])
+        self.concurrency = int(concurrency or conf.worker_concurrency or os.cpu_count() or 1)
+        self.pool_kind = pool or conf.worker_pool
+        if self.pool_kind == "solo":
+            self.concurrency = 1
+        multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier
+        self.prefetch = max(1, self.concurrency * int(multiplier))
+        self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
+        self.on_ready = on_ready
+        self.child_init = child_init
+        self.rate_limits = RateLimits()
+        self.revoked: set[str] = set()
+        self.reserved: dict[str, tuple[TaskRequest, Delivery]] = {}  # taken, not started
+        # handed to the pool, not finished: task id -> (delivery, acked already)
+        self._submitted: dict[str, tuple[Delivery, bool]] = {}
+        self.processed: dict[str, int] = {}
+        self.started_at = time.time()
+        self._stop: str | None = None
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.consumer: Consumer | None = None
+        self.pool: Pool | None = None
+        self.timer = Timer()
+
+    # -- start-up, in order --------------------------------------------------------------
+    def start(self) -> int:
+        """Run until asked to stop; returns the process exit code."""
+        self.install_signal_handlers()
+        self.apply_rate_limits()
+        self.connect()
+        self.start_pool()
+        self.timer.start()
+        self.start_heartbeat()
+        log.info("%s ready.", self.hostname)
+        if self.on_ready:
+            self.on_ready(self)
+        try:
+            self.consume()
+        finally:
+            self.shutdown()
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop(WARM))
+        signal.signal(signal.SIGQUIT, lambda *_: self.request_stop(COLD))
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, *_: Any) -> None:
+        # First Ctrl-C: warm shutdown; a second one: cold.
+        self.request_stop(COLD if self._stop else WARM)
+
+    def request_stop(self, how: str = WARM) -> None:
+        if self._stop == COLD:
+            return
+        if how == COLD and self._stop == WARM:
+            log.warning("Cold shutdown: killing running tasks (they go back to the queue).")
+            self._stop = COLD
+            if self.pool:
+                self.pool.terminate()
+        else:
+            if how == WARM:
+                log.warning("Warm shutdown: running tasks finish, the rest go back to the "
+                            "queue (press Ctrl-C again or send QUIT for a cold shutdown).")
+            self._stop = how
+        self._stop_event.set()
+
+    def apply_rate_limits(self) -> None:
+        for name, task in self.app.tasks.items():
+            rate = self.app.rate_limit_for(task)
+            if rate:
+                self.rate_limits.set(name, rate)
+
+    def connect(self) -> None:
+        transport = self.app.transport
+        self.consumer = transport.consumer(self.queues, self.prefetch,
+                                           consumer_id=f"{self.hostname}.{os.getpid()}")
+        if self.app.has_backend:
+            self.app.backend  # noqa: B018 - connect now so a bad URL fails at start-up
+
+    def start_pool(self) -> None:
+        self.pool = make_pool(self.pool_kind, self.app, self.concurrency,
+                              max_tasks_per_child=self.max_tasks_per_child,
+                              child_init=self.child_init)
+        self.pool.start()
+
+    def start_heartbeat(self) -> None:
+        t = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        t.start()
+
+    def _heartbeat_loop(self) -> None:
+        interval = float(self.app.conf.worker_heartbeat_interval)
+        transport = self.app.transport
+        while not self._stop_event.wait(interval):
+            try:
+                assert self.consumer is not None
+                self.consumer.heartbeat()
+                moved = transport.recover()
+                if moved:
+                    log.warning("Recovered %d message(s) held by dead workers.", moved)
+            except Exception as exc:
+                log.error("heartbeat failed: %s", exc)
+
+    # -- the consumer loop --------------------------------------------------------------------
+    def consume(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        while not self._stop:
+            try:
+                delivery = consumer.get(0.25)
+            except Exception as exc:
+                log.error("consumer error: %s; retrying in 1s", exc)
+                self._stop_event.wait(1.0)
+                continue
+            if delivery is not None:
+                self.on_delivery(delivery)
+
+    def on_delivery(self, d: Delivery) -> None:
+        assert self.consumer is not None
+        if d.error or d.message is None:
+            self.dead_letter(d, d.error or "undecodable message")
+            return
+        try:
+            req = protocol.parse_task_message(d.message)
+        except ProtocolError as exc:
+            self.dead_letter(d, str(exc))
+            return
+        task = self.app.tasks.get(req.name)
+        if task is None:
+            reason = f"unknown task {req.name!r} (not registered on this worker)"
+            self.dead_letter(d, reason)
+            self.store(req, FAILURE, NotRegistered(reason))
+            return
+        try:
+            task.check_arguments(req.args, req.kwargs)
+        except TypeError as exc:
+            reason = f"arguments do not fit {req.name}: {exc}"
+            self.dead_letter(d, reason)
+            self.store(req, FAILURE, TypeError(reason))
+            return
+        log.info("Task %s[%s] received", req.name, req.id)
+        with self._lock:
+            self.reserved[req.id] = (req, d)
+        if req.eta is not None:
+            wait = (req.eta - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            if wait > 0:
+                self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
+                return
+        self.on_due(d, req, task)
+
+    def dead_letter(self, d: Delivery, reason: str) -> None:
+        assert self.consumer is not None
+        log.error("Rejected a message from %r: %s (kept in the dead-letter store)",
+                  d.queue, reason)
+        self.consumer.reject(d, reason)
+
+    def on_due(self, d: Delivery, req: TaskRequest, task: Task) -> None:
+        """The task may run now (its ETA has come): check expiry and rate, then run it."""
+        assert self.consumer is not None and self.pool is not None
+        if self._stop:
+            return  # shutdown requeues what is still reserved
+        now = dt.datetime.now(dt.timezone.utc)
+        if req.id in self.revoked or (req.expires is not None and req.expires <= now):
+            why = "revoked" if req.id in self.revoked else "expired"
+            log.info("Task %s[%s] %s: not run", req.name, req.id, why)
+            self._forget_reserved(req.id)
+            self.store(req, REVOKED, TaskRevokedError(why))
+            self.consumer.ack(d)
+            return
+        wait = self.rate_limits.take(req.name)
+        if wait > 0:
+            self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
+            return
+        acks_late = bool(self.app.option_for(task, "acks_late", "task_acks_late"))
+        if not acks_late:
+            self.consumer.ack(d)  # at-most-once: acked before it runs
+        if self.app.conf.task_track_started:
+            self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
+        hard = req.time_limit or self.app.option_for(task, "time_limit", "task_time_limit")
+        soft = req.soft_time_limit or self.app.option_for(task, "soft_time_limit",
+                                                         "task_soft_time_limit")
+        job = make_job(req, self.hostname,
+                       {"exchange": "", "routing_key": d.queue, "priority": req.priority,
+                        "redelivered": d.redelivered}, soft)
+        with self._lock:
+            self.reserved.pop(req.id, None)
+            self._submitted[req.id] = (d, not acks_late)
+        self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
+                         float(hard) if hard else None)
+
+    def _forget_reserved(self, task_id: str) -> None:
+        with self._lock:
+            self.reserved.pop(task_id, None)
+
+    def on_done(self, d: Delivery, req: TaskRequest, task: Task, outcome: dict[str, Any],
+                acks_late: bool) -> None:
+        """A task ended (called from a pool thread): record it, then ack."""
+        assert self.consumer is not None
+        with self._lock:
+            self._submitted.pop(req.id, None)
+        state = outcome["state"]
+        runtime = outcome.get("runtime", 0.0)
+        settle: Callable[[Delivery], None] = self.consumer.ack
+        if state == SUCCESS:
+            log.info("Task %s[%s] succeeded in %.4fs: %r", req.name, req.id, runtime,
+                     outcome["result"])
+            self.store(req, SUCCESS, outcome["result"])
+            self.send_followers(req, outcome["result"])
+        elif state == FAILURE:
+            log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
+                      _exc_line(outcome["result"]), outcome.get("traceback") or "")
+            self.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
+            self.send_errbacks(req)
+        elif state == RETRY:
+            self.retry(req, d, task, outcome)
+        elif state == REJECTED:
+            if outcome.get("requeue"):
+                settle = self.consumer.requeue
+            else:
+                self.consumer.reject(d, outcome["reason"])
+                self._count(req.name)
+                return
+        elif state == LOST:
+            reject = task.reject_on_worker_lost
+            if reject is None:
+                reject = bool(self.app.conf.task_reject_on_worker_lost)
+            if reject and acks_late:
+                log.error("Task %s[%s]: %s; it goes back to the queue", req.name, req.id,
+                          _exc_line(outcome["result"]))
+                settle = self.consumer.requeue
+            else:
+                log.error("Task %s[%s] failed: %s", req.name, req.id,
+                          _exc_line(outcome["result"]))
+                self.store(req, FAILURE, outcome["result"])
+        if acks_late or settle is not self.consumer.ack:
+            settle(d)
+        self._count(req.name)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.processed[name] = self.processed.get(name, 0) + 1
+
+    def retry(self, req: TaskRequest, d: Delivery, task: Task, outcome: dict[str, Any]) -> None:
+        when = float(outcome.get("when") or 0.0)
+        args = outcome["args"] if outcome.get("args") is not None else req.args
+        kwargs = outcome["kwargs"] if outcome.get("kwargs") is not None else req.kwargs
+        log.info("Task %s[%s] retry %d in %.2fs: %s", req.name, req.id, req.retries + 1, when,
+                 _exc_line(outcome["result"]))
+        # Publish the new attempt before the old message is acked: a crash in between
+        # runs the task once more rather than never.
+        self.app.send_task(
+            req.name, args, kwargs, task_id=req.id, countdown=when, queue=d.queue,
+            retries=req.retries + 1, expires=req.expires, time_limit=req.time_limit,
+            soft_time_limit=req.soft_time_limit, root_id=req.root_id,
+            parent_id=req.parent_id, group=req.group, group_index=req.group_index,
+            link=req.callbacks, link_error=req.errbacks, chain=req.chain, chord=req.chord,
+            priority=req.priority, ignore_result=req.ignore_result)
+        self.store(req, RETRY, outcome["result"], outcome.get("traceback"))
+
+    def send_followers(self, req: TaskRequest, result: Any) -> None:
+        """Continue a chain and call ``link`` callbacks with the result."""
+        from qops.task import Signature
+
+        try:
+            for cb in req.callbacks or []:
+                self.app.send_signature(Signature(cb, app=self.app).clone([result]),
+                                        parent_id=req.id, root_id=req.root_id)
+            if req.chain:
+                rest = list(req.chain)
+                nxt = Signature(rest.pop(), app=self.app).clone([result])
+                self.app.send_signature(nxt, chain=rest or None, parent_id=req.id,
+                                        root_id=req.root_id)
+        except Exception as exc:
+            log.error("Task %s[%s]: could not send the next task: %s", req.name, req.id, exc)
+
+    def send_errbacks(self, req: TaskRequest) -> None:
+        from qops.task import Signature
+
+        for eb in req.errbacks or []:
+            try:
+                self.app.send_signature(Signature(eb, app=self.app).clone([req.id]),
+                                        parent_id=req.id, root_id=req.root_id)
+            except Exception as exc:
+                log.error("Task %s[%s]: could not send errback: %s", req.name, req.id, exc)
+
+    def store(self, req: TaskRequest, state: str, result: Any,
+              traceback: str | None = None) -> None:
+        if not self.app.has_backend:
+            return
+        if req.ignore_result and state != FAILURE:
+            return
+        try:
+            self.app.backend.store(req.id, state, result, traceback, reply_to=req.reply_to)
+        except Exception as exc:
+            log.error("Task %s[%s]: could not store %s: %s", req.name, req.id, state, exc)
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        consumer, pool = self.consumer, self.pool
+        cold = self._stop == COLD
+        # Messages taken but not started (prefetched, waiting for an ETA or a rate
+        # limit) go back to the broker at once, so other workers can run them.
+        unstarted: list[Delivery] = [d for d in self.timer.drain() if d is not None]
+        with self._lock:
+            unstarted.extend(d for _, d in self.reserved.values() if d not in unstarted)
+            self.reserved.clear()
+        if pool is not None:
+            for job in pool.drain_unstarted():
+                d, acked = self._submitted.pop(job["id"], (None, False))
+                if d is None:
+                    continue
+                if acked and consumer is not None and d.message is not None:
+                    # at-most-once tasks were acked when dispatched: send them again
+                    consumer.transport.publish(d.queue, d.message)
+                else:
+                    unstarted.append(d)
+            if cold:
+                pool.terminate()
+            else:
+                pool.stop()
+        if consumer is not None:
+            for d in unstarted:
+                try:
+                    consumer.requeue(d)
+                except Exception as exc:
+                    log.error("could not requeue a message: %s", exc)
+            try:
+                consumer.close()  # returns every message still unacked
+            except Exception as exc:
+                log.error("closing the consumer failed: %s", exc)
+        self._stop_event.set()
+        self.app.close()
+        log.info("%s stopped.", self.hostname)
+
+    # -- facts for banners and remote control ---------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "hostname": self.hostname,
+            "pid": os.getpid(),
+            "app": self.app.main,
+            "transport": self.app.transport.safe_url(),
+            "results": _mask(self.app.result_backend_url) or "disabled",
+            "concurrency": f"{self.concurrency} ({self.pool_kind})",
+            "prefetch": self.prefetch,
+            "queues": self.queues,
+            "tasks": sorted(n for n in self.app.tasks if not n.startswith("qops.")),
+        }
+
+
+def _mask(url: str | None) -> str | None:
+    from qops.transports.base import mask_password
+
+    return mask_password(url) if url else None
+
+
+def _exc_line(meta: Any) -> str:
+    if isinstance(meta, dict) and "exc_type" in meta:
+        msg = meta.get("exc_message") or []
+        text = ", ".join(str(m) for m in msg) if isinstance(msg, list) else str(msg)
+        return f"{meta['exc_type']}({text})"
+    return repr(meta)
+
+
+def default_hostname() -> str:
+    return f"qops@{socket.gethostname()}"

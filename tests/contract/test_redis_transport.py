@@ -1,0 +1,427 @@
+"""Redis-only behaviour: the kombu wire layout, qops's in-flight keys, failure modes.
+
+Runs against the real server in the test database (the ``redis_url`` fixture flushes it
+before and after each test). Raw keys are inspected with a plain redis-py client, the way
+a Celery 5 client or worker would see them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.transports.base import Message, TransportOptions, from_url
+from qops.transports.redis import RedisConsumer, RedisTransport, split_url
+
+pytestmark = pytest.mark.redis
+
+FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
+SEP = "\x06\x16"
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def transport(redis_url: str) -> Iterator[RedisTransport]:
+    t = from_url(redis_url, FAST)
+    assert isinstance(t, RedisTransport)
+    yield t
+    t.close()
+
+
+def msg(n: int, priority: int | None = None, body: bytes | None = None) -> Message:
+    props: dict[str, object] = {"correlation_id": f"id-{n}", "reply_to": "r"}
+    if priority is not None:
+        props["priority"] = priority
+    return Message(body=body if body is not None else f"[[{n}], {{}}, {{}}]".encode(),
+                   headers={"task": "t", "id": f"id-{n}"}, properties=props)
+
+
+def kombu_envelope(n: int, queue: str, priority: int = 0, base64_body: bool = True) -> bytes:
+    """An envelope as kombu 5's Redis transport writes it for a Celery task."""
+    body = json.dumps([[n], {}, {"callbacks": None, "errbacks": None, "chain": None,
+                                  "chord": None}]).encode()
+    props = {"correlation_id": f"id-{n}", "reply_to": str(uuid.uuid4()), "delivery_mode": 2,
+             "delivery_info": {"exchange": "", "routing_key": queue}, "priority": priority,
+             "delivery_tag": str(uuid.uuid4())}
+    if base64_body:
+        props["body_encoding"] = "base64"
+    return json.dumps({
+        "body": base64.b64encode(body).decode() if base64_body else body.decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": "proj.add", "id": f"id-{n}", "retries": 0},
+        "properties": props,
+    }).encode()
+
+
+def drain(consumer, n: int, timeout: float = 5.0) -> list:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        d = consumer.get(0.2)
+        if d is not None:
+            out.append(d)
+    return out
+
+
+# -- kombu wire layout ---------------------------------------------------------------
+
+
+def test_consumes_kombu_envelopes_in_step_order(transport: RedisTransport,
+                                                raw: redis.Redis) -> None:
+    q = "celery"
+    raw.lpush(f"{q}{SEP}9", kombu_envelope(9, q, priority=9))
+    raw.lpush(f"{q}{SEP}3", kombu_envelope(3, q, priority=3))
+    raw.lpush(q, kombu_envelope(0, q, priority=0))
+    raw.lpush(q, kombu_envelope(1, q, priority=0, base64_body=False))  # older kombu
+    c = transport.consumer([q], prefetch=1)
+    try:
+        got = []
+        for _ in range(4):
+            [d] = drain(c, 1)
+            assert d.error is None and d.queue == q
+            got.append((d.message.headers["id"], d.message.properties["priority"]))
+            assert json.loads(d.message.body)[0] == [int(d.message.headers["id"][3:])]
+            c.ack(d)
+        # wire step 0 first; read back in qops's scale (9 - wire priority)
+        assert got == [("id-0", 9), ("id-1", 9), ("id-3", 6), ("id-9", 0)]
+    finally:
+        c.close()
+    assert raw.keys("*unacked*") == []  # nothing left in flight, kombu's keys never made
+
+
+def test_published_layout_is_what_celery_expects(transport: RedisTransport,
+                                                 raw: redis.Redis) -> None:
+    q = "jobs"
+    transport.publish(q, msg(1))  # unset priority: base list
+    transport.publish(q, msg(2, priority=0))  # lowest in qops scale: wire step 9
+    transport.publish(q, msg(3, priority=5))  # wire 4, floored to step 3
+    transport.publish(q, msg(4, priority=9))  # highest: base list
+    assert raw.smembers(f"_kombu.binding.{q}") == {f"{q}{SEP}{SEP}{q}".encode()}
+    assert raw.llen(q) == 2 and raw.llen(f"{q}{SEP}3") == 1 and raw.llen(f"{q}{SEP}9") == 1
+    env = json.loads(raw.lindex(q, -1))  # first pushed, next to be consumed (right end)
+    props = env["properties"]
+    assert base64.b64decode(env["body"]) == b"[[1], {}, {}]"
+    assert props["body_encoding"] == "base64"
+    assert props["delivery_info"] == {"exchange": "", "routing_key": q}
+    uuid.UUID(props["delivery_tag"])
+    assert props["priority"] == 0 and props["delivery_mode"] == 2
+    assert env["content-type"] == "application/json" and env["headers"]["id"] == "id-1"
+    assert json.loads(raw.lindex(f"{q}{SEP}9", 0))["properties"]["priority"] == 9
+    assert json.loads(raw.lindex(f"{q}{SEP}3", 0))["properties"]["priority"] == 3
+
+
+def test_stats_and_purge_find_queues_from_kombu_bindings(transport: RedisTransport,
+                                                         raw: redis.Redis) -> None:
+    # what a Celery worker leaves behind: its binding set and messages on priority lists
+    raw.sadd("_kombu.binding.celery", f"celery{SEP}{SEP}celery")
+    raw.lpush("celery", kombu_envelope(1, "celery"))
+    raw.lpush(f"celery{SEP}6", kombu_envelope(2, "celery", priority=6))
+    raw.set("unacked_mutex", "x")  # kombu's keys: never touched
+    stats = {s.name: s for s in transport.queue_stats()}
+    assert stats["celery"].ready == 2 and stats["celery"].in_flight == 0
+    assert transport.queue_exists("celery")
+    assert transport.purge("celery") == 2
+    assert raw.exists("celery", f"celery{SEP}6") == 0
+    assert raw.get("unacked_mutex") == b"x"
+    assert raw.sismember("_kombu.binding.celery", f"celery{SEP}{SEP}celery")
+
+
+def test_broadcast_is_kombu_fanout(transport: RedisTransport, raw: redis.Redis,
+                                   redis_url: str) -> None:
+    db = redis_url.rsplit("/", 1)[1]
+    listener = raw.pubsub()
+    listener.psubscribe(f"/{db}.qops.pidbox")
+    assert listener.get_message(timeout=2)["type"] == "psubscribe"
+    sub = transport.subscribe("qops.pidbox")
+    try:
+        transport.broadcast("qops.pidbox", Message(body=b'{"method": "ping"}',
+                                                   headers={"clock": 3}))
+        seen = None
+        deadline = time.monotonic() + 3
+        while seen is None and time.monotonic() < deadline:
+            m = listener.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            seen = m and json.loads(m["data"])
+        assert seen["properties"]["delivery_info"]["exchange"] == "qops.pidbox"
+        assert base64.b64decode(seen["body"]) == b'{"method": "ping"}'
+        got = sub.get(2.0)
+        assert got is not None and got.headers == {"clock": 3}
+        # a Celery client's broadcast, published by hand, reaches the qops subscriber
+        raw.publish(f"/{db}.qops.pidbox", kombu_envelope(7, ""))
+        got = sub.get(2.0)
+        assert got is not None and got.headers["id"] == "id-7"
+        assert sub.get(0.1) is None
+    finally:
+        sub.close()
+        listener.close()
+
+
+# -- qops's own keys and semantics -------------------------------------------------------------
+
+
+def test_in_flight_keys_and_ack(transport: RedisTransport, raw: redis.Redis) -> None:
+    transport.publish("q", msg(1))
+    c = transport.consumer(["q"], prefetch=2, consumer_id="w1")
+    try:
+        [d] = drain(c, 1)
+        assert d.raw == raw.lindex(b"qops.unacked.w1/q", 0)  # the exact bytes popped
+        assert raw.sismember("qops.consumers", "w1") and raw.pttl("qops.alive.w1") > 0
+        assert json.loads(raw.hget("qops.consumer.w1", "queues")) == ["q"]
+        assert raw.sismember("qops.sources.w1", "q")
+        [stats] = transport.queue_stats(["q"])
+        assert (stats.ready, stats.in_flight, stats.consumers) == (0, 1, 1)
+        c.ack(d)
+        c.ack(d)  # twice is harmless
+        assert raw.llen("qops.unacked.w1/q") == 0
+        assert raw.exists("unacked", "unacked_index") == 0
+    finally:
+        c.close()
+    assert not raw.sismember("qops.consumers", "w1")
+    assert raw.exists("qops.alive.w1", "qops.consumer.w1", "qops.sources.w1") == 0
+
+
+def test_batched_reserve_counts_against_prefetch(transport: RedisTransport,
+                                                 raw: redis.Redis) -> None:
+    for i in range(10):
+        transport.publish("q", msg(i))
+    c = transport.consumer(["q"], prefetch=4, consumer_id="w1")
+    try:
+        first = c.get(1.0)
+        assert first is not None
+        # the batch of 4 is in flight on the server even though 1 was handed out
+        assert raw.llen("q") == 6 and raw.llen("qops.unacked.w1/q") == 4
+        rest = drain(c, 3)
+        assert [d.message.headers["id"] for d in [first, *rest]] == [f"id-{i}" for i in range(4)]
+        assert c.get(0.3) is None
+        c.ack(first)
+        nxt = c.get(1.0)
+        assert nxt is not None and nxt.message.headers["id"] == "id-4"
+        for d in [*rest, nxt]:
+            c.ack(d)
+    finally:
+        c.close()
+    assert raw.llen("q") == 5
+
+
+def test_requeue_goes_back_to_its_priority_list(transport: RedisTransport,
+                                                raw: redis.Redis) -> None:
+    transport.publish("q", msg(1, priority=0))  # wire step 9
+    c = transport.consumer(["q"], prefetch=1)
+    try:
+        [d] = drain(c, 1)
+        assert d.message.properties["priority"] == 0
+        c.requeue(d)
+        assert raw.llen(f"q{SEP}9") == 1 and raw.llen("q") == 0
+    finally:
+        c.close()
+
+
+def test_close_gives_back_in_original_order(transport: RedisTransport,
+                                            raw: redis.Redis) -> None:
+    for i in range(5):
+        transport.publish("q", msg(i))
+    c = transport.consumer(["q"], prefetch=5)
+    got = drain(c, 2)  # 5 in flight (batch), 2 handed out
+    assert len(got) == 2
+    c.close()
+    assert raw.llen("q") == 5
+    c2 = transport.consumer(["q"], prefetch=10)
+    try:
+        again = drain(c2, 5)
+        assert [d.message.headers["id"] for d in again] == [f"id-{i}" for i in range(5)]
+        for d in again:
+            c2.ack(d)
+    finally:
+        c2.close()
+
+
+def test_recover_moves_only_dead_consumers_messages(transport: RedisTransport,
+                                                    raw: redis.Redis) -> None:
+    for i in range(3):
+        transport.publish("q", msg(i))
+    transport.publish("other", msg(9))
+    dead = transport.consumer(["q"], prefetch=3, consumer_id="dead")
+    live = transport.consumer(["other"], prefetch=1, consumer_id="live")
+    assert len(drain(dead, 3)) == 3 and len(drain(live, 1)) == 1
+    raw.delete("qops.alive.dead")  # what an expired heartbeat looks like
+    assert transport.recover() == 3
+    assert transport.recover() == 0
+    assert not raw.sismember("qops.consumers", "dead")
+    assert raw.llen("other") == 0 and raw.llen("qops.unacked.live/other") == 1
+    # back at the head, in the order they were first taken
+    assert [json.loads(x)["headers"]["id"] for x in raw.lrange("q", 0, -1)] == [
+        "id-2", "id-1", "id-0"]
+    live.close()
+
+
+def test_lost_reply_leaves_no_orphan(transport: RedisTransport, raw: redis.Redis) -> None:
+    """A reserve whose reply never arrived (connection dropped) leaves messages in our
+    in-flight list that get() does not know: the next get() puts them back first."""
+    c = transport.consumer(["q"], prefetch=2, consumer_id="w1")
+    try:
+        raw.lpush("qops.unacked.w1/q", kombu_envelope(5, "q"))
+        assert isinstance(c, RedisConsumer)
+        c._resync_needed = True
+        [d] = drain(c, 1)
+        assert d.message.headers["id"] == "id-5"
+        assert raw.llen("qops.unacked.w1/q") == 1  # only the one we now hold
+        c.ack(d)
+    finally:
+        c.close()
+
+
+def test_get_wakes_at_once_on_publish(transport: RedisTransport) -> None:
+    c = transport.consumer(["q"], prefetch=1)
+    result: list = []
+    waiting = threading.Event()
+
+    def consume() -> None:
+        waiting.set()
+        result.append((c.get(3.0), time.monotonic()))
+
+    th = threading.Thread(target=consume)
+    th.start()
+    waiting.wait()
+    time.sleep(0.35)  # the consumer is now blocked in BLMOVE
+    sent = time.monotonic()
+    transport.publish("q", msg(1))
+    th.join(5)
+    try:
+        d, when = result[0]
+        assert d is not None and when - sent < 0.08
+        c.ack(d)
+    finally:
+        c.close()
+
+
+# -- bad input and failures ------------------------------------------------------------------------
+
+
+def test_malformed_payloads_yield_errors_not_crashes(transport: RedisTransport,
+                                                     raw: redis.Redis) -> None:
+    bad_b64 = json.loads(kombu_envelope(1, "q"))
+    bad_b64["body"] = "not base64 !!"
+    payloads = [b"{not json", json.dumps(bad_b64).encode(), b"[" * 100_000,
+                kombu_envelope(2, "q")]
+    for p in payloads:
+        raw.lpush("q", p)
+    c = transport.consumer(["q"], prefetch=1)
+    try:
+        got = []
+        for expected in payloads[:3]:
+            [d] = drain(c, 1)
+            assert d.message is None and d.error and d.raw == expected
+            got.append(d.error)
+            c.reject(d, d.error)
+        assert "JSON" in got[0] and "base64" in got[1]
+        [good] = drain(c, 1)
+        assert good.message.headers["id"] == "id-2"
+        c.ack(good)
+    finally:
+        c.close()
+    dead = transport.dead_letters()
+    assert [x.raw for x in dead] == payloads[:3]
+    assert {x.queue for x in dead} == {"q"}
+    assert transport.purge_dead_letters() == 3
+
+
+def test_dead_letter_requeue_keeps_priority_list(transport: RedisTransport,
+                                                 raw: redis.Redis) -> None:
+    transport.publish("q", msg(1, priority=0))
+    c = transport.consumer(["q"], prefetch=1)
+    try:
+        [d] = drain(c, 1)
+        c.reject(d, "unknown task")
+        assert raw.llen("qops.unacked." + c.id + f"/q{SEP}9") == 0
+        [dl] = transport.dead_letters()
+        assert dl.raw == d.raw and dl.reason == "unknown task"
+        rec = json.loads(raw.hget("qops.dlq", dl.id))
+        assert base64.b64decode(rec["raw"]) == d.raw and rec["queue"] == "q"
+        assert transport.requeue_dead_letters() == 1
+        assert transport.requeue_dead_letters([dl.id]) == 0  # already back
+        assert raw.lrange(f"q{SEP}9", 0, -1) == [d.raw]
+    finally:
+        c.close()
+
+
+def test_oversized_publish_raises(redis_url: str, raw: redis.Redis) -> None:
+    t = from_url(redis_url, TransportOptions(max_message_size=1000))
+    try:
+        with pytest.raises(PublishError, match="max_message_size"):
+            t.publish("q", msg(1, body=b"x" * 2000))
+        t.publish("q", msg(2, body=b"x" * 100))
+        assert raw.llen("q") == 1
+    finally:
+        t.close()
+
+
+def test_unreachable_broker_fails_fast_with_masked_url() -> None:
+    t = from_url("redis://:secret@127.0.0.1:1/0", TransportOptions(connect_timeout=2))
+    start = time.monotonic()
+    for action in (lambda: t.publish("q", msg(1)), t.ping,
+                   lambda: t.consumer(["q"], prefetch=1), t.queue_stats):
+        with pytest.raises(BrokerUnreachable) as info:
+            action()
+        text = str(info.value)
+        assert "redis://:**@127.0.0.1:1/0" in text and "secret" not in text
+        assert "\n" not in text and "redis-server is running" in text
+    assert time.monotonic() - start < 2.0
+    t.close()
+
+
+def test_bad_url_is_a_usage_error() -> None:
+    with pytest.raises(UsageError):
+        from_url("redis://127.0.0.1:notaport/0")
+
+
+# -- global_keyprefix ----------------------------------------------------------------------------
+
+
+def test_split_url_takes_out_the_prefix() -> None:
+    assert split_url("redis://h:6379/3?global_keyprefix=app1:") == ("redis://h:6379/3", "app1:")
+    assert split_url("rediss://:p@h/3?ssl_cert_reqs=none&global_keyprefix=x") == (
+        "rediss://:p@h/3?ssl_cert_reqs=none", "x")
+    assert split_url("redis://h/0") == ("redis://h/0", "")
+
+
+def test_global_keyprefix_on_every_key_and_channel(redis_url: str, raw: redis.Redis) -> None:
+    t = from_url(redis_url + "?global_keyprefix=app1:", FAST)
+    db = redis_url.rsplit("/", 1)[1]
+    listener = raw.pubsub()
+    listener.psubscribe(f"app1:/{db}.ctl")
+    assert listener.get_message(timeout=2)["type"] == "psubscribe"
+    try:
+        t.publish("q", msg(1, priority=0))
+        t.publish("q", msg(2))
+        c = t.consumer(["q"], prefetch=1, consumer_id="w1")
+        [d] = drain(c, 1)
+        assert raw.exists("app1:qops.alive.w1", "app1:qops.unacked.w1/q") == 2
+        c.reject(d, "no")
+        assert raw.hlen("app1:qops.dlq") == 1
+        c.close()
+        t.broadcast("ctl", Message(body=b"{}"))
+        m = None
+        deadline = time.monotonic() + 3
+        while m is None and time.monotonic() < deadline:
+            m = listener.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        assert m is not None
+        assert {k.decode() for k in raw.keys("*")} == {
+            "app1:_kombu.binding.q", f"app1:q{SEP}9", "app1:qops.dlq", "app1:qops.dlq.index"}
+        assert [s.name for s in t.queue_stats()] == ["q"]
+        assert t.purge("q") == 1
+    finally:
+        listener.close()
+        t.close()

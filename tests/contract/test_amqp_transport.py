@@ -234,7 +234,7 @@ def test_header_values_pika_cannot_encode(transport: AMQPTransport,
     try:
         h = get_one(c).message.headers
         assert h["timelimit"] == [300, 1.5] and h["stamps"] == {"w": 0.25}
-        assert h["sent"] == 1716912345  # too many digits for an AMQP decimal: seconds
+        assert h["sent"] == 1716912346  # too many digits for an AMQP decimal: rounded
         assert h["big"] == str(2 ** 70) and h["eta"] is None
     finally:
         c.close()
@@ -370,3 +370,21 @@ def test_subscription_survives_a_lost_connection(transport: AMQPTransport,
     finally:
         sub.close()
     admin.exchange_delete(channel)
+
+
+def test_add_queue_refused_by_the_broker_leaves_the_others_running(
+        transport: AMQPTransport, queues: list[str]) -> None:
+    q = new_queue(queues)
+    transport.publish(q, task(1))
+    transport.publish(q, task(2))
+    c = transport.consumer([q], prefetch=1)
+    try:
+        first = get_one(c)
+        c.add_queue("amq.reserved-name")  # 403 ACCESS_REFUSED on declare
+        c.ack(first)
+        second = get_one(c)  # same connection: first was acked, not redelivered
+        assert second.message.headers["id"] == "id-2" and not second.redelivered
+        assert c.queues == [q]
+        c.ack(second)
+    finally:
+        c.close()

@@ -284,27 +284,28 @@ def test_lost_reply_leaves_no_orphan(transport: RedisTransport, raw: redis.Redis
 
 
 def test_get_wakes_at_once_on_publish(transport: RedisTransport) -> None:
+    """The consumer blocks in BLMOVE on the queue's list, so a publish wakes it at once
+    (not at the end of a polling slice)."""
     c = transport.consumer(["q"], prefetch=1)
-    result: list = []
-    waiting = threading.Event()
-
-    def consume() -> None:
-        waiting.set()
-        result.append((c.get(3.0), time.monotonic()))
-
-    th = threading.Thread(target=consume)
-    th.start()
-    waiting.wait()
-    time.sleep(0.35)  # the consumer is now blocked in BLMOVE
-    sent = time.monotonic()
-    transport.publish("q", msg(1))
-    th.join(5)
+    latencies = []
     try:
-        d, when = result[0]
-        assert d is not None and when - sent < 0.08
-        c.ack(d)
+        for i in range(5):
+            result: list = []
+            th = threading.Thread(
+                target=lambda out=result: out.append((c.get(3.0), time.monotonic())))
+            th.start()
+            time.sleep(0.13 + 0.017 * i)  # land at different points of the wait slice
+            sent = time.monotonic()
+            transport.publish("q", msg(i))
+            th.join(5)
+            d, when = result[0]
+            assert d is not None
+            latencies.append(when - sent)
+            c.ack(d)
     finally:
         c.close()
+    # median: one scheduling hiccup on a busy machine must not fail the test
+    assert sorted(latencies)[2] < 0.02, latencies
 
 
 # -- bad input and failures ------------------------------------------------------------------------

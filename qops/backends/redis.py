@@ -1,0 +1,70 @@
+"""Results in Redis, in Celery's layout (PROTOCOL.md §4): ``<prefix><task id>`` holds the
+meta JSON; every write is published on the same name, so a waiting client wakes at once."""
+
+from __future__ import annotations
+
+import math
+import time
+from importlib import resources
+from typing import Any
+
+from qops.backends.base import READY_STATES, ResultBackend
+from qops.errors import BrokerUnreachable, ResultTimeout
+from qops.transports.base import mask_password
+
+
+def _script(name: str) -> str:
+    return resources.files("qops.backends").joinpath(name).read_text()
+
+
+class RedisBackend(ResultBackend):
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        import redis
+
+        self._errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=5,
+                                           health_check_interval=30)
+        self._store_script = self.client.register_script(_script("redis_store.lua"))
+
+    def _key(self, task_id: str) -> str:
+        return f"{self.prefix}{task_id}"
+
+    def _call(self, fun: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fun(*args, **kwargs)
+        except self._errors as exc:
+            raise BrokerUnreachable(
+                f"result backend {mask_password(self.url)} is unreachable: {exc}; "
+                "check that Redis runs and the URL is right") from None
+
+    def _get(self, task_id: str) -> bytes | None:
+        return self._call(self.client.get, self._key(task_id))  # type: ignore[no-any-return]
+
+    def _store(self, task_id: str, data: bytes, state: str, *, reply_to: str | None) -> None:
+        ttl = int(math.ceil(self.expires)) if self.expires else 0
+        self._call(self._store_script, keys=[self._key(task_id)], args=[data, ttl])
+
+    def _delete(self, task_id: str) -> None:
+        self._call(self.client.delete, self._key(task_id))
+
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        # Subscribe first, then read: a result stored in between is not missed.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            self._call(pubsub.subscribe, self._key(task_id))
+            while True:
+                meta = self.get_meta(task_id)
+                if meta["status"] in READY_STATES:
+                    return meta
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
+                                        f"(state {meta['status']})")
+                self._call(pubsub.get_message, timeout=1.0 if left is None else min(left, 1.0))
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,105 @@
+"""The result-backend contract: every store-based backend passes the same cases."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from qops.backends.base import ResultBackend, backend_from_url
+from qops.errors import ResultTimeout
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> Iterator[ResultBackend]:
+    url = request.getfixturevalue(f"{request.param}_url")
+    b = backend_from_url(url, expires=60)
+    yield b
+    b.close()
+
+
+def tid() -> str:
+    return str(uuid.uuid4())
+
+
+def test_pending_when_unknown(backend: ResultBackend) -> None:
+    meta = backend.get_meta(tid())
+    assert meta["status"] == "PENDING" and meta["result"] is None
+
+
+def test_store_and_read_celery_shape(backend: ResultBackend) -> None:
+    t = tid()
+    backend.store(t, "SUCCESS", {"x": [1, 2]})
+    meta = backend.get_meta(t)
+    assert meta["status"] == "SUCCESS"
+    assert meta["result"] == {"x": [1, 2]}
+    assert meta["task_id"] == t
+    assert meta["traceback"] is None and meta["children"] == []
+    assert meta["date_done"]
+
+
+def test_failure_keeps_exception_and_traceback(backend: ResultBackend) -> None:
+    t = tid()
+    backend.store(t, "FAILURE", ValueError("kaboom"), "Traceback ...")
+    meta = backend.get_meta(t)
+    assert meta["result"] == {"exc_type": "ValueError", "exc_message": ["kaboom"],
+                              "exc_module": "builtins"}
+    assert meta["traceback"] == "Traceback ..."
+
+
+def test_success_is_never_overwritten(backend: ResultBackend) -> None:
+    t = tid()
+    backend.store(t, "STARTED")
+    backend.store(t, "SUCCESS", 1)
+    backend.store(t, "FAILURE", ValueError("late"))
+    backend.store(t, "SUCCESS", 2)
+    assert backend.get_meta(t)["status"] == "SUCCESS"
+    assert backend.get_meta(t)["result"] == 1
+
+
+def test_wait_wakes_when_stored(backend: ResultBackend) -> None:
+    t = tid()
+    timer = threading.Timer(0.3, lambda: backend.store(t, "SUCCESS", 42))
+    timer.start()
+    start = time.monotonic()
+    meta = backend.wait(t, timeout=5)
+    assert meta["result"] == 42
+    assert time.monotonic() - start < 2
+
+
+def test_wait_times_out(backend: ResultBackend) -> None:
+    with pytest.raises(ResultTimeout):
+        backend.wait(tid(), timeout=0.3)
+
+
+def test_forget(backend: ResultBackend) -> None:
+    t = tid()
+    backend.store(t, "SUCCESS", 1)
+    backend.forget(t)
+    assert backend.get_meta(t)["status"] == "PENDING"
+
+
+def test_result_expires(request: pytest.FixtureRequest, backend: ResultBackend) -> None:
+    short = backend_from_url(backend.url, expires=1)
+    try:
+        t = tid()
+        short.store(t, "SUCCESS", 1)
+        assert short.get_meta(t)["status"] == "SUCCESS"
+        time.sleep(2.1)
+        assert short.get_meta(t)["status"] == "PENDING"
+    finally:
+        short.close()
+
+
+def test_type_tags_round_trip(backend: ResultBackend) -> None:
+    import datetime as dt
+    import decimal
+
+    t = tid()
+    value = {"when": dt.datetime(2026, 11, 21, 4, 48, tzinfo=dt.timezone.utc),
+             "raw": b"\x00\x01", "n": decimal.Decimal("1.50")}
+    backend.store(t, "SUCCESS", value)
+    assert backend.get_meta(t)["result"] == value

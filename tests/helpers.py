@@ -1,0 +1,104 @@
+"""Starting and stopping real worker processes in tests.
+
+Every process is started in its own process group and stopped by pid (never by name);
+``WorkerProcess`` is a context manager so a failing test still stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def qops_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(EXAMPLES), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["QOPS_FORCE_ROOT"] = "1"  # tests run as root here; the guard has its own tests
+    env.pop("QOPS_CONFIG", None)
+    # fast liveness for tests: settings, not special cases in the code
+    env.setdefault("QOPS_WORKER_HEARTBEAT_INTERVAL", "0.5")
+    env.setdefault("QOPS_WORKER_HEARTBEAT_TTL", "3")
+    env.update(extra)
+    return env
+
+
+def run_qops(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qops", *args], env=env or qops_env(),
+                          capture_output=True, text=True, timeout=timeout, input=input,
+                          cwd=str(ROOT))
+
+
+class WorkerProcess:
+    def __init__(self, *args: str, broker: str, backend: str | None = None,
+                 app: str = "proj", env: dict[str, str] | None = None,
+                 logfile: Path | None = None) -> None:
+        self.args = ["-A", app, "-b", broker, *(["--result-backend", backend] if backend else []),
+                     "worker", *args]
+        self.env = env or qops_env()
+        self.logfile = logfile
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "qops", *self.args], env=self.env,
+                                     stdout=out, stderr=subprocess.STDOUT if self.logfile
+                                     else subprocess.DEVNULL,
+                                     cwd=str(ROOT), start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """TERM (warm), then KILL of the whole process group if it does not exit."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # pool children too
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

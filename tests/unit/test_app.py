@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qops import App
+from qops.app import load_app
+from qops.errors import AppNotFound, NoResultBackend
+
+
+def _pkg(tmp_path: Path, name: str, files: dict[str, str]) -> None:
+    root = tmp_path / name
+    root.mkdir()
+    for fname, text in files.items():
+        (root / fname).write_text(text)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_load_app_resolution_order(sandbox: Path) -> None:
+    _pkg(sandbox, "pa", {"__init__.py": "from qops import App\nmy = App('pa')\n"})
+    assert load_app("pa").main == "pa"  # any App in the module
+    assert load_app("pa:my").main == "pa"
+    assert load_app("pa.my").main == "pa"
+    _pkg(sandbox, "pb", {"__init__.py": "", "celery.py": "from qops import App\napp = App('pb')\n"})
+    assert load_app("pb").main == "pb"  # submodule pb.celery
+    _pkg(sandbox, "pc", {"__init__.py": "", "qops.py": "from qops import App\nqops = App('pc')\n"})
+    assert load_app("pc").main == "pc"
+
+
+def test_load_app_errors_say_what_was_tried(sandbox: Path) -> None:
+    with pytest.raises(AppNotFound, match="no such module"):
+        load_app("does_not_exist_xyz")
+    _pkg(sandbox, "pd", {"__init__.py": "x = 1\n"})
+    with pytest.raises(AppNotFound, match="tried"):
+        load_app("pd")
+    _pkg(sandbox, "pe", {"__init__.py": "raise RuntimeError('boom at import')\n"})
+    with pytest.raises(AppNotFound, match="boom at import"):
+        load_app("pe")
+
+
+def test_routing() -> None:
+    app = App("r", broker="memory://r", task_routes={"r.tasks.*": {"queue": "fast"},
+                                                       "r.special": "slow"})
+    assert app.route("r.tasks.add") == "fast"
+    assert app.route("r.special") == "slow"
+    assert app.route("r.other") == "qops"
+    assert app.route("r.tasks.add", queue="explicit") == "explicit"
+    celery = App("c", broker="memory://c", compat="celery")
+    assert celery.route("x") == "celery"
+
+
+def test_task_options_and_calls() -> None:
+    app = App("t", broker="memory://t")
+
+    @app.task(name="t.add", rate_limit="10/m", queue="q")
+    def add(x, y):
+        return x + y
+
+    @app.task(bind=True)
+    def me(self):
+        return self.name
+
+    assert add(2, 3) == 5
+    assert add.name == "t.add" and add.queue == "q" and add.rate_limit == "10/m"
+    assert me() == "test_app.me" or me().endswith(".me")
+    with pytest.raises(TypeError, match="t.add"):
+        add.delay(1, 2, 3)
+    with pytest.raises(Exception, match="unknown task option"):
+        app.task(colour="red")(lambda: None)
+
+
+def test_get_without_backend_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QOPS_RESULT_BACKEND", raising=False)
+    app = App("nb", broker="memory://nb")
+
+    @app.task
+    def f():
+        return 1
+
+    res = f.delay()
+    with pytest.raises(NoResultBackend, match="result_backend"):
+        res.get(timeout=1)
+
+
+def test_eager_mode() -> None:
+    app = App("e", broker="memory://e", task_always_eager=True)
+
+    @app.task
+    def div(a, b):
+        return a / b
+
+    assert div.delay(6, 3).get() == 2
+    with pytest.raises(ZeroDivisionError):
+        div.delay(1, 0).get()
+
+
+def test_send_task_message_layout() -> None:
+    app = App("m", broker="memory://m-layout")
+    res = app.send_task("m.x", [1], {"k": 2}, countdown=10, priority=5, queue="qq")
+    c = app.transport.consumer(["qq"], 1)
+    d = c.get(1)
+    assert d is not None and d.message is not None
+    assert d.message.headers["id"] == res.id
+    assert d.message.headers["eta"] is not None
+    assert d.message.properties["priority"] == 5
+    c.close()

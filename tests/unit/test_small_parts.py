@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from qops.cli.main import hoist_global_options
+from qops.errors import PrivilegeError, UsageError
+from qops.ops.nodes import expand, node_name
+from qops.ops.privileges import check_root, force_root
+from qops.worker.ratelimit import TokenBucket, parse_rate
+from qops.worker.timer import Timer
+
+
+def test_templates() -> None:
+    node = "w1@web.example.com"
+    assert expand("%n.pid", node) == "w1.pid"
+    assert expand("%h|%d|%p", node) == "web.example.com|example.com|w1@web.example.com"
+    assert expand("/var/log/qops/%n%I.log", node) == "/var/log/qops/w1.log"
+    assert expand("/var/log/qops/%n%I.log", node, 2) == "/var/log/qops/w1-2.log"
+    assert expand("%i 100%%", node, 3) == "3 100%"
+    with pytest.raises(UsageError, match="unknown template key %x"):
+        expand("%x", node)
+    with pytest.raises(UsageError, match="lone"):
+        expand("abc%", node)
+
+
+def test_node_name() -> None:
+    assert node_name("w1@example.com") == "w1@example.com"
+    assert node_name("w1").startswith("w1@")
+    assert node_name(None).startswith("qops@")
+    assert "%" not in node_name("w1@%h")
+
+
+def test_rates() -> None:
+    assert parse_rate("10/m") == pytest.approx(10 / 60)
+    assert parse_rate("5/s") == 5 and parse_rate("3600/h") == 1 and parse_rate(2) == 2
+    assert parse_rate(None) == 0
+    with pytest.raises(UsageError, match="10/x"):
+        parse_rate("10/x")
+    b = TokenBucket(10.0)
+    assert b.take() == 0.0
+    wait = b.take()
+    assert 0 < wait <= 0.1
+
+
+def test_timer_orders_calls() -> None:
+    t = Timer()
+    t.start()
+    got: list[int] = []
+    now = time.time()
+    t.call_at(now + 0.2, lambda: got.append(2))
+    t.call_at(now + 0.1, lambda: got.append(1))
+    t.call_at(now + 30, lambda: got.append(3), item="late")
+    time.sleep(0.4)
+    assert got == [1, 2]
+    assert t.drain() == ["late"]
+
+
+def test_hoisting_global_options() -> None:
+    assert hoist_global_options(["worker", "-A", "proj", "-c", "2"]) == \
+        ["-A", "proj", "worker", "-c", "2"]
+    assert hoist_global_options(["call", "t", "--json", "--broker=redis://x"]) == \
+        ["--json", "--broker=redis://x", "call", "t"]
+    assert hoist_global_options(["multi", "start", "w1", "--", "-A", "x"]) == \
+        ["multi", "start", "w1", "--", "-A", "x"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the guard only acts as root")
+def test_root_guard_as_root() -> None:
+    with pytest.raises(PrivilegeError, match="QOPS_FORCE_ROOT=1") as info:
+        check_root(environ={})
+    assert info.value.exit_code == 77
+    check_root(environ={"QOPS_FORCE_ROOT": "yes"})
+    with pytest.raises(PrivilegeError):
+        check_root(environ={"QOPS_FORCE_ROOT": "sure"})  # only 1/true/yes count
+    with pytest.raises(PrivilegeError, match="pickle"):
+        check_root(accept_content=["json", "pickle"], environ={"QOPS_FORCE_ROOT": "1"})
+
+
+def test_c_force_root_is_honoured_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    assert force_root({"C_FORCE_ROOT": "true"})
+    assert "deprecated" in capsys.readouterr().err
+    assert not force_root({"C_FORCE_ROOT": "0"})

@@ -1,0 +1,853 @@
+"""Redis transport: kombu's list layout on the wire, qops's own in-flight tracking.
+
+Wire layout (PROTOCOL.md section 2), shared with Celery/kombu so that tasks flow both ways:
+
+- a queue is a list ``<queue>``; priority steps 3, 6, 9 live in ``<queue>\\x06\\x16<step>``.
+  Producers LPUSH the JSON envelope, consumers take from the right (FIFO) and read the
+  steps in order 0, 3, 6, 9 (on the wire step 0 runs first). qops's priority scale (9
+  runs first) maps to the wire step ``9 - p`` floored to 0/3/6/9; unset goes to step 0.
+- ``_kombu.binding.<queue>`` holds ``"<queue>\\x06\\x16\\x06\\x16<queue>"`` (kombu's layout
+  for a queue bound to the exchange of the same name), so kombu and ``purge``/
+  ``queue_stats`` can discover the queue.
+- broadcasts go to the pub/sub channel ``/<db>.<channel>``.
+
+qops's own keys (never kombu's ``unacked``/``unacked_index``/``unacked_mutex``):
+
+- ``qops.consumers``: set of registered consumer ids.
+- ``qops.alive.<cid>``: heartbeat, TTL = heartbeat_ttl; gone = the consumer is dead.
+- ``qops.consumer.<cid>``: hash (queues as JSON, pid, host) for stats.
+- ``qops.sources.<cid>``: set of the list names the consumer took messages from.
+- ``qops.unacked.<cid>/<list name>``: the messages taken from that list and not yet
+  settled. Keeping one in-flight list per source list means a message always goes back
+  exactly where it came from, without trusting what the payload says.
+- ``qops.dlq`` (hash id -> JSON record) and ``qops.dlq.index`` (zset id by time).
+
+The optional URL query ``global_keyprefix=`` is prepended to every key and channel.
+
+Taking a message and recording it in flight is one atomic step: the Lua script
+``redis_reserve.lua`` moves a batch, and when nothing is ready the consumer waits with
+BLMOVE (also atomic) on one list at a time, for a short slice, then checks all lists
+again. Lua scripts live in ``redis_*.lua`` next to this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from importlib import resources
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.transports.base import (
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Message,
+    PrefetchGate,
+    QueueStats,
+    Subscription,
+    Transport,
+    TransportOptions,
+    decode_envelope,
+    encode_envelope,
+)
+
+log = logging.getLogger(__name__)
+
+SEP = "\x06\x16"  # kombu's separator in priority list names and binding members
+STEPS = (0, 3, 6, 9)  # kombu's priority steps; step 0 is served first
+BINDING_PREFIX = "_kombu.binding."
+
+# How long one BLMOVE waits on a single list before the consumer checks every list again.
+# A message on the list being waited on wakes the consumer at once; one on another list
+# (another queue, or a priority step) waits at most this long when the consumer is idle.
+WAIT_SLICE = 0.1
+
+# Errors that mean "the broker is not there or refused us" (AuthenticationError and
+# BusyLoadingError are ConnectionError subclasses in redis-py).
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
+
+
+def wire_step(priority: Any) -> int:
+    """qops priority (0..9, 9 first, None = unset) -> kombu step (0/3/6/9, 0 first)."""
+    if priority is None:
+        return 0
+    try:
+        p = max(0, min(9, int(priority)))
+    except (TypeError, ValueError):
+        return 0
+    wire = 9 - p
+    return max(s for s in STEPS if s <= wire)
+
+
+def qops_priority(wire: Any) -> int | None:
+    """The wire priority of an envelope (Celery's meaning, 0 first) -> qops scale.
+
+    Uses the envelope's value rather than the step list it was read from: Celery may write
+    any 0..9 (e.g. 5, stored in step 3), and keeping it loses nothing when the message is
+    forwarded; for what qops publishes the two are the same."""
+    if wire is None or isinstance(wire, bool):
+        return None
+    try:
+        w = max(0, min(9, int(wire)))
+    except (TypeError, ValueError):
+        return None
+    return 9 - w
+
+
+def list_name(queue: str, step: int) -> str:
+    """kombu's list for ``queue`` at priority ``step`` (without any key prefix)."""
+    return queue if step == 0 else f"{queue}{SEP}{step}"
+
+
+def binding_member(queue: str) -> str:
+    return f"{queue}{SEP}{SEP}{queue}"
+
+
+def _load_script(name: str) -> str:
+    return resources.files("qops.transports").joinpath(name).read_text("utf-8")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Take ``global_keyprefix`` out of the URL (redis-py would reject it as an unknown
+    connection argument); return (url for redis-py, prefix)."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, ""
+    prefix = ""
+    kept = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "global_keyprefix":
+            prefix = value
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class _Tag:
+    """Delivery.tag: which hand-out of this consumer, and the list it was taken from."""
+
+    seq: int
+    name: str
+
+
+class RedisTransport(Transport):
+    scheme = "redis"
+
+    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+        super().__init__(url, options)
+        self._redis_url, self.prefix = split_url(url)
+        # Stale pooled connections (e.g. after a Redis restart) fail once and are retried
+        # once at once; an unreachable server still fails fast (no backoff loop).
+        self._pool = self._make_pool(Retry(NoBackoff(), 1),
+                                     socket_timeout=max(30.0, self.options.connect_timeout))
+        self._client = redis.Redis(connection_pool=self._pool)
+        self.db = int(self._pool.connection_kwargs.get("db") or 0)
+        self._lua_reserve = self._client.register_script(_load_script("redis_reserve.lua"))
+        self._lua_requeue = self._client.register_script(_load_script("redis_requeue.lua"))
+        self._lua_reject = self._client.register_script(_load_script("redis_reject.lua"))
+        self._lua_restore = self._client.register_script(_load_script("redis_restore.lua"))
+        self._lua_dlq_requeue = self._client.register_script(_load_script("redis_dlq_requeue.lua"))
+        # Queues whose kombu binding this transport has already written (kombu caches
+        # declarations the same way): publishing then costs one LPUSH.
+        self._bound: set[str] = set()
+
+    def _make_pool(self, retry: Retry, socket_timeout: float) -> redis.ConnectionPool:
+        try:
+            return redis.ConnectionPool.from_url(
+                self._redis_url, retry=retry, socket_timeout=socket_timeout,
+                socket_connect_timeout=self.options.connect_timeout, client_name="qops")
+        except ValueError as exc:
+            raise UsageError(f"bad Redis URL {self.safe_url()}: {exc}; expected "
+                             "redis://[:password@]host:6379/<db>, rediss://... (TLS) "
+                             "or unix:///path/to/redis.sock?db=<db>") from None
+
+    # -- key names --------------------------------------------------------------------
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def queue_keys(self, queue: str) -> list[str]:
+        return [self.key(list_name(queue, s)) for s in STEPS]
+
+    def inflight_key(self, cid: str, name: str) -> str:
+        return self.key(f"qops.unacked.{cid}/{name}")
+
+    # -- errors -----------------------------------------------------------------------
+    def unreachable(self, exc: BaseException, doing: str) -> BrokerUnreachable:
+        if isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError):
+            hint = ("check the password (redis://:PASSWORD@host:6379/db) and the ACL "
+                    "user's permissions")
+        else:
+            hint = ("check that redis-server is running and that the URL's host, port, "
+                    "db and TLS scheme (rediss://) are right")
+        return BrokerUnreachable(f"Redis broker {self.safe_url()} unreachable while {doing}: "
+                                 f"{_one_line(exc)}; {hint}")
+
+    @contextmanager
+    def guard(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise self.unreachable(exc, doing) from exc
+
+    # -- queues -------------------------------------------------------------------------
+    def encode(self, queue: str, message: Message) -> tuple[str, bytes]:
+        """(list name, envelope) for ``message`` on ``queue``; the envelope's priority is
+        the wire step (Celery's meaning), as kombu would have written it."""
+        step = wire_step(message.properties.get("priority"))
+        props = dict(message.properties)
+        props["priority"] = step
+        raw = encode_envelope(queue, replace(message, properties=props))
+        return list_name(queue, step), raw
+
+    def _check_size(self, what: str, raw: bytes) -> None:
+        limit = self.options.max_message_size
+        if len(raw) > limit:
+            raise PublishError(f"message for {what} is {len(raw)} bytes, over the "
+                               f"max_message_size limit of {limit} bytes; send a reference "
+                               "to the data instead, or raise the limit")
+
+    def publish(self, queue: str, message: Message) -> None:
+        name, raw = self.encode(queue, message)
+        self._check_size(f"queue {queue!r}", raw)
+        with self.guard(f"publishing to {queue!r}"):
+            try:
+                if queue in self._bound:
+                    self._client.lpush(self.key(name), raw)
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    pipe.sadd(self.key(BINDING_PREFIX + queue), binding_member(queue))
+                    pipe.lpush(self.key(name), raw)
+                    pipe.execute()
+                    self._bound.add(queue)
+            except redis.RedisError as exc:
+                if isinstance(exc, _UNREACHABLE):
+                    raise
+                # e.g. OOM (maxmemory reached) or READONLY (a replica): not taken.
+                raise PublishError(f"Redis {self.safe_url()} refused the message for "
+                                   f"{queue!r}: {_one_line(exc)}") from None
+
+    def bind(self, queues: Sequence[str]) -> None:
+        """Write the kombu bindings of ``queues`` (once per transport)."""
+        todo = [q for q in queues if q not in self._bound]
+        if not todo:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for q in todo:
+            pipe.sadd(self.key(BINDING_PREFIX + q), binding_member(q))
+        with self.guard("declaring queues"):
+            pipe.execute()
+        self._bound.update(todo)
+
+    def consumer(self, queues: Sequence[str], prefetch: int,
+                 consumer_id: str | None = None) -> Consumer:
+        return RedisConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
+
+    def purge(self, queue: str) -> int:
+        keys = self.queue_keys(queue)
+        # LLEN + DEL in one MULTI, as Celery does: nothing pushed in between is lost
+        # uncounted. In-flight lists are other keys, so they are left alone.
+        pipe = self._client.pipeline(transaction=True)
+        for k in keys:
+            pipe.llen(k)
+        pipe.delete(*keys)
+        with self.guard(f"purging {queue!r}"):
+            res = pipe.execute()
+        return int(sum(res[: len(keys)]))
+
+    def _consumer_ids(self) -> list[str]:
+        members = cast("set[bytes]", self._client.smembers(self.key("qops.consumers")))
+        return sorted(m.decode() for m in members)
+
+    def _consumers_view(self) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """(live consumer id -> its queues, queue -> messages in flight on any consumer).
+
+        In flight counts every registered consumer, dead-but-not-yet-recovered ones too:
+        their messages are not ready either."""
+        client = self._client
+        cids = self._consumer_ids()
+        if not cids:
+            return {}, {}
+        pipe = client.pipeline(transaction=False)
+        for cid in cids:
+            pipe.exists(self.key(f"qops.alive.{cid}"))
+            pipe.hget(self.key(f"qops.consumer.{cid}"), "queues")
+            pipe.smembers(self.key(f"qops.sources.{cid}"))
+        res = pipe.execute()
+        live: dict[str, list[str]] = {}
+        sources: list[tuple[str, str]] = []
+        for i, cid in enumerate(cids):
+            alive, queues_json, names = res[3 * i: 3 * i + 3]
+            if alive:
+                try:
+                    live[cid] = [str(q) for q in json.loads(queues_json or b"[]")]
+                except ValueError:
+                    live[cid] = []
+            sources.extend((cid, n.decode("utf-8", "replace")) for n in names)
+        flight: dict[str, int] = {}
+        if sources:
+            pipe = client.pipeline(transaction=False)
+            for cid, name in sources:
+                pipe.llen(self.inflight_key(cid, name))
+            for (_, name), n in zip(sources, pipe.execute(), strict=True):
+                if n:
+                    q = name.split(SEP, 1)[0]
+                    flight[q] = flight.get(q, 0) + int(n)
+        return live, flight
+
+    def _bound_queues(self) -> set[str]:
+        """Every queue named in a ``_kombu.binding.*`` set (the third field of members)."""
+        client = self._client
+        pattern = _glob_escape(self.key(BINDING_PREFIX)) + "*"
+        keys = list(client.scan_iter(match=pattern, count=1000, _type="SET"))
+        names: set[str] = set()
+        if not keys:
+            return names
+        pipe = client.pipeline(transaction=False)
+        for k in keys:
+            pipe.smembers(k)
+        for members in pipe.execute():
+            for m in members:
+                fields = m.decode("utf-8", "replace").split(SEP)
+                if len(fields) == 3 and fields[2]:
+                    names.add(fields[2])
+        return names
+
+    def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        with self.guard("reading queue stats"):
+            live, flight = self._consumers_view()
+            names = list(queues) if queues is not None else sorted(
+                self._bound_queues() | set(flight))
+            if not names:
+                return []
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                for k in self.queue_keys(name):
+                    pipe.llen(k)
+            lens = pipe.execute()
+        out = []
+        for i, name in enumerate(names):
+            ready = int(sum(lens[4 * i: 4 * i + 4]))
+            cons = sum(1 for qs in live.values() if name in qs)
+            out.append(QueueStats(name, ready, flight.get(name, 0), cons))
+        return out
+
+    def queue_exists(self, queue: str) -> bool:
+        with self.guard(f"looking up {queue!r}"):
+            n = self._client.exists(self.key(BINDING_PREFIX + queue), *self.queue_keys(queue))
+        return int(n) > 0
+
+    def recover(self) -> int:
+        """Give back the messages of every registered consumer whose heartbeat expired.
+
+        The liveness check is repeated inside the Lua script, so a consumer that beats
+        between the check here and the move keeps its messages."""
+        client = self._client
+        with self.guard("recovering messages of dead consumers"):
+            cids = self._consumer_ids()
+            if not cids:
+                return 0
+            pipe = client.pipeline(transaction=False)
+            for cid in cids:
+                pipe.exists(self.key(f"qops.alive.{cid}"))
+            alive = pipe.execute()
+            total = 0
+            for cid, is_alive in zip(cids, alive, strict=True):
+                if is_alive:
+                    continue
+                n = int(self.restore(cid, only_if_dead=True))
+                if n > 0:
+                    log.warning("consumer %s stopped beating: %d message(s) put back on "
+                                "their queues", cid, n)
+                if n >= 0:
+                    total += n
+            return total
+
+    def restore(self, cid: str, only_if_dead: bool) -> int:
+        keys = [self.key("qops.consumers"), self.key(f"qops.alive.{cid}"),
+                self.key(f"qops.sources.{cid}"), self.key(f"qops.consumer.{cid}")]
+        mode = "1" if only_if_dead else "0"
+        return int(self._lua_restore(keys=keys, args=[cid, self.prefix, mode]))
+
+    # -- fanout -----------------------------------------------------------------------
+    def channel_name(self, channel: str) -> str:
+        return self.key(f"/{self.db}.{channel}")
+
+    def broadcast(self, channel: str, message: Message) -> None:
+        # kombu's fanout envelope: exchange = the channel before any '/<routing key>'.
+        exchange, _, routing_key = channel.partition("/")
+        raw = encode_envelope(routing_key, message, exchange=exchange)
+        self._check_size(f"channel {channel!r}", raw)
+        with self.guard(f"broadcasting on {channel!r}"):
+            try:
+                self._client.publish(self.channel_name(channel), raw)
+            except redis.RedisError as exc:
+                if isinstance(exc, _UNREACHABLE):
+                    raise
+                raise PublishError(f"Redis {self.safe_url()} refused the broadcast on "
+                                   f"{channel!r}: {_one_line(exc)}") from None
+
+    def subscribe(self, channel: str) -> Subscription:
+        return RedisSubscription(self, channel)
+
+    # -- dead letters -------------------------------------------------------------------
+    def dlq_record(self, queue: str, raw: bytes, reason: str) -> tuple[str, str, float]:
+        dl_id, now = uuid.uuid4().hex, time.time()
+        record = json.dumps({"id": dl_id, "queue": queue, "reason": reason,
+                             "raw": base64.b64encode(raw).decode("ascii"), "time": now})
+        return dl_id, record, now
+
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
+        dl_id, record, now = self.dlq_record(queue, raw, reason)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(self.key("qops.dlq"), dl_id, record)
+        pipe.zadd(self.key("qops.dlq.index"), {dl_id: now})
+        with self.guard("storing a dead letter"):
+            pipe.execute()
+
+    def _dead_records(self, ids: Sequence[str]) -> list[DeadLetter]:
+        if not ids:
+            return []
+        raws = cast("list[bytes | None]", self._client.hmget(self.key("qops.dlq"), list(ids)))
+        out = []
+        for dl_id, rec in zip(ids, raws, strict=True):
+            if rec is None:
+                continue
+            try:
+                d = json.loads(rec)
+                out.append(DeadLetter(str(d["id"]), str(d["queue"]), str(d["reason"]),
+                                      base64.b64decode(d["raw"]), float(d["time"])))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping unreadable dead-letter record %s: %s", dl_id, exc)
+        return out
+
+    def _dlq_ids(self, last: int) -> list[str]:
+        """Dead-letter ids, oldest first, up to index ``last`` (-1 = all)."""
+        ids = cast("list[bytes]", self._client.zrange(self.key("qops.dlq.index"), 0, last))
+        return [i.decode() for i in ids]
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        with self.guard("listing dead letters"):
+            ids = self._dlq_ids(limit - 1)
+            return self._dead_records(ids)
+
+    def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        with self.guard("requeueing dead letters"):
+            if ids is None:
+                ids = self._dlq_ids(-1)
+            done = 0
+            for start in range(0, len(ids), 500):
+                for dl in self._dead_records(ids[start: start + 500]):
+                    if not dl.queue:
+                        log.warning("dead letter %s has no queue to go back to; kept", dl.id)
+                        continue
+                    step = _raw_step(dl.raw)
+                    self.bind([dl.queue])
+                    keys = [self.key("qops.dlq"), self.key("qops.dlq.index"),
+                            self.key(list_name(dl.queue, step))]
+                    done += int(self._lua_dlq_requeue(keys=keys, args=[dl.id, dl.raw]))
+            return done
+
+    def purge_dead_letters(self) -> int:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hlen(self.key("qops.dlq"))
+        pipe.delete(self.key("qops.dlq"), self.key("qops.dlq.index"))
+        with self.guard("purging dead letters"):
+            return int(pipe.execute()[0])
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def ping(self) -> None:
+        with self.guard("connecting"):
+            self._client.ping()
+
+    def close(self) -> None:
+        self._pool.disconnect()
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis MATCH pattern characters in a literal key prefix."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _raw_step(raw: bytes) -> int:
+    """The wire step an envelope asks for (its 'priority', Celery's meaning); 0 when the
+    payload is not a readable envelope (it goes to the base list)."""
+    try:
+        wire = json.loads(raw)["properties"]["priority"]
+        return max(s for s in STEPS if s <= max(0, min(9, int(wire))))
+    except Exception:  # any malformed payload: base list
+        return 0
+
+
+class RedisConsumer(Consumer):
+    """Reserves from Redis lists into per-source in-flight lists (see the module doc).
+
+    ``get`` runs on one thread and uses its own connection (BLMOVE blocks it); ack,
+    requeue, reject and heartbeat come from any thread through the transport's pool."""
+
+    transport: RedisTransport
+
+    def __init__(self, transport: RedisTransport, queues: list[str], prefetch: int,
+                 cid: str) -> None:
+        self.transport = transport
+        self.id = cid
+        self._queues = list(dict.fromkeys(queues))
+        self._gate = PrefetchGate(prefetch)
+        self._lock = threading.Lock()
+        # Held for the whole of get(): close() takes it so that it never unregisters the
+        # consumer while a reserve/BLMOVE may still add to its in-flight lists.
+        self._get_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        # Already in flight on the server, not yet handed out (a reserve batch).
+        self._cache: deque[tuple[str, bytes]] = deque()
+        # Handed out and not yet settled: seq -> (list name, raw).
+        self._unsettled: dict[int, tuple[str, bytes]] = {}
+        self._seq = 0
+        self._rotation = 0
+        self._resync_needed = False
+        self._last_beat = 0.0
+        # Every list name this consumer may hold messages from; re-registered by heartbeat().
+        self._used: set[str] = set(self._candidates())
+        self._alive_value = f"{os.getpid()}@{socket.gethostname()}"
+        # No automatic retries on this connection: a retried reserve whose first reply was
+        # lost would take messages twice. A failed call sets _resync_needed instead.
+        self._pool = transport._make_pool(
+            Retry(NoBackoff(), 0),
+            socket_timeout=max(1.0, transport.options.connect_timeout) + WAIT_SLICE)
+        self._conn = redis.Redis(connection_pool=self._pool)
+        transport.bind(self._queues)
+        self.heartbeat()
+
+    # -- names ------------------------------------------------------------------------
+    def _candidates(self) -> list[str]:
+        """List names in service order: every queue's step 0, then step 3, ... (kombu's
+        order), queues in order of preference within a step."""
+        return [list_name(q, s) for s in STEPS for q in self._queues]
+
+    def _inflight(self, name: str) -> str:
+        return self.transport.inflight_key(self.id, name)
+
+    @property
+    def queues(self) -> list[str]:
+        with self._lock:
+            return list(self._queues)
+
+    # -- reserving ----------------------------------------------------------------------
+    def get(self, timeout: float) -> Delivery | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        beat_every = self.transport.options.heartbeat_interval
+        with self._get_lock:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return None
+                    if self._cache:
+                        # Booked as handed out under the lock; decoded outside it so
+                        # acks from other threads never wait for a big JSON parse.
+                        name, raw = self._cache.popleft()
+                        self._seq += 1
+                        self._unsettled[self._seq] = (name, raw)
+                        tag = _Tag(self._seq, name)
+                    else:
+                        tag = None
+                    names = self._candidates()
+                    nqueues = len(self._queues)
+                if tag is not None:
+                    return _make_delivery(tag.name, raw, tag)
+                left = deadline - time.monotonic()
+                if self._gate.room() == 0:
+                    # Waits in slices so that close() is noticed quickly.
+                    if left <= 0:
+                        return None
+                    self._gate.wait_for_room(min(left, WAIT_SLICE))
+                    continue
+                if not names:
+                    if left <= 0:
+                        return None
+                    self._wake.wait(min(left, WAIT_SLICE))
+                    self._wake.clear()
+                    continue
+                try:
+                    if time.monotonic() - self._last_beat >= beat_every:
+                        self.heartbeat()  # get() running proves we live, too
+                    if self._resync_needed:
+                        self._resync()
+                    wait_k = 0
+                    if left > 0:
+                        # Block on the base list of each queue in turn: the common case
+                        # (one queue, no priority) always waits on the right list.
+                        wait_k = self._rotation % nqueues + 1
+                        self._rotation += 1
+                    if self._reserve(names, wait_k):
+                        continue
+                    if left <= 0:
+                        return None
+                    self._blmove(names[wait_k - 1], min(left, WAIT_SLICE))
+                except _UNREACHABLE as exc:
+                    # The reply may have been lost after Redis ran the command: messages
+                    # may sit in our in-flight lists unknown to us. Reconcile next time.
+                    self._resync_needed = True
+                    raise self.transport.unreachable(exc, "reserving messages") from exc
+
+    def _reserve(self, names: list[str], wait_k: int) -> bool:
+        """Run the reserve script for up to ``room`` messages; True if any were taken."""
+        t = self.transport
+        room = self._gate.room()
+        keys = [t.key("qops.consumers"), t.key(f"qops.sources.{self.id}")]
+        for name in names:
+            keys += [t.key(name), self._inflight(name)]
+        res = cast("list[Any]", t._lua_reserve(
+            keys=keys, args=[room, self.id, wait_k, *names], client=self._conn))
+        if not res:
+            return False
+        got = [(names[int(res[i]) - 1], bytes(res[i + 1])) for i in range(0, len(res), 2)]
+        self._taken(got)
+        return True
+
+    def _blmove(self, name: str, wait: float) -> None:
+        # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.
+        wait = max(0.01, round(wait, 3))
+        raw = self._conn.execute_command("BLMOVE", self.transport.key(name),
+                                         self._inflight(name), "RIGHT", "LEFT", wait)
+        if raw is not None:
+            self._taken([(name, bytes(raw))])
+
+    def _taken(self, got: list[tuple[str, bytes]]) -> None:
+        """Messages are now in our in-flight lists: count them and cache them."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._gate.take(len(got))
+                self._cache.extend(got)
+        if closed:
+            # close() ran while the command was on its way: the messages landed in
+            # flight after the consumer gave everything back, so give them back too.
+            self.transport.restore(self.id, only_if_dead=False)
+
+    def _resync(self) -> None:
+        """Requeue whatever sits in our in-flight lists that we do not know about (taken by
+        a command whose reply was lost). Settled-while-we-look ones are harmless: the
+        requeue script pushes only what it actually removed from flight."""
+        t = self.transport
+        listed = cast("set[bytes]", self._conn.smembers(t.key(f"qops.sources.{self.id}")))
+        with self._lock:
+            used = set(self._used)
+        names = sorted(used | {n.decode("utf-8", "replace") for n in listed})
+        pipe = self._conn.pipeline(transaction=False)
+        for name in names:
+            pipe.lrange(self._inflight(name), 0, -1)
+        held = pipe.execute()
+        with self._lock:
+            known = Counter(self._cache) + Counter(self._unsettled.values())
+        for name, items in zip(names, held, strict=True):
+            for raw in items:
+                if known[(name, raw)] > 0:
+                    known[(name, raw)] -= 1
+                    continue
+                t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw],
+                           client=self._conn)
+        self._resync_needed = False
+
+    # -- settling -------------------------------------------------------------------------
+    def _entry(self, delivery: Delivery) -> tuple[int, str, bytes] | None:
+        tag = delivery.tag
+        if not isinstance(tag, _Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            entry = self._unsettled.get(tag.seq)
+        if entry is None:  # settled already (or the consumer was closed): nothing to do
+            return None
+        return tag.seq, entry[0], entry[1]
+
+    def _settled(self, seq: int) -> None:
+        # Dropped from the books only once Redis has done it, so a failed ack can be retried.
+        with self._lock:
+            if self._unsettled.pop(seq, None) is not None:
+                self._gate.release()
+
+    def ack(self, delivery: Delivery) -> None:
+        entry = self._entry(delivery)
+        if entry is None:
+            return
+        seq, name, raw = entry
+        # Count -1: scan from the right, where the oldest in-flight messages are.
+        with self.transport.guard("acknowledging a message"):
+            # (redis-py sends bytes as they are; its annotation only says str)
+            self.transport._client.lrem(self._inflight(name), -1, cast("str", raw))
+        self._settled(seq)
+
+    def requeue(self, delivery: Delivery) -> None:
+        entry = self._entry(delivery)
+        if entry is None:
+            return
+        seq, name, raw = entry
+        t = self.transport
+        with t.guard("requeueing a message"):
+            t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw])
+        self._settled(seq)
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter and settle in one atomic step (the base class's two steps could
+        leave a dead letter whose message also runs again after a crash)."""
+        entry = self._entry(delivery)
+        if entry is None:
+            return
+        seq, name, raw = entry
+        t = self.transport
+        dl_id, record, now = t.dlq_record(delivery.queue, raw, reason)
+        with t.guard("dead-lettering a message"):
+            t._lua_reject(keys=[self._inflight(name), t.key("qops.dlq"), t.key("qops.dlq.index")],
+                          args=[raw, dl_id, record, now])
+        self._settled(seq)
+
+    # -- liveness and queues ---------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Refresh the alive key and (re-)register: if a late heartbeat let recover()
+        unregister this consumer, registering again keeps new reservations recoverable."""
+        with self._lock:
+            if self._closed:
+                return
+            queues = list(self._queues)
+            used = sorted(self._used)
+        t = self.transport
+        ttl_ms = max(1, int(t.options.heartbeat_ttl * 1000))
+        pipe = t._client.pipeline(transaction=True)
+        pipe.set(t.key(f"qops.alive.{self.id}"), self._alive_value, px=ttl_ms)
+        pipe.sadd(t.key("qops.consumers"), self.id)
+        pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping={
+            "queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()})
+        pipe.sadd(t.key(f"qops.sources.{self.id}"), *used)
+        with t.guard("sending the consumer heartbeat"):
+            pipe.execute()
+        self._last_beat = time.monotonic()
+
+    def add_queue(self, queue: str) -> None:
+        with self._lock:
+            if queue in self._queues:
+                return
+            self._queues.append(queue)
+            self._used.update(self._candidates())
+        self.transport.bind([queue])
+        self.heartbeat()  # records the new queue and its lists
+        self._wake.set()
+
+    def cancel_queue(self, queue: str) -> None:
+        with self._lock:
+            if queue not in self._queues:
+                return
+            self._queues.remove(queue)
+        # Its lists stay in _used: messages already taken from it are still in flight.
+        self.heartbeat()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cache.clear()
+            self._unsettled.clear()
+        self._wake.set()
+        # get() notices _closed within one wait slice; past a generous bound, give back
+        # anyway (_taken() restores again if a late command still lands something).
+        got_lock = self._get_lock.acquire(timeout=max(5.0, self.transport.options.connect_timeout))
+        try:
+            with self.transport.guard("giving back reserved messages"):
+                self.transport.restore(self.id, only_if_dead=False)
+        finally:
+            if got_lock:
+                self._get_lock.release()
+            self._pool.disconnect()
+
+
+def _make_delivery(name: str, raw: bytes, tag: _Tag) -> Delivery:
+    d = Delivery(queue=name.split(SEP, 1)[0], tag=tag, raw=raw)
+    try:
+        msg = decode_envelope(raw)
+    except ValueError as exc:
+        d.error = str(exc)
+        return d
+    except Exception as exc:  # e.g. RecursionError on absurdly nested JSON: never crash get()
+        d.error = f"undecodable envelope: {_one_line(exc)}"
+        return d
+    if "priority" in msg.properties:
+        msg.properties["priority"] = qops_priority(msg.properties["priority"])
+    d.message = msg
+    return d
+
+
+class RedisSubscription(Subscription):
+    """PSUBSCRIBE on ``/<db>.<channel>`` (a pattern, as kombu does, so event channels like
+    ``qopsev/*`` work). Has its own connection for as long as it lives."""
+
+    def __init__(self, transport: RedisTransport, channel: str) -> None:
+        self.transport = transport
+        self.channel = channel
+        self._pubsub = transport._client.pubsub()
+        try:
+            self._confirm(transport.channel_name(channel))
+        except BaseException:
+            self.close()  # give its connection back to the pool
+            raise
+
+    def _confirm(self, name: str) -> None:
+        transport, channel = self.transport, self.channel
+        with transport.guard(f"subscribing to {channel!r}"):
+            self._pubsub.psubscribe(name)
+            # Wait for the confirmation: broadcasts sent after subscribe() returns must
+            # reach us, and Redis only routes them once it has processed PSUBSCRIBE.
+            deadline = time.monotonic() + transport.options.connect_timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnreachable(
+                        f"Redis broker {transport.safe_url()} did not confirm the "
+                        f"subscription to {channel!r} within {transport.options.connect_timeout}s; "
+                        "check the server's load and the network")
+                m = self._pubsub.get_message(timeout=left)
+                if m is not None and m["type"] == "psubscribe":
+                    break
+
+    def get(self, timeout: float) -> Message | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self.transport.guard(f"listening on {self.channel!r}"):
+            while True:
+                left = deadline - time.monotonic()
+                m = self._pubsub.get_message(ignore_subscribe_messages=True,
+                                             timeout=max(0.0, left))
+                if m is not None and m["type"] in ("message", "pmessage"):
+                    try:
+                        return decode_envelope(m["data"])
+                    except Exception as exc:  # a bad broadcast must not stop the listener
+                        log.warning("dropping malformed broadcast on %r: %s", self.channel,
+                                    _one_line(exc))
+                if left <= 0:
+                    return None
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+        except redis.RedisError:  # closing a broken connection: nothing left to release
+            pass

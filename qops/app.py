@@ -195,7 +195,7 @@ class App:
     def rate_limit_for(self, task: Task) -> str | None:
         ann = self._annotation(task.name)
         if "rate_limit" in ann:
-            return ann["rate_limit"]  # type: ignore[no-any-return]
+            return str(ann["rate_limit"])
         return task.rate_limit or self.conf.task_default_rate_limit
 
     def _annotation(self, name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 class chain(Signature):  # noqa: N801 - Celery's name
     def __init__(self, *tasks: Any, app: App | None = None) -> None:
+        self.tasks: list[Signature]
         flat: list[Signature] = []
         for t in tasks:
             if isinstance(t, (list, tuple)) and not isinstance(t, Signature):
@@ -34,7 +35,7 @@ class chain(Signature):  # noqa: N801 - Celery's name
     def from_dict(cls, d: dict[str, Any], app: App | None = None) -> chain:
         return cls(*[Signature(t, app=app) for t in d["kwargs"]["tasks"]], app=app)
 
-    def __or__(self, other: Any) -> chain:
+    def __or__(self, other: Any) -> chain:  # type: ignore[override] # | means "then", as in Celery
         return chain(*self.tasks, other, app=self._app)
 
     def apply_async(self, args: Iterable[Any] | None = None,
@@ -50,7 +51,7 @@ class chain(Signature):  # noqa: N801 - Celery's name
         self.app.send_signature(first, chain=rest_dicts or None)
         return self.app.AsyncResult(tasks[-1]["options"]["task_id"])
 
-    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult:  # type: ignore[override]
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult:
         return self.apply_async(args, kwargs)
 
     def __repr__(self) -> str:

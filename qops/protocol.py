@@ -109,17 +109,14 @@ def dict_to_exception(meta: Any) -> BaseException:
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         cls = type(name, (Exception,), {"__module__": module})
     try:
-        return cls(*args)  # type: ignore[no-any-return]
+        return cls(*args)  # type: ignore[no-any-return,unused-ignore]
     except Exception:
-        exc = Exception.__new__(cls)
+        exc: BaseException = Exception.__new__(cls)
         exc.args = tuple(args)
-        return exc  # type: ignore[no-any-return]
+        return exc
 
 
 # -- task messages ---------------------------------------------------------------------
-
-_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
-
 
 def origin() -> str:
     return f"gen{os.getpid()}@{socket.gethostname()}"

@@ -196,7 +196,7 @@ class Task:
         return delay
 
 
-class Signature(dict):  # type: ignore[type-arg]
+class Signature(dict[str, Any]):
     """A task call that can be sent later: ``add.s(2, 2)``. It is a dict so it travels
     in messages as PROTOCOL.md §1 describes."""
 

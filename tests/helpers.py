@@ -49,7 +49,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL
+        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "qops", *self.args], env=self.env,
                                      stdout=out, stderr=subprocess.STDOUT if self.logfile
                                      else subprocess.DEVNULL,

@@ -87,7 +87,7 @@ class ResultBackend(ABC):
     def forget(self, task_id: str) -> None:
         self._delete(task_id)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
         """Release connections."""
 
     def prepare_send(self) -> str | None:

@@ -39,7 +39,8 @@ class RedisBackend(ResultBackend):
                 "check that Redis runs and the URL is right") from None
 
     def _get(self, task_id: str) -> bytes | None:
-        return self._call(self.client.get, self._key(task_id))  # type: ignore[no-any-return]
+        data: bytes | None = self._call(self.client.get, self._key(task_id))
+        return data
 
     def _store(self, task_id: str, data: bytes, state: str, *, reply_to: str | None) -> None:
         ttl = int(math.ceil(self.expires)) if self.expires else 0

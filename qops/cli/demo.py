@@ -53,7 +53,7 @@ def demo(
         term.print(f"worker demo1 is up (pid {proc.pid}); sending tasks ...")
         rows = _send_tasks(app)
         if term.json_mode:
-            term.json({"results": [dict(zip(("call", "id", "state", "result"), r))
+            term.json({"results": [dict(zip(("call", "id", "state", "result"), r, strict=True))
                                    for r in rows]})
         else:
             term.table(["call", "task id", "state", "result"], rows)

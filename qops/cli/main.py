@@ -128,10 +128,9 @@ def root(
             Terminal().abort(f"--workdir {workdir}: {exc.strerror}", EX_USAGE)
     if config:
         os.environ["QOPS_CONFIG"] = os.path.abspath(config)
-    if workdir or app:
-        # -A names modules relative to the working directory, as Celery does.
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
+    # -A names modules relative to the working directory, as Celery does.
+    if (workdir or app) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     ctx.obj = Globals(app=app, broker=broker, result_backend=result_backend, config=config,
                       workdir=workdir, compat=compat,
                       terminal=Terminal(json_mode=json_out, quiet=quiet, no_color=no_color,

@@ -60,12 +60,13 @@ class Terminal:
             return
         if not sys.stdout.isatty():
             # Plain, aligned text for pipes and logs: no box characters.
-            cells = [[str(c) for c in columns]] + [[_cell(c) for c in r] for r in rows]
+            cells: list[list[str]] = [[str(c) for c in columns]]
+            cells += [[_cell(c) for c in r] for r in rows]
             widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
             if title:
                 print(title)
             for row in cells:
-                print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
             sys.stdout.flush()
             return
         from rich.table import Table
@@ -73,8 +74,8 @@ class Terminal:
         table = Table(title=title, show_edge=False, header_style="bold")
         for col in columns:
             table.add_column(col)
-        for row in rows:
-            table.add_row(*[_cell(c) for c in row])
+        for values in rows:
+            table.add_row(*[_cell(c) for c in values])
         self._rich().print(table)
 
     def error(self, message: str) -> None:

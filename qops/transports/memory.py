@@ -132,6 +132,8 @@ class MemoryTransport(Transport):
 
 
 class _MemoryConsumer(Consumer):
+    transport: MemoryTransport
+
     def __init__(self, transport: MemoryTransport, queues: list[str], prefetch: int,
                  cid: str) -> None:
         self.transport = transport
@@ -215,6 +217,8 @@ class _MemoryConsumer(Consumer):
 
 
 class _MemorySubscription(Subscription):
+    transport: MemoryTransport
+
     def __init__(self, transport: MemoryTransport, channel: str) -> None:
         self.transport = transport
         self.channel = channel

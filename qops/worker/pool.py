@@ -53,7 +53,7 @@ class Pool(ABC):
         self.jobs.put((job, on_done, hard_limit))
 
     def drain_unstarted(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             try:
                 item = self.jobs.get_nowait()
@@ -316,7 +316,7 @@ class PreforkPool(Pool):
         self.slots: list[_Slot] = []
 
     def start(self) -> None:
-        for i in range(self.concurrency):
+        for _ in range(self.concurrency):
             self._add_slot()
 
     def _add_slot(self) -> None:

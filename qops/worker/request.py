@@ -49,7 +49,7 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
     ctx = Context(**job["context"])
     soft = job.get("soft_time_limit")
     use_alarm = bool(soft) and threading.current_thread() is threading.main_thread()
-    if use_alarm:
+    if use_alarm and soft:
         signal.signal(signal.SIGALRM, _soft_limit_handler)
         signal.setitimer(signal.ITIMER_REAL, float(soft))
     task.push_request(ctx)

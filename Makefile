@@ -27,7 +27,7 @@ services:
 	@bash .ci/services
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check qops tests examples bench
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qops.app import App, current_app
-from qops.canvas import chain
+from qops.canvas import chain, chord, group
 from qops.errors import (
     MaxRetriesExceeded,
     QopsError,
@@ -13,7 +13,8 @@ from qops.errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
-from qops.result import AsyncResult
+from qops.result import AsyncResult, GroupResult
+from qops.schedules import crontab
 from qops.task import Signature, Task, signature
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "AsyncResult",
+    "GroupResult",
     "MaxRetriesExceeded",
     "QopsError",
     "Reject",
@@ -31,6 +33,9 @@ __all__ = [
     "TimeLimitExceeded",
     "WorkerLostError",
     "chain",
+    "chord",
+    "crontab",
+    "group",
     "current_app",
     "signature",
     "__version__",

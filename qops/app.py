@@ -61,6 +61,12 @@ class App:
         self._backend: ResultBackend | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        from qops.beat import Signal
+        from qops.canvas import register_builtins
+
+        self.on_after_configure = Signal("on_after_configure")
+        self.on_after_finalize = Signal("on_after_finalize")
+        register_builtins(self)
         _apps.append(self)
 
     def __repr__(self) -> str:
@@ -147,6 +153,17 @@ class App:
             self._transport = from_url(self.broker_url, self.transport_options())
         return self._transport
 
+    def preload(self) -> None:
+        """Import the transport and backend modules without connecting (before a
+        privilege drop that may make the Python installation unreadable)."""
+        from qops.backends.base import backend_class
+        from qops.transports.base import transport_class
+
+        cls = transport_class(self.broker_url)
+        getattr(cls, "preload", lambda: None)()
+        if self.result_backend_url:
+            backend_class(self.result_backend_url)
+
     @property
     def has_backend(self) -> bool:
         return bool(self.result_backend_url)
@@ -175,6 +192,13 @@ class App:
         if args:
             raise UsageError("@app.task takes keyword options only")
         return register
+
+    def add_periodic_task(self, schedule: Any, sig: Any, args: Any = (), kwargs: Any = (),
+                          name: str | None = None, **options: Any) -> str:
+        """Add a beat entry from code (``@app.on_after_configure.connect`` style)."""
+        from qops.beat import add_periodic_task
+
+        return add_periodic_task(self, schedule, sig, args, kwargs, name, **options)
 
     def gen_task_name(self, fun: Callable[..., Any]) -> str:
         module = fun.__module__
@@ -239,7 +263,8 @@ class App:
                   root_id: str | None = None, chain: list[dict[str, Any]] | None = None,
                   group: str | None = None, group_index: int | None = None,
                   chord: dict[str, Any] | None = None, shadow: str | None = None,
-                  retries: int = 0, task: Task | None = None, **unknown: Any) -> AsyncResult:
+                  retries: int = 0, reply_to: str | None = None, task: Task | None = None,
+                  **unknown: Any) -> AsyncResult:
         """Send a task by name; returns its AsyncResult. Never drops silently: raises
         PublishError/BrokerUnreachable when the broker did not take the message."""
         if unknown:
@@ -257,8 +282,9 @@ class App:
         target = self.route(name, queue, task)
         if self.conf.task_always_eager and task is not None:
             return self._apply_eager(task, list(args or ()), dict(kwargs or {}), task_id)
-        reply_to = None
-        if self.has_backend and not ignore_result:
+        # A worker re-sending a task (retry, chain link) passes the original client's
+        # reply_to along; only a new send asks the backend (rpc opens its reply queue).
+        if reply_to is None and self.has_backend and not ignore_result:
             reply_to = self.backend.prepare_send()
         message = protocol.build_task_message(
             name, args, kwargs, task_id=task_id, eta=eta, expires=expires,
@@ -322,7 +348,8 @@ class App:
 
 _SEND_KEYS = {"countdown", "eta", "expires", "queue", "priority", "task_id", "link",
               "link_error", "time_limit", "soft_time_limit", "ignore_result", "shadow",
-              "parent_id", "root_id", "chain", "group", "group_index", "chord", "retries"}
+              "parent_id", "root_id", "chain", "group", "group_index", "chord", "retries",
+              "reply_to"}
 
 
 def _sig_list(value: Any) -> list[dict[str, Any]] | None:

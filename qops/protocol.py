@@ -66,7 +66,9 @@ def dumps(obj: Any) -> str:
 
 
 def loads(data: str | bytes) -> Any:
-    return json.loads(data, object_hook=_hook)
+    # The hook runs in Python for every object: skip it when no tag can be there.
+    tagged = b"__type__" in data if isinstance(data, bytes) else "__type__" in data
+    return json.loads(data, object_hook=_hook) if tagged else json.loads(data)
 
 
 # -- exceptions on the wire ----------------------------------------------------------
@@ -272,7 +274,9 @@ def parse_task_message(message: Message) -> TaskRequest:
     if (message.content_type or JSON) != JSON:
         raise ProtocolError(f"content type {message.content_type!r} is not accepted (JSON only)")
     try:
-        body = loads(message.body.decode(message.content_encoding or "utf-8"))
+        encoding = message.content_encoding or "utf-8"
+        body = loads(message.body if encoding in ("utf-8", "utf8") else
+                     message.body.decode(encoding))
     except (ValueError, UnicodeDecodeError, LookupError) as exc:
         raise ProtocolError(f"body is not valid JSON: {exc}") from None
     if not (isinstance(body, list) and len(body) == 3):

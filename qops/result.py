@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from qops import protocol
@@ -111,3 +113,83 @@ class AsyncResult:
         meta = dict(self._meta())
         meta.setdefault("task_id", self.id)
         return meta
+
+
+class GroupResult:
+    """The results of a group, in the order of its members: ``group(...)().get()``.
+
+    Members are AsyncResults, or GroupResults for nested groups (whose ``get()`` gives
+    a list in that place)."""
+
+    def __init__(self, id: str, results: Iterable[AsyncResult | GroupResult] | None = None,
+                 app: App | None = None) -> None:
+        self.id = id
+        self.results: list[AsyncResult | GroupResult] = list(results or ())
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __iter__(self) -> Iterator[AsyncResult | GroupResult]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, index: int) -> AsyncResult | GroupResult:
+        return self.results[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GroupResult) and other.id == self.id \
+            and other.results == self.results
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def children(self) -> list[AsyncResult | GroupResult]:
+        return self.results
+
+    def ready(self) -> bool:
+        """Every member has finished (succeeded, failed or was revoked)."""
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        """Every member succeeded."""
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        """At least one member failed."""
+        return any(r.failed() for r in self.results)
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def completed_count(self) -> int:
+        """How many members succeeded (as Celery counts it)."""
+        return sum(1 for r in self.results if r.successful())
+
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            interval: float | None = None) -> list[Any]:
+        """The members' results in order. With ``propagate`` the first failure met (in
+        member order) is raised; without, failed members give their exception. Raises
+        ResultTimeout when ``timeout`` (for the whole group) runs out."""
+        return self.join(timeout=timeout, propagate=propagate, interval=interval)
+
+    def join(self, timeout: float | None = None, propagate: bool = True,
+             interval: float | None = None) -> list[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values: list[Any] = []
+        for r in self.results:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(r.get(timeout=left, propagate=propagate))
+        return values
+
+    wait = get
+
+    def forget(self) -> None:
+        for r in self.results:
+            r.forget()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "results": [r.as_dict() for r in self.results]}

@@ -88,6 +88,7 @@ class Task:
         self.__module__ = getattr(fun, "__module__", "")
         self.__wrapped__ = fun
         self._signature = inspect.signature(fun)
+        self._positional = _positional_bounds(self._signature, skip=1 if bind else 0)
 
     def __repr__(self) -> str:
         return f"<@task: {self.name}>"
@@ -115,6 +116,12 @@ class Task:
         """Raise TypeError when ``args``/``kwargs`` don't fit the function."""
         if not self.typing:
             return
+        if not kwargs and self._positional is not None:
+            # the common case, checked without building a BoundArguments
+            low, high = self._positional
+            n = len(args) if isinstance(args, (list, tuple)) else len(list(args))
+            if low <= n and (high is None or n <= high):
+                return
         pre = (None,) if self.bind else ()
         self._signature.bind(*pre, *args, **kwargs)
 
@@ -194,6 +201,24 @@ class Task:
         if self.retry_jitter:
             delay = random.uniform(0, delay)
         return delay
+
+
+def _positional_bounds(sig: inspect.Signature, skip: int) -> tuple[int, int | None] | None:
+    """(fewest, most) positional arguments the function takes, or None when keyword-only
+    parameters without defaults make positional calls alone insufficient."""
+    params = list(sig.parameters.values())[skip:]
+    low, high = 0, 0
+    unbounded = False
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            high += 1
+            if p.default is p.empty:
+                low = high
+        elif p.kind is p.VAR_POSITIONAL:
+            unbounded = True
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None
+    return low, None if unbounded else high
 
 
 class Signature(dict[str, Any]):

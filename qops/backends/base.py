@@ -114,24 +114,33 @@ class ResultBackend(ABC):
         self._poll = min(step * 2, 0.1)
 
 
+# scheme -> (module, class): a module is imported only when its scheme is used
+BACKENDS = {
+    "sqlite": ("qops.backends.sqlite", "SQLiteBackend"),
+    "redis": ("qops.backends.redis", "RedisBackend"),
+    "rediss": ("qops.backends.redis", "RedisBackend"),
+    "unix": ("qops.backends.redis", "RedisBackend"),
+    "rpc": ("qops.backends.rpc", "RPCBackend"),
+    "memory": ("qops.backends.memory", "MemoryBackend"),
+}
+
+
+def backend_class(url: str) -> type[ResultBackend]:
+    """The ResultBackend class for ``url``'s scheme (imports its module only)."""
+    import importlib
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in BACKENDS:
+        raise UsageError(f"unknown result backend scheme {scheme or url!r}: use "
+                         "sqlite:///path, redis://host:6379/0 or rpc://")
+    module, name = BACKENDS[scheme]
+    cls: type[ResultBackend] = getattr(importlib.import_module(module), name)
+    return cls
+
+
 def backend_from_url(url: str, *, expires: float | None = 86400,
                      prefix: str = "qops-task-meta-", transport: Any = None) -> ResultBackend:
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "sqlite":
-        from qops.backends.sqlite import SQLiteBackend
-
-        return SQLiteBackend(url, expires=expires, prefix=prefix)
-    if scheme in ("redis", "rediss", "unix"):
-        from qops.backends.redis import RedisBackend
-
-        return RedisBackend(url, expires=expires, prefix=prefix)
-    if scheme == "rpc":
-        from qops.backends.rpc import RPCBackend
-
-        return RPCBackend(url, expires=expires, prefix=prefix, transport=transport)
-    if scheme == "memory":
-        from qops.backends.memory import MemoryBackend
-
-        return MemoryBackend(url, expires=expires, prefix=prefix)
-    raise UsageError(f"unknown result backend scheme {scheme or url!r}: use sqlite:///path, "
-                     "redis://host:6379/0 or rpc://")
+    cls = backend_class(url)
+    if url.split("://", 1)[0].lower() == "rpc":
+        return cls(url, expires=expires, prefix=prefix, transport=transport)  # type: ignore[call-arg]
+    return cls(url, expires=expires, prefix=prefix)

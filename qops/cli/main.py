@@ -138,10 +138,26 @@ def root(
 
 
 def _register() -> None:
-    from qops.cli import config_cmd, demo, dlq, tasks, worker
+    from qops.cli import (
+        beat,
+        config_cmd,
+        control,
+        demo,
+        dlq,
+        events_cmd,
+        multi,
+        queues,
+        tasks,
+        worker,
+    )
 
     worker.register(cli)
     tasks.register(cli)
+    control.register(cli)
+    queues.register(cli)
+    events_cmd.register(cli)
+    multi.register(cli)
+    beat.register(cli)
     config_cmd.register(cli)
     dlq.register(cli)
     demo.register(cli)

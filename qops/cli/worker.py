@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 import typer
 
-LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Options shared by the long-running commands (worker, beat)
+Pidfile = Annotated[str | None, typer.Option("--pidfile", help="Pidfile (templates %n ...), locked while the process runs.")]
+Detach = Annotated[bool, typer.Option("--detach", "-D", help="Run in the background; exit 0 once it runs.")]
+Uid = Annotated[str | None, typer.Option("--uid", help="Drop privileges to this user (name or number).")]
+Gid = Annotated[str | None, typer.Option("--gid", help="Drop privileges to this group.")]
+Umask = Annotated[str | None, typer.Option("--umask", help="Octal umask, e.g. 022.")]
+Logfile = Annotated[str | None, typer.Option("--logfile", "-f", help="Log file (templates %n %I ...).")]
 
 
 def register(cli: typer.Typer) -> None:
-    cli.command("worker", help="Run a worker node in the foreground.")(worker)
+    cli.command("worker", help="Run a worker node (in the foreground, or --detach).")(worker)
 
 
 def worker(
@@ -22,57 +26,59 @@ def worker(
     concurrency: Annotated[int | None, typer.Option("-c", "--concurrency", min=1, help="Pool size (default: CPUs).")] = None,
     pool: Annotated[str | None, typer.Option("-P", "--pool", help="prefork, threads or solo.")] = None,
     loglevel: Annotated[str, typer.Option("-l", "--loglevel", help="DEBUG, INFO, WARNING, ERROR.")] = "WARNING",
-    logfile: Annotated[str | None, typer.Option("--logfile", "-f", help="Log file (templates %n %I ...).")] = None,
+    logfile: Logfile = None,
+    pidfile: Pidfile = None,
+    detach: Detach = False,
+    uid: Uid = None,
+    gid: Gid = None,
+    umask: Umask = None,
     prefetch_multiplier: Annotated[int | None, typer.Option("--prefetch-multiplier", min=1, help="Messages reserved per pool slot.")] = None,
     max_tasks_per_child: Annotated[int | None, typer.Option("--max-tasks-per-child", min=1, help="Replace a prefork child after N tasks.")] = None,
+    task_events: Annotated[bool, typer.Option("-E", "--task-events", help="Send task events (worker events are always sent).")] = False,
+    beat: Annotated[bool, typer.Option("-B", "--beat", help="Also run beat in this node (development only).")] = False,
+    schedule: Annotated[str | None, typer.Option("-s", "--schedule", help="With -B: beat's schedule file.")] = None,
 ) -> None:
     from qops.errors import UsageError
+    from qops.ops.daemon import NodeProcess, setup_logging
     from qops.ops.nodes import node_name
     from qops.ops.privileges import check_root
 
     g = ctx.obj
-    level = loglevel.upper()
-    if level not in LEVELS:
-        raise UsageError(f"unknown log level {loglevel!r}: use one of {', '.join(LEVELS)}")
     if pool is not None and pool not in ("prefork", "threads", "solo"):
         raise UsageError(f"unknown pool {pool!r}: choose prefork, threads or solo")
-    app = g.load_app(required=True, import_tasks=True)
-    check_root(accept_content=list(app.conf.accept_content))
     node = node_name(hostname)
-    setup_logging(level, logfile, node)
+    proc = NodeProcess(node, loglevel, logfile, pidfile, detach, uid, gid, umask)
+    app = g.load_app(required=True, import_tasks=True)
+    check_root(accept_content=list(app.conf.accept_content), uid=proc.uid_n)
+    if detach and not logfile:
+        g.terminal.note("qops: --detach without --logfile: the worker's logs are discarded")
     from qops.worker.worker import Worker
 
-    w = Worker(app, hostname=node,
-               queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
-               concurrency=concurrency, pool=pool, prefetch_multiplier=prefetch_multiplier,
-               max_tasks_per_child=max_tasks_per_child,
-               child_init=(lambda index: reopen_child_log(level, logfile, node, index))
-               if logfile else None)
-    if not g.terminal.quiet:
-        print_banner(w, g.terminal)
-    raise typer.Exit(w.start())
+    def child_log(index: int) -> None:
+        # a prefork child logs to its own file when the template has %I or %i
+        if logfile and ("%I" in logfile or "%i" in logfile):
+            setup_logging(proc.level, logfile, node, index)
 
+    with proc.run(preload=app.preload) as readiness:
+        w = Worker(app, hostname=node,
+                   queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+                   concurrency=concurrency, pool=pool, prefetch_multiplier=prefetch_multiplier,
+                   max_tasks_per_child=max_tasks_per_child,
+                   task_events=True if task_events else None,
+                   on_ready=lambda _w: readiness.ready(), child_init=child_log)
+        if not g.terminal.quiet and not detach:
+            print_banner(w, g.terminal)
+        embedded = None
+        if beat:
+            from qops.beat import EmbeddedBeat
 
-def setup_logging(level: str, logfile: str | None, node: str, index: int = 0) -> None:
-    from qops.ops.nodes import expand
-
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler
-    if logfile:
-        handler = logging.FileHandler(expand(logfile, node, index), delay=False)
-    else:
-        handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
-def reopen_child_log(level: str, logfile: str | None, node: str, index: int) -> None:
-    """In a prefork child: log to its own file when the template has %I or %i."""
-    if logfile and ("%I" in logfile or "%i" in logfile):
-        setup_logging(level, logfile, node, index)
+            embedded = EmbeddedBeat(app, schedule_file=schedule).start()  # forks: first
+        try:
+            code = w.start()
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    raise typer.Exit(code)
 
 
 def print_banner(w: Any, terminal: Any) -> None:

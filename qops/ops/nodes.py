@@ -18,7 +18,8 @@ KEYS = "nhdpiI%"
 
 
 def hostname() -> str:
-    return socket.getfqdn() or socket.gethostname()
+    # gethostname, as Celery: getfqdn may wait on DNS and often says "localhost"
+    return socket.gethostname()
 
 
 def split_node(node: str) -> tuple[str, str]:

@@ -31,20 +31,23 @@ def force_root(environ: Mapping[str, str] | None = None) -> bool:
     return False
 
 
-def check_root(*, accept_content: Sequence[str] = ("json",), uid: str | int | None = None,
+def check_root(*, accept_content: Sequence[str] = ("json",), uid: int | None = None,
                environ: Mapping[str, str] | None = None) -> None:
-    """Raise PrivilegeError (exit 77) when running as root without a way out."""
+    """Raise PrivilegeError (exit 77) when running as root without a way out.
+
+    ``uid`` is the (resolved) --uid the process will drop to before any task runs."""
     if os.getuid() != 0 and os.geteuid() != 0:
         return
-    if uid is not None:
+    if uid is not None and uid != 0:
         return  # privileges are dropped to --uid before any task runs
     pickle = any("pickle" in str(c) for c in accept_content)
     if pickle:
         raise PrivilegeError(
             "refusing to run as root while pickle is accepted (a message could run any "
-            "code as root): run as another user, or accept only json")
+            "code as root): drop privileges with --uid, or accept only json")
     if force_root(environ):
         return
     raise PrivilegeError(
         "refusing to run as root: task code would run with root privileges. "
-        "Run it as another user, or set QOPS_FORCE_ROOT=1 if you accept the risk")
+        "Drop privileges with --uid/--gid, run it as another user, or set "
+        "QOPS_FORCE_ROOT=1 if you accept the risk")

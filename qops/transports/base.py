@@ -11,6 +11,12 @@ A transport speaks qops's own terms, not AMQP's:
   (remote control, events). Nothing is stored for subscribers that are not listening.
 - **dead letters**: messages that can't be run (bad JSON, unknown task, ...) are kept,
   with their reason, in a store that can be listed, requeued and purged.
+- **reply queues**: a process that expects answers (``rpc://`` results, remote-control
+  replies) opens a ``reply_consumer`` on a temporary queue of its own; others
+  ``send_reply`` to it by name. A reply queue lives only as long as its consumer (it
+  vanishes when the consumer closes or its process dies), is never listed by
+  ``queue_stats(None)``, and a reply sent to a queue that is gone is dropped, not an
+  error: nobody is waiting for it any more.
 
 Thread rules: a ``Transport`` may be shared by threads. ``Consumer.get`` is called from
 one thread only (the consumer loop); ``ack``/``requeue``/``reject``/``heartbeat`` may be
@@ -100,6 +106,15 @@ class TransportOptions:
     max_priority: int = 9  # AMQP x-max-priority for queues qops declares
     connect_timeout: float = 5.0
     confirm_publish: bool = True
+
+
+#: prefetch of a reply consumer: replies are small and only ever go to their one reader,
+#: so there is no other consumer to share them with
+REPLY_PREFETCH = 1000
+#: seconds a reply (Redis) or an idle reply queue seen from another host (SQLite) is
+#: kept without a sign of life from its consumer; AMQP's x-message-ttl 300000 (PROTOCOL
+#: section 3) is the same bound
+REPLY_TTL = 300
 
 
 class Consumer(ABC):
@@ -197,12 +212,63 @@ class Transport(ABC):
         Called periodically by live workers. No-op where the broker does it itself."""
         return 0
 
-    # -- fanout -------------------------------------------------------------------
+    # -- reply queues ---------------------------------------------------------------
     @abstractmethod
-    def broadcast(self, channel: str, message: Message) -> None: ...
+    def reply_consumer(self, name: str, *, exchange: str | None = None,
+                       routing_key: str | None = None) -> Consumer:
+        """Declare the temporary queue ``name`` for this process's replies and return a
+        consumer on it (prefetch ``REPLY_PREFETCH``; ack/requeue/reject as usual).
+
+        The queue goes away when the consumer is closed, and on its own when the process
+        dies (AMQP: exclusive, auto-delete queue; Redis: the list expires; SQLite:
+        ``recover()`` removes it). It is not listed by ``queue_stats(None)``. A reply
+        consumer reads its reply queue only: ``add_queue``/``cancel_queue`` raise
+        UsageError.
+
+        With ``exchange`` and ``routing_key`` the queue is also bound the way kombu binds
+        a pidbox reply queue, so a Celery node replying through ``exchange`` with
+        ``routing_key`` reaches it: on Redis ``SADD _kombu.binding.<exchange>
+        "<routing_key>\x06\x16\x06\x16<name>"`` (removed again by close()); on AMQP
+        the direct exchange is declared (not durable, as kombu's ``reply.<mailbox>``)
+        and the queue bound to it. SQLite and memory have no Celery peers: ignored."""
 
     @abstractmethod
-    def subscribe(self, channel: str) -> Subscription: ...
+    def send_reply(self, name: str, message: Message) -> None:
+        """Send ``message`` to the reply queue ``name`` without declaring it. If the
+        queue is gone (its process ended) the reply is dropped without an error; raises
+        PublishError/BrokerUnreachable only when the broker itself failed."""
+
+    # -- fanout -------------------------------------------------------------------
+    @abstractmethod
+    def broadcast(self, channel: str, message: Message, *,
+                  routing_key: str | None = None) -> None:
+        """Send ``message`` to every current subscriber of ``channel``.
+
+        Without ``routing_key`` the channel is a fanout (remote control: AMQP fanout
+        exchange, Redis ``PUBLISH /<db>.<channel>``). With one it is an event stream
+        (AMQP topic exchange ``channel``, durable as Celery's ``celeryev``; Redis
+        ``PUBLISH /<db>.<channel>/<routing_key>``) and subscribers filter by pattern."""
+
+    @abstractmethod
+    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+        """Subscribe to ``channel``; with ``pattern`` (topic syntax: ``#`` any words,
+        ``*`` one word, e.g. ``task.#``) to the routing keys that match it. Messages
+        broadcast before subscribe() returned are not seen."""
+
+    # -- the live-node registry -----------------------------------------------------
+    @abstractmethod
+    def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        """Node ``name`` is alive for ``ttl`` seconds more (each worker heartbeat)."""
+
+    @abstractmethod
+    def unregister_node(self, name: str) -> None:
+        """Node ``name`` is going away (warm shutdown)."""
+
+    @abstractmethod
+    def live_nodes(self) -> list[str] | int | None:
+        """The nodes alive now: their names where the broker can list them (Redis,
+        SQLite), else how many there are (RabbitMQ: consumers of a presence queue),
+        None when unknown. Remote-control clients stop waiting once these replied."""
 
     # -- dead letters ---------------------------------------------------------------
     @abstractmethod
@@ -217,6 +283,20 @@ class Transport(ABC):
 
     @abstractmethod
     def purge_dead_letters(self) -> int: ...
+
+    # -- locks (one beat per schedule) ---------------------------------------------------
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the lock ``name`` for ``owner`` for ``ttl`` seconds; True when ``owner``
+        holds it now. The holder calls it again (well within ``ttl``) to renew it; anyone
+        else gets False until the holder releases it or lets it expire. Raises
+        BrokerUnreachable when the broker cannot be asked."""
+        raise NotImplementedError(
+            f"the {self.scheme or type(self).__name__} transport has no locks yet")
+
+    def release_lock(self, name: str, owner: str) -> None:
+        """Give the lock up if ``owner`` holds it (no error otherwise)."""
+        raise NotImplementedError(
+            f"the {self.scheme or type(self).__name__} transport has no locks yet")
 
     # -- lifecycle -------------------------------------------------------------------
     def ping(self) -> None:
@@ -303,6 +383,25 @@ def decode_envelope(raw: bytes | str) -> Message:
                    content_encoding=env.get("content-encoding") or "utf-8")
 
 
+def topic_matches(pattern: str | None, key: str | None) -> bool:
+    """AMQP topic matching: words split by '.', ``*`` one word, ``#`` zero or more."""
+    if pattern is None:
+        return True
+    if key is None:
+        return pattern == "#"
+
+    def match(p: list[str], k: list[str]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        if not k:
+            return False
+        return (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
+
+    return match(pattern.split("."), key.split("."))
+
+
 class Backoff:
     """Poll intervals that start short and grow to ``maximum`` while nothing arrives."""
 
@@ -353,26 +452,33 @@ class PrefetchGate:
             return self._cond.wait_for(lambda: self._count < self.limit, timeout)
 
 
-def from_url(url: str, options: TransportOptions | None = None) -> Transport:
-    """The transport for ``url``, by scheme. Imports only the module it needs."""
+# scheme -> (module, class): a module is imported only when its scheme is used
+TRANSPORTS = {
+    "sqlite": ("qops.transports.sqlite", "SQLiteTransport"),
+    "redis": ("qops.transports.redis", "RedisTransport"),
+    "rediss": ("qops.transports.redis", "RedisTransport"),
+    "unix": ("qops.transports.redis", "RedisTransport"),
+    "amqp": ("qops.transports.amqp", "AMQPTransport"),
+    "amqps": ("qops.transports.amqp", "AMQPTransport"),
+    "pyamqp": ("qops.transports.amqp", "AMQPTransport"),
+    "memory": ("qops.transports.memory", "MemoryTransport"),
+}
+
+
+def transport_class(url: str) -> type[Transport]:
+    """The Transport class for ``url``'s scheme (imports its module, connects nothing)."""
+    import importlib
+
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "sqlite":
-        from qops.transports.sqlite import SQLiteTransport
+    if scheme not in TRANSPORTS:
+        raise UsageError(
+            f"unknown broker URL scheme {scheme or url!r}: use sqlite:///path, "
+            "redis://host:6379/0 or amqp://user:pass@host:5672//")
+    module, name = TRANSPORTS[scheme]
+    cls: type[Transport] = getattr(importlib.import_module(module), name)
+    return cls
 
-        return SQLiteTransport(url, options)
-    if scheme in ("redis", "rediss", "unix"):
-        from qops.transports.redis import RedisTransport
 
-        return RedisTransport(url, options)
-    if scheme in ("amqp", "amqps", "pyamqp"):
-        from qops.transports.amqp import AMQPTransport
-
-        return AMQPTransport(url, options)
-    if scheme == "memory":
-        from qops.transports.memory import MemoryTransport
-
-        return MemoryTransport(url, options)
-    raise UsageError(
-        f"unknown broker URL scheme {scheme or url!r}: use sqlite:///path, redis://host:6379/0 "
-        "or amqp://user:pass@host:5672//"
-    )
+def from_url(url: str, options: TransportOptions | None = None) -> Transport:
+    """The transport for ``url``, by scheme."""
+    return transport_class(url)(url, options)

@@ -11,8 +11,11 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from qops.errors import UsageError
 from qops.transports.base import (
+    REPLY_PREFETCH,
     Consumer,
     DeadLetter,
     Delivery,
@@ -23,6 +26,7 @@ from qops.transports.base import (
     TransportOptions,
     decode_envelope,
     encode_envelope,
+    topic_matches,
 )
 
 
@@ -35,6 +39,10 @@ class _State:
     consumers: dict[str, list[str]] = field(default_factory=dict)
     subscribers: dict[str, list[_MemorySubscription]] = field(default_factory=dict)
     dead: dict[str, DeadLetter] = field(default_factory=dict)
+    nodes: dict[str, float] = field(default_factory=dict)  # name -> alive until
+    # reply queues (also in ``queues`` while their consumer is open)
+    replies: set[str] = field(default_factory=set)
+    locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (owner, until)
 
 
 _STATES: dict[str, _State] = {}
@@ -66,6 +74,22 @@ class MemoryTransport(Transport):
                  consumer_id: str | None = None) -> Consumer:
         return _MemoryConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
 
+    def reply_consumer(self, name: str, *, exchange: str | None = None,
+                       routing_key: str | None = None) -> Consumer:
+        with self.state.lock:
+            self.state.queues.setdefault(name, deque())
+            self.state.replies.add(name)
+        return _MemoryConsumer(self, [name], REPLY_PREFETCH, uuid.uuid4().hex, reply=name)
+
+    def send_reply(self, name: str, message: Message) -> None:
+        raw = encode_envelope(name, message)
+        st = self.state
+        with st.lock:
+            if name not in st.replies:
+                return  # its consumer is gone: nobody would read it
+            st.queues[name].append(raw)
+            st.lock.notify_all()
+
     def purge(self, queue: str) -> int:
         with self.state.lock:
             q = self.state.queues.get(queue)
@@ -77,7 +101,8 @@ class MemoryTransport(Transport):
     def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         st = self.state
         with st.lock:
-            names = list(queues) if queues is not None else sorted(st.queues)
+            names = list(queues) if queues is not None else sorted(
+                set(st.queues) - st.replies)
             out = []
             for name in names:
                 flight = sum(1 for held in st.in_flight.values()
@@ -90,17 +115,32 @@ class MemoryTransport(Transport):
         with self.state.lock:
             return queue in self.state.queues
 
-    def broadcast(self, channel: str, message: Message) -> None:
+    def broadcast(self, channel: str, message: Message, *,
+                  routing_key: str | None = None) -> None:
         with self.state.lock:
             for sub in list(self.state.subscribers.get(channel, ())):
-                sub.items.append(message)
+                if topic_matches(sub.pattern, routing_key):
+                    sub.items.append(message)
             self.state.lock.notify_all()
 
-    def subscribe(self, channel: str) -> Subscription:
-        sub = _MemorySubscription(self, channel)
+    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+        sub = _MemorySubscription(self, channel, pattern)
         with self.state.lock:
             self.state.subscribers.setdefault(channel, []).append(sub)
         return sub
+
+    def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        with self.state.lock:
+            self.state.nodes[name] = time.time() + ttl
+
+    def unregister_node(self, name: str) -> None:
+        with self.state.lock:
+            self.state.nodes.pop(name, None)
+
+    def live_nodes(self) -> list[str]:
+        now = time.time()
+        with self.state.lock:
+            return sorted(n for n, until in self.state.nodes.items() if until >= now)
 
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
         dl = DeadLetter(uuid.uuid4().hex, queue, reason, raw, time.time())
@@ -127,6 +167,21 @@ class MemoryTransport(Transport):
             self.state.dead.clear()
             return n
 
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        with self.state.lock:
+            held = self.state.locks.get(name)
+            if held is not None and held[0] != owner and held[1] > now:
+                return False
+            self.state.locks[name] = (owner, now + ttl)
+            return True
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self.state.lock:
+            held = self.state.locks.get(name)
+            if held is not None and held[0] == owner:
+                del self.state.locks[name]
+
     def close(self) -> None:
         pass
 
@@ -135,10 +190,11 @@ class _MemoryConsumer(Consumer):
     transport: MemoryTransport
 
     def __init__(self, transport: MemoryTransport, queues: list[str], prefetch: int,
-                 cid: str) -> None:
+                 cid: str, reply: str | None = None) -> None:
         self.transport = transport
         self.id = cid
         self.prefetch = max(1, prefetch)
+        self.reply = reply  # the reply queue this consumer owns, if it is a reply consumer
         st = transport.state
         with st.lock:
             st.consumers[cid] = list(queues)
@@ -193,6 +249,8 @@ class _MemoryConsumer(Consumer):
         pass
 
     def add_queue(self, queue: str) -> None:
+        if self.reply is not None:
+            raise UsageError("a reply consumer reads its reply queue only")
         with self.transport.state.lock:
             qs = self.transport.state.consumers.setdefault(self.id, [])
             if queue not in qs:
@@ -201,6 +259,8 @@ class _MemoryConsumer(Consumer):
             self.transport.state.lock.notify_all()
 
     def cancel_queue(self, queue: str) -> None:
+        if self.reply is not None:
+            raise UsageError("a reply consumer reads its reply queue only")
         with self.transport.state.lock:
             qs = self.transport.state.consumers.get(self.id, [])
             if queue in qs:
@@ -210,18 +270,25 @@ class _MemoryConsumer(Consumer):
         st = self.transport.state
         with st.lock:
             held = st.in_flight.pop(self.id, {})
-            for q, raw in reversed(list(held.values())):
-                st.queues.setdefault(q, deque()).appendleft(raw)
             st.consumers.pop(self.id, None)
+            if self.reply is not None:
+                # the reply queue ends with its consumer, unread replies with it
+                st.replies.discard(self.reply)
+                st.queues.pop(self.reply, None)
+            else:
+                for q, raw in reversed(list(held.values())):
+                    st.queues.setdefault(q, deque()).appendleft(raw)
             st.lock.notify_all()
 
 
 class _MemorySubscription(Subscription):
     transport: MemoryTransport
 
-    def __init__(self, transport: MemoryTransport, channel: str) -> None:
+    def __init__(self, transport: MemoryTransport, channel: str,
+                 pattern: str | None = None) -> None:
         self.transport = transport
         self.channel = channel
+        self.pattern = pattern
         self.items: deque[Message] = deque()
 
     def get(self, timeout: float) -> Message | None:

@@ -9,7 +9,10 @@ Wire layout (PROTOCOL.md section 2), shared with Celery/kombu so that tasks flow
 - ``_kombu.binding.<queue>`` holds ``"<queue>\\x06\\x16\\x06\\x16<queue>"`` (kombu's layout
   for a queue bound to the exchange of the same name), so kombu and ``purge``/
   ``queue_stats`` can discover the queue.
-- broadcasts go to the pub/sub channel ``/<db>.<channel>``.
+- broadcasts go to the pub/sub channel ``/<db>.<channel>`` (remote control: subscribers
+  SUBSCRIBE to exactly that), events to ``/<db>.<channel>/<routing key>`` (kombu's
+  fanout_patterns layout, as Celery's ``/0.celeryev/worker.heartbeat``: subscribers
+  PSUBSCRIBE ``/<db>.<channel>/<glob>`` and filter the routing keys by topic).
 
 qops's own keys (never kombu's ``unacked``/``unacked_index``/``unacked_mutex``):
 
@@ -21,13 +24,27 @@ qops's own keys (never kombu's ``unacked``/``unacked_index``/``unacked_mutex``):
   settled. Keeping one in-flight list per source list means a message always goes back
   exactly where it came from, without trusting what the payload says.
 - ``qops.dlq`` (hash id -> JSON record) and ``qops.dlq.index`` (zset id by time).
+- ``qops.nodes`` (zset node name -> alive until, unix time by the server's clock) and
+  ``qops.nodes.info`` (hash node name -> JSON): the live-node registry.
+
+Reply queues are plain lists ``<name>`` (kombu's layout for a reply to the default
+exchange): ``send_reply`` LPUSHes and sets an EXPIRE of ``REPLY_TTL`` in one MULTI, so
+a reply nobody reads is gone after that long; the reply consumer refreshes the EXPIRE
+while it lives and deletes the list on ``close()``. They have no kombu binding and no
+in-flight lists, so they never show up in ``queue_stats(None)``; a reply consumer opened
+with an exchange and routing key also writes kombu's binding (``_kombu.binding.reply.
+<mailbox>``) so that Celery nodes can reply to it, and ``queue_stats(None)`` skips the
+``_kombu.binding.reply.*`` sets. A reply taken and not
+yet acked lives only in the consumer: if that process dies, so does the one reader the
+reply was for (AMQP's exclusive reply queues go the same way).
 
 The optional URL query ``global_keyprefix=`` is prepended to every key and channel.
 
 Taking a message and recording it in flight is one atomic step: the Lua script
 ``redis_reserve.lua`` moves a batch, and when nothing is ready the consumer waits with
 BLMOVE (also atomic) on one list at a time, for a short slice, then checks all lists
-again. Lua scripts live in ``redis_*.lua`` next to this module.
+again. Acks are queued and ride with the next reserve (same script, same round trip);
+see ``RedisConsumer``. Lua scripts live in ``redis_*.lua`` next to this module.
 """
 
 from __future__ import annotations
@@ -54,6 +71,8 @@ from redis.retry import Retry
 
 from qops.errors import BrokerUnreachable, PublishError, UsageError
 from qops.transports.base import (
+    REPLY_PREFETCH,
+    REPLY_TTL,
     Consumer,
     DeadLetter,
     Delivery,
@@ -65,6 +84,7 @@ from qops.transports.base import (
     TransportOptions,
     decode_envelope,
     encode_envelope,
+    topic_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -72,11 +92,24 @@ log = logging.getLogger(__name__)
 SEP = "\x06\x16"  # kombu's separator in priority list names and binding members
 STEPS = (0, 3, 6, 9)  # kombu's priority steps; step 0 is served first
 BINDING_PREFIX = "_kombu.binding."
+NODES = "qops.nodes"  # sorted set: node name -> alive until (unix time, the server's)
+NODES_INFO = "qops.nodes.info"  # hash: node name -> JSON info
+NODE_SWEEP_EVERY = 60.0  # seconds between live_nodes() calls that forget expired nodes
 
 # How long one BLMOVE waits on a single list before the consumer checks every list again.
 # A message on the list being waited on wakes the consumer at once; one on another list
 # (another queue, or a priority step) waits at most this long when the consumer is idle.
 WAIT_SLICE = 0.1
+# A reply consumer waits on its one list, where BRPOP wakes at once on a push: the slice
+# only bounds how long close() from another thread takes to be noticed.
+REPLY_WAIT_SLICE = 1.0
+# When less than half of a consumer's prefetch is free and messages are in hand, get()
+# waits up to this long for more acks before it reserves, so that one round trip takes
+# (and acks) several messages instead of one each.
+LINGER = 0.002
+# A queued ack waits for the next reserve to carry it to Redis at most about this long
+# while get() is being called (once the consumer is idle in BLMOVE: one WAIT_SLICE).
+ACK_DELAY = 0.1
 
 # Errors that mean "the broker is not there or refused us" (AuthenticationError and
 # BusyLoadingError are ConnectionError subclasses in redis-py).
@@ -168,6 +201,13 @@ class RedisTransport(Transport):
         self._lua_reject = self._client.register_script(_load_script("redis_reject.lua"))
         self._lua_restore = self._client.register_script(_load_script("redis_restore.lua"))
         self._lua_dlq_requeue = self._client.register_script(_load_script("redis_dlq_requeue.lua"))
+        self._lua_register_node = self._client.register_script(
+            _load_script("redis_register_node.lua"))
+        self._lua_live_nodes = self._client.register_script(_load_script("redis_live_nodes.lua"))
+        self._lua_lock_renew = self._client.register_script(_load_script("redis_lock_renew.lua"))
+        self._lua_lock_release = self._client.register_script(
+            _load_script("redis_lock_release.lua"))
+        self._nodes_swept = 0.0  # when live_nodes() last forgot expired nodes
         # Queues whose kombu binding this transport has already written (kombu caches
         # declarations the same way): publishing then costs one LPUSH.
         self._bound: set[str] = set()
@@ -263,6 +303,34 @@ class RedisTransport(Transport):
                  consumer_id: str | None = None) -> Consumer:
         return RedisConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
 
+    def reply_consumer(self, name: str, *, exchange: str | None = None,
+                       routing_key: str | None = None) -> Consumer:
+        binding = None
+        if exchange and routing_key is not None:
+            # kombu's binding of a pidbox reply queue: a Celery node replying through
+            # ``exchange`` with ``routing_key`` looks it up and LPUSHes to our list.
+            binding = (self.key(BINDING_PREFIX + exchange), f"{routing_key}{SEP}{SEP}{name}")
+        return RedisReplyConsumer(self, name, uuid.uuid4().hex, binding)
+
+    def send_reply(self, name: str, message: Message) -> None:
+        # Always the base list: a reply queue has no priority steps.
+        props = {k: v for k, v in message.properties.items() if k != "priority"}
+        raw = encode_envelope(name, replace(message, properties=props))
+        self._check_size(f"reply queue {name!r}", raw)
+        # Pushed even when nobody listens (checking first would race with the consumer's
+        # close); the EXPIRE makes sure such a list does not stay behind.
+        pipe = self._client.pipeline(transaction=True)
+        pipe.lpush(self.key(name), raw)
+        pipe.expire(self.key(name), REPLY_TTL)
+        with self.guard(f"sending a reply to {name!r}"):
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                if isinstance(exc, _UNREACHABLE):
+                    raise
+                raise PublishError(f"Redis {self.safe_url()} refused the reply for "
+                                   f"{name!r}: {_one_line(exc)}") from None
+
     def purge(self, queue: str) -> int:
         keys = self.queue_keys(queue)
         # LLEN + DEL in one MULTI, as Celery does: nothing pushed in between is lost
@@ -319,7 +387,10 @@ class RedisTransport(Transport):
         """Every queue named in a ``_kombu.binding.*`` set (the third field of members)."""
         client = self._client
         pattern = _glob_escape(self.key(BINDING_PREFIX)) + "*"
-        keys = list(client.scan_iter(match=pattern, count=1000, _type="SET"))
+        # Reply exchanges (``reply.<mailbox>``) bind temporary reply queues: not queues.
+        replies = self.key(BINDING_PREFIX + "reply.").encode()
+        keys = [k for k in client.scan_iter(match=pattern, count=1000, _type="SET")
+                if not bytes(k).startswith(replies)]
         names: set[str] = set()
         if not keys:
             return names
@@ -393,22 +464,65 @@ class RedisTransport(Transport):
     def channel_name(self, channel: str) -> str:
         return self.key(f"/{self.db}.{channel}")
 
-    def broadcast(self, channel: str, message: Message) -> None:
-        # kombu's fanout envelope: exchange = the channel before any '/<routing key>'.
-        exchange, _, routing_key = channel.partition("/")
-        raw = encode_envelope(routing_key, message, exchange=exchange)
+    def broadcast(self, channel: str, message: Message, *,
+                  routing_key: str | None = None) -> None:
+        # kombu's fanout layout: '/<db>.<exchange>', with fanout_patterns (Celery's
+        # events) '/<db>.<exchange>/<routing key>'; the envelope names both.
+        raw = encode_envelope(routing_key or "", message, exchange=channel)
         self._check_size(f"channel {channel!r}", raw)
+        name = self.channel_name(channel)
+        if routing_key:
+            name = f"{name}/{routing_key}"
         with self.guard(f"broadcasting on {channel!r}"):
             try:
-                self._client.publish(self.channel_name(channel), raw)
+                self._client.publish(name, raw)
             except redis.RedisError as exc:
                 if isinstance(exc, _UNREACHABLE):
                     raise
                 raise PublishError(f"Redis {self.safe_url()} refused the broadcast on "
                                    f"{channel!r}: {_one_line(exc)}") from None
 
-    def subscribe(self, channel: str) -> Subscription:
-        return RedisSubscription(self, channel)
+    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+        return RedisSubscription(self, channel, pattern)
+
+    # -- the live-node registry -----------------------------------------------------------
+    def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        keys = [self.key(NODES), self.key(NODES_INFO)]
+        with self.guard("registering the node"):
+            self._lua_register_node(keys=keys, args=[name, repr(float(ttl)),
+                                                     json.dumps(info, default=str)])
+
+    def unregister_node(self, name: str) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zrem(self.key(NODES), name)
+        pipe.hdel(self.key(NODES_INFO), name)
+        with self.guard("unregistering the node"):
+            pipe.execute()
+
+    def live_nodes(self) -> list[str]:
+        now = time.monotonic()
+        sweep = now - self._nodes_swept >= NODE_SWEEP_EVERY
+        with self.guard("listing live nodes"):
+            names = cast("list[bytes]", self._lua_live_nodes(
+                keys=[self.key(NODES), self.key(NODES_INFO)], args=["1" if sweep else "0"]))
+        if sweep:
+            self._nodes_swept = now
+        return sorted(n.decode("utf-8", "replace") for n in names)
+
+    # -- locks (one beat per schedule) ---------------------------------------------------
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """``SET NX PX`` takes it; the owner renews it with a script that checks the
+        value, so a lock that expired and was taken by another is never renewed."""
+        key = self.key(f"qops.lock.{name}")
+        ms = max(1, int(ttl * 1000))
+        with self.guard(f"taking the lock {name!r}"):
+            if self._client.set(key, owner, nx=True, px=ms):
+                return True
+            return bool(self._lua_lock_renew(keys=[key], args=[owner, ms]))
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self.guard(f"releasing the lock {name!r}"):
+            self._lua_lock_release(keys=[self.key(f"qops.lock.{name}")], args=[owner])
 
     # -- dead letters -------------------------------------------------------------------
     def dlq_record(self, queue: str, raw: bytes, reason: str) -> tuple[str, str, float]:
@@ -501,11 +615,102 @@ def _raw_step(raw: bytes) -> int:
         return 0
 
 
+def _bulk(arg: bytes | str | int | float) -> bytes:
+    """One RESP bulk string."""
+    if isinstance(arg, bytes):
+        b = arg
+    elif isinstance(arg, str):
+        b = arg.encode("utf-8")
+    elif isinstance(arg, int):
+        b = b"%d" % arg
+    else:
+        b = repr(arg).encode("ascii")
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def _pack(args: Sequence[bytes | str | int | float]) -> bytes:
+    """A command in RESP, as redis-py's packer would write it."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+
+
+class _Link:
+    """One connection owned by one thread (a consumer's get loop), used without redis-py's
+    client and pool layers: no pool checkout, pid check or retry wrapper per command.
+    Commands are never retried (see RedisConsumer); any failure other than an error reply
+    drops the connection, and the next command connects again."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._conn = cast("redis.Connection", pool.make_connection())
+
+    def send(self, packed: bytes) -> Any:
+        conn = self._conn
+        try:
+            conn.send_packed_command([packed], check_health=False)
+            return conn.read_response()
+        except redis.ResponseError:
+            raise  # an error reply: the connection is in step and stays usable
+        except BaseException:
+            conn.disconnect()
+            raise
+
+    def call(self, *args: bytes | str | int | float) -> Any:
+        return self.send(_pack(args))
+
+    def many(self, commands: list[list[bytes | str | int | float]]) -> list[Any]:
+        """Several commands in one round trip (a pipeline, not a transaction)."""
+        if not commands:
+            return []
+        conn = self._conn
+        try:
+            conn.send_packed_command([b"".join(_pack(c) for c in commands)],
+                                      check_health=False)
+            return [conn.read_response() for _ in commands]
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse the stream
+            raise
+
+    def script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA, falling back to EVAL when the server does not know the script (it
+        did not run then, so running it once now is safe)."""
+        try:
+            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.call("EVAL", script.script, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        self._conn.disconnect()
+
+
+@dataclass
+class _Plan:
+    """The reserve command for the current candidate lists, packed once: only the room,
+    the list to block on and the acks change from call to call."""
+
+    names: list[str]
+    index: dict[str, int]  # list name -> k (1-based) in names
+    keys: list[str]
+    static_args: list[str]  # ARGV before the changing part
+    packed: bytes  # numkeys, keys and static_args in RESP
+    count: int  # how many RESP items ``packed`` holds
+
+
 class RedisConsumer(Consumer):
     """Reserves from Redis lists into per-source in-flight lists (see the module doc).
 
-    ``get`` runs on one thread and uses its own connection (BLMOVE blocks it); ack,
-    requeue, reject and heartbeat come from any thread through the transport's pool."""
+    ``get`` runs on one thread and talks to Redis over a connection of its own (a
+    ``_Link``; BLMOVE blocks it). ``ack`` does not talk to Redis: it queues the ack, and
+    the next reserve carries it in the same script and round trip (``redis_reserve.lua``
+    removes the acked payloads from flight, then takes more). A queued ack waits at most
+    about ``ACK_DELAY`` (one BLMOVE slice when idle); ``heartbeat()`` and ``close()``
+    flush what is queued too. A queued ack counts as settled for the prefetch, and if
+    the process dies before the flush the message runs again (at least once, as for any
+    crash before an ack). Acks made on the thread that calls get() (early acks, see
+    ``_flush_now``) are sent at once. requeue, reject and heartbeat go through the
+    transport's pool.
+
+    Reserving in batches: when less than half the prefetch is free and messages are in
+    hand, get() waits up to ``LINGER`` for more acks, so that one round trip takes (and
+    acks) several messages instead of one each."""
 
     transport: RedisTransport
 
@@ -514,21 +719,27 @@ class RedisConsumer(Consumer):
         self.transport = transport
         self.id = cid
         self._queues = list(dict.fromkeys(queues))
-        self._gate = PrefetchGate(prefetch)
-        self._lock = threading.Lock()
+        self._limit = max(1, prefetch)
+        self._batch = max(1, self._limit // 2)
+        # Guards the books below; get() waits on it for room, ack() notifies it.
+        self._lock = threading.Condition(threading.Lock())
         # Held for the whole of get(): close() takes it so that it never unregisters the
         # consumer while a reserve/BLMOVE may still add to its in-flight lists.
         self._get_lock = threading.Lock()
-        self._wake = threading.Event()
         self._closed = False
         # Already in flight on the server, not yet handed out (a reserve batch).
         self._cache: deque[tuple[str, bytes]] = deque()
         # Handed out and not yet settled: seq -> (list name, raw).
         self._unsettled: dict[int, tuple[str, bytes]] = {}
+        # Acked, not yet removed from flight on the server: (list name, raw).
+        self._acks: list[tuple[str, bytes]] = []
+        self._acks_since = 0.0  # monotonic time of the oldest queued ack
         self._seq = 0
         self._rotation = 0
         self._resync_needed = False
         self._last_beat = 0.0
+        self._plan: _Plan | None = None  # rebuilt when the queues change
+        self._get_thread = 0  # ident of the thread that calls get()
         # Every list name this consumer may hold messages from; re-registered by heartbeat().
         self._used: set[str] = set(self._candidates())
         self._alive_value = f"{os.getpid()}@{socket.gethostname()}"
@@ -537,7 +748,7 @@ class RedisConsumer(Consumer):
         self._pool = transport._make_pool(
             Retry(NoBackoff(), 0),
             socket_timeout=max(1.0, transport.options.connect_timeout) + WAIT_SLICE)
-        self._conn = redis.Redis(connection_pool=self._pool)
+        self._link = _Link(self._pool)
         transport.bind(self._queues)
         self.heartbeat()
 
@@ -550,21 +761,41 @@ class RedisConsumer(Consumer):
     def _inflight(self, name: str) -> str:
         return self.transport.inflight_key(self.id, name)
 
+    def _make_plan(self) -> _Plan:
+        t = self.transport
+        names = self._candidates()
+        keys = [t.key("qops.consumers"), t.key(f"qops.sources.{self.id}")]
+        for name in names:
+            keys += [t.key(name), self._inflight(name)]
+        static_args = [str(len(names)), self.id, *names]
+        items: list[str | int] = [len(keys), *keys, *static_args]
+        return _Plan(names, {n: k for k, n in enumerate(names, 1)}, keys, static_args,
+                     b"".join(_bulk(i) for i in items), len(items))
+
     @property
     def queues(self) -> list[str]:
         with self._lock:
             return list(self._queues)
 
+    def _room(self) -> int:
+        """Free prefetch slots (call with the lock held)."""
+        return self._limit - len(self._cache) - len(self._unsettled)
+
     # -- reserving ----------------------------------------------------------------------
     def get(self, timeout: float) -> Delivery | None:
         deadline = time.monotonic() + max(0.0, timeout)
         beat_every = self.transport.options.heartbeat_interval
+        linger_until = 0.0
         with self._get_lock:
+            self._get_thread = threading.get_ident()
             while True:
+                now = time.monotonic()
+                left = deadline - now
                 with self._lock:
                     if self._closed:
                         return None
-                    if self._cache:
+                    acks_due = bool(self._acks) and now - self._acks_since >= ACK_DELAY
+                    if self._cache and not acks_due:
                         # Booked as handed out under the lock; decoded outside it so
                         # acks from other threads never wait for a big JSON parse.
                         name, raw = self._cache.popleft()
@@ -573,74 +804,122 @@ class RedisConsumer(Consumer):
                         tag = _Tag(self._seq, name)
                     else:
                         tag = None
-                    names = self._candidates()
-                    nqueues = len(self._queues)
+                        room = self._room()
+                        if not acks_due:
+                            if room == 0:
+                                if left <= 0:
+                                    return None
+                                # Waits in slices so that close() is noticed quickly.
+                                self._lock.wait(min(left, WAIT_SLICE))
+                                continue
+                            if room < self._batch and left > 0:
+                                if not linger_until:
+                                    linger_until = now + LINGER
+                                wait = min(linger_until, deadline) - now
+                                if wait > 0:
+                                    self._lock.wait_for(self._batch_ready, wait)
+                                    continue
+                        if self._plan is None:
+                            self._plan = self._make_plan()
+                        plan = self._plan
+                        nqueues = len(self._queues)
                 if tag is not None:
                     return _make_delivery(tag.name, raw, tag)
-                left = deadline - time.monotonic()
-                if self._gate.room() == 0:
-                    # Waits in slices so that close() is noticed quickly.
-                    if left <= 0:
-                        return None
-                    self._gate.wait_for_room(min(left, WAIT_SLICE))
-                    continue
-                if not names:
-                    if left <= 0:
-                        return None
-                    self._wake.wait(min(left, WAIT_SLICE))
-                    self._wake.clear()
-                    continue
+                linger_until = 0.0
                 try:
                     if time.monotonic() - self._last_beat >= beat_every:
                         self.heartbeat()  # get() running proves we live, too
                     if self._resync_needed:
                         self._resync()
+                    if acks_due and (self._cache or room == 0 or not plan.names):
+                        self._exchange(plan, 0, 0)  # only the acks
+                        continue
+                    if not plan.names:
+                        if left <= 0:
+                            return None
+                        with self._lock:
+                            self._lock.wait(min(left, WAIT_SLICE))
+                        continue
                     wait_k = 0
                     if left > 0:
                         # Block on the base list of each queue in turn: the common case
                         # (one queue, no priority) always waits on the right list.
                         wait_k = self._rotation % nqueues + 1
                         self._rotation += 1
-                    if self._reserve(names, wait_k):
+                    if self._exchange(plan, room, wait_k):
                         continue
                     if left <= 0:
                         return None
-                    self._blmove(names[wait_k - 1], min(left, WAIT_SLICE))
+                    self._blmove(plan.names[wait_k - 1], min(left, WAIT_SLICE))
                 except _UNREACHABLE as exc:
                     # The reply may have been lost after Redis ran the command: messages
                     # may sit in our in-flight lists unknown to us. Reconcile next time.
                     self._resync_needed = True
                     raise self.transport.unreachable(exc, "reserving messages") from exc
 
-    def _reserve(self, names: list[str], wait_k: int) -> bool:
-        """Run the reserve script for up to ``room`` messages; True if any were taken."""
+    def _batch_ready(self) -> bool:
+        return self._closed or self._room() >= self._batch
+
+    def _take_acks(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            acks, self._acks = self._acks, []
+        return acks
+
+    def _put_back_acks(self, acks: list[tuple[str, bytes]]) -> None:
+        """A flush failed: keep its acks queued (first, and due at once)."""
+        if acks:
+            with self._lock:
+                self._acks[:0] = acks
+                self._acks_since = time.monotonic() - ACK_DELAY
+
+    def _exchange(self, plan: _Plan, room: int, wait_k: int) -> bool:
+        """One round trip: flush the queued acks, then reserve up to ``room`` messages
+        (none when 0). True if any were taken."""
+        acks = self._take_acks()
+        tail: list[bytes] = [_bulk(room), _bulk(wait_k)]
+        others: list[list[bytes | str | int | float]] = []
+        for name, raw in acks:
+            k = plan.index.get(name)
+            if k is None:  # from a queue no longer consumed (cancel_queue): rare
+                others.append(["LREM", self._inflight(name), -1, raw])
+            else:
+                tail += [_bulk(k), _bulk(raw)]
         t = self.transport
-        room = self._gate.room()
-        keys = [t.key("qops.consumers"), t.key(f"qops.sources.{self.id}")]
-        for name in names:
-            keys += [t.key(name), self._inflight(name)]
-        res = cast("list[Any]", t._lua_reserve(
-            keys=keys, args=[room, self.id, wait_k, *names], client=self._conn))
+        script = t._lua_reserve
+        count = 2 + plan.count + len(tail)
+        rest = plan.packed + b"".join(tail)
+        try:
+            self._link.many(others)
+            try:
+                res = self._link.send(b"*%d\r\n" % count + _bulk("EVALSHA") +
+                                      _bulk(cast("str", script.sha)) + rest)
+            except redis.exceptions.NoScriptError:  # did not run: run it once, with EVAL
+                res = self._link.send(b"*%d\r\n" % count + _bulk("EVAL") +
+                                      _bulk(cast("str", script.script)) + rest)
+        except BaseException:
+            self._put_back_acks(acks)
+            raise
         if not res:
             return False
-        got = [(names[int(res[i]) - 1], bytes(res[i + 1])) for i in range(0, len(res), 2)]
-        self._taken(got)
+        names = plan.names
+        self._taken([(names[int(res[i]) - 1], bytes(res[i + 1]))
+                     for i in range(0, len(res), 2)])
         return True
 
     def _blmove(self, name: str, wait: float) -> None:
         # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.
         wait = max(0.01, round(wait, 3))
-        raw = self._conn.execute_command("BLMOVE", self.transport.key(name),
-                                         self._inflight(name), "RIGHT", "LEFT", wait)
+        raw = self._link.call("BLMOVE", self.transport.key(name), self._inflight(name),
+                              "RIGHT", "LEFT", wait)
         if raw is not None:
             self._taken([(name, bytes(raw))])
 
     def _taken(self, got: list[tuple[str, bytes]]) -> None:
-        """Messages are now in our in-flight lists: count them and cache them."""
+        """Messages are now in our in-flight lists: cache them (they count against the
+        prefetch from now on)."""
         with self._lock:
             closed = self._closed
             if not closed:
-                self._gate.take(len(got))
                 self._cache.extend(got)
         if closed:
             # close() ran while the command was on its way: the messages landed in
@@ -652,23 +931,22 @@ class RedisConsumer(Consumer):
         a command whose reply was lost). Settled-while-we-look ones are harmless: the
         requeue script pushes only what it actually removed from flight."""
         t = self.transport
-        listed = cast("set[bytes]", self._conn.smembers(t.key(f"qops.sources.{self.id}")))
+        listed = cast("list[bytes]", self._link.call("SMEMBERS",
+                                                     t.key(f"qops.sources.{self.id}")))
         with self._lock:
             used = set(self._used)
         names = sorted(used | {n.decode("utf-8", "replace") for n in listed})
-        pipe = self._conn.pipeline(transaction=False)
-        for name in names:
-            pipe.lrange(self._inflight(name), 0, -1)
-        held = pipe.execute()
+        held = self._link.many([["LRANGE", self._inflight(name), 0, -1] for name in names])
         with self._lock:
-            known = Counter(self._cache) + Counter(self._unsettled.values())
+            # Queued acks are still in flight on the server: known, not orphans.
+            known = (Counter(self._cache) + Counter(self._unsettled.values()) +
+                     Counter(self._acks))
         for name, items in zip(names, held, strict=True):
             for raw in items:
                 if known[(name, raw)] > 0:
                     known[(name, raw)] -= 1
                     continue
-                t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw],
-                           client=self._conn)
+                self._link.script(t._lua_requeue, [self._inflight(name), t.key(name)], [raw])
         self._resync_needed = False
 
     # -- settling -------------------------------------------------------------------------
@@ -683,21 +961,51 @@ class RedisConsumer(Consumer):
         return tag.seq, entry[0], entry[1]
 
     def _settled(self, seq: int) -> None:
-        # Dropped from the books only once Redis has done it, so a failed ack can be retried.
+        # Dropped from the books only once Redis has done it, so a failed call can be retried.
         with self._lock:
             if self._unsettled.pop(seq, None) is not None:
-                self._gate.release()
+                self._lock.notify_all()
 
     def ack(self, delivery: Delivery) -> None:
-        entry = self._entry(delivery)
-        if entry is None:
-            return
-        seq, name, raw = entry
-        # Count -1: scan from the right, where the oldest in-flight messages are.
-        with self.transport.guard("acknowledging a message"):
-            # (redis-py sends bytes as they are; its annotation only says str)
-            self.transport._client.lrem(self._inflight(name), -1, cast("str", raw))
-        self._settled(seq)
+        """Queue the ack: get() sends it with its next reserve (see the class doc)."""
+        tag = delivery.tag
+        if not isinstance(tag, _Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            entry = self._unsettled.pop(tag.seq, None)
+            if entry is None:  # settled already (or the consumer was closed)
+                return
+            if not self._acks:
+                self._acks_since = time.monotonic()
+            self._acks.append(entry)
+            self._lock.notify_all()
+        if threading.get_ident() == self._get_thread:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        """Send the queued acks at once, from the consumer thread between two get()s.
+
+        An ack made there is an early ack (acks_late=False: the worker acks before the
+        task runs, for at most once), and the task starts right after it: waiting for the
+        next reserve would leave a window in which a crash runs it again. Late acks come
+        from pool threads and stay queued. If Redis fails now, the ack stays queued for
+        the next reserve: raising would stop the caller from running a task whose ack is
+        already booked."""
+        if not self._get_lock.acquire(blocking=False):
+            return  # close() is running: it flushes
+        try:
+            with self._lock:
+                if self._closed or not self._acks:
+                    return
+                if self._plan is None:
+                    self._plan = self._make_plan()
+                plan = self._plan
+            self._exchange(plan, 0, 0)
+        except _UNREACHABLE as exc:
+            log.warning("could not send an ack to Redis now (%s); it goes with the next "
+                        "reserve", _one_line(exc))
+        finally:
+            self._get_lock.release()
 
     def requeue(self, delivery: Delivery) -> None:
         entry = self._entry(delivery)
@@ -723,10 +1031,20 @@ class RedisConsumer(Consumer):
                           args=[raw, dl_id, record, now])
         self._settled(seq)
 
+    def _flush_acks(self, pipe: Any) -> list[tuple[str, bytes]]:
+        """Add the queued acks to ``pipe`` (a pipeline of the transport's client); the
+        caller puts them back if it fails."""
+        acks = self._take_acks()
+        for name, raw in acks:
+            # (redis-py sends bytes as they are; its annotation only says str)
+            pipe.lrem(self._inflight(name), -1, cast("str", raw))
+        return acks
+
     # -- liveness and queues ---------------------------------------------------------------
     def heartbeat(self) -> None:
         """Refresh the alive key and (re-)register: if a late heartbeat let recover()
-        unregister this consumer, registering again keeps new reservations recoverable."""
+        unregister this consumer, registering again keeps new reservations recoverable.
+        Flushes the queued acks in the same round trip."""
         with self._lock:
             if self._closed:
                 return
@@ -740,8 +1058,13 @@ class RedisConsumer(Consumer):
         pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping={
             "queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()})
         pipe.sadd(t.key(f"qops.sources.{self.id}"), *used)
-        with t.guard("sending the consumer heartbeat"):
-            pipe.execute()
+        acks = self._flush_acks(pipe)
+        try:
+            with t.guard("sending the consumer heartbeat"):
+                pipe.execute()
+        except BaseException:
+            self._put_back_acks(acks)
+            raise
         self._last_beat = time.monotonic()
 
     def add_queue(self, queue: str) -> None:
@@ -750,15 +1073,18 @@ class RedisConsumer(Consumer):
                 return
             self._queues.append(queue)
             self._used.update(self._candidates())
+            self._plan = None
         self.transport.bind([queue])
         self.heartbeat()  # records the new queue and its lists
-        self._wake.set()
+        with self._lock:
+            self._lock.notify_all()
 
     def cancel_queue(self, queue: str) -> None:
         with self._lock:
             if queue not in self._queues:
                 return
             self._queues.remove(queue)
+            self._plan = None
         # Its lists stay in _used: messages already taken from it are still in flight.
         self.heartbeat()
 
@@ -769,13 +1095,160 @@ class RedisConsumer(Consumer):
             self._closed = True
             self._cache.clear()
             self._unsettled.clear()
-        self._wake.set()
+            self._lock.notify_all()
         # get() notices _closed within one wait slice; past a generous bound, give back
         # anyway (_taken() restores again if a late command still lands something).
         got_lock = self._get_lock.acquire(timeout=max(5.0, self.transport.options.connect_timeout))
         try:
-            with self.transport.guard("giving back reserved messages"):
-                self.transport.restore(self.id, only_if_dead=False)
+            t = self.transport
+            pipe = t._client.pipeline(transaction=True)
+            acks = self._flush_acks(pipe)
+            with t.guard("giving back reserved messages"):
+                if acks:  # acked messages must not go back with the rest
+                    pipe.execute()
+                t.restore(self.id, only_if_dead=False)
+        finally:
+            if got_lock:
+                self._get_lock.release()
+            self._link.close()
+            self._pool.disconnect()
+
+
+class RedisReplyConsumer(Consumer):
+    """Pops replies off one list (see the module doc), up to the prefetch at a time.
+    ``get`` blocks with BRPOP on a connection of its own, in slices so that ``close()``
+    from another thread is noticed. Settling does not touch Redis: the reply was taken
+    off the list already, and this consumer is its only reader."""
+
+    transport: RedisTransport
+
+    def __init__(self, transport: RedisTransport, name: str, cid: str,
+                 binding: tuple[str, str] | None = None) -> None:
+        self.transport = transport
+        self.id = cid
+        self.name = name
+        self._key = transport.key(name)
+        self._binding = binding  # (set key, member) of a kombu reply binding, if any
+        if binding is not None:
+            with transport.guard(f"binding the reply queue {name!r}"):
+                transport._client.sadd(binding[0], binding[1])
+        self._gate = PrefetchGate(REPLY_PREFETCH)
+        self._lock = threading.Lock()
+        self._get_lock = threading.Lock()
+        self._closed = False
+        self._cache: deque[bytes] = deque()  # popped, not handed out yet
+        self._unsettled: dict[int, bytes] = {}
+        self._seq = 0
+        self._last_beat = 0.0
+        # No retries: a retried pop whose first reply was lost would lose that reply.
+        self._pool = transport._make_pool(
+            Retry(NoBackoff(), 0),
+            socket_timeout=max(1.0, transport.options.connect_timeout) + REPLY_WAIT_SLICE)
+        self._conn = redis.Redis(connection_pool=self._pool)
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.name]
+
+    def get(self, timeout: float) -> Delivery | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._get_lock:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return None
+                    if self._cache:
+                        raw = self._cache.popleft()
+                        self._seq += 1
+                        self._unsettled[self._seq] = raw
+                        return _make_delivery(self.name, raw, _Tag(self._seq, self.name))
+                left = deadline - time.monotonic()
+                room = self._gate.room()
+                if room == 0:
+                    if left <= 0:
+                        return None
+                    self._gate.wait_for_room(min(left, REPLY_WAIT_SLICE))
+                    continue
+                with self.transport.guard("reading replies"):
+                    if time.monotonic() - self._last_beat >= \
+                            self.transport.options.heartbeat_interval:
+                        self.heartbeat()
+                    got = cast("list[bytes] | None", self._conn.rpop(self._key, room))
+                    if not got and left > 0:
+                        # BRPOP's timeout is in seconds (a double since Redis 6); 0 = forever
+                        wait = max(0.01, round(min(left, REPLY_WAIT_SLICE), 3))
+                        popped = cast("tuple[bytes, bytes] | None",
+                                      self._conn.brpop([self._key], wait))
+                        got = [popped[1]] if popped else None
+                if got:
+                    self._taken([bytes(r) for r in got])
+                elif left <= 0:
+                    return None
+
+    def _taken(self, got: list[bytes]) -> None:
+        with self._lock:
+            if self._closed:
+                return  # the queue is gone: so are its replies
+            self._gate.take(len(got))
+            self._cache.extend(got)
+
+    def _unsettle(self, delivery: Delivery) -> bytes | None:
+        tag = delivery.tag
+        if not isinstance(tag, _Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            return self._unsettled.pop(tag.seq, None)
+
+    def ack(self, delivery: Delivery) -> None:
+        if self._unsettle(delivery) is not None:
+            self._gate.release()
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Back at the head of the queue: this consumer is its only reader and holds
+        what it popped ahead of it, so the head is the front of its own cache (still
+        counted against the prefetch, as the cache is)."""
+        raw = self._unsettle(delivery)
+        if raw is None:
+            return
+        with self._lock:
+            if not self._closed:
+                self._cache.appendleft(raw)
+                return
+        self._gate.release()
+
+    def heartbeat(self) -> None:
+        """Keep unread replies from expiring while their reader lives (a list that is
+        empty does not exist, and needs nothing)."""
+        if self._closed:
+            return
+        with self.transport.guard("refreshing the reply queue"):
+            self.transport._client.expire(self._key, REPLY_TTL)
+        self._last_beat = time.monotonic()
+
+    def add_queue(self, queue: str) -> None:
+        raise UsageError("a reply consumer reads its reply queue only")
+
+    def cancel_queue(self, queue: str) -> None:
+        raise UsageError("a reply consumer reads its reply queue only")
+
+    def close(self) -> None:
+        """Delete the reply queue with whatever it still holds."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cache.clear()
+            self._unsettled.clear()
+        # A get() in another thread notices _closed within one wait slice; disconnecting
+        # its connection under it would make it fail instead.
+        got_lock = self._get_lock.acquire(timeout=REPLY_WAIT_SLICE + 1.0)
+        try:
+            pipe = self.transport._client.pipeline(transaction=True)
+            pipe.delete(self._key)
+            if self._binding is not None:
+                pipe.srem(self._binding[0], self._binding[1])
+            with self.transport.guard("deleting the reply queue"):
+                pipe.execute()
         finally:
             if got_lock:
                 self._get_lock.release()
@@ -798,26 +1271,58 @@ def _make_delivery(name: str, raw: bytes, tag: _Tag) -> Delivery:
     return d
 
 
-class RedisSubscription(Subscription):
-    """PSUBSCRIBE on ``/<db>.<channel>`` (a pattern, as kombu does, so event channels like
-    ``qopsev/*`` work). Has its own connection for as long as it lives."""
+def topic_glob(pattern: str) -> str:
+    """A Redis glob matching at least the routing keys the topic ``pattern`` matches.
 
-    def __init__(self, transport: RedisTransport, channel: str) -> None:
+    ``*`` and ``#`` become ``*`` (kombu's fanout_patterns); a ``#`` also swallows the
+    dot beside it, so that it can match zero words (``task.#`` -> ``task*`` matches
+    ``task``). Redis's ``*`` matches more than a topic word does: the subscriber filters
+    precisely with ``topic_matches``."""
+    out = ""
+    prev_hash = True  # no dot before the first word
+    for word in pattern.split("."):
+        if word == "#":
+            out += "*"
+            prev_hash = True
+            continue
+        if not prev_hash:
+            out += "."
+        out += "*" if word == "*" else _glob_escape(word)
+        prev_hash = False
+    return out
+
+
+class RedisSubscription(Subscription):
+    """Without a pattern, SUBSCRIBE to exactly ``/<db>.<channel>`` (kombu's fanout
+    channel); with one, PSUBSCRIBE to ``/<db>.<channel>/<glob>`` (kombu's fanout_patterns
+    layout, Celery's events) and keep the routing keys that match the topic ``pattern``.
+    Has its own connection for as long as it lives."""
+
+    def __init__(self, transport: RedisTransport, channel: str,
+                 pattern: str | None = None) -> None:
         self.transport = transport
         self.channel = channel
+        self.pattern = pattern
+        self._base = transport.channel_name(channel)
         self._pubsub = transport._client.pubsub()
         try:
-            self._confirm(transport.channel_name(channel))
+            self._confirm()
         except BaseException:
             self.close()  # give its connection back to the pool
             raise
 
-    def _confirm(self, name: str) -> None:
+    def _confirm(self) -> None:
         transport, channel = self.transport, self.channel
         with transport.guard(f"subscribing to {channel!r}"):
-            self._pubsub.psubscribe(name)
+            if self.pattern is None:
+                self._pubsub.subscribe(self._base)
+                expect = "subscribe"
+            else:
+                self._pubsub.psubscribe(
+                    _glob_escape(self._base) + "/" + topic_glob(self.pattern))
+                expect = "psubscribe"
             # Wait for the confirmation: broadcasts sent after subscribe() returns must
-            # reach us, and Redis only routes them once it has processed PSUBSCRIBE.
+            # reach us, and Redis only routes them once it has processed the command.
             deadline = time.monotonic() + transport.options.connect_timeout
             while True:
                 left = deadline - time.monotonic()
@@ -827,8 +1332,19 @@ class RedisSubscription(Subscription):
                         f"subscription to {channel!r} within {transport.options.connect_timeout}s; "
                         "check the server's load and the network")
                 m = self._pubsub.get_message(timeout=left)
-                if m is not None and m["type"] == "psubscribe":
+                if m is not None and m["type"] == expect:
                     break
+
+    def _wanted(self, m: dict[str, Any]) -> bool:
+        if m["type"] == "message":
+            return self.pattern is None
+        if m["type"] != "pmessage" or self.pattern is None:
+            return False
+        name = m["channel"]
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        head = self._base + "/"
+        return name.startswith(head) and topic_matches(self.pattern, name[len(head):])
 
     def get(self, timeout: float) -> Message | None:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -837,7 +1353,7 @@ class RedisSubscription(Subscription):
                 left = deadline - time.monotonic()
                 m = self._pubsub.get_message(ignore_subscribe_messages=True,
                                              timeout=max(0.0, left))
-                if m is not None and m["type"] in ("message", "pmessage"):
+                if m is not None and self._wanted(m):
                     try:
                         return decode_envelope(m["data"])
                     except Exception as exc:  # a bad broadcast must not stop the listener

@@ -1,4 +1,5 @@
--- Reserve up to ARGV[1] messages for one consumer, in one atomic step.
+-- Settle the acked messages, then reserve up to `want` more for one consumer, in one
+-- atomic step and one round trip.
 --
 -- Taking a message and recording it in flight happen in the same script, so no crash
 -- (of the worker, the connection or Redis itself) can leave a message in neither place.
@@ -7,16 +8,25 @@
 -- KEYS[2]        qops.sources.<cid> (set of list names this consumer may hold messages from)
 -- KEYS[2k+1]     k-th candidate list, in service order (priority step first, then queue)
 -- KEYS[2k+2]     the consumer's in-flight list for that candidate
--- ARGV[1]        how many messages to take at most (the room left under prefetch)
+-- ARGV[1]        n, the number of candidate lists
 -- ARGV[2]        consumer id
--- ARGV[3]        k of the list the caller will block on (BLMOVE) if nothing is ready, or 0
--- ARGV[3+k]      name (without key prefix) of the k-th candidate list
+-- ARGV[2+k]      name (without key prefix) of the k-th candidate list
+-- ARGV[n+3]      how many messages to take at most (the room left under prefetch; 0 = none)
+-- ARGV[n+4]      k of the list the caller will block on (BLMOVE) if nothing is ready, or 0
+-- ARGV[n+5...]   acks, two arguments each: k of the list the message came from, payload
 --
--- Returns a flat array {k, payload, k, payload, ...} in the order taken.
+-- Returns a flat array {k, payload, k, payload, ...} of what was taken, in that order.
 
-local want = tonumber(ARGV[1])
-local n = (#KEYS - 2) / 2
+local n = tonumber(ARGV[1])
+local want = tonumber(ARGV[n + 3])
+local wait = tonumber(ARGV[n + 4])
 local out = {}
+
+-- Acks first: each removes one copy of its payload from the in-flight list it sits in,
+-- scanning from the right, where the oldest messages are.
+for i = n + 5, #ARGV, 2 do
+    redis.call('LREM', KEYS[2 * tonumber(ARGV[i]) + 2], -1, ARGV[i + 1])
+end
 
 -- Re-register on every call: if this consumer was wrongly declared dead (recover() ran
 -- while its heartbeat was late), what it takes now must still be findable by recover().
@@ -36,16 +46,15 @@ for k = 1, n do
             out[#out + 1] = k
             out[#out + 1] = raw
         end
-        redis.call('SADD', KEYS[2], ARGV[3 + k])
+        redis.call('SADD', KEYS[2], ARGV[2 + k])
         want = want - #got
     end
 end
 
 -- The caller is about to BLMOVE from this list into its in-flight list: record the
 -- source first so that a message moved there is covered by recover() as well.
-local wait = tonumber(ARGV[3])
 if #out == 0 and wait > 0 then
-    redis.call('SADD', KEYS[2], ARGV[3 + wait])
+    redis.call('SADD', KEYS[2], ARGV[2 + wait])
 end
 
 return out

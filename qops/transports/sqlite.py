@@ -5,10 +5,16 @@ WAL mode lets readers and one writer work at once; every reserve is one
 reserved row keeps the id of the consumer that holds it; consumers prove they are alive
 by moving their ``alive_until`` forward. ``recover()`` hands back the rows of consumers
 that are dead: their time ran out, or (same host) their process is gone.
+
+Reply queues are kept apart: a row in ``reply_queues`` (not in ``queues``, so they are
+never listed as work queues) names the queue and its one consumer. ``send_reply`` inserts
+a message only while that row exists; the consumer's ``close()`` deletes the row and
+its messages, and ``recover()`` does the same for a reply consumer whose process died.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -18,10 +24,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from qops.errors import BrokerUnreachable, PublishError, UsageError
 from qops.transports.base import (
+    REPLY_PREFETCH,
+    REPLY_TTL,
     Backoff,
     Consumer,
     DeadLetter,
@@ -33,6 +42,7 @@ from qops.transports.base import (
     TransportOptions,
     decode_envelope,
     encode_envelope,
+    topic_matches,
 )
 
 SCHEMA = """
@@ -52,14 +62,23 @@ CREATE TABLE IF NOT EXISTS consumers (
 );
 CREATE TABLE IF NOT EXISTS broadcasts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, payload BLOB NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL, routing_key TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY, info TEXT NOT NULL, alive_until REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, queue TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reply_queues (
+    name TEXT PRIMARY KEY, consumer TEXT NOT NULL, host TEXT, pid INTEGER, alive_until REAL
+);
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT PRIMARY KEY, status TEXT NOT NULL, data BLOB NOT NULL, expires REAL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL
 );
 """
 
@@ -88,19 +107,42 @@ class SQLiteDB:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = self.conn()
-            conn.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise BrokerUnreachable(f"cannot open SQLite broker {self.path}: {exc}") from None
+        # Several processes may create the file at once (multi start): switching to WAL
+        # and creating the schema can then meet "database is locked" without waiting on
+        # the busy handler, so try again for a while.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._init_schema(self.conn())
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise BrokerUnreachable(
+                        f"cannot open SQLite broker {self.path}: {exc}") from None
+                time.sleep(0.02)
+            except (OSError, sqlite3.Error) as exc:
+                raise BrokerUnreachable(
+                    f"cannot open SQLite broker {self.path}: {exc}") from None
+
+    @staticmethod
+    def _init_schema(conn: sqlite3.Connection) -> None:
+        conn.executescript(SCHEMA)
+        # files made by qops 0.1.0 before events had routing keys
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(broadcasts)")}
+        if "routing_key" not in columns:
+            conn.execute("ALTER TABLE broadcasts ADD COLUMN routing_key TEXT")
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = sqlite3.connect(str(self.path), timeout=self.timeout,
                                    isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error:
+                conn.close()
+                raise
             # WAL + NORMAL: a commit is durable against process crashes (what a queue
             # needs here); only a power loss may lose the last transactions.
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -177,6 +219,26 @@ class SQLiteTransport(Transport):
                  consumer_id: str | None = None) -> Consumer:
         return SQLiteConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
 
+    def reply_consumer(self, name: str, *, exchange: str | None = None,
+                       routing_key: str | None = None) -> Consumer:
+        # no Celery peers on SQLite: the kombu binding is not needed
+        return SQLiteReplyConsumer(self, name, uuid.uuid4().hex)
+
+    def send_reply(self, name: str, message: Message) -> None:
+        raw = encode_envelope(name, message)
+        if len(raw) > self.options.max_message_size:
+            raise PublishError(f"reply of {len(raw)} bytes is larger than the limit "
+                               f"({self.options.max_message_size} bytes)")
+        try:
+            with self.db.write() as conn:
+                # Only while the reply queue exists: a row for a queue whose consumer is
+                # gone would never be read nor deleted.
+                conn.execute("INSERT INTO messages (queue, priority, payload) SELECT ?, 0, ? "
+                             "WHERE EXISTS (SELECT 1 FROM reply_queues WHERE name = ?)",
+                             (name, raw, name))
+        except sqlite3.Error as exc:
+            raise PublishError(f"could not send a reply to {name!r}: {exc}") from None
+
     def purge(self, queue: str) -> int:
         with self.db.write() as conn:
             cur = conn.execute("DELETE FROM messages WHERE queue = ? AND consumer IS NULL",
@@ -198,7 +260,9 @@ class SQLiteTransport(Transport):
                 for q in names]
 
     def queue_exists(self, queue: str) -> bool:
-        row = self.db.conn().execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchone()
+        row = self.db.conn().execute(
+            "SELECT 1 FROM queues WHERE name = ? UNION ALL "
+            "SELECT 1 FROM reply_queues WHERE name = ?", (queue, queue)).fetchone()
         return row is not None
 
     def recover(self) -> int:
@@ -209,9 +273,24 @@ class SQLiteTransport(Transport):
                 "SELECT id, host, pid, alive_until FROM consumers"):
             if until < now or (host == HOST and pid and not _process_alive(pid)):
                 dead.append(cid)
+        # A reply consumer's rows are not orphans: it is not in ``consumers``.
         orphans = [r[0] for r in conn.execute(
             "SELECT DISTINCT consumer FROM messages WHERE consumer IS NOT NULL "
-            "AND consumer NOT IN (SELECT id FROM consumers)")]
+            "AND consumer NOT IN (SELECT id FROM consumers) "
+            "AND consumer NOT IN (SELECT consumer FROM reply_queues)")]
+        # A reply queue on this host lives as long as its process, however long that
+        # process leaves it idle; from another host we can only go by its last sign
+        # of life.
+        dead_replies = [(name, cid, until) for name, cid, host, pid, until in conn.execute(
+            "SELECT name, consumer, host, pid, alive_until FROM reply_queues")
+            if (not _process_alive(pid) if host == HOST and pid else until < now)]
+        if dead_replies:
+            with self.db.write() as conn:
+                for name, cid, until in dead_replies:
+                    # only if it is still the row we judged (no heartbeat since)
+                    if conn.execute("DELETE FROM reply_queues WHERE name = ? AND consumer = ? "
+                                    "AND alive_until = ?", (name, cid, until)).rowcount:
+                        conn.execute("DELETE FROM messages WHERE queue = ?", (name,))
         if not dead and not orphans:
             return 0
         moved = 0
@@ -224,16 +303,32 @@ class SQLiteTransport(Transport):
         return moved
 
     # -- fanout -------------------------------------------------------------------------
-    def broadcast(self, channel: str, message: Message) -> None:
+    def broadcast(self, channel: str, message: Message, *,
+                  routing_key: str | None = None) -> None:
         raw = encode_envelope(channel, message)
         now = time.time()
         with self.db.write() as conn:
-            conn.execute("INSERT INTO broadcasts (channel, payload, created) VALUES (?, ?, ?)",
-                         (channel, raw, now))
+            conn.execute("INSERT INTO broadcasts (channel, payload, created, routing_key) "
+                         "VALUES (?, ?, ?, ?)", (channel, raw, now, routing_key))
             conn.execute("DELETE FROM broadcasts WHERE created < ?", (now - BROADCAST_KEEP,))
 
-    def subscribe(self, channel: str) -> Subscription:
-        return SQLiteSubscription(self, channel)
+    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+        return SQLiteSubscription(self, channel, pattern)
+
+    # -- live nodes -------------------------------------------------------------------------
+    def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        with self.db.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO nodes (name, info, alive_until) "
+                         "VALUES (?, ?, ?)", (name, json.dumps(info), time.time() + ttl))
+
+    def unregister_node(self, name: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
+
+    def live_nodes(self) -> list[str]:
+        rows = self.db.conn().execute(
+            "SELECT name FROM nodes WHERE alive_until >= ? ORDER BY name", (time.time(),))
+        return [r[0] for r in rows]
 
     # -- dead letters ---------------------------------------------------------------------
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
@@ -266,6 +361,31 @@ class SQLiteTransport(Transport):
         with self.db.write() as conn:
             return conn.execute("DELETE FROM dead_letters").rowcount
 
+    # -- locks ------------------------------------------------------------------------
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """One IMMEDIATE transaction: read the row, take it if free, expired or ours."""
+        now = time.time()
+        try:
+            with self.db.write() as conn:
+                row = conn.execute("SELECT owner, expires FROM locks WHERE name = ?",
+                                   (name,)).fetchone()
+                if row is not None and row[0] != owner and row[1] > now:
+                    return False
+                conn.execute("INSERT OR REPLACE INTO locks (name, owner, expires) "
+                             "VALUES (?, ?, ?)", (name, owner, now + ttl))
+                return True
+        except sqlite3.Error as exc:
+            raise BrokerUnreachable(f"SQLite broker {self.path}: cannot take the lock "
+                                    f"{name!r}: {exc}") from None
+
+    def release_lock(self, name: str, owner: str) -> None:
+        try:
+            with self.db.write() as conn:
+                conn.execute("DELETE FROM locks WHERE name = ? AND owner = ?", (name, owner))
+        except sqlite3.Error as exc:
+            raise BrokerUnreachable(f"SQLite broker {self.path}: cannot release the lock "
+                                    f"{name!r}: {exc}") from None
+
     def ping(self) -> None:
         self.db.conn().execute("SELECT 1")
 
@@ -285,13 +405,16 @@ class SQLiteConsumer(Consumer):
         self._lock = threading.Lock()
         self._backoff = Backoff(0.001, 0.05)
         with self.db.write() as conn:
-            for q in self._queues:
-                conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (q,))
-            conn.execute(
-                "INSERT OR REPLACE INTO consumers (id, queues, host, pid, alive_until) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (cid, "\n".join(self._queues), HOST, os.getpid(),
-                 time.time() + transport.options.heartbeat_ttl))
+            self._register(conn)
+
+    def _register(self, conn: sqlite3.Connection) -> None:
+        for q in self._queues:
+            conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (q,))
+        conn.execute(
+            "INSERT OR REPLACE INTO consumers (id, queues, host, pid, alive_until) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (self.id, "\n".join(self._queues), HOST, os.getpid(),
+             time.time() + self.transport.options.heartbeat_ttl))
 
     @property
     def queues(self) -> list[str]:
@@ -393,10 +516,57 @@ class SQLiteConsumer(Consumer):
             self._held.clear()
 
 
+class SQLiteReplyConsumer(SQLiteConsumer):
+    """A consumer on one reply queue (see the module doc). It is not in ``consumers``:
+    its rows must never be handed back to a queue nobody else reads, and an idle client
+    must not be taken for dead by the heartbeat rule of workers."""
+
+    def __init__(self, transport: SQLiteTransport, name: str, cid: str) -> None:
+        self.reply = name
+        self._last_beat = time.monotonic()
+        super().__init__(transport, [name], REPLY_PREFETCH, cid)
+
+    def _register(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO reply_queues (name, consumer, host, pid, alive_until) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (self.reply, self.id, HOST, os.getpid(), time.time() + REPLY_TTL))
+
+    def get(self, timeout: float) -> Delivery | None:
+        if time.monotonic() - self._last_beat >= self.transport.options.heartbeat_interval:
+            self.heartbeat()
+        return super().get(timeout)
+
+    def heartbeat(self) -> None:
+        # Matters only to a recover() on another host (same host goes by the pid).
+        with self.db.write() as conn:
+            conn.execute("UPDATE reply_queues SET alive_until = ? WHERE name = ? "
+                         "AND consumer = ?", (time.time() + REPLY_TTL, self.reply, self.id))
+        self._last_beat = time.monotonic()
+
+    def add_queue(self, queue: str) -> None:
+        raise UsageError("a reply consumer reads its reply queue only")
+
+    def cancel_queue(self, queue: str) -> None:
+        raise UsageError("a reply consumer reads its reply queue only")
+
+    def close(self) -> None:
+        """The reply queue ends with its consumer: its unread replies go with it."""
+        with self.db.write() as conn:
+            deleted = conn.execute("DELETE FROM reply_queues WHERE name = ? AND consumer = ?",
+                                   (self.reply, self.id)).rowcount
+            if deleted:  # (not if recover() took it already and someone reopened it)
+                conn.execute("DELETE FROM messages WHERE queue = ?", (self.reply,))
+        with self._lock:
+            self._held.clear()
+
+
 class SQLiteSubscription(Subscription):
-    def __init__(self, transport: SQLiteTransport, channel: str) -> None:
+    def __init__(self, transport: SQLiteTransport, channel: str,
+                 pattern: str | None = None) -> None:
         self.db = transport.db
         self.channel = channel
+        self.pattern = pattern
         row = self.db.conn().execute("SELECT MAX(id) FROM broadcasts").fetchone()
         self.last = row[0] or 0
         self._backoff = Backoff(0.001, 0.02)
@@ -405,11 +575,13 @@ class SQLiteSubscription(Subscription):
         deadline = time.monotonic() + timeout
         while True:
             row = self.db.conn().execute(
-                "SELECT id, payload FROM broadcasts WHERE channel = ? AND id > ? "
+                "SELECT id, payload, routing_key FROM broadcasts WHERE channel = ? AND id > ? "
                 "ORDER BY id LIMIT 1", (self.channel, self.last)).fetchone()
             if row:
                 self.last = row[0]
                 self._backoff.reset()
+                if self.pattern is not None and not topic_matches(self.pattern, row[2]):
+                    continue
                 try:
                     return decode_envelope(bytes(row[1]))
                 except ValueError:

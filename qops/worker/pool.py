@@ -92,6 +92,12 @@ class Pool(ABC):
         """Signal the process running ``task_id`` (prefork only)."""
         return False
 
+    @abstractmethod
+    def grow(self, n: int) -> None: ...
+
+    @abstractmethod
+    def shrink(self, n: int) -> None: ...
+
 
 class ThreadPool(Pool):
     """Runs tasks in threads of the worker process. Time limits are not enforced here
@@ -111,6 +117,7 @@ class ThreadPool(Pool):
             if item is _STOP:
                 return
             job, on_done, _hard = item
+            job["worker_pid"] = os.getpid()
             self._mark(job, True)
             try:
                 outcome = execute(self.app, job)
@@ -233,6 +240,7 @@ class _Slot(threading.Thread):
             if self.child is None:
                 self.spawn()
             assert self.child is not None
+            job["worker_pid"] = self.child.pid
             self.job = job
             pool._mark(job, True)
             try:
@@ -285,7 +293,9 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> N
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from qops.ops.daemon import reopen_log_files
+
+    signal.signal(signal.SIGHUP, lambda *_: reopen_log_files())  # logrotate
     os.environ["QOPS_POOL_INDEX"] = str(index)
     if pool.child_init:
         pool.child_init(index)

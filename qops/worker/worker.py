@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 from qops import protocol
 from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
+from qops.events import EventDispatcher
 from qops.transports.base import Consumer, Delivery
+from qops.worker.control import ControlServer
 from qops.worker.pool import Pool, make_pool
 from qops.worker.ratelimit import RateLimits
 from qops.worker.request import LOST, REJECTED, make_job
@@ -43,6 +45,7 @@ class Worker:
                  concurrency: int | None = None, pool: str | None = None,
                  prefetch_multiplier: int | None = None,
                  max_tasks_per_child: int | None = None,
+                 task_events: bool | None = None,
                  on_ready: Callable[[Worker], None] | None = None,
                  child_init: Callable[[int], None] | None = None) -> None:
         conf = app.conf
@@ -68,9 +71,14 @@ class Worker:
         self._stop: str | None = None
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+        self.task_events = bool(conf.worker_send_task_events if task_events is None
+                                else task_events)
         self.consumer: Consumer | None = None
         self.pool: Pool | None = None
         self.timer = Timer()
+        self.events: EventDispatcher | None = None
+        self.control: ControlServer | None = None
+        self._options: dict[str, tuple[bool, float | None, float | None]] = {}
 
     # -- start-up, in order --------------------------------------------------------------
     def start(self) -> int:
@@ -80,6 +88,7 @@ class Worker:
         self.connect()
         self.start_pool()
         self.timer.start()
+        self.start_control()
         self.start_heartbeat()
         log.info("%s ready.", self.hostname)
         if self.on_ready:
@@ -135,22 +144,77 @@ class Worker:
                               child_init=self.child_init)
         self.pool.start()
 
+    def start_control(self) -> None:
+        """Remote control and events: subscribe to the mailbox, say we are online."""
+        self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
+        self.control = ControlServer(self)
+        self.control.start()
+        self._beat("worker-online")
+
     def start_heartbeat(self) -> None:
         t = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         t.start()
+
+    def _beat(self, event: str) -> None:
+        """Prove this node is alive: consumer liveness, the node registry (which tells
+        clients whom to wait for), and a worker event."""
+        assert self.consumer is not None and self.events is not None
+        interval = float(self.app.conf.worker_heartbeat_interval)
+        transport = self.app.transport
+        self.consumer.heartbeat()
+        if event == "worker-offline":
+            transport.unregister_node(self.hostname)
+        else:
+            transport.register_node(self.hostname, {"pid": os.getpid(), "queues": self.queues},
+                                    float(self.app.conf.worker_heartbeat_ttl))
+        self.events.worker_event(event, freq=interval,
+                                 active=self.pool.busy() if self.pool else 0,
+                                 processed=sum(self.processed.values()))
 
     def _heartbeat_loop(self) -> None:
         interval = float(self.app.conf.worker_heartbeat_interval)
         transport = self.app.transport
         while not self._stop_event.wait(interval):
             try:
-                assert self.consumer is not None
-                self.consumer.heartbeat()
+                self._beat("worker-heartbeat")
                 moved = transport.recover()
                 if moved:
                     log.warning("Recovered %d message(s) held by dead workers.", moved)
             except Exception as exc:
                 log.error("heartbeat failed: %s", exc)
+
+    def acks_late_for(self, name: str) -> bool:
+        task = self.app.tasks.get(name)
+        if task is None:
+            return bool(self.app.conf.task_acks_late)
+        return self.options_for(task)[0]
+
+    def options_for(self, task: Task) -> tuple[bool, float | None, float | None]:
+        """(acks_late, hard limit, soft limit) of a task, worked out once per task; the
+        control commands that change them call forget_options()."""
+        opts = self._options.get(task.name)
+        if opts is None:
+            opt = self.app.option_for
+            hard = opt(task, "time_limit", "task_time_limit")
+            soft = opt(task, "soft_time_limit", "task_soft_time_limit")
+            opts = (bool(opt(task, "acks_late", "task_acks_late")),
+                    float(hard) if hard else None, float(soft) if soft else None)
+            self._options[task.name] = opts
+        return opts
+
+    def forget_options(self, name: str) -> None:
+        self._options.pop(name, None)
+
+    @property
+    def sending_task_events(self) -> bool:
+        return self.events is not None and self.events.task_events
+
+    def event(self, type_: str, req: TaskRequest, **fields: Any) -> None:
+        if self.events is not None and self.events.task_events:
+            try:
+                self.events.send(type_, uuid=req.id, **fields)
+            except Exception as exc:
+                log.debug("could not send %s: %s", type_, exc)
 
     # -- the consumer loop --------------------------------------------------------------------
     def consume(self) -> None:
@@ -190,6 +254,11 @@ class Worker:
             self.store(req, FAILURE, TypeError(reason))
             return
         log.info("Task %s[%s] received", req.name, req.id)
+        if self.sending_task_events:
+            self.event("task-received", req, name=req.name, args=repr(req.args),
+                       kwargs=repr(req.kwargs), root_id=req.root_id, parent_id=req.parent_id,
+                       retries=req.retries, eta=req.eta and req.eta.isoformat(),
+                       expires=req.expires and req.expires.isoformat())
         with self._lock:
             self.reserved[req.id] = (req, d)
         if req.eta is not None:
@@ -216,20 +285,21 @@ class Worker:
             log.info("Task %s[%s] %s: not run", req.name, req.id, why)
             self._forget_reserved(req.id)
             self.store(req, REVOKED, TaskRevokedError(why))
+            self.event("task-revoked", req, terminated=False, signum=None, expired=why == "expired")
             self.consumer.ack(d)
             return
         wait = self.rate_limits.take(req.name)
         if wait > 0:
             self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
             return
-        acks_late = bool(self.app.option_for(task, "acks_late", "task_acks_late"))
+        acks_late, hard, soft = self.options_for(task)
         if not acks_late:
             self.consumer.ack(d)  # at-most-once: acked before it runs
         if self.app.conf.task_track_started:
             self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
-        hard = req.time_limit or self.app.option_for(task, "time_limit", "task_time_limit")
-        soft = req.soft_time_limit or self.app.option_for(task, "soft_time_limit",
-                                                         "task_soft_time_limit")
+        self.event("task-started", req)
+        hard = req.time_limit or hard
+        soft = req.soft_time_limit or soft
         job = make_job(req, self.hostname,
                        {"exchange": "", "routing_key": d.queue, "priority": req.priority,
                         "redelivered": d.redelivered}, soft)
@@ -237,7 +307,7 @@ class Worker:
             self.reserved.pop(req.id, None)
             self._submitted[req.id] = (d, not acks_late)
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
-                         float(hard) if hard else None)
+                         hard)
 
     def _forget_reserved(self, task_id: str) -> None:
         with self._lock:
@@ -256,12 +326,22 @@ class Worker:
             log.info("Task %s[%s] succeeded in %.4fs: %r", req.name, req.id, runtime,
                      outcome["result"])
             self.store(req, SUCCESS, outcome["result"])
+            if self.sending_task_events:
+                self.event("task-succeeded", req, result=repr(outcome["result"]),
+                           runtime=runtime)
             self.send_followers(req, outcome["result"])
         elif state == FAILURE:
             log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
                       _exc_line(outcome["result"]), outcome.get("traceback") or "")
             self.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
+            self.event("task-failed", req, exception=_exc_line(outcome["result"]),
+                       traceback=outcome.get("traceback"))
             self.send_errbacks(req)
+            if req.chain:
+                from qops.canvas import propagate_chain_failure
+
+                propagate_chain_failure(self.app, req.chain, outcome["result"],
+                                        outcome.get("traceback"))
         elif state == RETRY:
             self.retry(req, d, task, outcome)
         elif state == REJECTED:
@@ -305,8 +385,11 @@ class Worker:
             soft_time_limit=req.soft_time_limit, root_id=req.root_id,
             parent_id=req.parent_id, group=req.group, group_index=req.group_index,
             link=req.callbacks, link_error=req.errbacks, chain=req.chain, chord=req.chord,
-            priority=req.priority, ignore_result=req.ignore_result)
+            priority=req.priority, ignore_result=req.ignore_result,
+            reply_to=req.reply_to or "")
         self.store(req, RETRY, outcome["result"], outcome.get("traceback"))
+        self.event("task-retried", req, exception=_exc_line(outcome["result"]),
+                   traceback=outcome.get("traceback"))
 
     def send_followers(self, req: TaskRequest, result: Any) -> None:
         """Continue a chain and call ``link`` callbacks with the result."""
@@ -315,12 +398,13 @@ class Worker:
         try:
             for cb in req.callbacks or []:
                 self.app.send_signature(Signature(cb, app=self.app).clone([result]),
-                                        parent_id=req.id, root_id=req.root_id)
+                                        parent_id=req.id, root_id=req.root_id,
+                                        reply_to=req.reply_to or "")
             if req.chain:
                 rest = list(req.chain)
                 nxt = Signature(rest.pop(), app=self.app).clone([result])
                 self.app.send_signature(nxt, chain=rest or None, parent_id=req.id,
-                                        root_id=req.root_id)
+                                        root_id=req.root_id, reply_to=req.reply_to or "")
         except Exception as exc:
             log.error("Task %s[%s]: could not send the next task: %s", req.name, req.id, exc)
 
@@ -330,7 +414,8 @@ class Worker:
         for eb in req.errbacks or []:
             try:
                 self.app.send_signature(Signature(eb, app=self.app).clone([req.id]),
-                                        parent_id=req.id, root_id=req.root_id)
+                                        parent_id=req.id, root_id=req.root_id,
+                                        reply_to=req.reply_to or "")
             except Exception as exc:
                 log.error("Task %s[%s]: could not send errback: %s", req.name, req.id, exc)
 
@@ -349,6 +434,8 @@ class Worker:
     def shutdown(self) -> None:
         consumer, pool = self.consumer, self.pool
         cold = self._stop == COLD
+        if self.control is not None:
+            self.control.stop()
         # Messages taken but not started (prefetched, waiting for an ETA or a rate
         # limit) go back to the broker at once, so other workers can run them.
         unstarted: list[Delivery] = [d for d in self.timer.drain() if d is not None]
@@ -369,6 +456,11 @@ class Worker:
                 pool.terminate()
             else:
                 pool.stop()
+        if self.events is not None:
+            try:
+                self._beat("worker-offline")
+            except Exception as exc:
+                log.error("could not announce going offline: %s", exc)
         if consumer is not None:
             for d in unstarted:
                 try:

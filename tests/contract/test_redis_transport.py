@@ -77,6 +77,14 @@ def drain(consumer, n: int, timeout: float = 5.0) -> list:
     return out
 
 
+def ack_from_pool(consumer, *deliveries) -> None:
+    """Ack the way a worker's pool does: from another thread than the one calling get()
+    (acks made on that thread are early acks, sent at once)."""
+    th = threading.Thread(target=lambda: [consumer.ack(d) for d in deliveries])
+    th.start()
+    th.join(5)
+
+
 # -- kombu wire layout ---------------------------------------------------------------
 
 
@@ -183,8 +191,10 @@ def test_in_flight_keys_and_ack(transport: RedisTransport, raw: redis.Redis) -> 
         assert raw.sismember("qops.sources.w1", "q")
         [stats] = transport.queue_stats(["q"])
         assert (stats.ready, stats.in_flight, stats.consumers) == (0, 1, 1)
-        c.ack(d)
-        c.ack(d)  # twice is harmless
+        ack_from_pool(c, d, d)  # twice is harmless
+        # the ack is queued: the next get() carries it to Redis with its reserve
+        assert raw.llen("qops.unacked.w1/q") == 1
+        assert c.get(0.05) is None
         assert raw.llen("qops.unacked.w1/q") == 0
         assert raw.exists("unacked", "unacked_index") == 0
     finally:
@@ -214,6 +224,160 @@ def test_batched_reserve_counts_against_prefetch(transport: RedisTransport,
     finally:
         c.close()
     assert raw.llen("q") == 5
+
+
+def test_queued_acks_ride_with_the_next_reserve(transport: RedisTransport,
+                                               raw: redis.Redis) -> None:
+    for i in range(12):
+        transport.publish("q", msg(i))
+    c = transport.consumer(["q"], prefetch=8, consumer_id="w1")
+    try:
+        got = drain(c, 8)  # one reserve of 8
+        assert raw.llen("q") == 4 and raw.llen("qops.unacked.w1/q") == 8
+        ack_from_pool(c, *got[:4])
+        # queued, not sent: still in flight on the server, but free for the prefetch
+        assert raw.llen("qops.unacked.w1/q") == 8
+        nxt = c.get(1.0)
+        assert nxt is not None and nxt.message.headers["id"] == "id-8"
+        # one round trip removed the 4 acked and took the 4 that fit (batch of 4)
+        assert raw.llen("q") == 0 and raw.llen("qops.unacked.w1/q") == 8
+        held = {json.loads(x)["headers"]["id"] for x in raw.lrange("qops.unacked.w1/q", 0, -1)}
+        assert held == {f"id-{i}" for i in range(4, 12)}
+    finally:
+        c.close()
+    assert sorted(json.loads(x)["headers"]["id"] for x in raw.lrange("q", 0, -1)) == sorted(
+        f"id-{i}" for i in range(4, 12))
+
+
+def test_queued_ack_frees_the_prefetch_slot(transport: RedisTransport,
+                                            raw: redis.Redis) -> None:
+    transport.publish("q", msg(1))
+    transport.publish("q", msg(2))
+    c = transport.consumer(["q"], prefetch=1, consumer_id="w1")
+    try:
+        first = c.get(1.0)
+        assert first is not None and c.get(0.05) is None  # prefetch 1: full
+        ack_from_pool(c, first)
+        second = c.get(1.0)
+        assert second is not None and second.message.headers["id"] == "id-2"
+        assert raw.lrange("qops.unacked.w1/q", 0, -1) == [second.raw]
+        c.ack(second)
+    finally:
+        c.close()
+    assert raw.llen("q") == 0
+
+
+def test_ack_is_flushed_while_get_blocks(transport: RedisTransport, raw: redis.Redis) -> None:
+    """An ack from a pool thread reaches Redis within about one BLMOVE slice even when the
+    consumer thread is idle, blocked waiting for new messages."""
+    transport.publish("q", msg(1))
+    c = transport.consumer(["q"], prefetch=4, consumer_id="w1")
+    try:
+        d = c.get(1.0)
+        assert d is not None
+        th = threading.Thread(target=c.get, args=(2.0,))
+        th.start()
+        time.sleep(0.05)  # get() is in BLMOVE now
+        acked = time.monotonic()
+        c.ack(d)
+        while raw.llen("qops.unacked.w1/q") and time.monotonic() - acked < 2:
+            time.sleep(0.005)
+        took = time.monotonic() - acked
+        assert raw.llen("qops.unacked.w1/q") == 0
+        assert took < 0.3, took
+        assert th.is_alive()  # flushed by the blocked get() itself, between slices
+        th.join(5)
+    finally:
+        c.close()
+
+
+def test_close_and_heartbeat_flush_queued_acks(transport: RedisTransport,
+                                               raw: redis.Redis) -> None:
+    for i in range(3):
+        transport.publish("q", msg(i))
+    c = transport.consumer(["q"], prefetch=3, consumer_id="w1")
+    a, b, x = drain(c, 3)
+    ack_from_pool(c, a)
+    assert raw.llen("qops.unacked.w1/q") == 3
+    c.heartbeat()  # the heartbeat thread flushes too
+    assert raw.llen("qops.unacked.w1/q") == 2
+    ack_from_pool(c, b)
+    c.close()  # the acked message must not go back with the rest
+    assert [json.loads(r)["headers"]["id"] for r in raw.lrange("q", 0, -1)] == ["id-2"]
+    c.ack(x)  # after close: nothing happens
+    assert raw.llen("q") == 1
+
+
+def test_resync_keeps_queued_acks(transport: RedisTransport, raw: redis.Redis) -> None:
+    """A queued ack's message is still in flight on the server: a resync must not take
+    it for an orphan and requeue it (it would run twice)."""
+    transport.publish("q", msg(1))
+    c = transport.consumer(["q"], prefetch=2, consumer_id="w1")
+    try:
+        d = c.get(1.0)
+        assert d is not None
+        ack_from_pool(c, d)
+        assert raw.llen("qops.unacked.w1/q") == 1  # queued
+        assert isinstance(c, RedisConsumer)
+        c._resync_needed = True
+        assert c.get(0.2) is None
+        assert raw.llen("q") == 0 and raw.llen("qops.unacked.w1/q") == 0
+    finally:
+        c.close()
+    assert raw.llen("q") == 0
+
+
+def test_ack_of_a_cancelled_queue_is_flushed(transport: RedisTransport,
+                                             raw: redis.Redis) -> None:
+    transport.publish("a", msg(1))
+    transport.publish("b", msg(2))
+    c = transport.consumer(["a", "b"], prefetch=2, consumer_id="w1")
+    try:
+        got = drain(c, 2)
+        assert sorted(d.queue for d in got) == ["a", "b"]
+        c.cancel_queue("a")
+        ack_from_pool(c, *got)
+        assert c.get(0.05) is None
+        assert raw.llen("qops.unacked.w1/a") == 0 and raw.llen("qops.unacked.w1/b") == 0
+    finally:
+        c.close()
+    assert raw.llen("a") == 0 and raw.llen("b") == 0
+
+
+def test_reserve_falls_back_to_eval_on_noscript(transport: RedisTransport,
+                                               raw: redis.Redis,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """After SCRIPT FLUSH or a Redis restart the server does not know the reserve script:
+    the consumer's EVALSHA gets NOSCRIPT (nothing ran) and it runs the script with EVAL.
+    Simulated with an unknown SHA, not a SCRIPT FLUSH, which would hit every db."""
+    transport.publish("q", msg(1))
+    c = transport.consumer(["q"], prefetch=2, consumer_id="w1")
+    try:
+        monkeypatch.setattr(transport._lua_reserve, "sha", "0" * 40)
+        d = c.get(1.0)
+        assert d is not None and d.message.headers["id"] == "id-1"
+        ack_from_pool(c, d)
+        assert c.get(0.05) is None
+        assert raw.llen("qops.unacked.w1/q") == 0
+    finally:
+        c.close()
+
+
+def test_early_ack_on_the_consumer_thread_is_sent_at_once(transport: RedisTransport,
+                                                          raw: redis.Redis) -> None:
+    """acks_late=False: the worker acks on its consumer thread and then runs the task at
+    once; the ack must be on the server before that (at most once), not queued."""
+    transport.publish("q", msg(1))
+    transport.publish("q", msg(2))
+    c = transport.consumer(["q"], prefetch=4, consumer_id="w1")
+    try:
+        d = c.get(1.0)
+        assert d is not None
+        assert raw.llen("qops.unacked.w1/q") == 2  # both reserved, one handed out
+        c.ack(d)  # this thread called get(): an early ack
+        assert raw.lrange("qops.unacked.w1/q", 0, -1) == [c.get(1.0).raw]
+    finally:
+        c.close()
 
 
 def test_requeue_goes_back_to_its_priority_list(transport: RedisTransport,

@@ -289,3 +289,48 @@ def test_dead_consumer_messages_come_back(real_broker_url: str, queue_name: str)
             c.close()
     finally:
         t.close()
+
+
+def test_event_stream_routing_keys_and_patterns(transport: Transport, queue_name: str) -> None:
+    channel = f"ev-{queue_name}"
+    everything = transport.subscribe(channel, pattern="#")
+    tasks_only = transport.subscribe(channel, pattern="task.#")
+    try:
+        time.sleep(0.2)
+        transport.broadcast(channel, Message(body=b'{"type": "worker-heartbeat"}'),
+                            routing_key="worker.heartbeat")
+        transport.broadcast(channel, Message(body=b'{"type": "task-succeeded"}'),
+                            routing_key="task.succeeded")
+        got = [everything.get(3.0), everything.get(3.0)]
+        assert [m.body for m in got if m] == [b'{"type": "worker-heartbeat"}',
+                                              b'{"type": "task-succeeded"}']
+        only = tasks_only.get(3.0)
+        assert only is not None and only.body == b'{"type": "task-succeeded"}'
+        assert tasks_only.get(0.3) is None
+    finally:
+        everything.close()
+        tasks_only.close()
+
+
+def test_node_registry(transport: Transport, queue_name: str) -> None:
+    a, b = f"a-{queue_name}@h", f"b-{queue_name}@h"
+    before = transport.live_nodes()
+    def count(live: list[str] | int | None) -> int:
+        return live if isinstance(live, int) else len([n for n in live or [] if n in (a, b)])
+
+    base = before if isinstance(before, int) else 0
+    transport.register_node(a, {"pid": 1}, ttl=30)
+    transport.register_node(b, {"pid": 2}, ttl=1)
+    try:
+        assert count(transport.live_nodes()) == base + 2
+        live = transport.live_nodes()
+        if isinstance(live, list):
+            assert {a, b} <= set(live)
+            time.sleep(1.3)  # b's ttl passed without a heartbeat
+            assert b not in transport.live_nodes() and a in transport.live_nodes()
+        transport.unregister_node(a)
+        transport.unregister_node(b)
+        assert count(transport.live_nodes()) == base
+    finally:
+        transport.unregister_node(a)
+        transport.unregister_node(b)

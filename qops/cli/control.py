@@ -1,0 +1,152 @@
+"""``qops control``, ``qops inspect``, ``qops status``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+Destination = Annotated[str | None, typer.Option("-d", "--destination", help="Only these nodes, comma separated (w1@h,w2@h).")]
+Timeout = Annotated[float, typer.Option("--timeout", "-t", min=0.01, help="Total deadline in seconds; only silent nodes make it last.")]
+ListOpt = Annotated[bool, typer.Option("--list", help="List the commands and exit.")]
+Pattern = Annotated[str | None, typer.Option("--pattern", help="Only nodes whose name matches (glob; --matcher pcre for a regex).")]
+Matcher = Annotated[str, typer.Option("--matcher", help="glob or pcre.")]
+
+
+def register(cli: typer.Typer) -> None:
+    settings = {"allow_extra_args": True, "ignore_unknown_options": False}
+    cli.command("control", help="Change workers at run time (rate_limit, revoke, shutdown, ...).",
+                context_settings=settings)(control)
+    cli.command("inspect", help="Ask workers what they are doing (active, stats, ping, ...).",
+                context_settings=settings)(inspect)
+    cli.command("status", help="List the nodes that answer a ping.")(status)
+
+
+def control(
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Argument(help="The command; see --list.")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="Its arguments.")] = None,
+    destination: Destination = None,
+    timeout: Timeout = 1.0,
+    list_: ListOpt = False,
+    pattern: Pattern = None,
+    matcher: Matcher = "glob",
+    terminate: Annotated[bool, typer.Option("--terminate", help="revoke: also kill the task if it runs.")] = False,
+    signal: Annotated[str, typer.Option("--signal", "-s", help="revoke --terminate: the signal (TERM, KILL, ...).")] = "SIGTERM",
+) -> None:
+    from qops.control import CONTROL
+
+    extra: dict[str, Any] = {}
+    if method == "revoke":
+        extra = {"terminate": terminate, "signal": signal}
+    _run(ctx, "control", CONTROL, method, args or [], destination, timeout, list_,
+         pattern, matcher, extra)
+
+
+def inspect(
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Argument(help="The command; see --list.")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="Its arguments.")] = None,
+    destination: Destination = None,
+    timeout: Timeout = 1.0,
+    list_: ListOpt = False,
+    pattern: Pattern = None,
+    matcher: Matcher = "glob",
+) -> None:
+    from qops.control import INSPECT
+
+    _run(ctx, "inspect", INSPECT, method, args or [], destination, timeout, list_,
+         pattern, matcher, {})
+
+
+def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout = 1.0) -> None:
+    from qops import control as ctl
+
+    g = ctx.obj
+    app = g.load_app()
+    dest = _split(destination)
+    res = ctl.broadcast(app, "ping", destination=dest, timeout=timeout)
+    term = g.terminal
+    if term.json_mode:
+        term.json({"nodes": {n: ("OK" if r == {"ok": "pong"} else r)
+                             for n, r in sorted(res.replies.items())},
+                   "missing": res.missing, "elapsed": round(res.elapsed, 4)})
+    else:
+        for node in sorted(res.replies):
+            term.print(f"{node}: OK")
+        for node in res.missing:
+            term.print(f"{node}: no reply within {timeout}s")
+        n = len(res.replies)
+        term.print(f"\n{n} node{'s' if n != 1 else ''} online." if n else
+                   "Error: no nodes replied within time constraint.")
+    raise typer.Exit(res.exit_code())
+
+
+def _split(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None,
+         args: list[str], destination: str | None, timeout: float, list_: bool,
+         pattern: str | None, matcher: str, extra: dict[str, Any]) -> None:
+    from qops import control as ctl
+    from qops.errors import UsageError
+
+    g = ctx.obj
+    term = g.terminal
+    if list_ or not method:
+        if term.json_mode:
+            term.json({c.name: {"args": [a.name for a in c.args], "help": c.help}
+                       for c in commands})
+        else:
+            term.table(["command", "arguments", "what it does"],
+                       [(c.name, " ".join(a.name + ("..." if a.many else "")
+                                          if a.required else f"[{a.name}]" for a in c.args),
+                         c.help) for c in sorted(commands, key=lambda c: c.name)])
+        if not method and not list_:
+            raise typer.Exit(2)
+        return
+    if method not in {c.name for c in commands}:
+        other = "inspect" if group == "control" else "control"
+        hint = f" (it is a '{other}' command)" if method in ctl.COMMANDS else ""
+        raise UsageError(f"unknown {group} command {method!r}{hint}: see 'qops {group} --list'")
+    if matcher not in ("glob", "pcre"):
+        raise UsageError("--matcher must be glob or pcre")
+    arguments = ctl.parse_arguments(method, args)
+    arguments.update(extra)
+    app = g.load_app()
+    res = ctl.broadcast(app, method, arguments, destination=_split(destination),
+                        pattern=pattern, matcher=matcher if pattern else None,
+                        timeout=timeout)
+    if term.json_mode:
+        term.json(res.as_dict())
+    else:
+        _print_replies(term, res, timeout)
+    raise typer.Exit(res.exit_code())
+
+
+def _print_replies(term: Any, res: Any, timeout: float) -> None:
+    for node in sorted(res.replies):
+        reply = res.replies[node]
+        if isinstance(reply, dict) and set(reply) <= {"ok", "error"}:
+            state = "OK" if "ok" in reply else "ERROR"
+            term.print(f"->  {node}: {state}")
+            text = reply.get("ok", reply.get("error"))
+            for line in str(text).splitlines():
+                term.print(f"        {line}")
+        else:
+            term.print(f"->  {node}: OK")
+            items = reply if isinstance(reply, list) else [reply]
+            if isinstance(reply, list) and not reply:
+                term.print("    - empty -")
+            for item in items:
+                term.print("    " + (item if isinstance(item, str)
+                                     else json.dumps(item, default=str, sort_keys=True)))
+    for node in res.missing:
+        print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
+    if not res.replies:
+        print("Error: no nodes replied within time constraint.", file=sys.stderr)

@@ -1,0 +1,48 @@
+"""``qops events``: stream worker and task events as lines (``--json``: JSON lines)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Annotated, Any
+
+import typer
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("events", help="Stream events as lines (--json: one JSON object a line).")(events)
+
+
+def events(
+    ctx: typer.Context,
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after this many events.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help="Stop after this many seconds without an event.")] = None,
+    types: Annotated[str | None, typer.Option("--type", help="Only these event types, comma separated (e.g. task-failed).")] = None,
+) -> None:
+    from qops.events import receive
+
+    g = ctx.obj
+    app = g.load_app()
+    wanted = {t.strip() for t in (types or "").split(",") if t.strip()}
+    seen = 0
+    for event in receive(app, timeout=timeout):
+        if wanted and event.get("type") not in wanted:
+            continue
+        if g.terminal.json_mode:
+            print(json.dumps(event, default=str), flush=True)
+        else:
+            print(format_event(event), flush=True)
+        seen += 1
+        if count and seen >= count:
+            break
+
+
+def format_event(e: dict[str, Any]) -> str:
+    when = dt.datetime.fromtimestamp(float(e.get("timestamp") or 0)).isoformat(timespec="seconds")
+    kind = str(e.get("type"))
+    head = f"{when} {kind:<17} {e.get('hostname')}"
+    if kind.startswith("worker-"):
+        return f"{head} active={e.get('active')} processed={e.get('processed')}"
+    detail = " ".join(f"{k}={e[k]}" for k in ("name", "uuid", "runtime", "result", "exception")
+                      if e.get(k) not in (None, ""))
+    return f"{head} {detail}"

@@ -1,0 +1,139 @@
+"""``qops multi``: start, stop and restart worker nodes (Celery's syntax)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import typer
+
+ACTIONS = ("start", "stop", "stopwait", "restart", "kill", "show", "names", "expand", "get",
+           "status")
+
+HELP = """Manage worker nodes as daemons.
+
+  qops multi start w1 w2 -A proj -c 4 -c:w2 8 --logfile=/var/log/qops/%n%I.log
+  qops multi start 3 -A proj                       (qops1..qops3)
+  qops multi stopwait w1 w2 --timeout 60
+  qops multi restart w1 w2                         (rolling, one node at a time)
+
+Actions: start, stop, stopwait, restart, kill, show, names, expand TEMPLATE, get NODE,
+status. Per-node options: -c:1 10, -c:1-3 4, -c:w1 5, --logfile:w2=/x.log; everything
+after -- goes to every worker. Multi's own options: --pidfile (default %n.pid),
+--logfile (default %n%I.log), --rundir, --logdir, --range-prefix, --timeout (stopwait,
+restart; default 30), --max-unavailable (restart; default 1), --uid, --gid."""
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command("multi", help=HELP, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True,
+        "help_option_names": ["-h", "--help"]})(multi)
+
+
+def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, stop, ...")) -> None:
+    from qops.errors import UsageError
+    from qops.ops import multi as m
+    from qops.ops.daemon import resolve_ids
+    from qops.ops.nodes import expand
+
+    g = ctx.obj
+    term = g.terminal
+    if action not in ACTIONS:
+        raise UsageError(f"unknown multi action {action!r}: use one of {', '.join(ACTIONS)}")
+    raw = list(ctx.args)
+    template = None
+    if action == "expand":
+        if not raw:
+            raise UsageError("multi expand needs a template, e.g. 'multi expand %n.log w1 w2'")
+        template, raw = raw[0], raw[1:]
+    wanted = None
+    if action == "get":
+        if not raw:
+            raise UsageError("multi get needs a node name, e.g. 'multi get w1 w1 w2'")
+        wanted, raw = raw[0], raw[1:]
+    args = m.parse_args(raw)
+    uid = args.own("--uid")
+    uid_n, _, _ = resolve_ids(uid, args.own("--gid"))
+    root_with_uid = os.getuid() == 0 and uid_n not in (None, 0)
+    nodes = m.build_nodes(args, global_argv=_global_argv(g), root_with_uid=root_with_uid)
+
+    if action in ("names", "expand", "show", "get"):
+        lines: list[str]
+        if action == "names":
+            lines = [n.name for n in nodes]
+        elif action == "expand":
+            assert template is not None
+            lines = [expand(template, n.name) for n in nodes]
+        else:
+            chosen = nodes if action == "show" else [
+                n for n in nodes if wanted in (n.name, n.short)]
+            if not chosen:
+                raise UsageError(f"no node {wanted!r} among {', '.join(n.name for n in nodes)}")
+            lines = [" ".join(_quote(a) for a in (m.recorded(n) or n.argv)) for n in chosen]
+        if term.json_mode:
+            term.json(lines)
+        else:
+            for line in lines:
+                print(line)
+        return
+
+    timeout = float(args.own("--timeout") or 30)
+    if action == "start":
+        from qops.ops.privileges import check_root
+
+        app = g.load_app(required=True)
+        check_root(accept_content=list(app.conf.accept_content), uid=uid_n)
+        outcomes = m.start(nodes, _pinger(app))
+    elif action == "stop":
+        outcomes = m.stop(nodes)
+    elif action == "stopwait":
+        outcomes = m.stopwait(nodes, timeout)
+    elif action == "kill":
+        outcomes = m.kill(nodes)
+    elif action == "restart":
+        app = g.load_app(required=True)
+        outcomes = m.restart(nodes, _pinger(app), timeout=timeout,
+                             max_unavailable=int(args.own("--max-unavailable") or 1))
+    else:
+        outcomes = m.status(nodes)
+    _render(term, outcomes)
+    raise typer.Exit(0 if all(o.ok for o in outcomes) else 1)
+
+
+def _pinger(app: Any) -> Any:
+    from qops import control
+
+    def ping(names: list[str], timeout: float) -> set[str]:
+        return set(control.broadcast(app, "ping", destination=names, timeout=timeout).replies)
+
+    return ping
+
+
+def _global_argv(g: Any) -> list[str]:
+    out: list[str] = []
+    for opt, value in (("-A", g.app), ("-b", g.broker), ("--result-backend", g.result_backend),
+                       ("--config", g.config and os.path.abspath(g.config)),
+                       ("--compat", g.compat)):
+        if value:
+            out += [opt, value]
+    out += ["--workdir", os.getcwd()]
+    return out
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _render(term: Any, outcomes: list[Any]) -> None:
+    if term.json_mode:
+        term.json([o.as_dict() for o in outcomes])
+        return
+    for o in outcomes:
+        pid = f" (pid {o.pid})" if o.pid else ""
+        mark = "OK" if o.ok else "FAILED"
+        first, *rest = (o.message or o.state).splitlines() or [""]
+        term.print(f"> {o.node}: {mark}{pid} {first}")
+        for line in rest:
+            term.print(f"    {line}")

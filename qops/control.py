@@ -1,0 +1,222 @@
+"""The client side of remote control: validate a command, broadcast it, collect replies.
+
+Replies are collected until every *expected* node has answered -- the nodes named with
+``destination``, else the live nodes the broker knows of (registered by their
+heartbeats) -- so a healthy cluster answers in milliseconds. ``timeout`` bounds only
+the wait for nodes that stay silent. Where the live nodes can't be known (the celery
+preset: Celery workers don't register), the client waits the whole timeout, as Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qops.errors import EX_FAILURE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, UsageError
+from qops.transports.base import Message
+
+if TYPE_CHECKING:
+    from qops.app import App
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: type = str
+    required: bool = True
+    many: bool = False  # takes every remaining positional argument
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    group: str  # "inspect" (reads) or "control" (changes)
+    args: tuple[Arg, ...] = ()
+    help: str = ""
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("ping", "inspect", help="Ask every node to reply."),
+    Command("stats", "inspect", help="Counters, pool, broker and resource usage."),
+    Command("active", "inspect", help="Tasks running now."),
+    Command("reserved", "inspect", help="Tasks taken from the queue, not started yet."),
+    Command("scheduled", "inspect", help="Tasks waiting for their ETA."),
+    Command("registered", "inspect", help="Task names each node knows."),
+    Command("active_queues", "inspect", help="Queues each node consumes."),
+    Command("revoked", "inspect", help="Ids of revoked tasks."),
+    Command("conf", "inspect", (Arg("with_defaults", bool, False),), "The node's settings."),
+    Command("query_task", "inspect", (Arg("ids", str, True, many=True),),
+            "Where tasks are: active, reserved or scheduled."),
+    Command("report", "inspect", help="Software and platform information."),
+    Command("revoke", "control", (Arg("task_id", str, True, many=True),),
+            "Do not run these tasks (with --terminate: kill them if running)."),
+    Command("rate_limit", "control", (Arg("task_name"), Arg("rate_limit")),
+            "Set a task's rate limit (e.g. 10/m; 0 removes it)."),
+    Command("time_limit", "control",
+            (Arg("task_name"), Arg("soft", float), Arg("hard", float, False)),
+            "Set a task's soft and hard time limits (seconds)."),
+    Command("add_consumer", "control", (Arg("queue"),), "Start consuming a queue."),
+    Command("cancel_consumer", "control", (Arg("queue"),), "Stop consuming a queue."),
+    Command("pool_grow", "control", (Arg("n", int, False),), "Add pool processes."),
+    Command("pool_shrink", "control", (Arg("n", int, False),), "Remove pool processes."),
+    Command("autoscale", "control", (Arg("max", int), Arg("min", int)),
+            "Set the pool size bounds."),
+    Command("shutdown", "control", help="Warm shutdown (each node replies first)."),
+    Command("enable_events", "control", help="Start sending task events."),
+    Command("disable_events", "control", help="Stop sending task events."),
+]}
+# ping is both an inspect and a control command in Celery
+INSPECT = [c for c in COMMANDS.values() if c.group == "inspect"]
+CONTROL = [c for c in COMMANDS.values() if c.group == "control"] + [COMMANDS["ping"]]
+
+
+def parse_arguments(method: str, values: Sequence[str]) -> dict[str, Any]:
+    """Check the positional arguments of ``method`` before anything is sent."""
+    from qops.worker.ratelimit import parse_rate
+
+    cmd = COMMANDS.get(method)
+    if cmd is None:
+        raise UsageError(f"unknown command {method!r}: see --list")
+    out: dict[str, Any] = {}
+    rest = list(values)
+    for arg in cmd.args:
+        if arg.many:
+            if not rest and arg.required:
+                raise UsageError(f"{method} needs at least one {arg.name}")
+            out[arg.name] = rest
+            rest = []
+            continue
+        if not rest:
+            if arg.required:
+                raise UsageError(f"{method} needs {arg.name} "
+                                 f"(usage: {method} {' '.join(a.name for a in cmd.args)})")
+            continue
+        raw = rest.pop(0)
+        try:
+            if arg.kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                out[arg.name] = raw.lower() in ("1", "true", "yes")
+            else:
+                out[arg.name] = arg.kind(raw)
+        except ValueError:
+            raise UsageError(f"{method}: {arg.name} must be a {arg.kind.__name__}, "
+                             f"not {raw!r}") from None
+    if rest:
+        raise UsageError(f"{method}: too many arguments: {' '.join(rest)}")
+    if method == "rate_limit":
+        parse_rate(out["rate_limit"])  # raises a UsageError naming the bad rate
+    if method == "autoscale" and out["max"] < out["min"]:
+        raise UsageError("autoscale: max must be at least min")
+    if method in ("pool_grow", "pool_shrink") and out.get("n", 1) < 1:
+        raise UsageError(f"{method}: n must be at least 1")
+    return out
+
+
+@dataclass
+class Replies:
+    method: str
+    replies: dict[str, Any] = field(default_factory=dict)
+    expected: list[str] | None = None  # named nodes waited for
+    expected_count: int | None = None  # how many live nodes (when names are unknown)
+    elapsed: float = 0.0
+
+    @property
+    def missing(self) -> list[str]:
+        return sorted(set(self.expected or ()) - set(self.replies))
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {n: r["error"] for n, r in self.replies.items()
+                if isinstance(r, dict) and "error" in r}
+
+    def complete(self) -> bool:
+        if self.expected is not None:
+            return not self.missing
+        if self.expected_count is not None:
+            return len(self.replies) >= self.expected_count
+        return False
+
+    def exit_code(self) -> int:
+        if not self.replies:
+            return EX_UNAVAILABLE
+        if self.errors:
+            return EX_FAILURE
+        if self.expected is not None and self.missing:
+            return EX_TEMPFAIL
+        if self.expected_count is not None and len(self.replies) < self.expected_count:
+            return EX_TEMPFAIL
+        return EX_OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "replies": self.replies, "missing": self.missing,
+                "elapsed": round(self.elapsed, 4)}
+
+
+def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
+              destination: Sequence[str] | None = None, pattern: str | None = None,
+              matcher: str | None = None, timeout: float = 1.0,
+              reply: bool = True) -> Replies:
+    """Send a remote-control command; collect replies until every expected node has
+    answered or ``timeout`` (a total deadline) passes."""
+    start = time.monotonic()
+    deadline = start + timeout
+    transport = app.transport
+    mailbox = app.names["mailbox"]
+    result = Replies(method)
+    if destination:
+        result.expected = list(destination)
+    elif pattern is None and app.conf.compat == "qops":
+        live = transport.live_nodes()
+        if isinstance(live, int):
+            result.expected_count = live
+        elif live is not None:
+            result.expected = list(live)
+    oid = uuid.uuid4().hex
+    ticket = str(uuid.uuid4())
+    request: dict[str, Any] = {
+        "method": method, "arguments": arguments or {},
+        "destination": list(destination) if destination else None,
+        "pattern": pattern, "matcher": matcher,
+    }
+    consumer = None
+    if reply:
+        request["ticket"] = ticket
+        request["reply_to"] = {"exchange": f"reply.{mailbox}", "routing_key": oid}
+        consumer = transport.reply_consumer(f"{oid}.reply.{mailbox}",
+                                            exchange=f"reply.{mailbox}", routing_key=oid)
+    try:
+        headers = {"clock": 1, "expires": int(time.time() + timeout + 1)}
+        transport.broadcast(mailbox, Message(body=json.dumps(request).encode(),
+                                             headers=headers))
+        if consumer is None:
+            return result
+        if (result.expected is not None and not result.expected) or \
+                result.expected_count == 0:
+            # nobody is alive: still give a stray node a moment, but not the timeout
+            deadline = min(deadline, time.monotonic() + min(timeout, 0.2))
+        while not result.complete():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            d = consumer.get(left)
+            if d is None:
+                continue
+            consumer.ack(d)
+            if d.message is None or (d.message.headers or {}).get("ticket") != ticket:
+                continue
+            try:
+                body = json.loads(d.message.body)
+            except ValueError:
+                continue
+            if isinstance(body, dict):
+                result.replies.update(body)
+    finally:
+        if consumer is not None:
+            consumer.close()
+        result.elapsed = time.monotonic() - start
+    return result

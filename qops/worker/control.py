@@ -1,0 +1,431 @@
+"""The worker side of remote control (PROTOCOL.md §3): listen on the mailbox broadcast
+channel, run the command if this node is a destination, reply to the client's queue.
+
+Each ``handle_<method>`` pairs with the client-side validation in ``qops/control.py``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qops.transports.base import Message
+
+if TYPE_CHECKING:
+    from qops.worker.worker import Worker
+
+log = logging.getLogger("qops.worker")
+
+Handler = Callable[..., Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(fun: Handler) -> Handler:
+    HANDLERS[fun.__name__.removeprefix("handle_")] = fun
+    return fun
+
+
+def reply_queue_name(reply_to: dict[str, Any]) -> str:
+    """kombu's name for a client's reply queue: ``<oid>.reply.<mailbox>``."""
+    return f"{reply_to['routing_key']}.{reply_to['exchange']}"
+
+
+class ControlServer:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.app = worker.app
+        self.mailbox = self.app.names["mailbox"]
+        self.clock = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        self._sub: Any = None
+
+    def start(self) -> None:
+        # Subscribe before returning, so a client that sees this node as live (its
+        # heartbeat is registered right after) never broadcasts into the void.
+        self._sub = self.app.transport.subscribe(self.mailbox)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        # The thread wakes from its get() within 0.5 s; shutdown need not wait for it
+        # (a daemon thread), only for a command it may be running right now.
+        self._thread.join(0.1)
+        if self._sub is not None:
+            try:
+                self._sub.close()
+            except Exception:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self._sub.get(0.5)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return  # the subscription was closed under us at shutdown
+                log.error("control channel error: %s; resubscribing in 1s", exc)
+                self._stop.wait(1.0)
+                try:
+                    self._sub = self.app.transport.subscribe(self.mailbox)
+                except Exception:
+                    pass
+                continue
+            if msg is not None:
+                self.dispatch(msg)
+
+    def matches(self, request: dict[str, Any]) -> bool:
+        me = self.worker.hostname
+        destination = request.get("destination")
+        if destination:
+            return me in destination
+        pattern = request.get("pattern")
+        if pattern:
+            if request.get("matcher") == "pcre":
+                return re.search(pattern, me) is not None
+            return fnmatch.fnmatchcase(me, pattern)
+        return True
+
+    def dispatch(self, msg: Message) -> None:
+        try:
+            request = json.loads(msg.body)
+        except ValueError:
+            log.warning("control: ignored a message that is not JSON")
+            return
+        if not isinstance(request, dict) or not self.matches(request):
+            return
+        expires = (msg.headers or {}).get("expires")
+        if expires is not None and float(expires) < time.time():
+            return  # the client gave up already
+        method = str(request.get("method"))
+        args = request.get("arguments") or {}
+        fun = HANDLERS.get(method)
+        if fun is None:
+            reply: Any = {"error": f"unknown command {method!r}"}
+        else:
+            try:
+                reply = fun(self.worker, **args)
+            except TypeError as exc:
+                reply = {"error": f"bad arguments for {method}: {exc}"}
+            except Exception as exc:
+                log.exception("control command %s failed", method)
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+        reply_to = request.get("reply_to")
+        if reply_to and request.get("ticket"):
+            self.clock += 1
+            body = json.dumps({self.worker.hostname: reply}, default=str).encode()
+            try:
+                self.app.transport.send_reply(
+                    reply_queue_name(reply_to),
+                    Message(body=body, headers={"ticket": request["ticket"],
+                                                "clock": self.clock}))
+            except Exception as exc:
+                log.error("control: could not reply to %s: %s", method, exc)
+        after = getattr(fun, "after_reply", None)
+        if after is not None:
+            after(self.worker)
+
+
+# -- what the worker knows about its tasks ----------------------------------------------
+
+
+def _job_info(worker: Worker, job: dict[str, Any], acknowledged: bool) -> dict[str, Any]:
+    ctx = job.get("context", {})
+    return {
+        "id": job["id"], "name": job["name"], "args": job["args"], "kwargs": job["kwargs"],
+        "type": job["name"], "hostname": worker.hostname,
+        "time_start": job.get("time_start"), "acknowledged": acknowledged,
+        "delivery_info": ctx.get("delivery_info", {}), "worker_pid": job.get("worker_pid"),
+    }
+
+
+def _request_info(worker: Worker, req: Any, delivery: Any) -> dict[str, Any]:
+    return {
+        "id": req.id, "name": req.name, "args": req.args, "kwargs": req.kwargs,
+        "type": req.name, "hostname": worker.hostname, "time_start": None,
+        "acknowledged": False, "worker_pid": None,
+        "delivery_info": {"exchange": "", "routing_key": delivery.queue,
+                          "priority": req.priority, "redelivered": delivery.redelivered},
+    }
+
+
+def active(worker: Worker) -> list[dict[str, Any]]:
+    assert worker.pool is not None
+    with worker.pool._lock:
+        jobs = list(worker.pool.running.values())
+    return [_job_info(worker, j, not worker.acks_late_for(j["name"])) for j in jobs]
+
+
+def reserved(worker: Worker) -> list[dict[str, Any]]:
+    with worker._lock:
+        items = list(worker.reserved.values())
+    return [_request_info(worker, req, d) for req, d in items if req.eta is None]
+
+
+def scheduled(worker: Worker) -> list[dict[str, Any]]:
+    with worker._lock:
+        items = list(worker.reserved.values())
+    return [{"eta": req.eta.isoformat(), "priority": req.priority,
+             "request": _request_info(worker, req, d)}
+            for req, d in items if req.eta is not None]
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+@handler
+def handle_ping(worker: Worker) -> dict[str, Any]:
+    return {"ok": "pong"}
+
+
+@handler
+def handle_stats(worker: Worker) -> dict[str, Any]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    pool = worker.pool
+    return {
+        "total": dict(worker.processed),
+        "pid": os.getpid(),
+        "clock": str(worker.events.clock if worker.events else 0),
+        "uptime": int(time.time() - worker.started_at),
+        "pool": {"implementation": worker.pool_kind,
+                 "max-concurrency": pool.concurrency if pool else worker.concurrency,
+                 "processes": pool.pids() if pool else [],
+                 "max-tasks-per-child": worker.max_tasks_per_child or "N/A",
+                 "timeouts": [worker.app.conf.task_soft_time_limit or 0,
+                              worker.app.conf.task_time_limit or 0]},
+        "broker": {"transport": worker.app.transport.scheme,
+                   "url": worker.app.transport.safe_url()},
+        "prefetch_count": worker.prefetch,
+        "rusage": {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss": ru.ru_maxrss,
+                   "minflt": ru.ru_minflt, "majflt": ru.ru_majflt, "nvcsw": ru.ru_nvcsw,
+                   "nivcsw": ru.ru_nivcsw},
+    }
+
+
+@handler
+def handle_active(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+    return active(worker)
+
+
+@handler
+def handle_reserved(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+    return reserved(worker)
+
+
+@handler
+def handle_scheduled(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
+    return scheduled(worker)
+
+
+@handler
+def handle_registered(worker: Worker, taskinfoitems: Any = None) -> list[str]:
+    return sorted(worker.app.tasks)
+
+
+@handler
+def handle_active_queues(worker: Worker) -> list[dict[str, Any]]:
+    assert worker.consumer is not None
+    return [{"name": q, "exchange": {"name": "", "type": "direct"}, "routing_key": q,
+             "durable": True, "exclusive": False, "auto_delete": False,
+             "no_ack": False, "alias": None, "queue_arguments": None,
+             "binding_arguments": None, "consumer_arguments": None,
+             "bindings": [], "no_declare": None, "expires": None, "message_ttl": None,
+             "max_length": None, "max_length_bytes": None, "max_priority": None}
+            for q in worker.consumer.queues]
+
+
+@handler
+def handle_revoked(worker: Worker) -> list[str]:
+    return sorted(worker.revoked)
+
+
+@handler
+def handle_conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
+    from qops.transports.base import mask_password
+
+    out = {}
+    for name, value, source in worker.app.conf.table():
+        if not with_defaults and source == "default":
+            continue
+        if isinstance(value, str) and "://" in value:
+            value = mask_password(value)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = repr(value)
+        out[name] = value
+    return out
+
+
+@handler
+def handle_query_task(worker: Worker, ids: Any = None) -> dict[str, Any]:
+    wanted = {ids} if isinstance(ids, str) else set(ids or [])
+    found: dict[str, Any] = {}
+    for state, infos in (("active", active(worker)), ("reserved", reserved(worker)),
+                         ("scheduled", [s["request"] for s in scheduled(worker)])):
+        for info in infos:
+            if info["id"] in wanted:
+                found[info["id"]] = [state, info]
+    return found
+
+
+@handler
+def handle_report(worker: Worker) -> dict[str, Any]:
+    import platform
+
+    from qops import __version__
+
+    info = worker.info()
+    lines = [f"software -> qops:{__version__} python:{platform.python_version()}",
+             f"platform -> system:{platform.system()} release:{platform.release()}",
+             *(f"{k} -> {v}" for k, v in info.items() if k != "tasks")]
+    return {"ok": "\n".join(lines)}
+
+
+@handler
+def handle_revoke(worker: Worker, task_id: Any, terminate: bool = False,
+                  signal_name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    ids = [task_id] if isinstance(task_id, str) else list(task_id)
+    sig_name = signal_name or kwargs.get("signal") or "SIGTERM"
+    worker.revoked.update(ids)
+    killed = []
+    if terminate and worker.pool is not None:
+        try:
+            signum = _signum(str(sig_name))
+        except ValueError as exc:
+            return {"error": str(exc)}
+        for tid in ids:
+            if worker.pool.terminate_job(tid, signum):
+                killed.append(tid)
+    text = f"tasks {', '.join(ids)} flagged as revoked"
+    if terminate:
+        text = f"terminate: {', '.join(killed) or 'none running'}; " + text
+    return {"ok": text}
+
+
+def _signum(name: str) -> int:
+    name = name.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {name}") from None
+
+
+@handler
+def handle_rate_limit(worker: Worker, task_name: str, rate_limit: Any) -> dict[str, Any]:
+    from qops.errors import UsageError
+
+    task = worker.app.tasks.get(task_name)
+    if task is None:
+        return {"error": f"unknown task {task_name!r}"}
+    try:
+        worker.rate_limits.set(task_name, rate_limit)
+    except UsageError as exc:
+        return {"error": str(exc)}
+    task.rate_limit = rate_limit or None
+    if not rate_limit:
+        return {"ok": "rate limit disabled successfully"}
+    return {"ok": "new rate limit set successfully"}
+
+
+@handler
+def handle_time_limit(worker: Worker, task_name: str, soft: float | None = None,
+                      hard: float | None = None) -> dict[str, Any]:
+    task = worker.app.tasks.get(task_name)
+    if task is None:
+        return {"error": f"unknown task {task_name!r}"}
+    task.soft_time_limit = soft
+    task.time_limit = hard
+    worker.forget_options(task_name)
+    return {"ok": "time limits set successfully"}
+
+
+@handler
+def handle_add_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[str, Any]:
+    assert worker.consumer is not None
+    if queue in worker.consumer.queues:
+        return {"ok": f"already consuming from {queue!r}"}
+    worker.consumer.add_queue(queue)
+    worker.queues = worker.consumer.queues
+    return {"ok": f"add consumer {queue}"}
+
+
+@handler
+def handle_cancel_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[str, Any]:
+    assert worker.consumer is not None
+    if queue not in worker.consumer.queues:
+        return {"error": f"not consuming from {queue!r}"}
+    worker.consumer.cancel_queue(queue)
+    worker.queues = worker.consumer.queues
+    return {"ok": f"no longer consuming from {queue}"}
+
+
+@handler
+def handle_pool_grow(worker: Worker, n: int = 1) -> dict[str, Any]:
+    pool = worker.pool
+    if pool is None or not hasattr(pool, "grow") or worker.pool_kind == "solo":
+        return {"error": f"the {worker.pool_kind} pool cannot grow"}
+    pool.grow(int(n))
+    return {"ok": f"pool will grow to {pool.concurrency}"}
+
+
+@handler
+def handle_pool_shrink(worker: Worker, n: int = 1) -> dict[str, Any]:
+    pool = worker.pool
+    if pool is None or not hasattr(pool, "shrink") or worker.pool_kind == "solo":
+        return {"error": f"the {worker.pool_kind} pool cannot shrink"}
+    if pool.concurrency <= 1:
+        return {"error": "the pool has one process: it cannot shrink"}
+    pool.shrink(int(n))
+    return {"ok": f"pool will shrink to {pool.concurrency}"}
+
+
+@handler
+def handle_autoscale(worker: Worker, max: int, min: int) -> dict[str, Any]:  # noqa: A002
+    pool = worker.pool
+    if pool is None or worker.pool_kind == "solo":
+        return {"error": f"the {worker.pool_kind} pool cannot scale"}
+    target = max
+    if pool.concurrency < target:
+        pool.grow(target - pool.concurrency)
+    elif pool.concurrency > target:
+        pool.shrink(pool.concurrency - target)
+    return {"ok": f"autoscale now max={max} min={min} (pool size {pool.concurrency})"}
+
+
+@handler
+def handle_shutdown(worker: Worker, msg: str | None = None) -> dict[str, Any]:
+    log.warning("Got shutdown from remote control: %s", msg or "")
+    return {"ok": "shutting down"}
+
+
+def _shutdown_after_reply(worker: Worker) -> None:
+    worker.request_stop("warm")
+
+
+handle_shutdown.after_reply = _shutdown_after_reply  # type: ignore[attr-defined]
+
+
+@handler
+def handle_enable_events(worker: Worker) -> dict[str, Any]:
+    if worker.events is not None:
+        worker.events.task_events = True
+    return {"ok": "task events enabled"}
+
+
+@handler
+def handle_disable_events(worker: Worker) -> dict[str, Any]:
+    if worker.events is not None:
+        worker.events.task_events = False
+    return {"ok": "task events disabled"}

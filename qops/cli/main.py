@@ -121,7 +121,7 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
-    if workdir:
+    if workdir and ctx.invoked_subcommand != "generate":  # generate: the target host's dir
         try:
             os.chdir(workdir)
         except OSError as exc:
@@ -145,6 +145,7 @@ def _register() -> None:
         demo,
         dlq,
         events_cmd,
+        generate,
         multi,
         queues,
         tasks,
@@ -161,6 +162,7 @@ def _register() -> None:
     config_cmd.register(cli)
     dlq.register(cli)
     demo.register(cli)
+    generate.register(cli)
 
 
 _register()

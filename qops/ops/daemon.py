@@ -47,9 +47,28 @@ class Readiness:
 
     def ready(self) -> None:
         self._send("OK")
+        sd_notify("READY=1\nSTATUS=running")
 
     def failed(self, message: str, code: int = EX_FAILURE) -> None:
         self._send(f"ERR {code} {message}")
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (``Type=notify`` units) about our state; no-op outside systemd."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+        return True
+    except OSError:
+        return False
 
 
 def detach(*, workdir: str | None = None, umask: int | None = None,

@@ -138,6 +138,13 @@ class Consumer(ABC):
     def requeue(self, delivery: Delivery) -> None:
         """Put the message back at the head of its queue, at once."""
 
+    def exempt(self, delivery: Delivery) -> None:
+        """Stop counting ``delivery`` against the prefetch until it is settled.
+
+        The worker holds ETA/countdown messages this way (still reserved, so not lost
+        and not run by anyone else): however many it holds, it keeps taking new work."""
+        raise NotImplementedError(f"{type(self).__name__} cannot exempt deliveries")
+
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter the message with ``reason`` and remove it from the queue."""
         self.transport.dead_letter(delivery.queue, delivery.raw, reason)

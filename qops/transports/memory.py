@@ -194,6 +194,7 @@ class _MemoryConsumer(Consumer):
         self.transport = transport
         self.id = cid
         self.prefetch = max(1, prefetch)
+        self._exempt: set[str] = set()
         self.reply = reply  # the reply queue this consumer owns, if it is a reply consumer
         st = transport.state
         with st.lock:
@@ -213,7 +214,7 @@ class _MemoryConsumer(Consumer):
                 held = st.in_flight.get(self.id)
                 if held is None:
                     return None
-                if len(held) < self.prefetch:
+                if len(held) - len(self._exempt & held.keys()) < self.prefetch:
                     for q in st.consumers.get(self.id, []):
                         dq = st.queues.get(q)
                         if dq:
@@ -231,9 +232,15 @@ class _MemoryConsumer(Consumer):
                     return None
                 st.lock.wait(left)
 
+    def exempt(self, delivery: Delivery) -> None:
+        with self.transport.state.lock:
+            self._exempt.add(delivery.tag)
+            self.transport.state.lock.notify_all()
+
     def _settle(self, delivery: Delivery, requeue: bool) -> None:
         st = self.transport.state
         with st.lock:
+            self._exempt.discard(delivery.tag)
             item = st.in_flight.get(self.id, {}).pop(delivery.tag, None)
             if item and requeue:
                 st.queues.setdefault(item[0], deque()).appendleft(item[1])

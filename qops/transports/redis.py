@@ -731,6 +731,8 @@ class RedisConsumer(Consumer):
         self._cache: deque[tuple[str, bytes]] = deque()
         # Handed out and not yet settled: seq -> (list name, raw).
         self._unsettled: dict[int, tuple[str, bytes]] = {}
+        # Unsettled ones that don't count against the prefetch (held for an ETA).
+        self._exempt: set[int] = set()
         # Acked, not yet removed from flight on the server: (list name, raw).
         self._acks: list[tuple[str, bytes]] = []
         self._acks_since = 0.0  # monotonic time of the oldest queued ack
@@ -779,7 +781,17 @@ class RedisConsumer(Consumer):
 
     def _room(self) -> int:
         """Free prefetch slots (call with the lock held)."""
-        return self._limit - len(self._cache) - len(self._unsettled)
+        counted = len(self._unsettled) - len(self._exempt)
+        return self._limit - len(self._cache) - counted
+
+    def exempt(self, delivery: Delivery) -> None:
+        tag = delivery.tag
+        if not isinstance(tag, _Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            if tag.seq in self._unsettled:
+                self._exempt.add(tag.seq)
+                self._lock.notify_all()
 
     # -- reserving ----------------------------------------------------------------------
     def get(self, timeout: float) -> Delivery | None:
@@ -963,6 +975,7 @@ class RedisConsumer(Consumer):
     def _settled(self, seq: int) -> None:
         # Dropped from the books only once Redis has done it, so a failed call can be retried.
         with self._lock:
+            self._exempt.discard(seq)
             if self._unsettled.pop(seq, None) is not None:
                 self._lock.notify_all()
 
@@ -972,6 +985,7 @@ class RedisConsumer(Consumer):
         if not isinstance(tag, _Tag):
             raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
         with self._lock:
+            self._exempt.discard(tag.seq)
             entry = self._unsettled.pop(tag.seq, None)
             if entry is None:  # settled already (or the consumer was closed)
                 return
@@ -1095,6 +1109,7 @@ class RedisConsumer(Consumer):
             self._closed = True
             self._cache.clear()
             self._unsettled.clear()
+            self._exempt.clear()
             self._lock.notify_all()
         # get() notices _closed within one wait slice; past a generous bound, give back
         # anyway (_taken() restores again if a late command still lands something).

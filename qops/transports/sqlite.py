@@ -402,6 +402,7 @@ class SQLiteConsumer(Consumer):
         self.prefetch = max(1, prefetch)
         self._queues = list(queues)
         self._held: set[int] = set()  # rows reserved and not yet settled
+        self._exempt: set[int] = set()  # held rows that don't count against the prefetch
         self._lock = threading.Lock()
         self._backoff = Backoff(0.001, 0.05)
         with self.db.write() as conn:
@@ -449,7 +450,7 @@ class SQLiteConsumer(Consumer):
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                room = self.prefetch - len(self._held)
+                room = self.prefetch - len(self._held - self._exempt)
             if room > 0:
                 got = self._reserve(1)
                 if got:
@@ -465,7 +466,13 @@ class SQLiteConsumer(Consumer):
             conn.execute(sql, (delivery.tag, self.id))
         with self._lock:
             self._held.discard(delivery.tag)
+            self._exempt.discard(delivery.tag)
         self._backoff.reset()
+
+    def exempt(self, delivery: Delivery) -> None:
+        with self._lock:
+            if delivery.tag in self._held:
+                self._exempt.add(delivery.tag)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, "DELETE FROM messages WHERE id = ? AND consumer = ?")
@@ -484,6 +491,7 @@ class SQLiteConsumer(Consumer):
                          (delivery.tag, self.id))
         with self._lock:
             self._held.discard(delivery.tag)
+            self._exempt.discard(delivery.tag)
 
     def heartbeat(self) -> None:
         with self.db.write() as conn:

@@ -71,6 +71,7 @@ class Worker:
         self._stop: str | None = None
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+        self.max_message_size = int(conf.task_max_message_size)
         self.task_events = bool(conf.worker_send_task_events if task_events is None
                                 else task_events)
         self.consumer: Consumer | None = None
@@ -235,6 +236,10 @@ class Worker:
         if d.error or d.message is None:
             self.dead_letter(d, d.error or "undecodable message")
             return
+        if len(d.raw) > self.max_message_size:
+            self.dead_letter(d, f"message of {len(d.raw)} bytes is larger than "
+                                f"task_max_message_size ({self.max_message_size})")
+            return
         try:
             req = protocol.parse_task_message(d.message)
         except ProtocolError as exc:
@@ -264,9 +269,19 @@ class Worker:
         if req.eta is not None:
             wait = (req.eta - dt.datetime.now(dt.timezone.utc)).total_seconds()
             if wait > 0:
+                # Held (reserved, so neither lost nor taken by another worker) but not
+                # counted against the prefetch: far-future tasks never stall the worker.
+                self.hold(d)
                 self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
                 return
         self.on_due(d, req, task)
+
+    def hold(self, d: Delivery) -> None:
+        assert self.consumer is not None
+        try:
+            self.consumer.exempt(d)
+        except NotImplementedError:
+            pass  # the transport can't: the held message keeps its prefetch slot
 
     def dead_letter(self, d: Delivery, reason: str) -> None:
         assert self.consumer is not None
@@ -432,6 +447,9 @@ class Worker:
 
     # -- shutdown ------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        from qops.ops.daemon import sd_notify
+
+        sd_notify("STOPPING=1")
         consumer, pool = self.consumer, self.pool
         cold = self._stop == COLD
         if self.control is not None:

@@ -334,3 +334,26 @@ def test_node_registry(transport: Transport, queue_name: str) -> None:
     finally:
         transport.unregister_node(a)
         transport.unregister_node(b)
+
+
+def test_exempt_deliveries_free_their_prefetch_slot(transport: Transport, queue_name: str) -> None:
+    if transport.scheme == "amqp":
+        pytest.skip("AMQP grows its basic_qos window instead; covered in its own tests")
+    for i in range(3):
+        transport.publish(queue_name, msg(i))
+    c = transport.consumer([queue_name], prefetch=1)
+    try:
+        [held] = drain(c, 1)
+        assert c.get(0.2) is None  # the slot is taken
+        c.exempt(held)
+        [nxt] = drain(c, 1)  # the held message no longer counts
+        assert nxt.message.headers["id"] == "id-1"
+        assert c.get(0.2) is None  # prefetch 1 again
+        c.ack(nxt)
+        c.ack(held)  # settling an exempt delivery frees nothing more than its own
+        [last] = drain(c, 1)
+        assert last.message.headers["id"] == "id-2"
+        assert c.get(0.2) is None
+        c.ack(last)
+    finally:
+        c.close()

@@ -83,3 +83,21 @@ def test_c_force_root_is_honoured_with_a_note(capsys: pytest.CaptureFixture[str]
     assert force_root({"C_FORCE_ROOT": "true"})
     assert "deprecated" in capsys.readouterr().err
     assert not force_root({"C_FORCE_ROOT": "0"})
+
+
+def test_sd_notify_sends_ready(tmp_path, monkeypatch) -> None:
+    import socket
+
+    from qops.ops.daemon import Readiness, sd_notify
+
+    path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    try:
+        monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+        assert sd_notify("READY=1") is False  # not under systemd: nothing to do
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        Readiness(None).ready()
+        assert server.recv(100) == b"READY=1\nSTATUS=running"
+    finally:
+        server.close()

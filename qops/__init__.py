@@ -1,42 +1,65 @@
-"""qops: a fast, scriptable task-queue runtime speaking Celery's protocol."""
+"""qops: a fast, scriptable task-queue runtime speaking Celery's protocol.
+
+The names below are imported on first use (PEP 562), so ``qops --help`` and the
+broker-only commands don't pay for the parts they don't need.
+"""
 
 from __future__ import annotations
 
-from qops.app import App, current_app
-from qops.canvas import chain, chord, group
-from qops.errors import (
-    MaxRetriesExceeded,
-    QopsError,
-    Reject,
-    Retry,
-    SoftTimeLimitExceeded,
-    TimeLimitExceeded,
-    WorkerLostError,
-)
-from qops.result import AsyncResult, GroupResult
-from qops.schedules import crontab
-from qops.task import Signature, Task, signature
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "App": "qops.app",
+    "current_app": "qops.app",
+    "AsyncResult": "qops.result",
+    "GroupResult": "qops.result",
+    "Signature": "qops.task",
+    "Task": "qops.task",
+    "signature": "qops.task",
+    "chain": "qops.canvas",
+    "chord": "qops.canvas",
+    "group": "qops.canvas",
+    "crontab": "qops.schedules",
+    "MaxRetriesExceeded": "qops.errors",
+    "QopsError": "qops.errors",
+    "Reject": "qops.errors",
+    "Retry": "qops.errors",
+    "SoftTimeLimitExceeded": "qops.errors",
+    "TimeLimitExceeded": "qops.errors",
+    "WorkerLostError": "qops.errors",
+}
+
 __all__ = [
-    "App",
-    "AsyncResult",
-    "GroupResult",
-    "MaxRetriesExceeded",
-    "QopsError",
-    "Reject",
-    "Retry",
-    "Signature",
-    "SoftTimeLimitExceeded",
-    "Task",
-    "TimeLimitExceeded",
-    "WorkerLostError",
-    "chain",
-    "chord",
-    "crontab",
-    "group",
-    "current_app",
+    "App", "AsyncResult", "GroupResult", "MaxRetriesExceeded", "QopsError", "Reject",
+    "Retry", "Signature", "SoftTimeLimitExceeded", "Task", "TimeLimitExceeded",
+    "WorkerLostError", "__version__", "chain", "chord", "crontab", "current_app", "group",
     "signature",
-    "__version__",
 ]
+
+if TYPE_CHECKING:
+    from qops.app import App, current_app
+    from qops.canvas import chain, chord, group
+    from qops.errors import (
+        MaxRetriesExceeded,
+        QopsError,
+        Reject,
+        Retry,
+        SoftTimeLimitExceeded,
+        TimeLimitExceeded,
+        WorkerLostError,
+    )
+    from qops.result import AsyncResult, GroupResult
+    from qops.schedules import crontab
+    from qops.task import Signature, Task, signature
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

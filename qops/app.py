@@ -32,6 +32,14 @@ _apps: list[App] = []
 _running = threading.local()  # stack of Context for tasks running in this thread
 
 
+def app_for_task(name: str) -> App:
+    """The newest app that has task ``name`` registered, else the current app."""
+    for app in reversed(_apps):
+        if name in app.tasks:
+            return app
+    return current_app()
+
+
 def current_app() -> App:
     if not _apps:
         return App("default")

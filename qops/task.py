@@ -269,9 +269,9 @@ class Signature(dict[str, Any]):
     @property
     def app(self) -> App:
         if self._app is None:
-            from qops.app import current_app
+            from qops.app import app_for_task
 
-            self._app = current_app()
+            self._app = app_for_task(self.name)
         return self._app
 
     def clone(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,

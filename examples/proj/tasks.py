@@ -60,3 +60,27 @@ def limited(seconds: float) -> str:
     except SoftTimeLimitExceeded:
         return "soft limit hit"
     return "done"
+
+
+@app.task(bind=True)
+def record(self, path: str, seconds: float = 0.0, first_only: bool = False) -> int:
+    """Appends "<task id> <pid> <unix time>" to the file ``path`` (one line a run, so
+    that tests can count executions), then sleeps ``seconds`` (only on the task's first
+    run with ``first_only``). Returns how many times this task id has run, this run
+    included."""
+    line = f"{self.request.id} {os.getpid()} {time.time():.3f}\n"
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0)
+        runs = sum(1 for old in f if old.split(" ", 1)[0] == self.request.id) + 1
+        f.write(line)  # one write(2) in append mode: lines never interleave
+    if seconds and (runs == 1 or not first_only):
+        time.sleep(seconds)
+    return runs
+
+
+@app.task(bind=True, ignore_result=True)
+def mark(self, path: str) -> None:
+    """Appends "<task id> <pid>" to the file ``path`` and nothing else: ``record`` for
+    many thousands of tasks (tests count executions per id)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{self.request.id} {os.getpid()}\n")

@@ -330,7 +330,7 @@ def _make_parent(path: str, uid: int | None, gid: int | None) -> None:
     if parent.exists():
         return
     try:
-        parent.mkdir(parents=True)
+        parent.mkdir(parents=True, exist_ok=True)  # nodes starting in parallel race here
         if uid is not None or gid is not None:
             os.chown(parent, -1 if uid is None else uid, -1 if gid is None else gid)
     except OSError as exc:

@@ -11,9 +11,13 @@
 -- Nothing is stored when the payload is no longer in flight (already given back to its
 -- queue by close()/recover()): it will run again, so it must not be a dead letter too.
 
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) > 0 then
+-- The record is written before the message leaves flight: a script that fails half-way
+-- keeps what it already did, so a refused write (WRONGTYPE, out of memory) must leave
+-- the message in flight, not lose it.
+if redis.call('LPOS', KEYS[1], ARGV[1]) then
     redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
     redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+    redis.call('LREM', KEYS[1], -1, ARGV[1])
     return 1
 end
 return 0

@@ -10,6 +10,7 @@ acked after its task ends, so a worker that dies mid-task leaves it to be run ag
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qops.worker")
 
 WARM, COLD = "warm", "cold"
+RETRY_HANDLING_AFTER = 5.0  # seconds a message we failed to handle is put aside
 
 
 class Worker:
@@ -221,15 +223,37 @@ class Worker:
     def consume(self) -> None:
         consumer = self.consumer
         assert consumer is not None
+        backoff = 0.5
+        # Waits stay within a heartbeat interval: longer, and this worker's liveness
+        # key could expire while the broker is back, making its messages look orphaned.
+        longest = max(1.0, float(self.app.conf.worker_heartbeat_interval))
         while not self._stop:
             try:
                 delivery = consumer.get(0.25)
             except Exception as exc:
-                log.error("consumer error: %s; retrying in 1s", exc)
-                self._stop_event.wait(1.0)
+                # The broker went away: wait and try again, longer each time; the
+                # transport reconnects on the next call.
+                log.error("consumer error: %s; retrying in %.1fs", exc, backoff)
+                self._stop_event.wait(backoff)
+                backoff = min(backoff * 2, longest)
                 continue
-            if delivery is not None:
+            if backoff > 0.5:
+                log.warning("Connection to the broker is back.")
+                backoff = 0.5
+            if delivery is None:
+                continue
+            try:
                 self.on_delivery(delivery)
+            except Exception as exc:
+                # e.g. the dead-letter store refused a write. The message stays reserved
+                # (not lost), is put aside for a while so it can't block the queue's
+                # head, then goes back to the queue to be tried again.
+                log.error("could not handle a message from %r: %s; it goes back to the "
+                          "queue in %gs", delivery.queue, exc, RETRY_HANDLING_AFTER)
+                self.hold(delivery)
+                self.timer.call_later(RETRY_HANDLING_AFTER,
+                                      functools.partial(self._requeue_quietly, delivery),
+                                      delivery)
 
     def on_delivery(self, d: Delivery) -> None:
         assert self.consumer is not None
@@ -244,6 +268,7 @@ class Worker:
             req = protocol.parse_task_message(d.message)
         except ProtocolError as exc:
             self.dead_letter(d, str(exc))
+            self.fail_unparsed(d, exc)
             return
         task = self.app.tasks.get(req.name)
         if task is None:
@@ -276,6 +301,13 @@ class Worker:
                 return
         self.on_due(d, req, task)
 
+    def _requeue_quietly(self, d: Delivery) -> None:
+        try:
+            assert self.consumer is not None
+            self.consumer.requeue(d)
+        except Exception as exc:
+            log.error("could not requeue a message: %s", exc)
+
     def hold(self, d: Delivery) -> None:
         assert self.consumer is not None
         try:
@@ -285,9 +317,23 @@ class Worker:
 
     def dead_letter(self, d: Delivery, reason: str) -> None:
         assert self.consumer is not None
+        self.consumer.reject(d, reason)
         log.error("Rejected a message from %r: %s (kept in the dead-letter store)",
                   d.queue, reason)
-        self.consumer.reject(d, reason)
+
+    def fail_unparsed(self, d: Delivery, exc: ProtocolError) -> None:
+        """A message that can't be parsed but names its task: tell a waiting client."""
+        if d.message is None or not self.app.has_backend:
+            return
+        task_id = (d.message.headers or {}).get("id") or \
+            d.message.properties.get("correlation_id")
+        if not isinstance(task_id, str) or not task_id:
+            return
+        try:
+            self.app.backend.store(task_id, FAILURE, exc,
+                                   reply_to=d.message.properties.get("reply_to") or None)
+        except Exception as err:
+            log.error("could not mark task %s FAILURE: %s", task_id, err)
 
     def on_due(self, d: Delivery, req: TaskRequest, task: Task) -> None:
         """The task may run now (its ETA has come): check expiry and rate, then run it."""

@@ -3,6 +3,7 @@ test_transport.py). Runs against the real broker, in the session's private vhost
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 import uuid
@@ -43,6 +44,130 @@ def test_url_parts_and_options() -> None:
     d = parse_url("amqp://h")
     assert (d.user, d.password, d.port, d.heartbeat, d.dead_letter_queue) == (
         "guest", "guest", 5672, 60, "qops.dlq")
+
+
+# -- frame decoding (no broker needed) ----------------------------------------------------
+
+
+def _field(kind: bytes, payload: bytes) -> bytes:
+    return kind + payload
+
+
+def _long_str(raw: bytes) -> bytes:
+    return struct.pack(">I", len(raw)) + raw
+
+
+def _table_bytes(items: list[tuple[bytes, bytes]]) -> bytes:
+    """An AMQP field table from (raw key, encoded value), for values pika can't encode."""
+    inner = b"".join(bytes([len(k)]) + k + v for k, v in items)
+    return struct.pack(">I", len(inner)) + inner
+
+
+EVERY_KIND = [
+    (b"t1", _field(b"t", b"\x01")), (b"t0", _field(b"t", b"\x00")),
+    (b"b", _field(b"b", struct.pack(">b", -5))), (b"B", _field(b"B", b"\xfe")),
+    (b"U", _field(b"U", struct.pack(">h", -300))), (b"u", _field(b"u", struct.pack(">H", 65000))),
+    (b"s", _field(b"s", struct.pack(">h", -2))),
+    (b"I", _field(b"I", struct.pack(">i", -70000))), (b"i", _field(b"i", struct.pack(">I", 4_000_000_000))),
+    (b"l", _field(b"l", struct.pack(">q", -2 ** 40))), (b"L", _field(b"L", struct.pack(">q", 7))),
+    (b"f", _field(b"f", struct.pack(">f", 2.75))), (b"d", _field(b"d", struct.pack(">d", -1.5e9))),
+    (b"D", _field(b"D", b"\x03" + struct.pack(">i", -12345))),
+    (b"S", _field(b"S", _long_str("h\u00e9llo".encode()))),
+    (b"S-bad-utf8", _field(b"S", _long_str(b"\xff\xfe"))),
+    (b"x", _field(b"x", _long_str(b"\x00\x01"))),
+    (b"T", _field(b"T", struct.pack(">Q", 1716912345))),
+    (b"V", b"V"),
+    (b"A", _field(b"A", _long_str(b"V" + _field(b"I", struct.pack(">i", 3))
+                                  + _field(b"S", _long_str(b"x"))))),
+    (b"A-empty", _field(b"A", _long_str(b""))),
+    (b"F", _field(b"F", _table_bytes([(b"inner", _field(b"t", b"\x01")),
+                                      (b"deep", _field(b"F", _table_bytes([])))]))),
+    (b"\xff-bad-key", b"V"),
+]
+
+
+def _header_frame(props: pika.BasicProperties, table: bytes | None = None) -> bytes:
+    raw = pika.frame.Header(1, 1234, props).marshal()
+    if table is None:
+        return raw
+    # put a hand-made table in place of the (empty) one pika encoded: it follows the
+    # frame header (7), class/weight/body size (12), flags (2), content type/encoding
+    pos = 21 + sum(1 + len(v) for v in (props.content_type, props.content_encoding) if v)
+    assert raw[pos:pos + 4] == struct.pack(">I", 0)
+    payload = raw[7:pos] + table + raw[pos + 4:-1]
+    return struct.pack(">BHL", 2, 1, len(payload)) + payload + b"\xce"
+
+
+def _same(a: Any, b: Any) -> None:
+    assert a[0] == b[0]
+    fa, fb = a[1], b[1]
+    assert type(fa) is type(fb) and fa.channel_number == fb.channel_number
+    if isinstance(fa, pika.frame.Header):
+        assert fa.body_size == fb.body_size
+        assert vars(fa.properties) == vars(fb.properties)
+        for k, v in (fa.properties.headers or {}).items():  # same types too (True != 1)
+            # ... but a plain int where pika gives its int subclass ``long`` (repr "5L")
+            theirs = type(fb.properties.headers[k])
+            assert type(v) is (int if theirs is pika.compat.long else theirs), k
+    elif isinstance(fa, pika.frame.Method):
+        assert type(fa.method) is type(fb.method) and vars(fa.method) == vars(fb.method)
+    else:
+        assert vars(fa) == vars(fb)
+
+
+def test_fast_frame_decoder_matches_pika_for_every_field_kind() -> None:
+    from pika.frame import decode_frame as pika_decode
+
+    from qops.transports.amqp import decode_frame
+
+    props = pika.BasicProperties(content_type="application/json", content_encoding="utf-8",
+                                 headers={}, delivery_mode=2, priority=4,
+                                 correlation_id="c\u00e9", reply_to="r", expiration="60000",
+                                 message_id="m", timestamp=1716912345, type="t",
+                                 user_id="guest", app_id="a", cluster_id="cl")
+    frame = _header_frame(props, _table_bytes(EVERY_KIND))
+    _same(decode_frame(frame), pika_decode(frame))
+    headers = decode_frame(frame)[1].properties.headers
+    assert headers["t1"] is True and headers["d"] == -1500000000 and headers["S"] == "h\u00e9llo"
+    assert headers["S-bad-utf8"] == b"\xff\xfe" and headers[b"\xff-bad-key"] is None
+    # what qops itself sends: every property pika can encode, headers as _amqp_table makes
+    from qops.protocol import build_task_message
+    from qops.transports.amqp import _basic_properties
+
+    msg = build_task_message("proj.add", (1, 2.5), {"k": [1, {"x": None}]}, priority=3)
+    msg.headers["sent"] = 1716912345.25
+    frame = pika.frame.Header(7, 99, _basic_properties(msg, 2)).marshal()
+    _same(decode_frame(frame), pika_decode(frame))
+    for bare in (pika.BasicProperties(), pika.BasicProperties(headers={"a": 1})):
+        frame = pika.frame.Header(1, 0, bare).marshal()
+        _same(decode_frame(frame), pika_decode(frame))
+
+
+def test_fast_frame_decoder_other_frames_and_partial_data() -> None:
+    from pika.frame import decode_frame as pika_decode
+
+    from qops.transports.amqp import decode_frame
+
+    deliver = pika.frame.Method(3, pika.spec.Basic.Deliver(
+        "ctag-\u00e9", 2 ** 40, True, "ex", "rk")).marshal()
+    frames = [
+        deliver,
+        pika.frame.Method(3, pika.spec.Basic.Deliver("", 1, False, "", "")).marshal(),
+        pika.frame.Method(1, pika.spec.Basic.Ack(5, multiple=True)).marshal(),
+        pika.frame.Body(3, b"body bytes").marshal(),
+        pika.frame.Heartbeat().marshal(),
+        pika.frame.Header(2, 5, pika.BasicProperties()).marshal(),
+    ]
+    for f in frames:
+        _same(decode_frame(f + b"trailing"), pika_decode(f + b"trailing"))
+        for cut in range(len(f)):  # incomplete: nothing decoded yet
+            assert decode_frame(f[:cut]) == (0, None) == pika_decode(f[:cut])
+    assert decode_frame(b"AMQP\x00\x00\x09\x01")[0] == 8  # protocol header: pika's path
+    with pytest.raises(pika.exceptions.InvalidFrameError):
+        decode_frame(deliver[:-1] + b"\x00")
+    bad = _header_frame(pika.BasicProperties(headers={}), _table_bytes([(b"k", b"Z")]))
+    with pytest.raises(pika.exceptions.InvalidFieldTypeException):
+        decode_frame(bad)
 
 
 # -- against the broker -------------------------------------------------------------------
@@ -165,7 +290,8 @@ def test_ack_from_another_thread_frees_prefetch_while_get_waits(
         timer.start()
         started = time.monotonic()
         second = c.get(5.0)  # blocked by prefetch until the other thread acks
-        assert second is not None and second.message.headers["id"] == "id-2"
+        assert second is not None and second.message is not None
+        assert second.message.headers["id"] == "id-2"
         assert time.monotonic() - started < 2.0
         c.ack(second)
     finally:
@@ -336,8 +462,8 @@ def test_consumer_reconnects_and_stale_acks_are_ignored(transport: AMQPTransport
     c = transport.consumer([q], prefetch=1)
     try:
         old = get_one(c)
-        assert c._link is not None
-        c._link.conn.close()  # the connection drops: the broker requeues id-1
+        assert c._link is not None  # type: ignore[attr-defined]
+        c._link.conn.close()  # type: ignore[attr-defined]  # the broker requeues id-1
         back = get_one(c)
         assert back.message.headers["id"] == "id-1" and back.redelivered
         c.ack(old)  # a tag from the dead channel: must not ack the new delivery
@@ -388,3 +514,374 @@ def test_add_queue_refused_by_the_broker_leaves_the_others_running(
         c.ack(second)
     finally:
         c.close()
+
+
+# -- reply queues bound like kombu's, event streams, the node registry ---------------------
+
+
+def test_reply_queue_is_reachable_through_the_reply_exchange(
+        transport: AMQPTransport, admin: Any) -> None:
+    """A Celery worker replies to a pidbox request by publishing to the direct exchange
+    ``reply.<mailbox>`` with routing key ``<oid>``: that must reach the reply consumer."""
+    mailbox = f"mb-{uuid.uuid4().hex[:8]}.pidbox"
+    oid = uuid.uuid4().hex
+    name = f"{oid}.reply.{mailbox}"
+    c = transport.reply_consumer(name, exchange=f"reply.{mailbox}", routing_key=oid)
+    try:
+        # declared exactly as kombu declares it: the same declare is no 406
+        admin.exchange_declare(f"reply.{mailbox}", "direct", durable=False, auto_delete=False)
+        admin.basic_publish(f"reply.{mailbox}", oid, b'{"w1@h": {"ok": "pong"}}',
+                            pika.BasicProperties(headers={"ticket": "t-1"}))
+        admin.basic_publish(f"reply.{mailbox}", "someone-else", b"not for us")
+        d = get_one(c)
+        assert d.message.body == b'{"w1@h": {"ok": "pong"}}'
+        assert d.message.headers == {"ticket": "t-1"}
+        c.ack(d)
+        assert c.get(0.3) is None
+        transport.send_reply(name, Message(body=b"direct"))  # the qops way still works
+        d = get_one(c)
+        assert d.message.body == b"direct"
+        c.ack(d)
+    finally:
+        c.close()
+    # the exchange outlives the reply queue, as kombu's does
+    admin.exchange_declare(f"reply.{mailbox}", passive=True)
+    admin.exchange_delete(f"reply.{mailbox}")
+
+
+def test_reply_exchange_made_by_celery_first(transport: AMQPTransport, admin: Any) -> None:
+    mailbox = f"mb-{uuid.uuid4().hex[:8]}.pidbox"
+    admin.exchange_declare(f"reply.{mailbox}", "direct", durable=False, auto_delete=False)
+    oid = uuid.uuid4().hex
+    c = transport.reply_consumer(f"{oid}.reply.{mailbox}", exchange=f"reply.{mailbox}",
+                                 routing_key=oid)
+    try:
+        admin.basic_publish(f"reply.{mailbox}", oid, b"reply")
+        assert get_one(c).message.body == b"reply"
+    finally:
+        c.close()
+        admin.exchange_delete(f"reply.{mailbox}")
+
+
+def test_reply_binding_comes_back_after_a_reconnect(transport: AMQPTransport,
+                                                   admin: Any) -> None:
+    mailbox = f"mb-{uuid.uuid4().hex[:8]}.pidbox"
+    oid = uuid.uuid4().hex
+    c = transport.reply_consumer(f"{oid}.reply.{mailbox}", exchange=f"reply.{mailbox}",
+                                 routing_key=oid)
+    try:
+        assert c._link is not None  # type: ignore[attr-defined]
+        c._link.conn.close()  # type: ignore[attr-defined]
+        assert c.get(0.3) is None  # reconnects: a new queue, bound again
+        admin.basic_publish(f"reply.{mailbox}", oid, b"after")
+        assert get_one(c).message.body == b"after"
+    finally:
+        c.close()
+        admin.exchange_delete(f"reply.{mailbox}")
+
+
+def test_topic_patterns(transport: AMQPTransport, admin: Any) -> None:
+    channel = f"ev-{uuid.uuid4().hex[:8]}"
+    subs = {p: transport.subscribe(channel, pattern=p)
+            for p in ("#", "task.#", "*.heartbeat", "worker.online")}
+    try:
+        # the events exchange is a durable topic exchange, as Celery's celeryev
+        admin.exchange_declare(channel, "topic", durable=True, auto_delete=False)
+        for key in ("worker.online", "worker.heartbeat", "task.succeeded", "task.multi"):
+            transport.broadcast(channel, Message(body=key.encode()), routing_key=key)
+
+        def drain(sub: Any) -> list[bytes]:
+            out = []
+            while (m := sub.get(0.5)) is not None:
+                out.append(m.body)
+            return out
+
+        assert drain(subs["#"]) == [b"worker.online", b"worker.heartbeat", b"task.succeeded",
+                                    b"task.multi"]
+        assert drain(subs["task.#"]) == [b"task.succeeded", b"task.multi"]
+        assert drain(subs["*.heartbeat"]) == [b"worker.heartbeat"]
+        assert drain(subs["worker.online"]) == [b"worker.online"]
+    finally:
+        for sub in subs.values():
+            sub.close()
+        admin.exchange_delete(channel)
+
+
+def test_events_exchange_made_by_celery(transport: AMQPTransport, admin: Any) -> None:
+    """Celery declares ``celeryev`` as a durable topic exchange: the same declare as ours."""
+    channel = f"celeryev-{uuid.uuid4().hex[:8]}"
+    admin.exchange_declare(channel, "topic", durable=True, auto_delete=False)
+    sub = transport.subscribe(channel, pattern="task.#")
+    try:
+        transport.broadcast(channel, Message(body=b"e1"), routing_key="task.received")
+        m = sub.get(3.0)
+        assert m is not None and m.body == b"e1"
+    finally:
+        sub.close()
+        admin.exchange_delete(channel)
+
+
+def test_events_exchange_made_otherwise_is_used_as_it_is(amqp_url: str, admin: Any) -> None:
+    """A topic exchange declared with other settings (here: not durable) makes our declare
+    a 406; we go passive and use it anyway, for publishing and subscribing."""
+    channel = f"ev-{uuid.uuid4().hex[:8]}"
+    admin.exchange_declare(channel, "topic", durable=False, auto_delete=False)
+    t = AMQPTransport(amqp_url)
+    sub = t.subscribe(channel, pattern="#")
+    try:
+        t.broadcast(channel, Message(body=b"e1"), routing_key="worker.heartbeat")
+        m = sub.get(3.0)
+        assert m is not None and m.body == b"e1"
+        t.broadcast(channel, Message(body=b"ctl"))  # the fanout path goes passive too
+    finally:
+        sub.close()
+        t.close()
+        admin.exchange_delete(channel)
+
+
+def test_events_survive_their_exchange_being_deleted(transport: AMQPTransport,
+                                                     admin: Any) -> None:
+    channel = f"ev-{uuid.uuid4().hex[:8]}"
+    transport.broadcast(channel, Message(body=b"nobody listens"), routing_key="task.sent")
+    admin.exchange_delete(channel)
+    # unconfirmed: the 404 may come back only with the next publish, which declares the
+    # exchange again; neither raises
+    for _ in range(3):
+        transport.broadcast(channel, Message(body=b"again"), routing_key="task.sent")
+        time.sleep(0.1)
+    sub = transport.subscribe(channel, pattern="#")
+    try:
+        transport.broadcast(channel, Message(body=b"seen"), routing_key="task.sent")
+        m = sub.get(3.0)
+        assert m is not None and m.body == b"seen"
+    finally:
+        sub.close()
+        admin.exchange_delete(channel)
+
+
+def test_events_do_not_wait_for_confirms(transport: AMQPTransport, admin: Any,
+                                         queues: list[str]) -> None:
+    channel = f"ev-{uuid.uuid4().hex[:8]}"
+    sub = transport.subscribe(channel, pattern="#")
+    try:
+        for i in range(500):
+            transport.broadcast(channel, Message(body=str(i).encode()), routing_key="task.x")
+        got: list[int] = []
+        while len(got) < 500 and (m := sub.get(3.0)) is not None:
+            got.append(int(m.body))
+        assert got == list(range(500))  # all of them, in order
+        # the task queues still publish confirmed on the same connection
+        q = new_queue(queues)
+        transport.publish(q, task(1))
+        assert transport.queue_stats([q])[0].ready == 1
+    finally:
+        sub.close()
+        admin.exchange_delete(channel)
+
+
+def test_live_nodes_counts_registered_nodes(amqp_url: str) -> None:
+    t1, t2 = AMQPTransport(amqp_url), AMQPTransport(amqp_url)
+    base = t1.live_nodes()
+    assert isinstance(base, int)
+    a, b, c = (f"{x}-{uuid.uuid4().hex[:6]}@h" for x in "abc")
+    try:
+        t1.register_node(a, {}, ttl=10)
+        t1.register_node(a, {}, ttl=10)  # every heartbeat: still one consumer
+        t1.register_node(b, {}, ttl=10)
+        t2.register_node(c, {}, ttl=10)
+        assert t2.live_nodes() == base + 3
+        t1.unregister_node(a)
+        assert t1.live_nodes() == base + 2
+        t1.unregister_node(b)  # the last one: the connection closes
+        t1.unregister_node(b)  # twice is fine
+        assert t1.live_nodes() == base + 1
+        t1.register_node(a, {}, ttl=10)  # again, on a new connection
+        assert t1.live_nodes() == base + 2
+    finally:
+        t1.close()  # drops its registrations
+        t2.unregister_node(c)
+        t2.close()
+    assert AMQPTransport(amqp_url).live_nodes() == base
+
+
+def test_registration_comes_back_after_a_lost_connection(amqp_url: str) -> None:
+    t = AMQPTransport(amqp_url)
+    base = t.live_nodes()
+    name = f"n-{uuid.uuid4().hex[:6]}@h"
+    try:
+        t.register_node(name, {}, ttl=10)
+        link = t._presence._link
+        assert link is not None
+        link.conn.close()  # as if the broker had dropped it
+        assert t.live_nodes() == base
+        t.register_node(name, {}, ttl=10)  # the next heartbeat registers again
+        assert t.live_nodes() == base + 1
+    finally:
+        t.close()
+
+
+CHILD = """
+import sys, time
+from qops.transports.amqp import AMQPTransport
+t = AMQPTransport(sys.argv[1])
+t.register_node(sys.argv[2], {}, ttl=10)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_node_drops_out_at_once(amqp_url: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    t = AMQPTransport(amqp_url)
+    base = t.live_nodes()
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, amqp_url, f"k-{uuid.uuid4().hex[:6]}@h"],
+        stdout=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        assert t.live_nodes() == base + 1
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 2.0
+        while t.live_nodes() != base and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.live_nodes() == base
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        t.close()
+
+
+# -- exempt deliveries (ETA tasks held by the worker) --------------------------------------
+
+
+def _ids(deliveries: list[Any]) -> list[str]:
+    return [d.message.headers["id"] for d in deliveries]
+
+
+def test_exempt_delivery_frees_its_prefetch_slot(transport: AMQPTransport,
+                                                 queues: list[str]) -> None:
+    q = new_queue(queues)
+    for i in range(3):
+        transport.publish(q, task(i))
+    c = transport.consumer([q], prefetch=1)
+    try:
+        held = get_one(c)
+        assert c.get(0.3) is None  # the slot is taken
+        c.exempt(held)  # the window grows by one
+        nxt = get_one(c)
+        assert nxt.message.headers["id"] == "id-1"
+        assert c.get(0.3) is None  # prefetch 1 again
+        c.ack(nxt)
+        c.ack(held)  # the window shrinks back: frees nothing more than its own slot
+        last = get_one(c)
+        assert last.message.headers["id"] == "id-2"
+        assert c.get(0.3) is None
+        c.ack(last)
+    finally:
+        c.close()
+    assert transport.queue_stats([q])[0].ready == 0
+
+
+def test_many_exempt_deliveries_and_the_window_shrinking_back(
+        transport: AMQPTransport, queues: list[str]) -> None:
+    q = new_queue(queues)
+    for i in range(12):
+        transport.publish(q, task(i))
+    c = transport.consumer([q], prefetch=2)
+    try:
+        held: list[Any] = []
+        for _ in range(4):  # hold 8, two at a time, from another thread as well
+            pair = [get_one(c), get_one(c)]
+            assert c.get(0.2) is None
+            t = threading.Thread(target=lambda p=pair: [c.exempt(d) for d in p])  # type: ignore[func-returns-value]
+            t.start()
+            t.join()
+            held += pair
+        assert _ids(held) == [f"id-{i}" for i in range(8)]
+        counted = [get_one(c), get_one(c)]
+        assert c.get(0.3) is None
+        for d in held:  # settle every exempt one: the window is back to 2...
+            c.ack(d)
+        assert c.get(0.3) is None  # ... and both slots are still taken
+        for d in counted:
+            c.ack(d)
+        rest = [get_one(c), get_one(c)]
+        assert _ids(rest) == ["id-10", "id-11"]
+        for d in rest:
+            c.requeue(d) if d is rest[0] else c.ack(d)
+        again = get_one(c)
+        assert again.message.headers["id"] == "id-10" and again.redelivered
+        c.ack(again)
+    finally:
+        c.close()
+    assert transport.queue_stats([q])[0].ready == 0
+
+
+def test_exempt_after_a_reconnect_is_a_no_op(transport: AMQPTransport,
+                                            queues: list[str]) -> None:
+    q = new_queue(queues)
+    transport.publish(q, task(1))
+    c = transport.consumer([q], prefetch=1)
+    try:
+        old = get_one(c)
+        c._link.conn.close()  # type: ignore[attr-defined]
+        back = get_one(c)  # redelivered on the new connection
+        c.exempt(old)  # a tag from the dead channel: nothing to exempt
+        assert c.get(0.3) is None  # so the slot is still taken by `back`
+        c.ack(back)
+    finally:
+        c.close()
+
+
+def test_quorum_queue_gets_a_per_consumer_prefetch(transport: AMQPTransport, admin: Any,
+                                                   queues: list[str]) -> None:
+    """A quorum queue (Celery 5.5's task_default_queue_type) refuses a channel-wide
+    prefetch by closing the connection: the consumer falls back to a per-consumer one."""
+    q = new_queue(queues)
+    admin.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+    for i in range(3):
+        transport.publish(q, task(i))  # our declare is a 406: used as it is
+    c = transport.consumer([q], prefetch=1)
+    try:
+        first = get_one(c)
+        assert c.get(0.3) is None  # prefetch 1 still holds
+        with pytest.raises(NotImplementedError):
+            c.exempt(first)  # the worker then lets the held message keep its slot
+        c.ack(first)
+        assert _ids([get_one(c)]) == ["id-1"]
+    finally:
+        c.close()
+
+
+def test_a_message_over_the_size_limit_can_be_dead_lettered(amqp_url: str,
+                                                            queues: list[str]) -> None:
+    """A worker with a small max_message_size dead-letters what it can't take: the
+    limit guards what we publish, not what the broker already holds."""
+    q = new_queue(queues)
+    producer = AMQPTransport(amqp_url)  # the default limit
+    worker = AMQPTransport(amqp_url, TransportOptions(max_message_size=100))
+    try:
+        producer.publish(q, Message(body=b"x" * 1000, headers={"id": "big"}))
+        c = worker.consumer([q], prefetch=1)
+        try:
+            d = get_one(c)
+            c.reject(d, "message of 1000 bytes is over max_message_size (100)")
+        finally:
+            c.close()
+        [dead] = [x for x in worker.dead_letters(1000) if x.queue == q]
+        assert dead.raw == b"x" * 1000 and "100" in dead.reason
+        assert worker.queue_stats([q])[0].ready == 0
+        assert worker.purge_dead_letters() >= 1
+    finally:
+        producer.close()
+        worker.close()

@@ -402,9 +402,7 @@ def test_restart_keeps_last_runs(broker, tmp_path):
 
 def test_two_beats_at_once_send_no_duplicates(broker, tmp_path):
     url, app = broker
-    if not has_locks(app.transport):
-        pytest.skip(f"the {app.transport.scheme} transport has no lock yet "
-                    "(qops/transports/_locks_pending.py)")
+    assert has_locks(app.transport)
     queue = f"beat-{uuid.uuid4().hex[:8]}"
     a = BeatProcess(url, every(1, queue), tmp_path / "a", tmp_path / "a.log").start()
     b = BeatProcess(url, every(1, queue), tmp_path / "b", tmp_path / "b.log").start()

@@ -30,7 +30,7 @@ from qops.ops import pidfile
 from qops.ops.nodes import expand, hostname
 
 # worker options that take no value
-FLAGS = {"-E", "--task-events", "-D", "--detach"}
+FLAGS = {"-E", "--task-events", "-D", "--detach", "-B", "--beat"}
 # multi's own options (not passed to the worker as such)
 OWN = {"--pidfile", "--logfile", "--range-prefix", "--rundir", "--logdir", "--timeout",
        "--max-unavailable", "--uid", "--gid"}

@@ -88,6 +88,9 @@ def test_templates_and_names(multi: Multi, tmp_path: Path) -> None:
     assert r.stdout.split() == ["/var/log/w1.log", "/var/log/w2.log"]
     r = multi("get", "w2", "w1", "w2", "-c:1-2", "4", "-c:w2", "5")
     assert "-n w2@" in r.stdout and "-c 5" in r.stdout
+    r = multi("show", "w1", "w2", "-B:w1", "-E")  # beat embedded in w1 only
+    first, second = r.stdout.splitlines()
+    assert " -B" in first and " -B" not in second and " -E" in second
     r = multi("expand", "%x", "w1")
     assert r.returncode == 2 and "%x" in r.stderr
     logs = tmp_path / "logs"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from qops import protocol
@@ -74,15 +76,16 @@ class ResultBackend(ABC):
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the task is ready; raise ResultTimeout after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            meta = self.get_meta(task_id)
-            if meta["status"] in READY_STATES:
-                return meta
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
-                                    f"(state {meta['status']})")
-            self._wait(task_id, 1.0 if left is None else min(left, 1.0))
+        with self._watch(task_id) as pause:
+            while True:
+                meta = self.get_meta(task_id)
+                if meta["status"] in READY_STATES:
+                    return meta
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
+                                        f"(state {meta['status']})")
+                pause(1.0 if left is None else min(left, 1.0))
 
     def forget(self, task_id: str) -> None:
         self._delete(task_id)
@@ -104,6 +107,13 @@ class ResultBackend(ABC):
 
     @abstractmethod
     def _delete(self, task_id: str) -> None: ...
+
+    @contextmanager
+    def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:
+        """While waiting for a task: yield a function that returns when its state may
+        have changed, or after the seconds it is given. Set up before the first read,
+        so a result stored in between is not missed. Default: ``_wait`` (polling)."""
+        yield lambda seconds: self._wait(task_id, seconds)
 
     def _wait(self, task_id: str, timeout: float) -> None:
         """Return when the task's state may have changed, or after ``timeout``.

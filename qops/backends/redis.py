@@ -4,12 +4,13 @@ meta JSON; every write is published on the same name, so a waiting client wakes 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
-from qops.backends.base import READY_STATES, ResultBackend
-from qops.errors import BrokerUnreachable, ResultTimeout
+from qops.backends.base import ResultBackend
+from qops.errors import BrokerUnreachable
 from qops.transports.base import mask_password
 
 
@@ -49,21 +50,13 @@ class RedisBackend(ResultBackend):
     def _delete(self, task_id: str) -> None:
         self._call(self.client.delete, self._key(task_id))
 
-    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
-        # Subscribe first, then read: a result stored in between is not missed.
-        deadline = None if timeout is None else time.monotonic() + timeout
+    @contextmanager
+    def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:
+        # Subscribed before the first read: a result stored in between wakes us.
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             self._call(pubsub.subscribe, self._key(task_id))
-            while True:
-                meta = self.get_meta(task_id)
-                if meta["status"] in READY_STATES:
-                    return meta
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
-                                        f"(state {meta['status']})")
-                self._call(pubsub.get_message, timeout=1.0 if left is None else min(left, 1.0))
+            yield lambda seconds: self._call(pubsub.get_message, timeout=seconds)
         finally:
             pubsub.close()
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from qops import protocol
 from qops.backends.base import READY_STATES, SUCCESS, ResultBackend
-from qops.errors import QopsError, ResultTimeout, UsageError
+from qops.errors import QopsError, UsageError
 from qops.transports.base import Consumer, Delivery, Message, Transport
 
 log = logging.getLogger(__name__)
@@ -227,16 +227,10 @@ class RPCBackend(ResultBackend):
                 f"cannot wait for task {task_id} with the rpc:// result backend: results "
                 "go only to the process that sent the task, and this process has sent none "
                 "(use a stored result backend, e.g. redis://, to read results elsewhere)")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            meta = self.get_meta(task_id)
-            if meta["status"] in READY_STATES:
-                return meta
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
-                                    f"(state {meta['status']})")
-            self._drain(1.0 if left is None else min(left, 1.0), task_id)
+        return super().wait(task_id, timeout)
+
+    def _wait(self, task_id: str, timeout: float) -> None:
+        self._drain(timeout, task_id)
 
     def _store(self, task_id: str, data: bytes, state: str, *, reply_to: str | None) -> None:
         if not reply_to:

@@ -126,11 +126,7 @@ class ThreadPool(Pool):
             _report(on_done, outcome)
 
     def stop(self, timeout: float | None = None) -> None:
-        for _ in self.threads:
-            self.jobs.put(_STOP)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self.threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        _stop_and_join(self.jobs, self.threads, timeout)
 
     def terminate(self) -> None:
         for _ in self.threads:
@@ -158,6 +154,15 @@ class SoloPool(ThreadPool):
 
     def __init__(self, app: App, concurrency: int = 1, **kwargs: Any) -> None:
         super().__init__(app, 1, **kwargs)
+
+
+def _stop_and_join(jobs: queue.Queue[Any], threads: list[Any], timeout: float | None) -> None:
+    """One stop marker per thread (each takes one and ends), then wait for them all."""
+    for _ in threads:
+        jobs.put(_STOP)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _report(on_done: OnDone, outcome: dict[str, Any]) -> None:
@@ -336,11 +341,7 @@ class PreforkPool(Pool):
         slot.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        for _ in self.slots:
-            self.jobs.put(_STOP)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for s in self.slots:
-            s.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        _stop_and_join(self.jobs, self.slots, timeout)
 
     def terminate(self) -> None:
         for s in self.slots:

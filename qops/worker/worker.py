@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -565,3 +566,7 @@ def _exc_line(meta: Any) -> str:
         text = ", ".join(str(m) for m in msg) if isinstance(msg, list) else str(msg)
         return f"{meta['exc_type']}({text})"
     return repr(meta)
+
+
+def default_hostname() -> str:
+    return f"qops@{socket.gethostname()}"

@@ -105,7 +105,7 @@ class SQLiteDB:
         self.path = path_from_url(url)
         self.timeout = timeout
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         # Several processes may create the file at once (multi start): switching to WAL
         # and creating the schema can then meet "database is locked" without waiting on
@@ -149,7 +149,7 @@ class SQLiteDB:
             self._local.conn = conn
             self._local.pid = os.getpid()
             with self._lock:
-                self._all.append(conn)
+                self._all.append((threading.current_thread(), conn))
         return conn
 
     @contextmanager
@@ -170,12 +170,17 @@ class SQLiteDB:
             conn.execute("COMMIT")
 
     def close(self) -> None:
+        """Close this thread's connection and those of threads that have ended. A
+        connection another thread may be using right now is only let go: closing it
+        under that thread can crash the process; it closes when its last user drops it."""
+        me = threading.current_thread()
         with self._lock:
-            for conn in self._all:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
+            for thread, conn in self._all:
+                if thread is me or not thread.is_alive():
+                    try:
+                        conn.close()
+                    except sqlite3.Error:
+                        pass
             self._all.clear()
         self._local = threading.local()
 
@@ -578,10 +583,11 @@ class SQLiteSubscription(Subscription):
         row = self.db.conn().execute("SELECT MAX(id) FROM broadcasts").fetchone()
         self.last = row[0] or 0
         self._backoff = Backoff(0.001, 0.02)
+        self._closed = False
 
     def get(self, timeout: float) -> Message | None:
         deadline = time.monotonic() + timeout
-        while True:
+        while not self._closed:
             row = self.db.conn().execute(
                 "SELECT id, payload, routing_key FROM broadcasts WHERE channel = ? AND id > ? "
                 "ORDER BY id LIMIT 1", (self.channel, self.last)).fetchone()
@@ -596,6 +602,8 @@ class SQLiteSubscription(Subscription):
                     continue
             if not self._backoff.sleep(deadline):
                 return None
+        return None
 
     def close(self) -> None:
-        pass
+        """A get() running in another thread returns within one poll interval."""
+        self._closed = True

@@ -56,15 +56,15 @@ class ControlServer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop listening and wait for the thread (at most a command it runs now), so
+        that nothing uses the broker connections once the worker closes them."""
         self._stop.set()
-        # The thread wakes from its get() within 0.5 s; shutdown need not wait for it
-        # (a daemon thread), only for a command it may be running right now.
-        self._thread.join(0.1)
         if self._sub is not None:
             try:
-                self._sub.close()
+                self._sub.close()  # wakes the thread's get()
             except Exception:
                 pass
+        self._thread.join(10.0)
 
     def _run(self) -> None:
         while not self._stop.is_set():

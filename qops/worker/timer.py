@@ -37,6 +37,11 @@ class Timer:
         with self._cond:
             return sorted((when, item) for when, _, _, item in self._heap)
 
+    def join(self, timeout: float) -> None:
+        """Wait for a call being made now (after drain())."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def drain(self) -> list[Any]:
         """Stop and return the items of every call not yet made."""
         with self._cond:

@@ -72,6 +72,7 @@ class Worker:
         self.started_at = time.time()
         self._stop: str | None = None
         self._stop_event = threading.Event()
+        self._heartbeat: threading.Thread | None = None
         self._lock = threading.Lock()
         self.max_message_size = int(conf.task_max_message_size)
         self.task_events = bool(conf.worker_send_task_events if task_events is None
@@ -155,8 +156,9 @@ class Worker:
         self._beat("worker-online")
 
     def start_heartbeat(self) -> None:
-        t = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        t.start()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
+                                           daemon=True)
+        self._heartbeat.start()
 
     def _beat(self, event: str) -> None:
         """Prove this node is alive: consumer liveness, the node registry (which tells
@@ -498,11 +500,17 @@ class Worker:
         sd_notify("STOPPING=1")
         consumer, pool = self.consumer, self.pool
         cold = self._stop == COLD
+        # Our threads stop before the connections they use are closed (closing a
+        # SQLite connection another thread is using can crash the process).
+        self._stop_event.set()
         if self.control is not None:
             self.control.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.join(10.0)
         # Messages taken but not started (prefetched, waiting for an ETA or a rate
         # limit) go back to the broker at once, so other workers can run them.
         unstarted: list[Delivery] = [d for d in self.timer.drain() if d is not None]
+        self.timer.join(10.0)
         with self._lock:
             unstarted.extend(d for _, d in self.reserved.values() if d not in unstarted)
             self.reserved.clear()
@@ -535,7 +543,6 @@ class Worker:
                 consumer.close()  # returns every message still unacked
             except Exception as exc:
                 log.error("closing the consumer failed: %s", exc)
-        self._stop_event.set()
         self.app.close()
         log.info("%s stopped.", self.hostname)
 

@@ -1,15 +1,16 @@
 """``qops demo``: the main job in under a minute, on the embedded SQLite broker.
 
-Starts a worker node, sends a few tasks, prints their results, stops the node cleanly.
-Everything lives in a temporary directory that is removed afterwards.
+Starts two worker nodes with ``multi start`` (it returns once each node runs and answers
+a ping), sends a few tasks and prints their results, asks the nodes ``inspect stats``,
+and stops them with ``multi stopwait`` (TERM: warm shutdown). Each step prints the
+command a user would type. The broker file, pidfiles and logs live in a temporary
+directory, removed afterwards (kept with --keep, or when the demo fails).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,58 +20,113 @@ import typer
 
 from qops.errors import QopsError
 
+NODES = ("w1", "w2")
+STOP_TIMEOUT = 15.0  # multi stopwait --timeout: TERM, then QUIT after this
+INSPECT_TIMEOUT = 2.0
+
 
 def register(cli: typer.Typer) -> None:
-    cli.command("demo", help="Start a worker, send tasks, show results, stop (SQLite, ~5 s).")(demo)
+    cli.command("demo", help="Start two nodes (multi), send tasks, show results, inspect, "
+                "stop (SQLite, ~5 s).")(demo)
 
 
 def demo(
     ctx: typer.Context,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the demo directory (broker file, log).")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the demo directory (broker file, pidfiles, logs).")] = False,
 ) -> None:
     g = ctx.obj
     term = g.terminal
-    spec = g.app or "proj"
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="qops-demo-"))
-    broker = f"sqlite://{workdir / 'broker.db'}"
-    env = dict(os.environ, QOPS_BROKER_URL=broker, QOPS_RESULT_BACKEND=broker)
-    env.pop("QOPS_CONFIG", None)
-    if os.getuid() == 0 or os.geteuid() == 0:
-        term.note("Running as root (as in many containers): the demo sets QOPS_FORCE_ROOT=1 "
-                  "for its own worker only, so the root guard lets it run. Everywhere else "
-                  "qops refuses to run tasks as root unless you say so.")
-        env["QOPS_FORCE_ROOT"] = "1"
-    os.environ.update(QOPS_BROKER_URL=broker, QOPS_RESULT_BACKEND=broker)
-    app = g.load_app(required=False) if g.app else _load(spec)
-    logfile = workdir / "worker.log"
-    cmd = [sys.executable, "-m", "qops", "-A", spec, "worker", "-n", "demo1@%h",
-           "-c", "2", "-l", "INFO", "--logfile", str(logfile)]
-    term.print(f"$ qops -A {spec} worker -n demo1@%h -c 2   (broker: {broker})")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ok = False
     try:
-        _wait_ready(app, proc, logfile)
-        term.print(f"worker demo1 is up (pid {proc.pid}); sending tasks ...")
-        rows = _send_tasks(app)
-        if term.json_mode:
-            term.json({"results": [dict(zip(("call", "id", "state", "result"), r, strict=True))
-                                   for r in rows]})
-        else:
-            term.table(["call", "task id", "state", "result"], rows)
-        term.print("stopping the worker (TERM: warm shutdown) ...")
+        report = _run(term, g.app or "proj", workdir)
+        ok = True
     finally:
-        code = _stop(proc)
-        app.close()
-    if code != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise QopsError(f"the demo worker exited with {code}: {err.strip()[-500:]}")
-    term.print(f"done in {time.monotonic() - started:.1f}s.")
+        if not ok and any(workdir.iterdir()):
+            term.note(f"qops: the demo's files (broker, pidfiles, logs) are kept in {workdir}")
+        elif not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["elapsed"] = round(time.monotonic() - started, 2)
+    report["workdir"] = str(workdir) if keep else None
+    if term.json_mode:
+        term.json(report)
+        return
+    term.print(f"done in {report['elapsed']:.1f}s.")
     if keep:
         term.print(f"demo files kept in {workdir}")
-    else:
-        import shutil
 
-        shutil.rmtree(workdir, ignore_errors=True)
+
+def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
+    """Start the nodes, send tasks, inspect, stop; a QopsError says what failed. The
+    nodes it started are stopped whatever happens (by their pidfiles)."""
+    from qops.cli.multi import _pinger, _render
+    from qops.ops import multi as m
+    from qops.ops.nodes import expand
+    from qops.ops.privileges import check_root
+
+    broker = f"sqlite://{workdir / 'broker.db'}"
+    # The nodes' environment. This process's os.environ is left as it is: the root
+    # guard is relaxed for the demo's own nodes only, never for anything else.
+    env = dict(os.environ, QOPS_BROKER_URL=broker, QOPS_RESULT_BACKEND=broker)
+    env.pop("QOPS_CONFIG", None)
+    prefix = ""
+    if os.getuid() == 0 or os.geteuid() == 0:
+        term.note("Running as root (as in many containers): the demo sets QOPS_FORCE_ROOT=1 "
+                  "for its own worker nodes only, so the root guard lets them run. Everywhere "
+                  "else qops refuses to run tasks as root unless you say so.")
+        env["QOPS_FORCE_ROOT"] = "1"
+        prefix = "QOPS_FORCE_ROOT=1 "
+    app = _load(spec)
+    for key in ("broker_url", "result_backend"):
+        app.conf.set(key, broker, layer="cli", source="qops demo")
+    check_root(accept_content=list(app.conf.accept_content), environ=env)  # as multi start
+    options = ["-c", "2", "-l", "INFO", f"--pidfile={workdir}/%n.pid",
+               f"--logfile={workdir}/%n%I.log"]
+    nodes = m.build_nodes(m.parse_args([*NODES, *options]),
+                          global_argv=["-A", spec, "--workdir", os.getcwd()],
+                          root_with_uid=False)
+    names = " ".join(NODES)
+    report: dict[str, Any] = {"broker": broker}
+    term.print(f"$ export QOPS_BROKER_URL={broker}   # results go to the same file")
+    term.print(f"$ {prefix}qops -A {spec} multi start {names} {' '.join(options)}")
+    try:
+        outcomes = m.start(nodes, _pinger(app), env=env)
+        report["nodes"] = [o.as_dict() for o in outcomes]
+        if not term.json_mode:
+            _render(term, [o for o in outcomes if o.ok])
+        for o in outcomes:
+            if not o.ok:
+                raise QopsError(f"{o.node} did not start: {o.message}")
+        term.print(">>> from proj.tasks import add, mul, xsum, sleep, fail   # send tasks:")
+        rows = _send_tasks(app)
+        report["results"] = [dict(zip(("call", "id", "state", "result"), r, strict=True))
+                             for r in rows]
+        if not term.json_mode:
+            term.table(["call", "task id", "state", "result"], rows)
+        term.print(f"$ qops -A {spec} inspect stats")
+        report["inspect"] = _inspect(term, app, [n.name for n in nodes])
+    finally:
+        term.print(f"$ qops multi stopwait {names} --pidfile={workdir}/%n.pid "
+                   f"--timeout {STOP_TIMEOUT:g}   # TERM: warm shutdown")
+        try:
+            stopped = m.stopwait(nodes, STOP_TIMEOUT)
+        finally:
+            app.close()
+        if not term.json_mode:
+            _render(term, stopped)
+    report["stopped"] = [o.as_dict() for o in stopped]
+    for node, o in zip(nodes, stopped, strict=True):
+        if o.message != "stopped by TERM":
+            reason = f"did not stop on TERM: {o.message}"
+        elif not _log_says_stopped(node):
+            reason = (f"exited without finishing its warm shutdown (its log lacks "
+                      f"'{node.name} stopped.': did it crash?)")
+        else:
+            continue
+        raise QopsError(f"{o.node} {reason}\n--- last lines of "
+                        f"{expand(node.logfile, node.name)}:\n{m.log_tail(node)}")
+    return report
 
 
 def _load(spec: str) -> Any:
@@ -79,22 +135,6 @@ def _load(spec: str) -> Any:
     app = load_app(spec)
     app.import_modules()
     return app
-
-
-def _wait_ready(app: Any, proc: subprocess.Popen[bytes], logfile: Path) -> None:
-    """The worker is up when it has run a task; fail with its log if it exits first."""
-    res = app.send_task("proj.tasks.add", [0, 0])
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            log = logfile.read_text() if logfile.exists() else ""
-            tail = "\n".join((err + log).strip().splitlines()[-5:])
-            raise QopsError(f"the demo worker exited with {proc.returncode}:\n{tail}")
-        if res.ready():
-            return
-        time.sleep(0.05)
-    raise QopsError("the demo worker did not run a task within 30 s")
 
 
 def _send_tasks(app: Any) -> list[tuple[str, str, str, str]]:
@@ -119,12 +159,41 @@ def _send_tasks(app: Any) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-    return proc.returncode
+def _inspect(term: Any, app: Any, names: list[str]) -> dict[str, Any]:
+    """``inspect stats``: every node must answer; show who did, and how fast."""
+    from qops import control
+
+    res = control.broadcast(app, "stats", timeout=INSPECT_TIMEOUT)
+    missing = [n for n in names if n not in res.replies]
+    if missing:
+        raise QopsError(f"{', '.join(missing)} did not answer 'inspect stats' within "
+                        f"{INSPECT_TIMEOUT:g}s")
+    if res.errors:
+        node, error = next(iter(res.errors.items()))
+        raise QopsError(f"{node} answered 'inspect stats' with an error: {error}")
+    nodes: dict[str, dict[str, Any]] = {}
+    for name in names:
+        reply = res.replies[name] if isinstance(res.replies[name], dict) else {}
+        pool = reply.get("pool") or {}
+        total = reply.get("total") or {}
+        nodes[name] = {"pid": reply.get("pid"), "pool": pool.get("implementation"),
+                       "concurrency": pool.get("max-concurrency"),
+                       "tasks": sum(total.values())}
+    if not term.json_mode:
+        term.table(["node", "pid", "pool", "tasks done"],
+                   [(n, i["pid"], f"{i['pool']} x{i['concurrency']}", i["tasks"])
+                    for n, i in nodes.items()])
+        term.print(f"{len(names)} nodes answered in {res.elapsed * 1000:.0f} ms.")
+    return {"command": "stats", "elapsed": round(res.elapsed, 4), "nodes": nodes}
+
+
+def _log_says_stopped(node: Any) -> bool:
+    """A detached node's exit code can't be collected: its log stands in. The worker
+    logs "<node> stopped." as the last step of a complete shutdown."""
+    from qops.ops.nodes import expand
+
+    try:
+        text = Path(expand(node.logfile, node.name)).read_text(errors="replace")
+    except OSError:
+        return False
+    return f"{node.name} stopped." in text

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,8 +239,9 @@ Ping = Callable[[list[str], float], set[str]]
 
 
 def start(nodes: Sequence[Node], ping: Ping, *, use_recorded: bool = False,
-          timeout: float = 60.0) -> list[Outcome]:
-    """Start the nodes in parallel; return when each runs and answers a ping, or failed."""
+          timeout: float = 60.0, env: Mapping[str, str] | None = None) -> list[Outcome]:
+    """Start the nodes in parallel; return when each runs and answers a ping, or failed.
+    ``env``: the nodes' environment (default: this process's)."""
     outcomes: dict[str, Outcome] = {}
     procs: dict[str, tuple[Node, subprocess.Popen[bytes]]] = {}
     for node in nodes:
@@ -254,7 +255,7 @@ def start(nodes: Sequence[Node], ping: Ping, *, use_recorded: bool = False,
         record(node)
         procs[node.name] = (node, subprocess.Popen(
             node.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE))
+            stderr=subprocess.PIPE, env=env))
     started = []
     for name, (node, proc) in procs.items():
         try:

@@ -136,7 +136,8 @@ class Consumer(ABC):
 
     @abstractmethod
     def requeue(self, delivery: Delivery) -> None:
-        """Put the message back at the head of its queue, at once."""
+        """Put the message back at the head of its queue, at once (RabbitMQ: at or
+        near the head, as it documents)."""
 
     def exempt(self, delivery: Delivery) -> None:
         """Stop counting ``delivery`` against the prefetch until it is settled.

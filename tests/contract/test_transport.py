@@ -118,9 +118,18 @@ def test_requeue_puts_back_at_head(transport: Transport, queue_name: str) -> Non
         [d] = drain(c, 1)
         assert d.message.headers["id"] == "id-0"
         c.requeue(d)
-        [again] = drain(c, 1)
-        assert again.message.headers["id"] == "id-0"
-        c.ack(again)
+        order = []
+        for _ in range(3):
+            [again] = drain(c, 1)
+            order.append(again.message.headers["id"])
+            c.ack(again)
+        if transport.scheme == "amqp":
+            # RabbitMQ puts it back "at or near" the head: with a channel-wide prefetch
+            # the freed slot can reach the queue before the requeue does (seen ~1 in 10)
+            assert sorted(order) == ["id-0", "id-1", "id-2"]
+            assert order.index("id-0") <= 1
+        else:
+            assert order == ["id-0", "id-1", "id-2"]
     finally:
         c.close()
 

@@ -1352,6 +1352,16 @@ class _AMQPConsumer(Consumer):
                 f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
                 f"starting to consume ({_reason(exc)})") from None
 
+    def _forget_deliveries(self) -> None:
+        """The connection is gone: its deliveries, and settlements of them, are moot
+        (the broker requeues whatever it had given us)."""
+        self._buffer.clear()
+        with self._lock:
+            self._held.clear()
+            self._acks.clear()
+            self._nacks.clear()
+            self._exempt.clear()
+
     def _lost(self, exc: BaseException) -> None:
         """The connection is gone: the broker requeues everything it had given us."""
         log.warning("consumer %s lost its RabbitMQ connection (%s); reconnecting",
@@ -1359,13 +1369,9 @@ class _AMQPConsumer(Consumer):
         link, self._link = self._link, None
         if link is not None:
             link.close()
-        self._buffer.clear()
+        self._forget_deliveries()
         with self._lock:
-            self._held.clear()
-            # settlements are moot; queue changes are replayed from _wanted on reconnect
-            self._acks.clear()
-            self._nacks.clear()
-            self._exempt.clear()
+            # queue changes are replayed from _wanted on reconnect
             self._qos_due = False
             self._ops.clear()
 
@@ -1670,12 +1676,7 @@ class _AMQPConsumer(Consumer):
                 finally:
                     self._link = None
                     link.close()
-            self._buffer.clear()
-            with self._lock:
-                self._held.clear()
-                self._acks.clear()
-                self._nacks.clear()
-                self._exempt.clear()
+            self._forget_deliveries()
         with self.transport._lock:
             self.transport._consumers.discard(self)
 

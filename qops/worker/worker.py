@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -573,7 +572,3 @@ def _exc_line(meta: Any) -> str:
         text = ", ".join(str(m) for m in msg) if isinstance(msg, list) else str(msg)
         return f"{meta['exc_type']}({text})"
     return repr(meta)
-
-
-def default_hostname() -> str:
-    return f"qops@{socket.gethostname()}"

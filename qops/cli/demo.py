@@ -60,7 +60,7 @@ def demo(
 def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
     """Start the nodes, send tasks, inspect, stop; a QopsError says what failed. The
     nodes it started are stopped whatever happens (by their pidfiles)."""
-    from qops.cli.multi import _pinger, _render
+    from qops.cli.multi import pinger, render_outcomes
     from qops.ops import multi as m
     from qops.ops.nodes import expand
     from qops.ops.privileges import check_root
@@ -91,10 +91,10 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
     term.print(f"$ export QOPS_BROKER_URL={broker}   # results go to the same file")
     term.print(f"$ {prefix}qops -A {spec} multi start {names} {' '.join(options)}")
     try:
-        outcomes = m.start(nodes, _pinger(app), env=env)
+        outcomes = m.start(nodes, pinger(app), env=env)
         report["nodes"] = [o.as_dict() for o in outcomes]
         if not term.json_mode:
-            _render(term, [o for o in outcomes if o.ok])
+            render_outcomes(term, [o for o in outcomes if o.ok])
         for o in outcomes:
             if not o.ok:
                 raise QopsError(f"{o.node} did not start: {o.message}")
@@ -114,7 +114,7 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
         finally:
             app.close()
         if not term.json_mode:
-            _render(term, stopped)
+            render_outcomes(term, stopped)
     report["stopped"] = [o.as_dict() for o in stopped]
     for node, o in zip(nodes, stopped, strict=True):
         if o.message != "stopped by TERM":

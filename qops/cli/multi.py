@@ -83,7 +83,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
 
         app = g.load_app(required=True)
         check_root(accept_content=list(app.conf.accept_content), uid=uid_n)
-        outcomes = m.start(nodes, _pinger(app))
+        outcomes = m.start(nodes, pinger(app))
     elif action == "stop":
         outcomes = m.stop(nodes)
     elif action == "stopwait":
@@ -92,15 +92,15 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
         outcomes = m.kill(nodes)
     elif action == "restart":
         app = g.load_app(required=True)
-        outcomes = m.restart(nodes, _pinger(app), timeout=timeout,
+        outcomes = m.restart(nodes, pinger(app), timeout=timeout,
                              max_unavailable=int(args.own("--max-unavailable") or 1))
     else:
         outcomes = m.status(nodes)
-    _render(term, outcomes)
+    render_outcomes(term, outcomes)
     raise typer.Exit(0 if all(o.ok for o in outcomes) else 1)
 
 
-def _pinger(app: Any) -> Any:
+def pinger(app: Any) -> Any:
     from qops import control
 
     def ping(names: list[str], timeout: float) -> set[str]:
@@ -126,7 +126,7 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def _render(term: Any, outcomes: list[Any]) -> None:
+def render_outcomes(term: Any, outcomes: list[Any]) -> None:
     if term.json_mode:
         term.json([o.as_dict() for o in outcomes])
         return

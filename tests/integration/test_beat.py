@@ -349,6 +349,15 @@ def broker(real_broker_url: str) -> Iterator[tuple[str, App]]:
     app.close()
 
 
+@pytest.fixture
+def sqlite_broker(sqlite_url: str) -> Iterator[tuple[str, App]]:
+    """For what the schedule file decides (counts, catch-up): the same on every broker,
+    so one is enough; the locks, which differ, are tested on all three."""
+    app = App("probe", broker=sqlite_url)
+    yield sqlite_url, app
+    app.close()
+
+
 def every(seconds: float, queue: str) -> dict[str, Any]:
     return {"tick": {"task": "proj.tasks.add", "schedule": seconds, "args": [1, 2],
                      "options": {"queue": queue}}}
@@ -367,8 +376,8 @@ def has_locks(transport: Transport) -> bool:
     return type(transport).acquire_lock is not Transport.acquire_lock
 
 
-def test_every_second_schedule_fires_the_expected_number_of_times(broker, tmp_path):
-    url, app = broker
+def test_every_second_schedule_fires_the_expected_number_of_times(sqlite_broker, tmp_path):
+    url, app = sqlite_broker
     queue = f"beat-{uuid.uuid4().hex[:8]}"
     with BeatProcess(url, every(1, queue), tmp_path / "s", tmp_path / "beat.log") as b:
         assert wait_until(lambda: "Sending due task tick" in b.log(), timeout=20), b.log()
@@ -379,8 +388,8 @@ def test_every_second_schedule_fires_the_expected_number_of_times(broker, tmp_pa
     assert b.proc is not None and b.proc.returncode == 0
 
 
-def test_restart_keeps_last_runs(broker, tmp_path):
-    url, app = broker
+def test_restart_keeps_last_runs(sqlite_broker, tmp_path):
+    url, app = sqlite_broker
     queue = f"beat-{uuid.uuid4().hex[:8]}"
     sched, path = every(2, queue), tmp_path / "schedule"
     with BeatProcess(url, sched, path, tmp_path / "beat.log") as b:

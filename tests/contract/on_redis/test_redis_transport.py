@@ -12,7 +12,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,26 +19,9 @@ import redis
 from qops.errors import BrokerUnreachable, PublishError, UsageError
 from qops.transports.base import Message, TransportOptions, from_url
 from qops.transports.redis import RedisConsumer, RedisTransport, split_url
+from tests.contract.on_redis import FAST, SEP
 
 pytestmark = pytest.mark.redis
-
-FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
-SEP = "\x06\x16"
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def transport(redis_url: str) -> Iterator[RedisTransport]:
-    t = from_url(redis_url, FAST)
-    assert isinstance(t, RedisTransport)
-    yield t
-    t.close()
 
 
 def msg(n: int, priority: int | None = None, body: bytes | None = None) -> Message:

@@ -9,33 +9,15 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
-from qops.transports.base import Message, TransportOptions, from_url, topic_matches
+from qops.transports.base import Message, from_url, topic_matches
 from qops.transports.redis import RedisTransport, topic_glob
+from tests.contract.on_redis import FAST, SEP
 
 pytestmark = pytest.mark.redis
-
-FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
-SEP = "\x06\x16"
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def transport(redis_url: str) -> Iterator[RedisTransport]:
-    t = from_url(redis_url, FAST)
-    assert isinstance(t, RedisTransport)
-    yield t
-    t.close()
 
 
 def db_of(url: str) -> str:

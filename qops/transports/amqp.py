@@ -1616,6 +1616,10 @@ class _AMQPConsumer(Consumer):
             self._woken = True
         self._wake()
 
+    def stale(self, delivery: Delivery) -> bool:
+        # tags of the current channel are above _base (see the class doc)
+        return delivery.tag <= self._base
+
     def requeue(self, delivery: Delivery) -> None:
         # basic.nack(requeue) puts it back at (or near) the head of its queue
         self._settle(delivery, False)

@@ -146,6 +146,13 @@ class Consumer(ABC):
         and not run by anyone else): however many it holds, it keeps taking new work."""
         raise NotImplementedError(f"{type(self).__name__} cannot exempt deliveries")
 
+    def stale(self, delivery: Delivery) -> bool:
+        """True when the broker has taken ``delivery`` back (RabbitMQ does when the
+        connection it came on is gone) and will deliver it again: the worker must not
+        also run this copy. Transports that keep reservations across reconnects (Redis,
+        SQLite) never have stale deliveries."""
+        return False
+
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter the message with ``reason`` and remove it from the queue."""
         self.transport.dead_letter(delivery.queue, delivery.raw, reason)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops import protocol
 from qops.errors import TimeLimitExceeded, UsageError, WorkerLostError
-from qops.worker.request import LOST, execute
+from qops.worker.request import LOST, SKIPPED, execute
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qops.worker")
 
 OnDone = Callable[[dict[str, Any]], None]
+Skip = Callable[[], bool]
 _STOP = object()
 
 
@@ -49,8 +50,11 @@ class Pool(ABC):
         self.running: dict[str, dict[str, Any]] = {}  # task id -> job, while it runs
         self._lock = threading.Lock()
 
-    def submit(self, job: dict[str, Any], on_done: OnDone, hard_limit: float | None) -> None:
-        self.jobs.put((job, on_done, hard_limit))
+    def submit(self, job: dict[str, Any], on_done: OnDone, hard_limit: float | None,
+               skip: Skip | None = None) -> None:
+        """Run ``job`` when a slot is free, unless ``skip()`` says by then that it must not
+        run (its outcome is then SKIPPED)."""
+        self.jobs.put((job, on_done, hard_limit, skip))
 
     def drain_unstarted(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -116,7 +120,9 @@ class ThreadPool(Pool):
             item = self.jobs.get()
             if item is _STOP:
                 return
-            job, on_done, _hard = item
+            job, on_done, _hard, skip = item
+            if _skipped(skip, on_done):
+                continue
             job["worker_pid"] = os.getpid()
             self._mark(job, True)
             try:
@@ -163,6 +169,13 @@ def _stop_and_join(jobs: queue.Queue[Any], threads: list[Any], timeout: float | 
     deadline = None if timeout is None else time.monotonic() + timeout
     for t in threads:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _skipped(skip: Skip | None, on_done: OnDone) -> bool:
+    if skip is None or not skip():
+        return False
+    _report(on_done, {"state": SKIPPED, "runtime": 0.0})
+    return True
 
 
 def _report(on_done: OnDone, outcome: dict[str, Any]) -> None:
@@ -241,7 +254,9 @@ class _Slot(threading.Thread):
             item = pool.jobs.get()
             if item is _STOP:
                 break
-            job, on_done, hard = item
+            job, on_done, hard, skip = item
+            if _skipped(skip, on_done):
+                continue
             if self.child is None:
                 self.spawn()
             assert self.child is not None

@@ -27,7 +27,7 @@ from qops.transports.base import Consumer, Delivery
 from qops.worker.control import ControlServer
 from qops.worker.pool import Pool, make_pool
 from qops.worker.ratelimit import RateLimits
-from qops.worker.request import LOST, REJECTED, make_job
+from qops.worker.request import LOST, REJECTED, SKIPPED, make_job
 from qops.worker.timer import Timer
 
 if TYPE_CHECKING:
@@ -341,6 +341,9 @@ class Worker:
         assert self.consumer is not None and self.pool is not None
         if self._stop:
             return  # shutdown requeues what is still reserved
+        if self.consumer.stale(d):
+            self._skip(req)
+            return
         now = dt.datetime.now(dt.timezone.utc)
         if req.id in self.revoked or (req.expires is not None and req.expires <= now):
             why = "revoked" if req.id in self.revoked else "expired"
@@ -369,7 +372,14 @@ class Worker:
             self.reserved.pop(req.id, None)
             self._submitted[req.id] = (d, not acks_late)
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
-                         hard)
+                         hard, functools.partial(self.consumer.stale, d))
+
+    def _skip(self, req: TaskRequest) -> None:
+        """The broker took the message back when the connection it came on dropped, and
+        delivers it again: this copy is not run (else it would run twice)."""
+        self._forget_reserved(req.id)
+        log.info("Task %s[%s] not run from an old connection: the broker delivers it "
+                 "again", req.name, req.id)
 
     def _forget_reserved(self, task_id: str) -> None:
         with self._lock:
@@ -382,6 +392,9 @@ class Worker:
         with self._lock:
             self._submitted.pop(req.id, None)
         state = outcome["state"]
+        if state == SKIPPED:
+            self._skip(req)
+            return
         runtime = outcome.get("runtime", 0.0)
         settle: Callable[[Delivery], None] = self.consumer.ack
         if state == SUCCESS:

@@ -462,10 +462,12 @@ def test_consumer_reconnects_and_stale_acks_are_ignored(transport: AMQPTransport
     c = transport.consumer([q], prefetch=1)
     try:
         old = get_one(c)
+        assert not c.stale(old)
         assert c._link is not None  # type: ignore[attr-defined]
         c._link.conn.close()  # type: ignore[attr-defined]  # the broker requeues id-1
         back = get_one(c)
         assert back.message.headers["id"] == "id-1" and back.redelivered
+        assert c.stale(old) and not c.stale(back)  # the worker must not run `old`
         c.ack(old)  # a tag from the dead channel: must not ack the new delivery
         c.ack(back)
         nxt = get_one(c)

@@ -24,14 +24,8 @@ from tests.helpers import wait_until
 
 @pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
 def test_connection_loss_runs_held_messages_once(app, broker, make_proxy, workers, queue,
-                                                 tmp_path, request):
+                                                 tmp_path):
     import proj.tasks
-
-    if broker.kind == "amqp":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "after a RabbitMQ reconnect the worker still runs its old copies of the "
-            "prefetched and ETA-held messages the broker has redelivered: they run twice "
-            "(known gap, docs/guarantees.md)")))
 
     proxy = make_proxy(broker.url)
     url = broker.with_host(proxy)

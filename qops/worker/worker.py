@@ -371,8 +371,10 @@ class Worker:
         with self._lock:
             self.reserved.pop(req.id, None)
             self._submitted[req.id] = (d, not acks_late)
+        # An acked message (at-most-once) is not the broker's to deliver again: it runs.
+        skip = functools.partial(self.consumer.stale, d) if acks_late else None
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
-                         hard, functools.partial(self.consumer.stale, d))
+                         hard, skip)
 
     def _skip(self, req: TaskRequest) -> None:
         """The broker took the message back when the connection it came on dropped, and

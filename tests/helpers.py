@@ -37,6 +37,17 @@ def run_qops(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
                           capture_output=True, text=True, timeout=timeout, input=input,
                           cwd=str(ROOT))
 
+def drain(consumer: Any, n: int, timeout: float = 5.0) -> list[Any]:
+    """Up to ``n`` deliveries from ``consumer``, waiting at most ``timeout`` seconds."""
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        d = consumer.get(0.2)
+        if d is not None:
+            out.append(d)
+    return out
+
+
 
 class WorkerProcess:
     def __init__(self, *args: str, broker: str, backend: str | None = None,

@@ -12,6 +12,7 @@ import pytest
 
 from qops.errors import UsageError
 from qops.transports.base import Message, Transport, TransportOptions, from_url
+from tests.helpers import drain
 
 FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
 
@@ -31,16 +32,6 @@ def reply_name() -> str:
 def reply(n: int) -> Message:
     return Message(body=f'{{"status": "SUCCESS", "result": {n}}}'.encode(), headers={},
                    properties={"correlation_id": f"task-{n}"})
-
-
-def drain(consumer, n: int, timeout: float = 5.0) -> list:
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        d = consumer.get(0.2)
-        if d is not None:
-            out.append(d)
-    return out
 
 
 def stat_names(transport: Transport) -> set[str]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from qops.transports.base import Message, Transport, TransportOptions, from_url
+from tests.helpers import drain
 
 FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
 
@@ -27,16 +28,6 @@ def msg(n: int, priority: int | None = None) -> Message:
         props["priority"] = priority
     return Message(body=f'[[{n}], {{}}, {{}}]'.encode(), headers={"task": "t", "id": f"id-{n}"},
                    properties=props)
-
-
-def drain(consumer, n: int, timeout: float = 5.0) -> list:
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        d = consumer.get(0.2)
-        if d is not None:
-            out.append(d)
-    return out
 
 
 def ids(deliveries) -> list[str]:

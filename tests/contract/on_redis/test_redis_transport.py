@@ -20,6 +20,7 @@ from qops.errors import BrokerUnreachable, PublishError, UsageError
 from qops.transports.base import Message, TransportOptions, from_url
 from qops.transports.redis import RedisConsumer, RedisTransport, split_url
 from tests.contract.on_redis import FAST, SEP
+from tests.helpers import drain
 
 pytestmark = pytest.mark.redis
 
@@ -47,16 +48,6 @@ def kombu_envelope(n: int, queue: str, priority: int = 0, base64_body: bool = Tr
         "headers": {"lang": "py", "task": "proj.add", "id": f"id-{n}", "retries": 0},
         "properties": props,
     }).encode()
-
-
-def drain(consumer, n: int, timeout: float = 5.0) -> list:
-    out = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        d = consumer.get(0.2)
-        if d is not None:
-            out.append(d)
-    return out
 
 
 def ack_from_pool(consumer, *deliveries) -> None:

@@ -71,6 +71,7 @@ import pika.spec
 from qops.errors import BrokerUnreachable, PublishError, QopsError, UsageError
 from qops.transports.base import (
     JSON,
+    REPLY_ONLY,
     REPLY_PREFETCH,
     Consumer,
     DeadLetter,
@@ -808,10 +809,8 @@ class AMQPTransport(Transport):
         unconfirmed channel: written to the socket, not waited for. ``size_limit=False``
         (dead letters) skips the max_message_size check: the message is one the broker
         already took, and it is often dead-lettered precisely for being too large."""
-        if size_limit and len(body) > self.options.max_message_size:
-            raise PublishError(
-                f"message of {len(body)} bytes for {routing_key or exchange!r} is larger "
-                f"than max_message_size ({self.options.max_message_size} bytes)")
+        if size_limit:
+            self.check_size(repr(routing_key or exchange), body)
         confirm = confirm and self.options.confirm_publish
         mandatory = queue is not None and confirm
         redeclared = False
@@ -1641,7 +1640,7 @@ class _AMQPConsumer(Consumer):
 
     def add_queue(self, queue: str) -> None:
         if self.reply:
-            raise UsageError("a reply consumer reads its reply queue only")
+            raise UsageError(REPLY_ONLY)
         with self._lock:
             if queue in self._wanted:
                 return
@@ -1650,7 +1649,7 @@ class _AMQPConsumer(Consumer):
 
     def cancel_queue(self, queue: str) -> None:
         if self.reply:
-            raise UsageError("a reply consumer reads its reply queue only")
+            raise UsageError(REPLY_ONLY)
         with self._lock:
             if queue not in self._wanted:
                 return

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qops.errors import UsageError
+from qops.errors import PublishError, UsageError
 
 JSON = "application/json"
 
@@ -181,6 +181,19 @@ class Consumer(ABC):
     transport: Transport
 
 
+REPLY_ONLY = "a reply consumer reads its reply queue only"
+
+
+class ReplyOnly:
+    """Mixin for reply consumers: they read their one reply queue and nothing else."""
+
+    def add_queue(self, queue: str) -> None:
+        raise UsageError(REPLY_ONLY)
+
+    def cancel_queue(self, queue: str) -> None:
+        raise UsageError(REPLY_ONLY)
+
+
 class Subscription(ABC):
     @abstractmethod
     def get(self, timeout: float) -> Message | None:
@@ -323,6 +336,14 @@ class Transport(ABC):
 
     def safe_url(self) -> str:
         return mask_password(self.url)
+
+    def check_size(self, what: str, raw: bytes) -> None:
+        """Refuse a message over ``max_message_size`` before it reaches the broker."""
+        limit = self.options.max_message_size
+        if len(raw) > limit:
+            raise PublishError(f"message for {what} is {len(raw)} bytes, over the "
+                               f"max_message_size limit of {limit} bytes; send a reference "
+                               "to the data instead, or raise the limit")
 
     def __enter__(self) -> Transport:
         return self

@@ -15,6 +15,7 @@ from typing import Any
 
 from qops.errors import UsageError
 from qops.transports.base import (
+    REPLY_ONLY,
     REPLY_PREFETCH,
     Consumer,
     DeadLetter,
@@ -59,6 +60,7 @@ class MemoryTransport(Transport):
 
     def publish(self, queue: str, message: Message) -> None:
         raw = encode_envelope(queue, message)
+        self.check_size(f"queue {queue!r}", raw)
         st = self.state
         with st.lock:
             q = st.queues.setdefault(queue, deque())
@@ -83,6 +85,7 @@ class MemoryTransport(Transport):
 
     def send_reply(self, name: str, message: Message) -> None:
         raw = encode_envelope(name, message)
+        self.check_size(f"reply queue {name!r}", raw)
         st = self.state
         with st.lock:
             if name not in st.replies:
@@ -257,7 +260,7 @@ class _MemoryConsumer(Consumer):
 
     def add_queue(self, queue: str) -> None:
         if self.reply is not None:
-            raise UsageError("a reply consumer reads its reply queue only")
+            raise UsageError(REPLY_ONLY)
         with self.transport.state.lock:
             qs = self.transport.state.consumers.setdefault(self.id, [])
             if queue not in qs:
@@ -267,7 +270,7 @@ class _MemoryConsumer(Consumer):
 
     def cancel_queue(self, queue: str) -> None:
         if self.reply is not None:
-            raise UsageError("a reply consumer reads its reply queue only")
+            raise UsageError(REPLY_ONLY)
         with self.transport.state.lock:
             qs = self.transport.state.consumers.get(self.id, [])
             if queue in qs:

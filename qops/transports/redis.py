@@ -79,6 +79,7 @@ from qops.transports.base import (
     Message,
     PrefetchGate,
     QueueStats,
+    ReplyOnly,
     Subscription,
     Transport,
     TransportOptions,
@@ -260,16 +261,9 @@ class RedisTransport(Transport):
         raw = encode_envelope(queue, replace(message, properties=props))
         return list_name(queue, step), raw
 
-    def _check_size(self, what: str, raw: bytes) -> None:
-        limit = self.options.max_message_size
-        if len(raw) > limit:
-            raise PublishError(f"message for {what} is {len(raw)} bytes, over the "
-                               f"max_message_size limit of {limit} bytes; send a reference "
-                               "to the data instead, or raise the limit")
-
     def publish(self, queue: str, message: Message) -> None:
         name, raw = self.encode(queue, message)
-        self._check_size(f"queue {queue!r}", raw)
+        self.check_size(f"queue {queue!r}", raw)
         with self.guard(f"publishing to {queue!r}"):
             try:
                 if queue in self._bound:
@@ -316,7 +310,7 @@ class RedisTransport(Transport):
         # Always the base list: a reply queue has no priority steps.
         props = {k: v for k, v in message.properties.items() if k != "priority"}
         raw = encode_envelope(name, replace(message, properties=props))
-        self._check_size(f"reply queue {name!r}", raw)
+        self.check_size(f"reply queue {name!r}", raw)
         # Pushed even when nobody listens (checking first would race with the consumer's
         # close); the EXPIRE makes sure such a list does not stay behind.
         pipe = self._client.pipeline(transaction=True)
@@ -469,7 +463,7 @@ class RedisTransport(Transport):
         # kombu's fanout layout: '/<db>.<exchange>', with fanout_patterns (Celery's
         # events) '/<db>.<exchange>/<routing key>'; the envelope names both.
         raw = encode_envelope(routing_key or "", message, exchange=channel)
-        self._check_size(f"channel {channel!r}", raw)
+        self.check_size(f"channel {channel!r}", raw)
         name = self.channel_name(channel)
         if routing_key:
             name = f"{name}/{routing_key}"
@@ -1129,7 +1123,7 @@ class RedisConsumer(Consumer):
             self._pool.disconnect()
 
 
-class RedisReplyConsumer(Consumer):
+class RedisReplyConsumer(ReplyOnly, Consumer):
     """Pops replies off one list (see the module doc), up to the prefetch at a time.
     ``get`` blocks with BRPOP on a connection of its own, in slices so that ``close()``
     from another thread is noticed. Settling does not touch Redis: the reply was taken
@@ -1239,12 +1233,6 @@ class RedisReplyConsumer(Consumer):
         with self.transport.guard("refreshing the reply queue"):
             self.transport._client.expire(self._key, REPLY_TTL)
         self._last_beat = time.monotonic()
-
-    def add_queue(self, queue: str) -> None:
-        raise UsageError("a reply consumer reads its reply queue only")
-
-    def cancel_queue(self, queue: str) -> None:
-        raise UsageError("a reply consumer reads its reply queue only")
 
     def close(self) -> None:
         """Delete the reply queue with whatever it still holds."""

@@ -37,6 +37,7 @@ from qops.transports.base import (
     Delivery,
     Message,
     QueueStats,
+    ReplyOnly,
     Subscription,
     Transport,
     TransportOptions,
@@ -209,9 +210,7 @@ class SQLiteTransport(Transport):
     # -- queues ---------------------------------------------------------------------
     def publish(self, queue: str, message: Message) -> None:
         raw = encode_envelope(queue, message)
-        if len(raw) > self.options.max_message_size:
-            raise PublishError(f"message of {len(raw)} bytes is larger than the limit "
-                               f"({self.options.max_message_size} bytes)")
+        self.check_size(f"queue {queue!r}", raw)
         try:
             with self.db.write() as conn:
                 conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
@@ -231,9 +230,7 @@ class SQLiteTransport(Transport):
 
     def send_reply(self, name: str, message: Message) -> None:
         raw = encode_envelope(name, message)
-        if len(raw) > self.options.max_message_size:
-            raise PublishError(f"reply of {len(raw)} bytes is larger than the limit "
-                               f"({self.options.max_message_size} bytes)")
+        self.check_size(f"reply queue {name!r}", raw)
         try:
             with self.db.write() as conn:
                 # Only while the reply queue exists: a row for a queue whose consumer is
@@ -529,7 +526,7 @@ class SQLiteConsumer(Consumer):
             self._held.clear()
 
 
-class SQLiteReplyConsumer(SQLiteConsumer):
+class SQLiteReplyConsumer(ReplyOnly, SQLiteConsumer):
     """A consumer on one reply queue (see the module doc). It is not in ``consumers``:
     its rows must never be handed back to a queue nobody else reads, and an idle client
     must not be taken for dead by the heartbeat rule of workers."""
@@ -556,12 +553,6 @@ class SQLiteReplyConsumer(SQLiteConsumer):
             conn.execute("UPDATE reply_queues SET alive_until = ? WHERE name = ? "
                          "AND consumer = ?", (time.time() + REPLY_TTL, self.reply, self.id))
         self._last_beat = time.monotonic()
-
-    def add_queue(self, queue: str) -> None:
-        raise UsageError("a reply consumer reads its reply queue only")
-
-    def cancel_queue(self, queue: str) -> None:
-        raise UsageError("a reply consumer reads its reply queue only")
 
     def close(self) -> None:
         """The reply queue ends with its consumer: its unread replies go with it."""

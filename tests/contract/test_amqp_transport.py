@@ -341,15 +341,6 @@ def test_missing_vhost(amqp_vhost: str) -> None:
         t.ping()
 
 
-def test_oversized_publish_raises(amqp_url: str, queues: list[str]) -> None:
-    t = AMQPTransport(amqp_url, TransportOptions(max_message_size=1000))
-    try:
-        with pytest.raises(PublishError, match="max_message_size"):
-            t.publish(new_queue(queues), Message(body=b"x" * 1001))
-    finally:
-        t.close()
-
-
 def test_header_values_pika_cannot_encode(transport: AMQPTransport,
                                           queues: list[str]) -> None:
     q = new_queue(queues)

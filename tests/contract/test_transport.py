@@ -6,9 +6,11 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
+from qops.errors import PublishError
 from qops.transports.base import Message, Transport, TransportOptions, from_url
 from tests.helpers import drain
 
@@ -357,3 +359,15 @@ def test_exempt_deliveries_free_their_prefetch_slot(transport: Transport, queue_
         c.ack(last)
     finally:
         c.close()
+
+
+def test_oversized_publish_raises_and_queues_nothing(broker_url: str, queue_name: str) -> None:
+    t = from_url(broker_url, replace(FAST, max_message_size=1000))
+    try:
+        with pytest.raises(PublishError, match="max_message_size"):
+            t.publish(queue_name, Message(body=b"x" * 2000, headers={"id": "big"}))
+        t.publish(queue_name, msg(1))
+        assert [s.ready for s in t.queue_stats([queue_name])] == [1]
+        t.purge(queue_name)
+    finally:
+        t.close()

@@ -106,6 +106,17 @@ class WorkerProcess:
         self.stop()
 
 
+def stop_group(proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """TERM the process group ``proc`` leads (started with start_new_session), then KILL
+    it if it has not exited within ``timeout``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,22 +6,13 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from qops.errors import UsageError
-from qops.transports.base import Message, Transport, TransportOptions, from_url
+from qops.transports.base import Message, Transport, from_url
+from tests.contract import FAST
 from tests.helpers import drain
-
-FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
-
-
-@pytest.fixture
-def transport(broker_url: str) -> Iterator[Transport]:
-    t = from_url(broker_url, FAST)
-    yield t
-    t.close()
 
 
 @pytest.fixture

@@ -19,10 +19,9 @@ from qops import App
 from qops.backends.base import ResultBackend, backend_from_url
 from qops.backends.rpc import RPCBackend
 from qops.errors import ResultTimeout, UsageError
-from qops.transports.base import Transport, TransportOptions, from_url
+from qops.transports.base import Transport, from_url
+from tests.contract import FAST
 from tests.helpers import WorkerProcess, qops_env
-
-FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
 
 
 def tid() -> str:
@@ -30,13 +29,6 @@ def tid() -> str:
 
 
 # -- in one process, on every transport ------------------------------------------------
-
-
-@pytest.fixture
-def transport(broker_url: str) -> Iterator[Transport]:
-    t = from_url(broker_url, FAST)
-    yield t
-    t.close()
 
 
 @pytest.fixture

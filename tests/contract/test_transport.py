@@ -5,23 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 
 from qops.errors import PublishError
-from qops.transports.base import Message, Transport, TransportOptions, from_url
+from qops.transports.base import Message, Transport, from_url
+from tests.contract import FAST
 from tests.helpers import drain
-
-FAST = TransportOptions(heartbeat_interval=0.2, heartbeat_ttl=1.0)
-
-
-@pytest.fixture
-def transport(broker_url: str) -> Iterator[Transport]:
-    t = from_url(broker_url, FAST)
-    yield t
-    t.close()
 
 
 def msg(n: int, priority: int | None = None) -> Message:

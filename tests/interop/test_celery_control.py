@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_qops
+from tests.helpers import ROOT, run_qops, stop_group
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -40,12 +39,7 @@ def celery_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
             pytest.fail(f"the Celery worker did not answer:\n{(tmp_path / 'celery.log').read_text()}")
         yield url, node
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc)
         log.close()
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-from tests.helpers import ROOT, WorkerProcess, qops_env
+from tests.helpers import ROOT, WorkerProcess, qops_env, stop_group
 
 
 def test_celery_client_task_runs_on_qops_worker(redis_url: str, tmp_path: Path) -> None:
@@ -47,10 +46,5 @@ def test_qops_client_task_runs_on_celery_worker(redis_url: str, tmp_path: Path) 
         assert res.get(timeout=60) == 42
     finally:
         app.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc)
         log.close()

@@ -10,7 +10,7 @@ import redis
 
 from qops.transports.base import from_url
 from qops.transports.redis import RedisTransport
-from tests.contract.on_redis import FAST
+from tests.contract import FAST
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import redis
 
 from qops.transports.base import Message, from_url, topic_matches
 from qops.transports.redis import RedisTransport, topic_glob
-from tests.contract.on_redis import FAST, SEP
+from tests.contract import FAST
+from tests.contract.on_redis import SEP
 
 pytestmark = pytest.mark.redis
 

@@ -19,7 +19,8 @@ import redis
 from qops.errors import BrokerUnreachable, UsageError
 from qops.transports.base import Message, TransportOptions, from_url
 from qops.transports.redis import RedisConsumer, RedisTransport, split_url
-from tests.contract.on_redis import FAST, SEP
+from tests.contract import FAST
+from tests.contract.on_redis import SEP
 from tests.helpers import drain
 
 pytestmark = pytest.mark.redis

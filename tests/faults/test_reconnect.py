@@ -30,11 +30,15 @@ def test_connection_loss_runs_held_messages_once(app, broker, make_proxy, worker
     proxy = make_proxy(broker.url)
     url = broker.with_host(proxy)
     path = tmp_path / "runs.txt"
-    w = workers.start("w", "-Q", queue, "-c", "1", broker_url=url)
+    # mark is at-most-once here: acked when dispatched, so after the loss the broker may
+    # not deliver it again, and the worker's own copy must still run
+    w = workers.start("w", "-Q", queue, "-c", "1", broker_url=url,
+                      QOPS_TASK_ANNOTATIONS='{"proj.tasks.mark": {"acks_late": false}}')
     workers.wait_ready(w)
     use(app, url, broker.backend)
     running = proj.tasks.record.apply_async((str(path), 2.0), queue=queue)
     waiting = [proj.tasks.record.apply_async((str(path),), queue=queue) for _ in range(2)]
+    acked = proj.tasks.mark.apply_async((str(path),), queue=queue)
     eta = proj.tasks.record.apply_async((str(path),), countdown=4, queue=queue)
     assert wait_until(lambda: runs(path)[running.id] == 1, timeout=20)
     time.sleep(0.3)  # the others are reserved by now
@@ -49,6 +53,7 @@ def test_connection_loss_runs_held_messages_once(app, broker, make_proxy, worker
     print(f"\n{broker.kind}: runs after a connection loss: running {counts[running.id]}, "
           f"prefetched {[counts[r.id] for r in waiting]}, ETA {counts[eta.id]}")
     assert [counts[r.id] for r in waiting] == [1, 1], counts
+    assert counts[acked.id] == 1, counts  # not lost, not skipped as stale
     assert counts[eta.id] == 1, counts
     assert counts[running.id] == (1 if broker.kind == "redis" else 2), counts
     assert w.proc is not None and w.proc.poll() is None

@@ -74,6 +74,7 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._lock = threading.Lock()
         self.max_message_size = int(conf.task_max_message_size)
+        self.has_backend = app.has_backend  # fixed for the worker's life; checked per task
         self.task_events = bool(conf.worker_send_task_events if task_events is None
                                 else task_events)
         self.consumer: Consumer | None = None
@@ -138,7 +139,7 @@ class Worker:
         transport = self.app.transport
         self.consumer = transport.consumer(self.queues, self.prefetch,
                                            consumer_id=f"{self.hostname}.{os.getpid()}")
-        if self.app.has_backend:
+        if self.has_backend:
             self.app.backend  # noqa: B018 - connect now so a bad URL fails at start-up
 
     def start_pool(self) -> None:
@@ -324,7 +325,7 @@ class Worker:
 
     def fail_unparsed(self, d: Delivery, exc: ProtocolError) -> None:
         """A message that can't be parsed but names its task: tell a waiting client."""
-        if d.message is None or not self.app.has_backend:
+        if d.message is None or not self.has_backend:
             return
         task_id = (d.message.headers or {}).get("id") or \
             d.message.properties.get("correlation_id")
@@ -498,7 +499,7 @@ class Worker:
 
     def store(self, req: TaskRequest, state: str, result: Any,
               traceback: str | None = None) -> None:
-        if not self.app.has_backend:
+        if not self.has_backend:
             return
         if req.ignore_result and state != FAILURE:
             return

@@ -160,9 +160,8 @@ def _request_info(worker: Worker, req: Any, delivery: Any) -> dict[str, Any]:
 
 def active(worker: Worker) -> list[dict[str, Any]]:
     assert worker.pool is not None
-    with worker.pool._lock:
-        jobs = list(worker.pool.running.values())
-    return [_job_info(worker, j, not worker.acks_late_for(j["name"])) for j in jobs]
+    return [_job_info(worker, j, not worker.acks_late_for(j["name"]))
+            for j in worker.pool.running_jobs()]
 
 
 def reserved(worker: Worker) -> list[dict[str, Any]]:
@@ -371,20 +370,27 @@ def handle_cancel_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[st
     return {"ok": f"no longer consuming from {queue}"}
 
 
+def _resizable(worker: Worker, verb: str) -> Any:
+    """The pool, or an error reply when it can't be resized (solo is one thread)."""
+    if worker.pool is None or worker.pool_kind == "solo":
+        return {"error": f"the {worker.pool_kind} pool cannot {verb}"}
+    return worker.pool
+
+
 @handler
 def handle_pool_grow(worker: Worker, n: int = 1) -> dict[str, Any]:
-    pool = worker.pool
-    if pool is None or not hasattr(pool, "grow") or worker.pool_kind == "solo":
-        return {"error": f"the {worker.pool_kind} pool cannot grow"}
+    pool = _resizable(worker, "grow")
+    if isinstance(pool, dict):
+        return pool
     pool.grow(int(n))
     return {"ok": f"pool will grow to {pool.concurrency}"}
 
 
 @handler
 def handle_pool_shrink(worker: Worker, n: int = 1) -> dict[str, Any]:
-    pool = worker.pool
-    if pool is None or not hasattr(pool, "shrink") or worker.pool_kind == "solo":
-        return {"error": f"the {worker.pool_kind} pool cannot shrink"}
+    pool = _resizable(worker, "shrink")
+    if isinstance(pool, dict):
+        return pool
     if pool.concurrency <= 1:
         return {"error": "the pool has one process: it cannot shrink"}
     pool.shrink(int(n))
@@ -393,9 +399,9 @@ def handle_pool_shrink(worker: Worker, n: int = 1) -> dict[str, Any]:
 
 @handler
 def handle_autoscale(worker: Worker, max: int, min: int) -> dict[str, Any]:  # noqa: A002
-    pool = worker.pool
-    if pool is None or worker.pool_kind == "solo":
-        return {"error": f"the {worker.pool_kind} pool cannot scale"}
+    pool = _resizable(worker, "scale")
+    if isinstance(pool, dict):
+        return pool
     target = max
     if pool.concurrency < target:
         pool.grow(target - pool.concurrency)

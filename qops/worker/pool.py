@@ -70,6 +70,11 @@ class Pool(ABC):
         with self._lock:
             return len(self.running)
 
+    def running_jobs(self) -> list[dict[str, Any]]:
+        """The jobs running now (a copy)."""
+        with self._lock:
+            return list(self.running.values())
+
     def _mark(self, job: dict[str, Any], started: bool) -> None:
         with self._lock:
             if started:

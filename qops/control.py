@@ -157,6 +157,11 @@ class Replies:
                 "elapsed": round(self.elapsed, 4)}
 
 
+def reply_queue_name(reply_to: dict[str, Any]) -> str:
+    """kombu's name for a client's reply queue: ``<oid>.reply.<mailbox>``."""
+    return f"{reply_to['routing_key']}.{reply_to['exchange']}"
+
+
 def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
               destination: Sequence[str] | None = None, pattern: str | None = None,
               matcher: str | None = None, timeout: float = 1.0,
@@ -186,9 +191,9 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
     consumer = None
     if reply:
         request["ticket"] = ticket
-        request["reply_to"] = {"exchange": f"reply.{mailbox}", "routing_key": oid}
-        consumer = transport.reply_consumer(f"{oid}.reply.{mailbox}",
-                                            exchange=f"reply.{mailbox}", routing_key=oid)
+        reply_to = request["reply_to"] = {"exchange": f"reply.{mailbox}", "routing_key": oid}
+        consumer = transport.reply_consumer(reply_queue_name(reply_to),
+                                            exchange=reply_to["exchange"], routing_key=oid)
     try:
         headers = {"clock": 1, "expires": int(time.time() + timeout + 1)}
         transport.broadcast(mailbox, Message(body=json.dumps(request).encode(),

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qops.control import reply_queue_name
 from qops.transports.base import Message
 
 if TYPE_CHECKING:
@@ -32,11 +33,6 @@ HANDLERS: dict[str, Handler] = {}
 def handler(fun: Handler) -> Handler:
     HANDLERS[fun.__name__.removeprefix("handle_")] = fun
     return fun
-
-
-def reply_queue_name(reply_to: dict[str, Any]) -> str:
-    """kombu's name for a client's reply queue: ``<oid>.reply.<mailbox>``."""
-    return f"{reply_to['routing_key']}.{reply_to['exchange']}"
 
 
 class ControlServer:

@@ -46,12 +46,17 @@ def discover(app: App, *, ask_workers: float = 0.3) -> list[str]:
     return sorted(names)
 
 
-def stats(app: App, queues: Sequence[str] | None = None) -> list[QueueStats]:
-    names = list(queues) if queues else discover(app)
-    missing = [q for q in names if queues and not app.transport.queue_exists(q)]
+def _require(app: App, queues: Sequence[str], note: str = "") -> None:
+    """Queues named with -Q must exist: raise naming every one that does not."""
+    missing = [q for q in queues if not app.transport.queue_exists(q)]
     if missing:
-        raise QueueNotFound(f"no such queue: {', '.join(missing)}")
-    return app.transport.queue_stats(names)
+        raise QueueNotFound(f"no such queue: {', '.join(missing)}{note}")
+
+
+def stats(app: App, queues: Sequence[str] | None = None) -> list[QueueStats]:
+    if queues:
+        _require(app, queues)
+    return app.transport.queue_stats(list(queues) if queues else discover(app))
 
 
 @dataclass
@@ -68,9 +73,7 @@ def purge(app: App, queues: Sequence[str] | None = None, exclude: Sequence[str] 
     nothing at all is purged."""
     transport = app.transport
     if queues:
-        missing = [q for q in queues if not transport.queue_exists(q)]
-        if missing:
-            raise QueueNotFound(f"no such queue: {', '.join(missing)} (nothing was purged)")
+        _require(app, queues, " (nothing was purged)")
         names = [q for q in queues if q not in exclude]
     else:
         names = [q for q in discover(app) if q not in exclude]

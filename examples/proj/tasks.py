@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from proj.qops import app
@@ -84,3 +85,17 @@ def mark(self, path: str) -> None:
     many thousands of tasks (tests count executions per id)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"{self.request.id} {os.getpid()}\n")
+
+
+@app.task(bind=True, time_limit=1)
+def stubborn(self, path: str, seconds: float) -> None:
+    """Appends "<task id> <pid> <unix time>" to ``path`` (as ``record``), then sleeps
+    ``seconds`` with SIGALRM blocked: the time-limit signal can't stop it, as it can't
+    stop C code that never returns to Python. Its hard time limit is 1 s."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{self.request.id} {os.getpid()} {time.time():.3f}\n")
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})

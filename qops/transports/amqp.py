@@ -688,6 +688,7 @@ class _Link:
 
 class AMQPTransport(Transport):
     scheme = "amqp"
+    consume_in_pool_children = True
 
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         super().__init__(url, options)
@@ -1290,6 +1291,9 @@ class _AMQPConsumer(Consumer):
         self._qos_due = False  # the window must follow len(_exempt)
         self._window = self.prefetch  # basic.qos on the current channel (owner only)
         self._global_qos = True  # channel-wide prefetch; False once a quorum queue refused
+        #: settlements that may wait while deliveries are buffered, to go out together
+        #: (one flush); 1 sends each at the next get()
+        self.ack_batch = 1
         self._pumping = False  # the owner is blocked in process_data_events
         self._woken = False  # ... and a wake-up is on its way to it
         self._ops: deque[tuple[str, str]] = deque()  # queue changes from any thread
@@ -1542,6 +1546,8 @@ class _AMQPConsumer(Consumer):
                         self._connect()
                         link = self._link
                         assert link is not None
+                    if self._buffer and self._room() and self._may_wait():
+                        return self._delivery(self._buffer.popleft())
                     if self._run_ops() and self._buffer:
                         # send the settlements now, not when the buffer runs dry: they
                         # free prefetch slots (else the pump below flushes them)
@@ -1567,6 +1573,30 @@ class _AMQPConsumer(Consumer):
                     self._lost(exc)
                     if time.monotonic() >= deadline:
                         return None
+
+    def _may_wait(self) -> bool:
+        """Whether the settlements and changes made so far can wait for the next get()
+        (fewer than ``ack_batch`` settlements, nothing else)."""
+        with self._lock:
+            return (len(self._acks) + len(self._nacks) < self.ack_batch
+                    and not self._ops and not self._qos_due)
+
+    def keepalive(self) -> None:
+        """Pump the connection once (AMQP heartbeats, settlements) unless the owner has
+        it; deliveries that arrive are buffered for the owner's next get()."""
+        if not self._io.acquire(blocking=False):
+            return
+        try:
+            link = self._link
+            if self._closed or link is None or not link.conn.is_open:
+                return
+            try:
+                self._run_ops()
+                link.conn.process_data_events(0)
+            except LINK_ERRORS as exc:
+                self._lost(exc)  # get() reconnects
+        finally:
+            self._io.release()
 
     def _delivery(self, item: tuple[int, str, bool, Any, bytes]) -> Delivery:
         tag, queue, redelivered, props, body = item

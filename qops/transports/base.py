@@ -162,6 +162,12 @@ class Consumer(ABC):
     def heartbeat(self) -> None:
         """Prove this consumer is alive (no-op where the broker tracks connections)."""
 
+    def keepalive(self) -> None:
+        """Called from another thread while the owner is busy running a task and not in
+        ``get()``: keep the connection alive if the broker would otherwise drop it.
+        Returns at once if the owner is using the connection."""
+        return None  # most brokers need nothing: liveness is heartbeat()'s job
+
     @abstractmethod
     def add_queue(self, queue: str) -> None:
         """Start consuming from another queue."""
@@ -207,6 +213,11 @@ class Transport(ABC):
     """One broker connection factory. Subclasses implement the abstract methods."""
 
     scheme: str = ""
+    #: with the prefork pool, each pool child consumes for itself on its own connection
+    #: (qops/worker/children.py) instead of the worker's main process dispatching to
+    #: them: worth it where one connection per process is cheap and the broker tracks
+    #: what each connection holds (AMQP)
+    consume_in_pool_children = False
 
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         self.url = url

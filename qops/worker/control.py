@@ -30,6 +30,13 @@ Handler = Callable[..., Any]
 HANDLERS: dict[str, Handler] = {}
 
 
+#: commands about tasks: where pool children consume for themselves, each of them runs
+#: the command too, and the node's reply merges theirs (Pool.gather)
+PER_PROCESS = frozenset({
+    "active", "reserved", "scheduled", "query_task", "revoke", "rate_limit", "time_limit",
+    "add_consumer", "cancel_consumer", "enable_events", "disable_events", "stats"})
+
+
 def handler(fun: Handler) -> Handler:
     HANDLERS[fun.__name__.removeprefix("handle_")] = fun
     return fun
@@ -110,6 +117,8 @@ class ControlServer:
         else:
             try:
                 reply = fun(self.worker, **args)
+                if method in PER_PROCESS and self.worker.pool is not None:
+                    reply = self.worker.pool.gather(method, args, reply)
             except TypeError as exc:
                 reply = {"error": f"bad arguments for {method}: {exc}"}
             except Exception as exc:
@@ -228,14 +237,13 @@ def handle_registered(worker: Worker, taskinfoitems: Any = None) -> list[str]:
 
 @handler
 def handle_active_queues(worker: Worker) -> list[dict[str, Any]]:
-    assert worker.consumer is not None
     return [{"name": q, "exchange": {"name": "", "type": "direct"}, "routing_key": q,
              "durable": True, "exclusive": False, "auto_delete": False,
              "no_ack": False, "alias": None, "queue_arguments": None,
              "binding_arguments": None, "consumer_arguments": None,
              "bindings": [], "no_declare": None, "expires": None, "message_ttl": None,
              "max_length": None, "max_length_bytes": None, "max_priority": None}
-            for q in worker.consumer.queues]
+            for q in worker.consumed_queues]
 
 
 @handler
@@ -348,21 +356,17 @@ def handle_time_limit(worker: Worker, task_name: str, soft: float | None = None,
 
 @handler
 def handle_add_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[str, Any]:
-    assert worker.consumer is not None
-    if queue in worker.consumer.queues:
+    if queue in worker.consumed_queues:
         return {"ok": f"already consuming from {queue!r}"}
-    worker.consumer.add_queue(queue)
-    worker.queues = worker.consumer.queues
+    worker.add_queue(queue)
     return {"ok": f"add consumer {queue}"}
 
 
 @handler
 def handle_cancel_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[str, Any]:
-    assert worker.consumer is not None
-    if queue not in worker.consumer.queues:
+    if queue not in worker.consumed_queues:
         return {"error": f"not consuming from {queue!r}"}
-    worker.consumer.cancel_queue(queue)
-    worker.queues = worker.consumer.queues
+    worker.cancel_queue(queue)
     return {"ok": f"no longer consuming from {queue}"}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -74,6 +75,16 @@ class Pool(ABC):
         """The jobs running now (a copy)."""
         with self._lock:
             return list(self.running.values())
+
+    def processed_elsewhere(self) -> int:
+        """Tasks finished by processes that report them to no one else (pool children
+        that consume for themselves)."""
+        return 0
+
+    def gather(self, method: str, arguments: dict[str, Any], reply: Any) -> Any:
+        """A remote-control reply of this node, given the worker's own ``reply``: pools
+        whose processes take tasks themselves ask them too and merge the answers."""
+        return reply
 
     def _mark(self, job: dict[str, Any], started: bool) -> None:
         with self._lock:
@@ -309,10 +320,12 @@ def _describe_status(status: int | None) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
-def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> None:
+def child_process_setup(index: int, ppid: int,
+                        child_init: Callable[[int], None] | None) -> bool:
+    """First steps in a freshly forked pool child; False if the parent is gone already."""
     _die_with_parent()
     if os.getppid() != ppid:  # the parent died before prctl took effect
-        return
+        return False
     # The parent decides about shutdown: a TERM or INT sent to the whole process group
     # must not stop a task half-way (warm shutdown lets it finish).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -321,9 +334,17 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> N
     from qops.ops.daemon import reopen_log_files
 
     signal.signal(signal.SIGHUP, lambda *_: reopen_log_files())  # logrotate
+    os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the worker, not its pool
     os.environ["QOPS_POOL_INDEX"] = str(index)
-    if pool.child_init:
-        pool.child_init(index)
+    multiprocessing.current_process().name = f"PoolWorker-{index}"  # in log lines
+    if child_init:
+        child_init(index)
+    return True
+
+
+def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> None:
+    if not child_process_setup(index, ppid, pool.child_init):
+        return
     done = 0
     limit = pool.max_tasks_per_child
     while True:
@@ -390,6 +411,64 @@ class PreforkPool(Pool):
         for _ in range(n):
             self.jobs.put(_STOP)
         self.concurrency -= n
+
+
+class InlinePool(Pool):
+    """Runs each job on the thread that calls ``run_pending()``: the loop of a pool
+    child that consumes for itself (qops/worker/children.py), between two gets. Jobs
+    come from ``submit()`` on that same thread (ETA and rate-limit waits too: the child
+    runs its timer in that loop). ``on_run(job, hard)`` is told when a job starts and
+    ``on_run(None, None)`` when it ends."""
+
+    name = "inline"
+
+    def __init__(self, app: App, max_tasks_per_child: int | None = None,
+                 on_run: Callable[[dict[str, Any] | None, float | None], None] | None = None
+                 ) -> None:
+        super().__init__(app, 1, max_tasks_per_child)
+        self.on_run = on_run
+        self.done = 0
+        self.exit_requested = False  # the process should be replaced (max tasks, hard limit)
+
+    def start(self) -> None:
+        pass
+
+    def run_pending(self) -> None:
+        while not self.exit_requested:
+            try:
+                item = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            job, on_done, hard, skip = item
+            if _skipped(skip, on_done):
+                continue
+            job["worker_pid"] = os.getpid()
+            job["hard_time_limit"] = hard  # enforced in execute(), by a signal
+            self._mark(job, True)
+            if self.on_run:
+                self.on_run(job, hard)
+            try:
+                outcome = execute(self.app, job)
+            finally:
+                if self.on_run:
+                    self.on_run(None, None)
+                self._mark(job, False)
+            self.done += 1
+            limit = self.max_tasks_per_child
+            if outcome.pop("_exit", False) or (limit and self.done >= limit):
+                self.exit_requested = True
+            _report(on_done, outcome)
+
+    def stop(self, timeout: float | None = None) -> None:
+        pass  # nothing runs outside run_pending()
+
+    def terminate(self) -> None:
+        pass
+
+    def grow(self, n: int) -> None:
+        raise UsageError("a pool child runs one task at a time")
+
+    shrink = grow
 
 
 POOLS: dict[str, type[Pool]] = {"prefork": PreforkPool, "threads": ThreadPool,

@@ -48,15 +48,19 @@ class TokenBucket:
 
 
 class RateLimits:
-    def __init__(self) -> None:
+    """``share``: this many processes take the node's tasks, each on its own limits
+    (pool children that consume for themselves): each gets that share of every rate."""
+
+    def __init__(self, share: int = 1) -> None:
         self.buckets: dict[str, TokenBucket] = {}
+        self.share = max(1, share)
 
     def set(self, task_name: str, rate: str | float | None) -> None:
         per_second = parse_rate(rate)
         if per_second <= 0:
             self.buckets.pop(task_name, None)
         else:
-            self.buckets[task_name] = TokenBucket(per_second)
+            self.buckets[task_name] = TokenBucket(per_second / self.share)
 
     def take(self, task_name: str) -> float:
         bucket = self.buckets.get(task_name)

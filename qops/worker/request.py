@@ -14,7 +14,13 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from qops import protocol
-from qops.errors import MaxRetriesExceeded, Reject, Retry, SoftTimeLimitExceeded
+from qops.errors import (
+    MaxRetriesExceeded,
+    Reject,
+    Retry,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+)
 from qops.task import Context
 
 if TYPE_CHECKING:
@@ -35,12 +41,35 @@ def make_job(request: Any, hostname: str, delivery_info: dict[str, Any],
             "kwargs": request.kwargs, "context": ctx, "soft_time_limit": soft_time_limit}
 
 
-def _soft_limit_handler(signum: int, frame: Any) -> None:
-    raise SoftTimeLimitExceeded("soft time limit exceeded")
+class _HardLimit(BaseException):
+    """Raised in the task at its hard time limit: not an Exception, so that task code
+    catching Exception does not swallow it."""
+
+
+def _arm_limits(soft: float | None, hard: float | None) -> None:
+    """SIGALRM at the soft limit (SoftTimeLimitExceeded in the task), then, when the job
+    enforces its hard limit in-process, at the hard one (_HardLimit)."""
+    soft_first = bool(soft) and (not hard or soft < hard)  # type: ignore[operator]
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        nonlocal soft_first
+        if soft_first:
+            soft_first = False
+            if hard:
+                signal.setitimer(signal.ITIMER_REAL, hard - float(soft or 0))
+            raise SoftTimeLimitExceeded("soft time limit exceeded")
+        raise _HardLimit
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(soft if soft_first else hard))  # type: ignore[arg-type]
 
 
 def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
-    """Run the job's task here; never raises."""
+    """Run the job's task here; never raises.
+
+    ``job["hard_time_limit"]``, when set, is enforced here (a pool child that runs its
+    own consumer): the task is interrupted, the outcome is a TimeLimitExceeded FAILURE
+    and ``_exit`` asks for the process to be replaced."""
     start = time.monotonic()
     task = app.tasks.get(job["name"])
     if task is None:  # checked before dispatch; kept for a registry changed under us
@@ -48,11 +77,10 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
                 "exc_message": [job["name"]], "exc_module": "qops.errors"},
                 "traceback": None, "runtime": 0.0}
     ctx = Context(**job["context"])
-    soft = job.get("soft_time_limit")
-    use_alarm = bool(soft) and threading.current_thread() is threading.main_thread()
-    if use_alarm and soft:
-        signal.signal(signal.SIGALRM, _soft_limit_handler)
-        signal.setitimer(signal.ITIMER_REAL, float(soft))
+    soft, hard = job.get("soft_time_limit"), job.get("hard_time_limit")
+    use_alarm = bool(soft or hard) and threading.current_thread() is threading.main_thread()
+    if use_alarm:
+        _arm_limits(soft, hard)
     task.push_request(ctx)
     app.push_request(ctx)
     try:
@@ -87,6 +115,11 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
                 "requeue": rej.requeue, "runtime": time.monotonic() - start}
     except Exception as exc:
         return _failure(exc, start)
+    except _HardLimit:
+        outcome = _failure(TimeLimitExceeded(f"hard time limit ({hard}s) exceeded"), start,
+                           tb=None)
+        outcome["_exit"] = True  # the process may be in any state: replace it
+        return outcome
     finally:
         app.pop_request()
         task.pop_request()

@@ -1,4 +1,8 @@
-"""A timer thread: calls functions at given times (ETA tasks, rate-limit waits)."""
+"""A timer: calls functions at given times (ETA tasks, rate-limit waits).
+
+Either its own thread makes the calls (``start()``), or the owner's loop does, between
+other work (``run_due()``, waiting at most ``next_in()``), as a pool child does.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +55,22 @@ class Timer:
             self._cond.notify()
         return items
 
+    def next_in(self, longest: float) -> float:
+        """Seconds until the next call is due, at most ``longest``."""
+        with self._cond:
+            if not self._heap:
+                return longest
+            return max(0.0, min(longest, self._heap[0][0] - time.time()))
+
+    def run_due(self) -> None:
+        """Make the calls that are due, on this thread."""
+        while True:
+            with self._cond:
+                if self._stopped or not self._heap or self._heap[0][0] > time.time():
+                    return
+                _, _, fun, _ = heapq.heappop(self._heap)
+            _call(fun)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -61,7 +81,11 @@ class Timer:
                 if self._stopped:
                     return
                 _, _, fun, _ = heapq.heappop(self._heap)
-            try:
-                fun()
-            except Exception:
-                log.exception("timer callback failed")
+            _call(fun)
+
+
+def _call(fun: Callable[[], None]) -> None:
+    try:
+        fun()
+    except Exception:
+        log.exception("timer callback failed")

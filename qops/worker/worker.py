@@ -42,6 +42,8 @@ RETRY_HANDLING_AFTER = 5.0  # seconds a message we failed to handle is put aside
 
 
 class Worker:
+    announces = True  # says online/offline for the node (a pool child does not)
+
     def __init__(self, app: App, *, hostname: str, queues: Sequence[str] | None = None,
                  concurrency: int | None = None, pool: str | None = None,
                  prefetch_multiplier: int | None = None,
@@ -57,13 +59,17 @@ class Worker:
         self.pool_kind = pool or conf.worker_pool
         if self.pool_kind == "solo":
             self.concurrency = 1
-        multiplier = prefetch_multiplier or conf.worker_prefetch_multiplier
-        self.prefetch = max(1, self.concurrency * int(multiplier))
+        self.prefetch_multiplier = max(1, int(prefetch_multiplier or
+                                              conf.worker_prefetch_multiplier))
+        self.prefetch = self.concurrency * self.prefetch_multiplier
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.on_ready = on_ready
         self.child_init = child_init
         self.rate_limits = RateLimits()
         self.revoked: set[str] = set()
+        # with pool children that consume (split): tasks whose process died running them
+        # and that must not run again -> (why, wait status); see qops/worker/children.py
+        self.lost: dict[str, tuple[int, int | None]] = {}
         self.reserved: dict[str, tuple[TaskRequest, Delivery]] = {}  # taken, not started
         # handed to the pool, not finished: task id -> (delivery, acked already)
         self._submitted: dict[str, tuple[Delivery, bool]] = {}
@@ -83,6 +89,10 @@ class Worker:
         self.events: EventDispatcher | None = None
         self.control: ControlServer | None = None
         self._options: dict[str, tuple[bool, float | None, float | None]] = {}
+        self._backoff = 0.5  # seconds before asking a broker that failed again
+        # prefork on a transport that says so (RabbitMQ): each pool child consumes and
+        # acks for itself; this process keeps control, heartbeats and supervision
+        self.split = False
 
     # -- start-up, in order --------------------------------------------------------------
     def start(self) -> int:
@@ -137,12 +147,20 @@ class Worker:
 
     def connect(self) -> None:
         transport = self.app.transport
-        self.consumer = transport.consumer(self.queues, self.prefetch,
-                                           consumer_id=f"{self.hostname}.{os.getpid()}")
+        self.split = self.pool_kind == "prefork" and transport.consume_in_pool_children
+        if not self.split:  # else each pool child makes its own consumer
+            self.consumer = transport.consumer(self.queues, self.prefetch,
+                                               consumer_id=f"{self.hostname}.{os.getpid()}")
         if self.has_backend:
             self.app.backend  # noqa: B018 - connect now so a bad URL fails at start-up
 
     def start_pool(self) -> None:
+        if self.split:
+            from qops.worker.children import ChildPool
+
+            self.pool = ChildPool(self)
+            self.pool.start()  # returns once every child consumes
+            return
         self.pool = make_pool(self.pool_kind, self.app, self.concurrency,
                               max_tasks_per_child=self.max_tasks_per_child,
                               child_init=self.child_init)
@@ -163,10 +181,11 @@ class Worker:
     def _beat(self, event: str) -> None:
         """Prove this node is alive: consumer liveness, the node registry (which tells
         clients whom to wait for), and a worker event."""
-        assert self.consumer is not None and self.events is not None
+        assert self.events is not None
         interval = float(self.app.conf.worker_heartbeat_interval)
         transport = self.app.transport
-        self.consumer.heartbeat()
+        if self.consumer is not None:
+            self.consumer.heartbeat()
         if event == "worker-offline":
             transport.unregister_node(self.hostname)
         else:
@@ -174,7 +193,7 @@ class Worker:
                                     float(self.app.conf.worker_heartbeat_ttl))
         self.events.worker_event(event, freq=interval,
                                  active=self.pool.busy() if self.pool else 0,
-                                 processed=sum(self.processed.values()))
+                                 processed=self.processed_count())
 
     def _heartbeat_loop(self) -> None:
         interval = float(self.app.conf.worker_heartbeat_interval)
@@ -187,6 +206,33 @@ class Worker:
                     log.warning("Recovered %d message(s) held by dead workers.", moved)
             except Exception as exc:
                 log.error("heartbeat failed: %s", exc)
+
+    def processed_count(self) -> int:
+        """Tasks this node has finished (its pool children's too)."""
+        with self._lock:
+            done = sum(self.processed.values())
+        return done + (self.pool.processed_elsewhere() if self.pool else 0)
+
+    @property
+    def consumed_queues(self) -> list[str]:
+        return self.consumer.queues if self.consumer is not None else list(self.queues)
+
+    def add_queue(self, queue: str) -> None:
+        """Consume ``queue`` too. Without a consumer of its own (pool children consume)
+        this only records it: remote control forwards the command to the children, and
+        children started later consume it."""
+        if self.consumer is not None:
+            self.consumer.add_queue(queue)
+            self.queues = self.consumer.queues
+        elif queue not in self.queues:
+            self.queues = [*self.queues, queue]
+
+    def cancel_queue(self, queue: str) -> None:
+        if self.consumer is not None:
+            self.consumer.cancel_queue(queue)
+            self.queues = self.consumer.queues
+        else:
+            self.queues = [q for q in self.queues if q != queue]
 
     def acks_late_for(self, name: str) -> bool:
         task = self.app.tasks.get(name)
@@ -223,39 +269,48 @@ class Worker:
 
     # -- the consumer loop --------------------------------------------------------------------
     def consume(self) -> None:
-        consumer = self.consumer
-        assert consumer is not None
-        backoff = 0.5
-        # Waits stay within a heartbeat interval: longer, and this worker's liveness
-        # key could expire while the broker is back, making its messages look orphaned.
-        longest = max(1.0, float(self.app.conf.worker_heartbeat_interval))
+        if self.split:  # the pool children consume; this process waits for a signal
+            while not self._stop:
+                self._stop_event.wait(1.0)
+            return
         while not self._stop:
-            try:
-                delivery = consumer.get(0.25)
-            except Exception as exc:
-                # The broker went away: wait and try again, longer each time; the
-                # transport reconnects on the next call.
-                log.error("consumer error: %s; retrying in %.1fs", exc, backoff)
-                self._stop_event.wait(backoff)
-                backoff = min(backoff * 2, longest)
-                continue
-            if backoff > 0.5:
-                log.warning("Connection to the broker is back.")
-                backoff = 0.5
-            if delivery is None:
-                continue
-            try:
-                self.on_delivery(delivery)
-            except Exception as exc:
-                # e.g. the dead-letter store refused a write. The message stays reserved
-                # (not lost), is put aside for a while so it can't block the queue's
-                # head, then goes back to the queue to be tried again.
-                log.error("could not handle a message from %r: %s; it goes back to the "
-                          "queue in %gs", delivery.queue, exc, RETRY_HANDLING_AFTER)
-                self.hold(delivery)
-                self.timer.call_later(RETRY_HANDLING_AFTER,
-                                      functools.partial(self._requeue_quietly, delivery),
-                                      delivery)
+            delivery = self.next_delivery(0.25)
+            if delivery is not None:
+                self.handle(delivery)
+
+    def next_delivery(self, timeout: float) -> Delivery | None:
+        """The next message, or None after ``timeout`` or a broker error (then after a
+        wait that grows with each failure; the transport reconnects on the next call)."""
+        assert self.consumer is not None
+        try:
+            delivery = self.consumer.get(timeout)
+        except Exception as exc:
+            log.error("consumer error: %s; retrying in %.1fs", exc, self._backoff)
+            self._stop_event.wait(self._backoff)
+            # Waits stay within a heartbeat interval: longer, and this worker's liveness
+            # key could expire while the broker is back, making its messages look
+            # orphaned.
+            longest = max(1.0, float(self.app.conf.worker_heartbeat_interval))
+            self._backoff = min(self._backoff * 2, longest)
+            return None
+        if self._backoff > 0.5:
+            log.warning("Connection to the broker is back.")
+            self._backoff = 0.5
+        return delivery
+
+    def handle(self, delivery: Delivery) -> None:
+        try:
+            self.on_delivery(delivery)
+        except Exception as exc:
+            # e.g. the dead-letter store refused a write. The message stays reserved
+            # (not lost), is put aside for a while so it can't block the queue's head,
+            # then goes back to the queue to be tried again.
+            log.error("could not handle a message from %r: %s; it goes back to the "
+                      "queue in %gs", delivery.queue, exc, RETRY_HANDLING_AFTER)
+            self.hold(delivery)
+            self.timer.call_later(RETRY_HANDLING_AFTER,
+                                  functools.partial(self._requeue_quietly, delivery),
+                                  delivery)
 
     def on_delivery(self, d: Delivery) -> None:
         assert self.consumer is not None
@@ -354,6 +409,15 @@ class Worker:
             self.event("task-revoked", req, terminated=False, signum=None, expired=why == "expired")
             self.consumer.ack(d)
             return
+        if d.redelivered:
+            lost = self.lost_verdict(req.id)
+            if lost is not None:
+                log.error("Task %s[%s] failed: %s; not run again", req.name, req.id, lost)
+                self._forget_reserved(req.id)
+                self.store(req, FAILURE, lost)
+                self.consumer.ack(d)
+                self._count(req.name)
+                return
         wait = self.rate_limits.take(req.name)
         if wait > 0:
             self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
@@ -376,6 +440,20 @@ class Worker:
         skip = functools.partial(self.consumer.stale, d) if acks_late else None
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
                          hard, skip)
+
+    def lost_verdict(self, task_id: str) -> Exception | None:
+        """Why a redelivered task fails without running: the process that ran it here
+        died and it must not run again (only pool children that consume for themselves
+        know of such tasks); None to run it."""
+        return None
+
+    def requeue_when_lost(self, task: Task) -> bool:
+        """Whether a task whose process died mid-run goes back to the queue (else it
+        fails with WorkerLostError): ``reject_on_worker_lost``, for acks_late tasks."""
+        reject = task.reject_on_worker_lost
+        if reject is None:
+            reject = bool(self.app.conf.task_reject_on_worker_lost)
+        return reject and self.options_for(task)[0]
 
     def _skip(self, req: TaskRequest) -> None:
         """The broker took the message back when the connection it came on dropped, and
@@ -430,10 +508,7 @@ class Worker:
                 self._count(req.name)
                 return
         elif state == LOST:
-            reject = task.reject_on_worker_lost
-            if reject is None:
-                reject = bool(self.app.conf.task_reject_on_worker_lost)
-            if reject and acks_late:
+            if self.requeue_when_lost(task):
                 log.error("Task %s[%s]: %s; it goes back to the queue", req.name, req.id,
                           _exc_line(outcome["result"]))
                 settle = self.consumer.requeue
@@ -543,7 +618,7 @@ class Worker:
                 pool.terminate()
             else:
                 pool.stop()
-        if self.events is not None:
+        if self.announces and self.events is not None:
             try:
                 self._beat("worker-offline")
             except Exception as exc:
@@ -559,7 +634,8 @@ class Worker:
             except Exception as exc:
                 log.error("closing the consumer failed: %s", exc)
         self.app.close()
-        log.info("%s stopped.", self.hostname)
+        if self.announces:
+            log.info("%s stopped.", self.hostname)
 
     # -- facts for banners and remote control ---------------------------------------------
     def info(self) -> dict[str, Any]:

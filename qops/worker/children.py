@@ -1,0 +1,560 @@
+"""Prefork pool children that consume for themselves (RabbitMQ).
+
+With the prefork pool on a transport that says so (``Transport.consume_in_pool_children``:
+AMQP), each pool child runs the worker's consumer loop on its own broker connection: it
+takes a message, runs the task, stores the result and acks, with no hop through the
+parent. The parent keeps what makes the node one node: remote control, heartbeats and
+worker events, signals, and supervision of its children.
+
+    parent (Worker, split)                 child (ChildWorker), one per pool slot
+    ----------------------                 ---------------------------------------
+    control server  -- "control" -->       runs the same handler, replies
+                    <-- "reply" ---        (Pool.gather merges the replies)
+    warm shutdown   -- "stop" ---->        finishes its task, requeues the rest, exits
+    hard-limit watchdog (reads the slot)   writes its running task to a shared slot
+    respawns a child that ends             "bye" with its counts, then exits
+
+Why: on RabbitMQ the parent's one connection was the bottleneck (consume, dispatch and
+ack for every child); see bench/README.md for the numbers.
+
+What differs from the parent-consumes design, all per child instead of per node:
+the prefetch (``worker_prefetch_multiplier`` messages each, the same total), rate limits
+(each child gets an equal share of the node's rate) and ETA tasks (held by the child
+that received them, run when it is free).
+
+A child that dies takes its connection with it, and RabbitMQ delivers again what it
+held, the task it was running included; nothing can ack that one any more. So the
+parent reads from the dead child's slot which task it was running and, unless the
+task's ``reject_on_worker_lost`` wants it run again, records it as lost (in every
+child, and in the slot for a sibling that gets the message before hearing of it): the
+redelivered message then fails with WorkerLostError on this node instead of running.
+A hard time limit is a signal in the child (the task is interrupted, FAILURE stored,
+the message acked and the child replaced); a task that does not stop within
+``HARD_LIMIT_GRACE`` is killed by the parent and, delivered again here, fails with
+TimeLimitExceeded. Another node that gets such a message runs it (at-least-once).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import queue
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from multiprocessing.connection import Connection, Pipe
+from typing import TYPE_CHECKING, Any
+
+from qops import errors
+from qops.backends.base import FAILURE
+from qops.events import EventDispatcher
+from qops.worker.control import HANDLERS
+from qops.worker.pool import InlinePool, Pool, _describe_status, child_process_setup
+from qops.worker.ratelimit import RateLimits
+from qops.worker.worker import WARM, Worker
+
+if TYPE_CHECKING:
+    from qops.transports.base import Delivery
+
+log = logging.getLogger("qops.worker")
+
+HARD_LIMIT_GRACE = 2.0  # seconds past a hard limit before the parent kills the child
+FORWARD_TIMEOUT = 0.5  # seconds the parent waits for its children's control replies
+KEEPALIVE_EVERY = 1.0  # seconds between broker keepalives while a child runs a task
+MAX_CHILDREN = 1024  # slots in the shared table
+#: slot states
+IDLE, RUNNING, LOST, TIMED_OUT = 0, 1, 2, 3
+
+
+class Slot:
+    """What one child is doing, in a table shared by the parent and every child (an
+    anonymous shared mapping made before the first fork): state, task start
+    (time.time()), kill deadline (time.monotonic(), 0 for none), tasks done, the wait
+    status of a dead child, task id and name."""
+
+    FORMAT = struct.Struct("=BddQiH100sH128s")
+    HEAD = struct.Struct("=BddQ")
+
+    def __init__(self, table: mmap.mmap, index: int) -> None:
+        self.table = table
+        self.offset = (index - 1) * self.FORMAT.size
+
+    def begin(self, task_id: str, name: str, deadline: float, done: int) -> None:
+        tid, tname = task_id.encode()[:100], name.encode()[:128]
+        self.FORMAT.pack_into(self.table, self.offset, RUNNING, time.time(), deadline, done,
+                              0, len(tid), tid, len(tname), tname)
+
+    def end(self, done: int) -> None:
+        self.HEAD.pack_into(self.table, self.offset, IDLE, 0.0, 0.0, done)
+
+    def mark(self, state: int, status: int | None) -> None:
+        """The parent's verdict on the task a dead child was running."""
+        old = self.FORMAT.unpack_from(self.table, self.offset)
+        self.FORMAT.pack_into(self.table, self.offset, state, 0.0, 0.0, old[3],
+                              -1 if status is None else status, *old[5:])
+
+    def read(self) -> tuple[int, float, float, int, int | None, str, str]:
+        state, started, deadline, done, status, n, tid, m, name = \
+            self.FORMAT.unpack_from(self.table, self.offset)
+        return (state, started, deadline, done, None if status < 0 else status,
+                tid[:n].decode("utf-8", "replace"), name[:m].decode("utf-8", "replace"))
+
+
+def lost_error(state: int, status: int | None) -> Exception:
+    if state == TIMED_OUT:
+        return errors.TimeLimitExceeded("hard time limit exceeded: the task did not stop "
+                                        "and its pool process was killed")
+    return errors.WorkerLostError(f"pool process exited during the task "
+                                  f"({_describe_status(status)})")
+
+
+class _Child:
+    def __init__(self, index: int, pid: int, conn: Connection, slot: Slot) -> None:
+        self.index = index
+        self.pid = pid
+        self.conn = conn
+        self.slot = slot
+        self.born = time.monotonic()
+        self.send_lock = threading.Lock()
+        self.ready = threading.Event()
+        self.ended = threading.Event()
+        self.failure: tuple[str, str] | None = None  # (error class, message) at start
+        self.retired = False  # said bye: its counts are the worker's now
+        self.killed = False  # by the hard-limit watchdog
+
+
+class ChildPool(Pool):
+    """The parent's side: starts, watches and replaces the children, and talks to them."""
+
+    name = "prefork"
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker.app, worker.concurrency, worker.max_tasks_per_child)
+        self.worker = worker
+        self.children: dict[int, _Child] = {}  # slot index (from 1) -> child
+        self.table = mmap.mmap(-1, MAX_CHILDREN * Slot.FORMAT.size)
+        self._cond = threading.Condition()  # children, _replies
+        self._spawning = threading.RLock()
+        self._replies: dict[int, list[Any]] = {}
+        self._seq = itertools.count(1)
+        self._started = False
+        self._stopping = threading.Event()
+        # (slot index, not before): children to start on the supervisor thread
+        self._due: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the children and wait until each consumes (or one could not).
+
+        Children are forked on this thread and, later, on the supervisor thread only:
+        PR_SET_PDEATHSIG kills a child when the *thread* that forked it ends, so both
+        live as long as the children."""
+        for index in range(1, self.concurrency + 1):
+            self._spawn(index)
+        failed = None
+        for child in list(self.children.values()):
+            while not child.ready.wait(0.1):
+                if child.ended.is_set():
+                    failed = child
+                    break
+            if failed:
+                break
+        if failed is not None:
+            self.stop()
+            name, message = failed.failure or ("QopsError", "a pool process exited at "
+                                               "start-up")
+            cls = getattr(errors, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.QopsError)):
+                cls = errors.QopsError
+            raise cls(message)
+        self._started = True
+        threading.Thread(target=self._supervise, name="pool-supervisor", daemon=True).start()
+
+    def _spawn(self, index: int) -> None:
+        with self._spawning:
+            if self._stopping.is_set() or index in self.children:
+                return
+            parent_conn, child_conn = Pipe()
+            slot = Slot(self.table, index)
+            ppid = os.getpid()
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 1
+                try:
+                    parent_conn.close()
+                    code = _child_main(self, index, child_conn, slot, ppid)
+                except BaseException:
+                    log.exception("pool process %d failed", os.getpid())
+                finally:
+                    os._exit(code)
+            child_conn.close()
+            child = _Child(index, pid, parent_conn, slot)
+            with self._cond:
+                self.children[index] = child
+            threading.Thread(target=self._keep, args=(child,), name=f"pool-{index}",
+                             daemon=True).start()
+
+    def _keep(self, child: _Child) -> None:
+        """Read what the child says until it ends; then reap it and start a new one
+        unless the pool is stopping or shrank."""
+        while True:
+            try:
+                msg = child.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "reply":
+                with self._cond:
+                    if msg[1] in self._replies:
+                        self._replies[msg[1]].append(msg[2])
+                        self._cond.notify_all()
+            elif kind == "ready":
+                child.ready.set()
+            elif kind == "failed":
+                child.failure = (msg[1], msg[2])
+            elif kind == "bye":
+                with self.worker._lock:
+                    for name, n in msg[1].items():
+                        self.worker.processed[name] = self.worker.processed.get(name, 0) + n
+                    child.retired = True
+        child.conn.close()
+        try:
+            _, status = os.waitpid(child.pid, 0)
+        except ChildProcessError:
+            status = None
+        if not child.retired:
+            self._lost(child, status)
+        with self._cond:
+            if self.children.get(child.index) is child:
+                del self.children[child.index]
+            self._cond.notify_all()
+        child.ended.set()
+        if self._stopping.is_set() or not self._started or child.index > self.concurrency:
+            return
+        if not child.retired:
+            log.error("pool process %d ended (%s); starting a new one", child.pid,
+                      _describe_status(status))
+        # one that could not even start (broker down?) must not be replaced in a loop
+        self._due.put((child.index, child.born + 1.0))
+
+    def _lost(self, child: _Child, status: int | None) -> None:
+        """A child died: decide about the task it was running (see the module doc)."""
+        state, _, _, done, _, task_id, name = child.slot.read()
+        if state != RUNNING:
+            return
+        worker = self.worker
+        task = worker.app.tasks.get(name)
+        verdict = TIMED_OUT if child.killed else LOST
+        exc = lost_error(verdict, status)
+        if verdict == LOST and task is not None and worker.requeue_when_lost(task):
+            log.error("Task %s[%s]: %s; RabbitMQ delivers it again", name, task_id, exc)
+            child.slot.end(done)
+            return
+        log.error("Task %s[%s] failed: %s", name, task_id, exc)
+        worker.lost[task_id] = (verdict, status)
+        child.slot.mark(verdict, status)
+        self._tell_all(("lost", task_id, verdict, status))
+        if task is not None and not worker.acks_late_for(name) and worker.has_backend:
+            # acked before it ran: no redelivery will record the failure
+            try:
+                worker.app.backend.store(task_id, FAILURE, exc)
+            except Exception as err:
+                log.error("Task %s[%s]: could not store FAILURE: %s", name, task_id, err)
+
+    def _supervise(self) -> None:
+        """Start children in place of those that ended; kill a child whose task ran past
+        its hard time limit without stopping. Ends once the pool stopped."""
+        waiting: dict[int, float] = {}
+        while True:
+            try:
+                index, when = self._due.get(timeout=0.25)
+                waiting[index] = when
+            except queue.Empty:
+                pass
+            if self._stopping.is_set():
+                waiting.clear()
+                with self._cond:
+                    if not self.children:
+                        return
+            now = time.monotonic()
+            for index, when in list(waiting.items()):
+                if when <= now:
+                    del waiting[index]
+                    if index <= self.concurrency:
+                        try:
+                            self._spawn(index)
+                        except OSError as exc:
+                            log.error("could not start a pool process: %s", exc)
+            self._enforce_hard_limits(now)
+
+    def _enforce_hard_limits(self, now: float) -> None:
+        for child in list(self.children.values()):
+            state, _, deadline, _, _, task_id, name = child.slot.read()
+            if state != RUNNING or not deadline or now < deadline or child.killed:
+                continue
+            child.killed = True
+            log.error("Task %s[%s] did not stop at its hard time limit: killing pool "
+                      "process %d", name, task_id, child.pid)
+            _kill(child.pid, signal.SIGKILL)
+
+    def _wait_gone(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.children:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Warm: each child finishes its task, gives back what it holds and exits."""
+        self._stopping.set()
+        self._tell_all(("stop",))
+        self._wait_gone(timeout)
+
+    def terminate(self) -> None:
+        """Cold: kill the children; RabbitMQ requeues whatever they held."""
+        self._stopping.set()
+        for child in list(self.children.values()):
+            _kill(child.pid, signal.SIGKILL)
+        self._wait_gone(10.0)
+
+    # -- talking to the children --------------------------------------------------------------
+    def _tell(self, child: _Child, msg: tuple[Any, ...]) -> bool:
+        try:
+            with child.send_lock:
+                child.conn.send(msg)
+            return True
+        except (OSError, ValueError):  # it ended
+            return False
+
+    def _tell_all(self, msg: tuple[Any, ...]) -> None:
+        for child in list(self.children.values()):
+            self._tell(child, msg)
+
+    def gather(self, method: str, arguments: dict[str, Any], reply: Any) -> Any:
+        seq = next(self._seq)
+        with self._cond:
+            self._replies[seq] = []
+            asked = [c for c in self.children.values() if c.ready.is_set() and not c.retired]
+        sent = sum(self._tell(c, ("control", seq, method, arguments)) for c in asked)
+        deadline = time.monotonic() + FORWARD_TIMEOUT
+        with self._cond:
+            while len(self._replies[seq]) < sent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            theirs = self._replies.pop(seq)
+        if len(theirs) < sent:
+            log.warning("control %s: %d of %d pool processes did not answer in %gs", method,
+                        sent - len(theirs), sent, FORWARD_TIMEOUT)
+        return merge(method, reply, theirs)
+
+    # -- facts and changes ------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [c.pid for c in list(self.children.values())]
+
+    def busy(self) -> int:
+        return sum(1 for c in list(self.children.values()) if c.slot.read()[0] == RUNNING)
+
+    def processed_elsewhere(self) -> int:
+        return sum(c.slot.read()[3] for c in list(self.children.values()) if not c.retired)
+
+    def terminate_job(self, task_id: str, sig: int) -> bool:
+        for child in list(self.children.values()):
+            state, _, _, _, _, running, _ = child.slot.read()
+            if state == RUNNING and running == task_id:
+                _kill(child.pid, sig)
+                return True
+        return False
+
+    def grow(self, n: int) -> None:
+        if self.concurrency + n > MAX_CHILDREN:
+            raise errors.UsageError(f"a node has at most {MAX_CHILDREN} pool processes")
+        self.concurrency += n
+        for index in range(1, self.concurrency + 1):
+            self._due.put((index, 0.0))  # a no-op for slots that have a child
+
+    def shrink(self, n: int) -> None:
+        n = min(n, self.concurrency - 1)
+        self.concurrency -= n
+        for child in list(self.children.values()):
+            if child.index > self.concurrency:
+                self._tell(child, ("stop",))
+
+
+def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
+    """One node's reply from the parent's and its children's."""
+    if isinstance(mine, list):
+        return mine + [item for reply in theirs if isinstance(reply, list) for item in reply]
+    if not isinstance(mine, dict) or "error" in mine:
+        return mine
+    if method == "query_task":
+        found = dict(mine)
+        for reply in theirs:
+            found.update(reply)
+        return found
+    failed = [r for r in theirs if isinstance(r, dict) and "error" in r]
+    if failed:
+        return failed[0]
+    if method == "stats":
+        total: Counter[str] = Counter(mine.get("total", {}))
+        for reply in theirs:
+            total.update(reply.get("total", {}))
+        return {**mine, "total": dict(total)}
+    return mine
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# -- in the child ---------------------------------------------------------------------------
+
+
+def _child_main(pool: ChildPool, index: int, conn: Connection, slot: Slot,
+                ppid: int) -> int:
+    worker = pool.worker
+    if not child_process_setup(index, ppid, worker.child_init):
+        return 0
+    for other in list(pool.children.values()):
+        other.conn.close()  # the parent's ends of the siblings' pipes
+    return ChildWorker(worker, pool, index, conn, slot).run()
+
+
+class ChildWorker(Worker):
+    """The worker's consumer loop in one pool child: its own consumer, an inline pool,
+    its own timer (run by the loop, not a thread) and rate limits; no control server or
+    heartbeat of its own (the parent has them and forwards commands about tasks)."""
+
+    announces = False
+
+    def __init__(self, parent: Worker, pool: ChildPool, index: int, conn: Connection,
+                 slot: Slot) -> None:
+        events = parent.events
+        super().__init__(parent.app, hostname=parent.hostname, queues=parent.queues,
+                         concurrency=1, pool="inline",
+                         prefetch_multiplier=parent.prefetch_multiplier,
+                         max_tasks_per_child=parent.max_tasks_per_child,
+                         task_events=events.task_events if events else parent.task_events)
+        self.index = index
+        self.conn = conn
+        self.slot = slot
+        self.rate_limits = RateLimits(share=parent.concurrency)
+        self.revoked = set(parent.revoked)
+        self.lost = dict(parent.lost)
+        self.siblings = [Slot(pool.table, i) for i in range(1, MAX_CHILDREN + 1)
+                         if i != index]
+        self._send_lock = threading.Lock()
+        self._done = 0
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+        except (OSError, ValueError):
+            pass  # the parent is gone; PR_SET_PDEATHSIG ends us
+
+    def run(self) -> int:
+        try:
+            self.apply_rate_limits()
+            self.connect()
+        except Exception as exc:
+            self.send(("failed", type(exc).__name__, str(exc)))
+            return 1
+        self.pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
+        self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
+        threading.Thread(target=self._serve_parent, name="parent", daemon=True).start()
+        self.send(("ready",))
+        try:
+            self.consume()
+        finally:
+            self.shutdown()
+            with self._lock:
+                self.send(("bye", dict(self.processed)))
+        return 0
+
+    def request_stop(self, how: str = WARM) -> None:
+        self._stop = how
+        self._stop_event.set()
+
+    def consume(self) -> None:
+        pool = self.pool
+        assert isinstance(pool, InlinePool)
+        while True:
+            self.timer.run_due()
+            pool.run_pending()
+            if self._stop or pool.exit_requested:
+                return
+            delivery: Delivery | None = self.next_delivery(self.timer.next_in(0.25))
+            if delivery is not None:
+                self.handle(delivery)
+
+    def _on_run(self, job: dict[str, Any] | None, hard: float | None) -> None:
+        """Keep the slot the parent reads up to date."""
+        if job is None:
+            self._done += 1
+            self.slot.end(self._done)
+            return
+        deadline = time.monotonic() + hard + HARD_LIMIT_GRACE if hard else 0.0
+        self.slot.begin(str(job["id"]), str(job["name"]), deadline, self._done)
+
+    def lost_verdict(self, task_id: str) -> Exception | None:
+        """A redelivered task: did a sibling die running it? If a sibling's slot still
+        shows it running, the parent has not decided yet: wait for the verdict (or for
+        the sibling to finish it, if it only lost its connection)."""
+        deadline = time.monotonic() + HARD_LIMIT_GRACE + 3.0
+        while task_id not in self.lost and time.monotonic() < deadline:
+            running = False
+            for slot in self.siblings:
+                state, *_, status, tid, _ = slot.read()
+                if tid != task_id:
+                    continue
+                if state in (LOST, TIMED_OUT):
+                    self.lost[task_id] = (state, status)
+                running = running or state == RUNNING
+            if not running:
+                break
+            time.sleep(0.02)
+        verdict = self.lost.pop(task_id, None)
+        return None if verdict is None else lost_error(*verdict)
+
+    def _keepalive(self) -> None:
+        if self.consumer is None:
+            return
+        try:
+            self.consumer.keepalive()
+        except Exception as exc:  # the main loop sees a lost connection itself
+            log.debug("keepalive failed: %s", exc)
+
+    def _serve_parent(self) -> None:
+        """Answer the parent; while idle, keep the broker connection alive (the main
+        thread does not pump it while a task runs)."""
+        while True:
+            try:
+                if not self.conn.poll(KEEPALIVE_EVERY):
+                    self._keepalive()
+                    continue
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                return
+            kind = msg[0]
+            if kind == "control":
+                _, seq, method, arguments = msg
+                try:
+                    reply = HANDLERS[method](self, **arguments)
+                except Exception as exc:
+                    reply = {"error": f"{type(exc).__name__}: {exc}"}
+                self.send(("reply", seq, reply))
+            elif kind == "stop":
+                self.request_stop(WARM)
+            elif kind == "lost":
+                self.lost[msg[1]] = (msg[2], msg[3])

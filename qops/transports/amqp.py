@@ -1291,9 +1291,6 @@ class _AMQPConsumer(Consumer):
         self._qos_due = False  # the window must follow len(_exempt)
         self._window = self.prefetch  # basic.qos on the current channel (owner only)
         self._global_qos = True  # channel-wide prefetch; False once a quorum queue refused
-        #: settlements that may wait while deliveries are buffered, to go out together
-        #: (one flush); 1 sends each at the next get()
-        self.ack_batch = 1
         self._pumping = False  # the owner is blocked in process_data_events
         self._woken = False  # ... and a wake-up is on its way to it
         self._ops: deque[tuple[str, str]] = deque()  # queue changes from any thread

@@ -122,6 +122,9 @@ class Consumer(ABC):
 
     #: unique id of this consumer, used for in-flight tracking and liveness
     id: str
+    #: settlements a consumer may hold back while it has deliveries to hand out, to send
+    #: them together (transports that batch writes: AMQP); 1 = at the next get()
+    ack_batch: int = 1
 
     @abstractmethod
     def get(self, timeout: float) -> Delivery | None:

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Pipe
 from typing import TYPE_CHECKING, Any
@@ -426,6 +427,7 @@ class InlinePool(Pool):
                  on_run: Callable[[dict[str, Any] | None, float | None], None] | None = None
                  ) -> None:
         super().__init__(app, 1, max_tasks_per_child)
+        self.pending: deque[tuple[dict[str, Any], OnDone, float | None, Skip | None]] = deque()
         self.on_run = on_run
         self.done = 0
         self.exit_requested = False  # the process should be replaced (max tasks, hard limit)
@@ -433,13 +435,18 @@ class InlinePool(Pool):
     def start(self) -> None:
         pass
 
+    def submit(self, job: dict[str, Any], on_done: OnDone, hard_limit: float | None,
+               skip: Skip | None = None) -> None:
+        self.pending.append((job, on_done, hard_limit, skip))
+
+    def drain_unstarted(self) -> list[dict[str, Any]]:
+        jobs = [item[0] for item in self.pending]
+        self.pending.clear()
+        return jobs
+
     def run_pending(self) -> None:
-        while not self.exit_requested:
-            try:
-                item = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            job, on_done, hard, skip = item
+        while self.pending and not self.exit_requested:
+            job, on_done, hard, skip = self.pending.popleft()
             if _skipped(skip, on_done):
                 continue
             job["worker_pid"] = os.getpid()

@@ -57,6 +57,8 @@ class Timer:
 
     def next_in(self, longest: float) -> float:
         """Seconds until the next call is due, at most ``longest``."""
+        if not self._heap:  # read without the lock: a call added now is seen next time
+            return longest
         with self._cond:
             if not self._heap:
                 return longest
@@ -64,7 +66,7 @@ class Timer:
 
     def run_due(self) -> None:
         """Make the calls that are due, on this thread."""
-        while True:
+        while self._heap:
             with self._cond:
                 if self._stopped or not self._heap or self._heap[0][0] > time.time():
                     return

@@ -80,7 +80,9 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._lock = threading.Lock()
         self.max_message_size = int(conf.task_max_message_size)
-        self.has_backend = app.has_backend  # fixed for the worker's life; checked per task
+        # fixed for the worker's life; checked per task
+        self.has_backend = app.has_backend
+        self.track_started = bool(conf.task_track_started)
         self.task_events = bool(conf.worker_send_task_events if task_events is None
                                 else task_events)
         self.consumer: Consumer | None = None
@@ -400,8 +402,8 @@ class Worker:
         if self.consumer.stale(d):
             self._skip(req)
             return
-        now = dt.datetime.now(dt.timezone.utc)
-        if req.id in self.revoked or (req.expires is not None and req.expires <= now):
+        if req.id in self.revoked or (
+                req.expires is not None and req.expires <= dt.datetime.now(dt.timezone.utc)):
             why = "revoked" if req.id in self.revoked else "expired"
             log.info("Task %s[%s] %s: not run", req.name, req.id, why)
             self._forget_reserved(req.id)
@@ -425,7 +427,7 @@ class Worker:
         acks_late, hard, soft = self.options_for(task)
         if not acks_late:
             self.consumer.ack(d)  # at-most-once: acked before it runs
-        if self.app.conf.task_track_started:
+        if self.track_started:
             self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
         self.event("task-started", req)
         hard = req.time_limit or hard
@@ -433,6 +435,9 @@ class Worker:
         job = make_job(req, self.hostname,
                        {"exchange": "", "routing_key": d.queue, "priority": req.priority,
                         "redelivered": d.redelivered}, soft)
+        # the result goes nowhere: don't check that it could be serialized
+        job["check_result"] = bool((self.has_backend and not req.ignore_result)
+                                   or req.callbacks or req.chain)
         with self._lock:
             self.reserved.pop(req.id, None)
             self._submitted[req.id] = (d, not acks_late)
@@ -546,6 +551,8 @@ class Worker:
 
     def send_followers(self, req: TaskRequest, result: Any) -> None:
         """Continue a chain and call ``link`` callbacks with the result."""
+        if not req.callbacks and not req.chain:
+            return
         from qops.task import Signature
 
         try:

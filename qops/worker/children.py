@@ -473,7 +473,7 @@ class ChildWorker(Worker):
         assert self.consumer is not None
         # acks go out two or more at a time (one write, one flush) while deliveries wait:
         # the flush is the costly part; half the prefetch keeps the broker sending
-        self.consumer.ack_batch = int(os.environ.get("QOPS_ACK_BATCH", max(1, self.prefetch // 2)))
+        self.consumer.ack_batch = max(1, self.prefetch // 2)
         self.pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
         self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
         threading.Thread(target=self._serve_parent, name="parent", daemon=True).start()

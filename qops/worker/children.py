@@ -141,7 +141,6 @@ class ChildPool(Pool):
         self._spawning = threading.RLock()
         self._replies: dict[int, list[Any]] = {}
         self._seq = itertools.count(1)
-        self._started = False
         self._stopping = threading.Event()
         # (slot index, not before): children to start on the supervisor thread
         self._due: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
@@ -153,10 +152,11 @@ class ChildPool(Pool):
         Children are forked on this thread and, later, on the supervisor thread only:
         PR_SET_PDEATHSIG kills a child when the *thread* that forked it ends, so both
         live as long as the children."""
-        for index in range(1, self.concurrency + 1):
-            self._spawn(index)
+        started = [self._spawn(index) for index in range(1, self.concurrency + 1)]
         failed = None
-        for child in list(self.children.values()):
+        for child in started:
+            if child is None:
+                continue
             while not child.ready.wait(0.1):
                 if child.ended.is_set():
                     failed = child
@@ -171,13 +171,12 @@ class ChildPool(Pool):
             if not (isinstance(cls, type) and issubclass(cls, errors.QopsError)):
                 cls = errors.QopsError
             raise cls(message)
-        self._started = True
         threading.Thread(target=self._supervise, name="pool-supervisor", daemon=True).start()
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int) -> _Child | None:
         with self._spawning:
             if self._stopping.is_set() or index in self.children:
-                return
+                return None
             parent_conn, child_conn = Pipe()
             slot = Slot(self.table, index)
             ppid = os.getpid()
@@ -197,6 +196,7 @@ class ChildPool(Pool):
                 self.children[index] = child
             threading.Thread(target=self._keep, args=(child,), name=f"pool-{index}",
                              daemon=True).start()
+            return child
 
     def _keep(self, child: _Child) -> None:
         """Read what the child says until it ends; then reap it and start a new one
@@ -233,9 +233,12 @@ class ChildPool(Pool):
                 del self.children[child.index]
             self._cond.notify_all()
         child.ended.set()
-        if self._stopping.is_set() or not self._started or child.index > self.concurrency:
-            return
-        if not child.retired:
+        if self._stopping.is_set() or child.index > self.concurrency:
+            return  # (before start() is done, the supervisor takes the request later)
+        if child.failure is not None:
+            log.error("pool process %d could not start: %s; trying again", child.pid,
+                      child.failure[1])
+        elif not child.retired:
             log.error("pool process %d ended (%s); starting a new one", child.pid,
                       _describe_status(status))
         # one that could not even start (broker down?) must not be replaced in a loop

@@ -189,3 +189,13 @@ def test_killed_child_and_reject_on_worker_lost(setup, redis_url, tmp_path,
             assert runs(path)[res.id] == 1
         assert wait_until(lambda: len(pool_pids(broker)) == 2, timeout=10)  # replaced
         assert child not in pool_pids(broker)
+
+
+def test_a_child_that_cannot_connect_stops_the_start(amqp_url: str, tmp_path: Path) -> None:
+    """The node fails at start-up with the child's reason, as one that consumes itself."""
+    broker = amqp_url.rsplit("/", 1)[0] + f"/no-such-vhost-{uuid.uuid4().hex[:6]}"
+    with WorkerProcess("-n", NODE, "-c", "2", broker=broker,
+                       logfile=tmp_path / "worker.log") as w:
+        assert w.wait(20) == 74
+    text = log(tmp_path)
+    assert "qops: error: RabbitMQ at" in text and "refused access to vhost" in text

@@ -49,19 +49,22 @@ class _HardLimit(BaseException):
 def _arm_limits(soft: float | None, hard: float | None) -> None:
     """SIGALRM at the soft limit (SoftTimeLimitExceeded in the task), then, when the job
     enforces its hard limit in-process, at the hard one (_HardLimit)."""
-    soft_first = bool(soft) and (not hard or soft < hard)  # type: ignore[operator]
+    soft_at = float(soft) if soft and (not hard or soft < hard) else None
+    hard_at = float(hard) if hard else None
 
     def on_alarm(signum: int, frame: Any) -> None:
-        nonlocal soft_first
-        if soft_first:
-            soft_first = False
-            if hard:
-                signal.setitimer(signal.ITIMER_REAL, hard - float(soft or 0))
+        nonlocal soft_at
+        if soft_at is not None:
+            if hard_at is not None:
+                signal.setitimer(signal.ITIMER_REAL, hard_at - soft_at)
+            soft_at = None
             raise SoftTimeLimitExceeded("soft time limit exceeded")
         raise _HardLimit
 
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, float(soft if soft_first else hard))  # type: ignore[arg-type]
+    first = soft_at if soft_at is not None else hard_at
+    if first is not None:
+        signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, first)
 
 
 def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:

@@ -46,14 +46,20 @@ import struct
 import threading
 import time
 from collections import Counter
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from qops import errors
 from qops.backends.base import FAILURE
 from qops.events import EventDispatcher
 from qops.worker.control import HANDLERS
-from qops.worker.pool import InlinePool, Pool, _describe_status, child_process_setup
+from qops.worker.pool import (
+    InlinePool,
+    Pool,
+    _describe_status,
+    child_process_setup,
+    fork_child,
+)
 from qops.worker.ratelimit import RateLimits
 from qops.worker.worker import WARM, Worker
 
@@ -177,21 +183,10 @@ class ChildPool(Pool):
         with self._spawning:
             if self._stopping.is_set() or index in self.children:
                 return None
-            parent_conn, child_conn = Pipe()
             slot = Slot(self.table, index)
             ppid = os.getpid()
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 1
-                try:
-                    parent_conn.close()
-                    code = _child_main(self, index, child_conn, slot, ppid)
-                except BaseException:
-                    log.exception("pool process %d failed", os.getpid())
-                finally:
-                    os._exit(code)
-            child_conn.close()
-            child = _Child(index, pid, parent_conn, slot)
+            pid, conn = fork_child(lambda c: _child_main(self, index, c, slot, ppid))
+            child = _Child(index, pid, conn, slot)
             with self._cond:
                 self.children[index] = child
             threading.Thread(target=self._keep, args=(child,), name=f"pool-{index}",

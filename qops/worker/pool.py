@@ -215,6 +215,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def fork_child(main: Callable[[Connection], int]) -> tuple[int, Connection]:
+    """Fork a pool child that runs ``main`` with its end of a pipe and exits with the
+    code it returns (1 if it raises); returns the child's pid and our end."""
+    parent_conn, child_conn = Pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            parent_conn.close()
+            code = main(child_conn)
+        except BaseException:
+            log.exception("pool process %d failed", os.getpid())
+        finally:
+            os._exit(code)
+    child_conn.close()
+    return pid, parent_conn
+
+
 class _Child:
     def __init__(self, pid: int, conn: Connection) -> None:
         self.pid = pid
@@ -232,19 +250,9 @@ class _Slot(threading.Thread):
         self.stopping = False
 
     def spawn(self) -> None:
-        parent_conn, child_conn = Pipe()
         ppid = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 0
-            try:
-                parent_conn.close()
-                _child_main(self.pool, self.index, child_conn, ppid)
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        child_conn.close()
+        pid, parent_conn = fork_child(
+            lambda conn: _child_main(self.pool, self.index, conn, ppid))
         self.child = _Child(pid, parent_conn)
         if self.pool.on_child_start:
             self.pool.on_child_start(pid)
@@ -343,23 +351,23 @@ def child_process_setup(index: int, ppid: int,
     return True
 
 
-def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> None:
+def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> int:
     if not child_process_setup(index, ppid, pool.child_init):
-        return
+        return 0
     done = 0
     limit = pool.max_tasks_per_child
     while True:
         try:
             job = conn.recv()
         except (EOFError, OSError):
-            return
+            return 0
         outcome = execute(pool.app, job)
         done += 1
         if limit and done >= limit:
             outcome["_exit"] = True
         conn.send(outcome)
         if outcome.get("_exit"):
-            return
+            return 0
 
 
 class PreforkPool(Pool):

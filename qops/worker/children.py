@@ -375,6 +375,7 @@ class ChildPool(Pool):
         if self.concurrency + n > MAX_CHILDREN:
             raise errors.UsageError(f"a node has at most {MAX_CHILDREN} pool processes")
         self.concurrency += n
+        self._tell_all(("share", self.concurrency))
         for index in range(1, self.concurrency + 1):
             self._due.put((index, 0.0))  # a no-op for slots that have a child
 
@@ -382,8 +383,8 @@ class ChildPool(Pool):
         n = min(n, self.concurrency - 1)
         self.concurrency -= n
         for child in list(self.children.values()):
-            if child.index > self.concurrency:
-                self._tell(child, ("stop",))
+            self._tell(child, ("stop",) if child.index > self.concurrency
+                       else ("share", self.concurrency))
 
 
 def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
@@ -446,7 +447,7 @@ class ChildWorker(Worker):
         self.index = index
         self.conn = conn
         self.slot = slot
-        self.rate_limits = RateLimits(share=parent.concurrency)
+        self.rate_limits = RateLimits(share=pool.concurrency)
         self.revoked = set(parent.revoked)
         self.lost = dict(parent.lost)
         self.siblings = [Slot(pool.table, i) for i in range(1, MAX_CHILDREN + 1)
@@ -560,3 +561,5 @@ class ChildWorker(Worker):
                 self.request_stop(WARM)
             elif kind == "lost":
                 self.lost[msg[1]] = (msg[2], msg[3])
+            elif kind == "share":
+                self.rate_limits.reshare(msg[1])

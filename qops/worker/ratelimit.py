@@ -62,6 +62,14 @@ class RateLimits:
         else:
             self.buckets[task_name] = TokenBucket(per_second / self.share)
 
+    def reshare(self, share: int) -> None:
+        """As many processes as ``share`` take the node's tasks now (the pool grew or
+        shrank): each bucket's rate becomes that share of the node's."""
+        share = max(1, share)
+        for bucket in self.buckets.values():
+            bucket.rate = bucket.rate * self.share / share
+        self.share = share
+
     def take(self, task_name: str) -> float:
         bucket = self.buckets.get(task_name)
         return 0.0 if bucket is None else bucket.take()

@@ -199,3 +199,22 @@ def test_a_child_that_cannot_connect_stops_the_start(amqp_url: str, tmp_path: Pa
         assert w.wait(20) == 74
     text = log(tmp_path)
     assert "qops: error: RabbitMQ at" in text and "refused access to vhost" in text
+
+
+def test_rate_limit_is_the_nodes_not_each_childs(setup, redis_url, tmp_path) -> None:
+    """Two children share a node's rate: 4/s for the node is 2/s each (a bucket holds
+    one token), so 10 tasks take at least 2 s; at 4/s each they would take about 1 s."""
+    tasks, broker, queue = setup
+    with node(broker, redis_url, queue, tmp_path):
+        assert "ok" in control(broker, "rate_limit", "proj.tasks.add", "4/s")
+        t0 = time.monotonic()
+        results = [tasks.add.apply_async((i, i), queue=queue) for i in range(10)]
+        assert [r.get(timeout=20) for r in results] == [2 * i for i in range(10)]
+        assert time.monotonic() - t0 >= 1.8
+        # after the pool grows, each of the three children has a third of the rate
+        assert "ok" in control(broker, "pool_grow", "1")
+        assert wait_until(lambda: len(pool_pids(broker)) == 3, timeout=10)
+        t0 = time.monotonic()
+        results = [tasks.add.apply_async((i, i), queue=queue) for i in range(11)]
+        assert [r.get(timeout=20) for r in results] == [2 * i for i in range(11)]
+        assert time.monotonic() - t0 >= 1.8

@@ -59,6 +59,7 @@ from qops.worker.pool import (
     _describe_status,
     child_process_setup,
     fork_child,
+    signal_child,
 )
 from qops.worker.ratelimit import RateLimits
 from qops.worker.worker import WARM, Worker
@@ -119,10 +120,12 @@ def lost_error(state: int, status: int | None) -> Exception:
 
 
 class _Child:
-    def __init__(self, index: int, pid: int, conn: Connection, slot: Slot) -> None:
+    def __init__(self, index: int, pid: int, conn: Connection, term: mmap.mmap,
+                 slot: Slot) -> None:
         self.index = index
         self.pid = pid
         self.conn = conn
+        self.term = term
         self.slot = slot
         self.born = time.monotonic()
         self.send_lock = threading.Lock()
@@ -185,8 +188,9 @@ class ChildPool(Pool):
                 return None
             slot = Slot(self.table, index)
             ppid = os.getpid()
-            pid, conn = fork_child(lambda c: _child_main(self, index, c, slot, ppid))
-            child = _Child(index, pid, conn, slot)
+            pid, conn, term = fork_child(
+                lambda c, t: _child_main(self, index, c, t, slot, ppid))
+            child = _Child(index, pid, conn, term, slot)
             with self._cond:
                 self.children[index] = child
             threading.Thread(target=self._keep, args=(child,), name=f"pool-{index}",
@@ -367,7 +371,7 @@ class ChildPool(Pool):
         for child in list(self.children.values()):
             state, _, _, _, _, running, _ = child.slot.read()
             if state == RUNNING and running == task_id:
-                _kill(child.pid, sig)
+                signal_child(child.pid, child.term, sig)
                 return True
         return False
 
@@ -419,10 +423,10 @@ def _kill(pid: int, sig: int) -> None:
 # -- in the child ---------------------------------------------------------------------------
 
 
-def _child_main(pool: ChildPool, index: int, conn: Connection, slot: Slot,
-                ppid: int) -> int:
+def _child_main(pool: ChildPool, index: int, conn: Connection, term: mmap.mmap,
+                slot: Slot, ppid: int) -> int:
     worker = pool.worker
-    if not child_process_setup(index, ppid, worker.child_init):
+    if not child_process_setup(index, ppid, term, worker.child_init):
         return 0
     for other in list(pool.children.values()):
         other.conn.close()  # the parent's ends of the siblings' pipes

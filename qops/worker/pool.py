@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import multiprocessing
 import os
 import queue
@@ -215,28 +216,45 @@ def _die_with_parent() -> None:
         pass
 
 
-def fork_child(main: Callable[[Connection], int]) -> tuple[int, Connection]:
-    """Fork a pool child that runs ``main`` with its end of a pipe and exits with the
-    code it returns (1 if it raises); returns the child's pid and our end."""
+def fork_child(main: Callable[[Connection, mmap.mmap], int]
+               ) -> tuple[int, Connection, mmap.mmap]:
+    """Fork a pool child that runs ``main`` with its end of a pipe and its TERM flag
+    (see signal_child) and exits with the code it returns (1 if it raises). Returns the
+    child's pid, our end of the pipe and the flag."""
     parent_conn, child_conn = Pipe()
+    term = mmap.mmap(-1, 1)  # shared with the child
     pid = os.fork()
     if pid == 0:  # child
         code = 1
         try:
             parent_conn.close()
-            code = main(child_conn)
+            code = main(child_conn, term)
         except BaseException:
             log.exception("pool process %d failed", os.getpid())
         finally:
             os._exit(code)
     child_conn.close()
-    return pid, parent_conn
+    return pid, parent_conn, term
+
+
+def signal_child(pid: int, term: mmap.mmap, sig: int) -> None:
+    """Send ``sig`` to a pool child (revoke --terminate). Children ignore a TERM that
+    was not meant for them alone (one sent to the whole process group, as systemd's
+    KillMode=control-group does, must not cut their tasks short); the flag tells them
+    that this one is."""
+    if sig == signal.SIGTERM:
+        term[0] = 1
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 class _Child:
-    def __init__(self, pid: int, conn: Connection) -> None:
+    def __init__(self, pid: int, conn: Connection, term: mmap.mmap) -> None:
         self.pid = pid
         self.conn = conn
+        self.term = term
         self.done = 0
 
 
@@ -251,9 +269,9 @@ class _Slot(threading.Thread):
 
     def spawn(self) -> None:
         ppid = os.getpid()
-        pid, parent_conn = fork_child(
-            lambda conn: _child_main(self.pool, self.index, conn, ppid))
-        self.child = _Child(pid, parent_conn)
+        pid, parent_conn, term = fork_child(
+            lambda conn, term: _child_main(self.pool, self.index, conn, term, ppid))
+        self.child = _Child(pid, parent_conn, term)
         if self.pool.on_child_start:
             self.pool.on_child_start(pid)
 
@@ -329,16 +347,23 @@ def _describe_status(status: int | None) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
-def child_process_setup(index: int, ppid: int,
+def child_process_setup(index: int, ppid: int, term: mmap.mmap,
                         child_init: Callable[[int], None] | None) -> bool:
     """First steps in a freshly forked pool child; False if the parent is gone already."""
     _die_with_parent()
     if os.getppid() != ppid:  # the parent died before prctl took effect
         return False
     # The parent decides about shutdown: a TERM or INT sent to the whole process group
-    # must not stop a task half-way (warm shutdown lets it finish).
+    # must not stop a task half-way (warm shutdown lets it finish). A TERM the parent
+    # sends to this child alone (signal_child) ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def on_term(signum: int, frame: Any) -> None:
+        if term[0]:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     from qops.ops.daemon import reopen_log_files
 
@@ -351,8 +376,9 @@ def child_process_setup(index: int, ppid: int,
     return True
 
 
-def _child_main(pool: PreforkPool, index: int, conn: Connection, ppid: int) -> int:
-    if not child_process_setup(index, ppid, pool.child_init):
+def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap,
+                ppid: int) -> int:
+    if not child_process_setup(index, ppid, term, pool.child_init):
         return 0
     done = 0
     limit = pool.max_tasks_per_child
@@ -406,7 +432,7 @@ class PreforkPool(Pool):
     def terminate_job(self, task_id: str, sig: int) -> bool:
         for s in self.slots:
             if s.job is not None and s.job["id"] == task_id and s.child is not None:
-                os.kill(s.child.pid, sig)
+                signal_child(s.child.pid, s.child.term, sig)
                 return True
         return False
 

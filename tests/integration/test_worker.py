@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qops.errors import TimeLimitExceeded
+from qops.errors import TaskRevokedError, TimeLimitExceeded
 from qops.transports.base import Message
-from tests.helpers import WorkerProcess, qops_env, wait_until
+from tests.helpers import WorkerProcess, qops_env, run_qops, wait_until
 
 
 @pytest.fixture(params=["sqlite", "redis", "amqp"])
@@ -155,3 +155,17 @@ def test_countdown_expires_and_time_limits(proj, urls, tmp_path) -> None:
             killed.get(timeout=10)
         assert proj.add.delay(3, 4).get(timeout=10) == 7  # the pool replaced its child
 
+
+
+def test_revoke_terminate_ends_the_running_task(proj, urls, tmp_path) -> None:
+    """``control revoke --terminate`` (TERM by default) ends the pool process running the
+    task, although pool children ignore a TERM sent to the whole process group."""
+    with worker(urls, tmp_path, "-c", "1"):
+        before = proj.pid.delay().get(timeout=20)
+        res = proj.sleep.delay(30)
+        assert wait_until(lambda: res.state == "STARTED", timeout=10)
+        r = run_qops("-b", urls[0], "control", "revoke", res.id, "--terminate")
+        assert r.returncode == 0, r.stdout + r.stderr
+        with pytest.raises(TaskRevokedError):
+            res.get(timeout=20)
+        assert proj.pid.delay().get(timeout=20) != before  # a new pool process

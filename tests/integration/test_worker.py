@@ -169,3 +169,11 @@ def test_revoke_terminate_ends_the_running_task(proj, urls, tmp_path) -> None:
         with pytest.raises(TaskRevokedError):
             res.get(timeout=20)
         assert proj.pid.delay().get(timeout=20) != before  # a new pool process
+
+
+def test_max_tasks_per_child_replaces_the_pool_process(proj, urls, tmp_path) -> None:
+    with worker(urls, tmp_path, "-c", "1", "--max-tasks-per-child", "2"):
+        pids = [proj.pid.delay().get(timeout=20) for _ in range(6)]
+    # one process per two tasks, each replaced after its second
+    assert [len(set(pids[i:i + 2])) for i in range(0, 6, 2)] == [1, 1, 1], pids
+    assert len(set(pids)) == 3, pids

@@ -1543,7 +1543,7 @@ class _AMQPConsumer(Consumer):
                         self._connect()
                         link = self._link
                         assert link is not None
-                    if self._buffer and self._room() and self._may_wait():
+                    if self._buffer and self._hand_out_now():
                         return self._delivery(self._buffer.popleft())
                     if self._run_ops() and self._buffer:
                         # send the settlements now, not when the buffer runs dry: they
@@ -1571,13 +1571,6 @@ class _AMQPConsumer(Consumer):
                     if time.monotonic() >= deadline:
                         return None
 
-    def _may_wait(self) -> bool:
-        """Whether the settlements and changes made so far can wait for the next get()
-        (fewer than ``ack_batch`` settlements, nothing else)."""
-        with self._lock:
-            return (len(self._acks) + len(self._nacks) < self.ack_batch
-                    and not self._ops and not self._qos_due)
-
     def keepalive(self) -> None:
         """Pump the connection once (AMQP heartbeats, settlements) unless the owner has
         it; deliveries that arrive are buffered for the owner's next get()."""
@@ -1604,7 +1597,18 @@ class _AMQPConsumer(Consumer):
         """Fewer than ``prefetch`` deliveries handed out and not settled (exempt ones
         apart). The broker's window sees to it already; this is the guarantee."""
         with self._lock:
-            return len(self._held) - len(self._buffer) - len(self._exempt) < self.prefetch
+            return self._room_locked()
+
+    def _room_locked(self) -> bool:
+        return len(self._held) - len(self._buffer) - len(self._exempt) < self.prefetch
+
+    def _hand_out_now(self) -> bool:
+        """There is room, and what was settled or changed since the last write can wait
+        for the next get() (fewer than ``ack_batch`` settlements, no queue or window
+        change). One lock: this is asked for every delivery."""
+        with self._lock:
+            return (self._room_locked() and len(self._acks) + len(self._nacks) < self.ack_batch
+                    and not self._ops and not self._qos_due)
 
     def held(self, queue: str) -> int:
         with self._lock:

@@ -47,7 +47,7 @@ import threading
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qops import errors
 from qops.backends.base import FAILURE
@@ -104,11 +104,22 @@ class Slot:
         self.FORMAT.pack_into(self.table, self.offset, state, 0.0, 0.0, old[3],
                               -1 if status is None else status, *old[5:])
 
-    def read(self) -> tuple[int, float, float, int, int | None, str, str]:
+    def read(self) -> SlotView:
         state, started, deadline, done, status, n, tid, m, name = \
             self.FORMAT.unpack_from(self.table, self.offset)
-        return (state, started, deadline, done, None if status < 0 else status,
-                tid[:n].decode("utf-8", "replace"), name[:m].decode("utf-8", "replace"))
+        return SlotView(state, started, deadline, done, None if status < 0 else status,
+                        tid[:n].decode("utf-8", "replace"),
+                        name[:m].decode("utf-8", "replace"))
+
+
+class SlotView(NamedTuple):
+    state: int
+    started: float
+    deadline: float
+    done: int
+    status: int | None  # wait status of a dead child
+    task_id: str
+    name: str
 
 
 def lost_error(state: int, status: int | None) -> Exception:
@@ -245,16 +256,16 @@ class ChildPool(Pool):
 
     def _lost(self, child: _Child, status: int | None) -> None:
         """A child died: decide about the task it was running (see the module doc)."""
-        state, _, _, done, _, task_id, name = child.slot.read()
-        if state != RUNNING:
+        view = child.slot.read()
+        if view.state != RUNNING:
             return
-        worker = self.worker
+        worker, task_id, name = self.worker, view.task_id, view.name
         task = worker.app.tasks.get(name)
         verdict = TIMED_OUT if child.killed else LOST
         exc = lost_error(verdict, status)
         if verdict == LOST and task is not None and worker.requeue_when_lost(task):
             log.error("Task %s[%s]: %s; RabbitMQ delivers it again", name, task_id, exc)
-            child.slot.end(done)
+            child.slot.end(view.done)
             return
         log.error("Task %s[%s] failed: %s", name, task_id, exc)
         worker.lost[task_id] = (verdict, status)
@@ -295,13 +306,14 @@ class ChildPool(Pool):
 
     def _enforce_hard_limits(self, now: float) -> None:
         for child in list(self.children.values()):
-            state, _, deadline, _, _, task_id, name = child.slot.read()
-            if state != RUNNING or not deadline or now < deadline or child.killed:
+            view = child.slot.read()
+            if view.state != RUNNING or not view.deadline or now < view.deadline \
+                    or child.killed:
                 continue
             child.killed = True
             log.error("Task %s[%s] did not stop at its hard time limit: killing pool "
-                      "process %d", name, task_id, child.pid)
-            _kill(child.pid, signal.SIGKILL)
+                      "process %d", view.name, view.task_id, child.pid)
+            signal_child(child.pid, child.term, signal.SIGKILL)
 
     def _wait_gone(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -322,7 +334,7 @@ class ChildPool(Pool):
         """Cold: kill the children; RabbitMQ requeues whatever they held."""
         self._stopping.set()
         for child in list(self.children.values()):
-            _kill(child.pid, signal.SIGKILL)
+            signal_child(child.pid, child.term, signal.SIGKILL)
         self._wait_gone(10.0)
 
     # -- talking to the children --------------------------------------------------------------
@@ -362,15 +374,15 @@ class ChildPool(Pool):
         return [c.pid for c in list(self.children.values())]
 
     def busy(self) -> int:
-        return sum(1 for c in list(self.children.values()) if c.slot.read()[0] == RUNNING)
+        return sum(1 for c in list(self.children.values()) if c.slot.read().state == RUNNING)
 
     def processed_elsewhere(self) -> int:
-        return sum(c.slot.read()[3] for c in list(self.children.values()) if not c.retired)
+        return sum(c.slot.read().done for c in list(self.children.values()) if not c.retired)
 
     def terminate_job(self, task_id: str, sig: int) -> bool:
         for child in list(self.children.values()):
-            state, _, _, _, _, running, _ = child.slot.read()
-            if state == RUNNING and running == task_id:
+            view = child.slot.read()
+            if view.state == RUNNING and view.task_id == task_id:
                 signal_child(child.pid, child.term, sig)
                 return True
         return False
@@ -411,13 +423,6 @@ def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
             total.update(reply.get("total", {}))
         return {**mine, "total": dict(total)}
     return mine
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 # -- in the child ---------------------------------------------------------------------------
@@ -522,12 +527,12 @@ class ChildWorker(Worker):
         while task_id not in self.lost and time.monotonic() < deadline:
             running = False
             for slot in self.siblings:
-                state, *_, status, tid, _ = slot.read()
-                if tid != task_id:
+                view = slot.read()
+                if view.task_id != task_id:
                     continue
-                if state in (LOST, TIMED_OUT):
-                    self.lost[task_id] = (state, status)
-                running = running or state == RUNNING
+                if view.state in (LOST, TIMED_OUT):
+                    self.lost[task_id] = (view.state, view.status)
+                running = running or view.state == RUNNING
             if not running:
                 break
             time.sleep(0.02)

@@ -280,10 +280,7 @@ class _Slot(threading.Thread):
         if child is None:
             return None
         if kill:
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_child(child.pid, child.term, signal.SIGKILL)
         child.conn.close()
         try:
             _, status = os.waitpid(child.pid, 0)

@@ -103,7 +103,8 @@ class Worker:
         self.apply_rate_limits()
         self.connect()
         self.start_pool()
-        self.timer.start()
+        if not self.split:  # pool children run their own timers
+            self.timer.start()
         self.start_control()
         self.start_heartbeat()
         log.info("%s ready.", self.hostname)
@@ -225,16 +226,13 @@ class Worker:
         children started later consume it."""
         if self.consumer is not None:
             self.consumer.add_queue(queue)
-            self.queues = self.consumer.queues
-        elif queue not in self.queues:
+        if queue not in self.queues:
             self.queues = [*self.queues, queue]
 
     def cancel_queue(self, queue: str) -> None:
         if self.consumer is not None:
             self.consumer.cancel_queue(queue)
-            self.queues = self.consumer.queues
-        else:
-            self.queues = [q for q in self.queues if q != queue]
+        self.queues = [q for q in self.queues if q != queue]
 
     def acks_late_for(self, name: str) -> bool:
         task = self.app.tasks.get(name)

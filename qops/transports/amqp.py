@@ -727,8 +727,9 @@ class AMQPTransport(Transport):
     def connect(self, purpose: str) -> Any:
         """A new BlockingConnection, or BrokerUnreachable saying what to fix."""
         safe = self.safe_url()
+        params = self._connection_parameters(purpose)
         try:
-            return _fast_frames(pika.BlockingConnection(self._connection_parameters(purpose)))
+            return _fast_frames(pika.BlockingConnection(params))
         except pex.ProbableAuthenticationError:
             raise BrokerUnreachable(
                 f"RabbitMQ at {safe} refused the login of user {self.params.user!r}: "
@@ -740,7 +741,9 @@ class AMQPTransport(Transport):
                 f"create it with `rabbitmqctl add_vhost {vhost}` and grant access with "
                 f"`rabbitmqctl set_permissions -p {vhost} {self.params.user} "
                 "'.*' '.*' '.*'`") from None
-        except (pex.AMQPError, OSError) as exc:
+        except (pex.AMQPError, OSError, ValueError) as exc:
+            # ValueError: pika's check that the socket it just connected is still
+            # connected ("getpeername() failed"), when the broker dropped it at once
             raise BrokerUnreachable(
                 f"cannot connect to RabbitMQ at {safe} ({_reason(exc)}): check that it is "
                 "running (rabbitmq-server -detached) and the host and port in the broker "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qops.errors import EX_FAILURE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, UsageError
-from qops.transports.base import Message
+from qops.protocol import Message
 
 if TYPE_CHECKING:
     from qops.app import App

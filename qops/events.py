@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from qops.transports.base import Message
+from qops.protocol import Message
 
 if TYPE_CHECKING:
     from qops.app import App

@@ -40,7 +40,8 @@ from typing import Any
 from qops import protocol
 from qops.backends.base import READY_STATES, SUCCESS, ResultBackend
 from qops.errors import QopsError, UsageError
-from qops.transports.base import Consumer, Delivery, Message, Transport
+from qops.protocol import Message
+from qops.transports.base import Consumer, Delivery, Transport
 
 log = logging.getLogger(__name__)
 

@@ -69,14 +69,13 @@ import pika.frame
 import pika.spec
 
 from qops.errors import BrokerUnreachable, PublishError, QopsError, UsageError
+from qops.protocol import JSON, Message
 from qops.transports.base import (
-    JSON,
     REPLY_ONLY,
     REPLY_PREFETCH,
     Consumer,
     DeadLetter,
     Delivery,
-    Message,
     QueueStats,
     Subscription,
     Transport,

@@ -25,39 +25,15 @@ called from any thread. ``Subscription.get`` is called from one thread.
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qops.errors import PublishError, UsageError
-
-JSON = "application/json"
-
-
-@dataclass
-class Message:
-    """A message as qops sees it on every transport (Celery's shape: headers, properties, body).
-
-    ``properties["priority"]`` is in qops's scale on every transport: 0..9, **9 runs
-    first**, None/absent = unset. Each transport maps it to its wire form (Redis: the
-    kombu step lists, where step 0 is served first, so wire step = 9 - p floored to
-    0/3/6/9 and unset goes to the base list; AMQP: as is, with ``x-max-priority``).
-    """
-
-    body: bytes
-    headers: dict[str, Any] = field(default_factory=dict)
-    properties: dict[str, Any] = field(default_factory=dict)
-    content_type: str = JSON
-    content_encoding: str = "utf-8"
-
-    @property
-    def priority(self) -> int:
-        return int(self.properties.get("priority") or 0)
+from qops.protocol import Message
 
 
 @dataclass
@@ -380,57 +356,6 @@ def mask_password(url: str) -> str:
     creds, _, hostpart = netloc.rpartition("@")
     user = creds.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:**@{hostpart}"))
-
-
-def encode_envelope(queue: str, message: Message, exchange: str = "") -> bytes:
-    """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded."""
-    props = dict(message.properties)
-    props.setdefault("delivery_mode", 2)
-    props.setdefault("priority", 0)
-    props["body_encoding"] = "base64"
-    props["delivery_info"] = {"exchange": exchange, "routing_key": queue}
-    if "delivery_tag" not in props:
-        import uuid
-
-        props["delivery_tag"] = str(uuid.uuid4())
-    env = {
-        "body": base64.b64encode(message.body).decode("ascii"),
-        "content-encoding": message.content_encoding,
-        "content-type": message.content_type,
-        "headers": message.headers,
-        "properties": props,
-    }
-    return json.dumps(env, separators=(",", ":")).encode()
-
-
-def decode_envelope(raw: bytes | str) -> Message:
-    """Parse a kombu JSON envelope. Raises ValueError with a reason when it is not one."""
-    try:
-        env = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"invalid JSON envelope: {exc}") from None
-    if not isinstance(env, dict) or "body" not in env:
-        raise ValueError("envelope is not an object with a 'body'")
-    props = env.get("properties") or {}
-    if not isinstance(props, dict):
-        raise ValueError("envelope 'properties' is not an object")
-    body = env["body"]
-    if props.get("body_encoding") == "base64":
-        try:
-            data = base64.b64decode(body, validate=True)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"invalid base64 body: {exc}") from None
-    elif isinstance(body, str):
-        data = body.encode("utf-8")
-    else:
-        raise ValueError("envelope body is not a string")
-    headers = env.get("headers") or {}
-    if not isinstance(headers, dict):
-        raise ValueError("envelope 'headers' is not an object")
-    props = {k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")}
-    return Message(body=data, headers=headers, properties=props,
-                   content_type=env.get("content-type") or JSON,
-                   content_encoding=env.get("content-encoding") or "utf-8")
 
 
 def topic_matches(pattern: str | None, key: str | None) -> bool:

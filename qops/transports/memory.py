@@ -14,19 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qops.errors import UsageError
+from qops.protocol import Message, decode_envelope, encode_envelope
 from qops.transports.base import (
     REPLY_ONLY,
     REPLY_PREFETCH,
     Consumer,
     DeadLetter,
     Delivery,
-    Message,
     QueueStats,
     Subscription,
     Transport,
     TransportOptions,
-    decode_envelope,
-    encode_envelope,
     topic_matches,
 )
 

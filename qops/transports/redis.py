@@ -70,21 +70,19 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.protocol import Message, decode_envelope, encode_envelope
 from qops.transports.base import (
     REPLY_PREFETCH,
     REPLY_TTL,
     Consumer,
     DeadLetter,
     Delivery,
-    Message,
     PrefetchGate,
     QueueStats,
     ReplyOnly,
     Subscription,
     Transport,
     TransportOptions,
-    decode_envelope,
-    encode_envelope,
     topic_matches,
 )
 

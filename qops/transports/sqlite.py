@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.protocol import Message, decode_envelope, encode_envelope
 from qops.transports.base import (
     REPLY_PREFETCH,
     REPLY_TTL,
@@ -35,14 +36,11 @@ from qops.transports.base import (
     Consumer,
     DeadLetter,
     Delivery,
-    Message,
     QueueStats,
     ReplyOnly,
     Subscription,
     Transport,
     TransportOptions,
-    decode_envelope,
-    encode_envelope,
     topic_matches,
 )
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qops.control import reply_queue_name
-from qops.transports.base import Message
+from qops.protocol import Message
 
 if TYPE_CHECKING:
     from qops.worker.worker import Worker

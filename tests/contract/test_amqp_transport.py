@@ -14,8 +14,9 @@ import pika
 import pytest
 
 from qops.errors import BrokerUnreachable, PublishError
+from qops.protocol import Message
 from qops.transports.amqp import AMQPTransport, parse_url
-from qops.transports.base import Message, TransportOptions
+from qops.transports.base import TransportOptions
 
 pytestmark = pytest.mark.amqp
 

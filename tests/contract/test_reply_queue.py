@@ -10,7 +10,8 @@ import uuid
 import pytest
 
 from qops.errors import UsageError
-from qops.transports.base import Message, Transport, from_url
+from qops.protocol import Message
+from qops.transports.base import Transport, from_url
 from tests.contract import FAST
 from tests.helpers import drain
 

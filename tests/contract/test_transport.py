@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from qops.errors import PublishError
-from qops.transports.base import Message, Transport, from_url
+from qops.protocol import Message
+from qops.transports.base import Transport, from_url
 from tests.contract import FAST
 from tests.helpers import drain
 

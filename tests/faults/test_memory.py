@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from qops import protocol
-from qops.transports.base import encode_envelope
+from qops.protocol import encode_envelope
 from tests.faults.conftest import Broker, rss_kb
 from tests.helpers import wait_until
 

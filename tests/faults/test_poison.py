@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from qops.errors import NotRegistered
-from qops.transports.base import Message
+from qops.protocol import Message
 from tests.faults.conftest import Broker
 from tests.helpers import qops_env, run_qops, wait_until
 
@@ -239,7 +239,7 @@ def test_worker_survives_a_failing_dead_letter_store(app, broker, workers, queue
 
 def test_envelope_helper_is_valid_for_good_base64() -> None:
     """(Self-check of ``envelope``: with a real base64 body it is a valid envelope.)"""
-    from qops.transports.base import decode_envelope
+    from qops.protocol import decode_envelope
 
     body = base64.b64encode(b"[[1, 2], {}, {}]").decode()
     msg = decode_envelope(envelope(body, task="proj.tasks.add", id="x"))

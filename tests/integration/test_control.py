@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qops.transports.base import Message
+from qops.protocol import Message
 from tests.helpers import WorkerProcess, run_qops, wait_until
 
 W1, W2 = "w1@ctl.test", "w2@ctl.test"

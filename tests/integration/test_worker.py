@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qops.errors import TaskRevokedError, TimeLimitExceeded
-from qops.transports.base import Message
+from qops.protocol import Message
 from tests.helpers import WorkerProcess, qops_env, run_qops, wait_until
 
 

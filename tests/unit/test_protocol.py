@@ -9,7 +9,7 @@ import pytest
 
 from qops import protocol
 from qops.errors import NotRegistered, ProtocolError
-from qops.transports.base import Message, decode_envelope, encode_envelope
+from qops.protocol import Message, decode_envelope, encode_envelope
 
 
 def test_build_has_every_v2_header() -> None:

@@ -13,7 +13,8 @@ import time
 import pytest
 import redis
 
-from qops.transports.base import Message, from_url, topic_matches
+from qops.protocol import Message
+from qops.transports.base import from_url, topic_matches
 from qops.transports.redis import RedisTransport, topic_glob
 from tests.contract import FAST
 from tests.contract.on_redis import SEP

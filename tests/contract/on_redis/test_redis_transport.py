@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from qops.errors import BrokerUnreachable, UsageError
-from qops.transports.base import Message, TransportOptions, from_url
+from qops.protocol import Message
+from qops.transports.base import TransportOptions, from_url
 from qops.transports.redis import RedisConsumer, RedisTransport, split_url
 from tests.contract import FAST
 from tests.contract.on_redis import SEP

@@ -1,4 +1,4 @@
-"""App: settings, the task registry, routing and sending, and finding the app for -A."""
+"""App: settings, the task registry, routing and sending (finding the app for -A: loading.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import datetime as dt
 import fnmatch
 import importlib
 import os
-import sys
 import threading
 import traceback as tb_mod
 from collections.abc import Callable, Iterable
@@ -14,10 +13,10 @@ from typing import Any
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
-from qops.errors import AppNotFound, ConfigError, NoResultBackend, UsageError
+from qops.errors import ConfigError, NoResultBackend, UsageError
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
-from qops.task import Context, Signature, Task
+from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
 
 # Names on the wire for each compatibility preset (PROTOCOL.md).
@@ -69,8 +68,8 @@ class App:
         self._backend: ResultBackend | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        from qops.beat import Signal
         from qops.canvas import register_builtins
+        from qops.signals import Signal
 
         self.on_after_configure = Signal("on_after_configure")
         self.on_after_finalize = Signal("on_after_finalize")
@@ -307,7 +306,7 @@ class App:
     def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
         sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
         options = {k: v for k, v in sig.options.items()
-                   if k in _SEND_KEYS}
+                   if k in SEND_OPTIONS or k in INTERNAL_SEND_OPTIONS}
         options.update(extra)
         return self.send_task(sig.name, sig.args, sig.kwargs, task=self.tasks.get(sig.name),
                               **options)
@@ -354,86 +353,9 @@ class App:
         return stack[-1] if stack else None
 
 
-_SEND_KEYS = {"countdown", "eta", "expires", "queue", "priority", "task_id", "link",
-              "link_error", "time_limit", "soft_time_limit", "ignore_result", "shadow",
-              "parent_id", "root_id", "chain", "group", "group_index", "chord", "retries",
-              "reply_to"}
-
-
 def _sig_list(value: Any) -> list[dict[str, Any]] | None:
     if value is None:
         return None
     if isinstance(value, dict):
         return [dict(value)]
     return [dict(v) for v in value]
-
-
-# -- finding the app for -A ------------------------------------------------------------------
-
-
-def load_app(spec: str) -> App:
-    """Resolve ``-A``: ``module:attr``, ``module.attr``, then ``app``/``qops``/``celery``
-    attributes, then any App in the module, then submodules ``module.qops`` /
-    ``module.celery``. The error says everything that was tried."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    tried: list[str] = []
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        module = _import(module_name, tried)
-        if module is not None:
-            found = _attr_path(module, attr)
-            if isinstance(found, App):
-                return found
-            tried.append(f"{spec} (no App at {attr!r})")
-        raise AppNotFound(f"cannot load app {spec!r}: tried {'; '.join(tried)}")
-    module = _import(spec, tried, quiet_missing=True)
-    if module is None and "." in spec:
-        parent_name, _, attr = spec.rpartition(".")
-        parent = _import(parent_name, tried)
-        if parent is not None:
-            found = getattr(parent, attr, None)
-            if isinstance(found, App):
-                return found
-            tried.append(f"{parent_name}.{attr} (not an App)")
-    if module is not None:
-        app = _find_in_module(module, tried)
-        if app is not None:
-            return app
-        for sub in ("qops", "celery"):
-            submodule = _import(f"{spec}.{sub}", tried, quiet_missing=True)
-            if submodule is not None:
-                app = _find_in_module(submodule, tried)
-                if app is not None:
-                    return app
-    raise AppNotFound(f"cannot find a qops App for -A {spec!r}: tried {'; '.join(tried)}")
-
-
-def _import(name: str, tried: list[str], quiet_missing: bool = False) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name and name.startswith(exc.name):
-            tried.append(f"import {name} (no such module)")
-            return None
-        raise AppNotFound(f"importing {name!r} failed: {exc}") from exc
-    except Exception as exc:  # the user's module raised while importing
-        raise AppNotFound(f"importing {name!r} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _attr_path(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
-def _find_in_module(module: Any, tried: list[str]) -> App | None:
-    for attr in ("app", "qops", "celery"):
-        found = getattr(module, attr, None)
-        if isinstance(found, App):
-            return found
-    apps = [v for v in vars(module).values() if isinstance(v, App)]
-    if apps:
-        return apps[0]
-    tried.append(f"{module.__name__} (attributes app/qops/celery and any App: none)")
-    return None

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from qops.errors import ConfigError, UsageError
 from qops.schedules import BaseSchedule, get_tz, parse_schedule, utcnow
+from qops.signals import fire_app_hooks
+from qops.task import SEND_OPTIONS
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -61,57 +63,9 @@ STATE_FORMAT = "qops-beat-schedule"
 STATE_VERSION = 1
 
 ENTRY_KEYS = {"task", "schedule", "args", "kwargs", "options", "relative"}
-#: sending options an entry may carry (app.send_task's keywords)
-SEND_OPTIONS = {"queue", "priority", "expires", "countdown", "time_limit",
-                "soft_time_limit", "ignore_result", "link", "link_error", "shadow"}
-
-
-# -- hooks the App exposes: app.on_after_configure / app.on_after_finalize ---------------
-
-
-class Signal:
-    """A list of receivers: ``@app.on_after_configure.connect`` as in Celery.
-
-    Receivers are called as ``fn(sender=app, **kwargs)``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.receivers: list[Callable[..., Any]] = []
-
-    def connect(self, fn: Callable[..., Any] | None = None, **_options: Any) -> Any:
-        """Use as ``@signal.connect`` or ``@signal.connect(weak=False)``."""
-        if fn is None:
-            return lambda f: self.connect(f)
-        if fn not in self.receivers:
-            self.receivers.append(fn)
-        return fn
-
-    def disconnect(self, fn: Callable[..., Any]) -> None:
-        if fn in self.receivers:
-            self.receivers.remove(fn)
-
-    def send(self, sender: Any, **kwargs: Any) -> list[tuple[Callable[..., Any], Any]]:
-        return [(fn, fn(sender=sender, **kwargs)) for fn in list(self.receivers)]
-
-    def __repr__(self) -> str:
-        return f"<Signal {self.name}: {len(self.receivers)} receiver(s)>"
-
-
-HOOKS = ("on_after_configure", "on_after_finalize")
-_called: weakref.WeakKeyDictionary[Any, list[Callable[..., Any]]] = weakref.WeakKeyDictionary()
-
-
-def fire_app_hooks(app: App) -> None:
-    """Call the app's ``on_after_configure`` then ``on_after_finalize`` receivers (they
-    usually call ``add_periodic_task``); each receiver once per app, so a receiver
-    connected later is still called the next time."""
-    called = _called.setdefault(app, [])
-    for name in HOOKS:
-        hook = getattr(app, name, None)
-        for fn in list(getattr(hook, "receivers", None) or []):
-            if not any(fn is c for c in called):
-                called.append(fn)
-                fn(sender=app)
+#: sending options an entry may carry: apply_async's, less the two that would make every
+#: periodic send the same message (one fixed task id, one fixed moment)
+ENTRY_OPTIONS = SEND_OPTIONS - {"task_id", "eta"}
 
 
 # -- add_periodic_task ---------------------------------------------------------------------
@@ -208,7 +162,7 @@ def _send_options(where: str, options: Any) -> dict[str, Any]:
         raise ConfigError(f"{where}: 'options' must be a mapping, not {options!r}")
     out: dict[str, Any] = {}
     for key, value in options.items():
-        if key in SEND_OPTIONS:
+        if key in ENTRY_OPTIONS:
             out[key] = value
         elif key == "routing_key":
             out.setdefault("queue", value)  # a direct route: the queue's name
@@ -216,7 +170,7 @@ def _send_options(where: str, options: Any) -> dict[str, Any]:
             log.warning("%s: option %r is not supported by qops; ignored", where, key)
         else:
             raise ConfigError(f"{where}: unknown option {key!r}; use "
-                              f"{', '.join(sorted(SEND_OPTIONS))}")
+                              f"{', '.join(sorted(ENTRY_OPTIONS))}")
     for key, kind in (("priority", int), ("countdown", float), ("time_limit", float),
                       ("soft_time_limit", float), ("expires", float)):
         value = out.get(key)

@@ -56,6 +56,10 @@ class PartialReply(QopsError):
     exit_code = EX_TEMPFAIL
 
 
+class QueueNotFound(QopsError):
+    """A queue named with -Q does not exist on the broker."""
+
+
 class PidfileLocked(QopsError):
     exit_code = EX_CANTCREAT
 

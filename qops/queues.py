@@ -7,15 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qops.errors import QopsError
+from qops.errors import QueueNotFound
 from qops.transports.base import QueueStats
 
 if TYPE_CHECKING:
     from qops.app import App
-
-
-class QueueNotFound(QopsError):
-    """A queue named with -Q does not exist on the broker."""
 
 
 def configured_queues(app: App) -> set[str]:

@@ -16,9 +16,15 @@ if TYPE_CHECKING:
     from qops.app import App
     from qops.result import AsyncResult
 
-# apply_async options that travel in a signature's "options"
-SEND_OPTIONS = ("countdown", "eta", "expires", "queue", "priority", "task_id", "link",
-                "link_error", "time_limit", "soft_time_limit", "ignore_result", "shadow")
+#: the sending options a user gives apply_async, and that travel in a signature's
+#: "options" (the one list: App.send_signature and beat entries take theirs from here)
+SEND_OPTIONS = frozenset({
+    "countdown", "eta", "expires", "queue", "priority", "task_id", "link", "link_error",
+    "time_limit", "soft_time_limit", "ignore_result", "shadow"})
+#: what the worker and the canvas add when they send on a user's behalf (retries, chain
+#: and chord links, the workflow ids, the rpc reply queue)
+INTERNAL_SEND_OPTIONS = frozenset({
+    "parent_id", "root_id", "chain", "group", "group_index", "chord", "retries", "reply_to"})
 
 
 class Context:

@@ -130,7 +130,7 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
 
 
 def _load(spec: str) -> Any:
-    from qops.app import load_app
+    from qops.loading import load_app
 
     app = load_app(spec)
     app.import_modules()

@@ -61,7 +61,8 @@ class Globals:
     def load_app(self, *, required: bool = False, import_tasks: bool = False) -> Any:
         """The App for this command. Broker-only commands pass ``required=False`` and get
         a bare App unless ``-A`` (or QOPS_APP / ``app:`` in the config file) names one."""
-        from qops.app import App, load_app
+        from qops.app import App
+        from qops.loading import load_app
         from qops.settings import find_config_file, read_yaml
 
         spec = self.app or os.environ.get("QOPS_APP")

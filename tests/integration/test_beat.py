@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from qops import App, protocol
-from qops.beat import Beat, EmbeddedBeat, Signal, add_periodic_task, collect_entries
+from qops.beat import Beat, EmbeddedBeat, add_periodic_task, collect_entries
 from qops.errors import ConfigError
 from qops.schedules import crontab, interval
+from qops.signals import Signal
 from qops.transports.base import Transport
 from tests.helpers import ROOT, qops_env, wait_until
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from qops import App
-from qops.app import load_app
 from qops.errors import AppNotFound, NoResultBackend
+from qops.loading import load_app
 
 
 def _pkg(tmp_path: Path, name: str, files: dict[str, str]) -> None:

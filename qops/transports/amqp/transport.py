@@ -56,12 +56,10 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from struct import Struct
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pika
 import pika.exceptions as pex
@@ -70,6 +68,7 @@ import pika.spec
 
 from qops.errors import BrokerUnreachable, PublishError, QopsError, UsageError
 from qops.protocol import JSON, Message
+from qops.transports.amqp.url import parse_url
 from qops.transports.base import (
     REPLY_ONLY,
     REPLY_PREFETCH,
@@ -80,14 +79,9 @@ from qops.transports.base import (
     Subscription,
     Transport,
     TransportOptions,
-    mask_password,
 )
 
 log = logging.getLogger(__name__)
-
-DEAD_LETTER_QUEUE = "qops.dlq"
-DEFAULT_HEARTBEAT = 60
-DEFAULT_BLOCKED_TIMEOUT = 60.0
 
 #: headers qops adds to a dead-lettered message; stripped again when it is requeued
 DL_QUEUE = "x-qops-queue"
@@ -140,55 +134,6 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 T = TypeVar("T")
-
-
-# -- URL ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AMQPParams:
-    host: str
-    port: int
-    vhost: str
-    user: str
-    password: str
-    tls: bool
-    heartbeat: int
-    dead_letter_queue: str
-    blocked_connection_timeout: float
-
-
-def parse_url(url: str) -> AMQPParams:
-    """Split an ``amqp://`` URL the way kombu does: ``/x`` is vhost ``x``; an empty
-    path, ``/`` or ``//`` is vhost ``/``; every part is percent-decoded."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise UsageError(f"bad broker URL {mask_password(url)!r}: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("amqp", "amqps", "pyamqp"):
-        raise UsageError(f"not an AMQP URL: {mask_password(url)!r}")
-    path = parts.path
-    vhost = "/" if path in ("", "/") else unquote(path[1:])
-    query = dict(parse_qsl(parts.query))
-    try:
-        heartbeat = int(query.get("heartbeat", DEFAULT_HEARTBEAT))
-        blocked = float(query.get("blocked_connection_timeout", DEFAULT_BLOCKED_TIMEOUT))
-    except ValueError as exc:
-        raise UsageError(f"bad option in broker URL {mask_password(url)!r}: {exc}") from None
-    tls = scheme == "amqps"
-    return AMQPParams(
-        host=parts.hostname or "localhost",
-        port=port or (5671 if tls else 5672),
-        vhost=vhost,
-        user=unquote(parts.username) if parts.username is not None else "guest",
-        password=unquote(parts.password) if parts.password is not None else "guest",
-        tls=tls,
-        heartbeat=max(0, heartbeat),
-        dead_letter_queue=query.get("dead_letter_queue") or DEAD_LETTER_QUEUE,
-        blocked_connection_timeout=blocked,
-    )
 
 
 # -- header values --------------------------------------------------------------------

@@ -4,7 +4,8 @@
 transport class and the names other modules and tests import from here.
 """
 
-from qops.transports.amqp.transport import AMQPTransport, decode_frame
+from qops.transports.amqp.frames import decode_frame
+from qops.transports.amqp.transport import AMQPTransport
 from qops.transports.amqp.url import DEAD_LETTER_QUEUE, AMQPParams, parse_url
 
 __all__ = ["DEAD_LETTER_QUEUE", "AMQPParams", "AMQPTransport", "decode_frame", "parse_url"]

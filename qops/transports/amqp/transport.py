@@ -65,7 +65,6 @@ from qops.transports.amqp.consumer import _AMQPConsumer
 from qops.transports.amqp.link import (
     LINK_ERRORS,
     NOT_FOUND,
-    PRECONDITION_FAILED,
     RESOURCE_LOCKED,
     _channel_error,
     _close_channel,
@@ -73,6 +72,7 @@ from qops.transports.amqp.link import (
     _reason,
     open_connection,
 )
+from qops.transports.amqp.presence import _Presence
 from qops.transports.amqp.props import _amqp_table, _basic_properties, _expiration
 from qops.transports.amqp.subscription import _AMQPSubscription
 from qops.transports.amqp.url import parse_url
@@ -95,15 +95,6 @@ DL_TIME = "x-qops-time"  # int, milliseconds since the epoch (pika can't encode 
 DL_EXPIRATION = "x-qops-expiration"  # the original per-message TTL, parked (see below)
 DL_MESSAGE_ID = "x-qops-message-id"  # the original message_id, parked
 DL_PREFIX = "x-qops-"
-
-#: the live-node registry: each live node holds one consumer on this queue, on a
-#: connection of its own, and ``live_nodes()`` reads its consumer count (RabbitMQ can't
-#: list queues or connections without the management plugin). Nothing is ever
-#: published to it. Not durable, not auto-delete (an auto-delete queue vanishes when
-#: its last consumer leaves, and a node declaring it just then would get a 404 on its
-#: basic.consume); ``x-expires`` removes it a minute after the last node went away.
-PRESENCE_QUEUE = "qops.nodes"
-PRESENCE_ARGS = {"x-expires": 60000}
 
 T = TypeVar("T")
 
@@ -371,16 +362,7 @@ class AMQPTransport(Transport):
 
     def live_nodes(self) -> int:
         """How many nodes hold a consumer on the presence queue (0 if there is none)."""
-        def run(link: _Link) -> int:
-            try:
-                ok = link.admin().queue_declare(PRESENCE_QUEUE, passive=True)
-            except pex.ChannelClosedByBroker as exc:
-                if exc.reply_code == NOT_FOUND:
-                    return 0
-                raise
-            return int(ok.method.consumer_count)
-
-        return self._admin("counting live nodes", run)
+        return self._presence.count()
 
     # -- dead letters ---------------------------------------------------------------------------
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
@@ -590,95 +572,3 @@ def _restored(props: Any, headers: dict[str, Any]) -> Any:
         expiration=_expiration(expiration), message_id=message_id,
         type=props.type, app_id=props.app_id, timestamp=props.timestamp,
     )
-
-
-# -- the live-node registry --------------------------------------------------------------
-
-
-class _Presence:
-    """This process's consumers on the presence queue, one per registered node name, on
-    a connection of their own (a consumer lives as long as its connection: when the
-    process dies the kernel closes the socket and RabbitMQ drops the consumers at
-    once). Used from any thread, one at a time (``_lock``); pumped by ``register()``,
-    which the worker calls every heartbeat interval."""
-
-    def __init__(self, transport: AMQPTransport) -> None:
-        self.transport = transport
-        self._lock = threading.Lock()
-        self._link: _Link | None = None
-        self._names: list[str] = []  # registered, in order
-        self._tags: dict[str, str] = {}  # name -> consumer tag on the current link
-
-    def register(self, name: str) -> None:
-        with self._lock:
-            if name not in self._names:
-                self._names.append(name)
-            try:
-                self._sync()
-            except LINK_ERRORS as exc:
-                self._drop()
-                if isinstance(exc, pex.ChannelClosedByBroker):
-                    raise _channel_error(exc, f"registering node {name!r}",
-                                         self.transport.safe_url()) from None
-                raise BrokerUnreachable(
-                    f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
-                    f"registering node {name!r} ({_reason(exc)})") from None
-
-    def _sync(self) -> None:
-        link = self._link
-        if link is not None and (link.pid != os.getpid() or not link.conn.is_open):
-            self._drop()  # lost (or the parent's, after a fork): start again
-            link = None
-        if link is None:
-            link = _Link(self.transport.connect("presence"), confirm=False)
-            self._link = link
-            self._tags.clear()
-            _declare_presence_queue(link)
-        for name in self._names:
-            if name not in self._tags:
-                self._tags[name] = link.main().basic_consume(
-                    PRESENCE_QUEUE, _ignore_message, auto_ack=True)
-        # sends the AMQP heartbeats and notices a dropped connection
-        link.conn.process_data_events(0)
-
-    def unregister(self, name: str) -> None:
-        with self._lock:
-            if name in self._names:
-                self._names.remove(name)
-            tag = self._tags.pop(name, None)
-            link = self._link
-            if link is None:
-                return
-            if not self._names:
-                self._drop()  # the consumers go with the connection
-            elif tag is not None:
-                try:
-                    link.main().basic_cancel(tag)
-                except LINK_ERRORS:
-                    self._drop()  # the next register() reconnects without this name
-
-    def _drop(self) -> None:
-        link, self._link = self._link, None
-        self._tags.clear()
-        if link is not None:
-            link.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._names.clear()
-            self._drop()
-
-
-def _declare_presence_queue(link: _Link) -> None:
-    try:
-        link.admin().queue_declare(PRESENCE_QUEUE, durable=False, auto_delete=False,
-                                   arguments=PRESENCE_ARGS)
-    except pex.ChannelClosedByBroker as exc:
-        if exc.reply_code != PRECONDITION_FAILED:
-            raise
-        link.admin().queue_declare(PRESENCE_QUEUE, passive=True)
-    link.queues.add(PRESENCE_QUEUE)
-
-
-def _ignore_message(*_args: Any) -> None:
-    """Nothing is published to the presence queue; anything that is, is dropped."""

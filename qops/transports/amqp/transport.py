@@ -46,7 +46,6 @@ fails with PublishError instead of hanging).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -72,6 +71,7 @@ from qops.transports.amqp.link import (
     _reason,
     open_connection,
 )
+from qops.transports.amqp.locks import _Locks
 from qops.transports.amqp.presence import _Presence
 from qops.transports.amqp.props import _amqp_table, _basic_properties, _expiration
 from qops.transports.amqp.subscription import _AMQPSubscription
@@ -116,8 +116,7 @@ class AMQPTransport(Transport):
         self._consumers: weakref.WeakSet[_AMQPConsumer] = weakref.WeakSet()
         self._known: set[str] = set()  # queues this transport declared or consumed
         self._presence = _Presence(self)
-        self._held_locks: dict[str, tuple[str, _Link]] = {}  # name -> (owner, link)
-        self._locks_mutex = threading.Lock()
+        self._locks = _Locks(self)
 
     # -- connections ---------------------------------------------------------------------
     def connect(self, purpose: str) -> Any:
@@ -503,60 +502,17 @@ class AMQPTransport(Transport):
         self._local.link = None
         for link in links:
             link.close()
-        with self._locks_mutex:
-            held, self._held_locks = list(self._held_locks.values()), {}
-        for _owner, lock_link in held:
-            lock_link.close()
+        self._locks.close()
         self._presence.close()
 
     # -- locks (one beat per schedule) ------------------------------------------------------
     def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
-        """The lock is the exclusive queue ``qops.lock.<name>`` on a connection of its own
-        that the holder keeps open: RabbitMQ answers RESOURCE_LOCKED to anyone else, and
-        deletes the queue the moment the holder's connection dies (kill -9 included), so
-        a standby takes over on its next try. Each renewal pumps the connection (AMQP
-        heartbeats) and notices one the broker dropped. ``ttl`` is not needed."""
-        queue = f"qops.lock.{name}"
-        with self._locks_mutex:
-            held = self._held_locks.get(name)
-            if held is not None:
-                held_owner, link = held
-                alive = False
-                if link.pid == os.getpid():
-                    try:
-                        link.conn.process_data_events(0)
-                        alive = bool(link.conn.is_open)
-                    except LINK_ERRORS:
-                        alive = False
-                if alive:
-                    return bool(held_owner == owner)
-                del self._held_locks[name]  # the connection is gone, and the queue with it
-                link.close()
-            link = _Link(self.connect("lock"), confirm=False)
-            try:
-                link.admin().queue_declare(queue, durable=False, exclusive=True,
-                                           auto_delete=False)
-            except pex.ChannelClosedByBroker as exc:
-                link.close()
-                if exc.reply_code == RESOURCE_LOCKED:
-                    return False  # exclusive to another connection: someone holds it
-                raise _channel_error(exc, f"taking the lock {name!r}", self.safe_url()) from None
-            except LINK_ERRORS as exc:
-                link.close()
-                raise BrokerUnreachable(
-                    f"lost the connection to RabbitMQ at {self.safe_url()} while taking the "
-                    f"lock {name!r} ({_reason(exc)})") from None
-            self._held_locks[name] = (owner, link)
-            return True
+        """See ``locks``: an exclusive queue on a connection the holder keeps open.
+        ``ttl`` is not needed."""
+        return self._locks.acquire(name, owner)
 
     def release_lock(self, name: str, owner: str) -> None:
-        """Closing the connection deletes the exclusive queue."""
-        with self._locks_mutex:
-            held = self._held_locks.get(name)
-            if held is None or held[0] != owner:
-                return
-            del self._held_locks[name]
-        held[1].close()
+        self._locks.release(name, owner)
 
 
 def _restored(props: Any, headers: dict[str, Any]) -> Any:

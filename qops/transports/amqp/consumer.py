@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pika.exceptions as pex
 
 from qops.errors import BrokerUnreachable, UsageError
+from qops.transports.amqp.deadletters import dead_letter
 from qops.transports.amqp.link import (
     LINK_ERRORS,
     NOT_IMPLEMENTED,
@@ -467,7 +468,7 @@ class _AMQPConsumer(Consumer):
             entry = self._held.get(delivery.tag)
         if entry is None:
             return
-        self.transport._dead_letter(delivery.queue, delivery.raw, reason, entry[1])
+        dead_letter(self.transport, delivery.queue, delivery.raw, reason, entry[1])
         self.ack(delivery)
 
     def heartbeat(self) -> None:

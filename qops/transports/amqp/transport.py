@@ -53,27 +53,24 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import pika
 import pika.exceptions as pex
-import pika.frame
-import pika.spec
 
 from qops.errors import BrokerUnreachable, PublishError
 from qops.protocol import Message
+from qops.transports.amqp import deadletters
 from qops.transports.amqp.consumer import _AMQPConsumer
 from qops.transports.amqp.link import (
     LINK_ERRORS,
     NOT_FOUND,
     RESOURCE_LOCKED,
     _channel_error,
-    _close_channel,
     _Link,
     _reason,
     open_connection,
 )
 from qops.transports.amqp.locks import _Locks
 from qops.transports.amqp.presence import _Presence
-from qops.transports.amqp.props import _amqp_table, _basic_properties, _expiration
+from qops.transports.amqp.props import _basic_properties
 from qops.transports.amqp.subscription import _AMQPSubscription
 from qops.transports.amqp.url import parse_url
 from qops.transports.base import (
@@ -87,14 +84,6 @@ from qops.transports.base import (
 )
 
 log = logging.getLogger(__name__)
-
-#: headers qops adds to a dead-lettered message; stripped again when it is requeued
-DL_QUEUE = "x-qops-queue"
-DL_REASON = "x-qops-reason"
-DL_TIME = "x-qops-time"  # int, milliseconds since the epoch (pika can't encode floats)
-DL_EXPIRATION = "x-qops-expiration"  # the original per-message TTL, parked (see below)
-DL_MESSAGE_ID = "x-qops-message-id"  # the original message_id, parked
-DL_PREFIX = "x-qops-"
 
 T = TypeVar("T")
 
@@ -363,130 +352,18 @@ class AMQPTransport(Transport):
         """How many nodes hold a consumer on the presence queue (0 if there is none)."""
         return self._presence.count()
 
-    # -- dead letters ---------------------------------------------------------------------------
+    # -- dead letters (see ``deadletters``) ----------------------------------------------------
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
-        self._dead_letter(queue, raw, reason, None)
-
-    def _dead_letter(self, queue: str, raw: bytes, reason: str, original: Any) -> None:
-        """Publish ``raw`` to the dead-letter queue, keeping the original message's
-        headers and properties when we have them (a consumer's reject) so that a requeue
-        restores the message exactly."""
-        headers = dict(original.headers or {}) if original is not None else {}
-        headers[DL_QUEUE] = queue
-        headers[DL_REASON] = reason
-        headers[DL_TIME] = int(time.time() * 1000)
-        props = pika.BasicProperties(delivery_mode=2, message_id=uuid.uuid4().hex)
-        if original is not None:
-            # a per-message TTL would make the dead letter vanish from the DLQ: park it
-            if original.expiration is not None:
-                headers[DL_EXPIRATION] = original.expiration
-            if original.message_id is not None:
-                headers[DL_MESSAGE_ID] = original.message_id
-            props.content_type = original.content_type
-            props.content_encoding = original.content_encoding
-            props.correlation_id = original.correlation_id
-            props.reply_to = original.reply_to
-            props.priority = original.priority
-            props.type = original.type
-            props.app_id = original.app_id
-            props.timestamp = original.timestamp
-        props.headers = _amqp_table(headers)
-        dlq = self.dead_letter_queue
-        # no x-max-priority on the DLQ: it keeps arrival order for listing
-        self._send("", dlq, raw, props, queue=dlq, queue_args=None, size_limit=False)
-
-    def _dead_letter_id(self, props: Any, body: bytes) -> str:
-        if props.message_id:
-            return str(props.message_id)
-        # a message someone else put in the DLQ: name it by content so the id is stable
-        import hashlib
-
-        return hashlib.sha1(body).hexdigest()[:32]
+        deadletters.dead_letter(self, queue, raw, reason, None)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Browse the DLQ: take up to ``limit`` messages without acking them on a channel
-        of their own, then close it -- RabbitMQ puts them all back where they were."""
-        if limit <= 0:
-            return []
-        dlq = self.dead_letter_queue
-
-        def run(link: _Link) -> list[DeadLetter]:
-            if dlq not in link.queues:
-                link.declare_queue(dlq, None)
-            ch = link.conn.channel()
-            out: list[DeadLetter] = []
-            try:
-                while len(out) < limit:
-                    method, props, body = ch.basic_get(dlq, auto_ack=False)
-                    if method is None:
-                        break
-                    h = props.headers or {}
-                    out.append(DeadLetter(
-                        id=self._dead_letter_id(props, body),
-                        queue=str(h.get(DL_QUEUE) or ""),
-                        reason=str(h.get(DL_REASON) or ""),
-                        raw=body or b"",
-                        time=(int(h[DL_TIME]) / 1000 if h.get(DL_TIME) is not None
-                              else float(props.timestamp or 0)),
-                    ))
-            finally:
-                _close_channel(ch)
-            return out
-
-        return self._admin("listing dead letters", run)
+        return deadletters.list_dead_letters(self, limit)
 
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        """Move dead letters back to their queues with their original headers and
-        properties: publish (confirmed) to the queue, then ack in the DLQ. The ones not
-        chosen are held unacked and return in place when the browsing channel closes.
-        Not retried on a connection loss: a message published but not yet acked would
-        be moved twice."""
-        wanted = None if ids is None else set(ids)
-        if wanted is not None and not wanted:
-            return 0
-        dlq = self.dead_letter_queue
-        link, _ = self._link()
-        moved = 0
-        try:
-            total = link.declare_queue(dlq, None).method.message_count
-            ch = link.conn.channel()
-            try:
-                for _ in range(total):
-                    method, props, body = ch.basic_get(dlq, auto_ack=False)
-                    if method is None:
-                        break
-                    if wanted is not None and self._dead_letter_id(props, body) not in wanted:
-                        continue
-                    h = dict(props.headers or {})
-                    queue = h.get(DL_QUEUE)
-                    if not queue:
-                        continue  # not ours: we don't know where it goes
-                    self._send("", str(queue), body or b"", _restored(props, h),
-                               queue=str(queue), queue_args=self._queue_arguments())
-                    ch.basic_ack(method.delivery_tag)
-                    moved += 1
-                    if wanted is not None:
-                        wanted.discard(self._dead_letter_id(props, body))
-                        if not wanted:
-                            break
-            finally:
-                _close_channel(ch)
-        except LINK_ERRORS as exc:
-            self._drop_link(link)
-            raise BrokerUnreachable(
-                f"lost the connection to RabbitMQ at {self.safe_url()} while requeueing dead "
-                f"letters after {moved} ({_reason(exc)})") from None
-        return moved
+        return deadletters.requeue_dead_letters(self, ids)
 
     def purge_dead_letters(self) -> int:
-        dlq = self.dead_letter_queue
-
-        def run(link: _Link) -> int:
-            if dlq not in link.queues:
-                link.declare_queue(dlq, None)
-            return int(link.admin().queue_purge(dlq).method.message_count)
-
-        return self._admin("purging dead letters", run)
+        return deadletters.purge_dead_letters(self)
 
     # -- lifecycle --------------------------------------------------------------------------
     def ping(self) -> None:
@@ -513,18 +390,3 @@ class AMQPTransport(Transport):
 
     def release_lock(self, name: str, owner: str) -> None:
         self._locks.release(name, owner)
-
-
-def _restored(props: Any, headers: dict[str, Any]) -> Any:
-    """The properties of a message as it was before it was dead-lettered."""
-    expiration = headers.pop(DL_EXPIRATION, None)
-    message_id = headers.pop(DL_MESSAGE_ID, None)
-    headers = {k: v for k, v in headers.items() if not k.startswith(DL_PREFIX)}
-    return pika.BasicProperties(
-        content_type=props.content_type, content_encoding=props.content_encoding,
-        headers=_amqp_table(headers) if headers else None,
-        delivery_mode=2, priority=props.priority,
-        correlation_id=props.correlation_id, reply_to=props.reply_to,
-        expiration=_expiration(expiration), message_id=message_id,
-        type=props.type, app_id=props.app_id, timestamp=props.timestamp,
-    )

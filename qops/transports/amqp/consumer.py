@@ -2,8 +2,8 @@
 ``reply_consumer``), on a connection of its own driven by the thread calling ``get()``.
 
 The per-delivery path (``_on_message``, ``get``, ``_hand_out_now``, ``_delivery``) is
-tuned for throughput: one lock per delivery, no extra calls. The prefetch and
-settlement bookkeeping (``_held``, ``_acks``/``_nacks``, ``_exempt`` and the window,
+tuned for throughput: add no calls or locks to it. The prefetch and settlement
+bookkeeping (``_held``, ``_acks``/``_nacks``, ``_exempt`` and the window,
 ``_room_locked``, ``_settle``, ``_run_ops``) is all in this class.
 """
 

@@ -1,51 +1,14 @@
-"""RabbitMQ transport (AMQP 0-9-1 through ``pika``): ``amqp://user:pass@host:5672/vhost``.
+"""``AMQPTransport``: the Transport interface on RabbitMQ.
 
-Wire layout (PROTOCOL.md §1, §3): tasks go through the default exchange ``""`` with
-routing key = queue name, ``delivery_mode`` 2, to durable queues declared with
-``x-max-priority`` (so qops's priority 9 = AMQP's highest, passed through as is).
-Broadcasts go to a fanout exchange named after the channel (not durable, not
-auto-deleted, like Celery's pidbox exchange); events (a broadcast with a routing key,
-§5) to a topic exchange (durable, like Celery's ``celeryev``), published without
-waiting for a publisher confirm. Exchanges someone declared otherwise are used as they
-are. Dead letters live in a durable queue, ``qops.dlq`` unless
-``?dead_letter_queue=NAME`` is in the URL.
-
-Threads. A pika connection must only ever be used by one thread at a time; its one
-thread-safe method is ``add_callback_threadsafe``. So:
-
-- publishing (and the admin calls: purge, stats, dead letters) uses one connection per
-  thread, kept in a ``threading.local`` and replaced on the next call after it is lost;
-- each ``Consumer`` and ``Subscription`` owns its own connection, driven only by the
-  thread calling ``get()``. ``ack``/``requeue``/``reject``/``add_queue``/``cancel_queue``
-  from other threads only queue an operation (waking that thread if it is blocked),
-  which it runs before it hands out the next message, settlements in one batch and one
-  flush (and ``close()`` runs them before closing).
-
-Reply queues (``reply_consumer``) are declared by their consumer on its own connection:
-not durable, exclusive, auto-delete, with PROTOCOL.md §3's ``x-expires`` 10000 and
-``x-message-ttl`` 300000, so RabbitMQ deletes them when that connection closes or dies.
-``send_reply`` publishes to the default exchange, not mandatory: a reply to a queue that
-is gone is dropped by the broker (and still confirmed), which is right for replies.
-With an exchange (``reply.<mailbox>``) the queue is also bound to it, as kombu binds
-its pidbox reply queues, so Celery workers' replies reach it.
-
-Live nodes: RabbitMQ can't list queues or connections without the management plugin,
-so each registered node holds a consumer on the presence queue ``qops.nodes``, on a
-connection of its own, and ``live_nodes()`` is that queue's consumer count.
-
-Liveness: RabbitMQ redelivers a consumer's unacknowledged messages as soon as its
-connection drops (the process died, or it missed AMQP heartbeats), so
-``Consumer.heartbeat()`` and ``Transport.recover()`` have nothing to do here.
-
-URL query options: ``heartbeat`` (AMQP heartbeat in seconds, default 60, 0 = off),
-``dead_letter_queue``, ``blocked_connection_timeout`` (seconds, default 60: how long a
-publish may wait while the broker blocks publishers, e.g. on a memory alarm, before it
-fails with PublishError instead of hanging).
+It holds publishing (``_send``: one connection per thread, publisher confirms,
+redeclare-and-resend of a message the broker returned) and the admin calls (purge,
+queue stats) on that connection (``_admin``). Consumers, subscriptions, dead letters,
+the live-node registry and locks live in their own modules and it delegates to them.
+The wire layout and the threading rules are in the package docstring (``__init__``).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
@@ -83,12 +46,7 @@ from qops.transports.base import (
     TransportOptions,
 )
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
-
-
-# -- transport ---------------------------------------------------------------------------
 
 
 class AMQPTransport(Transport):
@@ -253,7 +211,7 @@ class AMQPTransport(Transport):
         return c
 
     def send_reply(self, name: str, message: Message) -> None:
-        # transient (the queue is), not declared, not mandatory: see the module doc
+        # transient (the queue is), not declared, not mandatory: see the package doc
         props = _basic_properties(message, delivery_mode=1)
         self._send("", name, message.body, props, queue=None)
 

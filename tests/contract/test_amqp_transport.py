@@ -133,7 +133,7 @@ def test_fast_frame_decoder_matches_pika_for_every_field_kind() -> None:
     assert headers["S-bad-utf8"] == b"\xff\xfe" and headers[b"\xff-bad-key"] is None
     # what qops itself sends: every property pika can encode, headers as _amqp_table makes
     from qops.protocol import build_task_message
-    from qops.transports.amqp import _basic_properties
+    from qops.transports.amqp.props import _basic_properties
 
     msg = build_task_message("proj.add", (1, 2.5), {"k": [1, {"x": None}]}, priority=3)
     msg.headers["sent"] = 1716912345.25

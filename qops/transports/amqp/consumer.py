@@ -1,0 +1,521 @@
+"""``_AMQPConsumer``: the AMQP transport's Consumer (work queues, and reply queues for
+``reply_consumer``), on a connection of its own driven by the thread calling ``get()``.
+
+The per-delivery path (``_on_message``, ``get``, ``_hand_out_now``, ``_delivery``) is
+tuned for throughput: add no calls or locks to it. The prefetch and settlement
+bookkeeping (``_held``, ``_acks``/``_nacks``, ``_exempt`` and the window,
+``_room_locked``, ``_settle``, ``_run_ops``) is all in this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import pika.exceptions as pex
+
+from qops.errors import BrokerUnreachable, UsageError
+from qops.transports.amqp.deadletters import dead_letter
+from qops.transports.amqp.link import (
+    LINK_ERRORS,
+    NOT_IMPLEMENTED,
+    PUMP_SLICE,
+    _channel_error,
+    _Link,
+    _reason,
+)
+from qops.transports.amqp.props import _message
+from qops.transports.base import REPLY_ONLY, Consumer, Delivery
+
+if TYPE_CHECKING:
+    from qops.transports.amqp.transport import AMQPTransport
+
+log = logging.getLogger(__name__)
+
+
+def _noop() -> None:
+    """Wakes a connection's pump (add_callback_threadsafe) so it runs queued operations."""
+
+
+class _AMQPConsumer(Consumer):
+    """Reserves messages with ``basic.consume`` (manual acks, ``basic.qos`` = prefetch).
+
+    The broker pushes at most ``prefetch`` unacknowledged messages; they wait in
+    ``_buffer`` until ``get()`` hands them out. Delivery tags count from 1 on each
+    channel, so after a reconnect they would collide with tags handed out before it:
+    ``Delivery.tag`` is ``_base`` + the channel's tag, ``_base`` being the highest tag
+    seen before the current channel. Settling a delivery from an older channel is a
+    no-op: the broker already requeued it when that connection dropped.
+
+    Settlements are batched. ``ack``/``requeue`` (any thread) move the tag from
+    ``_held`` to ``_acks``/``_nacks`` in one step under ``_lock``. They wake the owner
+    only while it is blocked pumping the connection, and then once (a wake-up is a
+    pipe write and a context switch); an owner that is busy handing out messages takes
+    the settlements at its next ``get()`` anyway, which checks for them under the same
+    lock before it blocks. The owner writes each batch out with one flush: acks below
+    the lowest tag still held or requeued become one ``basic.ack(multiple)``
+    (RabbitMQ's tags only grow on a channel, and ``_held`` keeps them in that order),
+    the others go one by one.
+
+    The prefetch is a channel-wide ``basic.qos`` (``global``, in RabbitMQ's meaning:
+    shared by the consumers of all our queues, as Celery sets it). ``exempt()`` grows
+    that window by one for each exempt delivery (as Celery does for its ETA tasks), so
+    the broker keeps sending ``prefetch`` countable messages; settling one shrinks it
+    again, the new window sent before the settlement so that the broker never has room
+    for one more. A quorum queue refuses a channel-wide prefetch (540 NOT_IMPLEMENTED,
+    which closes the connection): the consumer then reconnects with a per-consumer
+    prefetch, which RabbitMQ can't change under a running consumer, and ``exempt()``
+    raises NotImplementedError. Either way ``get()`` also counts what it handed out
+    and not settled, exempt deliveries apart, and never exceeds ``prefetch``.
+    """
+
+    transport: AMQPTransport
+
+    def __init__(self, transport: AMQPTransport, queues: list[str], prefetch: int,
+                 cid: str, reply: bool = False,
+                 binding: tuple[str, str] | None = None) -> None:
+        self.transport = transport
+        self.id = cid
+        self.prefetch = max(1, prefetch)
+        # a reply consumer: its one queue is a reply queue, declared on its connection
+        # (again after a reconnect: the broker deleted it with the old connection), and
+        # bound to (exchange, routing key) as kombu binds a pidbox reply queue
+        self.reply = reply
+        self.binding = binding
+        self._lock = threading.Lock()  # _wanted, _held, _acks, _nacks, _ops, _woken
+        self._io = threading.RLock()  # whoever drives the connection (get, close)
+        self._wanted: list[str] = list(dict.fromkeys(queues))
+        # tag -> (queue, BasicProperties for reject()): buffered or handed out, not
+        # settled; in delivery order, i.e. ascending tags
+        self._held: dict[int, tuple[str, Any]] = {}
+        self._acks: list[int] = []  # settled, not yet sent
+        self._nacks: list[int] = []
+        self._exempt: set[int] = set()  # handed out, not counted against the prefetch
+        self._qos_due = False  # the window must follow len(_exempt)
+        self._window = self.prefetch  # basic.qos on the current channel (owner only)
+        self._global_qos = True  # channel-wide prefetch; False once a quorum queue refused
+        self._pumping = False  # the owner is blocked in process_data_events
+        self._woken = False  # ... and a wake-up is on its way to it
+        self._ops: deque[tuple[str, str]] = deque()  # queue changes from any thread
+        self._buffer: deque[tuple[int, str, bool, Any, bytes]] = deque()
+        self._tags: dict[str, str] = {}  # queue -> consumer tag, on the current channel
+        self._queue_of: dict[str, str] = {}  # consumer tag -> queue
+        self._base = 0
+        self._top = 0
+        self._owner = threading.get_ident()
+        self._closed = False
+        self._link: _Link | None = None
+        self._connect()
+
+    # -- connection (owner thread only) ------------------------------------------------------
+    def _connect(self) -> None:
+        while True:
+            try:
+                self._open()
+                return
+            except pex.ConnectionClosedByBroker as exc:
+                if exc.reply_code == NOT_IMPLEMENTED and self._global_qos:
+                    log.info("consumer %s: a queue refuses a channel-wide prefetch (a "
+                             "quorum queue?): using a per-consumer prefetch of %d; held ETA "
+                             "tasks keep their prefetch slots", self.id, self.prefetch)
+                    self._global_qos = False
+                    continue
+                raise BrokerUnreachable(
+                    f"RabbitMQ at {self.transport.safe_url()} closed the connection while "
+                    f"consumer {self.id} started ({exc.reply_code} {exc.reply_text})"
+                ) from None
+
+    def _open(self) -> None:
+        link = _Link(self.transport.connect("consumer"), confirm=False)
+        try:
+            ch = link.main()
+            ch.basic_qos(prefetch_count=self.prefetch, global_qos=self._global_qos)
+            self._window = self.prefetch
+            ch.add_on_cancel_callback(self._on_cancel)
+            self._base = self._top
+            self._tags.clear()
+            self._queue_of.clear()
+            self._link = link
+            with self._lock:
+                wanted = list(self._wanted)
+            for q in wanted:
+                self._consume(q)
+        except pex.ChannelClosedByBroker as exc:
+            self._link = None
+            link.close()
+            raise _channel_error(exc, f"consuming from {self._wanted}",
+                                 self.transport.safe_url()) from None
+        except pex.ConnectionClosedByBroker:
+            self._link = None
+            raise  # _connect() decides
+        except LINK_ERRORS as exc:
+            self._link = None
+            link.close()
+            raise BrokerUnreachable(
+                f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
+                f"starting to consume ({_reason(exc)})") from None
+
+    def _forget_deliveries(self) -> None:
+        """The connection is gone: its deliveries, and settlements of them, are moot
+        (the broker requeues whatever it had given us)."""
+        self._buffer.clear()
+        with self._lock:
+            self._held.clear()
+            self._acks.clear()
+            self._nacks.clear()
+            self._exempt.clear()
+
+    def _lost(self, exc: BaseException) -> None:
+        """The connection is gone: the broker requeues everything it had given us."""
+        log.warning("consumer %s lost its RabbitMQ connection (%s); reconnecting",
+                    self.id, _reason(exc))
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+        self._forget_deliveries()
+        with self._lock:
+            # queue changes are replayed from _wanted on reconnect
+            self._qos_due = False
+            self._ops.clear()
+
+    def _consume(self, queue: str) -> None:
+        link = self._link
+        assert link is not None
+        if self.reply:
+            if queue not in link.queues:
+                link.declare_reply_queue(queue)
+                if self.binding is not None:
+                    exchange, routing_key = self.binding
+                    link.declare_exchange(exchange, "direct")
+                    link.admin().queue_bind(queue, exchange, routing_key)
+            # not remembered: queue_stats(None) lists work queues only
+        else:
+            if queue not in link.queues:
+                link.declare_queue(queue, self.transport._queue_arguments())
+            self.transport._remember(queue)
+        tag = link.main().basic_consume(queue, self._on_message, auto_ack=False)
+        self._tags[queue] = tag
+        self._queue_of[tag] = queue
+
+    def _add(self, queue: str) -> None:
+        """Consume one more queue at run time (add_queue). If the broker refuses it (403
+        on a reserved name, 405 exclusive to another connection, ...) only that queue is
+        given up: the error closed the admin channel, not the one our reserved messages
+        are on, so the others carry on."""
+        try:
+            self._consume(queue)
+        except pex.ChannelClosedByBroker as exc:
+            assert self._link is not None
+            if not self._link.main_is_open():
+                raise  # our reservations went with the channel: get() reconnects
+            log.error("consumer %s cannot consume from queue %s: %s %s", self.id, queue,
+                      exc.reply_code, exc.reply_text)
+            with self._lock:
+                if queue in self._wanted:
+                    self._wanted.remove(queue)
+
+    def _cancel(self, queue: str) -> None:
+        link = self._link
+        assert link is not None
+        tag = self._tags.pop(queue, None)
+        if tag is None:
+            return
+        self._queue_of.pop(tag, None)
+        link.main().basic_cancel(tag)
+        # messages of that queue not handed out yet go back now, for other workers
+        keep: deque[tuple[int, str, bool, Any, bytes]] = deque()
+        for item in self._buffer:
+            if item[1] == queue:
+                with self._lock:
+                    self._held.pop(item[0], None)
+                link.main().basic_nack(item[0] - self._base, requeue=True)
+            else:
+                keep.append(item)
+        self._buffer = keep
+
+    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
+        tag = self._base + method.delivery_tag
+        if tag > self._top:
+            self._top = tag
+        queue = self._queue_of.get(method.consumer_tag, method.routing_key)
+        with self._lock:
+            self._held[tag] = (queue, props)
+        self._buffer.append((tag, queue, method.redelivered, props, body))
+
+    def _on_cancel(self, frame: Any) -> None:
+        """The broker cancelled a consumer (its queue was deleted): declare the queue
+        again and resume on the next get(), as Celery workers do."""
+        tag = frame.method.consumer_tag
+        queue = self._queue_of.pop(tag, None)
+        if queue is None:
+            return
+        self._tags.pop(queue, None)
+        if self._link is not None:
+            self._link.queues.discard(queue)
+        log.warning("RabbitMQ cancelled the consumer of queue %s (deleted?); declaring "
+                    "it again", queue)
+        with self._lock:
+            self._ops.append(("consume", queue))
+
+    def _run_ops(self) -> bool:
+        """Send the settlements made since the last call, then apply queue changes.
+        Returns whether frames were written that still need a flush."""
+        link = self._link
+        assert link is not None
+        with self._lock:
+            acks, nacks = self._acks, self._nacks
+            if not acks and not nacks and not self._ops and not self._qos_due:
+                return False
+            self._acks, self._nacks = [], []
+            ops = list(self._ops)
+            self._ops.clear()
+            # the lowest tag the broker still holds for us and that we don't ack now
+            floor = next(iter(self._held), self._top + 1)
+            window = self.prefetch + len(self._exempt)
+            self._qos_due = False
+        base = self._base
+        written = False
+        if window != self._window:
+            # before the settlements: a smaller window must reach the broker before the
+            # ack that frees the slot (basic_qos waits for its qos-ok)
+            link.main().basic_qos(prefetch_count=window, global_qos=True)
+            self._window = window
+        if acks or nacks:
+            ch = link.main()._impl  # write without a flush each: one flush for the batch
+            if nacks:
+                floor = min(floor, min(nacks))
+            top = 0
+            for tag in acks:
+                if tag <= base:
+                    continue  # from a previous connection: already back in its queue
+                if tag < floor:
+                    if tag > top:
+                        top = tag
+                else:
+                    ch.basic_ack(tag - base)
+                    written = True
+            if top:
+                # every tag below floor is acked now or was settled before
+                ch.basic_ack(top - base, multiple=True)
+                written = True
+            for tag in nacks:
+                if tag > base:
+                    ch.basic_nack(tag - base, requeue=True)
+                    written = True
+        for op, queue in ops:
+            with self._lock:
+                wanted = queue in self._wanted
+            if op == "consume":
+                if wanted and queue not in self._tags and not self._closed:
+                    self._add(queue)
+            elif not wanted:
+                self._cancel(queue)
+        return written
+
+    def _submit(self, op: str, queue: str) -> None:
+        with self._lock:
+            self._ops.append((op, queue))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the owner's pump (from another thread), so it runs the queued ops."""
+        if threading.get_ident() == self._owner:
+            return  # the next get() (or close()) on this thread runs them
+        link = self._link
+        if link is not None:
+            try:
+                link.conn.add_callback_threadsafe(_noop)
+            except LINK_ERRORS:
+                pass  # closed: the broker requeues everything anyway
+
+    # -- Consumer API ----------------------------------------------------------------------
+    def get(self, timeout: float) -> Delivery | None:
+        self._owner = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._io:
+                if self._closed:
+                    return None
+                try:
+                    link = self._link
+                    if link is not None and not link.conn.is_open:
+                        # closed under us (pika raises ValueError if pumped now)
+                        self._lost(ConnectionError("connection closed"))
+                        link = None
+                    if link is None:
+                        self._connect()
+                        link = self._link
+                        assert link is not None
+                    if self._buffer and self._hand_out_now():
+                        return self._delivery(self._buffer.popleft())
+                    if self._run_ops() and self._buffer:
+                        # send the settlements now, not when the buffer runs dry: they
+                        # free prefetch slots (else the pump below flushes them)
+                        link.conn.process_data_events(0)
+                    if self._buffer and self._room():
+                        return self._delivery(self._buffer.popleft())
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    with self._lock:
+                        if self._acks or self._nacks or self._ops or self._qos_due:
+                            continue  # came in since _run_ops: send them first
+                        self._pumping = True
+                        self._woken = False
+                    try:
+                        # flushes what _run_ops wrote, then waits for deliveries or a
+                        # wake-up
+                        link.conn.process_data_events(time_limit=min(left, PUMP_SLICE))
+                    finally:
+                        self._pumping = False
+                except LINK_ERRORS as exc:
+                    # reconnect on the next turn; if that fails, BrokerUnreachable goes up
+                    self._lost(exc)
+                    if time.monotonic() >= deadline:
+                        return None
+
+    def keepalive(self) -> None:
+        """Pump the connection once (AMQP heartbeats, settlements) unless the owner has
+        it; deliveries that arrive are buffered for the owner's next get()."""
+        if not self._io.acquire(blocking=False):
+            return
+        try:
+            link = self._link
+            if self._closed or link is None or not link.conn.is_open:
+                return
+            try:
+                self._run_ops()
+                link.conn.process_data_events(0)
+            except LINK_ERRORS as exc:
+                self._lost(exc)  # get() reconnects
+        finally:
+            self._io.release()
+
+    def _delivery(self, item: tuple[int, str, bool, Any, bytes]) -> Delivery:
+        tag, queue, redelivered, props, body = item
+        return Delivery(queue=queue, tag=tag, raw=body, message=_message(props, body),
+                        redelivered=bool(redelivered))
+
+    def _room(self) -> bool:
+        """Fewer than ``prefetch`` deliveries handed out and not settled (exempt ones
+        apart). The broker's window sees to it already; this is the guarantee."""
+        with self._lock:
+            return self._room_locked()
+
+    def _room_locked(self) -> bool:
+        return len(self._held) - len(self._buffer) - len(self._exempt) < self.prefetch
+
+    def _hand_out_now(self) -> bool:
+        """There is room, and what was settled or changed since the last write can wait
+        for the next get() (fewer than ``ack_batch`` settlements, no queue or window
+        change). One lock: this is asked for every delivery."""
+        with self._lock:
+            return (self._room_locked() and len(self._acks) + len(self._nacks) < self.ack_batch
+                    and not self._ops and not self._qos_due)
+
+    def held(self, queue: str) -> int:
+        with self._lock:
+            return sum(1 for q, _ in self._held.values() if q == queue)
+
+    def _settle(self, delivery: Delivery, acked: bool) -> None:
+        with self._lock:
+            if self._held.pop(delivery.tag, None) is None:
+                return  # settled already, or from a lost connection: acking twice would
+                # be a channel error that drops every other reserved message
+            (self._acks if acked else self._nacks).append(delivery.tag)
+            if self._exempt and delivery.tag in self._exempt:
+                self._exempt.discard(delivery.tag)
+                self._qos_due = True
+            if not self._pumping or self._woken:
+                return  # the owner takes it before it blocks, or is being woken already
+            self._woken = True
+        self._wake()
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, True)
+
+    def exempt(self, delivery: Delivery) -> None:
+        if not self._global_qos:
+            raise NotImplementedError(
+                "RabbitMQ can't grow a per-consumer prefetch (quorum queue): the held "
+                "delivery keeps its prefetch slot")
+        with self._lock:
+            if delivery.tag not in self._held or delivery.tag in self._exempt:
+                return  # settled already, or from a lost connection
+            self._exempt.add(delivery.tag)
+            self._qos_due = True
+            if not self._pumping or self._woken:
+                return
+            self._woken = True
+        self._wake()
+
+    def stale(self, delivery: Delivery) -> bool:
+        # tags of the current channel are above _base (see the class doc)
+        return delivery.tag <= self._base
+
+    def requeue(self, delivery: Delivery) -> None:
+        # basic.nack(requeue) puts it back at (or near) the head of its queue
+        self._settle(delivery, False)
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter with the original headers and properties (a plain
+        Transport.dead_letter only gets the body), then ack. If the DLQ publish fails
+        the message stays reserved, so it is never lost."""
+        with self._lock:
+            entry = self._held.get(delivery.tag)
+        if entry is None:
+            return
+        dead_letter(self.transport, delivery.queue, delivery.raw, reason, entry[1])
+        self.ack(delivery)
+
+    def heartbeat(self) -> None:
+        """Nothing to do: the broker watches the connection (AMQP heartbeats, sent while
+        get() pumps it; the worker calls get() all the time)."""
+
+    def add_queue(self, queue: str) -> None:
+        if self.reply:
+            raise UsageError(REPLY_ONLY)
+        with self._lock:
+            if queue in self._wanted:
+                return
+            self._wanted.append(queue)
+        self._submit("consume", queue)
+
+    def cancel_queue(self, queue: str) -> None:
+        if self.reply:
+            raise UsageError(REPLY_ONLY)
+        with self._lock:
+            if queue not in self._wanted:
+                return
+            self._wanted.remove(queue)
+        self._submit("cancel", queue)
+
+    @property
+    def queues(self) -> list[str]:
+        with self._lock:
+            return list(self._wanted)
+
+    def close(self) -> None:
+        """Send the acks still queued, then close the connection: RabbitMQ puts every
+        message still reserved back in its queue."""
+        with self._io:
+            if self._closed:
+                return
+            self._closed = True
+            link, self._link = self._link, None
+            if link is not None:
+                try:
+                    self._link = link
+                    if link.conn.is_open and self._run_ops():
+                        link.conn.process_data_events(0)  # flush the last settlements
+                except LINK_ERRORS:
+                    pass
+                finally:
+                    self._link = None
+                    link.close()
+            self._forget_deliveries()
+        with self.transport._lock:
+            self.transport._consumers.discard(self)

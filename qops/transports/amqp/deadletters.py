@@ -1,0 +1,175 @@
+"""Dead letters on RabbitMQ: a durable queue (``qops.dlq`` unless the URL names
+another), holding each message with the ``x-qops-*`` headers saying where it came from
+and why, and its original properties so that a requeue restores it exactly.
+
+The functions take the transport: they publish and browse on its per-thread
+connection (``_send``, ``_admin``, ``_link``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pika
+
+from qops.errors import BrokerUnreachable
+from qops.transports.amqp.link import LINK_ERRORS, _close_channel, _Link, _reason
+from qops.transports.amqp.props import _amqp_table, _expiration
+from qops.transports.base import DeadLetter
+
+if TYPE_CHECKING:
+    from qops.transports.amqp.transport import AMQPTransport
+
+#: headers qops adds to a dead-lettered message; stripped again when it is requeued
+DL_QUEUE = "x-qops-queue"
+DL_REASON = "x-qops-reason"
+DL_TIME = "x-qops-time"  # int, milliseconds since the epoch (pika can't encode floats)
+DL_EXPIRATION = "x-qops-expiration"  # the original per-message TTL, parked (see below)
+DL_MESSAGE_ID = "x-qops-message-id"  # the original message_id, parked
+DL_PREFIX = "x-qops-"
+
+
+def dead_letter(transport: AMQPTransport, queue: str, raw: bytes, reason: str,
+                original: Any) -> None:
+    """Publish ``raw`` to the dead-letter queue, keeping the original message's
+    headers and properties when we have them (a consumer's reject) so that a requeue
+    restores the message exactly."""
+    headers = dict(original.headers or {}) if original is not None else {}
+    headers[DL_QUEUE] = queue
+    headers[DL_REASON] = reason
+    headers[DL_TIME] = int(time.time() * 1000)
+    props = pika.BasicProperties(delivery_mode=2, message_id=uuid.uuid4().hex)
+    if original is not None:
+        # a per-message TTL would make the dead letter vanish from the DLQ: park it
+        if original.expiration is not None:
+            headers[DL_EXPIRATION] = original.expiration
+        if original.message_id is not None:
+            headers[DL_MESSAGE_ID] = original.message_id
+        props.content_type = original.content_type
+        props.content_encoding = original.content_encoding
+        props.correlation_id = original.correlation_id
+        props.reply_to = original.reply_to
+        props.priority = original.priority
+        props.type = original.type
+        props.app_id = original.app_id
+        props.timestamp = original.timestamp
+    props.headers = _amqp_table(headers)
+    dlq = transport.dead_letter_queue
+    # no x-max-priority on the DLQ: it keeps arrival order for listing
+    transport._send("", dlq, raw, props, queue=dlq, queue_args=None, size_limit=False)
+
+
+def dead_letter_id(props: Any, body: bytes) -> str:
+    """The id ``dead_letters()`` lists a dead letter under."""
+    if props.message_id:
+        return str(props.message_id)
+    # a message someone else put in the DLQ: name it by content so the id is stable
+    import hashlib
+
+    return hashlib.sha1(body).hexdigest()[:32]
+
+
+def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
+    """Browse the DLQ: take up to ``limit`` messages without acking them on a channel
+    of their own, then close it -- RabbitMQ puts them all back where they were."""
+    if limit <= 0:
+        return []
+    dlq = transport.dead_letter_queue
+
+    def run(link: _Link) -> list[DeadLetter]:
+        if dlq not in link.queues:
+            link.declare_queue(dlq, None)
+        ch = link.conn.channel()
+        out: list[DeadLetter] = []
+        try:
+            while len(out) < limit:
+                method, props, body = ch.basic_get(dlq, auto_ack=False)
+                if method is None:
+                    break
+                h = props.headers or {}
+                out.append(DeadLetter(
+                    id=dead_letter_id(props, body),
+                    queue=str(h.get(DL_QUEUE) or ""),
+                    reason=str(h.get(DL_REASON) or ""),
+                    raw=body or b"",
+                    time=(int(h[DL_TIME]) / 1000 if h.get(DL_TIME) is not None
+                          else float(props.timestamp or 0)),
+                ))
+        finally:
+            _close_channel(ch)
+        return out
+
+    return transport._admin("listing dead letters", run)
+
+
+def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) -> int:
+    """Move dead letters back to their queues with their original headers and
+    properties: publish (confirmed) to the queue, then ack in the DLQ. The ones not
+    chosen are held unacked and return in place when the browsing channel closes.
+    Not retried on a connection loss: a message published but not yet acked would
+    be moved twice."""
+    wanted = None if ids is None else set(ids)
+    if wanted is not None and not wanted:
+        return 0
+    dlq = transport.dead_letter_queue
+    link, _ = transport._link()
+    moved = 0
+    try:
+        total = link.declare_queue(dlq, None).method.message_count
+        ch = link.conn.channel()
+        try:
+            for _ in range(total):
+                method, props, body = ch.basic_get(dlq, auto_ack=False)
+                if method is None:
+                    break
+                if wanted is not None and dead_letter_id(props, body) not in wanted:
+                    continue
+                h = dict(props.headers or {})
+                queue = h.get(DL_QUEUE)
+                if not queue:
+                    continue  # not ours: we don't know where it goes
+                transport._send("", str(queue), body or b"", _restored(props, h),
+                                queue=str(queue), queue_args=transport._queue_arguments())
+                ch.basic_ack(method.delivery_tag)
+                moved += 1
+                if wanted is not None:
+                    wanted.discard(dead_letter_id(props, body))
+                    if not wanted:
+                        break
+        finally:
+            _close_channel(ch)
+    except LINK_ERRORS as exc:
+        transport._drop_link(link)
+        raise BrokerUnreachable(
+            f"lost the connection to RabbitMQ at {transport.safe_url()} while requeueing "
+            f"dead letters after {moved} ({_reason(exc)})") from None
+    return moved
+
+
+def purge_dead_letters(transport: AMQPTransport) -> int:
+    dlq = transport.dead_letter_queue
+
+    def run(link: _Link) -> int:
+        if dlq not in link.queues:
+            link.declare_queue(dlq, None)
+        return int(link.admin().queue_purge(dlq).method.message_count)
+
+    return transport._admin("purging dead letters", run)
+
+
+def _restored(props: Any, headers: dict[str, Any]) -> Any:
+    """The properties of a message as it was before it was dead-lettered."""
+    expiration = headers.pop(DL_EXPIRATION, None)
+    message_id = headers.pop(DL_MESSAGE_ID, None)
+    headers = {k: v for k, v in headers.items() if not k.startswith(DL_PREFIX)}
+    return pika.BasicProperties(
+        content_type=props.content_type, content_encoding=props.content_encoding,
+        headers=_amqp_table(headers) if headers else None,
+        delivery_mode=2, priority=props.priority,
+        correlation_id=props.correlation_id, reply_to=props.reply_to,
+        expiration=_expiration(expiration), message_id=message_id,
+        type=props.type, app_id=props.app_id, timestamp=props.timestamp,
+    )

@@ -1,0 +1,233 @@
+"""Connections to RabbitMQ: opening one (``open_connection``), ``_Link`` (a connection
+with its channels, used by one thread at a time, and the declarations made on it), the
+reply codes and errors the transport acts on, and the helpers turning them into
+qops errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import time
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+
+from qops.errors import BrokerUnreachable, QopsError
+from qops.transports.amqp.frames import _fast_frames
+from qops.transports.amqp.url import AMQPParams
+from qops.transports.base import TransportOptions
+
+log = logging.getLogger(__name__)
+
+#: queue arguments of a reply queue (docs/protocol.md §4, the pidbox reply queue): gone
+#: 10 s after its consumer, a reply unread for 5 minutes is stale
+REPLY_QUEUE_ARGS = {"x-expires": 10000, "x-message-ttl": 300000}
+
+#: exchange kind -> durable, as Celery declares them: the pidbox exchanges (fanout
+#: ``<mailbox>``, direct ``reply.<mailbox>``) are not durable, the events exchange
+#: (topic ``celeryev``) is. None of them auto-delete. Another setting is a 406.
+EXCHANGES = {"fanout": False, "direct": False, "topic": True}
+
+# AMQP reply codes we act on
+NOT_FOUND = 404
+RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
+NOT_IMPLEMENTED = 540  # e.g. a channel-wide prefetch on a quorum queue
+
+#: get() pumps the connection in slices this long at most, so that close() from another
+#: thread never waits longer (acks from other threads wake the pump at once anyway)
+PUMP_SLICE = 0.25
+
+#: a thread's publisher connection idle for longer than this is pumped before use, so
+#: that a connection the broker dropped (missed heartbeats) is noticed and replaced
+#: before a message is sent on it
+IDLE_CHECK = 1.0
+
+#: errors meaning "this connection (or channel) is gone": drop it and reconnect
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    pex.AMQPConnectionError, pex.AMQPChannelError, OSError,
+)
+
+
+def _connection_parameters(p: AMQPParams, options: TransportOptions, purpose: str) -> Any:
+    timeout = options.connect_timeout
+    ssl_options = None
+    if p.tls:
+        ssl_options = pika.SSLOptions(ssl.create_default_context(), server_hostname=p.host)
+    return pika.ConnectionParameters(
+        host=p.host, port=p.port, virtual_host=p.vhost,
+        credentials=pika.PlainCredentials(p.user, p.password),
+        heartbeat=p.heartbeat,
+        ssl_options=ssl_options,
+        connection_attempts=1,
+        socket_timeout=timeout,
+        stack_timeout=timeout,
+        blocked_connection_timeout=p.blocked_connection_timeout or None,
+        # shows in `rabbitmqctl list_connections client_properties`
+        client_properties={"connection_name":
+                           f"qops {purpose} {socket.gethostname()}:{os.getpid()}"},
+    )
+
+
+def open_connection(p: AMQPParams, options: TransportOptions, safe: str, purpose: str) -> Any:
+    """A new BlockingConnection, or BrokerUnreachable saying what to fix (``safe``: the
+    broker URL without its password, for the messages)."""
+    params = _connection_parameters(p, options, purpose)
+    try:
+        return _fast_frames(pika.BlockingConnection(params))
+    except pex.ProbableAuthenticationError:
+        raise BrokerUnreachable(
+            f"RabbitMQ at {safe} refused the login of user {p.user!r}: "
+            "check the user and password in the broker URL") from None
+    except pex.ProbableAccessDeniedError as exc:
+        vhost = p.vhost
+        raise BrokerUnreachable(
+            f"RabbitMQ at {safe} refused access to vhost {vhost!r} ({_reason(exc)}): "
+            f"create it with `rabbitmqctl add_vhost {vhost}` and grant access with "
+            f"`rabbitmqctl set_permissions -p {vhost} {p.user} "
+            "'.*' '.*' '.*'`") from None
+    except (pex.AMQPError, OSError, ValueError) as exc:
+        # ValueError: pika's check that the socket it just connected is still
+        # connected ("getpeername() failed"), when the broker dropped it at once
+        raise BrokerUnreachable(
+            f"cannot connect to RabbitMQ at {safe} ({_reason(exc)}): check that it is "
+            "running (rabbitmq-server -detached) and the host and port in the broker "
+            "URL") from None
+
+
+class _Link:
+    """One connection with its channels, used by one thread at a time.
+
+    ``main`` is the channel messages flow on (confirm mode for publishers, the consuming
+    channel for consumers); ``admin`` takes the declares, purges and stats, whose
+    failures (404, 406) close the channel they ran on -- keeping them off ``main``
+    keeps publisher confirms and consumers alive through them. Both reopen on demand.
+    """
+
+    def __init__(self, conn: Any, confirm: bool) -> None:
+        self.conn = conn
+        self.confirm = confirm
+        self.pid = os.getpid()
+        self.used = time.monotonic()
+        self.queues: set[str] = set()  # declared on this connection
+        self.exchanges: set[str] = set()
+        self._main: Any = None
+        self._admin: Any = None
+        self._events: Any = None
+
+    def main(self) -> Any:
+        ch = self._main
+        if ch is None or not ch.is_open:
+            ch = self.conn.channel()
+            if self.confirm:
+                ch.confirm_delivery()
+            self._main = ch
+        return ch
+
+    def events(self) -> Any:
+        """A channel without publisher confirms, for events: they are many and may be
+        lost by design, so they don't wait for a round trip. A publish the broker
+        refuses (404: the exchange was deleted) closes this channel asynchronously; the
+        next call then finds it closed and opens a new one, forgetting the exchanges
+        declared so far so that they are declared again."""
+        ch = self._events
+        if ch is None or not ch.is_open:
+            if ch is not None:
+                self.exchanges.clear()
+            ch = self._events = self.conn.channel()
+        return ch
+
+    def main_is_open(self) -> bool:
+        return self._main is not None and bool(self._main.is_open)
+
+    def admin(self) -> Any:
+        ch = self._admin
+        if ch is None or not ch.is_open:
+            ch = self._admin = self.conn.channel()
+        return ch
+
+    def usable(self) -> bool:
+        """Still open (and ours: after a fork the child must not touch the parent's
+        socket). Pumps an idle connection first so a dead one is noticed now."""
+        if self.pid != os.getpid() or not self.conn.is_open:
+            return False
+        if time.monotonic() - self.used > IDLE_CHECK:
+            try:
+                self.conn.process_data_events(0)
+            except LINK_ERRORS:
+                return False
+        return bool(self.conn.is_open)
+
+    def declare_queue(self, name: str, arguments: dict[str, Any] | None) -> Any:
+        """Declare a durable queue; if it exists with other arguments (Celery declares
+        queues without ``x-max-priority``) the broker answers 406 and closes the
+        channel: then take the queue as it is with a passive declare."""
+        try:
+            ok = self.admin().queue_declare(name, durable=True, arguments=arguments)
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code != PRECONDITION_FAILED:
+                raise
+            log.debug("queue %s exists with other arguments (%s); using it as it is",
+                      name, exc.reply_text)
+            ok = self.admin().queue_declare(name, passive=True)
+        self.queues.add(name)
+        return ok
+
+    def declare_reply_queue(self, name: str) -> None:
+        """Declare a reply queue, exclusive to this connection. Declared with exactly
+        docs/protocol.md's arguments (§4): a queue of that name with others is an error (406)."""
+        self.admin().queue_declare(name, durable=False, exclusive=True, auto_delete=True,
+                                   arguments=REPLY_QUEUE_ARGS)
+        self.queues.add(name)
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        """Declare exchange ``name`` the way Celery declares its counterpart (see
+        ``EXCHANGES``). If it exists with other settings (406: someone made it
+        differently), take it as it is with a passive declare."""
+        if name in self.exchanges:
+            return
+        durable = EXCHANGES[kind]
+        try:
+            self.admin().exchange_declare(name, kind, durable=durable, auto_delete=False)
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code != PRECONDITION_FAILED:
+                raise
+            log.debug("exchange %s exists with other settings (%s); using it as it is",
+                      name, exc.reply_text)
+            self.admin().exchange_declare(name, passive=True)
+        self.exchanges.add(name)
+
+    def close(self) -> None:
+        if self.pid != os.getpid():
+            return  # the parent's socket: closing it politely would end its connection
+        try:
+            if self.conn.is_open:
+                self.conn.close()
+        except LINK_ERRORS:
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line cause. pika's connect errors often have an empty str() and keep
+    the real cause (e.g. ConnectionRefusedError) in their args."""
+    text = str(exc).strip()
+    if not text and exc.args:
+        text = "; ".join(str(a).strip() or repr(a) for a in exc.args)
+    return " ".join((text or type(exc).__name__).split())
+
+
+def _channel_error(exc: pex.ChannelClosedByBroker, what: str, safe: str,
+                   kind: type[QopsError] = BrokerUnreachable) -> QopsError:
+    return kind(f"RabbitMQ at {safe} refused {what}: {exc.reply_code} {exc.reply_text}")
+
+
+def _close_channel(ch: Any) -> None:
+    try:
+        if ch.is_open:
+            ch.close()
+    except LINK_ERRORS:
+        pass

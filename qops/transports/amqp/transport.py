@@ -1,0 +1,350 @@
+"""``AMQPTransport``: the Transport interface on RabbitMQ.
+
+It holds publishing (``_send``: one connection per thread, publisher confirms,
+redeclare-and-resend of a message the broker returned) and the admin calls (purge,
+queue stats) on that connection (``_admin``). Consumers, subscriptions, dead letters,
+the live-node registry and locks live in their own modules and it delegates to them.
+The wire layout and the threading rules are in the package docstring (``__init__``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import pika.exceptions as pex
+
+from qops.errors import BrokerUnreachable, PublishError
+from qops.protocol import Message
+from qops.transports.amqp import deadletters
+from qops.transports.amqp.consumer import _AMQPConsumer
+from qops.transports.amqp.link import (
+    LINK_ERRORS,
+    NOT_FOUND,
+    RESOURCE_LOCKED,
+    _channel_error,
+    _Link,
+    _reason,
+    open_connection,
+)
+from qops.transports.amqp.locks import _Locks
+from qops.transports.amqp.presence import _Presence
+from qops.transports.amqp.props import _basic_properties
+from qops.transports.amqp.subscription import _AMQPSubscription
+from qops.transports.amqp.url import parse_url
+from qops.transports.base import (
+    REPLY_PREFETCH,
+    Consumer,
+    DeadLetter,
+    QueueStats,
+    Subscription,
+    Transport,
+    TransportOptions,
+)
+
+T = TypeVar("T")
+
+
+class AMQPTransport(Transport):
+    scheme = "amqp"
+    consume_in_pool_children = True
+
+    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+        super().__init__(url, options)
+        self.params = parse_url(url)
+        self.dead_letter_queue = self.params.dead_letter_queue
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._links: weakref.WeakSet[_Link] = weakref.WeakSet()
+        self._consumers: weakref.WeakSet[_AMQPConsumer] = weakref.WeakSet()
+        self._known: set[str] = set()  # queues this transport declared or consumed
+        self._presence = _Presence(self)
+        self._locks = _Locks(self)
+
+    # -- connections ---------------------------------------------------------------------
+    def connect(self, purpose: str) -> Any:
+        """A new BlockingConnection, or BrokerUnreachable saying what to fix."""
+        return open_connection(self.params, self.options, self.safe_url(), purpose)
+
+    def _link(self) -> tuple[_Link, bool]:
+        """This thread's connection, and whether it was already open (i.e. it may have
+        died while idle, so a failure on it is worth one retry on a new one)."""
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None:
+            if link.usable():
+                return link, True
+            link.close()
+        self._local.link = None
+        link = _Link(self.connect("publisher"), confirm=self.options.confirm_publish)
+        self._local.link = link
+        with self._lock:
+            self._links.add(link)
+        return link, False
+
+    def _drop_link(self, link: _Link) -> None:
+        if getattr(self._local, "link", None) is link:
+            self._local.link = None
+        link.close()
+
+    def _admin(self, what: str, fn: Callable[[_Link], T]) -> T:
+        """Run an idempotent admin call on this thread's connection, once more on a new
+        connection if the old one turns out to be dead."""
+        for attempt in (1, 2):
+            link, reused = self._link()
+            try:
+                result = fn(link)
+                link.used = time.monotonic()
+                return result
+            except LINK_ERRORS as exc:
+                if isinstance(exc, pex.ChannelClosedByBroker):
+                    raise _channel_error(exc, what, self.safe_url()) from None
+                self._drop_link(link)
+                if attempt == 2 or not reused:
+                    raise BrokerUnreachable(
+                        f"lost the connection to RabbitMQ at {self.safe_url()} while "
+                        f"{what} ({_reason(exc)})") from None
+        raise AssertionError("unreachable")
+
+    def _queue_arguments(self) -> dict[str, Any] | None:
+        n = self.options.max_priority
+        return {"x-max-priority": n} if n and n > 0 else None
+
+    def _remember(self, queue: str) -> None:
+        with self._lock:
+            self._known.add(queue)
+
+    # -- publishing ------------------------------------------------------------------------
+    def _send(self, exchange: str, routing_key: str, body: bytes, props: Any, *,
+              queue: str | None, queue_args: dict[str, Any] | None = None,
+              exchange_kind: str | None = None, confirm: bool = True,
+              size_limit: bool = True) -> None:
+        """Publish on this thread's connection, declaring ``queue`` (or ``exchange``, of
+        ``exchange_kind``) first.
+
+        With confirms on, returns only once the broker has taken the message. A message
+        for a queue is published ``mandatory``: if the queue vanished since we declared
+        it, the broker returns it, and we declare again and resend (nothing was
+        delivered, so no duplicate); likewise a 404 for an exchange deleted since we
+        declared it. A connection that died while idle is replaced and the message sent
+        once more on the new one. ``confirm=False`` (events) publishes on the link's
+        unconfirmed channel: written to the socket, not waited for. ``size_limit=False``
+        (dead letters) skips the max_message_size check: the message is one the broker
+        already took, and it is often dead-lettered precisely for being too large."""
+        if size_limit:
+            self.check_size(repr(routing_key or exchange), body)
+        confirm = confirm and self.options.confirm_publish
+        mandatory = queue is not None and confirm
+        redeclared = False
+        attempt = 0
+        while True:
+            attempt += 1
+            link, reused = self._link()
+            try:
+                if queue is not None and queue not in link.queues:
+                    link.declare_queue(queue, queue_args)
+                    self._remember(queue)
+                if exchange_kind is not None:
+                    link.declare_exchange(exchange, exchange_kind)
+                ch = link.main() if confirm else link.events()
+                ch.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
+                link.used = time.monotonic()
+                return
+            except pex.UnroutableError:
+                if queue is not None and not redeclared:
+                    link.queues.discard(queue)
+                    redeclared = True
+                    continue
+                raise PublishError(
+                    f"RabbitMQ could not route the message to queue {routing_key!r} "
+                    "(it does not exist)") from None
+            except pex.NackError:
+                raise PublishError(
+                    f"RabbitMQ refused the message for {routing_key or exchange!r} (nack: "
+                    "queue full with overflow=reject-publish, or an internal error)"
+                ) from None
+            except pex.ChannelClosedByBroker as exc:
+                if exc.reply_code == NOT_FOUND and exchange_kind is not None \
+                        and not redeclared:
+                    # the exchange was deleted since we declared it (on the unconfirmed
+                    # channel the 404 may even be about an earlier event): declare again
+                    link.exchanges.clear()
+                    redeclared = True
+                    continue
+                # e.g. 403 on a reserved name, 406 a bad expiration; the channel reopens
+                # on the next call, the connection is fine
+                raise _channel_error(exc, f"publishing to {routing_key or exchange!r}",
+                                     self.safe_url(), PublishError) from None
+            except LINK_ERRORS as exc:
+                self._drop_link(link)
+                if attempt == 1 and reused:
+                    continue
+                raise PublishError(
+                    f"lost the connection to RabbitMQ at {self.safe_url()} while publishing "
+                    f"to {routing_key or exchange!r} ({_reason(exc)}); the message may not "
+                    "have been delivered") from None
+
+    def publish(self, queue: str, message: Message) -> None:
+        props = _basic_properties(message, delivery_mode=2)
+        self._send("", queue, message.body, props, queue=queue,
+                   queue_args=self._queue_arguments())
+
+    # -- consuming ------------------------------------------------------------------------
+    def consumer(self, queues: Sequence[str], prefetch: int,
+                 consumer_id: str | None = None) -> Consumer:
+        c = _AMQPConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
+        with self._lock:
+            self._consumers.add(c)
+        return c
+
+    def reply_consumer(self, name: str, *, exchange: str | None = None,
+                       routing_key: str | None = None) -> Consumer:
+        binding = (exchange, routing_key if routing_key is not None else name) \
+            if exchange else None
+        c = _AMQPConsumer(self, [name], REPLY_PREFETCH, uuid.uuid4().hex, reply=True,
+                          binding=binding)
+        with self._lock:
+            self._consumers.add(c)
+        return c
+
+    def send_reply(self, name: str, message: Message) -> None:
+        # transient (the queue is), not declared, not mandatory: see the package doc
+        props = _basic_properties(message, delivery_mode=1)
+        self._send("", name, message.body, props, queue=None)
+
+    def _in_flight(self, queue: str) -> int:
+        """Messages of ``queue`` reserved by this transport's consumers.
+
+        AMQP can tell how many messages are ready and how many consumers a queue has,
+        not how many are unacknowledged: that needs the management plugin's HTTP API,
+        which qops doesn't require. So in_flight counts what this process holds; other
+        processes' reservations are not seen."""
+        with self._lock:
+            consumers = list(self._consumers)
+        return sum(c.held(queue) for c in consumers)
+
+    # -- queues ------------------------------------------------------------------------------
+    def purge(self, queue: str) -> int:
+        def run(link: _Link) -> int:
+            try:
+                return int(link.admin().queue_purge(queue).method.message_count)
+            except pex.ChannelClosedByBroker as exc:
+                if exc.reply_code == NOT_FOUND:
+                    return 0
+                raise
+
+        return self._admin(f"purging {queue!r}", run)
+
+    def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        listed = queues is None
+        if queues is None:
+            with self._lock:
+                names = sorted(self._known - {self.dead_letter_queue})
+        else:
+            names = list(queues)
+
+        def run(link: _Link) -> list[QueueStats]:
+            out = []
+            for name in names:
+                ready = consumers = 0
+                try:
+                    ok = link.admin().queue_declare(name, passive=True).method
+                    ready, consumers = ok.message_count, ok.consumer_count
+                except pex.ChannelClosedByBroker as exc:
+                    if exc.reply_code == NOT_FOUND:
+                        if listed:  # deleted since we saw it
+                            continue
+                    elif exc.reply_code != RESOURCE_LOCKED:  # exclusive to another conn.
+                        raise
+                out.append(QueueStats(name, int(ready), self._in_flight(name), int(consumers)))
+            return out
+
+        return self._admin("reading queue stats", run)
+
+    def queue_exists(self, queue: str) -> bool:
+        def run(link: _Link) -> bool:
+            try:
+                link.admin().queue_declare(queue, passive=True)
+                return True
+            except pex.ChannelClosedByBroker as exc:
+                if exc.reply_code == NOT_FOUND:
+                    return False
+                if exc.reply_code == RESOURCE_LOCKED:  # exists, exclusive to someone else
+                    return True
+                raise
+
+        return self._admin(f"checking queue {queue!r}", run)
+
+    # -- fanout -------------------------------------------------------------------------------
+    def broadcast(self, channel: str, message: Message, *,
+                  routing_key: str | None = None) -> None:
+        """Without ``routing_key``: a confirmed publish to the fanout exchange
+        ``channel`` (remote control). With one: an event, published unconfirmed to the
+        topic exchange ``channel``. Both transient and not mandatory, like Celery's:
+        a broadcast is for the subscribers of the moment, and nobody listening is fine."""
+        props = _basic_properties(message, delivery_mode=1)
+        if routing_key is None:
+            self._send(channel, "", message.body, props, queue=None, exchange_kind="fanout")
+        else:
+            self._send(channel, routing_key, message.body, props, queue=None,
+                       exchange_kind="topic", confirm=False)
+
+    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+        return _AMQPSubscription(self, channel, pattern)
+
+    # -- the live-node registry ------------------------------------------------------------
+    def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        """Make sure this process holds a consumer for ``name`` on the presence queue
+        (``info`` and ``ttl`` are not needed: the broker drops the consumer with its
+        connection, at once when the process dies). Each call (every worker heartbeat)
+        also pumps that connection, which sends its AMQP heartbeats."""
+        self._presence.register(name)
+
+    def unregister_node(self, name: str) -> None:
+        self._presence.unregister(name)
+
+    def live_nodes(self) -> int:
+        """How many nodes hold a consumer on the presence queue (0 if there is none)."""
+        return self._presence.count()
+
+    # -- dead letters (see ``deadletters``) ----------------------------------------------------
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
+        deadletters.dead_letter(self, queue, raw, reason, None)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return deadletters.list_dead_letters(self, limit)
+
+    def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        return deadletters.requeue_dead_letters(self, ids)
+
+    def purge_dead_letters(self) -> int:
+        return deadletters.purge_dead_letters(self)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def ping(self) -> None:
+        self._admin("connecting", lambda link: None)
+
+    def close(self) -> None:
+        """Close every publisher connection this transport opened (in any thread: call
+        it when no other thread is publishing). Consumers and subscriptions are closed
+        by their owners."""
+        with self._lock:
+            links = list(self._links)
+            self._links = weakref.WeakSet()
+        self._local.link = None
+        for link in links:
+            link.close()
+        self._locks.close()
+        self._presence.close()
+
+    # -- locks (one beat per schedule) ------------------------------------------------------
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """See ``locks``: an exclusive queue on a connection the holder keeps open.
+        ``ttl`` is not needed."""
+        return self._locks.acquire(name, owner)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        self._locks.release(name, owner)

@@ -1,0 +1,66 @@
+"""The broker URL of the AMQP transport: ``amqp://user:pass@host:5672/vhost?options``.
+
+``parse_url`` reads it the way kombu does into ``AMQPParams``. Query options:
+``heartbeat`` (AMQP heartbeat in seconds, default 60, 0 = off), ``dead_letter_queue``
+(default ``qops.dlq``), ``blocked_connection_timeout`` (seconds, default 60: how long a
+publish may wait while the broker blocks publishers, e.g. on a memory alarm, before it
+fails with PublishError instead of hanging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from qops.errors import UsageError
+from qops.transports.base import mask_password
+
+DEAD_LETTER_QUEUE = "qops.dlq"
+DEFAULT_HEARTBEAT = 60
+DEFAULT_BLOCKED_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class AMQPParams:
+    host: str
+    port: int
+    vhost: str
+    user: str
+    password: str
+    tls: bool
+    heartbeat: int
+    dead_letter_queue: str
+    blocked_connection_timeout: float
+
+
+def parse_url(url: str) -> AMQPParams:
+    """Split an ``amqp://`` URL the way kombu does: ``/x`` is vhost ``x``; an empty
+    path, ``/`` or ``//`` is vhost ``/``; every part is percent-decoded."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"bad broker URL {mask_password(url)!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("amqp", "amqps", "pyamqp"):
+        raise UsageError(f"not an AMQP URL: {mask_password(url)!r}")
+    path = parts.path
+    vhost = "/" if path in ("", "/") else unquote(path[1:])
+    query = dict(parse_qsl(parts.query))
+    try:
+        heartbeat = int(query.get("heartbeat", DEFAULT_HEARTBEAT))
+        blocked = float(query.get("blocked_connection_timeout", DEFAULT_BLOCKED_TIMEOUT))
+    except ValueError as exc:
+        raise UsageError(f"bad option in broker URL {mask_password(url)!r}: {exc}") from None
+    tls = scheme == "amqps"
+    return AMQPParams(
+        host=parts.hostname or "localhost",
+        port=port or (5671 if tls else 5672),
+        vhost=vhost,
+        user=unquote(parts.username) if parts.username is not None else "guest",
+        password=unquote(parts.password) if parts.password is not None else "guest",
+        tls=tls,
+        heartbeat=max(0, heartbeat),
+        dead_letter_queue=query.get("dead_letter_queue") or DEAD_LETTER_QUEUE,
+        blocked_connection_timeout=blocked,
+    )

@@ -339,7 +339,19 @@ def _num(value: Any) -> float | None:
 
 
 def parse_task_message(message: Message) -> TaskRequest:
-    """Validate and parse a v2 task message. Raises ProtocolError with the reason."""
+    """Validate and parse a v2 task message. Raises ProtocolError with the reason, for
+    whatever is wrong with it (a field of a type nothing checks for, JSON nested too
+    deep, ...): the worker dead-letters a message that raises it, and nothing else."""
+    try:
+        return _parse_task_message(message)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise ProtocolError(f"malformed task message ({type(exc).__name__}): {text}") from None
+
+
+def _parse_task_message(message: Message) -> TaskRequest:
     headers = message.headers or {}
     if "task" not in headers:
         raise ProtocolError("protocol v1 message (no 'task' header): not supported")
@@ -371,8 +383,10 @@ def parse_task_message(message: Message) -> TaskRequest:
         timelimit = [None, None]
     try:
         retries = int(headers.get("retries") or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ProtocolError("retries is not a number") from None
+    if retries < 0:
+        raise ProtocolError(f"retries is negative ({retries})")
     prio = message.properties.get("priority")
     return TaskRequest(
         id=task_id,

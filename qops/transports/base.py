@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,36 @@ class Delivery:
     message: Message | None = None
     error: str | None = None
     redelivered: bool = False
+
+
+#: longest ``Delivery.error`` kept: an exception's text can quote the whole message
+MAX_REASON = 500
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s text on one line (its class name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def make_delivery(queue: str, tag: Any, raw: bytes, decode: Callable[[bytes], Message],
+                  redelivered: bool = False) -> Delivery:
+    """The one place where a consumer turns what it reserved into a ``Delivery``.
+
+    ``decode`` is the transport's (the kombu envelope on Redis, SQLite and memory; the
+    AMQP properties on RabbitMQ). Whatever it raises -- not only ValueError: a
+    RecursionError on absurdly nested JSON, a TypeError on a field of the wrong type --
+    the delivery comes back with ``error`` set to a one-line reason and no ``message``,
+    and the worker dead-letters it: a message that can't be decoded must never stay
+    reserved nor stop the consumer."""
+    d = Delivery(queue=queue, tag=tag, raw=raw, redelivered=redelivered)
+    try:
+        d.message = decode(raw)
+    except Exception as exc:
+        reason = one_line(exc)
+        if not isinstance(exc, ValueError):  # the decoders' own reasons are ValueErrors
+            reason = f"undecodable message ({type(exc).__name__}): {reason}"
+        d.error = reason if len(reason) <= MAX_REASON else reason[:MAX_REASON - 3] + "..."
+    return d
 
 
 @dataclass
@@ -398,7 +428,9 @@ class Backoff:
 
 
 class PrefetchGate:
-    """Counts reserved-but-unsettled deliveries for transports that poll (SQLite, Redis)."""
+    """Counts reserved-but-unsettled deliveries (the Redis reply consumer's). Superseded
+    by ``qops.transports.prefetch.Prefetch``, which every other consumer uses: it goes
+    once that consumer uses it too."""
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)

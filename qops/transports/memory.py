@@ -25,16 +25,18 @@ from qops.transports.base import (
     Subscription,
     Transport,
     TransportOptions,
+    make_delivery,
     topic_matches,
 )
+from qops.transports.prefetch import Prefetch
 
 
 @dataclass
 class _State:
     lock: threading.Condition = field(default_factory=threading.Condition)
     queues: dict[str, deque[bytes]] = field(default_factory=dict)
-    # consumer id -> {tag: (queue, raw)}
-    in_flight: dict[str, dict[str, tuple[str, bytes]]] = field(default_factory=dict)
+    # consumer id -> its books: tag -> (queue, raw) of each message it holds
+    in_flight: dict[str, Prefetch[tuple[str, bytes]]] = field(default_factory=dict)
     consumers: dict[str, list[str]] = field(default_factory=dict)
     subscribers: dict[str, list[_MemorySubscription]] = field(default_factory=dict)
     dead: dict[str, DeadLetter] = field(default_factory=dict)
@@ -65,7 +67,7 @@ class MemoryTransport(Transport):
             # qops scale: 9 runs first; keep the deque ordered by priority, FIFO within one
             q.append(raw)
             if message.priority:
-                items = sorted(q, key=lambda r: -decode_envelope(r).priority)
+                items = sorted(q, key=lambda r: -_priority(r))
                 q.clear()
                 q.extend(items)
             st.lock.notify_all()
@@ -106,8 +108,8 @@ class MemoryTransport(Transport):
                 set(st.queues) - st.replies)
             out = []
             for name in names:
-                flight = sum(1 for held in st.in_flight.values()
-                             for (qn, _) in held.values() if qn == name)
+                flight = sum(1 for books in st.in_flight.values()
+                             for (qn, _) in books.held.values() if qn == name)
                 cons = sum(1 for qs in st.consumers.values() if name in qs)
                 out.append(QueueStats(name, len(st.queues.get(name, ())), flight, cons))
             return out
@@ -194,13 +196,15 @@ class _MemoryConsumer(Consumer):
                  cid: str, reply: str | None = None) -> None:
         self.transport = transport
         self.id = cid
-        self.prefetch = max(1, prefetch)
-        self._exempt: set[str] = set()
-        self.reply = reply  # the reply queue this consumer owns, if it is a reply consumer
         st = transport.state
+        # kept under the state's lock, which get() waits on for messages too
+        self._books: Prefetch[tuple[str, bytes]] = Prefetch(prefetch, st.lock)
+        self.prefetch = self._books.limit
+        self.reply = reply  # the reply queue this consumer owns, if it is a reply consumer
+        self._closed = False
         with st.lock:
             st.consumers[cid] = list(queues)
-            st.in_flight[cid] = {}
+            st.in_flight[cid] = self._books
 
     @property
     def queues(self) -> list[str]:
@@ -208,44 +212,46 @@ class _MemoryConsumer(Consumer):
             return list(self.transport.state.consumers.get(self.id, []))
 
     def get(self, timeout: float) -> Delivery | None:
+        got = self._reserve(time.monotonic() + timeout)
+        if got is None:
+            return None
+        queue, tag, raw = got
+        return make_delivery(queue, tag, raw, decode_envelope)  # outside the lock
+
+    def _reserve(self, deadline: float) -> tuple[str, int, bytes] | None:
+        """Wait for room and a message until ``deadline``; hold it."""
         st = self.transport.state
-        deadline = time.monotonic() + timeout
         with st.lock:
-            while True:
-                held = st.in_flight.get(self.id)
-                if held is None:
-                    return None
-                if len(held) - len(self._exempt & held.keys()) < self.prefetch:
-                    for q in st.consumers.get(self.id, []):
-                        dq = st.queues.get(q)
-                        if dq:
-                            raw = dq.popleft()
-                            tag = uuid.uuid4().hex
-                            held[tag] = (q, raw)
-                            d = Delivery(queue=q, tag=tag, raw=raw)
-                            try:
-                                d.message = decode_envelope(raw)
-                            except ValueError as exc:
-                                d.error = str(exc)
-                            return d
+            while not self._closed:
+                got = self._take_locked() if self._books.room_locked() else None
+                if got is not None:
+                    return got
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                st.lock.wait(left)
+                self._books.wait_locked(left)
+            return None
+
+    def _take_locked(self) -> tuple[str, int, bytes] | None:
+        """The next message of our queues, held now (with the state's lock held)."""
+        st = self.transport.state
+        for q in st.consumers.get(self.id, []):
+            dq = st.queues.get(q)
+            if dq:
+                raw = dq.popleft()
+                return q, self._books.take_locked((q, raw)), raw
+        return None
 
     def exempt(self, delivery: Delivery) -> None:
-        with self.transport.state.lock:
-            self._exempt.add(delivery.tag)
-            self.transport.state.lock.notify_all()
+        self._books.exempt(delivery.tag)
 
     def _settle(self, delivery: Delivery, requeue: bool) -> None:
         st = self.transport.state
         with st.lock:
-            self._exempt.discard(delivery.tag)
-            item = st.in_flight.get(self.id, {}).pop(delivery.tag, None)
-            if item and requeue:
+            item = self._books.settle_locked(delivery.tag)
+            if item is not None and requeue:
                 st.queues.setdefault(item[0], deque()).appendleft(item[1])
-            st.lock.notify_all()
+                st.lock.notify_all()  # for every consumer of that queue
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, requeue=False)
@@ -277,7 +283,9 @@ class _MemoryConsumer(Consumer):
     def close(self) -> None:
         st = self.transport.state
         with st.lock:
-            held = st.in_flight.pop(self.id, {})
+            self._closed = True
+            st.in_flight.pop(self.id, None)
+            held = self._books.clear_locked()
             st.consumers.pop(self.id, None)
             if self.reply is not None:
                 # the reply queue ends with its consumer, unread replies with it
@@ -287,6 +295,15 @@ class _MemoryConsumer(Consumer):
                 for q, raw in reversed(list(held.values())):
                     st.queues.setdefault(q, deque()).appendleft(raw)
             st.lock.notify_all()
+
+
+def _priority(raw: bytes) -> int:
+    """The priority of a queued message; 0 for one that can't be decoded (it is
+    dead-lettered when reserved: it must not stop publishes to its queue now)."""
+    try:
+        return decode_envelope(raw).priority
+    except Exception:
+        return 0
 
 
 class _MemorySubscription(Subscription):

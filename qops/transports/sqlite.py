@@ -41,8 +41,10 @@ from qops.transports.base import (
     Subscription,
     Transport,
     TransportOptions,
+    make_delivery,
     topic_matches,
 )
+from qops.transports.prefetch import Prefetch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -399,11 +401,9 @@ class SQLiteConsumer(Consumer):
         self.transport = transport
         self.db = transport.db
         self.id = cid
-        self.prefetch = max(1, prefetch)
+        self._books: Prefetch[str] = Prefetch(prefetch)  # row id -> queue, for the rows held
+        self.prefetch = self._books.limit
         self._queues = list(queues)
-        self._held: set[int] = set()  # rows reserved and not yet settled
-        self._exempt: set[int] = set()  # held rows that don't count against the prefetch
-        self._lock = threading.Lock()
         self._backoff = Backoff(0.001, 0.05)
         with self.db.write() as conn:
             self._register(conn)
@@ -433,46 +433,36 @@ class SQLiteConsumer(Consumer):
             if rows:
                 conn.executemany("UPDATE messages SET consumer = ? WHERE id = ?",
                                  [(self.id, r[0]) for r in rows])
-        out = []
-        for row_id, queue, payload, redelivered in rows:
-            raw = bytes(payload)
-            d = Delivery(queue=queue, tag=row_id, raw=raw, redelivered=bool(redelivered))
-            try:
-                d.message = decode_envelope(raw)
-            except ValueError as exc:
-                d.error = str(exc)
-            out.append(d)
-        return out
+        return [make_delivery(queue, row_id, bytes(payload), decode_envelope,
+                              redelivered=bool(redelivered))
+                for row_id, queue, payload, redelivered in rows]
 
     def get(self, timeout: float) -> Delivery | None:
         # Reserve one row a call: the rows this consumer holds are all in the database
         # (never only in memory), so a crash can't lose them.
         deadline = time.monotonic() + timeout
         while True:
-            with self._lock:
-                room = self.prefetch - len(self._held - self._exempt)
-            if room > 0:
-                got = self._reserve(1)
-                if got:
-                    with self._lock:
-                        self._held.add(got[0].tag)
-                    self._backoff.reset()
-                    return got[0]
+            if not self._books.room():
+                # full: a settlement (any thread) ends the wait
+                if not self._books.wait_for_room(deadline - time.monotonic()):
+                    return None
+                continue
+            got = self._reserve(1)
+            if got:
+                self._books.hold(got[0].tag, got[0].queue)
+                self._backoff.reset()
+                return got[0]
             if not self._backoff.sleep(deadline):
                 return None
 
     def _settle(self, delivery: Delivery, sql: str) -> None:
         with self.db.write() as conn:
             conn.execute(sql, (delivery.tag, self.id))
-        with self._lock:
-            self._held.discard(delivery.tag)
-            self._exempt.discard(delivery.tag)
+        self._books.settle(delivery.tag)
         self._backoff.reset()
 
     def exempt(self, delivery: Delivery) -> None:
-        with self._lock:
-            if delivery.tag in self._held:
-                self._exempt.add(delivery.tag)
+        self._books.exempt(delivery.tag)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, "DELETE FROM messages WHERE id = ? AND consumer = ?")
@@ -489,9 +479,7 @@ class SQLiteConsumer(Consumer):
                          (uuid.uuid4().hex, delivery.queue, reason, delivery.raw, time.time()))
             conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?",
                          (delivery.tag, self.id))
-        with self._lock:
-            self._held.discard(delivery.tag)
-            self._exempt.discard(delivery.tag)
+        self._books.settle(delivery.tag)
 
     def heartbeat(self) -> None:
         with self.db.write() as conn:
@@ -520,8 +508,7 @@ class SQLiteConsumer(Consumer):
             conn.execute("UPDATE messages SET consumer = NULL, redelivered = 1 "
                          "WHERE consumer = ?", (self.id,))
             conn.execute("DELETE FROM consumers WHERE id = ?", (self.id,))
-        with self._lock:
-            self._held.clear()
+        self._books.clear()
 
 
 class SQLiteReplyConsumer(ReplyOnly, SQLiteConsumer):
@@ -559,8 +546,7 @@ class SQLiteReplyConsumer(ReplyOnly, SQLiteConsumer):
                                    (self.reply, self.id)).rowcount
             if deleted:  # (not if recover() took it already and someone reopened it)
                 conn.execute("DELETE FROM messages WHERE queue = ?", (self.reply,))
-        with self._lock:
-            self._held.clear()
+        self._books.clear()
 
 
 class SQLiteSubscription(Subscription):
@@ -587,7 +573,7 @@ class SQLiteSubscription(Subscription):
                     continue
                 try:
                     return decode_envelope(bytes(row[1]))
-                except ValueError:
+                except Exception:  # a bad broadcast must not stop the listener
                     continue
             if not self._backoff.sleep(deadline):
                 return None

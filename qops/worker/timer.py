@@ -78,7 +78,10 @@ class Timer:
             with self._cond:
                 while not self._stopped and (
                         not self._heap or self._heap[0][0] > time.time()):
-                    wait = None if not self._heap else self._heap[0][0] - time.time()
+                    # (at most an hour at a time: a wait past threading.TIMEOUT_MAX, for
+                    # an ETA in the year 9999, would raise and end this thread)
+                    wait = None if not self._heap else \
+                        min(self._heap[0][0] - time.time(), 3600.0)
                     self._cond.wait(wait)
                 if self._stopped:
                     return

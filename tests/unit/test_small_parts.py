@@ -58,6 +58,22 @@ def test_timer_orders_calls() -> None:
     assert t.drain() == ["late"]
 
 
+def test_timer_survives_a_call_in_the_year_9999() -> None:
+    """An ETA that far ahead is a wait past threading.TIMEOUT_MAX: the timer thread must
+    not die of it (every later ETA task would never run)."""
+    t = Timer()
+    t.start()
+    got: list[int] = []
+    t.call_later(2.5e11, lambda: got.append(9999), item="far")
+    time.sleep(0.05)
+    t.call_later(0.05, lambda: got.append(1))
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [1]
+    assert t.drain() == ["far"]
+
+
 def test_hoisting_global_options() -> None:
     assert hoist_global_options(["worker", "-A", "proj", "-c", "2"]) == \
         ["-A", "proj", "worker", "-c", "2"]

@@ -1,0 +1,70 @@
+"""The prefetch books every consumer keeps, and the one place raw bytes become a Delivery."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from qops.protocol import Message, decode_envelope, encode_envelope
+from qops.transports.base import MAX_REASON, make_delivery
+from qops.transports.prefetch import Prefetch
+
+
+def test_room_counts_held_minus_exempt_and_pending() -> None:
+    books: Prefetch[str] = Prefetch(3)
+    assert books.room() == 3
+    books.hold(10, "q")
+    books.hold(11, "q")
+    assert books.room() == 1 and books.room(pending=1) == 0 and books.room(pending=5) == 0
+    assert books.exempt(10) and not books.exempt(10) and not books.exempt(99)
+    assert books.room() == 2
+    assert books.settle(10) == "q" and books.settle(10) is None
+    assert books.exempted == set() and books.room() == 2
+    assert books.peek(11) == "q"
+    assert books.clear() == {11: "q"} and books.room() == 3
+
+
+def test_take_makes_sequence_tags() -> None:
+    books: Prefetch[tuple[str, bytes]] = Prefetch(0)  # a prefetch below 1 is 1
+    assert books.limit == 1
+    with books.cond:
+        assert books.take_locked(("q", b"a")) == 1
+        assert books.take_locked(("q", b"b")) == 2
+        assert books.room_locked() == 0
+        assert list(books.held) == [1, 2]
+
+
+def test_a_settlement_from_another_thread_ends_the_wait() -> None:
+    books: Prefetch[str] = Prefetch(1)
+    books.hold("t", "q")
+    assert not books.wait_for_room(0.05)
+    threading.Timer(0.1, books.settle, ("t",)).start()
+    start = time.monotonic()
+    assert books.wait_for_room(5)
+    assert time.monotonic() - start < 2
+    books.hold("u", "q")
+    threading.Timer(0.1, books.exempt, ("u",)).start()
+    assert books.wait_for_room(5)
+    assert not books.wait_for_room(0.05, pending=lambda: 1)
+
+
+def test_make_delivery_catches_anything_the_decoder_raises() -> None:
+    raw = encode_envelope("q", Message(body=b"[[], {}, {}]", headers={"task": "t"}))
+    good = make_delivery("q", 7, raw, decode_envelope, redelivered=True)
+    assert good.error is None and good.message is not None and good.redelivered
+    assert good.message.headers == {"task": "t"} and good.tag == 7
+
+    bad = make_delivery("q", 1, b"{nope", decode_envelope)
+    assert bad.message is None and bad.error is not None
+    assert bad.error.startswith("invalid JSON envelope")  # a decoder's own reason, as is
+
+    deep = make_delivery("q", 2, b"[" * 200_000 + b"]" * 200_000, decode_envelope)
+    assert deep.message is None and deep.error is not None
+    assert deep.error.startswith("undecodable message (RecursionError): ")
+
+    def boom(raw: bytes) -> Message:
+        raise KeyError("x\ny" * 1000)
+
+    long = make_delivery("q", 3, b"", boom)
+    assert long.error is not None and "\n" not in long.error
+    assert len(long.error) == MAX_REASON and long.error.endswith("...")

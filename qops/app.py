@@ -19,7 +19,7 @@ from qops.settings import Settings, default_broker_url
 from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
 
-# Names on the wire for each compatibility preset (PROTOCOL.md).
+# Names on the wire for each compatibility preset (docs/protocol.md).
 NAMES = {
     "qops": {"queue": "qops", "mailbox": "qops.pidbox", "events": "qopsev",
              "result_prefix": "qops-task-meta-"},

@@ -1,6 +1,6 @@
 """Workflows: chain, group, chord.
 
-They are signatures (PROTOCOL.md §1 dicts) like Celery's, with ``subtask_type``
+They are signatures (docs/protocol.md §1.3 dicts) like Celery's, with ``subtask_type``
 ``chain``/``group``/``chord`` and the members in ``kwargs``, so they travel in messages:
 
 - A **chain** travels inside the message: the first task is sent with the rest in its

@@ -1,6 +1,6 @@
 """One exception tree for qops. Every error knows the exit code the CLI turns it into.
 
-Exit codes (OPS.md): 0 ok, 1 failed, 2 usage, 69 no node replied, 73 cannot create
+Exit codes (docs/commands.md): 0 ok, 1 failed, 2 usage, 69 no node replied, 73 cannot create
 (pidfile held), 74 broker/backend unreachable, 75 partial, 77 privileges.
 """
 

@@ -1,4 +1,4 @@
-"""Events (PROTOCOL.md §5): worker-online/heartbeat/offline and task-* events.
+"""Events (docs/protocol.md §5): worker-online/heartbeat/offline and task-* events.
 
 Events go out on the ``<events>`` exchange (``qopsev``; ``celeryev`` with the celery
 preset): topic on RabbitMQ, a fanout channel with the routing key appended on Redis.

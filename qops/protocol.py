@@ -1,6 +1,6 @@
 """Celery task message protocol v2 (JSON only): build, parse, and the JSON type tags.
 
-See PROTOCOL.md §1. Non-JSON values travel as ``{"__type__": ..., "__value__": ...}``.
+See docs/protocol.md §1. Non-JSON values travel as ``{"__type__": ..., "__value__": ...}``.
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def _positional_bounds(sig: inspect.Signature, skip: int) -> tuple[int, int | No
 
 class Signature(dict[str, Any]):
     """A task call that can be sent later: ``add.s(2, 2)``. It is a dict so it travels
-    in messages as PROTOCOL.md §1 describes."""
+    in messages as docs/protocol.md §1.3 describes."""
 
     def __init__(self, task: str | dict[str, Any], args: Iterable[Any] | None = None,
                  kwargs: dict[str, Any] | None = None, options: dict[str, Any] | None = None,

@@ -1,7 +1,7 @@
 """Result backends: the public logic lives here; subclasses implement _get/_store/_delete
 and, where the store can wake a waiter, _wait.
 
-A result is Celery's meta dict (PROTOCOL.md §4)::
+A result is Celery's meta dict (docs/protocol.md §6)::
 
     {"status": "SUCCESS", "result": 42, "traceback": null, "children": [],
      "date_done": "...", "task_id": "..."}

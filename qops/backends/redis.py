@@ -1,4 +1,4 @@
-"""Results in Redis, in Celery's layout (PROTOCOL.md §4): ``<prefix><task id>`` holds the
+"""Results in Redis, in Celery's layout (docs/protocol.md §6.1): ``<prefix><task id>`` holds the
 meta JSON; every write is published on the same name, so a waiting client wakes at once."""
 
 from __future__ import annotations

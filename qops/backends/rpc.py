@@ -3,7 +3,7 @@
 The client (the process that sends tasks) opens one reply queue per process, named by a
 random id (its "oid"), and puts that name in the ``reply_to`` of every task it sends.
 The worker publishes each state of the task (STARTED, RETRY, SUCCESS, ...) as the usual
-meta dict (PROTOCOL.md §4) to that queue with ``correlation_id`` = the task id, and
+meta dict (docs/protocol.md §6.2) to that queue with ``correlation_id`` = the task id, and
 stores nothing anywhere. The client files what arrives by task id.
 
 What follows from that, as with Celery's rpc backend:

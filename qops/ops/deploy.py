@@ -1,4 +1,4 @@
-"""Deployment configs for systemd and supervisor (OPS.md "Deployment configs").
+"""Deployment configs for systemd and supervisor (docs/production.md).
 
 ``systemd_files()`` and ``supervisor_config()`` fill the templates in
 ``qops/ops/templates/``. Each signal and timeout setting there carries a one-line

@@ -1,4 +1,4 @@
-"""Node names and the one ``%`` template grammar (OPS.md "Node names and templating").
+"""Node names and the one ``%`` template grammar (docs/commands.md, "multi" and "Templates").
 
 For node ``w1@web.example.com``: ``%n`` w1, ``%h`` web.example.com, ``%d`` example.com,
 ``%p`` w1@web.example.com, ``%i`` pool process index (0 in the main process), ``%I``

@@ -1,4 +1,4 @@
-"""The root guard (OPS.md): workers, beat and ``multi start`` refuse to run as root.
+"""The root guard (docs/commands.md, exit code 77): workers, beat and ``multi start`` refuse to run as root.
 
 Running task code as root turns any bug in a task -- or any message an attacker can put
 on the broker -- into root on the host. The guard is checked before anything forks.

@@ -118,8 +118,8 @@ class TransportOptions:
 #: so there is no other consumer to share them with
 REPLY_PREFETCH = 1000
 #: seconds a reply (Redis) or an idle reply queue seen from another host (SQLite) is
-#: kept without a sign of life from its consumer; AMQP's x-message-ttl 300000 (PROTOCOL
-#: section 3) is the same bound
+#: kept without a sign of life from its consumer; AMQP's x-message-ttl 300000
+#: (docs/protocol.md §3.1) is the same bound
 REPLY_TTL = 300
 
 

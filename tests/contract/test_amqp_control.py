@@ -26,7 +26,7 @@ from qops.transports.amqp import AMQPTransport
 
 pytestmark = pytest.mark.amqp
 
-#: kombu's pidbox worker queue arguments (PROTOCOL.md §3)
+#: kombu's pidbox worker queue arguments (docs/protocol.md §4)
 PIDBOX_QUEUE_ARGS = {"x-expires": 10000, "x-message-ttl": 300000}
 
 

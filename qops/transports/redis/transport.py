@@ -152,7 +152,7 @@ def binding_member(queue: str) -> str:
 
 
 def _load_script(name: str) -> str:
-    return resources.files("qops.transports").joinpath(name).read_text("utf-8")
+    return resources.files(__package__).joinpath("lua").joinpath(name).read_text("utf-8")
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -195,17 +195,17 @@ class RedisTransport(Transport):
                                      socket_timeout=max(30.0, self.options.connect_timeout))
         self._client = redis.Redis(connection_pool=self._pool)
         self.db = int(self._pool.connection_kwargs.get("db") or 0)
-        self._lua_reserve = self._client.register_script(_load_script("redis_reserve.lua"))
-        self._lua_requeue = self._client.register_script(_load_script("redis_requeue.lua"))
-        self._lua_reject = self._client.register_script(_load_script("redis_reject.lua"))
-        self._lua_restore = self._client.register_script(_load_script("redis_restore.lua"))
-        self._lua_dlq_requeue = self._client.register_script(_load_script("redis_dlq_requeue.lua"))
+        self._lua_reserve = self._client.register_script(_load_script("reserve.lua"))
+        self._lua_requeue = self._client.register_script(_load_script("requeue.lua"))
+        self._lua_reject = self._client.register_script(_load_script("reject.lua"))
+        self._lua_restore = self._client.register_script(_load_script("restore.lua"))
+        self._lua_dlq_requeue = self._client.register_script(_load_script("dlq_requeue.lua"))
         self._lua_register_node = self._client.register_script(
-            _load_script("redis_register_node.lua"))
-        self._lua_live_nodes = self._client.register_script(_load_script("redis_live_nodes.lua"))
-        self._lua_lock_renew = self._client.register_script(_load_script("redis_lock_renew.lua"))
+            _load_script("register_node.lua"))
+        self._lua_live_nodes = self._client.register_script(_load_script("live_nodes.lua"))
+        self._lua_lock_renew = self._client.register_script(_load_script("lock_renew.lua"))
         self._lua_lock_release = self._client.register_script(
-            _load_script("redis_lock_release.lua"))
+            _load_script("lock_release.lua"))
         self._nodes_swept = 0.0  # when live_nodes() last forgot expired nodes
         # Queues whose kombu binding this transport has already written (kombu caches
         # declarations the same way): publishing then costs one LPUSH.

@@ -1,51 +1,4 @@
-"""Redis transport: kombu's list layout on the wire, qops's own in-flight tracking.
-
-Wire layout (PROTOCOL.md section 2), shared with Celery/kombu so that tasks flow both ways:
-
-- a queue is a list ``<queue>``; priority steps 3, 6, 9 live in ``<queue>\\x06\\x16<step>``.
-  Producers LPUSH the JSON envelope, consumers take from the right (FIFO) and read the
-  steps in order 0, 3, 6, 9 (on the wire step 0 runs first). qops's priority scale (9
-  runs first) maps to the wire step ``9 - p`` floored to 0/3/6/9; unset goes to step 0.
-- ``_kombu.binding.<queue>`` holds ``"<queue>\\x06\\x16\\x06\\x16<queue>"`` (kombu's layout
-  for a queue bound to the exchange of the same name), so kombu and ``purge``/
-  ``queue_stats`` can discover the queue.
-- broadcasts go to the pub/sub channel ``/<db>.<channel>`` (remote control: subscribers
-  SUBSCRIBE to exactly that), events to ``/<db>.<channel>/<routing key>`` (kombu's
-  fanout_patterns layout, as Celery's ``/0.celeryev/worker.heartbeat``: subscribers
-  PSUBSCRIBE ``/<db>.<channel>/<glob>`` and filter the routing keys by topic).
-
-qops's own keys (never kombu's ``unacked``/``unacked_index``/``unacked_mutex``):
-
-- ``qops.consumers``: set of registered consumer ids.
-- ``qops.alive.<cid>``: heartbeat, TTL = heartbeat_ttl; gone = the consumer is dead.
-- ``qops.consumer.<cid>``: hash (queues as JSON, pid, host) for stats.
-- ``qops.sources.<cid>``: set of the list names the consumer took messages from.
-- ``qops.unacked.<cid>/<list name>``: the messages taken from that list and not yet
-  settled. Keeping one in-flight list per source list means a message always goes back
-  exactly where it came from, without trusting what the payload says.
-- ``qops.dlq`` (hash id -> JSON record) and ``qops.dlq.index`` (zset id by time).
-- ``qops.nodes`` (zset node name -> alive until, unix time by the server's clock) and
-  ``qops.nodes.info`` (hash node name -> JSON): the live-node registry.
-
-Reply queues are plain lists ``<name>`` (kombu's layout for a reply to the default
-exchange): ``send_reply`` LPUSHes and sets an EXPIRE of ``REPLY_TTL`` in one MULTI, so
-a reply nobody reads is gone after that long; the reply consumer refreshes the EXPIRE
-while it lives and deletes the list on ``close()``. They have no kombu binding and no
-in-flight lists, so they never show up in ``queue_stats(None)``; a reply consumer opened
-with an exchange and routing key also writes kombu's binding (``_kombu.binding.reply.
-<mailbox>``) so that Celery nodes can reply to it, and ``queue_stats(None)`` skips the
-``_kombu.binding.reply.*`` sets. A reply taken and not
-yet acked lives only in the consumer: if that process dies, so does the one reader the
-reply was for (AMQP's exclusive reply queues go the same way).
-
-The optional URL query ``global_keyprefix=`` is prepended to every key and channel.
-
-Taking a message and recording it in flight is one atomic step: the Lua script
-``redis_reserve.lua`` moves a batch, and when nothing is ready the consumer waits with
-BLMOVE (also atomic) on one list at a time, for a short slice, then checks all lists
-again. Acks are queued and ride with the next reserve (same script, same round trip);
-see ``RedisConsumer``. Lua scripts live in ``redis_*.lua`` next to this module.
-"""
+"""``RedisTransport`` and its consumers (the wire layout is in the package doc)."""
 
 from __future__ import annotations
 
@@ -63,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -85,14 +37,24 @@ from qops.transports.base import (
     TransportOptions,
     topic_matches,
 )
+from qops.transports.redis.names import (
+    BINDING_PREFIX,
+    NODES,
+    NODES_INFO,
+    SEP,
+    STEPS,
+    binding_member,
+    glob_escape,
+    list_name,
+    qops_priority,
+    raw_step,
+    split_url,
+    topic_glob,
+    wire_step,
+)
 
 log = logging.getLogger(__name__)
 
-SEP = "\x06\x16"  # kombu's separator in priority list names and binding members
-STEPS = (0, 3, 6, 9)  # kombu's priority steps; step 0 is served first
-BINDING_PREFIX = "_kombu.binding."
-NODES = "qops.nodes"  # sorted set: node name -> alive until (unix time, the server's)
-NODES_INFO = "qops.nodes.info"  # hash: node name -> JSON info
 NODE_SWEEP_EVERY = 60.0  # seconds between live_nodes() calls that forget expired nodes
 
 # How long one BLMOVE waits on a single list before the consumer checks every list again.
@@ -115,60 +77,10 @@ ACK_DELAY = 0.1
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
 
 
-def wire_step(priority: Any) -> int:
-    """qops priority (0..9, 9 first, None = unset) -> kombu step (0/3/6/9, 0 first)."""
-    if priority is None:
-        return 0
-    try:
-        p = max(0, min(9, int(priority)))
-    except (TypeError, ValueError):
-        return 0
-    wire = 9 - p
-    return max(s for s in STEPS if s <= wire)
-
-
-def qops_priority(wire: Any) -> int | None:
-    """The wire priority of an envelope (Celery's meaning, 0 first) -> qops scale.
-
-    Uses the envelope's value rather than the step list it was read from: Celery may write
-    any 0..9 (e.g. 5, stored in step 3), and keeping it loses nothing when the message is
-    forwarded; for what qops publishes the two are the same."""
-    if wire is None or isinstance(wire, bool):
-        return None
-    try:
-        w = max(0, min(9, int(wire)))
-    except (TypeError, ValueError):
-        return None
-    return 9 - w
-
-
-def list_name(queue: str, step: int) -> str:
-    """kombu's list for ``queue`` at priority ``step`` (without any key prefix)."""
-    return queue if step == 0 else f"{queue}{SEP}{step}"
-
-
-def binding_member(queue: str) -> str:
-    return f"{queue}{SEP}{SEP}{queue}"
-
 
 def _load_script(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(name).read_text("utf-8")
 
-
-def split_url(url: str) -> tuple[str, str]:
-    """Take ``global_keyprefix`` out of the URL (redis-py would reject it as an unknown
-    connection argument); return (url for redis-py, prefix)."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url, ""
-    prefix = ""
-    kept = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "global_keyprefix":
-            prefix = value
-        else:
-            kept.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
 
 
 def _one_line(exc: BaseException) -> str:
@@ -378,7 +290,7 @@ class RedisTransport(Transport):
     def _bound_queues(self) -> set[str]:
         """Every queue named in a ``_kombu.binding.*`` set (the third field of members)."""
         client = self._client
-        pattern = _glob_escape(self.key(BINDING_PREFIX)) + "*"
+        pattern = glob_escape(self.key(BINDING_PREFIX)) + "*"
         # Reply exchanges (``reply.<mailbox>``) bind temporary reply queues: not queues.
         replies = self.key(BINDING_PREFIX + "reply.").encode()
         keys = [k for k in client.scan_iter(match=pattern, count=1000, _type="SET")
@@ -569,7 +481,7 @@ class RedisTransport(Transport):
                     if not dl.queue:
                         log.warning("dead letter %s has no queue to go back to; kept", dl.id)
                         continue
-                    step = _raw_step(dl.raw)
+                    step = raw_step(dl.raw)
                     self.bind([dl.queue])
                     keys = [self.key("qops.dlq"), self.key("qops.dlq.index"),
                             self.key(list_name(dl.queue, step))]
@@ -591,20 +503,6 @@ class RedisTransport(Transport):
     def close(self) -> None:
         self._pool.disconnect()
 
-
-def _glob_escape(text: str) -> str:
-    """Escape Redis MATCH pattern characters in a literal key prefix."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _raw_step(raw: bytes) -> int:
-    """The wire step an envelope asks for (its 'priority', Celery's meaning); 0 when the
-    payload is not a readable envelope (it goes to the base list)."""
-    try:
-        wire = json.loads(raw)["properties"]["priority"]
-        return max(s for s in STEPS if s <= max(0, min(9, int(wire))))
-    except Exception:  # any malformed payload: base list
-        return 0
 
 
 def _bulk(arg: bytes | str | int | float) -> bytes:
@@ -1272,26 +1170,6 @@ def _make_delivery(name: str, raw: bytes, tag: _Tag) -> Delivery:
     return d
 
 
-def topic_glob(pattern: str) -> str:
-    """A Redis glob matching at least the routing keys the topic ``pattern`` matches.
-
-    ``*`` and ``#`` become ``*`` (kombu's fanout_patterns); a ``#`` also swallows the
-    dot beside it, so that it can match zero words (``task.#`` -> ``task*`` matches
-    ``task``). Redis's ``*`` matches more than a topic word does: the subscriber filters
-    precisely with ``topic_matches``."""
-    out = ""
-    prev_hash = True  # no dot before the first word
-    for word in pattern.split("."):
-        if word == "#":
-            out += "*"
-            prev_hash = True
-            continue
-        if not prev_hash:
-            out += "."
-        out += "*" if word == "*" else _glob_escape(word)
-        prev_hash = False
-    return out
-
 
 class RedisSubscription(Subscription):
     """Without a pattern, SUBSCRIBE to exactly ``/<db>.<channel>`` (kombu's fanout
@@ -1320,7 +1198,7 @@ class RedisSubscription(Subscription):
                 expect = "subscribe"
             else:
                 self._pubsub.psubscribe(
-                    _glob_escape(self._base) + "/" + topic_glob(self.pattern))
+                    glob_escape(self._base) + "/" + topic_glob(self.pattern))
                 expect = "psubscribe"
             # Wait for the confirmation: broadcasts sent after subscribe() returns must
             # reach us, and Redis only routes them once it has processed the command.

@@ -46,8 +46,9 @@ BLMOVE (also atomic) on one list at a time, for a short slice, then checks all l
 again. Acks are queued and ride with the next reserve (same script, same round trip);
 see ``RedisConsumer``. Lua scripts live in ``lua/*.lua`` in this package.
 
-Modules: ``names`` (list, key and channel names, priority steps), ``transport``
-(``RedisTransport``).
+Modules: ``names`` (list, key and channel names, priority steps), ``link`` (RESP packing,
+the raw connection of a consumer's get loop, the Lua scripts, unreachable errors),
+``transport`` (``RedisTransport``).
 
 The package re-exports what the rest of qops and the tests import from
 ``qops.transports.redis``; the TRANSPORTS registry names ``RedisTransport`` here.

@@ -14,7 +14,6 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from importlib import resources
 from typing import Any, cast
 
 import redis
@@ -37,6 +36,7 @@ from qops.transports.base import (
     TransportOptions,
     topic_matches,
 )
+from qops.transports.redis.link import UNREACHABLE, Link, bulk, load_script, one_line
 from qops.transports.redis.names import (
     BINDING_PREFIX,
     NODES,
@@ -72,20 +72,6 @@ LINGER = 0.002
 # while get() is being called (once the consumer is idle in BLMOVE: one WAIT_SLICE).
 ACK_DELAY = 0.1
 
-# Errors that mean "the broker is not there or refused us" (AuthenticationError and
-# BusyLoadingError are ConnectionError subclasses in redis-py).
-_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
-
-
-
-def _load_script(name: str) -> str:
-    return resources.files(__package__).joinpath("lua").joinpath(name).read_text("utf-8")
-
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
 
 @dataclass(frozen=True)
 class _Tag:
@@ -107,17 +93,17 @@ class RedisTransport(Transport):
                                      socket_timeout=max(30.0, self.options.connect_timeout))
         self._client = redis.Redis(connection_pool=self._pool)
         self.db = int(self._pool.connection_kwargs.get("db") or 0)
-        self._lua_reserve = self._client.register_script(_load_script("reserve.lua"))
-        self._lua_requeue = self._client.register_script(_load_script("requeue.lua"))
-        self._lua_reject = self._client.register_script(_load_script("reject.lua"))
-        self._lua_restore = self._client.register_script(_load_script("restore.lua"))
-        self._lua_dlq_requeue = self._client.register_script(_load_script("dlq_requeue.lua"))
+        self._lua_reserve = self._client.register_script(load_script("reserve.lua"))
+        self._lua_requeue = self._client.register_script(load_script("requeue.lua"))
+        self._lua_reject = self._client.register_script(load_script("reject.lua"))
+        self._lua_restore = self._client.register_script(load_script("restore.lua"))
+        self._lua_dlq_requeue = self._client.register_script(load_script("dlq_requeue.lua"))
         self._lua_register_node = self._client.register_script(
-            _load_script("register_node.lua"))
-        self._lua_live_nodes = self._client.register_script(_load_script("live_nodes.lua"))
-        self._lua_lock_renew = self._client.register_script(_load_script("lock_renew.lua"))
+            load_script("register_node.lua"))
+        self._lua_live_nodes = self._client.register_script(load_script("live_nodes.lua"))
+        self._lua_lock_renew = self._client.register_script(load_script("lock_renew.lua"))
         self._lua_lock_release = self._client.register_script(
-            _load_script("lock_release.lua"))
+            load_script("lock_release.lua"))
         self._nodes_swept = 0.0  # when live_nodes() last forgot expired nodes
         # Queues whose kombu binding this transport has already written (kombu caches
         # declarations the same way): publishing then costs one LPUSH.
@@ -152,13 +138,13 @@ class RedisTransport(Transport):
             hint = ("check that redis-server is running and that the URL's host, port, "
                     "db and TLS scheme (rediss://) are right")
         return BrokerUnreachable(f"Redis broker {self.safe_url()} unreachable while {doing}: "
-                                 f"{_one_line(exc)}; {hint}")
+                                 f"{one_line(exc)}; {hint}")
 
     @contextmanager
     def guard(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise self.unreachable(exc, doing) from exc
 
     # -- queues -------------------------------------------------------------------------
@@ -185,11 +171,11 @@ class RedisTransport(Transport):
                     pipe.execute()
                     self._bound.add(queue)
             except redis.RedisError as exc:
-                if isinstance(exc, _UNREACHABLE):
+                if isinstance(exc, UNREACHABLE):
                     raise
                 # e.g. OOM (maxmemory reached) or READONLY (a replica): not taken.
                 raise PublishError(f"Redis {self.safe_url()} refused the message for "
-                                   f"{queue!r}: {_one_line(exc)}") from None
+                                   f"{queue!r}: {one_line(exc)}") from None
 
     def bind(self, queues: Sequence[str]) -> None:
         """Write the kombu bindings of ``queues`` (once per transport)."""
@@ -230,10 +216,10 @@ class RedisTransport(Transport):
             try:
                 pipe.execute()
             except redis.RedisError as exc:
-                if isinstance(exc, _UNREACHABLE):
+                if isinstance(exc, UNREACHABLE):
                     raise
                 raise PublishError(f"Redis {self.safe_url()} refused the reply for "
-                                   f"{name!r}: {_one_line(exc)}") from None
+                                   f"{name!r}: {one_line(exc)}") from None
 
     def purge(self, queue: str) -> int:
         keys = self.queue_keys(queue)
@@ -381,10 +367,10 @@ class RedisTransport(Transport):
             try:
                 self._client.publish(name, raw)
             except redis.RedisError as exc:
-                if isinstance(exc, _UNREACHABLE):
+                if isinstance(exc, UNREACHABLE):
                     raise
                 raise PublishError(f"Redis {self.safe_url()} refused the broadcast on "
-                                   f"{channel!r}: {_one_line(exc)}") from None
+                                   f"{channel!r}: {one_line(exc)}") from None
 
     def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
         return RedisSubscription(self, channel, pattern)
@@ -504,73 +490,6 @@ class RedisTransport(Transport):
         self._pool.disconnect()
 
 
-
-def _bulk(arg: bytes | str | int | float) -> bytes:
-    """One RESP bulk string."""
-    if isinstance(arg, bytes):
-        b = arg
-    elif isinstance(arg, str):
-        b = arg.encode("utf-8")
-    elif isinstance(arg, int):
-        b = b"%d" % arg
-    else:
-        b = repr(arg).encode("ascii")
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
-def _pack(args: Sequence[bytes | str | int | float]) -> bytes:
-    """A command in RESP, as redis-py's packer would write it."""
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
-
-
-class _Link:
-    """One connection owned by one thread (a consumer's get loop), used without redis-py's
-    client and pool layers: no pool checkout, pid check or retry wrapper per command.
-    Commands are never retried (see RedisConsumer); any failure other than an error reply
-    drops the connection, and the next command connects again."""
-
-    def __init__(self, pool: redis.ConnectionPool) -> None:
-        self._conn = cast("redis.Connection", pool.make_connection())
-
-    def send(self, packed: bytes) -> Any:
-        conn = self._conn
-        try:
-            conn.send_packed_command([packed], check_health=False)
-            return conn.read_response()
-        except redis.ResponseError:
-            raise  # an error reply: the connection is in step and stays usable
-        except BaseException:
-            conn.disconnect()
-            raise
-
-    def call(self, *args: bytes | str | int | float) -> Any:
-        return self.send(_pack(args))
-
-    def many(self, commands: list[list[bytes | str | int | float]]) -> list[Any]:
-        """Several commands in one round trip (a pipeline, not a transaction)."""
-        if not commands:
-            return []
-        conn = self._conn
-        try:
-            conn.send_packed_command([b"".join(_pack(c) for c in commands)],
-                                      check_health=False)
-            return [conn.read_response() for _ in commands]
-        except BaseException:
-            conn.disconnect()  # replies may be left unread: never reuse the stream
-            raise
-
-    def script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA, falling back to EVAL when the server does not know the script (it
-        did not run then, so running it once now is safe)."""
-        try:
-            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return self.call("EVAL", script.script, len(keys), *keys, *args)
-
-    def close(self) -> None:
-        self._conn.disconnect()
-
-
 @dataclass
 class _Plan:
     """The reserve command for the current candidate lists, packed once: only the room,
@@ -588,7 +507,7 @@ class RedisConsumer(Consumer):
     """Reserves from Redis lists into per-source in-flight lists (see the module doc).
 
     ``get`` runs on one thread and talks to Redis over a connection of its own (a
-    ``_Link``; BLMOVE blocks it). ``ack`` does not talk to Redis: it queues the ack, and
+    ``Link``; BLMOVE blocks it). ``ack`` does not talk to Redis: it queues the ack, and
     the next reserve carries it in the same script and round trip (``redis_reserve.lua``
     removes the acked payloads from flight, then takes more). A queued ack waits at most
     about ``ACK_DELAY`` (one BLMOVE slice when idle); ``heartbeat()`` and ``close()``
@@ -640,7 +559,7 @@ class RedisConsumer(Consumer):
         self._pool = transport._make_pool(
             Retry(NoBackoff(), 0),
             socket_timeout=max(1.0, transport.options.connect_timeout) + WAIT_SLICE)
-        self._link = _Link(self._pool)
+        self._link = Link(self._pool)
         transport.bind(self._queues)
         self.heartbeat()
 
@@ -662,7 +581,7 @@ class RedisConsumer(Consumer):
         static_args = [str(len(names)), self.id, *names]
         items: list[str | int] = [len(keys), *keys, *static_args]
         return _Plan(names, {n: k for k, n in enumerate(names, 1)}, keys, static_args,
-                     b"".join(_bulk(i) for i in items), len(items))
+                     b"".join(bulk(i) for i in items), len(items))
 
     @property
     def queues(self) -> list[str]:
@@ -753,7 +672,7 @@ class RedisConsumer(Consumer):
                     if left <= 0:
                         return None
                     self._blmove(plan.names[wait_k - 1], min(left, WAIT_SLICE))
-                except _UNREACHABLE as exc:
+                except UNREACHABLE as exc:
                     # The reply may have been lost after Redis ran the command: messages
                     # may sit in our in-flight lists unknown to us. Reconcile next time.
                     self._resync_needed = True
@@ -778,14 +697,14 @@ class RedisConsumer(Consumer):
         """One round trip: flush the queued acks, then reserve up to ``room`` messages
         (none when 0). True if any were taken."""
         acks = self._take_acks()
-        tail: list[bytes] = [_bulk(room), _bulk(wait_k)]
+        tail: list[bytes] = [bulk(room), bulk(wait_k)]
         others: list[list[bytes | str | int | float]] = []
         for name, raw in acks:
             k = plan.index.get(name)
             if k is None:  # from a queue no longer consumed (cancel_queue): rare
                 others.append(["LREM", self._inflight(name), -1, raw])
             else:
-                tail += [_bulk(k), _bulk(raw)]
+                tail += [bulk(k), bulk(raw)]
         t = self.transport
         script = t._lua_reserve
         count = 2 + plan.count + len(tail)
@@ -793,11 +712,11 @@ class RedisConsumer(Consumer):
         try:
             self._link.many(others)
             try:
-                res = self._link.send(b"*%d\r\n" % count + _bulk("EVALSHA") +
-                                      _bulk(cast("str", script.sha)) + rest)
+                res = self._link.send(b"*%d\r\n" % count + bulk("EVALSHA") +
+                                      bulk(cast("str", script.sha)) + rest)
             except redis.exceptions.NoScriptError:  # did not run: run it once, with EVAL
-                res = self._link.send(b"*%d\r\n" % count + _bulk("EVAL") +
-                                      _bulk(cast("str", script.script)) + rest)
+                res = self._link.send(b"*%d\r\n" % count + bulk("EVAL") +
+                                      bulk(cast("str", script.script)) + rest)
         except BaseException:
             self._put_back_acks(acks)
             raise
@@ -905,9 +824,9 @@ class RedisConsumer(Consumer):
                     self._plan = self._make_plan()
                 plan = self._plan
             self._exchange(plan, 0, 0)
-        except _UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             log.warning("could not send an ack to Redis now (%s); it goes with the next "
-                        "reserve", _one_line(exc))
+                        "reserve", one_line(exc))
         finally:
             self._get_lock.release()
 
@@ -1162,13 +1081,12 @@ def _make_delivery(name: str, raw: bytes, tag: _Tag) -> Delivery:
         d.error = str(exc)
         return d
     except Exception as exc:  # e.g. RecursionError on absurdly nested JSON: never crash get()
-        d.error = f"undecodable envelope: {_one_line(exc)}"
+        d.error = f"undecodable envelope: {one_line(exc)}"
         return d
     if "priority" in msg.properties:
         msg.properties["priority"] = qops_priority(msg.properties["priority"])
     d.message = msg
     return d
-
 
 
 class RedisSubscription(Subscription):
@@ -1237,7 +1155,7 @@ class RedisSubscription(Subscription):
                         return decode_envelope(m["data"])
                     except Exception as exc:  # a bad broadcast must not stop the listener
                         log.warning("dropping malformed broadcast on %r: %s", self.channel,
-                                    _one_line(exc))
+                                    one_line(exc))
                 if left <= 0:
                     return None
 

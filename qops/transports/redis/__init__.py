@@ -48,19 +48,19 @@ see ``RedisConsumer``. Lua scripts live in ``lua/*.lua`` in this package.
 
 Modules: ``names`` (list, key and channel names, priority steps), ``link`` (RESP packing,
 the raw connection of a consumer's get loop, the Lua scripts, unreachable errors),
-``transport`` (``RedisTransport``).
+``transport`` (``RedisTransport``), ``consumer`` (``RedisConsumer``: reserving, prefetch
+and settlement), ``reply`` (``RedisReplyConsumer``), ``delivery`` (delivery tags and
+envelope decoding, shared by both consumers), ``subscription`` (``RedisSubscription``).
 
 The package re-exports what the rest of qops and the tests import from
 ``qops.transports.redis``; the TRANSPORTS registry names ``RedisTransport`` here.
 """
 
+from qops.transports.redis.consumer import RedisConsumer
 from qops.transports.redis.names import split_url, topic_glob
-from qops.transports.redis.transport import (
-    RedisConsumer,
-    RedisReplyConsumer,
-    RedisSubscription,
-    RedisTransport,
-)
+from qops.transports.redis.reply import RedisReplyConsumer
+from qops.transports.redis.subscription import RedisSubscription
+from qops.transports.redis.transport import RedisTransport
 
 __all__ = [
     "RedisConsumer",

@@ -50,7 +50,9 @@ Modules: ``names`` (list, key and channel names, priority steps), ``link`` (RESP
 the raw connection of a consumer's get loop, the Lua scripts, unreachable errors),
 ``transport`` (``RedisTransport``), ``consumer`` (``RedisConsumer``: reserving, prefetch
 and settlement), ``reply`` (``RedisReplyConsumer``), ``delivery`` (delivery tags and
-envelope decoding, shared by both consumers), ``subscription`` (``RedisSubscription``).
+envelope decoding, shared by both consumers), ``subscription`` (``RedisSubscription``), ``recovery`` (giving back a closed or dead
+consumer's messages), ``stats`` (``queue_stats``), ``presence`` (live nodes, locks),
+``deadletters`` (``qops.dlq``).
 
 The package re-exports what the rest of qops and the tests import from
 ``qops.transports.redis``; the TRANSPORTS registry names ``RedisTransport`` here.

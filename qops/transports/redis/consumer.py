@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from qops.errors import UsageError
 from qops.transports.base import Consumer, Delivery
+from qops.transports.redis import deadletters, recovery
 from qops.transports.redis.delivery import Tag, make_delivery
 from qops.transports.redis.link import UNREACHABLE, Link, bulk, one_line
 from qops.transports.redis.names import STEPS, list_name
@@ -300,7 +301,7 @@ class RedisConsumer(Consumer):
         if closed:
             # close() ran while the command was on its way: the messages landed in
             # flight after the consumer gave everything back, so give them back too.
-            self.transport.restore(self.id, only_if_dead=False)
+            recovery.restore(self.transport, self.id, only_if_dead=False)
 
     def _resync(self) -> None:
         """Requeue whatever sits in our in-flight lists that we do not know about (taken by
@@ -403,7 +404,7 @@ class RedisConsumer(Consumer):
             return
         seq, name, raw = entry
         t = self.transport
-        dl_id, record, now = t.dlq_record(delivery.queue, raw, reason)
+        dl_id, record, now = deadletters.dlq_record(delivery.queue, raw, reason)
         with t.guard("dead-lettering a message"):
             t._lua_reject(keys=[self._inflight(name), t.key("qops.dlq"), t.key("qops.dlq.index")],
                           args=[raw, dl_id, record, now])
@@ -485,7 +486,7 @@ class RedisConsumer(Consumer):
             with t.guard("giving back reserved messages"):
                 if acks:  # acked messages must not go back with the rest
                     pipe.execute()
-                t.restore(self.id, only_if_dead=False)
+                recovery.restore(t, self.id, only_if_dead=False)
         finally:
             if got_lock:
                 self._get_lock.release()

@@ -4,15 +4,11 @@ other modules of this package."""
 
 from __future__ import annotations
 
-import base64
-import json
-import logging
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -29,27 +25,21 @@ from qops.transports.base import (
     Transport,
     TransportOptions,
 )
+from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
 from qops.transports.redis.link import UNREACHABLE, load_script, one_line
 from qops.transports.redis.names import (
     BINDING_PREFIX,
-    NODES,
-    NODES_INFO,
     SEP,
     STEPS,
     binding_member,
-    glob_escape,
     list_name,
-    raw_step,
     split_url,
     wire_step,
 )
 from qops.transports.redis.reply import RedisReplyConsumer
 from qops.transports.redis.subscription import RedisSubscription
 
-log = logging.getLogger(__name__)
-
-NODE_SWEEP_EVERY = 60.0  # seconds between live_nodes() calls that forget expired nodes
 
 class RedisTransport(Transport):
     scheme = "redis"
@@ -203,85 +193,8 @@ class RedisTransport(Transport):
             res = pipe.execute()
         return int(sum(res[: len(keys)]))
 
-    def _consumer_ids(self) -> list[str]:
-        members = cast("set[bytes]", self._client.smembers(self.key("qops.consumers")))
-        return sorted(m.decode() for m in members)
-
-    def _consumers_view(self) -> tuple[dict[str, list[str]], dict[str, int]]:
-        """(live consumer id -> its queues, queue -> messages in flight on any consumer).
-
-        In flight counts every registered consumer, dead-but-not-yet-recovered ones too:
-        their messages are not ready either."""
-        client = self._client
-        cids = self._consumer_ids()
-        if not cids:
-            return {}, {}
-        pipe = client.pipeline(transaction=False)
-        for cid in cids:
-            pipe.exists(self.key(f"qops.alive.{cid}"))
-            pipe.hget(self.key(f"qops.consumer.{cid}"), "queues")
-            pipe.smembers(self.key(f"qops.sources.{cid}"))
-        res = pipe.execute()
-        live: dict[str, list[str]] = {}
-        sources: list[tuple[str, str]] = []
-        for i, cid in enumerate(cids):
-            alive, queues_json, names = res[3 * i: 3 * i + 3]
-            if alive:
-                try:
-                    live[cid] = [str(q) for q in json.loads(queues_json or b"[]")]
-                except ValueError:
-                    live[cid] = []
-            sources.extend((cid, n.decode("utf-8", "replace")) for n in names)
-        flight: dict[str, int] = {}
-        if sources:
-            pipe = client.pipeline(transaction=False)
-            for cid, name in sources:
-                pipe.llen(self.inflight_key(cid, name))
-            for (_, name), n in zip(sources, pipe.execute(), strict=True):
-                if n:
-                    q = name.split(SEP, 1)[0]
-                    flight[q] = flight.get(q, 0) + int(n)
-        return live, flight
-
-    def _bound_queues(self) -> set[str]:
-        """Every queue named in a ``_kombu.binding.*`` set (the third field of members)."""
-        client = self._client
-        pattern = glob_escape(self.key(BINDING_PREFIX)) + "*"
-        # Reply exchanges (``reply.<mailbox>``) bind temporary reply queues: not queues.
-        replies = self.key(BINDING_PREFIX + "reply.").encode()
-        keys = [k for k in client.scan_iter(match=pattern, count=1000, _type="SET")
-                if not bytes(k).startswith(replies)]
-        names: set[str] = set()
-        if not keys:
-            return names
-        pipe = client.pipeline(transaction=False)
-        for k in keys:
-            pipe.smembers(k)
-        for members in pipe.execute():
-            for m in members:
-                fields = m.decode("utf-8", "replace").split(SEP)
-                if len(fields) == 3 and fields[2]:
-                    names.add(fields[2])
-        return names
-
     def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
-        with self.guard("reading queue stats"):
-            live, flight = self._consumers_view()
-            names = list(queues) if queues is not None else sorted(
-                self._bound_queues() | set(flight))
-            if not names:
-                return []
-            pipe = self._client.pipeline(transaction=False)
-            for name in names:
-                for k in self.queue_keys(name):
-                    pipe.llen(k)
-            lens = pipe.execute()
-        out = []
-        for i, name in enumerate(names):
-            ready = int(sum(lens[4 * i: 4 * i + 4]))
-            cons = sum(1 for qs in live.values() if name in qs)
-            out.append(QueueStats(name, ready, flight.get(name, 0), cons))
-        return out
+        return stats.queue_stats(self, queues)
 
     def queue_exists(self, queue: str) -> bool:
         with self.guard(f"looking up {queue!r}"):
@@ -289,36 +202,7 @@ class RedisTransport(Transport):
         return int(n) > 0
 
     def recover(self) -> int:
-        """Give back the messages of every registered consumer whose heartbeat expired.
-
-        The liveness check is repeated inside the Lua script, so a consumer that beats
-        between the check here and the move keeps its messages."""
-        client = self._client
-        with self.guard("recovering messages of dead consumers"):
-            cids = self._consumer_ids()
-            if not cids:
-                return 0
-            pipe = client.pipeline(transaction=False)
-            for cid in cids:
-                pipe.exists(self.key(f"qops.alive.{cid}"))
-            alive = pipe.execute()
-            total = 0
-            for cid, is_alive in zip(cids, alive, strict=True):
-                if is_alive:
-                    continue
-                n = int(self.restore(cid, only_if_dead=True))
-                if n > 0:
-                    log.warning("consumer %s stopped beating: %d message(s) put back on "
-                                "their queues", cid, n)
-                if n >= 0:
-                    total += n
-            return total
-
-    def restore(self, cid: str, only_if_dead: bool) -> int:
-        keys = [self.key("qops.consumers"), self.key(f"qops.alive.{cid}"),
-                self.key(f"qops.sources.{cid}"), self.key(f"qops.consumer.{cid}")]
-        mode = "1" if only_if_dead else "0"
-        return int(self._lua_restore(keys=keys, args=[cid, self.prefix, mode]))
+        return recovery.recover(self)
 
     # -- fanout -----------------------------------------------------------------------
     def channel_name(self, channel: str) -> str:
@@ -345,111 +229,34 @@ class RedisTransport(Transport):
     def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
         return RedisSubscription(self, channel, pattern)
 
-    # -- the live-node registry -----------------------------------------------------------
+    # -- the live-node registry and locks (presence.py) ------------------------------------
     def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
-        keys = [self.key(NODES), self.key(NODES_INFO)]
-        with self.guard("registering the node"):
-            self._lua_register_node(keys=keys, args=[name, repr(float(ttl)),
-                                                     json.dumps(info, default=str)])
+        presence.register_node(self, name, info, ttl)
 
     def unregister_node(self, name: str) -> None:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.zrem(self.key(NODES), name)
-        pipe.hdel(self.key(NODES_INFO), name)
-        with self.guard("unregistering the node"):
-            pipe.execute()
+        presence.unregister_node(self, name)
 
     def live_nodes(self) -> list[str]:
-        now = time.monotonic()
-        sweep = now - self._nodes_swept >= NODE_SWEEP_EVERY
-        with self.guard("listing live nodes"):
-            names = cast("list[bytes]", self._lua_live_nodes(
-                keys=[self.key(NODES), self.key(NODES_INFO)], args=["1" if sweep else "0"]))
-        if sweep:
-            self._nodes_swept = now
-        return sorted(n.decode("utf-8", "replace") for n in names)
+        return presence.live_nodes(self)
 
-    # -- locks (one beat per schedule) ---------------------------------------------------
     def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
-        """``SET NX PX`` takes it; the owner renews it with a script that checks the
-        value, so a lock that expired and was taken by another is never renewed."""
-        key = self.key(f"qops.lock.{name}")
-        ms = max(1, int(ttl * 1000))
-        with self.guard(f"taking the lock {name!r}"):
-            if self._client.set(key, owner, nx=True, px=ms):
-                return True
-            return bool(self._lua_lock_renew(keys=[key], args=[owner, ms]))
+        return presence.acquire_lock(self, name, owner, ttl)
 
     def release_lock(self, name: str, owner: str) -> None:
-        with self.guard(f"releasing the lock {name!r}"):
-            self._lua_lock_release(keys=[self.key(f"qops.lock.{name}")], args=[owner])
+        presence.release_lock(self, name, owner)
 
-    # -- dead letters -------------------------------------------------------------------
-    def dlq_record(self, queue: str, raw: bytes, reason: str) -> tuple[str, str, float]:
-        dl_id, now = uuid.uuid4().hex, time.time()
-        record = json.dumps({"id": dl_id, "queue": queue, "reason": reason,
-                             "raw": base64.b64encode(raw).decode("ascii"), "time": now})
-        return dl_id, record, now
-
+    # -- dead letters (deadletters.py) ---------------------------------------------------
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
-        dl_id, record, now = self.dlq_record(queue, raw, reason)
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hset(self.key("qops.dlq"), dl_id, record)
-        pipe.zadd(self.key("qops.dlq.index"), {dl_id: now})
-        with self.guard("storing a dead letter"):
-            pipe.execute()
-
-    def _dead_records(self, ids: Sequence[str]) -> list[DeadLetter]:
-        if not ids:
-            return []
-        raws = cast("list[bytes | None]", self._client.hmget(self.key("qops.dlq"), list(ids)))
-        out = []
-        for dl_id, rec in zip(ids, raws, strict=True):
-            if rec is None:
-                continue
-            try:
-                d = json.loads(rec)
-                out.append(DeadLetter(str(d["id"]), str(d["queue"]), str(d["reason"]),
-                                      base64.b64decode(d["raw"]), float(d["time"])))
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("skipping unreadable dead-letter record %s: %s", dl_id, exc)
-        return out
-
-    def _dlq_ids(self, last: int) -> list[str]:
-        """Dead-letter ids, oldest first, up to index ``last`` (-1 = all)."""
-        ids = cast("list[bytes]", self._client.zrange(self.key("qops.dlq.index"), 0, last))
-        return [i.decode() for i in ids]
+        deadletters.dead_letter(self, queue, raw, reason)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        if limit <= 0:
-            return []
-        with self.guard("listing dead letters"):
-            ids = self._dlq_ids(limit - 1)
-            return self._dead_records(ids)
+        return deadletters.dead_letters(self, limit)
 
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        with self.guard("requeueing dead letters"):
-            if ids is None:
-                ids = self._dlq_ids(-1)
-            done = 0
-            for start in range(0, len(ids), 500):
-                for dl in self._dead_records(ids[start: start + 500]):
-                    if not dl.queue:
-                        log.warning("dead letter %s has no queue to go back to; kept", dl.id)
-                        continue
-                    step = raw_step(dl.raw)
-                    self.bind([dl.queue])
-                    keys = [self.key("qops.dlq"), self.key("qops.dlq.index"),
-                            self.key(list_name(dl.queue, step))]
-                    done += int(self._lua_dlq_requeue(keys=keys, args=[dl.id, dl.raw]))
-            return done
+        return deadletters.requeue_dead_letters(self, ids)
 
     def purge_dead_letters(self) -> int:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hlen(self.key("qops.dlq"))
-        pipe.delete(self.key("qops.dlq"), self.key("qops.dlq.index"))
-        with self.guard("purging dead letters"):
-            return int(pipe.execute()[0])
+        return deadletters.purge_dead_letters(self)
 
     # -- lifecycle ----------------------------------------------------------------------
     def ping(self) -> None:

@@ -1,0 +1,494 @@
+"""``RedisConsumer``: reserves from the queue lists into per-source in-flight lists, with
+its prefetch and settlement books (see the class doc; the layout is in the package doc).
+
+The per-delivery path (``get``, ``ack``, ``_exchange``) is tuned for throughput: one round
+trip carries the queued acks and the next reserve batch as pre-packed RESP over a
+``Link``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from qops.errors import UsageError
+from qops.transports.base import Consumer, Delivery
+from qops.transports.redis import deadletters, recovery
+from qops.transports.redis.delivery import Tag, make_delivery
+from qops.transports.redis.link import UNREACHABLE, Link, bulk, one_line
+from qops.transports.redis.names import STEPS, list_name
+
+if TYPE_CHECKING:
+    from qops.transports.redis.transport import RedisTransport
+
+log = logging.getLogger(__name__)
+
+# How long one BLMOVE waits on a single list before the consumer checks every list again.
+# A message on the list being waited on wakes the consumer at once; one on another list
+# (another queue, or a priority step) waits at most this long when the consumer is idle.
+WAIT_SLICE = 0.1
+# When less than half of a consumer's prefetch is free and messages are in hand, get()
+# waits up to this long for more acks before it reserves, so that one round trip takes
+# (and acks) several messages instead of one each.
+LINGER = 0.002
+# A queued ack waits for the next reserve to carry it to Redis at most about this long
+# while get() is being called (once the consumer is idle in BLMOVE: one WAIT_SLICE).
+ACK_DELAY = 0.1
+
+
+@dataclass
+class _Plan:
+    """The reserve command for the current candidate lists, packed once: only the room,
+    the list to block on and the acks change from call to call."""
+
+    names: list[str]
+    index: dict[str, int]  # list name -> k (1-based) in names
+    keys: list[str]
+    static_args: list[str]  # ARGV before the changing part
+    packed: bytes  # numkeys, keys and static_args in RESP
+    count: int  # how many RESP items ``packed`` holds
+
+
+class RedisConsumer(Consumer):
+    """Reserves from Redis lists into per-source in-flight lists (see the package doc).
+
+    ``get`` runs on one thread and talks to Redis over a connection of its own (a
+    ``Link``; BLMOVE blocks it). ``ack`` does not talk to Redis: it queues the ack, and
+    the next reserve carries it in the same script and round trip (``lua/reserve.lua``
+    removes the acked payloads from flight, then takes more). A queued ack waits at most
+    about ``ACK_DELAY`` (one BLMOVE slice when idle); ``heartbeat()`` and ``close()``
+    flush what is queued too. A queued ack counts as settled for the prefetch, and if
+    the process dies before the flush the message runs again (at least once, as for any
+    crash before an ack). Acks made on the thread that calls get() (early acks, see
+    ``_flush_now``) are sent at once. requeue, reject and heartbeat go through the
+    transport's pool.
+
+    Reserving in batches: when less than half the prefetch is free and messages are in
+    hand, get() waits up to ``LINGER`` for more acks, so that one round trip takes (and
+    acks) several messages instead of one each."""
+
+    transport: RedisTransport
+
+    def __init__(self, transport: RedisTransport, queues: list[str], prefetch: int,
+                 cid: str) -> None:
+        self.transport = transport
+        self.id = cid
+        self._queues = list(dict.fromkeys(queues))
+        self._limit = max(1, prefetch)
+        self._batch = max(1, self._limit // 2)
+        # Guards the books below; get() waits on it for room, ack() notifies it.
+        self._lock = threading.Condition(threading.Lock())
+        # Held for the whole of get(): close() takes it so that it never unregisters the
+        # consumer while a reserve/BLMOVE may still add to its in-flight lists.
+        self._get_lock = threading.Lock()
+        self._closed = False
+        # Already in flight on the server, not yet handed out (a reserve batch).
+        self._cache: deque[tuple[str, bytes]] = deque()
+        # Handed out and not yet settled: seq -> (list name, raw).
+        self._unsettled: dict[int, tuple[str, bytes]] = {}
+        # Unsettled ones that don't count against the prefetch (held for an ETA).
+        self._exempt: set[int] = set()
+        # Acked, not yet removed from flight on the server: (list name, raw).
+        self._acks: list[tuple[str, bytes]] = []
+        self._acks_since = 0.0  # monotonic time of the oldest queued ack
+        self._seq = 0
+        self._rotation = 0
+        self._resync_needed = False
+        self._last_beat = 0.0
+        self._plan: _Plan | None = None  # rebuilt when the queues change
+        self._get_thread = 0  # ident of the thread that calls get()
+        # Every list name this consumer may hold messages from; re-registered by heartbeat().
+        self._used: set[str] = set(self._candidates())
+        self._alive_value = f"{os.getpid()}@{socket.gethostname()}"
+        # No automatic retries on this connection: a retried reserve whose first reply was
+        # lost would take messages twice. A failed call sets _resync_needed instead.
+        self._pool = transport._make_pool(
+            Retry(NoBackoff(), 0),
+            socket_timeout=max(1.0, transport.options.connect_timeout) + WAIT_SLICE)
+        self._link = Link(self._pool)
+        transport.bind(self._queues)
+        self.heartbeat()
+
+    # -- names ------------------------------------------------------------------------
+    def _candidates(self) -> list[str]:
+        """List names in service order: every queue's step 0, then step 3, ... (kombu's
+        order), queues in order of preference within a step."""
+        return [list_name(q, s) for s in STEPS for q in self._queues]
+
+    def _inflight(self, name: str) -> str:
+        return self.transport.inflight_key(self.id, name)
+
+    def _make_plan(self) -> _Plan:
+        t = self.transport
+        names = self._candidates()
+        keys = [t.key("qops.consumers"), t.key(f"qops.sources.{self.id}")]
+        for name in names:
+            keys += [t.key(name), self._inflight(name)]
+        static_args = [str(len(names)), self.id, *names]
+        items: list[str | int] = [len(keys), *keys, *static_args]
+        return _Plan(names, {n: k for k, n in enumerate(names, 1)}, keys, static_args,
+                     b"".join(bulk(i) for i in items), len(items))
+
+    @property
+    def queues(self) -> list[str]:
+        with self._lock:
+            return list(self._queues)
+
+    def _room(self) -> int:
+        """Free prefetch slots (call with the lock held)."""
+        counted = len(self._unsettled) - len(self._exempt)
+        return self._limit - len(self._cache) - counted
+
+    def exempt(self, delivery: Delivery) -> None:
+        tag = delivery.tag
+        if not isinstance(tag, Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            if tag.seq in self._unsettled:
+                self._exempt.add(tag.seq)
+                self._lock.notify_all()
+
+    # -- reserving ----------------------------------------------------------------------
+    def get(self, timeout: float) -> Delivery | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        beat_every = self.transport.options.heartbeat_interval
+        linger_until = 0.0
+        with self._get_lock:
+            self._get_thread = threading.get_ident()
+            while True:
+                now = time.monotonic()
+                left = deadline - now
+                with self._lock:
+                    if self._closed:
+                        return None
+                    acks_due = bool(self._acks) and now - self._acks_since >= ACK_DELAY
+                    if self._cache and not acks_due:
+                        # Booked as handed out under the lock; decoded outside it so
+                        # acks from other threads never wait for a big JSON parse.
+                        name, raw = self._cache.popleft()
+                        self._seq += 1
+                        self._unsettled[self._seq] = (name, raw)
+                        tag = Tag(self._seq, name)
+                    else:
+                        tag = None
+                        room = self._room()
+                        if not acks_due:
+                            if room == 0:
+                                if left <= 0:
+                                    return None
+                                # Waits in slices so that close() is noticed quickly.
+                                self._lock.wait(min(left, WAIT_SLICE))
+                                continue
+                            if room < self._batch and left > 0:
+                                if not linger_until:
+                                    linger_until = now + LINGER
+                                wait = min(linger_until, deadline) - now
+                                if wait > 0:
+                                    self._lock.wait_for(self._batch_ready, wait)
+                                    continue
+                        if self._plan is None:
+                            self._plan = self._make_plan()
+                        plan = self._plan
+                        nqueues = len(self._queues)
+                if tag is not None:
+                    return make_delivery(tag.name, raw, tag)
+                linger_until = 0.0
+                try:
+                    if time.monotonic() - self._last_beat >= beat_every:
+                        self.heartbeat()  # get() running proves we live, too
+                    if self._resync_needed:
+                        self._resync()
+                    if acks_due and (self._cache or room == 0 or not plan.names):
+                        self._exchange(plan, 0, 0)  # only the acks
+                        continue
+                    if not plan.names:
+                        if left <= 0:
+                            return None
+                        with self._lock:
+                            self._lock.wait(min(left, WAIT_SLICE))
+                        continue
+                    wait_k = 0
+                    if left > 0:
+                        # Block on the base list of each queue in turn: the common case
+                        # (one queue, no priority) always waits on the right list.
+                        wait_k = self._rotation % nqueues + 1
+                        self._rotation += 1
+                    if self._exchange(plan, room, wait_k):
+                        continue
+                    if left <= 0:
+                        return None
+                    self._blmove(plan.names[wait_k - 1], min(left, WAIT_SLICE))
+                except UNREACHABLE as exc:
+                    # The reply may have been lost after Redis ran the command: messages
+                    # may sit in our in-flight lists unknown to us. Reconcile next time.
+                    self._resync_needed = True
+                    raise self.transport.unreachable(exc, "reserving messages") from exc
+
+    def _batch_ready(self) -> bool:
+        return self._closed or self._room() >= self._batch
+
+    def _take_acks(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            acks, self._acks = self._acks, []
+        return acks
+
+    def _put_back_acks(self, acks: list[tuple[str, bytes]]) -> None:
+        """A flush failed: keep its acks queued (first, and due at once)."""
+        if acks:
+            with self._lock:
+                self._acks[:0] = acks
+                self._acks_since = time.monotonic() - ACK_DELAY
+
+    def _exchange(self, plan: _Plan, room: int, wait_k: int) -> bool:
+        """One round trip: flush the queued acks, then reserve up to ``room`` messages
+        (none when 0). True if any were taken."""
+        acks = self._take_acks()
+        tail: list[bytes] = [bulk(room), bulk(wait_k)]
+        others: list[list[bytes | str | int | float]] = []
+        for name, raw in acks:
+            k = plan.index.get(name)
+            if k is None:  # from a queue no longer consumed (cancel_queue): rare
+                others.append(["LREM", self._inflight(name), -1, raw])
+            else:
+                tail += [bulk(k), bulk(raw)]
+        t = self.transport
+        script = t._lua_reserve
+        count = 2 + plan.count + len(tail)
+        rest = plan.packed + b"".join(tail)
+        try:
+            self._link.many(others)
+            try:
+                res = self._link.send(b"*%d\r\n" % count + bulk("EVALSHA") +
+                                      bulk(cast("str", script.sha)) + rest)
+            except redis.exceptions.NoScriptError:  # did not run: run it once, with EVAL
+                res = self._link.send(b"*%d\r\n" % count + bulk("EVAL") +
+                                      bulk(cast("str", script.script)) + rest)
+        except BaseException:
+            self._put_back_acks(acks)
+            raise
+        if not res:
+            return False
+        names = plan.names
+        self._taken([(names[int(res[i]) - 1], bytes(res[i + 1]))
+                     for i in range(0, len(res), 2)])
+        return True
+
+    def _blmove(self, name: str, wait: float) -> None:
+        # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.
+        wait = max(0.01, round(wait, 3))
+        raw = self._link.call("BLMOVE", self.transport.key(name), self._inflight(name),
+                              "RIGHT", "LEFT", wait)
+        if raw is not None:
+            self._taken([(name, bytes(raw))])
+
+    def _taken(self, got: list[tuple[str, bytes]]) -> None:
+        """Messages are now in our in-flight lists: cache them (they count against the
+        prefetch from now on)."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._cache.extend(got)
+        if closed:
+            # close() ran while the command was on its way: the messages landed in
+            # flight after the consumer gave everything back, so give them back too.
+            recovery.restore(self.transport, self.id, only_if_dead=False)
+
+    def _resync(self) -> None:
+        """Requeue whatever sits in our in-flight lists that we do not know about (taken by
+        a command whose reply was lost). Settled-while-we-look ones are harmless: the
+        requeue script pushes only what it actually removed from flight."""
+        t = self.transport
+        listed = cast("list[bytes]", self._link.call("SMEMBERS",
+                                                     t.key(f"qops.sources.{self.id}")))
+        with self._lock:
+            used = set(self._used)
+        names = sorted(used | {n.decode("utf-8", "replace") for n in listed})
+        held = self._link.many([["LRANGE", self._inflight(name), 0, -1] for name in names])
+        with self._lock:
+            # Queued acks are still in flight on the server: known, not orphans.
+            known = (Counter(self._cache) + Counter(self._unsettled.values()) +
+                     Counter(self._acks))
+        for name, items in zip(names, held, strict=True):
+            for raw in items:
+                if known[(name, raw)] > 0:
+                    known[(name, raw)] -= 1
+                    continue
+                self._link.script(t._lua_requeue, [self._inflight(name), t.key(name)], [raw])
+        self._resync_needed = False
+
+    # -- settling -------------------------------------------------------------------------
+    def _entry(self, delivery: Delivery) -> tuple[int, str, bytes] | None:
+        tag = delivery.tag
+        if not isinstance(tag, Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            entry = self._unsettled.get(tag.seq)
+        if entry is None:  # settled already (or the consumer was closed): nothing to do
+            return None
+        return tag.seq, entry[0], entry[1]
+
+    def _settled(self, seq: int) -> None:
+        # Dropped from the books only once Redis has done it, so a failed call can be retried.
+        with self._lock:
+            self._exempt.discard(seq)
+            if self._unsettled.pop(seq, None) is not None:
+                self._lock.notify_all()
+
+    def ack(self, delivery: Delivery) -> None:
+        """Queue the ack: get() sends it with its next reserve (see the class doc)."""
+        tag = delivery.tag
+        if not isinstance(tag, Tag):
+            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        with self._lock:
+            self._exempt.discard(tag.seq)
+            entry = self._unsettled.pop(tag.seq, None)
+            if entry is None:  # settled already (or the consumer was closed)
+                return
+            if not self._acks:
+                self._acks_since = time.monotonic()
+            self._acks.append(entry)
+            self._lock.notify_all()
+        if threading.get_ident() == self._get_thread:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        """Send the queued acks at once, from the consumer thread between two get()s.
+
+        An ack made there is an early ack (acks_late=False: the worker acks before the
+        task runs, for at most once), and the task starts right after it: waiting for the
+        next reserve would leave a window in which a crash runs it again. Late acks come
+        from pool threads and stay queued. If Redis fails now, the ack stays queued for
+        the next reserve: raising would stop the caller from running a task whose ack is
+        already booked."""
+        if not self._get_lock.acquire(blocking=False):
+            return  # close() is running: it flushes
+        try:
+            with self._lock:
+                if self._closed or not self._acks:
+                    return
+                if self._plan is None:
+                    self._plan = self._make_plan()
+                plan = self._plan
+            self._exchange(plan, 0, 0)
+        except UNREACHABLE as exc:
+            log.warning("could not send an ack to Redis now (%s); it goes with the next "
+                        "reserve", one_line(exc))
+        finally:
+            self._get_lock.release()
+
+    def requeue(self, delivery: Delivery) -> None:
+        entry = self._entry(delivery)
+        if entry is None:
+            return
+        seq, name, raw = entry
+        t = self.transport
+        with t.guard("requeueing a message"):
+            t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw])
+        self._settled(seq)
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter and settle in one atomic step (the base class's two steps could
+        leave a dead letter whose message also runs again after a crash)."""
+        entry = self._entry(delivery)
+        if entry is None:
+            return
+        seq, name, raw = entry
+        t = self.transport
+        dl_id, record, now = deadletters.dlq_record(delivery.queue, raw, reason)
+        with t.guard("dead-lettering a message"):
+            t._lua_reject(keys=[self._inflight(name), t.key("qops.dlq"), t.key("qops.dlq.index")],
+                          args=[raw, dl_id, record, now])
+        self._settled(seq)
+
+    def _flush_acks(self, pipe: Any) -> list[tuple[str, bytes]]:
+        """Add the queued acks to ``pipe`` (a pipeline of the transport's client); the
+        caller puts them back if it fails."""
+        acks = self._take_acks()
+        for name, raw in acks:
+            # (redis-py sends bytes as they are; its annotation only says str)
+            pipe.lrem(self._inflight(name), -1, cast("str", raw))
+        return acks
+
+    # -- liveness and queues ---------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Refresh the alive key and (re-)register: if a late heartbeat let recover()
+        unregister this consumer, registering again keeps new reservations recoverable.
+        Flushes the queued acks in the same round trip."""
+        with self._lock:
+            if self._closed:
+                return
+            queues = list(self._queues)
+            used = sorted(self._used)
+        t = self.transport
+        ttl_ms = max(1, int(t.options.heartbeat_ttl * 1000))
+        pipe = t._client.pipeline(transaction=True)
+        pipe.set(t.key(f"qops.alive.{self.id}"), self._alive_value, px=ttl_ms)
+        pipe.sadd(t.key("qops.consumers"), self.id)
+        pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping={
+            "queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()})
+        pipe.sadd(t.key(f"qops.sources.{self.id}"), *used)
+        acks = self._flush_acks(pipe)
+        try:
+            with t.guard("sending the consumer heartbeat"):
+                pipe.execute()
+        except BaseException:
+            self._put_back_acks(acks)
+            raise
+        self._last_beat = time.monotonic()
+
+    def add_queue(self, queue: str) -> None:
+        with self._lock:
+            if queue in self._queues:
+                return
+            self._queues.append(queue)
+            self._used.update(self._candidates())
+            self._plan = None
+        self.transport.bind([queue])
+        self.heartbeat()  # records the new queue and its lists
+        with self._lock:
+            self._lock.notify_all()
+
+    def cancel_queue(self, queue: str) -> None:
+        with self._lock:
+            if queue not in self._queues:
+                return
+            self._queues.remove(queue)
+            self._plan = None
+        # Its lists stay in _used: messages already taken from it are still in flight.
+        self.heartbeat()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cache.clear()
+            self._unsettled.clear()
+            self._exempt.clear()
+            self._lock.notify_all()
+        # get() notices _closed within one wait slice; past a generous bound, give back
+        # anyway (_taken() restores again if a late command still lands something).
+        got_lock = self._get_lock.acquire(timeout=max(5.0, self.transport.options.connect_timeout))
+        try:
+            t = self.transport
+            pipe = t._client.pipeline(transaction=True)
+            acks = self._flush_acks(pipe)
+            with t.guard("giving back reserved messages"):
+                if acks:  # acked messages must not go back with the rest
+                    pipe.execute()
+                recovery.restore(t, self.id, only_if_dead=False)
+        finally:
+            if got_lock:
+                self._get_lock.release()
+            self._link.close()
+            self._pool.disconnect()

@@ -1,0 +1,91 @@
+"""Talking to Redis below redis-py's client: RESP packing, the raw ``Link`` a consumer's
+get loop owns, the Lua scripts (in ``lua/``), and which errors mean the broker is gone.
+
+The consumer's reserve path sends pre-packed commands over a ``Link`` (no pool checkout,
+pid check or retry wrapper per command); everything else goes through redis-py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, cast
+
+import redis
+
+# Errors that mean "the broker is not there or refused us" (AuthenticationError and
+# BusyLoadingError are ConnectionError subclasses in redis-py).
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
+
+
+def load_script(name: str) -> str:
+    return resources.files(__package__).joinpath("lua").joinpath(name).read_text("utf-8")
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def bulk(arg: bytes | str | int | float) -> bytes:
+    """One RESP bulk string."""
+    if isinstance(arg, bytes):
+        b = arg
+    elif isinstance(arg, str):
+        b = arg.encode("utf-8")
+    elif isinstance(arg, int):
+        b = b"%d" % arg
+    else:
+        b = repr(arg).encode("ascii")
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def pack(args: Sequence[bytes | str | int | float]) -> bytes:
+    """A command in RESP, as redis-py's packer would write it."""
+    return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
+
+
+class Link:
+    """One connection owned by one thread (a consumer's get loop), used without redis-py's
+    client and pool layers: no pool checkout, pid check or retry wrapper per command.
+    Commands are never retried (see RedisConsumer); any failure other than an error reply
+    drops the connection, and the next command connects again."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._conn = cast("redis.Connection", pool.make_connection())
+
+    def send(self, packed: bytes) -> Any:
+        conn = self._conn
+        try:
+            conn.send_packed_command([packed], check_health=False)
+            return conn.read_response()
+        except redis.ResponseError:
+            raise  # an error reply: the connection is in step and stays usable
+        except BaseException:
+            conn.disconnect()
+            raise
+
+    def call(self, *args: bytes | str | int | float) -> Any:
+        return self.send(pack(args))
+
+    def many(self, commands: list[list[bytes | str | int | float]]) -> list[Any]:
+        """Several commands in one round trip (a pipeline, not a transaction)."""
+        if not commands:
+            return []
+        conn = self._conn
+        try:
+            conn.send_packed_command([b"".join(pack(c) for c in commands)],
+                                      check_health=False)
+            return [conn.read_response() for _ in commands]
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse the stream
+            raise
+
+    def script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA, falling back to EVAL when the server does not know the script (it
+        did not run then, so running it once now is safe)."""
+        try:
+            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.call("EVAL", script.script, len(keys), *keys, *args)
+
+    def close(self) -> None:
+        self._conn.disconnect()

@@ -1,0 +1,267 @@
+"""``RedisTransport``: the ``Transport`` interface on Redis (the wire layout is in the
+package doc). Consumers, subscriptions and the concerns below the interface live in the
+other modules of this package."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.protocol import Message, encode_envelope
+from qops.transports.base import (
+    REPLY_TTL,
+    Consumer,
+    DeadLetter,
+    QueueStats,
+    Subscription,
+    Transport,
+    TransportOptions,
+)
+from qops.transports.redis import deadletters, presence, recovery, stats
+from qops.transports.redis.consumer import RedisConsumer
+from qops.transports.redis.link import UNREACHABLE, load_script, one_line
+from qops.transports.redis.names import (
+    BINDING_PREFIX,
+    SEP,
+    STEPS,
+    binding_member,
+    list_name,
+    split_url,
+    wire_step,
+)
+from qops.transports.redis.reply import RedisReplyConsumer
+from qops.transports.redis.subscription import RedisSubscription
+
+
+class RedisTransport(Transport):
+    scheme = "redis"
+
+    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+        super().__init__(url, options)
+        self._redis_url, self.prefix = split_url(url)
+        # Stale pooled connections (e.g. after a Redis restart) fail once and are retried
+        # once at once; an unreachable server still fails fast (no backoff loop).
+        self._pool = self._make_pool(Retry(NoBackoff(), 1),
+                                     socket_timeout=max(30.0, self.options.connect_timeout))
+        self._client = redis.Redis(connection_pool=self._pool)
+        self.db = int(self._pool.connection_kwargs.get("db") or 0)
+        self._lua_reserve = self._client.register_script(load_script("reserve.lua"))
+        self._lua_requeue = self._client.register_script(load_script("requeue.lua"))
+        self._lua_reject = self._client.register_script(load_script("reject.lua"))
+        self._lua_restore = self._client.register_script(load_script("restore.lua"))
+        self._lua_dlq_requeue = self._client.register_script(load_script("dlq_requeue.lua"))
+        self._lua_register_node = self._client.register_script(
+            load_script("register_node.lua"))
+        self._lua_live_nodes = self._client.register_script(load_script("live_nodes.lua"))
+        self._lua_lock_renew = self._client.register_script(load_script("lock_renew.lua"))
+        self._lua_lock_release = self._client.register_script(
+            load_script("lock_release.lua"))
+        self._nodes_swept = 0.0  # when live_nodes() last forgot expired nodes
+        # Queues whose kombu binding this transport has already written (kombu caches
+        # declarations the same way): publishing then costs one LPUSH.
+        self._bound: set[str] = set()
+
+    def _make_pool(self, retry: Retry, socket_timeout: float) -> redis.ConnectionPool:
+        try:
+            return redis.ConnectionPool.from_url(
+                self._redis_url, retry=retry, socket_timeout=socket_timeout,
+                socket_connect_timeout=self.options.connect_timeout, client_name="qops")
+        except ValueError as exc:
+            raise UsageError(f"bad Redis URL {self.safe_url()}: {exc}; expected "
+                             "redis://[:password@]host:6379/<db>, rediss://... (TLS) "
+                             "or unix:///path/to/redis.sock?db=<db>") from None
+
+    # -- key names --------------------------------------------------------------------
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def queue_keys(self, queue: str) -> list[str]:
+        return [self.key(list_name(queue, s)) for s in STEPS]
+
+    def inflight_key(self, cid: str, name: str) -> str:
+        return self.key(f"qops.unacked.{cid}/{name}")
+
+    # -- errors -----------------------------------------------------------------------
+    def unreachable(self, exc: BaseException, doing: str) -> BrokerUnreachable:
+        if isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError):
+            hint = ("check the password (redis://:PASSWORD@host:6379/db) and the ACL "
+                    "user's permissions")
+        else:
+            hint = ("check that redis-server is running and that the URL's host, port, "
+                    "db and TLS scheme (rediss://) are right")
+        return BrokerUnreachable(f"Redis broker {self.safe_url()} unreachable while {doing}: "
+                                 f"{one_line(exc)}; {hint}")
+
+    @contextmanager
+    def guard(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except UNREACHABLE as exc:
+            raise self.unreachable(exc, doing) from exc
+
+    # -- queues -------------------------------------------------------------------------
+    def encode(self, queue: str, message: Message) -> tuple[str, bytes]:
+        """(list name, envelope) for ``message`` on ``queue``; the envelope's priority is
+        the wire step (Celery's meaning), as kombu would have written it."""
+        step = wire_step(message.properties.get("priority"))
+        props = dict(message.properties)
+        props["priority"] = step
+        raw = encode_envelope(queue, replace(message, properties=props))
+        return list_name(queue, step), raw
+
+    def publish(self, queue: str, message: Message) -> None:
+        name, raw = self.encode(queue, message)
+        self.check_size(f"queue {queue!r}", raw)
+        with self.guard(f"publishing to {queue!r}"):
+            try:
+                if queue in self._bound:
+                    self._client.lpush(self.key(name), raw)
+                else:
+                    pipe = self._client.pipeline(transaction=False)
+                    pipe.sadd(self.key(BINDING_PREFIX + queue), binding_member(queue))
+                    pipe.lpush(self.key(name), raw)
+                    pipe.execute()
+                    self._bound.add(queue)
+            except redis.RedisError as exc:
+                if isinstance(exc, UNREACHABLE):
+                    raise
+                # e.g. OOM (maxmemory reached) or READONLY (a replica): not taken.
+                raise PublishError(f"Redis {self.safe_url()} refused the message for "
+                                   f"{queue!r}: {one_line(exc)}") from None
+
+    def bind(self, queues: Sequence[str]) -> None:
+        """Write the kombu bindings of ``queues`` (once per transport)."""
+        todo = [q for q in queues if q not in self._bound]
+        if not todo:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for q in todo:
+            pipe.sadd(self.key(BINDING_PREFIX + q), binding_member(q))
+        with self.guard("declaring queues"):
+            pipe.execute()
+        self._bound.update(todo)
+
+    def consumer(self, queues: Sequence[str], prefetch: int,
+                 consumer_id: str | None = None) -> Consumer:
+        return RedisConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
+
+    def reply_consumer(self, name: str, *, exchange: str | None = None,
+                       routing_key: str | None = None) -> Consumer:
+        binding = None
+        if exchange and routing_key is not None:
+            # kombu's binding of a pidbox reply queue: a Celery node replying through
+            # ``exchange`` with ``routing_key`` looks it up and LPUSHes to our list.
+            binding = (self.key(BINDING_PREFIX + exchange), f"{routing_key}{SEP}{SEP}{name}")
+        return RedisReplyConsumer(self, name, uuid.uuid4().hex, binding)
+
+    def send_reply(self, name: str, message: Message) -> None:
+        # Always the base list: a reply queue has no priority steps.
+        props = {k: v for k, v in message.properties.items() if k != "priority"}
+        raw = encode_envelope(name, replace(message, properties=props))
+        self.check_size(f"reply queue {name!r}", raw)
+        # Pushed even when nobody listens (checking first would race with the consumer's
+        # close); the EXPIRE makes sure such a list does not stay behind.
+        pipe = self._client.pipeline(transaction=True)
+        pipe.lpush(self.key(name), raw)
+        pipe.expire(self.key(name), REPLY_TTL)
+        with self.guard(f"sending a reply to {name!r}"):
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                if isinstance(exc, UNREACHABLE):
+                    raise
+                raise PublishError(f"Redis {self.safe_url()} refused the reply for "
+                                   f"{name!r}: {one_line(exc)}") from None
+
+    def purge(self, queue: str) -> int:
+        keys = self.queue_keys(queue)
+        # LLEN + DEL in one MULTI, as Celery does: nothing pushed in between is lost
+        # uncounted. In-flight lists are other keys, so they are left alone.
+        pipe = self._client.pipeline(transaction=True)
+        for k in keys:
+            pipe.llen(k)
+        pipe.delete(*keys)
+        with self.guard(f"purging {queue!r}"):
+            res = pipe.execute()
+        return int(sum(res[: len(keys)]))
+
+    def queue_stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        return stats.queue_stats(self, queues)
+
+    def queue_exists(self, queue: str) -> bool:
+        with self.guard(f"looking up {queue!r}"):
+            n = self._client.exists(self.key(BINDING_PREFIX + queue), *self.queue_keys(queue))
+        return int(n) > 0
+
+    def recover(self) -> int:
+        return recovery.recover(self)
+
+    # -- fanout -----------------------------------------------------------------------
+    def channel_name(self, channel: str) -> str:
+        return self.key(f"/{self.db}.{channel}")
+
+    def broadcast(self, channel: str, message: Message, *,
+                  routing_key: str | None = None) -> None:
+        # kombu's fanout layout: '/<db>.<exchange>', with fanout_patterns (Celery's
+        # events) '/<db>.<exchange>/<routing key>'; the envelope names both.
+        raw = encode_envelope(routing_key or "", message, exchange=channel)
+        self.check_size(f"channel {channel!r}", raw)
+        name = self.channel_name(channel)
+        if routing_key:
+            name = f"{name}/{routing_key}"
+        with self.guard(f"broadcasting on {channel!r}"):
+            try:
+                self._client.publish(name, raw)
+            except redis.RedisError as exc:
+                if isinstance(exc, UNREACHABLE):
+                    raise
+                raise PublishError(f"Redis {self.safe_url()} refused the broadcast on "
+                                   f"{channel!r}: {one_line(exc)}") from None
+
+    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+        return RedisSubscription(self, channel, pattern)
+
+    # -- the live-node registry and locks (presence.py) ------------------------------------
+    def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        presence.register_node(self, name, info, ttl)
+
+    def unregister_node(self, name: str) -> None:
+        presence.unregister_node(self, name)
+
+    def live_nodes(self) -> list[str]:
+        return presence.live_nodes(self)
+
+    def acquire_lock(self, name: str, owner: str, ttl: float) -> bool:
+        return presence.acquire_lock(self, name, owner, ttl)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        presence.release_lock(self, name, owner)
+
+    # -- dead letters (deadletters.py) ---------------------------------------------------
+    def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
+        deadletters.dead_letter(self, queue, raw, reason)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return deadletters.dead_letters(self, limit)
+
+    def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        return deadletters.requeue_dead_letters(self, ids)
+
+    def purge_dead_letters(self) -> int:
+        return deadletters.purge_dead_letters(self)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def ping(self) -> None:
+        with self.guard("connecting"):
+            self._client.ping()
+
+    def close(self) -> None:
+        self._pool.disconnect()

@@ -1,4 +1,4 @@
--- The names of the nodes alive now (see redis_register_node.lua).
+-- The names of the nodes alive now (see register_node.lua).
 --
 -- KEYS[1]  qops.nodes (sorted set: node name -> alive until, unix time)
 -- KEYS[2]  qops.nodes.info (hash: node name -> JSON info)

@@ -6,7 +6,7 @@
 -- ARGV[2]  ttl in seconds
 -- ARGV[3]  the info as JSON
 --
--- The time is the server's (TIME), as in redis_live_nodes.lua: hosts whose clocks
+-- The time is the server's (TIME), as in live_nodes.lua: hosts whose clocks
 -- disagree still agree on who is alive.
 
 local t = redis.call('TIME')

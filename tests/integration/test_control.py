@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qops.protocol import Message
-from tests.helpers import WorkerProcess, run_qops, wait_until
+from tests.helpers import REPLY_TIMEOUT, WorkerProcess, run_qops, wait_until
 
 W1, W2 = "w1@ctl.test", "w2@ctl.test"
 
@@ -45,6 +45,8 @@ def qops(broker: str, *args: str) -> object:
 
 
 def j(broker: str, *args: str) -> tuple[int, dict]:
+    if args[0] in ("inspect", "control", "status") and "--timeout" not in args:
+        args = (*args, "--timeout", REPLY_TIMEOUT)
     r = run_qops("-b", broker, "--json", *args)
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else {})
 

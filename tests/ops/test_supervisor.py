@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import EXAMPLES, ROOT, run_qops, wait_until
+from tests.helpers import EXAMPLES, REPLY_TIMEOUT, ROOT, run_qops, wait_until
 from tests.reachable import ReachablePython
 
 BIN = Path(sys.executable).parent
@@ -205,15 +205,17 @@ def test_nodes_run_stop_warm_and_restart_under_supervisord(
         assert ping(broker, "w1", "w2")  # -n w1@%%h reached qops as w1@%h
 
         # a task in flight while supervisorctl stops the nodes: it finishes first
-        r = client("call", "proj.tasks.sleep", "--args", "[3]", broker=broker)
+        # long enough to be still running when seen, on a busy machine too
+        r = client("call", "proj.tasks.sleep", "--args", "[6]", broker=broker)
         assert r.returncode == 0, r.stderr
         task_id = r.stdout.strip()
 
         def running() -> bool:
-            out = client("--json", "inspect", "active", broker=broker).stdout
+            out = client("--json", "inspect", "active", "--timeout", REPLY_TIMEOUT,
+                         broker=broker).stdout
             return task_id in out
 
-        assert wait_until(running, 10, interval=0.2)
+        assert wait_until(running, 20, interval=0.2)
         pids = {name: sv.pid(name) for name in names}
         began = time.monotonic()
         r = sv.ctl("stop", "qops:*")  # TERM to each, in parallel; returns when all exited
@@ -224,7 +226,7 @@ def test_nodes_run_stop_warm_and_restart_under_supervisord(
             assert not Path(f"/proc/{pid}").exists()
         r = client("--json", "result", task_id, broker=broker)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert '"status": "SUCCESS"' in r.stdout and '"result": 3' in r.stdout
+        assert '"status": "SUCCESS"' in r.stdout and '"result": 6' in r.stdout
 
         # start and restart bring them back, as new processes answering pings
         assert sv.ctl("start", "qops:*").returncode == 0

@@ -32,8 +32,15 @@ lint: $(STAMP_TEST)
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy
 
+# The suite runs in parallel (pytest-xdist): each worker has its own Redis database
+# (QOPS_TEST_REDIS_DB + its index, so at most 16 - that base workers), RabbitMQ vhost and
+# temporary files. Most tests wait on brokers and subprocesses rather than compute, so
+# more workers than cores pays; worksteal evens out the few long tests.
+TEST_WORKERS ?= 4
+PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP_TEST) services lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP_DEMO)
 	$(BIN)/python bench/throughput.py

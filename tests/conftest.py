@@ -3,9 +3,16 @@
 Redis and RabbitMQ are used for real (no mocks). Locally a missing service skips its
 tests with one line saying how to start it; with CI=true it fails the run.
 
-Isolation: Redis tests use their own database (QOPS_TEST_REDIS_DB, default 13) and
-flush it around each test; RabbitMQ tests run in a vhost made for this session and
-deleted at the end; SQLite tests use a file under tmp_path.
+Isolation, also under pytest-xdist (``make test`` runs ``pytest -n``): each xdist worker
+runs its tests one at a time and has brokers of its own.
+
+- Redis: database QOPS_TEST_REDIS_DB (default 8) plus the worker's index (gw0 -> 8,
+  gw1 -> 9, ...), flushed around each test. Redis's pub/sub (remote control, events)
+  spans databases, but qops and kombu name their channels ``/<db>.<exchange>``, so a
+  worker's nodes never hear another worker's. Too many workers for the server's
+  databases fails the run with a message saying so.
+- RabbitMQ: a vhost made for the worker's session and deleted at its end.
+- SQLite: a file under tmp_path (unique per test); memory: a uuid name.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 REDIS_HOST = os.environ.get("QOPS_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("QOPS_TEST_REDIS_PORT", "6379"))
-REDIS_DB = int(os.environ.get("QOPS_TEST_REDIS_DB", "13"))
+REDIS_DB_BASE = int(os.environ.get("QOPS_TEST_REDIS_DB", "8"))
 AMQP_HOST = os.environ.get("QOPS_TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("QOPS_TEST_AMQP_PORT", "5672"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -55,14 +62,43 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(msg)
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
+def xdist_worker() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker; (0, 1) without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not name:
+        return 0, 1
+    return int(name.lstrip("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> int:
+    """This worker's Redis database: QOPS_TEST_REDIS_DB + the xdist worker index."""
     require_service("redis", REDIS_HOST, REDIS_PORT)
     import redis
 
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
+    index, count = xdist_worker()
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    try:
+        databases = int(client.config_get("databases").get("databases", 16))
+    except redis.ResponseError:  # CONFIG disabled on this server: Redis's default
+        databases = 16
+    finally:
+        client.close()
+    last = REDIS_DB_BASE + count - 1
+    if REDIS_DB_BASE < 0 or last >= databases:
+        pytest.fail(f"{count} test workers need Redis databases {REDIS_DB_BASE}..{last}, "
+                    f"but the server has {databases} (0..{databases - 1}): lower "
+                    "QOPS_TEST_REDIS_DB or run fewer workers (pytest -n)", pytrace=False)
+    return REDIS_DB_BASE + index
+
+
+@pytest.fixture
+def redis_url(redis_db: int) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db)
     client.flushdb()
-    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}"
     client.flushdb()
     client.close()
 
@@ -77,7 +113,8 @@ def _rabbitmqctl(*args: str) -> None:
 @pytest.fixture(scope="session")
 def amqp_vhost() -> Iterator[str]:
     require_service("amqp", AMQP_HOST, AMQP_PORT)
-    vhost = f"qops-test-{uuid.uuid4().hex[:8]}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    vhost = f"qops-test-{worker}-{uuid.uuid4().hex[:8]}"  # one per xdist worker
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     yield vhost

@@ -31,6 +31,14 @@ def qops_env(**extra: str) -> dict[str, str]:
     return env
 
 
+#: ``--timeout`` for a remote-control command (inspect, control, status) whose replies a
+#: test asserts. The command returns as soon as the nodes it expects have answered, so
+#: the deadline only matters for a slow node: the CLI's 1 s default (Celery's) is a bet
+#: on an idle machine, which a 2-core machine running the suite in parallel is not. Tests
+#: that poll until a node is up, or that expect silence, give their own.
+REPLY_TIMEOUT = "10"
+
+
 def run_qops(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
              input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qops", *args], env=env or qops_env(),

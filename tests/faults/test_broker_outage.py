@@ -29,6 +29,9 @@ from tests.helpers import wait_until
 N = 10_000
 PRODUCERS = 4
 CUT_AT = 3_000  # published tasks (at least) when the broker goes away
+#: the producers wait here until the outage begins, so that it comes mid-stream even when
+#: they outpace a worker slowed down by a busy machine (all sent, nothing left to fail)
+HOLD_AT = 5_000
 OUTAGE = 2.0  # seconds (below the tests' heartbeat TTL of 3 s)
 
 #: what the worker logs when it lost the broker and goes on
@@ -54,9 +57,12 @@ def test_broker_outage_mid_stream(app, broker, make_proxy, workers, queue, tmp_p
     errors: list[str] = []  # PublishError / BrokerUnreachable (retried)
     unexpected: list[BaseException] = []  # anything else: not a clear error
     lock = threading.Lock()
+    outage = threading.Event()
 
     def produce(chunk: list[str]) -> None:
         for tid in chunk:
+            if len(sent) >= HOLD_AT:
+                outage.wait(120)
             deadline = time.monotonic() + 60
             while True:
                 try:
@@ -83,20 +89,25 @@ def test_broker_outage_mid_stream(app, broker, make_proxy, workers, queue, tmp_p
     for t in threads:
         t.start()
     # in the middle: the worker is up and busy, the producers are still sending
-    assert wait_until(lambda: len(sent) >= CUT_AT and sum(runs(path).values()) >= 1000,
-                      timeout=60), workers.log(w)[-3000:]
-    done_before = sum(runs(path).values())
-    if proxy is not None:
-        accepted = proxy.accepted
-        proxy.cut()
-        time.sleep(OUTAGE)
-        proxy.restore()
-    else:
-        holder = sqlite3.connect(str(path_from_url(broker.url)), isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")
-        time.sleep(OUTAGE)
-        holder.execute("ROLLBACK")
-        holder.close()
+    try:
+        assert wait_until(lambda: len(sent) >= CUT_AT and sum(runs(path).values()) >= 1000,
+                          timeout=60), workers.log(w)[-3000:]
+        done_before = sum(runs(path).values())
+        if proxy is not None:
+            accepted = proxy.accepted
+            proxy.cut()
+            outage.set()
+            time.sleep(OUTAGE)
+            proxy.restore()
+        else:
+            holder = sqlite3.connect(str(path_from_url(broker.url)), isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            outage.set()
+            time.sleep(OUTAGE)
+            holder.execute("ROLLBACK")
+            holder.close()
+    finally:
+        outage.set()
     for t in threads:
         t.join(90)
     assert not unexpected, f"apply_async raised something unclear: {unexpected[:3]!r}"

@@ -22,7 +22,7 @@ import pytest
 
 from qops.errors import TimeLimitExceeded, WorkerLostError
 from tests.faults.conftest import run_pids, runs
-from tests.helpers import WorkerProcess, qops_env, run_qops, wait_until
+from tests.helpers import REPLY_TIMEOUT, WorkerProcess, qops_env, run_qops, wait_until
 
 NODE = "kids@pool.test"
 
@@ -48,18 +48,20 @@ def node(broker: str, backend: str, queue: str, tmp_path: Path, *args: str,
     with WorkerProcess("-n", NODE, "-Q", queue, "-c", "2", *args, broker=broker,
                        backend=backend, env=qops_env(QOPS_TASK_TRACK_STARTED="1", **env),
                        logfile=tmp_path / "worker.log") as w:
-        assert wait_until(lambda: inspect(broker, "ping")[0] == 0, timeout=30), log(tmp_path)
+        assert wait_until(lambda: inspect(broker, "ping", timeout="1")[0] == 0, timeout=30), \
+            log(tmp_path)
         yield w
 
 
-def inspect(broker: str, *args: str) -> tuple[int, Any]:
-    r = run_qops("-b", broker, "--json", "inspect", *args, "-d", NODE)
+def inspect(broker: str, *args: str, timeout: str = REPLY_TIMEOUT) -> tuple[int, Any]:
+    r = run_qops("-b", broker, "--json", "inspect", *args, "-d", NODE, "--timeout", timeout)
     doc = json.loads(r.stdout) if r.stdout.strip() else {}
     return r.returncode, doc.get("replies", {}).get(NODE)
 
 
 def control(broker: str, *args: str) -> Any:
-    r = run_qops("-b", broker, "--json", "control", *args, "-d", NODE)
+    r = run_qops("-b", broker, "--json", "control", *args, "-d", NODE,
+                 "--timeout", REPLY_TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout)["replies"][NODE]
 

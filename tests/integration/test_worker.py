@@ -12,7 +12,7 @@ import pytest
 
 from qops.errors import TaskRevokedError, TimeLimitExceeded
 from qops.protocol import Message
-from tests.helpers import WorkerProcess, qops_env, run_qops, wait_until
+from tests.helpers import REPLY_TIMEOUT, WorkerProcess, qops_env, run_qops, wait_until
 
 
 @pytest.fixture(params=["sqlite", "redis", "amqp"])
@@ -164,7 +164,8 @@ def test_revoke_terminate_ends_the_running_task(proj, urls, tmp_path) -> None:
         before = proj.pid.delay().get(timeout=20)
         res = proj.sleep.delay(30)
         assert wait_until(lambda: res.state == "STARTED", timeout=10)
-        r = run_qops("-b", urls[0], "control", "revoke", res.id, "--terminate")
+        r = run_qops("-b", urls[0], "control", "revoke", res.id, "--terminate",
+                     "--timeout", REPLY_TIMEOUT)
         assert r.returncode == 0, r.stdout + r.stderr
         with pytest.raises(TaskRevokedError):
             res.get(timeout=20)

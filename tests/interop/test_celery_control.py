@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_qops, stop_group
+from tests.helpers import REPLY_TIMEOUT, ROOT, run_qops, stop_group
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -46,15 +46,16 @@ def celery_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
 def test_inspect_status_control_purge_against_celery(celery_worker: tuple[str, str]) -> None:
     url, node = celery_worker
     g = ["-b", url, "--compat", "celery", "--json"]
-    r = run_qops(*g, "inspect", "ping", "-d", node)
+    r = run_qops(*g, "inspect", "ping", "-d", node, "--timeout", REPLY_TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["replies"] == {node: {"ok": "pong"}}
     r = run_qops(*g, "status", "--timeout", "2")
     assert r.returncode == 0 and node in json.loads(r.stdout)["nodes"]
-    r = run_qops(*g, "control", "rate_limit", "celery_side.mul", "10/m", "-d", node)
+    r = run_qops(*g, "control", "rate_limit", "celery_side.mul", "10/m", "-d", node,
+                 "--timeout", REPLY_TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok" in json.loads(r.stdout)["replies"][node]
-    r = run_qops(*g, "inspect", "registered", "-d", node)
+    r = run_qops(*g, "inspect", "registered", "-d", node, "--timeout", REPLY_TIMEOUT)
     assert r.returncode == 0
     # Celery lists a task with its rate limit: the one set above came through
     assert "celery_side.mul [rate_limit=10/m]" in json.loads(r.stdout)["replies"][node]

@@ -15,19 +15,22 @@ import pytest
 
 from qops.ops import pidfile
 from tests.helpers import ROOT, qops_env, wait_until
+from tests.reachable import ReachablePython
 
 
 class Multi:
     """Runs `qops multi ...` in a run directory; stops every node it started at the end."""
 
-    def __init__(self, rundir: Path, broker: str, env: dict[str, str]) -> None:
+    def __init__(self, rundir: Path, broker: str, env: dict[str, str],
+                 python: str = sys.executable) -> None:
         self.rundir = rundir
         self.broker = broker
         self.env = env
+        self.python = python  # multi starts the nodes with the interpreter it runs on
         self.pidfiles: set[Path] = set()
 
     def __call__(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "qops", "multi", *args, "-A", "proj",
+        r = subprocess.run([self.python, "-m", "qops", "multi", *args, "-A", "proj",
                             "-b", self.broker], env=self.env, cwd=self.rundir,
                            capture_output=True, text=True, timeout=timeout)
         self.pidfiles |= set(self.rundir.rglob("*.pid"))
@@ -197,17 +200,19 @@ def test_rolling_restart_keeps_a_node_answering(multi: Multi) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop privileges")
-def test_root_guard_and_uid_drop() -> None:
+def test_root_guard_and_uid_drop(nobody_python: ReachablePython) -> None:
     import shutil
     import tempfile
 
-    env = qops_env()
+    # the node keeps importing after it drops to nobody: qops from a copy nobody can
+    # reach (the checkout and its venv may be closed to nobody)
+    env = nobody_python.env(qops_env())
     env.pop("QOPS_FORCE_ROOT")
     # pytest's tmp_path is private to root: the dropped-to user needs a way in
     shared = Path(tempfile.mkdtemp(prefix="qops-uid-"))
     os.chmod(shared, 0o777)
     broker = f"sqlite://{shared}/broker.db"
-    m = Multi(shared, broker, env)
+    m = Multi(shared, broker, env, python=nobody_python.python)
     try:
         r = m("start", "w1")
         assert r.returncode == 77 and "QOPS_FORCE_ROOT=1" in r.stderr and "--uid" in r.stderr

@@ -59,6 +59,15 @@ class Prefetch(Generic[V]):
         """``tag`` is handed out now."""
         self.held[tag] = value
 
+    def hold_if_room_locked(self, tag: Hashable, value: V) -> bool:
+        """Hold ``tag`` if there is room (``room_locked() > 0``, nothing pending); False,
+        and nothing changed, if not. A consumer's hand-out in one call: the room test is
+        ``room_locked``'s, written out because this runs for every delivery."""
+        if len(self.held) - len(self.exempted) >= self.limit:
+            return False
+        self.held[tag] = value
+        return True
+
     def take_locked(self, value: V) -> int:
         """Hold ``value`` under a new tag: the next sequence number of this consumer."""
         self._seq += 1

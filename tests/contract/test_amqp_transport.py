@@ -461,6 +461,34 @@ def test_in_flight_is_counted_and_dlq_not_listed(transport: AMQPTransport,
     assert transport.purge(q + "-never-declared") == 0
 
 
+def test_batched_acks_leave_held_and_buffered_deliveries_alone(
+        transport: AMQPTransport, queues: list[str]) -> None:
+    """Acks above a delivery still held (and below those still buffered) are written as
+    a batch: none may settle the held one, nor a buffered one (basic.ack multiple)."""
+    q = new_queue(queues)
+    for i in range(10):
+        transport.publish(q, task(i))
+    c = transport.consumer([q], prefetch=4)
+    c.ack_batch = 2
+    try:
+        first, *rest = [get_one(c) for _ in range(3)]
+        for d in rest:
+            c.ack(d)
+        for _ in range(3):  # the batch goes out while `first` is held and more are buffered
+            c.ack(get_one(c))
+        deadline = time.monotonic() + 5
+        while c.held(q) < 4 and time.monotonic() < deadline:
+            c.keepalive()  # the broker refills the window; buffered ones count as held
+        assert c.held(q) == 4  # `first` and 3 buffered
+        assert [s.in_flight for s in transport.queue_stats([q])] == [4]
+    finally:
+        c.close()  # `first` and the buffered ones go back
+    deadline = time.monotonic() + 5
+    while transport.queue_stats([q])[0].ready != 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert transport.queue_stats([q])[0].ready == 5  # 5 acked
+
+
 def test_publisher_replaces_a_closed_connection(transport: AMQPTransport,
                                                 queues: list[str]) -> None:
     q = new_queue(queues)

@@ -68,3 +68,13 @@ def test_make_delivery_catches_anything_the_decoder_raises() -> None:
     long = make_delivery("q", 3, b"", boom)
     assert long.error is not None and "\n" not in long.error
     assert len(long.error) == MAX_REASON and long.error.endswith("...")
+
+
+def test_hold_if_room_holds_only_while_there_is_room() -> None:
+    books: Prefetch[str] = Prefetch(2)
+    with books.cond:
+        assert books.hold_if_room_locked(1, "a") and books.hold_if_room_locked(2, "b")
+        assert not books.hold_if_room_locked(3, "c") and 3 not in books.held
+        assert books.exempt_locked(1)
+        assert books.hold_if_room_locked(3, "c") and books.room_locked() == 0
+        assert list(books.held) == [1, 2, 3]

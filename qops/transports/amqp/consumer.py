@@ -1,10 +1,11 @@
 """``_AMQPConsumer``: the AMQP transport's Consumer (work queues, and reply queues for
 ``reply_consumer``), on a connection of its own driven by the thread calling ``get()``.
 
-The per-delivery path (``_on_message``, ``get``, ``_hand_out_now``, ``_delivery``) is
-tuned for throughput: add no calls or locks to it. The prefetch and settlement
-bookkeeping (``_held``, ``_acks``/``_nacks``, ``_exempt`` and the window,
-``_room_locked``, ``_settle``, ``_run_ops``) is all in this class.
+The per-delivery path (``_on_message``, ``get``, ``_hand_out``) is tuned for
+throughput: add no calls or locks to it. What was handed out and not settled, and the
+room, are kept by ``Prefetch`` (qops/transports/prefetch.py) as for every consumer; the
+batching of settlements (``_acks``/``_nacks``, ``_run_ops``) and the ``basic.qos``
+window that follows exempt deliveries are AMQP's, and here.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ from qops.transports.amqp.link import (
     _reason,
 )
 from qops.transports.amqp.props import _message
-from qops.transports.base import REPLY_ONLY, Consumer, Delivery
+from qops.transports.base import REPLY_ONLY, Consumer, Delivery, make_delivery
+from qops.transports.prefetch import Prefetch
 
 if TYPE_CHECKING:
     from qops.transports.amqp.transport import AMQPTransport
 
 log = logging.getLogger(__name__)
+
+
+#: a delivery as pika gave it: (tag, queue, redelivered, BasicProperties, body); buffered
+#: until get() hands it out, then the value the books hold for its tag (reject() needs
+#: its properties)
+_Item = tuple[int, str, bool, Any, bytes]
 
 
 def _noop() -> None:
@@ -50,15 +58,22 @@ class _AMQPConsumer(Consumer):
     seen before the current channel. Settling a delivery from an older channel is a
     no-op: the broker already requeued it when that connection dropped.
 
-    Settlements are batched. ``ack``/``requeue`` (any thread) move the tag from
-    ``_held`` to ``_acks``/``_nacks`` in one step under ``_lock``. They wake the owner
+    Threads: pika runs ``_on_message`` only inside ``process_data_events``, which only
+    ``get()``, ``keepalive()`` and ``close()`` call, each holding ``_io``; so ``_buffer``
+    (and ``_top``, ``_base``, the consumer tags) change only under ``_io``, and
+    ``_on_message`` takes no lock. The books (``_books``: handed out, not settled) and
+    the settlements not yet sent are shared with any thread, under ``_lock``;
+    ``_hand_out`` moves a delivery from ``_buffer`` to the books under it.
+
+    Settlements are batched. ``ack``/``requeue`` (any thread) move the tag from the
+    books to ``_acks``/``_nacks`` in one step under ``_lock``. They wake the owner
     only while it is blocked pumping the connection, and then once (a wake-up is a
     pipe write and a context switch); an owner that is busy handing out messages takes
     the settlements at its next ``get()`` anyway, which checks for them under the same
     lock before it blocks. The owner writes each batch out with one flush: acks below
-    the lowest tag still held or requeued become one ``basic.ack(multiple)``
-    (RabbitMQ's tags only grow on a channel, and ``_held`` keeps them in that order),
-    the others go one by one.
+    the lowest tag still held, buffered or requeued become one ``basic.ack(multiple)``
+    (RabbitMQ's tags only grow on a channel, and the books and ``_buffer`` keep them in
+    that order), the others go one by one.
 
     The prefetch is a channel-wide ``basic.qos`` (``global``, in RabbitMQ's meaning:
     shared by the consumers of all our queues, as Celery sets it). ``exempt()`` grows
@@ -79,28 +94,30 @@ class _AMQPConsumer(Consumer):
                  binding: tuple[str, str] | None = None) -> None:
         self.transport = transport
         self.id = cid
-        self.prefetch = max(1, prefetch)
+        # _wanted, _books, _acks, _nacks, _ops, _woken. A plain Lock, taken directly (a
+        # Condition's ``with`` is a Python call more); the books' Condition wraps it
+        self._lock = threading.Lock()
+        # handed out, not settled: tag -> its _Item, in hand-out order (ascending tags);
+        # exempt ones apart (the window follows them). Nobody waits on its Condition:
+        # get() blocks pumping the connection, and settlements wake that (_wake)
+        self._books: Prefetch[_Item] = Prefetch(prefetch, threading.Condition(self._lock))
+        self.prefetch = self._books.limit
         # a reply consumer: its one queue is a reply queue, declared on its connection
         # (again after a reconnect: the broker deleted it with the old connection), and
         # bound to (exchange, routing key) as kombu binds a pidbox reply queue
         self.reply = reply
         self.binding = binding
-        self._lock = threading.Lock()  # _wanted, _held, _acks, _nacks, _ops, _woken
         self._io = threading.RLock()  # whoever drives the connection (get, close)
         self._wanted: list[str] = list(dict.fromkeys(queues))
-        # tag -> (queue, BasicProperties for reject()): buffered or handed out, not
-        # settled; in delivery order, i.e. ascending tags
-        self._held: dict[int, tuple[str, Any]] = {}
         self._acks: list[int] = []  # settled, not yet sent
         self._nacks: list[int] = []
-        self._exempt: set[int] = set()  # handed out, not counted against the prefetch
-        self._qos_due = False  # the window must follow len(_exempt)
+        self._qos_due = False  # the window must follow len(_books.exempted)
         self._window = self.prefetch  # basic.qos on the current channel (owner only)
         self._global_qos = True  # channel-wide prefetch; False once a quorum queue refused
         self._pumping = False  # the owner is blocked in process_data_events
         self._woken = False  # ... and a wake-up is on its way to it
         self._ops: deque[tuple[str, str]] = deque()  # queue changes from any thread
-        self._buffer: deque[tuple[int, str, bool, Any, bytes]] = deque()
+        self._buffer: deque[_Item] = deque()  # delivered, not handed out (under _io)
         self._tags: dict[str, str] = {}  # queue -> consumer tag, on the current channel
         self._queue_of: dict[str, str] = {}  # consumer tag -> queue
         self._base = 0
@@ -163,10 +180,9 @@ class _AMQPConsumer(Consumer):
         (the broker requeues whatever it had given us)."""
         self._buffer.clear()
         with self._lock:
-            self._held.clear()
+            self._books.clear_locked()
             self._acks.clear()
             self._nacks.clear()
-            self._exempt.clear()
 
     def _lost(self, exc: BaseException) -> None:
         """The connection is gone: the broker requeues everything it had given us."""
@@ -226,11 +242,9 @@ class _AMQPConsumer(Consumer):
         self._queue_of.pop(tag, None)
         link.main().basic_cancel(tag)
         # messages of that queue not handed out yet go back now, for other workers
-        keep: deque[tuple[int, str, bool, Any, bytes]] = deque()
+        keep: deque[_Item] = deque()
         for item in self._buffer:
             if item[1] == queue:
-                with self._lock:
-                    self._held.pop(item[0], None)
                 link.main().basic_nack(item[0] - self._base, requeue=True)
             else:
                 keep.append(item)
@@ -240,10 +254,9 @@ class _AMQPConsumer(Consumer):
         tag = self._base + method.delivery_tag
         if tag > self._top:
             self._top = tag
-        queue = self._queue_of.get(method.consumer_tag, method.routing_key)
-        with self._lock:
-            self._held[tag] = (queue, props)
-        self._buffer.append((tag, queue, method.redelivered, props, body))
+        # no lock: only the thread pumping under _io gets here (see the class doc)
+        self._buffer.append((tag, self._queue_of.get(method.consumer_tag, method.routing_key),
+                             method.redelivered, props, body))
 
     def _on_cancel(self, frame: Any) -> None:
         """The broker cancelled a consumer (its queue was deleted): declare the queue
@@ -272,9 +285,13 @@ class _AMQPConsumer(Consumer):
             self._acks, self._nacks = [], []
             ops = list(self._ops)
             self._ops.clear()
-            # the lowest tag the broker still holds for us and that we don't ack now
-            floor = next(iter(self._held), self._top + 1)
-            window = self.prefetch + len(self._exempt)
+            # the lowest tag the broker still holds for us and that we don't ack now:
+            # handed out (the books) or buffered, each in ascending order
+            first = next(iter(self._books.held.values()), None)
+            floor = first[0] if first is not None else self._top + 1
+            if self._buffer and self._buffer[0][0] < floor:
+                floor = self._buffer[0][0]
+            window = self.prefetch + len(self._books.exempted)
             self._qos_due = False
         base = self._base
         written = False
@@ -349,14 +366,14 @@ class _AMQPConsumer(Consumer):
                         self._connect()
                         link = self._link
                         assert link is not None
-                    if self._buffer and self._hand_out_now():
-                        return self._delivery(self._buffer.popleft())
+                    if self._buffer and (d := self._hand_out(False)) is not None:
+                        return d
                     if self._run_ops() and self._buffer:
                         # send the settlements now, not when the buffer runs dry: they
                         # free prefetch slots (else the pump below flushes them)
                         link.conn.process_data_events(0)
-                    if self._buffer and self._room():
-                        return self._delivery(self._buffer.popleft())
+                    if self._buffer and (d := self._hand_out(True)) is not None:
+                        return d
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
@@ -394,41 +411,48 @@ class _AMQPConsumer(Consumer):
         finally:
             self._io.release()
 
-    def _delivery(self, item: tuple[int, str, bool, Any, bytes]) -> Delivery:
+    def _hand_out(self, now: bool) -> Delivery | None:
+        """The oldest buffered delivery (``_buffer`` not empty; under ``_io``), now held,
+        if there is room (fewer than ``prefetch`` handed out and not settled, exempt ones
+        apart: the broker's window sees to it already, this is the guarantee) and,
+        unless ``now``, what was settled or changed since the last write can wait for
+        the next get() (fewer than ``ack_batch`` settlements, no queue or window
+        change). Else None. One lock: this runs for every delivery."""
+        buffer = self._buffer
+        with self._lock:
+            if not now and (len(self._acks) + len(self._nacks) >= self.ack_batch
+                            or self._ops or self._qos_due):
+                return None
+            item = buffer[0]
+            if not self._books.hold_if_room_locked(item[0], item):
+                return None
+            buffer.popleft()
         tag, queue, redelivered, props, body = item
-        return Delivery(queue=queue, tag=tag, raw=body, message=_message(props, body),
-                        redelivered=bool(redelivered))
-
-    def _room(self) -> bool:
-        """Fewer than ``prefetch`` deliveries handed out and not settled (exempt ones
-        apart). The broker's window sees to it already; this is the guarantee."""
-        with self._lock:
-            return self._room_locked()
-
-    def _room_locked(self) -> bool:
-        return len(self._held) - len(self._buffer) - len(self._exempt) < self.prefetch
-
-    def _hand_out_now(self) -> bool:
-        """There is room, and what was settled or changed since the last write can wait
-        for the next get() (fewer than ``ack_batch`` settlements, no queue or window
-        change). One lock: this is asked for every delivery."""
-        with self._lock:
-            return (self._room_locked() and len(self._acks) + len(self._nacks) < self.ack_batch
-                    and not self._ops and not self._qos_due)
+        return make_delivery(queue, tag, body, lambda raw: _message(props, raw), redelivered)
 
     def held(self, queue: str) -> int:
-        with self._lock:
-            return sum(1 for q, _ in self._held.values() if q == queue)
+        """Deliveries of ``queue`` this consumer holds: handed out or buffered."""
+        while True:
+            with self._lock:  # a hand-out moves one from _buffer to the books under it
+                try:
+                    # _on_message appends without the lock; tuple() copies in one go
+                    buffered = tuple(self._buffer)
+                except RuntimeError:  # ... unless the copy let another thread run
+                    continue
+                return (sum(1 for item in self._books.held.values() if item[1] == queue)
+                        + sum(1 for item in buffered if item[1] == queue))
 
     def _settle(self, delivery: Delivery, acked: bool) -> None:
+        tag = delivery.tag
+        books = self._books
         with self._lock:
-            if self._held.pop(delivery.tag, None) is None:
+            exempt = tag in books.exempted
+            if books.settle_locked(tag) is None:
                 return  # settled already, or from a lost connection: acking twice would
                 # be a channel error that drops every other reserved message
-            (self._acks if acked else self._nacks).append(delivery.tag)
-            if self._exempt and delivery.tag in self._exempt:
-                self._exempt.discard(delivery.tag)
-                self._qos_due = True
+            (self._acks if acked else self._nacks).append(tag)
+            if exempt:
+                self._qos_due = True  # the window shrinks back
             if not self._pumping or self._woken:
                 return  # the owner takes it before it blocks, or is being woken already
             self._woken = True
@@ -443,9 +467,8 @@ class _AMQPConsumer(Consumer):
                 "RabbitMQ can't grow a per-consumer prefetch (quorum queue): the held "
                 "delivery keeps its prefetch slot")
         with self._lock:
-            if delivery.tag not in self._held or delivery.tag in self._exempt:
+            if not self._books.exempt_locked(delivery.tag):
                 return  # settled already, or from a lost connection
-            self._exempt.add(delivery.tag)
             self._qos_due = True
             if not self._pumping or self._woken:
                 return
@@ -464,11 +487,10 @@ class _AMQPConsumer(Consumer):
         """Dead-letter with the original headers and properties (a plain
         Transport.dead_letter only gets the body), then ack. If the DLQ publish fails
         the message stays reserved, so it is never lost."""
-        with self._lock:
-            entry = self._held.get(delivery.tag)
-        if entry is None:
+        item = self._books.peek(delivery.tag)
+        if item is None:
             return
-        dead_letter(self.transport, delivery.queue, delivery.raw, reason, entry[1])
+        dead_letter(self.transport, delivery.queue, delivery.raw, reason, item[3])
         self.ack(delivery)
 
     def heartbeat(self) -> None:

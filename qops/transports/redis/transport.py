@@ -24,10 +24,11 @@ from qops.transports.base import (
     Subscription,
     Transport,
     TransportOptions,
+    one_line,
 )
 from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
-from qops.transports.redis.link import UNREACHABLE, load_script, one_line
+from qops.transports.redis.link import UNREACHABLE, load_script
 from qops.transports.redis.names import (
     BINDING_PREFIX,
     SEP,

@@ -25,7 +25,6 @@ called from any thread. ``Subscription.get`` is called from one thread.
 
 from __future__ import annotations
 
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -425,38 +424,6 @@ class Backoff:
         time.sleep(min(self.delay, left))
         self.delay = min(self.delay * 2, self.maximum)
         return True
-
-
-class PrefetchGate:
-    """Counts reserved-but-unsettled deliveries (the Redis reply consumer's). Superseded
-    by ``qops.transports.prefetch.Prefetch``, which every other consumer uses: it goes
-    once that consumer uses it too."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self._count = 0
-        self._cond = threading.Condition()
-
-    def full(self) -> bool:
-        with self._cond:
-            return self._count >= self.limit
-
-    def room(self) -> int:
-        with self._cond:
-            return max(0, self.limit - self._count)
-
-    def take(self, n: int = 1) -> None:
-        with self._cond:
-            self._count += n
-
-    def release(self) -> None:
-        with self._cond:
-            self._count = max(0, self._count - 1)
-            self._cond.notify_all()
-
-    def wait_for_room(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._count < self.limit, timeout)
 
 
 # scheme -> (module, class): a module is imported only when its scheme is used

@@ -111,6 +111,19 @@ class Prefetch(Generic[V]):
         finally:
             self._waiting -= 1
 
+    def wait_for_room_locked(self, timeout: float, pending: Callable[[], int] | None = None,
+                             want: int = 1) -> bool:
+        """Wait up to ``timeout`` seconds until there are at least ``want`` free slots
+        (1: any room); True when there are. ``pending`` (called under ``cond``) counts
+        what is taken and not handed out yet."""
+        deadline = time.monotonic() + timeout
+        while self.room_locked(pending() if pending is not None else 0) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.wait_locked(left)
+        return True
+
     # -- taking ``cond`` -------------------------------------------------------------------
     def room(self, pending: int = 0) -> int:
         with self.cond:
@@ -137,15 +150,7 @@ class Prefetch(Generic[V]):
         with self.cond:
             return self.clear_locked()
 
-    def wait_for_room(self, timeout: float,
-                      pending: Callable[[], int] | None = None) -> bool:
-        """Wait up to ``timeout`` seconds for room; True when there is some. ``pending``
-        (called under ``cond``) counts what is taken and not handed out yet."""
-        deadline = time.monotonic() + timeout
+    def wait_for_room(self, timeout: float, pending: Callable[[], int] | None = None,
+                      want: int = 1) -> bool:
         with self.cond:
-            while self.room_locked(pending() if pending is not None else 0) == 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.wait_locked(left)
-            return True
+            return self.wait_for_room_locked(timeout, pending, want)

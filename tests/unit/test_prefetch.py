@@ -48,6 +48,19 @@ def test_a_settlement_from_another_thread_ends_the_wait() -> None:
     assert not books.wait_for_room(0.05, pending=lambda: 1)
 
 
+def test_wait_for_room_can_want_several_slots() -> None:
+    books: Prefetch[str] = Prefetch(4)
+    for tag in "abcd":
+        books.hold(tag, "q")
+    books.settle("a")
+    assert books.wait_for_room(0.01) and not books.wait_for_room(0.05, want=2)
+    threading.Timer(0.1, books.exempt, ("b",)).start()
+    start = time.monotonic()
+    with books.cond:  # the locked form, for a consumer that holds ``cond`` already
+        assert books.wait_for_room_locked(5, want=2)
+    assert time.monotonic() - start < 2
+
+
 def test_make_delivery_catches_anything_the_decoder_raises() -> None:
     raw = encode_envelope("q", Message(body=b"[[], {}, {}]", headers={"task": "t"}))
     good = make_delivery("q", 7, raw, decode_envelope, redelivered=True)

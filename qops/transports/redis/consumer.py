@@ -21,12 +21,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qops.errors import UsageError
-from qops.transports.base import Consumer, Delivery
+from qops.transports.base import Consumer, Delivery, make_delivery, one_line
+from qops.transports.prefetch import Prefetch
 from qops.transports.redis import deadletters, recovery
-from qops.transports.redis.delivery import Tag, make_delivery
-from qops.transports.redis.link import UNREACHABLE, Link, bulk, one_line
-from qops.transports.redis.names import STEPS, list_name
+from qops.transports.redis.delivery import Tag, decode, tag_of
+from qops.transports.redis.link import UNREACHABLE, Link, bulk
+from qops.transports.redis.names import SEP, STEPS, list_name
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -84,24 +84,22 @@ class RedisConsumer(Consumer):
         self.transport = transport
         self.id = cid
         self._queues = list(dict.fromkeys(queues))
-        self._limit = max(1, prefetch)
-        self._batch = max(1, self._limit // 2)
-        # Guards the books below; get() waits on it for room, ack() notifies it.
-        self._lock = threading.Condition(threading.Lock())
+        # Handed out and not yet settled: seq -> (list name, raw); and the exempt ones.
+        self._books: Prefetch[tuple[str, bytes]] = Prefetch(
+            prefetch, threading.Condition(threading.Lock()))
+        self._batch = max(1, self._books.limit // 2)
+        # Guards the books and everything below; get() waits on it (through the books).
+        self._lock = self._books.cond
         # Held for the whole of get(): close() takes it so that it never unregisters the
         # consumer while a reserve/BLMOVE may still add to its in-flight lists.
         self._get_lock = threading.Lock()
         self._closed = False
-        # Already in flight on the server, not yet handed out (a reserve batch).
+        # Already in flight on the server, not yet handed out (a reserve batch): pending
+        # for the books' room.
         self._cache: deque[tuple[str, bytes]] = deque()
-        # Handed out and not yet settled: seq -> (list name, raw).
-        self._unsettled: dict[int, tuple[str, bytes]] = {}
-        # Unsettled ones that don't count against the prefetch (held for an ETA).
-        self._exempt: set[int] = set()
         # Acked, not yet removed from flight on the server: (list name, raw).
         self._acks: list[tuple[str, bytes]] = []
         self._acks_since = 0.0  # monotonic time of the oldest queued ack
-        self._seq = 0
         self._rotation = 0
         self._resync_needed = False
         self._last_beat = 0.0
@@ -144,19 +142,8 @@ class RedisConsumer(Consumer):
         with self._lock:
             return list(self._queues)
 
-    def _room(self) -> int:
-        """Free prefetch slots (call with the lock held)."""
-        counted = len(self._unsettled) - len(self._exempt)
-        return self._limit - len(self._cache) - counted
-
     def exempt(self, delivery: Delivery) -> None:
-        tag = delivery.tag
-        if not isinstance(tag, Tag):
-            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
-        with self._lock:
-            if tag.seq in self._unsettled:
-                self._exempt.add(tag.seq)
-                self._lock.notify_all()
+        self._books.exempt(tag_of(delivery).seq)
 
     # -- reserving ----------------------------------------------------------------------
     def get(self, timeout: float) -> Delivery | None:
@@ -176,32 +163,31 @@ class RedisConsumer(Consumer):
                         # Booked as handed out under the lock; decoded outside it so
                         # acks from other threads never wait for a big JSON parse.
                         name, raw = self._cache.popleft()
-                        self._seq += 1
-                        self._unsettled[self._seq] = (name, raw)
-                        tag = Tag(self._seq, name)
+                        tag = Tag(self._books.take_locked((name, raw)), name)
                     else:
                         tag = None
-                        room = self._room()
+                        room = self._books.room_locked(len(self._cache))
                         if not acks_due:
                             if room == 0:
                                 if left <= 0:
                                     return None
                                 # Waits in slices so that close() is noticed quickly.
-                                self._lock.wait(min(left, WAIT_SLICE))
+                                self._books.wait_locked(min(left, WAIT_SLICE))
                                 continue
                             if room < self._batch and left > 0:
                                 if not linger_until:
                                     linger_until = now + LINGER
                                 wait = min(linger_until, deadline) - now
                                 if wait > 0:
-                                    self._lock.wait_for(self._batch_ready, wait)
+                                    # (close() empties the books: that is room enough)
+                                    self._books.wait_for_room_locked(wait, want=self._batch)
                                     continue
                         if self._plan is None:
                             self._plan = self._make_plan()
                         plan = self._plan
                         nqueues = len(self._queues)
                 if tag is not None:
-                    return make_delivery(tag.name, raw, tag)
+                    return make_delivery(tag.name.split(SEP, 1)[0], tag, raw, decode)
                 linger_until = 0.0
                 try:
                     if time.monotonic() - self._last_beat >= beat_every:
@@ -215,7 +201,7 @@ class RedisConsumer(Consumer):
                         if left <= 0:
                             return None
                         with self._lock:
-                            self._lock.wait(min(left, WAIT_SLICE))
+                            self._books.wait_locked(min(left, WAIT_SLICE))
                         continue
                     wait_k = 0
                     if left > 0:
@@ -233,9 +219,6 @@ class RedisConsumer(Consumer):
                     # may sit in our in-flight lists unknown to us. Reconcile next time.
                     self._resync_needed = True
                     raise self.transport.unreachable(exc, "reserving messages") from exc
-
-    def _batch_ready(self) -> bool:
-        return self._closed or self._room() >= self._batch
 
     def _take_acks(self) -> list[tuple[str, bytes]]:
         with self._lock:
@@ -316,7 +299,7 @@ class RedisConsumer(Consumer):
         held = self._link.many([["LRANGE", self._inflight(name), 0, -1] for name in names])
         with self._lock:
             # Queued acks are still in flight on the server: known, not orphans.
-            known = (Counter(self._cache) + Counter(self._unsettled.values()) +
+            known = (Counter(self._cache) + Counter(self._books.held.values()) +
                      Counter(self._acks))
         for name, items in zip(names, held, strict=True):
             for raw in items:
@@ -327,37 +310,19 @@ class RedisConsumer(Consumer):
         self._resync_needed = False
 
     # -- settling -------------------------------------------------------------------------
-    def _entry(self, delivery: Delivery) -> tuple[int, str, bytes] | None:
-        tag = delivery.tag
-        if not isinstance(tag, Tag):
-            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
-        with self._lock:
-            entry = self._unsettled.get(tag.seq)
-        if entry is None:  # settled already (or the consumer was closed): nothing to do
-            return None
-        return tag.seq, entry[0], entry[1]
-
-    def _settled(self, seq: int) -> None:
-        # Dropped from the books only once Redis has done it, so a failed call can be retried.
-        with self._lock:
-            self._exempt.discard(seq)
-            if self._unsettled.pop(seq, None) is not None:
-                self._lock.notify_all()
-
+    # Settling: the books return None for a delivery settled already (or forgotten by
+    # close()): nothing to do then. requeue and reject settle only once Redis has done
+    # it, so that a failed call can be retried.
     def ack(self, delivery: Delivery) -> None:
         """Queue the ack: get() sends it with its next reserve (see the class doc)."""
-        tag = delivery.tag
-        if not isinstance(tag, Tag):
-            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+        seq = tag_of(delivery).seq
         with self._lock:
-            self._exempt.discard(tag.seq)
-            entry = self._unsettled.pop(tag.seq, None)
-            if entry is None:  # settled already (or the consumer was closed)
+            entry = self._books.settle_locked(seq)
+            if entry is None:
                 return
             if not self._acks:
                 self._acks_since = time.monotonic()
             self._acks.append(entry)
-            self._lock.notify_all()
         if threading.get_ident() == self._get_thread:
             self._flush_now()
 
@@ -387,28 +352,30 @@ class RedisConsumer(Consumer):
             self._get_lock.release()
 
     def requeue(self, delivery: Delivery) -> None:
-        entry = self._entry(delivery)
+        seq = tag_of(delivery).seq
+        entry = self._books.peek(seq)
         if entry is None:
             return
-        seq, name, raw = entry
+        name, raw = entry
         t = self.transport
         with t.guard("requeueing a message"):
             t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw])
-        self._settled(seq)
+        self._books.settle(seq)
 
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter and settle in one atomic step (the base class's two steps could
         leave a dead letter whose message also runs again after a crash)."""
-        entry = self._entry(delivery)
+        seq = tag_of(delivery).seq
+        entry = self._books.peek(seq)
         if entry is None:
             return
-        seq, name, raw = entry
+        name, raw = entry
         t = self.transport
         dl_id, record, now = deadletters.dlq_record(delivery.queue, raw, reason)
         with t.guard("dead-lettering a message"):
             t._lua_reject(keys=[self._inflight(name), t.key("qops.dlq"), t.key("qops.dlq.index")],
                           args=[raw, dl_id, record, now])
-        self._settled(seq)
+        self._books.settle(seq)
 
     def _flush_acks(self, pipe: Any) -> list[tuple[str, bytes]]:
         """Add the queued acks to ``pipe`` (a pipeline of the transport's client); the
@@ -473,9 +440,7 @@ class RedisConsumer(Consumer):
                 return
             self._closed = True
             self._cache.clear()
-            self._unsettled.clear()
-            self._exempt.clear()
-            self._lock.notify_all()
+            self._books.clear_locked()  # wakes get()
         # get() notices _closed within one wait slice; past a generous bound, give back
         # anyway (_taken() restores again if a late command still lands something).
         got_lock = self._get_lock.acquire(timeout=max(5.0, self.transport.options.connect_timeout))

@@ -1,14 +1,14 @@
-"""What both Redis consumers hand out: the delivery tag, and the decoding of a raw
-envelope into a ``Delivery`` (on the per-message path of ``get``)."""
+"""What both Redis consumers hand out: the delivery tag, and ``decode``, Redis's decoder
+for ``base.make_delivery`` (on the per-message path of ``get``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qops.protocol import decode_envelope
+from qops.errors import UsageError
+from qops.protocol import Message, decode_envelope
 from qops.transports.base import Delivery
-from qops.transports.redis.link import one_line
-from qops.transports.redis.names import SEP, qops_priority
+from qops.transports.redis.names import qops_priority
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,17 @@ class Tag:
     name: str
 
 
-def make_delivery(name: str, raw: bytes, tag: Tag) -> Delivery:
-    d = Delivery(queue=name.split(SEP, 1)[0], tag=tag, raw=raw)
-    try:
-        msg = decode_envelope(raw)
-    except ValueError as exc:
-        d.error = str(exc)
-        return d
-    except Exception as exc:  # e.g. RecursionError on absurdly nested JSON: never crash get()
-        d.error = f"undecodable envelope: {one_line(exc)}"
-        return d
+def tag_of(delivery: Delivery) -> Tag:
+    """``delivery``'s tag; UsageError when no Redis consumer handed it out."""
+    tag = delivery.tag
+    if not isinstance(tag, Tag):
+        raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
+    return tag
+
+
+def decode(raw: bytes) -> Message:
+    """The kombu envelope, its priority (the wire step) turned into qops's scale."""
+    msg = decode_envelope(raw)
     if "priority" in msg.properties:
         msg.properties["priority"] = qops_priority(msg.properties["priority"])
-    d.message = msg
-    return d
+    return msg

@@ -21,10 +21,6 @@ def load_script(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(name).read_text("utf-8")
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def bulk(arg: bytes | str | int | float) -> bytes:
     """One RESP bulk string."""
     if isinstance(arg, bytes):

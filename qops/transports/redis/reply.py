@@ -12,16 +12,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qops.errors import UsageError
 from qops.transports.base import (
     REPLY_PREFETCH,
     REPLY_TTL,
     Consumer,
     Delivery,
-    PrefetchGate,
     ReplyOnly,
+    make_delivery,
 )
-from qops.transports.redis.delivery import Tag, make_delivery
+from qops.transports.prefetch import Prefetch
+from qops.transports.redis.delivery import Tag, decode, tag_of
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -49,13 +49,14 @@ class RedisReplyConsumer(ReplyOnly, Consumer):
         if binding is not None:
             with transport.guard(f"binding the reply queue {name!r}"):
                 transport._client.sadd(binding[0], binding[1])
-        self._gate = PrefetchGate(REPLY_PREFETCH)
-        self._lock = threading.Lock()
+        # Handed out and not yet settled: seq -> raw. Its lock guards the cache too.
+        self._books: Prefetch[bytes] = Prefetch(REPLY_PREFETCH)
+        self._lock = self._books.cond
         self._get_lock = threading.Lock()
         self._closed = False
-        self._cache: deque[bytes] = deque()  # popped, not handed out yet
-        self._unsettled: dict[int, bytes] = {}
-        self._seq = 0
+        # Popped, not handed out yet. get() hands these out before it pops more, so it
+        # asks the books for room only when this is empty: nothing pending then.
+        self._cache: deque[bytes] = deque()
         self._last_beat = 0.0
         # No retries: a retried pop whose first reply was lost would lose that reply.
         self._pool = transport._make_pool(
@@ -71,21 +72,25 @@ class RedisReplyConsumer(ReplyOnly, Consumer):
         deadline = time.monotonic() + max(0.0, timeout)
         with self._get_lock:
             while True:
+                left = deadline - time.monotonic()
                 with self._lock:
                     if self._closed:
                         return None
                     if self._cache:
                         raw = self._cache.popleft()
-                        self._seq += 1
-                        self._unsettled[self._seq] = raw
-                        return make_delivery(self.name, raw, Tag(self._seq, self.name))
-                left = deadline - time.monotonic()
-                room = self._gate.room()
-                if room == 0:
-                    if left <= 0:
-                        return None
-                    self._gate.wait_for_room(min(left, REPLY_WAIT_SLICE))
-                    continue
+                        tag = Tag(self._books.take_locked(raw), self.name)
+                    else:
+                        tag = None
+                        room = self._books.room_locked()
+                        if room == 0:
+                            if left <= 0:
+                                return None
+                            # Woken by a settlement (a requeue puts its reply in the
+                            # cache: handed out next time round) and by close().
+                            self._books.wait_locked(min(left, REPLY_WAIT_SLICE))
+                            continue
+                if tag is not None:  # decoded outside the lock
+                    return make_delivery(self.name, tag, raw, decode)
                 with self.transport.guard("reading replies"):
                     if time.monotonic() - self._last_beat >= \
                             self.transport.options.heartbeat_interval:
@@ -106,32 +111,19 @@ class RedisReplyConsumer(ReplyOnly, Consumer):
         with self._lock:
             if self._closed:
                 return  # the queue is gone: so are its replies
-            self._gate.take(len(got))
             self._cache.extend(got)
 
-    def _unsettle(self, delivery: Delivery) -> bytes | None:
-        tag = delivery.tag
-        if not isinstance(tag, Tag):
-            raise UsageError(f"delivery {tag!r} was not reserved by a Redis consumer")
-        with self._lock:
-            return self._unsettled.pop(tag.seq, None)
-
     def ack(self, delivery: Delivery) -> None:
-        if self._unsettle(delivery) is not None:
-            self._gate.release()
+        self._books.settle(tag_of(delivery).seq)
 
     def requeue(self, delivery: Delivery) -> None:
         """Back at the head of the queue: this consumer is its only reader and holds
-        what it popped ahead of it, so the head is the front of its own cache (still
-        counted against the prefetch, as the cache is)."""
-        raw = self._unsettle(delivery)
-        if raw is None:
-            return
+        what it popped ahead of it, so the head is the front of its own cache."""
+        seq = tag_of(delivery).seq
         with self._lock:
-            if not self._closed:
+            raw = self._books.settle_locked(seq)
+            if raw is not None:  # (None after close(), too: the books are empty then)
                 self._cache.appendleft(raw)
-                return
-        self._gate.release()
 
     def heartbeat(self) -> None:
         """Keep unread replies from expiring while their reader lives (a list that is
@@ -149,7 +141,7 @@ class RedisReplyConsumer(ReplyOnly, Consumer):
                 return
             self._closed = True
             self._cache.clear()
-            self._unsettled.clear()
+            self._books.clear_locked()  # wakes get()
         # A get() in another thread notices _closed within one wait slice; disconnecting
         # its connection under it would make it fail instead.
         got_lock = self._get_lock.acquire(timeout=REPLY_WAIT_SLICE + 1.0)

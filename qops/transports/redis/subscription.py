@@ -11,8 +11,7 @@ import redis
 
 from qops.errors import BrokerUnreachable
 from qops.protocol import Message, decode_envelope
-from qops.transports.base import Subscription, topic_matches
-from qops.transports.redis.link import one_line
+from qops.transports.base import Subscription, one_line, topic_matches
 from qops.transports.redis.names import glob_escape, topic_glob
 
 if TYPE_CHECKING:

@@ -24,10 +24,11 @@ from qops.transports.base import (
     Subscription,
     Transport,
     TransportOptions,
+    one_line,
 )
 from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
-from qops.transports.redis.link import UNREACHABLE, load_script, one_line
+from qops.transports.redis.link import UNREACHABLE, load_script
 from qops.transports.redis.names import (
     BINDING_PREFIX,
     SEP,
@@ -107,6 +108,19 @@ class RedisTransport(Transport):
         except UNREACHABLE as exc:
             raise self.unreachable(exc, doing) from exc
 
+    @contextmanager
+    def sending(self, doing: str, what: str, target: str) -> Iterator[None]:
+        """``guard`` for sending a message (``doing``/``what`` + ``target``, formatted
+        only on failure): any other error reply means Redis did not take it (e.g. OOM
+        with maxmemory reached, READONLY on a replica), a PublishError."""
+        try:
+            yield
+        except UNREACHABLE as exc:
+            raise self.unreachable(exc, f"{doing} {target!r}") from exc
+        except redis.RedisError as exc:
+            raise PublishError(f"Redis {self.safe_url()} refused {what} {target!r}: "
+                               f"{one_line(exc)}") from None
+
     # -- queues -------------------------------------------------------------------------
     def encode(self, queue: str, message: Message) -> tuple[str, bytes]:
         """(list name, envelope) for ``message`` on ``queue``; the envelope's priority is
@@ -120,22 +134,15 @@ class RedisTransport(Transport):
     def publish(self, queue: str, message: Message) -> None:
         name, raw = self.encode(queue, message)
         self.check_size(f"queue {queue!r}", raw)
-        with self.guard(f"publishing to {queue!r}"):
-            try:
-                if queue in self._bound:
-                    self._client.lpush(self.key(name), raw)
-                else:
-                    pipe = self._client.pipeline(transaction=False)
-                    pipe.sadd(self.key(BINDING_PREFIX + queue), binding_member(queue))
-                    pipe.lpush(self.key(name), raw)
-                    pipe.execute()
-                    self._bound.add(queue)
-            except redis.RedisError as exc:
-                if isinstance(exc, UNREACHABLE):
-                    raise
-                # e.g. OOM (maxmemory reached) or READONLY (a replica): not taken.
-                raise PublishError(f"Redis {self.safe_url()} refused the message for "
-                                   f"{queue!r}: {one_line(exc)}") from None
+        with self.sending("publishing to", "the message for", queue):
+            if queue in self._bound:
+                self._client.lpush(self.key(name), raw)
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.sadd(self.key(BINDING_PREFIX + queue), binding_member(queue))
+                pipe.lpush(self.key(name), raw)
+                pipe.execute()
+                self._bound.add(queue)
 
     def bind(self, queues: Sequence[str]) -> None:
         """Write the kombu bindings of ``queues`` (once per transport)."""
@@ -172,14 +179,8 @@ class RedisTransport(Transport):
         pipe = self._client.pipeline(transaction=True)
         pipe.lpush(self.key(name), raw)
         pipe.expire(self.key(name), REPLY_TTL)
-        with self.guard(f"sending a reply to {name!r}"):
-            try:
-                pipe.execute()
-            except redis.RedisError as exc:
-                if isinstance(exc, UNREACHABLE):
-                    raise
-                raise PublishError(f"Redis {self.safe_url()} refused the reply for "
-                                   f"{name!r}: {one_line(exc)}") from None
+        with self.sending("sending a reply to", "the reply for", name):
+            pipe.execute()
 
     def purge(self, queue: str) -> int:
         keys = self.queue_keys(queue)
@@ -217,14 +218,8 @@ class RedisTransport(Transport):
         name = self.channel_name(channel)
         if routing_key:
             name = f"{name}/{routing_key}"
-        with self.guard(f"broadcasting on {channel!r}"):
-            try:
-                self._client.publish(name, raw)
-            except redis.RedisError as exc:
-                if isinstance(exc, UNREACHABLE):
-                    raise
-                raise PublishError(f"Redis {self.safe_url()} refused the broadcast on "
-                                   f"{channel!r}: {one_line(exc)}") from None
+        with self.sending("broadcasting on", "the broadcast on", channel):
+            self._client.publish(name, raw)
 
     def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
         return RedisSubscription(self, channel, pattern)

@@ -16,7 +16,7 @@ import uuid
 import pytest
 import redis
 
-from qops.errors import BrokerUnreachable, UsageError
+from qops.errors import BrokerUnreachable, PublishError, UsageError
 from qops.protocol import Message
 from qops.transports.base import TransportOptions, from_url
 from qops.transports.redis import RedisConsumer, RedisTransport, split_url
@@ -524,6 +524,62 @@ def test_split_url_takes_out_the_prefix() -> None:
     assert split_url("rediss://:p@h/3?ssl_cert_reqs=none&global_keyprefix=x") == (
         "rediss://:p@h/3?ssl_cert_reqs=none", "x")
     assert split_url("redis://h/0") == ("redis://h/0", "")
+
+
+class _Refusing:
+    """A redis-py client whose every command fails with ``exc`` (a pipeline's on execute)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def pipeline(self, transaction: bool = True) -> _RefusingPipeline:
+        return _RefusingPipeline(self.exc)
+
+    def __getattr__(self, name: str) -> object:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise self.exc
+        return fail
+
+
+class _RefusingPipeline:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def execute(self) -> None:
+        raise self.exc
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: self
+
+
+@pytest.mark.parametrize("exc, error, text", [
+    (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+     PublishError, "refused the {what} {target!r}: OOM command not allowed"),
+    (redis.ConnectionError("Connection refused"),
+     BrokerUnreachable, "unreachable while {doing} {target!r}: Connection refused"),
+])
+def test_a_send_redis_refuses_is_a_publish_error(transport: RedisTransport,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 exc: Exception, error: type[Exception],
+                                                 text: str) -> None:
+    """An error reply (OOM at maxmemory, READONLY on a replica) to a publish, a reply or a
+    broadcast means Redis did not take the message: PublishError; a lost connection stays
+    BrokerUnreachable."""
+    monkeypatch.setattr(transport, "_client", _Refusing(exc))
+    sends = [("publishing to", "message for", "q", lambda: transport.publish("q", msg(1))),
+             ("sending a reply to", "reply for", "r",
+              lambda: transport.send_reply("r", msg(2))),
+             ("broadcasting on", "broadcast on", "ctl",
+              lambda: transport.broadcast("ctl", msg(3)))]
+    for doing, what, target, send in sends:
+        with pytest.raises(error) as info:
+            send()
+        assert text.format(doing=doing, what=what, target=target) in str(info.value)
+    assert "q" not in transport._bound  # that publish wrote the binding too (a pipeline)
+    transport._bound.add("q")  # now a plain LPUSH
+    with pytest.raises(error) as info:
+        transport.publish("q", msg(4))
+    assert text.format(doing="publishing to", what="message for", target="q") in str(info.value)
 
 
 def test_global_keyprefix_on_every_key_and_channel(redis_url: str, raw: redis.Redis) -> None:

@@ -396,8 +396,7 @@ class ChildPool(Pool):
             self._due.put((index, 0.0))  # a no-op for slots that have a child
 
     def shrink(self, n: int) -> None:
-        n = min(n, self.concurrency - 1)
-        self.concurrency -= n
+        self._fewer(n)
         for child in list(self.children.values()):
             self._tell(child, ("stop",) if child.index > self.concurrency
                        else ("share", self.concurrency))

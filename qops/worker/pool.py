@@ -117,8 +117,18 @@ class Pool(ABC):
     @abstractmethod
     def grow(self, n: int) -> None: ...
 
-    @abstractmethod
-    def shrink(self, n: int) -> None: ...
+    def shrink(self, n: int) -> None:
+        """Run ``n`` fewer jobs at a time (at least one): as many stop markers as that
+        go into the job queue, and each ends the thread or slot that takes it once its
+        job is done."""
+        for _ in range(self._fewer(n)):
+            self.jobs.put(_STOP)
+
+    def _fewer(self, n: int) -> int:
+        """Lower the concurrency by ``n``, keeping at least one; returns by how much."""
+        n = min(n, self.concurrency - 1)
+        self.concurrency -= n
+        return n
 
 
 class ThreadPool(Pool):
@@ -163,12 +173,6 @@ class ThreadPool(Pool):
             self.threads.append(t)
             t.start()
         self.concurrency += n
-
-    def shrink(self, n: int) -> None:
-        n = min(n, self.concurrency - 1)
-        for _ in range(n):
-            self.jobs.put(_STOP)
-        self.concurrency -= n
 
 
 class SoloPool(ThreadPool):
@@ -437,12 +441,6 @@ class PreforkPool(Pool):
         for _ in range(n):
             self._add_slot()
         self.concurrency += n
-
-    def shrink(self, n: int) -> None:
-        n = min(n, self.concurrency - 1)
-        for _ in range(n):
-            self.jobs.put(_STOP)
-        self.concurrency -= n
 
 
 class InlinePool(Pool):

@@ -8,11 +8,13 @@ worker events, signals, and supervision of its children.
 
     parent (Worker, split)                 child (ChildWorker), one per pool slot
     ----------------------                 ---------------------------------------
-    control server  -- "control" -->       runs the same handler, replies
-                    <-- "reply" ---        (Pool.gather merges the replies)
-    warm shutdown   -- "stop" ---->        finishes its task, requeues the rest, exits
+    control server  -- Control ---->       runs the same handler, replies
+                    <-- Reply ------       (Pool.gather merges the replies)
+    warm shutdown   -- Stop ------->       finishes its task, requeues the rest, exits
     hard-limit watchdog (reads the slot)   writes its running task to a shared slot
-    respawns a child that ends             "bye" with its counts, then exits
+    respawns a child that ends             Bye with its counts, then exits
+
+(the pipe messages and the slot table are in qops/worker/shared.py)
 
 Why: on RabbitMQ the parent's one connection was the bottleneck (consume, dispatch and
 ack for every child); see bench/README.md for the numbers.
@@ -42,12 +44,11 @@ import mmap
 import os
 import queue
 import signal
-import struct
 import threading
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from qops import errors
 from qops.backends.base import FAILURE
@@ -56,12 +57,32 @@ from qops.worker.control import HANDLERS
 from qops.worker.pool import (
     InlinePool,
     Pool,
-    _describe_status,
     child_process_setup,
+    describe_status,
     fork_child,
     signal_child,
 )
 from qops.worker.ratelimit import RateLimits
+from qops.worker.shared import (
+    HARD_LIMIT_GRACE,
+    LOST,
+    MAX_CHILDREN,
+    RUNNING,
+    TIMED_OUT,
+    Bye,
+    Control,
+    Failed,
+    Lost,
+    Ready,
+    Reply,
+    Share,
+    Slot,
+    Stop,
+    ToChild,
+    ToParent,
+    lost_error,
+    new_table,
+)
 from qops.worker.worker import WARM, Worker
 
 if TYPE_CHECKING:
@@ -69,65 +90,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qops.worker")
 
-HARD_LIMIT_GRACE = 2.0  # seconds past a hard limit before the parent kills the child
 FORWARD_TIMEOUT = 0.5  # seconds the parent waits for its children's control replies
 KEEPALIVE_EVERY = 1.0  # seconds between broker keepalives while a child runs a task
-MAX_CHILDREN = 1024  # slots in the shared table
-#: slot states
-IDLE, RUNNING, LOST, TIMED_OUT = 0, 1, 2, 3
-
-
-class Slot:
-    """What one child is doing, in a table shared by the parent and every child (an
-    anonymous shared mapping made before the first fork): state, task start
-    (time.time()), kill deadline (time.monotonic(), 0 for none), tasks done, the wait
-    status of a dead child, task id and name."""
-
-    FORMAT = struct.Struct("=BddQiH100sH128s")
-    HEAD = struct.Struct("=BddQ")
-
-    def __init__(self, table: mmap.mmap, index: int) -> None:
-        self.table = table
-        self.offset = (index - 1) * self.FORMAT.size
-
-    def begin(self, task_id: str, name: str, deadline: float, done: int) -> None:
-        tid, tname = task_id.encode()[:100], name.encode()[:128]
-        self.FORMAT.pack_into(self.table, self.offset, RUNNING, time.time(), deadline, done,
-                              0, len(tid), tid, len(tname), tname)
-
-    def end(self, done: int) -> None:
-        self.HEAD.pack_into(self.table, self.offset, IDLE, 0.0, 0.0, done)
-
-    def mark(self, state: int, status: int | None) -> None:
-        """The parent's verdict on the task a dead child was running."""
-        old = self.FORMAT.unpack_from(self.table, self.offset)
-        self.FORMAT.pack_into(self.table, self.offset, state, 0.0, 0.0, old[3],
-                              -1 if status is None else status, *old[5:])
-
-    def read(self) -> SlotView:
-        state, started, deadline, done, status, n, tid, m, name = \
-            self.FORMAT.unpack_from(self.table, self.offset)
-        return SlotView(state, started, deadline, done, None if status < 0 else status,
-                        tid[:n].decode("utf-8", "replace"),
-                        name[:m].decode("utf-8", "replace"))
-
-
-class SlotView(NamedTuple):
-    state: int
-    started: float
-    deadline: float
-    done: int
-    status: int | None  # wait status of a dead child
-    task_id: str
-    name: str
-
-
-def lost_error(state: int, status: int | None) -> Exception:
-    if state == TIMED_OUT:
-        return errors.TimeLimitExceeded("hard time limit exceeded: the task did not stop "
-                                        "and its pool process was killed")
-    return errors.WorkerLostError(f"pool process exited during the task "
-                                  f"({_describe_status(status)})")
 
 
 class _Child:
@@ -142,7 +106,7 @@ class _Child:
         self.send_lock = threading.Lock()
         self.ready = threading.Event()
         self.ended = threading.Event()
-        self.failure: tuple[str, str] | None = None  # (error class, message) at start
+        self.failure: Failed | None = None  # why it could not start
         self.retired = False  # said bye: its counts are the worker's now
         self.killed = False  # by the hard-limit watchdog
 
@@ -156,7 +120,7 @@ class ChildPool(Pool):
         super().__init__(worker.app, worker.concurrency, worker.max_tasks_per_child)
         self.worker = worker
         self.children: dict[int, _Child] = {}  # slot index (from 1) -> child
-        self.table = mmap.mmap(-1, MAX_CHILDREN * Slot.FORMAT.size)
+        self.table = new_table()
         self._cond = threading.Condition()  # children, _replies
         self._spawning = threading.RLock()
         self._replies: dict[int, list[Any]] = {}
@@ -185,8 +149,8 @@ class ChildPool(Pool):
                 break
         if failed is not None:
             self.stop()
-            name, message = failed.failure or ("QopsError", "a pool process exited at "
-                                               "start-up")
+            name, message = failed.failure or Failed("QopsError", "a pool process exited "
+                                                      "at start-up")
             cls = getattr(errors, name, None)
             if not (isinstance(cls, type) and issubclass(cls, errors.QopsError)):
                 cls = errors.QopsError
@@ -216,19 +180,18 @@ class ChildPool(Pool):
                 msg = child.conn.recv()
             except (EOFError, OSError):
                 break
-            kind = msg[0]
-            if kind == "reply":
+            if isinstance(msg, Reply):
                 with self._cond:
-                    if msg[1] in self._replies:
-                        self._replies[msg[1]].append(msg[2])
+                    if msg.seq in self._replies:
+                        self._replies[msg.seq].append(msg.reply)
                         self._cond.notify_all()
-            elif kind == "ready":
+            elif isinstance(msg, Ready):
                 child.ready.set()
-            elif kind == "failed":
-                child.failure = (msg[1], msg[2])
-            elif kind == "bye":
+            elif isinstance(msg, Failed):
+                child.failure = msg
+            elif isinstance(msg, Bye):
                 with self.worker._lock:
-                    for name, n in msg[1].items():
+                    for name, n in msg.processed.items():
                         self.worker.processed[name] = self.worker.processed.get(name, 0) + n
                     child.retired = True
         child.conn.close()
@@ -247,10 +210,10 @@ class ChildPool(Pool):
             return  # (before start() is done, the supervisor takes the request later)
         if child.failure is not None:
             log.error("pool process %d could not start: %s; trying again", child.pid,
-                      child.failure[1])
+                      child.failure.message)
         elif not child.retired:
             log.error("pool process %d ended (%s); starting a new one", child.pid,
-                      _describe_status(status))
+                      describe_status(status))
         # one that could not even start (broker down?) must not be replaced in a loop
         self._due.put((child.index, child.born + 1.0))
 
@@ -270,7 +233,7 @@ class ChildPool(Pool):
         log.error("Task %s[%s] failed: %s", name, task_id, exc)
         worker.lost[task_id] = (verdict, status)
         child.slot.mark(verdict, status)
-        self._tell_all(("lost", task_id, verdict, status))
+        self._tell_all(Lost(task_id, verdict, status))
         if task is not None and not worker.acks_late_for(name) and worker.has_backend:
             # acked before it ran: no redelivery will record the failure
             try:
@@ -327,7 +290,7 @@ class ChildPool(Pool):
     def stop(self, timeout: float | None = None) -> None:
         """Warm: each child finishes its task, gives back what it holds and exits."""
         self._stopping.set()
-        self._tell_all(("stop",))
+        self._tell_all(Stop())
         self._wait_gone(timeout)
 
     def terminate(self) -> None:
@@ -338,7 +301,7 @@ class ChildPool(Pool):
         self._wait_gone(10.0)
 
     # -- talking to the children --------------------------------------------------------------
-    def _tell(self, child: _Child, msg: tuple[Any, ...]) -> bool:
+    def _tell(self, child: _Child, msg: ToChild) -> bool:
         try:
             with child.send_lock:
                 child.conn.send(msg)
@@ -346,7 +309,7 @@ class ChildPool(Pool):
         except (OSError, ValueError):  # it ended
             return False
 
-    def _tell_all(self, msg: tuple[Any, ...]) -> None:
+    def _tell_all(self, msg: ToChild) -> None:
         for child in list(self.children.values()):
             self._tell(child, msg)
 
@@ -355,7 +318,7 @@ class ChildPool(Pool):
         with self._cond:
             self._replies[seq] = []
             asked = [c for c in self.children.values() if c.ready.is_set() and not c.retired]
-        sent = sum(self._tell(c, ("control", seq, method, arguments)) for c in asked)
+        sent = sum(self._tell(c, Control(seq, method, arguments)) for c in asked)
         deadline = time.monotonic() + FORWARD_TIMEOUT
         with self._cond:
             while len(self._replies[seq]) < sent:
@@ -391,15 +354,15 @@ class ChildPool(Pool):
         if self.concurrency + n > MAX_CHILDREN:
             raise errors.UsageError(f"a node has at most {MAX_CHILDREN} pool processes")
         self.concurrency += n
-        self._tell_all(("share", self.concurrency))
+        self._tell_all(Share(self.concurrency))
         for index in range(1, self.concurrency + 1):
             self._due.put((index, 0.0))  # a no-op for slots that have a child
 
     def shrink(self, n: int) -> None:
         self._fewer(n)
         for child in list(self.children.values()):
-            self._tell(child, ("stop",) if child.index > self.concurrency
-                       else ("share", self.concurrency))
+            self._tell(child, Stop() if child.index > self.concurrency
+                       else Share(self.concurrency))
 
 
 def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
@@ -463,7 +426,7 @@ class ChildWorker(Worker):
         self._send_lock = threading.Lock()
         self._done = 0
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: ToParent) -> None:
         try:
             with self._send_lock:
                 self.conn.send(msg)
@@ -475,7 +438,7 @@ class ChildWorker(Worker):
             self.apply_rate_limits()
             self.connect()
         except Exception as exc:
-            self.send(("failed", type(exc).__name__, str(exc)))
+            self.send(Failed(type(exc).__name__, str(exc)))
             return 1
         assert self.consumer is not None
         # acks go out two or more at a time (one write, one flush) while deliveries wait:
@@ -484,13 +447,13 @@ class ChildWorker(Worker):
         self.pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
         self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
         threading.Thread(target=self._serve_parent, name="parent", daemon=True).start()
-        self.send(("ready",))
+        self.send(Ready())
         try:
             self.consume()
         finally:
             self.shutdown()
             with self._lock:
-                self.send(("bye", dict(self.processed)))
+                self.send(Bye(dict(self.processed)))
         return 0
 
     def request_stop(self, how: str = WARM) -> None:
@@ -557,17 +520,15 @@ class ChildWorker(Worker):
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 return
-            kind = msg[0]
-            if kind == "control":
-                _, seq, method, arguments = msg
+            if isinstance(msg, Control):
                 try:
-                    reply = HANDLERS[method](self, **arguments)
+                    reply = HANDLERS[msg.method](self, **msg.arguments)
                 except Exception as exc:
                     reply = {"error": f"{type(exc).__name__}: {exc}"}
-                self.send(("reply", seq, reply))
-            elif kind == "stop":
+                self.send(Reply(msg.seq, reply))
+            elif isinstance(msg, Stop):
                 self.request_stop(WARM)
-            elif kind == "lost":
-                self.lost[msg[1]] = (msg[2], msg[3])
-            elif kind == "share":
-                self.rate_limits.reshare(msg[1])
+            elif isinstance(msg, Lost):
+                self.lost[msg.task_id] = (msg.verdict, msg.status)
+            elif isinstance(msg, Share):
+                self.rate_limits.reshare(msg.concurrency)

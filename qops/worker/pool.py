@@ -330,7 +330,7 @@ class _Slot(threading.Thread):
             outcome: dict[str, Any] = child.conn.recv()
         except (EOFError, OSError):
             status = self.reap(kill=True)
-            how = _describe_status(status)
+            how = describe_status(status)
             exc2 = WorkerLostError(f"pool process exited during the task ({how})")
             return {"state": LOST, "result": protocol.exception_to_dict(exc2),
                     "traceback": None, "runtime": time.monotonic() - start}
@@ -340,7 +340,7 @@ class _Slot(threading.Thread):
         return outcome
 
 
-def _describe_status(status: int | None) -> str:
+def describe_status(status: int | None) -> str:
     if status is None:
         return "unknown status"
     if os.WIFSIGNALED(status):

@@ -6,7 +6,7 @@ takes a message, runs the task, stores the result and acks, with no hop through 
 parent. The parent keeps what makes the node one node: remote control, heartbeats and
 worker events, signals, and supervision of its children.
 
-    parent (Worker, split)                 child (ChildWorker), one per pool slot
+    parent (Worker, split)                 child (PoolChild), one per pool slot
     ----------------------                 ---------------------------------------
     control server  -- Control ---->       runs the same handler, replies
                     <-- Reply ------       (Pool.gather merges the replies)
@@ -47,13 +47,15 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from qops import errors
 from qops.backends.base import FAILURE
 from qops.events import EventDispatcher
-from qops.worker.control import HANDLERS
+from qops.worker.consumer import ConsumerLoop
+from qops.worker.control import run_task_command
 from qops.worker.pool import (
     InlinePool,
     Pool,
@@ -62,7 +64,6 @@ from qops.worker.pool import (
     fork_child,
     signal_child,
 )
-from qops.worker.ratelimit import RateLimits
 from qops.worker.shared import (
     HARD_LIMIT_GRACE,
     LOST,
@@ -83,10 +84,9 @@ from qops.worker.shared import (
     lost_error,
     new_table,
 )
-from qops.worker.worker import WARM, Worker
 
 if TYPE_CHECKING:
-    from qops.transports.base import Delivery
+    pass
 
 log = logging.getLogger("qops.worker")
 
@@ -112,13 +112,21 @@ class _Child:
 
 
 class ChildPool(Pool):
-    """The parent's side: starts, watches and replaces the children, and talks to them."""
+    """The parent's side: starts, watches and replaces the children, and talks to them.
+
+    ``record`` is the node's consumer loop, which does not consume here: children start
+    from its revoked and lost tasks and its queues, and their counts end up in it."""
 
     name = "prefork"
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker.app, worker.concurrency, worker.max_tasks_per_child)
-        self.worker = worker
+    def __init__(self, record: ConsumerLoop, concurrency: int,
+                 max_tasks_per_child: int | None, *, prefetch: int, task_events: bool,
+                 child_init: Callable[[int], None] | None = None) -> None:
+        super().__init__(record.app, concurrency, max_tasks_per_child)
+        self.record = record
+        self.prefetch = prefetch  # each child's
+        self.task_events = task_events  # until the node's event dispatcher exists
+        self.child_init = child_init
         self.children: dict[int, _Child] = {}  # slot index (from 1) -> child
         self.table = new_table()
         self._cond = threading.Condition()  # children, _replies
@@ -190,9 +198,10 @@ class ChildPool(Pool):
             elif isinstance(msg, Failed):
                 child.failure = msg
             elif isinstance(msg, Bye):
-                with self.worker._lock:
+                record = self.record
+                with record.lock:
                     for name, n in msg.processed.items():
-                        self.worker.processed[name] = self.worker.processed.get(name, 0) + n
+                        record.processed[name] = record.processed.get(name, 0) + n
                     child.retired = True
         child.conn.close()
         try:
@@ -222,22 +231,22 @@ class ChildPool(Pool):
         view = child.slot.read()
         if view.state != RUNNING:
             return
-        worker, task_id, name = self.worker, view.task_id, view.name
-        task = worker.app.tasks.get(name)
+        record, task_id, name = self.record, view.task_id, view.name
+        task = record.app.tasks.get(name)
         verdict = TIMED_OUT if child.killed else LOST
         exc = lost_error(verdict, status)
-        if verdict == LOST and task is not None and worker.requeue_when_lost(task):
+        if verdict == LOST and task is not None and record.requeue_when_lost(task):
             log.error("Task %s[%s]: %s; RabbitMQ delivers it again", name, task_id, exc)
             child.slot.end(view.done)
             return
         log.error("Task %s[%s] failed: %s", name, task_id, exc)
-        worker.lost[task_id] = (verdict, status)
+        record.lost[task_id] = (verdict, status)
         child.slot.mark(verdict, status)
         self._tell_all(Lost(task_id, verdict, status))
-        if task is not None and not worker.acks_late_for(name) and worker.has_backend:
+        if task is not None and not record.acks_late_for(name) and record.has_backend:
             # acked before it ran: no redelivery will record the failure
             try:
-                worker.app.backend.store(task_id, FAILURE, exc)
+                record.app.backend.store(task_id, FAILURE, exc)
             except Exception as err:
                 log.error("Task %s[%s]: could not store FAILURE: %s", name, task_id, err)
 
@@ -392,35 +401,33 @@ def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
 
 def _child_main(pool: ChildPool, index: int, conn: Connection, term: mmap.mmap,
                 slot: Slot, ppid: int) -> int:
-    worker = pool.worker
-    if not child_process_setup(index, ppid, term, worker.child_init):
+    if not child_process_setup(index, ppid, term, pool.child_init):
         return 0
     for other in list(pool.children.values()):
         other.conn.close()  # the parent's ends of the siblings' pipes
-    return ChildWorker(worker, pool, index, conn, slot).run()
+    return PoolChild(pool, index, conn, slot).run()
 
 
-class ChildWorker(Worker):
-    """The worker's consumer loop in one pool child: its own consumer, an inline pool,
-    its own timer (run by the loop, not a thread) and rate limits; no control server or
-    heartbeat of its own (the parent has them and forwards commands about tasks)."""
+class PoolChild:
+    """One pool child that consumes for itself: a consumer loop of its own (its own
+    consumer, an inline pool, its timer run by the loop, its share of the rate
+    limits), a thread that answers the parent, and the slot the parent reads. No
+    control server or heartbeat of its own: the parent has them and forwards the
+    commands about tasks."""
 
-    announces = False
-
-    def __init__(self, parent: Worker, pool: ChildPool, index: int, conn: Connection,
-                 slot: Slot) -> None:
-        events = parent.events
-        super().__init__(parent.app, hostname=parent.hostname, queues=parent.queues,
-                         concurrency=1, pool="inline",
-                         prefetch_multiplier=parent.prefetch_multiplier,
-                         max_tasks_per_child=parent.max_tasks_per_child,
-                         task_events=events.task_events if events else parent.task_events)
+    def __init__(self, pool: ChildPool, index: int, conn: Connection, slot: Slot) -> None:
+        record = pool.record
+        self.app = record.app
         self.index = index
         self.conn = conn
         self.slot = slot
-        self.rate_limits = RateLimits(share=pool.concurrency)
-        self.revoked = set(parent.revoked)
-        self.lost = dict(parent.lost)
+        self.max_tasks_per_child = pool.max_tasks_per_child
+        self.task_events = record.events.task_events if record.events else pool.task_events
+        self.loop = ConsumerLoop(record.app, hostname=record.hostname, queues=record.queues,
+                                 prefetch=pool.prefetch, rate_share=pool.concurrency,
+                                 lost_verdict=self.lost_verdict)
+        self.loop.revoked.update(record.revoked)
+        self.loop.lost.update(record.lost)
         self.siblings = [Slot(pool.table, i) for i in range(1, MAX_CHILDREN + 1)
                          if i != index]
         self._send_lock = threading.Lock()
@@ -434,43 +441,30 @@ class ChildWorker(Worker):
             pass  # the parent is gone; PR_SET_PDEATHSIG ends us
 
     def run(self) -> int:
+        loop = self.loop
         try:
-            self.apply_rate_limits()
-            self.connect()
+            loop.apply_rate_limits()
+            loop.connect()
         except Exception as exc:
             self.send(Failed(type(exc).__name__, str(exc)))
             return 1
-        assert self.consumer is not None
+        assert loop.consumer is not None
         # acks go out two or more at a time (one write, one flush) while deliveries wait:
         # the flush is the costly part; half the prefetch keeps the broker sending
-        self.consumer.ack_batch = max(1, self.prefetch // 2)
-        self.pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
-        self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
+        loop.consumer.ack_batch = max(1, loop.prefetch // 2)
+        pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
+        loop.pool = pool
+        loop.events = EventDispatcher(self.app, loop.hostname, task_events=self.task_events)
         threading.Thread(target=self._serve_parent, name="parent", daemon=True).start()
         self.send(Ready())
         try:
-            self.consume()
+            loop.run_inline(pool)
         finally:
-            self.shutdown()
-            with self._lock:
-                self.send(Bye(dict(self.processed)))
+            loop.give_back(loop.take_back())
+            self.app.close()
+            with loop.lock:
+                self.send(Bye(dict(loop.processed)))
         return 0
-
-    def request_stop(self, how: str = WARM) -> None:
-        self._stop = how
-        self._stop_event.set()
-
-    def consume(self) -> None:
-        pool = self.pool
-        assert isinstance(pool, InlinePool)
-        while True:
-            self.timer.run_due()
-            pool.run_pending()
-            if self._stop or pool.exit_requested:
-                return
-            delivery: Delivery | None = self.next_delivery(self.timer.next_in(0.25))
-            if delivery is not None:
-                self.handle(delivery)
 
     def _on_run(self, job: dict[str, Any] | None, hard: float | None) -> None:
         """Keep the slot the parent reads up to date."""
@@ -485,33 +479,36 @@ class ChildWorker(Worker):
         """A redelivered task: did a sibling die running it? If a sibling's slot still
         shows it running, the parent has not decided yet: wait for the verdict (or for
         the sibling to finish it, if it only lost its connection)."""
+        lost = self.loop.lost
         deadline = time.monotonic() + HARD_LIMIT_GRACE + 3.0
-        while task_id not in self.lost and time.monotonic() < deadline:
+        while task_id not in lost and time.monotonic() < deadline:
             running = False
             for slot in self.siblings:
                 view = slot.read()
                 if view.task_id != task_id:
                     continue
                 if view.state in (LOST, TIMED_OUT):
-                    self.lost[task_id] = (view.state, view.status)
+                    lost[task_id] = (view.state, view.status)
                 running = running or view.state == RUNNING
             if not running:
                 break
             time.sleep(0.02)
-        verdict = self.lost.pop(task_id, None)
+        verdict = lost.pop(task_id, None)
         return None if verdict is None else lost_error(*verdict)
 
     def _keepalive(self) -> None:
-        if self.consumer is None:
+        consumer = self.loop.consumer
+        if consumer is None:
             return
         try:
-            self.consumer.keepalive()
+            consumer.keepalive()
         except Exception as exc:  # the main loop sees a lost connection itself
             log.debug("keepalive failed: %s", exc)
 
     def _serve_parent(self) -> None:
         """Answer the parent; while idle, keep the broker connection alive (the main
         thread does not pump it while a task runs)."""
+        loop = self.loop
         while True:
             try:
                 if not self.conn.poll(KEEPALIVE_EVERY):
@@ -521,14 +518,10 @@ class ChildWorker(Worker):
             except (EOFError, OSError):
                 return
             if isinstance(msg, Control):
-                try:
-                    reply = HANDLERS[msg.method](self, **msg.arguments)
-                except Exception as exc:
-                    reply = {"error": f"{type(exc).__name__}: {exc}"}
-                self.send(Reply(msg.seq, reply))
+                self.send(Reply(msg.seq, run_task_command(loop, msg.method, msg.arguments)))
             elif isinstance(msg, Stop):
-                self.request_stop(WARM)
+                loop.stop()
             elif isinstance(msg, Lost):
-                self.lost[msg.task_id] = (msg.verdict, msg.status)
+                loop.lost[msg.task_id] = (msg.verdict, msg.status)
             elif isinstance(msg, Share):
-                self.rate_limits.reshare(msg.concurrency)
+                loop.rate_limits.reshare(msg.concurrency)

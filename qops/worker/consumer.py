@@ -51,7 +51,7 @@ log = logging.getLogger("qops.worker")
 RETRY_HANDLING_AFTER = 5.0  # seconds a message we failed to handle is put aside
 
 #: why a redelivered task must not run again here (None: run it); see lost_verdict
-LostVerdict = Callable[[str], "Exception | None"]
+LostVerdict = Callable[[str], Exception | None]
 
 
 class ConsumerLoop:

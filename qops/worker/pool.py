@@ -445,9 +445,9 @@ class PreforkPool(Pool):
 
 class InlinePool(Pool):
     """Runs each job on the thread that calls ``run_pending()``: the loop of a pool
-    child that consumes for itself (qops/worker/children.py), between two gets. Jobs
-    come from ``submit()`` on that same thread (ETA and rate-limit waits too: the child
-    runs its timer in that loop). ``on_run(job, hard)`` is told when a job starts and
+    child that consumes for itself (ConsumerLoop.run_inline, qops/worker/child.py),
+    between two gets. Jobs come from ``submit()`` on that same thread (ETA and
+    rate-limit waits too: the child runs its timer in that loop). ``on_run(job, hard)`` is told when a job starts and
     ``on_run(None, None)`` when it ends."""
 
     name = "inline"

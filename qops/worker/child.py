@@ -49,7 +49,7 @@ KEEPALIVE_EVERY = 1.0  # seconds between broker keepalives while a child runs a 
 
 
 def child_main(pool: ChildPool, index: int, conn: Connection, term: mmap.mmap,
-                slot: Slot, ppid: int) -> int:
+               slot: Slot, ppid: int) -> int:
     if not child_process_setup(index, ppid, term, pool.child_init):
         return 0
     for other in pool.pipes():

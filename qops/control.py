@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops.errors import EX_FAILURE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, UsageError
 from qops.protocol import Message
+from qops.rates import parse_rate
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -76,8 +77,6 @@ CONTROL = [c for c in COMMANDS.values() if c.group == "control"] + [COMMANDS["pi
 
 def parse_arguments(method: str, values: Sequence[str]) -> dict[str, Any]:
     """Check the positional arguments of ``method`` before anything is sent."""
-    from qops.worker.ratelimit import parse_rate
-
     cmd = COMMANDS.get(method)
     if cmd is None:
         raise UsageError(f"unknown command {method!r}: see --list")

@@ -1,4 +1,4 @@
-"""Prefork pool children that consume for themselves (RabbitMQ).
+"""Prefork pool children that consume for themselves (RabbitMQ): the parent's side.
 
 With the prefork pool on a transport that says so (``Transport.consume_in_pool_children``:
 AMQP), each pool child runs the worker's consumer loop on its own broker connection: it
@@ -6,13 +6,17 @@ takes a message, runs the task, stores the result and acks, with no hop through 
 parent. The parent keeps what makes the node one node: remote control, heartbeats and
 worker events, signals, and supervision of its children.
 
-    parent (Worker, split)                 child (ChildWorker), one per pool slot
+    parent (Worker, split: ChildPool)      child (PoolChild), one per pool slot
     ----------------------                 ---------------------------------------
-    control server  -- "control" -->       runs the same handler, replies
-                    <-- "reply" ---        (Pool.gather merges the replies)
-    warm shutdown   -- "stop" ---->        finishes its task, requeues the rest, exits
+    control server  -- Control ---->       runs the same handler, replies
+                    <-- Reply ------       (Pool.gather merges the replies)
+    warm shutdown   -- Stop ------->       finishes its task, requeues the rest, exits
     hard-limit watchdog (reads the slot)   writes its running task to a shared slot
-    respawns a child that ends             "bye" with its counts, then exits
+    respawns a child that ends             Bye with its counts, then exits
+
+The child's side is qops/worker/child.py; the pipe messages and the slot table both
+sides use are in qops/worker/shared.py. Imports: the node imports this module, this
+one the child's, and that one the consumer loop.
 
 Why: on RabbitMQ the parent's one connection was the bottleneck (consume, dispatch and
 ack for every child); see bench/README.md for the numbers.
@@ -42,92 +46,47 @@ import mmap
 import os
 import queue
 import signal
-import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from qops import errors
 from qops.backends.base import FAILURE
-from qops.events import EventDispatcher
-from qops.worker.control import HANDLERS
+from qops.worker.child import child_main
 from qops.worker.pool import (
-    InlinePool,
     Pool,
-    _describe_status,
-    child_process_setup,
+    describe_status,
     fork_child,
     signal_child,
 )
-from qops.worker.ratelimit import RateLimits
-from qops.worker.worker import WARM, Worker
+from qops.worker.shared import (
+    LOST,
+    MAX_CHILDREN,
+    RUNNING,
+    TIMED_OUT,
+    Bye,
+    Control,
+    Failed,
+    Lost,
+    Ready,
+    Reply,
+    Share,
+    Slot,
+    Stop,
+    ToChild,
+    lost_error,
+    new_table,
+)
 
 if TYPE_CHECKING:
-    from qops.transports.base import Delivery
+    from qops.worker.consumer import ConsumerLoop
 
 log = logging.getLogger("qops.worker")
 
-HARD_LIMIT_GRACE = 2.0  # seconds past a hard limit before the parent kills the child
 FORWARD_TIMEOUT = 0.5  # seconds the parent waits for its children's control replies
-KEEPALIVE_EVERY = 1.0  # seconds between broker keepalives while a child runs a task
-MAX_CHILDREN = 1024  # slots in the shared table
-#: slot states
-IDLE, RUNNING, LOST, TIMED_OUT = 0, 1, 2, 3
-
-
-class Slot:
-    """What one child is doing, in a table shared by the parent and every child (an
-    anonymous shared mapping made before the first fork): state, task start
-    (time.time()), kill deadline (time.monotonic(), 0 for none), tasks done, the wait
-    status of a dead child, task id and name."""
-
-    FORMAT = struct.Struct("=BddQiH100sH128s")
-    HEAD = struct.Struct("=BddQ")
-
-    def __init__(self, table: mmap.mmap, index: int) -> None:
-        self.table = table
-        self.offset = (index - 1) * self.FORMAT.size
-
-    def begin(self, task_id: str, name: str, deadline: float, done: int) -> None:
-        tid, tname = task_id.encode()[:100], name.encode()[:128]
-        self.FORMAT.pack_into(self.table, self.offset, RUNNING, time.time(), deadline, done,
-                              0, len(tid), tid, len(tname), tname)
-
-    def end(self, done: int) -> None:
-        self.HEAD.pack_into(self.table, self.offset, IDLE, 0.0, 0.0, done)
-
-    def mark(self, state: int, status: int | None) -> None:
-        """The parent's verdict on the task a dead child was running."""
-        old = self.FORMAT.unpack_from(self.table, self.offset)
-        self.FORMAT.pack_into(self.table, self.offset, state, 0.0, 0.0, old[3],
-                              -1 if status is None else status, *old[5:])
-
-    def read(self) -> SlotView:
-        state, started, deadline, done, status, n, tid, m, name = \
-            self.FORMAT.unpack_from(self.table, self.offset)
-        return SlotView(state, started, deadline, done, None if status < 0 else status,
-                        tid[:n].decode("utf-8", "replace"),
-                        name[:m].decode("utf-8", "replace"))
-
-
-class SlotView(NamedTuple):
-    state: int
-    started: float
-    deadline: float
-    done: int
-    status: int | None  # wait status of a dead child
-    task_id: str
-    name: str
-
-
-def lost_error(state: int, status: int | None) -> Exception:
-    if state == TIMED_OUT:
-        return errors.TimeLimitExceeded("hard time limit exceeded: the task did not stop "
-                                        "and its pool process was killed")
-    return errors.WorkerLostError(f"pool process exited during the task "
-                                  f"({_describe_status(status)})")
 
 
 class _Child:
@@ -142,21 +101,29 @@ class _Child:
         self.send_lock = threading.Lock()
         self.ready = threading.Event()
         self.ended = threading.Event()
-        self.failure: tuple[str, str] | None = None  # (error class, message) at start
+        self.failure: Failed | None = None  # why it could not start
         self.retired = False  # said bye: its counts are the worker's now
         self.killed = False  # by the hard-limit watchdog
 
 
 class ChildPool(Pool):
-    """The parent's side: starts, watches and replaces the children, and talks to them."""
+    """The parent's side: starts, watches and replaces the children, and talks to them.
+
+    ``record`` is the node's consumer loop, which does not consume here: children start
+    from its revoked and lost tasks and its queues, and their counts end up in it."""
 
     name = "prefork"
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker.app, worker.concurrency, worker.max_tasks_per_child)
-        self.worker = worker
+    def __init__(self, record: ConsumerLoop, concurrency: int,
+                 max_tasks_per_child: int | None, *, prefetch: int, task_events: bool,
+                 child_init: Callable[[int], None] | None = None) -> None:
+        super().__init__(record.app, concurrency, max_tasks_per_child)
+        self.record = record
+        self.prefetch = prefetch  # each child's
+        self.task_events = task_events  # until the node's event dispatcher exists
+        self.child_init = child_init
         self.children: dict[int, _Child] = {}  # slot index (from 1) -> child
-        self.table = mmap.mmap(-1, MAX_CHILDREN * Slot.FORMAT.size)
+        self.table = new_table()
         self._cond = threading.Condition()  # children, _replies
         self._spawning = threading.RLock()
         self._replies: dict[int, list[Any]] = {}
@@ -185,8 +152,8 @@ class ChildPool(Pool):
                 break
         if failed is not None:
             self.stop()
-            name, message = failed.failure or ("QopsError", "a pool process exited at "
-                                               "start-up")
+            name, message = failed.failure or Failed("QopsError", "a pool process exited "
+                                                      "at start-up")
             cls = getattr(errors, name, None)
             if not (isinstance(cls, type) and issubclass(cls, errors.QopsError)):
                 cls = errors.QopsError
@@ -200,7 +167,7 @@ class ChildPool(Pool):
             slot = Slot(self.table, index)
             ppid = os.getpid()
             pid, conn, term = fork_child(
-                lambda c, t: _child_main(self, index, c, t, slot, ppid))
+                lambda c, t: child_main(self, index, c, t, slot, ppid))
             child = _Child(index, pid, conn, term, slot)
             with self._cond:
                 self.children[index] = child
@@ -216,20 +183,20 @@ class ChildPool(Pool):
                 msg = child.conn.recv()
             except (EOFError, OSError):
                 break
-            kind = msg[0]
-            if kind == "reply":
+            if isinstance(msg, Reply):
                 with self._cond:
-                    if msg[1] in self._replies:
-                        self._replies[msg[1]].append(msg[2])
+                    if msg.seq in self._replies:
+                        self._replies[msg.seq].append(msg.reply)
                         self._cond.notify_all()
-            elif kind == "ready":
+            elif isinstance(msg, Ready):
                 child.ready.set()
-            elif kind == "failed":
-                child.failure = (msg[1], msg[2])
-            elif kind == "bye":
-                with self.worker._lock:
-                    for name, n in msg[1].items():
-                        self.worker.processed[name] = self.worker.processed.get(name, 0) + n
+            elif isinstance(msg, Failed):
+                child.failure = msg
+            elif isinstance(msg, Bye):
+                record = self.record
+                with record.lock:
+                    for name, n in msg.processed.items():
+                        record.processed[name] = record.processed.get(name, 0) + n
                     child.retired = True
         child.conn.close()
         try:
@@ -247,10 +214,10 @@ class ChildPool(Pool):
             return  # (before start() is done, the supervisor takes the request later)
         if child.failure is not None:
             log.error("pool process %d could not start: %s; trying again", child.pid,
-                      child.failure[1])
+                      child.failure.message)
         elif not child.retired:
             log.error("pool process %d ended (%s); starting a new one", child.pid,
-                      _describe_status(status))
+                      describe_status(status))
         # one that could not even start (broker down?) must not be replaced in a loop
         self._due.put((child.index, child.born + 1.0))
 
@@ -259,22 +226,22 @@ class ChildPool(Pool):
         view = child.slot.read()
         if view.state != RUNNING:
             return
-        worker, task_id, name = self.worker, view.task_id, view.name
-        task = worker.app.tasks.get(name)
+        record, task_id, name = self.record, view.task_id, view.name
+        task = record.app.tasks.get(name)
         verdict = TIMED_OUT if child.killed else LOST
         exc = lost_error(verdict, status)
-        if verdict == LOST and task is not None and worker.requeue_when_lost(task):
+        if verdict == LOST and task is not None and record.requeue_when_lost(task):
             log.error("Task %s[%s]: %s; RabbitMQ delivers it again", name, task_id, exc)
             child.slot.end(view.done)
             return
         log.error("Task %s[%s] failed: %s", name, task_id, exc)
-        worker.lost[task_id] = (verdict, status)
+        record.lost[task_id] = (verdict, status)
         child.slot.mark(verdict, status)
-        self._tell_all(("lost", task_id, verdict, status))
-        if task is not None and not worker.acks_late_for(name) and worker.has_backend:
+        self._tell_all(Lost(task_id, verdict, status))
+        if task is not None and not record.acks_late_for(name) and record.has_backend:
             # acked before it ran: no redelivery will record the failure
             try:
-                worker.app.backend.store(task_id, FAILURE, exc)
+                record.app.backend.store(task_id, FAILURE, exc)
             except Exception as err:
                 log.error("Task %s[%s]: could not store FAILURE: %s", name, task_id, err)
 
@@ -327,7 +294,7 @@ class ChildPool(Pool):
     def stop(self, timeout: float | None = None) -> None:
         """Warm: each child finishes its task, gives back what it holds and exits."""
         self._stopping.set()
-        self._tell_all(("stop",))
+        self._tell_all(Stop())
         self._wait_gone(timeout)
 
     def terminate(self) -> None:
@@ -338,7 +305,7 @@ class ChildPool(Pool):
         self._wait_gone(10.0)
 
     # -- talking to the children --------------------------------------------------------------
-    def _tell(self, child: _Child, msg: tuple[Any, ...]) -> bool:
+    def _tell(self, child: _Child, msg: ToChild) -> bool:
         try:
             with child.send_lock:
                 child.conn.send(msg)
@@ -346,7 +313,7 @@ class ChildPool(Pool):
         except (OSError, ValueError):  # it ended
             return False
 
-    def _tell_all(self, msg: tuple[Any, ...]) -> None:
+    def _tell_all(self, msg: ToChild) -> None:
         for child in list(self.children.values()):
             self._tell(child, msg)
 
@@ -355,7 +322,7 @@ class ChildPool(Pool):
         with self._cond:
             self._replies[seq] = []
             asked = [c for c in self.children.values() if c.ready.is_set() and not c.retired]
-        sent = sum(self._tell(c, ("control", seq, method, arguments)) for c in asked)
+        sent = sum(self._tell(c, Control(seq, method, arguments)) for c in asked)
         deadline = time.monotonic() + FORWARD_TIMEOUT
         with self._cond:
             while len(self._replies[seq]) < sent:
@@ -370,6 +337,10 @@ class ChildPool(Pool):
         return merge(method, reply, theirs)
 
     # -- facts and changes ------------------------------------------------------------------
+    def pipes(self) -> list[Connection]:
+        """This process's ends of the children's pipes (a new child closes its copies)."""
+        return [c.conn for c in list(self.children.values())]
+
     def pids(self) -> list[int]:
         return [c.pid for c in list(self.children.values())]
 
@@ -391,16 +362,15 @@ class ChildPool(Pool):
         if self.concurrency + n > MAX_CHILDREN:
             raise errors.UsageError(f"a node has at most {MAX_CHILDREN} pool processes")
         self.concurrency += n
-        self._tell_all(("share", self.concurrency))
+        self._tell_all(Share(self.concurrency))
         for index in range(1, self.concurrency + 1):
             self._due.put((index, 0.0))  # a no-op for slots that have a child
 
     def shrink(self, n: int) -> None:
-        n = min(n, self.concurrency - 1)
-        self.concurrency -= n
+        self._fewer(n)
         for child in list(self.children.values()):
-            self._tell(child, ("stop",) if child.index > self.concurrency
-                       else ("share", self.concurrency))
+            self._tell(child, Stop() if child.index > self.concurrency
+                       else Share(self.concurrency))
 
 
 def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
@@ -423,152 +393,3 @@ def merge(method: str, mine: Any, theirs: list[Any]) -> Any:
             total.update(reply.get("total", {}))
         return {**mine, "total": dict(total)}
     return mine
-
-
-# -- in the child ---------------------------------------------------------------------------
-
-
-def _child_main(pool: ChildPool, index: int, conn: Connection, term: mmap.mmap,
-                slot: Slot, ppid: int) -> int:
-    worker = pool.worker
-    if not child_process_setup(index, ppid, term, worker.child_init):
-        return 0
-    for other in list(pool.children.values()):
-        other.conn.close()  # the parent's ends of the siblings' pipes
-    return ChildWorker(worker, pool, index, conn, slot).run()
-
-
-class ChildWorker(Worker):
-    """The worker's consumer loop in one pool child: its own consumer, an inline pool,
-    its own timer (run by the loop, not a thread) and rate limits; no control server or
-    heartbeat of its own (the parent has them and forwards commands about tasks)."""
-
-    announces = False
-
-    def __init__(self, parent: Worker, pool: ChildPool, index: int, conn: Connection,
-                 slot: Slot) -> None:
-        events = parent.events
-        super().__init__(parent.app, hostname=parent.hostname, queues=parent.queues,
-                         concurrency=1, pool="inline",
-                         prefetch_multiplier=parent.prefetch_multiplier,
-                         max_tasks_per_child=parent.max_tasks_per_child,
-                         task_events=events.task_events if events else parent.task_events)
-        self.index = index
-        self.conn = conn
-        self.slot = slot
-        self.rate_limits = RateLimits(share=pool.concurrency)
-        self.revoked = set(parent.revoked)
-        self.lost = dict(parent.lost)
-        self.siblings = [Slot(pool.table, i) for i in range(1, MAX_CHILDREN + 1)
-                         if i != index]
-        self._send_lock = threading.Lock()
-        self._done = 0
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        try:
-            with self._send_lock:
-                self.conn.send(msg)
-        except (OSError, ValueError):
-            pass  # the parent is gone; PR_SET_PDEATHSIG ends us
-
-    def run(self) -> int:
-        try:
-            self.apply_rate_limits()
-            self.connect()
-        except Exception as exc:
-            self.send(("failed", type(exc).__name__, str(exc)))
-            return 1
-        assert self.consumer is not None
-        # acks go out two or more at a time (one write, one flush) while deliveries wait:
-        # the flush is the costly part; half the prefetch keeps the broker sending
-        self.consumer.ack_batch = max(1, self.prefetch // 2)
-        self.pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
-        self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
-        threading.Thread(target=self._serve_parent, name="parent", daemon=True).start()
-        self.send(("ready",))
-        try:
-            self.consume()
-        finally:
-            self.shutdown()
-            with self._lock:
-                self.send(("bye", dict(self.processed)))
-        return 0
-
-    def request_stop(self, how: str = WARM) -> None:
-        self._stop = how
-        self._stop_event.set()
-
-    def consume(self) -> None:
-        pool = self.pool
-        assert isinstance(pool, InlinePool)
-        while True:
-            self.timer.run_due()
-            pool.run_pending()
-            if self._stop or pool.exit_requested:
-                return
-            delivery: Delivery | None = self.next_delivery(self.timer.next_in(0.25))
-            if delivery is not None:
-                self.handle(delivery)
-
-    def _on_run(self, job: dict[str, Any] | None, hard: float | None) -> None:
-        """Keep the slot the parent reads up to date."""
-        if job is None:
-            self._done += 1
-            self.slot.end(self._done)
-            return
-        deadline = time.monotonic() + hard + HARD_LIMIT_GRACE if hard else 0.0
-        self.slot.begin(str(job["id"]), str(job["name"]), deadline, self._done)
-
-    def lost_verdict(self, task_id: str) -> Exception | None:
-        """A redelivered task: did a sibling die running it? If a sibling's slot still
-        shows it running, the parent has not decided yet: wait for the verdict (or for
-        the sibling to finish it, if it only lost its connection)."""
-        deadline = time.monotonic() + HARD_LIMIT_GRACE + 3.0
-        while task_id not in self.lost and time.monotonic() < deadline:
-            running = False
-            for slot in self.siblings:
-                view = slot.read()
-                if view.task_id != task_id:
-                    continue
-                if view.state in (LOST, TIMED_OUT):
-                    self.lost[task_id] = (view.state, view.status)
-                running = running or view.state == RUNNING
-            if not running:
-                break
-            time.sleep(0.02)
-        verdict = self.lost.pop(task_id, None)
-        return None if verdict is None else lost_error(*verdict)
-
-    def _keepalive(self) -> None:
-        if self.consumer is None:
-            return
-        try:
-            self.consumer.keepalive()
-        except Exception as exc:  # the main loop sees a lost connection itself
-            log.debug("keepalive failed: %s", exc)
-
-    def _serve_parent(self) -> None:
-        """Answer the parent; while idle, keep the broker connection alive (the main
-        thread does not pump it while a task runs)."""
-        while True:
-            try:
-                if not self.conn.poll(KEEPALIVE_EVERY):
-                    self._keepalive()
-                    continue
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                return
-            kind = msg[0]
-            if kind == "control":
-                _, seq, method, arguments = msg
-                try:
-                    reply = HANDLERS[method](self, **arguments)
-                except Exception as exc:
-                    reply = {"error": f"{type(exc).__name__}: {exc}"}
-                self.send(("reply", seq, reply))
-            elif kind == "stop":
-                self.request_stop(WARM)
-            elif kind == "lost":
-                self.lost[msg[1]] = (msg[2], msg[3])
-            elif kind == "share":
-                self.rate_limits.reshare(msg[1])

@@ -1,7 +1,17 @@
-"""The worker side of remote control (PROTOCOL.md §3): listen on the mailbox broadcast
-channel, run the command if this node is a destination, reply to the client's queue.
+"""The worker side of remote control (docs/protocol.md, section 4): listen on the
+mailbox broadcast channel, run the command if this node is a destination, reply to the
+client's queue.
 
 Each ``handle_<method>`` pairs with the client-side validation in ``qops/control.py``.
+Two kinds of handlers:
+
+- ``@handler``: about the node (ping, stats, pool size, shutdown...), given the node
+  (``qops/worker/worker.py``);
+- ``@task_handler``: about tasks (active, reserved, revoke, rate limits, queues...),
+  given a consumer loop (``qops/worker/consumer.py``). Every process that consumes
+  answers them: the node with its loop, and where pool children consume for
+  themselves, each child with its own; the node's reply merges theirs (Pool.gather).
+  ``stats`` is both: the node's facts, and each process's count of finished tasks.
 """
 
 from __future__ import annotations
@@ -22,24 +32,47 @@ from qops.control import reply_queue_name
 from qops.protocol import Message
 
 if TYPE_CHECKING:
+    from qops.worker.consumer import ConsumerLoop
     from qops.worker.worker import Worker
 
 log = logging.getLogger("qops.worker")
 
 Handler = Callable[..., Any]
+#: commands about the node: fun(worker, **arguments)
 HANDLERS: dict[str, Handler] = {}
-
-
-#: commands about tasks: where pool children consume for themselves, each of them runs
-#: the command too, and the node's reply merges theirs (Pool.gather)
-PER_PROCESS = frozenset({
-    "active", "reserved", "scheduled", "query_task", "revoke", "rate_limit", "time_limit",
-    "add_consumer", "cancel_consumer", "enable_events", "disable_events", "stats"})
+#: commands about tasks, that each consuming process answers: fun(loop, **arguments)
+TASK_HANDLERS: dict[str, Handler] = {}
 
 
 def handler(fun: Handler) -> Handler:
     HANDLERS[fun.__name__.removeprefix("handle_")] = fun
     return fun
+
+
+def task_handler(fun: Handler) -> Handler:
+    TASK_HANDLERS[fun.__name__.removeprefix("handle_")] = fun
+    return fun
+
+
+def run_command(worker: Worker, method: str, arguments: dict[str, Any]) -> Any:
+    """The node's reply to a known command (with its consuming children's, for those
+    about tasks); raises what the handler raises."""
+    fun = HANDLERS.get(method)
+    if fun is not None:
+        reply = fun(worker, **arguments)
+    else:
+        reply = TASK_HANDLERS[method](worker.loop, **arguments)
+    if method in TASK_HANDLERS and worker.pool is not None:
+        reply = worker.pool.gather(method, arguments, reply)
+    return reply
+
+
+def run_task_command(loop: ConsumerLoop, method: str, arguments: dict[str, Any]) -> Any:
+    """A pool child's answer to a command about tasks (never raises)."""
+    try:
+        return TASK_HANDLERS[method](loop, **arguments)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 class ControlServer:
@@ -111,14 +144,12 @@ class ControlServer:
             return  # the client gave up already
         method = str(request.get("method"))
         args = request.get("arguments") or {}
-        fun = HANDLERS.get(method)
+        fun = HANDLERS.get(method) or TASK_HANDLERS.get(method)
         if fun is None:
             reply: Any = {"error": f"unknown command {method!r}"}
         else:
             try:
-                reply = fun(self.worker, **args)
-                if method in PER_PROCESS and self.worker.pool is not None:
-                    reply = self.worker.pool.gather(method, args, reply)
+                reply = run_command(self.worker, method, args)
             except TypeError as exc:
                 reply = {"error": f"bad arguments for {method}: {exc}"}
             except Exception as exc:
@@ -143,43 +174,43 @@ class ControlServer:
 # -- what the worker knows about its tasks ----------------------------------------------
 
 
-def _job_info(worker: Worker, job: dict[str, Any], acknowledged: bool) -> dict[str, Any]:
+def _job_info(loop: ConsumerLoop, job: dict[str, Any], acknowledged: bool) -> dict[str, Any]:
     ctx = job.get("context", {})
     return {
         "id": job["id"], "name": job["name"], "args": job["args"], "kwargs": job["kwargs"],
-        "type": job["name"], "hostname": worker.hostname,
+        "type": job["name"], "hostname": loop.hostname,
         "time_start": job.get("time_start"), "acknowledged": acknowledged,
         "delivery_info": ctx.get("delivery_info", {}), "worker_pid": job.get("worker_pid"),
     }
 
 
-def _request_info(worker: Worker, req: Any, delivery: Any) -> dict[str, Any]:
+def _request_info(loop: ConsumerLoop, req: Any, delivery: Any) -> dict[str, Any]:
     return {
         "id": req.id, "name": req.name, "args": req.args, "kwargs": req.kwargs,
-        "type": req.name, "hostname": worker.hostname, "time_start": None,
+        "type": req.name, "hostname": loop.hostname, "time_start": None,
         "acknowledged": False, "worker_pid": None,
         "delivery_info": {"exchange": "", "routing_key": delivery.queue,
                           "priority": req.priority, "redelivered": delivery.redelivered},
     }
 
 
-def active(worker: Worker) -> list[dict[str, Any]]:
-    assert worker.pool is not None
-    return [_job_info(worker, j, not worker.acks_late_for(j["name"]))
-            for j in worker.pool.running_jobs()]
+def active(loop: ConsumerLoop) -> list[dict[str, Any]]:
+    assert loop.pool is not None
+    return [_job_info(loop, j, not loop.acks_late_for(j["name"]))
+            for j in loop.pool.running_jobs()]
 
 
-def reserved(worker: Worker) -> list[dict[str, Any]]:
-    with worker._lock:
-        items = list(worker.reserved.values())
-    return [_request_info(worker, req, d) for req, d in items if req.eta is None]
+def reserved(loop: ConsumerLoop) -> list[dict[str, Any]]:
+    with loop.lock:
+        items = list(loop.reserved.values())
+    return [_request_info(loop, req, d) for req, d in items if req.eta is None]
 
 
-def scheduled(worker: Worker) -> list[dict[str, Any]]:
-    with worker._lock:
-        items = list(worker.reserved.values())
+def scheduled(loop: ConsumerLoop) -> list[dict[str, Any]]:
+    with loop.lock:
+        items = list(loop.reserved.values())
     return [{"eta": req.eta.isoformat(), "priority": req.priority,
-             "request": _request_info(worker, req, d)}
+             "request": _request_info(loop, req, d)}
             for req, d in items if req.eta is not None]
 
 
@@ -196,7 +227,7 @@ def handle_stats(worker: Worker) -> dict[str, Any]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     pool = worker.pool
     return {
-        "total": dict(worker.processed),
+        "total": dict(worker.loop.processed),
         "pid": os.getpid(),
         "clock": str(worker.events.clock if worker.events else 0),
         "uptime": int(time.time() - worker.started_at),
@@ -215,19 +246,28 @@ def handle_stats(worker: Worker) -> dict[str, Any]:
     }
 
 
-@handler
-def handle_active(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
-    return active(worker)
+def _finished(loop: ConsumerLoop) -> dict[str, Any]:
+    """A consuming pool child's part of ``stats``: the tasks it finished (the rest of
+    the reply is the node's)."""
+    return {"total": dict(loop.processed)}
 
 
-@handler
-def handle_reserved(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
-    return reserved(worker)
+TASK_HANDLERS["stats"] = _finished
 
 
-@handler
-def handle_scheduled(worker: Worker, safe: bool = False) -> list[dict[str, Any]]:
-    return scheduled(worker)
+@task_handler
+def handle_active(loop: ConsumerLoop, safe: bool = False) -> list[dict[str, Any]]:
+    return active(loop)
+
+
+@task_handler
+def handle_reserved(loop: ConsumerLoop, safe: bool = False) -> list[dict[str, Any]]:
+    return reserved(loop)
+
+
+@task_handler
+def handle_scheduled(loop: ConsumerLoop, safe: bool = False) -> list[dict[str, Any]]:
+    return scheduled(loop)
 
 
 @handler
@@ -243,12 +283,12 @@ def handle_active_queues(worker: Worker) -> list[dict[str, Any]]:
              "binding_arguments": None, "consumer_arguments": None,
              "bindings": [], "no_declare": None, "expires": None, "message_ttl": None,
              "max_length": None, "max_length_bytes": None, "max_priority": None}
-            for q in worker.consumed_queues]
+            for q in worker.loop.consumed_queues]
 
 
 @handler
 def handle_revoked(worker: Worker) -> list[str]:
-    return sorted(worker.revoked)
+    return sorted(worker.loop.revoked)
 
 
 @handler
@@ -269,12 +309,12 @@ def handle_conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
     return out
 
 
-@handler
-def handle_query_task(worker: Worker, ids: Any = None) -> dict[str, Any]:
+@task_handler
+def handle_query_task(loop: ConsumerLoop, ids: Any = None) -> dict[str, Any]:
     wanted = {ids} if isinstance(ids, str) else set(ids or [])
     found: dict[str, Any] = {}
-    for state, infos in (("active", active(worker)), ("reserved", reserved(worker)),
-                         ("scheduled", [s["request"] for s in scheduled(worker)])):
+    for state, infos in (("active", active(loop)), ("reserved", reserved(loop)),
+                         ("scheduled", [s["request"] for s in scheduled(loop)])):
         for info in infos:
             if info["id"] in wanted:
                 found[info["id"]] = [state, info]
@@ -294,20 +334,20 @@ def handle_report(worker: Worker) -> dict[str, Any]:
     return {"ok": "\n".join(lines)}
 
 
-@handler
-def handle_revoke(worker: Worker, task_id: Any, terminate: bool = False,
+@task_handler
+def handle_revoke(loop: ConsumerLoop, task_id: Any, terminate: bool = False,
                   signal_name: str | None = None, **kwargs: Any) -> dict[str, Any]:
     ids = [task_id] if isinstance(task_id, str) else list(task_id)
     sig_name = signal_name or kwargs.get("signal") or "SIGTERM"
-    worker.revoked.update(ids)
+    loop.revoked.update(ids)
     killed = []
-    if terminate and worker.pool is not None:
+    if terminate and loop.pool is not None:
         try:
             signum = _signum(str(sig_name))
         except ValueError as exc:
             return {"error": str(exc)}
         for tid in ids:
-            if worker.pool.terminate_job(tid, signum):
+            if loop.pool.terminate_job(tid, signum):
                 killed.append(tid)
     text = f"tasks {', '.join(ids)} flagged as revoked"
     if terminate:
@@ -325,15 +365,15 @@ def _signum(name: str) -> int:
         raise ValueError(f"unknown signal {name}") from None
 
 
-@handler
-def handle_rate_limit(worker: Worker, task_name: str, rate_limit: Any) -> dict[str, Any]:
+@task_handler
+def handle_rate_limit(loop: ConsumerLoop, task_name: str, rate_limit: Any) -> dict[str, Any]:
     from qops.errors import UsageError
 
-    task = worker.app.tasks.get(task_name)
+    task = loop.app.tasks.get(task_name)
     if task is None:
         return {"error": f"unknown task {task_name!r}"}
     try:
-        worker.rate_limits.set(task_name, rate_limit)
+        loop.rate_limits.set(task_name, rate_limit)
     except UsageError as exc:
         return {"error": str(exc)}
     task.rate_limit = rate_limit or None
@@ -342,31 +382,31 @@ def handle_rate_limit(worker: Worker, task_name: str, rate_limit: Any) -> dict[s
     return {"ok": "new rate limit set successfully"}
 
 
-@handler
-def handle_time_limit(worker: Worker, task_name: str, soft: float | None = None,
+@task_handler
+def handle_time_limit(loop: ConsumerLoop, task_name: str, soft: float | None = None,
                       hard: float | None = None) -> dict[str, Any]:
-    task = worker.app.tasks.get(task_name)
+    task = loop.app.tasks.get(task_name)
     if task is None:
         return {"error": f"unknown task {task_name!r}"}
     task.soft_time_limit = soft
     task.time_limit = hard
-    worker.forget_options(task_name)
+    loop.forget_options(task_name)
     return {"ok": "time limits set successfully"}
 
 
-@handler
-def handle_add_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[str, Any]:
-    if queue in worker.consumed_queues:
+@task_handler
+def handle_add_consumer(loop: ConsumerLoop, queue: str, **kwargs: Any) -> dict[str, Any]:
+    if queue in loop.consumed_queues:
         return {"ok": f"already consuming from {queue!r}"}
-    worker.add_queue(queue)
+    loop.add_queue(queue)
     return {"ok": f"add consumer {queue}"}
 
 
-@handler
-def handle_cancel_consumer(worker: Worker, queue: str, **kwargs: Any) -> dict[str, Any]:
-    if queue not in worker.consumed_queues:
+@task_handler
+def handle_cancel_consumer(loop: ConsumerLoop, queue: str, **kwargs: Any) -> dict[str, Any]:
+    if queue not in loop.consumed_queues:
         return {"error": f"not consuming from {queue!r}"}
-    worker.cancel_queue(queue)
+    loop.cancel_queue(queue)
     return {"ok": f"no longer consuming from {queue}"}
 
 
@@ -423,15 +463,15 @@ def _shutdown_after_reply(worker: Worker) -> None:
 handle_shutdown.after_reply = _shutdown_after_reply  # type: ignore[attr-defined]
 
 
-@handler
-def handle_enable_events(worker: Worker) -> dict[str, Any]:
-    if worker.events is not None:
-        worker.events.task_events = True
+@task_handler
+def handle_enable_events(loop: ConsumerLoop) -> dict[str, Any]:
+    if loop.events is not None:
+        loop.events.task_events = True
     return {"ok": "task events enabled"}
 
 
-@handler
-def handle_disable_events(worker: Worker) -> dict[str, Any]:
-    if worker.events is not None:
-        worker.events.task_events = False
+@task_handler
+def handle_disable_events(loop: ConsumerLoop) -> dict[str, Any]:
+    if loop.events is not None:
+        loop.events.task_events = False
     return {"ok": "task events disabled"}

@@ -117,8 +117,18 @@ class Pool(ABC):
     @abstractmethod
     def grow(self, n: int) -> None: ...
 
-    @abstractmethod
-    def shrink(self, n: int) -> None: ...
+    def shrink(self, n: int) -> None:
+        """Run ``n`` fewer jobs at a time (at least one): as many stop markers as that
+        go into the job queue, and each ends the thread or slot that takes it once its
+        job is done."""
+        for _ in range(self._fewer(n)):
+            self.jobs.put(_STOP)
+
+    def _fewer(self, n: int) -> int:
+        """Lower the concurrency by ``n``, keeping at least one; returns by how much."""
+        n = min(n, self.concurrency - 1)
+        self.concurrency -= n
+        return n
 
 
 class ThreadPool(Pool):
@@ -163,12 +173,6 @@ class ThreadPool(Pool):
             self.threads.append(t)
             t.start()
         self.concurrency += n
-
-    def shrink(self, n: int) -> None:
-        n = min(n, self.concurrency - 1)
-        for _ in range(n):
-            self.jobs.put(_STOP)
-        self.concurrency -= n
 
 
 class SoloPool(ThreadPool):
@@ -326,7 +330,7 @@ class _Slot(threading.Thread):
             outcome: dict[str, Any] = child.conn.recv()
         except (EOFError, OSError):
             status = self.reap(kill=True)
-            how = _describe_status(status)
+            how = describe_status(status)
             exc2 = WorkerLostError(f"pool process exited during the task ({how})")
             return {"state": LOST, "result": protocol.exception_to_dict(exc2),
                     "traceback": None, "runtime": time.monotonic() - start}
@@ -336,7 +340,7 @@ class _Slot(threading.Thread):
         return outcome
 
 
-def _describe_status(status: int | None) -> str:
+def describe_status(status: int | None) -> str:
     if status is None:
         return "unknown status"
     if os.WIFSIGNALED(status):
@@ -438,18 +442,12 @@ class PreforkPool(Pool):
             self._add_slot()
         self.concurrency += n
 
-    def shrink(self, n: int) -> None:
-        n = min(n, self.concurrency - 1)
-        for _ in range(n):
-            self.jobs.put(_STOP)
-        self.concurrency -= n
-
 
 class InlinePool(Pool):
     """Runs each job on the thread that calls ``run_pending()``: the loop of a pool
-    child that consumes for itself (qops/worker/children.py), between two gets. Jobs
-    come from ``submit()`` on that same thread (ETA and rate-limit waits too: the child
-    runs its timer in that loop). ``on_run(job, hard)`` is told when a job starts and
+    child that consumes for itself (ConsumerLoop.run_inline, qops/worker/child.py),
+    between two gets. Jobs come from ``submit()`` on that same thread (ETA and
+    rate-limit waits too: the child runs its timer in that loop). ``on_run(job, hard)`` is told when a job starts and
     ``on_run(None, None)`` when it ends."""
 
     name = "inline"

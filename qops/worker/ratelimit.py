@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 
-from qops.errors import UsageError
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")
-
-
-def parse_rate(rate: str | float | int | None) -> float:
-    """'10/m' -> tokens per second (0 = no limit). Raises UsageError on bad input."""
-    if rate in (None, "", 0):
-        return 0.0
-    if isinstance(rate, (int, float)):
-        return float(rate)
-    m = _RATE.match(str(rate))
-    if not m:
-        raise UsageError(f"invalid rate limit {rate!r}: use N, N/s, N/m or N/h (e.g. 10/m)")
-    return float(m.group(1)) / _UNITS[m.group(2) or "s"]
+from qops.rates import parse_rate
 
 
 class TokenBucket:

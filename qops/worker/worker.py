@@ -1,7 +1,18 @@
-"""The worker: start-up as a readable sequence of steps, the consumer loop, shutdown.
+"""The worker node: start-up as a readable sequence of steps, signals, remote control,
+heartbeats and events, shutdown.
 
     worker = Worker(app, hostname="w1@host", queues=["qops"], concurrency=4)
     worker.start()     # blocks until TERM/INT/QUIT or worker.request_stop()
+
+The node does not handle messages itself: its consumer loop does
+(``qops/worker/consumer.py``: delivery -> task -> outcome -> ack), on this process's
+main thread, the pool running the tasks. With prefork on a transport whose pool
+children consume for themselves (RabbitMQ, ``qops/worker/children.py``) each child
+runs a loop of its own, and this process only supervises them; its loop then holds
+the node's record (revoked and lost tasks, queues, counts) and never connects.
+
+Imports run one way: node -> consumer loop (and the pools, remote control) -> pool,
+request, timer, rate limits.
 
 Delivery guarantees (docs/guarantees.md): with ``acks_late`` (the default) a message is
 acked after its task ends, so a worker that dies mid-task leaves it to be run again.
@@ -9,8 +20,6 @@ acked after its task ends, so a worker that dies mid-task leaves it to be run ag
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import logging
 import os
 import signal
@@ -19,31 +28,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from qops import protocol
-from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
-from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
 from qops.events import EventDispatcher
-from qops.transports.base import Consumer, Delivery
+from qops.worker.consumer import ConsumerLoop
 from qops.worker.control import ControlServer
 from qops.worker.pool import Pool, make_pool
-from qops.worker.ratelimit import RateLimits
-from qops.worker.request import LOST, REJECTED, SKIPPED, make_job
-from qops.worker.timer import Timer
 
 if TYPE_CHECKING:
     from qops.app import App
-    from qops.protocol import TaskRequest
-    from qops.task import Task
 
 log = logging.getLogger("qops.worker")
 
 WARM, COLD = "warm", "cold"
-RETRY_HANDLING_AFTER = 5.0  # seconds a message we failed to handle is put aside
 
 
 class Worker:
-    announces = True  # says online/offline for the node (a pool child does not)
-
     def __init__(self, app: App, *, hostname: str, queues: Sequence[str] | None = None,
                  concurrency: int | None = None, pool: str | None = None,
                  prefetch_multiplier: int | None = None,
@@ -54,7 +52,6 @@ class Worker:
         conf = app.conf
         self.app = app
         self.hostname = hostname
-        self.queues = list(queues or [app.default_queue])
         self.concurrency = int(concurrency or conf.worker_concurrency or os.cpu_count() or 1)
         self.pool_kind = pool or conf.worker_pool
         if self.pool_kind == "solo":
@@ -65,36 +62,25 @@ class Worker:
         self.max_tasks_per_child = max_tasks_per_child or conf.worker_max_tasks_per_child
         self.on_ready = on_ready
         self.child_init = child_init
-        self.rate_limits = RateLimits()
-        self.revoked: set[str] = set()
-        # with pool children that consume (split): tasks whose process died running them
-        # and that must not run again -> (why, wait status); see qops/worker/children.py
-        self.lost: dict[str, tuple[int, int | None]] = {}
-        self.reserved: dict[str, tuple[TaskRequest, Delivery]] = {}  # taken, not started
-        # handed to the pool, not finished: task id -> (delivery, acked already)
-        self._submitted: dict[str, tuple[Delivery, bool]] = {}
-        self.processed: dict[str, int] = {}
+        self.task_events = bool(conf.worker_send_task_events if task_events is None
+                                else task_events)
+        self.loop = ConsumerLoop(app, hostname=hostname,
+                                 queues=list(queues or [app.default_queue]),
+                                 prefetch=self.prefetch)
         self.started_at = time.time()
         self._stop: str | None = None
         self._stop_event = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.max_message_size = int(conf.task_max_message_size)
-        # fixed for the worker's life; checked per task
-        self.has_backend = app.has_backend
-        self.track_started = bool(conf.task_track_started)
-        self.task_events = bool(conf.worker_send_task_events if task_events is None
-                                else task_events)
-        self.consumer: Consumer | None = None
         self.pool: Pool | None = None
-        self.timer = Timer()
         self.events: EventDispatcher | None = None
         self.control: ControlServer | None = None
-        self._options: dict[str, tuple[bool, float | None, float | None]] = {}
-        self._backoff = 0.5  # seconds before asking a broker that failed again
         # prefork on a transport that says so (RabbitMQ): each pool child consumes and
         # acks for itself; this process keeps control, heartbeats and supervision
         self.split = False
+
+    @property
+    def queues(self) -> list[str]:
+        return self.loop.queues
 
     # -- start-up, in order --------------------------------------------------------------
     def start(self) -> int:
@@ -104,7 +90,7 @@ class Worker:
         self.connect()
         self.start_pool()
         if not self.split:  # pool children run their own timers
-            self.timer.start()
+            self.loop.timer.start()
         self.start_control()
         self.start_heartbeat()
         log.info("%s ready.", self.hostname)
@@ -141,37 +127,35 @@ class Worker:
                             "queue (press Ctrl-C again or send QUIT for a cold shutdown).")
             self._stop = how
         self._stop_event.set()
+        self.loop.stop()
 
     def apply_rate_limits(self) -> None:
-        for name, task in self.app.tasks.items():
-            rate = self.app.rate_limit_for(task)
-            if rate:
-                self.rate_limits.set(name, rate)
+        self.loop.apply_rate_limits()
 
     def connect(self) -> None:
-        transport = self.app.transport
-        self.split = self.pool_kind == "prefork" and transport.consume_in_pool_children
-        if not self.split:  # else each pool child makes its own consumer
-            self.consumer = transport.consumer(self.queues, self.prefetch,
-                                               consumer_id=f"{self.hostname}.{os.getpid()}")
-        if self.has_backend:
-            self.app.backend  # noqa: B018 - connect now so a bad URL fails at start-up
+        self.split = (self.pool_kind == "prefork"
+                      and self.app.transport.consume_in_pool_children)
+        self.loop.connect(consume=not self.split)  # else each pool child consumes
 
     def start_pool(self) -> None:
         if self.split:
             from qops.worker.children import ChildPool
 
-            self.pool = ChildPool(self)
+            self.pool = self.loop.pool = ChildPool(
+                self.loop, self.concurrency, self.max_tasks_per_child,
+                prefetch=self.prefetch_multiplier, task_events=self.task_events,
+                child_init=self.child_init)
             self.pool.start()  # returns once every child consumes
             return
-        self.pool = make_pool(self.pool_kind, self.app, self.concurrency,
-                              max_tasks_per_child=self.max_tasks_per_child,
-                              child_init=self.child_init)
+        self.pool = self.loop.pool = make_pool(
+            self.pool_kind, self.app, self.concurrency,
+            max_tasks_per_child=self.max_tasks_per_child, child_init=self.child_init)
         self.pool.start()
 
     def start_control(self) -> None:
         """Remote control and events: subscribe to the mailbox, say we are online."""
-        self.events = EventDispatcher(self.app, self.hostname, task_events=self.task_events)
+        self.events = self.loop.events = EventDispatcher(self.app, self.hostname,
+                                                         task_events=self.task_events)
         self.control = ControlServer(self)
         self.control.start()
         self._beat("worker-online")
@@ -187,8 +171,8 @@ class Worker:
         assert self.events is not None
         interval = float(self.app.conf.worker_heartbeat_interval)
         transport = self.app.transport
-        if self.consumer is not None:
-            self.consumer.heartbeat()
+        if self.loop.consumer is not None:
+            self.loop.consumer.heartbeat()
         if event == "worker-offline":
             transport.unregister_node(self.hostname)
         else:
@@ -212,388 +196,24 @@ class Worker:
 
     def processed_count(self) -> int:
         """Tasks this node has finished (its pool children's too)."""
-        with self._lock:
-            done = sum(self.processed.values())
+        with self.loop.lock:
+            done = sum(self.loop.processed.values())
         return done + (self.pool.processed_elsewhere() if self.pool else 0)
 
-    @property
-    def consumed_queues(self) -> list[str]:
-        return self.consumer.queues if self.consumer is not None else list(self.queues)
-
-    def add_queue(self, queue: str) -> None:
-        """Consume ``queue`` too. Without a consumer of its own (pool children consume)
-        this only records it: remote control forwards the command to the children, and
-        children started later consume it."""
-        if self.consumer is not None:
-            self.consumer.add_queue(queue)
-        if queue not in self.queues:
-            self.queues = [*self.queues, queue]
-
-    def cancel_queue(self, queue: str) -> None:
-        if self.consumer is not None:
-            self.consumer.cancel_queue(queue)
-        self.queues = [q for q in self.queues if q != queue]
-
-    def acks_late_for(self, name: str) -> bool:
-        task = self.app.tasks.get(name)
-        if task is None:
-            return bool(self.app.conf.task_acks_late)
-        return self.options_for(task)[0]
-
-    def options_for(self, task: Task) -> tuple[bool, float | None, float | None]:
-        """(acks_late, hard limit, soft limit) of a task, worked out once per task; the
-        control commands that change them call forget_options()."""
-        opts = self._options.get(task.name)
-        if opts is None:
-            opt = self.app.option_for
-            hard = opt(task, "time_limit", "task_time_limit")
-            soft = opt(task, "soft_time_limit", "task_soft_time_limit")
-            opts = (bool(opt(task, "acks_late", "task_acks_late")),
-                    float(hard) if hard else None, float(soft) if soft else None)
-            self._options[task.name] = opts
-        return opts
-
-    def forget_options(self, name: str) -> None:
-        self._options.pop(name, None)
-
-    @property
-    def sending_task_events(self) -> bool:
-        return self.events is not None and self.events.task_events
-
-    def event(self, type_: str, req: TaskRequest, **fields: Any) -> None:
-        if self.events is not None and self.events.task_events:
-            try:
-                self.events.send(type_, uuid=req.id, **fields)
-            except Exception as exc:
-                log.debug("could not send %s: %s", type_, exc)
-
-    # -- the consumer loop --------------------------------------------------------------------
+    # -- running ---------------------------------------------------------------------------------
     def consume(self) -> None:
         if self.split:  # the pool children consume; this process waits for a signal
             while not self._stop:
                 self._stop_event.wait(1.0)
             return
-        while not self._stop:
-            delivery = self.next_delivery(0.25)
-            if delivery is not None:
-                self.handle(delivery)
-
-    def next_delivery(self, timeout: float) -> Delivery | None:
-        """The next message, or None after ``timeout`` or a broker error (then after a
-        wait that grows with each failure; the transport reconnects on the next call)."""
-        assert self.consumer is not None
-        try:
-            delivery = self.consumer.get(timeout)
-        except Exception as exc:
-            log.error("consumer error: %s; retrying in %.1fs", exc, self._backoff)
-            self._stop_event.wait(self._backoff)
-            # Waits stay within a heartbeat interval: longer, and this worker's liveness
-            # key could expire while the broker is back, making its messages look
-            # orphaned.
-            longest = max(1.0, float(self.app.conf.worker_heartbeat_interval))
-            self._backoff = min(self._backoff * 2, longest)
-            return None
-        if self._backoff > 0.5:
-            log.warning("Connection to the broker is back.")
-            self._backoff = 0.5
-        return delivery
-
-    def handle(self, delivery: Delivery) -> None:
-        try:
-            self.on_delivery(delivery)
-        except Exception as exc:
-            # e.g. the dead-letter store refused a write. The message stays reserved
-            # (not lost), is put aside for a while so it can't block the queue's head,
-            # then goes back to the queue to be tried again.
-            log.error("could not handle a message from %r: %s; it goes back to the "
-                      "queue in %gs", delivery.queue, exc, RETRY_HANDLING_AFTER)
-            self.hold(delivery)
-            self.timer.call_later(RETRY_HANDLING_AFTER,
-                                  functools.partial(self._requeue_quietly, delivery),
-                                  delivery)
-
-    def on_delivery(self, d: Delivery) -> None:
-        assert self.consumer is not None
-        if d.error or d.message is None:
-            self.dead_letter(d, d.error or "undecodable message")
-            return
-        if len(d.raw) > self.max_message_size:
-            self.dead_letter(d, f"message of {len(d.raw)} bytes is larger than "
-                                f"task_max_message_size ({self.max_message_size})")
-            return
-        try:
-            req = protocol.parse_task_message(d.message)
-        except ProtocolError as exc:
-            self.dead_letter(d, str(exc))
-            self.fail_unparsed(d, exc)
-            return
-        task = self.app.tasks.get(req.name)
-        if task is None:
-            reason = f"unknown task {req.name!r} (not registered on this worker)"
-            self.dead_letter(d, reason)
-            self.store(req, FAILURE, NotRegistered(reason))
-            return
-        try:
-            task.check_arguments(req.args, req.kwargs)
-        except TypeError as exc:
-            reason = f"arguments do not fit {req.name}: {exc}"
-            self.dead_letter(d, reason)
-            self.store(req, FAILURE, TypeError(reason))
-            return
-        log.info("Task %s[%s] received", req.name, req.id)
-        if self.sending_task_events:
-            self.event("task-received", req, name=req.name, args=repr(req.args),
-                       kwargs=repr(req.kwargs), root_id=req.root_id, parent_id=req.parent_id,
-                       retries=req.retries, eta=req.eta and req.eta.isoformat(),
-                       expires=req.expires and req.expires.isoformat())
-        with self._lock:
-            self.reserved[req.id] = (req, d)
-        if req.eta is not None:
-            wait = (req.eta - dt.datetime.now(dt.timezone.utc)).total_seconds()
-            if wait > 0:
-                # Held (reserved, so neither lost nor taken by another worker) but not
-                # counted against the prefetch: far-future tasks never stall the worker.
-                self.hold(d)
-                self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
-                return
-        self.on_due(d, req, task)
-
-    def _requeue_quietly(self, d: Delivery) -> None:
-        try:
-            assert self.consumer is not None
-            self.consumer.requeue(d)
-        except Exception as exc:
-            log.error("could not requeue a message: %s", exc)
-
-    def hold(self, d: Delivery) -> None:
-        assert self.consumer is not None
-        try:
-            self.consumer.exempt(d)
-        except NotImplementedError:
-            pass  # the transport can't: the held message keeps its prefetch slot
-
-    def dead_letter(self, d: Delivery, reason: str) -> None:
-        assert self.consumer is not None
-        self.consumer.reject(d, reason)
-        log.error("Rejected a message from %r: %s (kept in the dead-letter store)",
-                  d.queue, reason)
-
-    def fail_unparsed(self, d: Delivery, exc: ProtocolError) -> None:
-        """A message that can't be parsed but names its task: tell a waiting client."""
-        if d.message is None or not self.has_backend:
-            return
-        task_id = (d.message.headers or {}).get("id") or \
-            d.message.properties.get("correlation_id")
-        if not isinstance(task_id, str) or not task_id:
-            return
-        try:
-            self.app.backend.store(task_id, FAILURE, exc,
-                                   reply_to=d.message.properties.get("reply_to") or None)
-        except Exception as err:
-            log.error("could not mark task %s FAILURE: %s", task_id, err)
-
-    def on_due(self, d: Delivery, req: TaskRequest, task: Task) -> None:
-        """The task may run now (its ETA has come): check expiry and rate, then run it."""
-        assert self.consumer is not None and self.pool is not None
-        if self._stop:
-            return  # shutdown requeues what is still reserved
-        if self.consumer.stale(d):
-            self._skip(req)
-            return
-        if req.id in self.revoked or (
-                req.expires is not None and req.expires <= dt.datetime.now(dt.timezone.utc)):
-            why = "revoked" if req.id in self.revoked else "expired"
-            log.info("Task %s[%s] %s: not run", req.name, req.id, why)
-            self._forget_reserved(req.id)
-            self.store(req, REVOKED, TaskRevokedError(why))
-            self.event("task-revoked", req, terminated=False, signum=None, expired=why == "expired")
-            self.consumer.ack(d)
-            return
-        if d.redelivered:
-            lost = self.lost_verdict(req.id)
-            if lost is not None:
-                log.error("Task %s[%s] failed: %s; not run again", req.name, req.id, lost)
-                self._forget_reserved(req.id)
-                self.store(req, FAILURE, lost)
-                self.consumer.ack(d)
-                self._count(req.name)
-                return
-        wait = self.rate_limits.take(req.name)
-        if wait > 0:
-            self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
-            return
-        acks_late, hard, soft = self.options_for(task)
-        if not acks_late:
-            self.consumer.ack(d)  # at-most-once: acked before it runs
-        if self.track_started:
-            self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
-        self.event("task-started", req)
-        hard = req.time_limit or hard
-        soft = req.soft_time_limit or soft
-        job = make_job(req, self.hostname,
-                       {"exchange": "", "routing_key": d.queue, "priority": req.priority,
-                        "redelivered": d.redelivered}, soft)
-        # the result goes nowhere: don't check that it could be serialized
-        job["check_result"] = bool((self.has_backend and not req.ignore_result)
-                                   or req.callbacks or req.chain)
-        with self._lock:
-            self.reserved.pop(req.id, None)
-            self._submitted[req.id] = (d, not acks_late)
-        # An acked message (at-most-once) is not the broker's to deliver again: it runs.
-        skip = functools.partial(self.consumer.stale, d) if acks_late else None
-        self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
-                         hard, skip)
-
-    def lost_verdict(self, task_id: str) -> Exception | None:
-        """Why a redelivered task fails without running: the process that ran it here
-        died and it must not run again (only pool children that consume for themselves
-        know of such tasks); None to run it."""
-        return None
-
-    def requeue_when_lost(self, task: Task) -> bool:
-        """Whether a task whose process died mid-run goes back to the queue (else it
-        fails with WorkerLostError): ``reject_on_worker_lost``, for acks_late tasks."""
-        reject = task.reject_on_worker_lost
-        if reject is None:
-            reject = bool(self.app.conf.task_reject_on_worker_lost)
-        return reject and self.options_for(task)[0]
-
-    def _skip(self, req: TaskRequest) -> None:
-        """The broker took the message back when the connection it came on dropped, and
-        delivers it again: this copy is not run (else it would run twice)."""
-        self._forget_reserved(req.id)
-        log.info("Task %s[%s] not run from an old connection: the broker delivers it "
-                 "again", req.name, req.id)
-
-    def _forget_reserved(self, task_id: str) -> None:
-        with self._lock:
-            self.reserved.pop(task_id, None)
-
-    def on_done(self, d: Delivery, req: TaskRequest, task: Task, outcome: dict[str, Any],
-                acks_late: bool) -> None:
-        """A task ended (called from a pool thread): record it, then ack."""
-        assert self.consumer is not None
-        with self._lock:
-            self._submitted.pop(req.id, None)
-        state = outcome["state"]
-        if state == SKIPPED:
-            self._skip(req)
-            return
-        runtime = outcome.get("runtime", 0.0)
-        settle: Callable[[Delivery], None] = self.consumer.ack
-        if state == SUCCESS:
-            log.info("Task %s[%s] succeeded in %.4fs: %r", req.name, req.id, runtime,
-                     outcome["result"])
-            self.store(req, SUCCESS, outcome["result"])
-            if self.sending_task_events:
-                self.event("task-succeeded", req, result=repr(outcome["result"]),
-                           runtime=runtime)
-            self.send_followers(req, outcome["result"])
-        elif state == FAILURE:
-            log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
-                      _exc_line(outcome["result"]), outcome.get("traceback") or "")
-            self.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
-            self.event("task-failed", req, exception=_exc_line(outcome["result"]),
-                       traceback=outcome.get("traceback"))
-            self.send_errbacks(req)
-            if req.chain:
-                from qops.canvas import propagate_chain_failure
-
-                propagate_chain_failure(self.app, req.chain, outcome["result"],
-                                        outcome.get("traceback"))
-        elif state == RETRY:
-            self.retry(req, d, task, outcome)
-        elif state == REJECTED:
-            if outcome.get("requeue"):
-                settle = self.consumer.requeue
-            else:
-                self.consumer.reject(d, outcome["reason"])
-                self._count(req.name)
-                return
-        elif state == LOST:
-            if self.requeue_when_lost(task):
-                log.error("Task %s[%s]: %s; it goes back to the queue", req.name, req.id,
-                          _exc_line(outcome["result"]))
-                settle = self.consumer.requeue
-            else:
-                log.error("Task %s[%s] failed: %s", req.name, req.id,
-                          _exc_line(outcome["result"]))
-                self.store(req, FAILURE, outcome["result"])
-        if acks_late or settle is not self.consumer.ack:
-            settle(d)
-        self._count(req.name)
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.processed[name] = self.processed.get(name, 0) + 1
-
-    def retry(self, req: TaskRequest, d: Delivery, task: Task, outcome: dict[str, Any]) -> None:
-        when = float(outcome.get("when") or 0.0)
-        args = outcome["args"] if outcome.get("args") is not None else req.args
-        kwargs = outcome["kwargs"] if outcome.get("kwargs") is not None else req.kwargs
-        log.info("Task %s[%s] retry %d in %.2fs: %s", req.name, req.id, req.retries + 1, when,
-                 _exc_line(outcome["result"]))
-        # Publish the new attempt before the old message is acked: a crash in between
-        # runs the task once more rather than never.
-        self.app.send_task(
-            req.name, args, kwargs, task_id=req.id, countdown=when, queue=d.queue,
-            retries=req.retries + 1, expires=req.expires, time_limit=req.time_limit,
-            soft_time_limit=req.soft_time_limit, root_id=req.root_id,
-            parent_id=req.parent_id, group=req.group, group_index=req.group_index,
-            link=req.callbacks, link_error=req.errbacks, chain=req.chain, chord=req.chord,
-            priority=req.priority, ignore_result=req.ignore_result,
-            reply_to=req.reply_to or "")
-        self.store(req, RETRY, outcome["result"], outcome.get("traceback"))
-        self.event("task-retried", req, exception=_exc_line(outcome["result"]),
-                   traceback=outcome.get("traceback"))
-
-    def send_followers(self, req: TaskRequest, result: Any) -> None:
-        """Continue a chain and call ``link`` callbacks with the result."""
-        if not req.callbacks and not req.chain:
-            return
-        from qops.task import Signature
-
-        try:
-            for cb in req.callbacks or []:
-                self.app.send_signature(Signature(cb, app=self.app).clone([result]),
-                                        parent_id=req.id, root_id=req.root_id,
-                                        reply_to=req.reply_to or "")
-            if req.chain:
-                rest = list(req.chain)
-                nxt = Signature(rest.pop(), app=self.app).clone([result])
-                self.app.send_signature(nxt, chain=rest or None, parent_id=req.id,
-                                        root_id=req.root_id, reply_to=req.reply_to or "")
-        except Exception as exc:
-            log.error("Task %s[%s]: could not send the next task: %s", req.name, req.id, exc)
-
-    def send_errbacks(self, req: TaskRequest) -> None:
-        from qops.task import Signature
-
-        for eb in req.errbacks or []:
-            try:
-                self.app.send_signature(Signature(eb, app=self.app).clone([req.id]),
-                                        parent_id=req.id, root_id=req.root_id,
-                                        reply_to=req.reply_to or "")
-            except Exception as exc:
-                log.error("Task %s[%s]: could not send errback: %s", req.name, req.id, exc)
-
-    def store(self, req: TaskRequest, state: str, result: Any,
-              traceback: str | None = None) -> None:
-        if not self.has_backend:
-            return
-        if req.ignore_result and state != FAILURE:
-            return
-        try:
-            self.app.backend.store(req.id, state, result, traceback, reply_to=req.reply_to)
-        except Exception as exc:
-            log.error("Task %s[%s]: could not store %s: %s", req.name, req.id, state, exc)
+        self.loop.run()
 
     # -- shutdown ------------------------------------------------------------------------------
     def shutdown(self) -> None:
         from qops.ops.daemon import sd_notify
 
         sd_notify("STOPPING=1")
-        consumer, pool = self.consumer, self.pool
+        pool = self.pool
         cold = self._stop == COLD
         # Our threads stop before the connections they use are closed (closing a
         # SQLite connection another thread is using can crash the process).
@@ -602,45 +222,21 @@ class Worker:
             self.control.stop()
         if self._heartbeat is not None:
             self._heartbeat.join(10.0)
-        # Messages taken but not started (prefetched, waiting for an ETA or a rate
-        # limit) go back to the broker at once, so other workers can run them.
-        unstarted: list[Delivery] = [d for d in self.timer.drain() if d is not None]
-        self.timer.join(10.0)
-        with self._lock:
-            unstarted.extend(d for _, d in self.reserved.values() if d not in unstarted)
-            self.reserved.clear()
+        # Messages taken but not started go back to the broker at once.
+        unstarted = self.loop.take_back()
         if pool is not None:
-            for job in pool.drain_unstarted():
-                d, acked = self._submitted.pop(job["id"], (None, False))
-                if d is None:
-                    continue
-                if acked and consumer is not None and d.message is not None:
-                    # at-most-once tasks were acked when dispatched: send them again
-                    consumer.transport.publish(d.queue, d.message)
-                else:
-                    unstarted.append(d)
             if cold:
                 pool.terminate()
             else:
                 pool.stop()
-        if self.announces and self.events is not None:
+        if self.events is not None:
             try:
                 self._beat("worker-offline")
             except Exception as exc:
                 log.error("could not announce going offline: %s", exc)
-        if consumer is not None:
-            for d in unstarted:
-                try:
-                    consumer.requeue(d)
-                except Exception as exc:
-                    log.error("could not requeue a message: %s", exc)
-            try:
-                consumer.close()  # returns every message still unacked
-            except Exception as exc:
-                log.error("closing the consumer failed: %s", exc)
+        self.loop.give_back(unstarted)
         self.app.close()
-        if self.announces:
-            log.info("%s stopped.", self.hostname)
+        log.info("%s stopped.", self.hostname)
 
     # -- facts for banners and remote control ---------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -663,9 +259,3 @@ def _mask(url: str | None) -> str | None:
     return mask_password(url) if url else None
 
 
-def _exc_line(meta: Any) -> str:
-    if isinstance(meta, dict) and "exc_type" in meta:
-        msg = meta.get("exc_message") or []
-        text = ", ".join(str(m) for m in msg) if isinstance(msg, list) else str(msg)
-        return f"{meta['exc_type']}({text})"
-    return repr(meta)

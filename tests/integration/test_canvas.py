@@ -20,9 +20,9 @@ from tests.helpers import WorkerProcess, qops_env, wait_until
 
 
 def _worker_propagates_chain_failures() -> bool:
-    from qops.worker.worker import Worker
+    from qops.worker.consumer import ConsumerLoop
 
-    return "propagate_chain_failure" in inspect.getsource(Worker)
+    return "propagate_chain_failure" in inspect.getsource(ConsumerLoop)
 
 
 def _apps_have_builtins() -> bool:

@@ -9,7 +9,8 @@ from qops.cli.main import hoist_global_options
 from qops.errors import PrivilegeError, UsageError
 from qops.ops.nodes import expand, node_name
 from qops.ops.privileges import check_root, force_root
-from qops.worker.ratelimit import TokenBucket, parse_rate
+from qops.rates import parse_rate
+from qops.worker.ratelimit import TokenBucket
 from qops.worker.timer import Timer
 
 

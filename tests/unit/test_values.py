@@ -113,3 +113,32 @@ def test_good_arguments_come_out_in_one_form() -> None:
         {"queue": "q", "exchange": "q"}
     assert check_arguments("pool_grow", {}) == {"n": 1}
     assert check_arguments("no_such_command", None) == {}
+
+
+def test_task_options_are_checked_at_definition() -> None:
+    from qops import App
+
+    app = App("v", broker="memory://")
+    for options in ({"time_limit": -1}, {"soft_time_limit": 0},
+                    {"soft_time_limit": 10, "time_limit": 5}, {"rate_limit": "-3/s"}):
+        with pytest.raises(UsageError, match="task v.bad: "):
+            app.task(name="v.bad", **options)(lambda: None)
+    assert "v.bad" not in app.tasks
+    app.task(name="v.good", soft_time_limit=0.5, time_limit=1, rate_limit="5/m")(lambda: None)
+
+
+@pytest.mark.parametrize("timelimit, ok", [([None, None], (None, None)), ([0, 0], (None, None)),
+                                           ([10, 5], (10.0, 5.0)), ([-1, None], None),
+                                           ([None, "nan"], None), ([1e300, None], None)])
+def test_message_time_limits(timelimit: list[Any], ok: Any) -> None:
+    from qops import protocol
+    from qops.errors import ProtocolError
+
+    m = protocol.build_task_message("t", [], {})
+    m.headers["timelimit"] = timelimit
+    if ok is None:
+        with pytest.raises(ProtocolError, match="invalid time limit"):
+            protocol.parse_task_message(m)
+    else:
+        req = protocol.parse_task_message(m)
+        assert (req.time_limit, req.soft_time_limit) == ok

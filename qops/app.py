@@ -110,9 +110,14 @@ class App:
 
     def transport_options(self) -> TransportOptions:
         c = self.conf
+        interval, ttl = float(c.worker_heartbeat_interval), float(c.worker_heartbeat_ttl)
+        if interval >= ttl:  # each node would look dead between two of its heartbeats
+            raise ConfigError(f"setting 'worker_heartbeat_interval' ({interval:g}, "
+                              f"{c.source('worker_heartbeat_interval')}) must be less than "
+                              f"'worker_heartbeat_ttl' ({ttl:g}, {c.source('worker_heartbeat_ttl')})")
         return TransportOptions(
-            heartbeat_interval=float(c.worker_heartbeat_interval),
-            heartbeat_ttl=float(c.worker_heartbeat_ttl),
+            heartbeat_interval=interval,
+            heartbeat_ttl=ttl,
             max_message_size=int(c.task_max_message_size),
             connect_timeout=float(c.broker_connection_timeout),
         )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops.errors import EX_FAILURE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, UsageError
 from qops.protocol import Message
-from qops.rates import parse_rate
+from qops.values import check_arguments, target
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -75,8 +75,10 @@ INSPECT = [c for c in COMMANDS.values() if c.group == "inspect"]
 CONTROL = [c for c in COMMANDS.values() if c.group == "control"] + [COMMANDS["ping"]]
 
 
-def parse_arguments(method: str, values: Sequence[str]) -> dict[str, Any]:
-    """Check the positional arguments of ``method`` before anything is sent."""
+def parse_arguments(method: str, values: Sequence[str],
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arguments of ``method`` from its positional arguments (strings) and
+    ``options``, checked before anything is sent (``qops.values``)."""
     cmd = COMMANDS.get(method)
     if cmd is None:
         raise UsageError(f"unknown command {method!r}: see --list")
@@ -107,13 +109,7 @@ def parse_arguments(method: str, values: Sequence[str]) -> dict[str, Any]:
                              f"not {raw!r}") from None
     if rest:
         raise UsageError(f"{method}: too many arguments: {' '.join(rest)}")
-    if method == "rate_limit":
-        parse_rate(out["rate_limit"])  # raises a UsageError naming the bad rate
-    if method == "autoscale" and out["max"] < out["min"]:
-        raise UsageError("autoscale: max must be at least min")
-    if method in ("pool_grow", "pool_shrink") and out.get("n", 1) < 1:
-        raise UsageError(f"{method}: n must be at least 1")
-    return out
+    return check_arguments(method, {**out, **(options or {})})
 
 
 @dataclass
@@ -166,7 +162,10 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
               matcher: str | None = None, timeout: float = 1.0,
               reply: bool = True) -> Replies:
     """Send a remote-control command; collect replies until every expected node has
-    answered or ``timeout`` (a total deadline) passes."""
+    answered or ``timeout`` (a total deadline) passes. Bad arguments or a bad
+    destination/pattern raise UsageError before anything is sent."""
+    arguments = check_arguments(method, arguments)
+    target(destination, pattern, matcher)
     start = time.monotonic()
     deadline = start + timeout
     transport = app.transport

@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from qops.errors import ProtocolError
+from qops.errors import ProtocolError, UsageError
+from qops.values import seconds
 
 # -- the message every transport carries ---------------------------------------------
 
@@ -330,11 +331,13 @@ class TaskRequest:
 
 
 def _num(value: Any) -> float | None:
-    if value is None:
+    """A time limit from the ``timelimit`` header: None or 0 for none, else seconds > 0
+    (a negative one would fail every run of the task)."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        return seconds(value, "time limit")
+    except UsageError:
         raise ProtocolError(f"invalid time limit {value!r}") from None
 
 

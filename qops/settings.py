@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qops.errors import ConfigError
+from qops import values
+from qops.errors import ConfigError, UsageError
+from qops.rates import parse_rate
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,26 @@ class Setting:
     default: Any
     type: str  # str, int, float, bool, list, dict, any
     doc: str
+    #: checks a value of the right type (bounds...): returns it or raises UsageError
+    check: Callable[[Any], Any] | None = None
 
 
-def _s(name: str, default: Any, type_: str, doc: str) -> Setting:
-    return Setting(name, default, type_, doc)
+def _s(name: str, default: Any, type_: str, doc: str,
+       check: Callable[[Any], Any] | None = None) -> Setting:
+    return Setting(name, default, type_, doc, check)
+
+
+def _seconds(value: float) -> float:
+    return values.seconds(value, "it")
+
+
+def _at_least(low: int, high: float | None = None) -> Callable[[Any], Any]:
+    return lambda value: values.number(value, "it", at_least=low, at_most=high, whole=True)
+
+
+def _rate(value: str) -> str:
+    parse_rate(value)
+    return value
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
@@ -47,24 +65,33 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("task_acks_late", True, "bool", "ack after the task ends (at-least-once); differs from Celery"),
     _s("task_reject_on_worker_lost", True, "bool",
        "requeue a task whose pool process died (else FAILURE with WorkerLostError)"),
-    _s("task_time_limit", None, "float", "hard time limit in seconds"),
-    _s("task_soft_time_limit", None, "float", "soft time limit in seconds"),
-    _s("task_default_rate_limit", None, "str", "rate limit for every task, e.g. '10/m'"),
+    _s("task_time_limit", None, "float", "hard time limit in seconds", _seconds),
+    _s("task_soft_time_limit", None, "float", "soft time limit in seconds", _seconds),
+    _s("task_default_rate_limit", None, "str", "rate limit for every task, e.g. '10/m'",
+       _rate),
     _s("task_ignore_result", False, "bool", "do not store results"),
     _s("task_track_started", False, "bool", "store STARTED when a task starts"),
-    _s("task_default_priority", None, "int", "priority 0..9 (9 runs first)"),
+    _s("task_default_priority", None, "int", "priority 0..9 (9 runs first)",
+       _at_least(0, 9)),
     _s("task_always_eager", False, "bool", "run tasks in-process on apply_async (tests)"),
-    _s("task_max_message_size", 16 * 1024 * 1024, "int", "largest message accepted, bytes"),
-    _s("result_expires", 86400, "float", "seconds a result is kept (0 = forever)"),
-    _s("worker_concurrency", None, "int", "pool size (default: number of CPUs)"),
+    _s("task_max_message_size", 16 * 1024 * 1024, "int", "largest message accepted, bytes",
+       _at_least(1)),
+    _s("result_expires", 86400, "float", "seconds a result is kept (0 = forever)",
+       lambda v: values.number(v, "it", at_least=0, at_most=values.MAX_SECONDS)),
+    _s("worker_concurrency", None, "int", "pool size (default: number of CPUs)",
+       _at_least(1, values.MAX_POOL_SIZE)),
     _s("worker_pool", "prefork", "str", "prefork, threads or solo"),
-    _s("worker_prefetch_multiplier", 4, "int", "messages reserved per pool slot"),
-    _s("worker_heartbeat_interval", 2.0, "float", "seconds between worker heartbeats"),
+    _s("worker_prefetch_multiplier", 4, "int", "messages reserved per pool slot",
+       _at_least(1)),
+    _s("worker_heartbeat_interval", 2.0, "float", "seconds between worker heartbeats",
+       _seconds),
     _s("worker_heartbeat_ttl", 10.0, "float",
-       "a worker silent this long is dead and its messages go back to the queue"),
-    _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks"),
+       "a worker silent this long is dead and its messages go back to the queue", _seconds),
+    _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks",
+       _at_least(1)),
     _s("worker_send_task_events", False, "bool", "send task events (-E)"),
-    _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker"),
+    _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker",
+       _seconds),
     _s("broker_transport_options", {}, "dict", "transport-specific options"),
     _s("beat_schedule", {}, "dict", "periodic tasks"),
     _s("beat_schedule_filename", "qops-beat-schedule", "str", "beat's state file"),
@@ -128,8 +155,14 @@ def canonical(key: str) -> str | None:
 
 
 def coerce(name: str, value: Any, source: str) -> Any:
-    """Check and convert ``value`` for setting ``name`` (strings from env are parsed)."""
+    """Check and convert ``value`` for setting ``name`` (strings from env are parsed):
+    its type, then its bounds; a ConfigError names the setting and the source."""
     setting = SETTINGS[name]
+    return _checked(setting, _typed(setting, value, source), source)
+
+
+def _typed(setting: Setting, value: Any, source: str) -> Any:
+    name = setting.name
     if value is None:
         return None
     kind = setting.type
@@ -168,6 +201,16 @@ def coerce(name: str, value: Any, source: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name!r} from {source}: {value!r} is not a valid {kind}") from None
     return value
+
+
+def _checked(setting: Setting, value: Any, source: str) -> Any:
+    if setting.check is None or value is None:
+        return value
+    try:
+        return setting.check(value)
+    except UsageError as exc:
+        raise ConfigError(f"setting {setting.name!r} from {source}: "
+                          f"{str(exc).removeprefix('it ')}") from None
 
 
 class Settings:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from qops.errors import MaxRetriesExceeded, Retry, UsageError
+from qops.rates import parse_rate
+from qops.values import time_limits
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -86,6 +88,11 @@ class Task:
             if not hasattr(Task, key) or key.startswith("_"):
                 raise UsageError(f"unknown task option {key!r} for {name}")
             setattr(self, key, value)
+        try:  # the checks remote control applies (qops/values.py): no crash loops
+            time_limits(self.soft_time_limit, self.time_limit)
+            parse_rate(self.rate_limit)
+        except UsageError as exc:
+            raise UsageError(f"task {name}: {exc}") from None
         if isinstance(self.autoretry_for, type):
             self.autoretry_for = (self.autoretry_for,)
         self._local = threading.local()

@@ -116,8 +116,7 @@ def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None
         raise UsageError(f"unknown {group} command {method!r}{hint}: see 'qops {group} --list'")
     if matcher not in ("glob", "pcre"):
         raise UsageError("--matcher must be glob or pcre")
-    arguments = ctl.parse_arguments(method, args)
-    arguments.update(extra)
+    arguments = ctl.parse_arguments(method, args, extra)
     app = g.load_app()
     res = ctl.broadcast(app, method, arguments, destination=_split(destination),
                         pattern=pattern, matcher=matcher if pattern else None,

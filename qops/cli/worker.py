@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
+from qops.values import MAX_POOL_SIZE
+
 # Options shared by the long-running commands (worker, beat)
 Pidfile = Annotated[str | None, typer.Option("--pidfile", help="Pidfile (templates %n ...), locked while the process runs.")]
 Detach = Annotated[bool, typer.Option("--detach", "-D", help="Run in the background; exit 0 once it runs.")]
@@ -23,7 +25,7 @@ def worker(
     ctx: typer.Context,
     hostname: Annotated[str | None, typer.Option("-n", "--hostname", help="Node name, e.g. w1@%h.")] = None,
     queues: Annotated[str | None, typer.Option("-Q", "--queues", help="Queues to consume, comma separated.")] = None,
-    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency", min=1, help="Pool size (default: CPUs).")] = None,
+    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency", min=1, max=MAX_POOL_SIZE, help="Pool size (default: CPUs).")] = None,
     pool: Annotated[str | None, typer.Option("-P", "--pool", help="prefork, threads or solo.")] = None,
     loglevel: Annotated[str, typer.Option("-l", "--loglevel", help="DEBUG, INFO, WARNING, ERROR.")] = "WARNING",
     logfile: Logfile = None,
@@ -42,10 +44,12 @@ def worker(
     from qops.ops.daemon import NodeProcess, setup_logging
     from qops.ops.nodes import node_name
     from qops.ops.privileges import check_root
+    from qops.values import queue_name
 
     g = ctx.obj
     if pool is not None and pool not in ("prefork", "threads", "solo"):
         raise UsageError(f"unknown pool {pool!r}: choose prefork, threads or solo")
+    names = [queue_name(q.strip()) for q in (queues or "").split(",") if q.strip()]
     node = node_name(hostname)
     proc = NodeProcess(node, loglevel, logfile, pidfile, detach, uid, gid, umask)
     app = g.load_app(required=True, import_tasks=True)
@@ -61,7 +65,7 @@ def worker(
 
     with proc.run(preload=app.preload) as readiness:
         w = Worker(app, hostname=node,
-                   queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+                   queues=names or None,
                    concurrency=concurrency, pool=pool, prefetch_multiplier=prefetch_multiplier,
                    max_tasks_per_child=max_tasks_per_child,
                    task_events=True if task_events else None,

@@ -16,11 +16,9 @@ Two kinds of handlers:
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
-import re
 import resource
 import signal
 import threading
@@ -29,7 +27,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qops.control import reply_queue_name
+from qops.errors import UsageError
 from qops.protocol import Message
+from qops.rates import parse_rate
+from qops.values import check_arguments, expired, target
 
 if TYPE_CHECKING:
     from qops.worker.consumer import ConsumerLoop
@@ -117,19 +118,19 @@ class ControlServer:
                     pass
                 continue
             if msg is not None:
-                self.dispatch(msg)
+                try:
+                    self.dispatch(msg)
+                except Exception:  # whatever it was, the next command must be heard
+                    log.exception("control: a message could not be handled; ignored")
 
     def matches(self, request: dict[str, Any]) -> bool:
+        """Whether this node is addressed; raises UsageError if the address is bad."""
+        names, test = target(request.get("destination"), request.get("pattern"),
+                             request.get("matcher"))
         me = self.worker.hostname
-        destination = request.get("destination")
-        if destination:
-            return me in destination
-        pattern = request.get("pattern")
-        if pattern:
-            if request.get("matcher") == "pcre":
-                return re.search(pattern, me) is not None
-            return fnmatch.fnmatchcase(me, pattern)
-        return True
+        if names is not None:
+            return me in names  # exact names: "w1@h" is not "w11@h"
+        return test is None or test(me)
 
     def dispatch(self, msg: Message) -> None:
         try:
@@ -137,38 +138,52 @@ class ControlServer:
         except ValueError:
             log.warning("control: ignored a message that is not JSON")
             return
-        if not isinstance(request, dict) or not self.matches(request):
+        if not isinstance(request, dict):
+            log.warning("control: ignored a message that is not an object")
             return
-        expires = (msg.headers or {}).get("expires")
-        if expires is not None and float(expires) < time.time():
-            return  # the client gave up already
         method = str(request.get("method"))
-        args = request.get("arguments") or {}
+        try:
+            if not self.matches(request) or \
+                    expired((msg.headers or {}).get("expires"), time.time()):
+                return  # not for this node, or the client gave up already
+        except UsageError as exc:
+            log.warning("control: ignored a malformed %s message: %s", method, exc)
+            self.reply(request, {"error": f"malformed control message: {exc}"})
+            return
         fun = HANDLERS.get(method) or TASK_HANDLERS.get(method)
         if fun is None:
             reply: Any = {"error": f"unknown command {method!r}"}
         else:
             try:
+                # checked here too: not every client checks (another tool, Celery's)
+                args = check_arguments(method, request.get("arguments"))
                 reply = run_command(self.worker, method, args)
+            except UsageError as exc:
+                log.warning("control: refused %s: %s", method, exc)
+                reply = {"error": str(exc)}
             except TypeError as exc:
                 reply = {"error": f"bad arguments for {method}: {exc}"}
             except Exception as exc:
                 log.exception("control command %s failed", method)
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
-        reply_to = request.get("reply_to")
-        if reply_to and request.get("ticket"):
-            self.clock += 1
-            body = json.dumps({self.worker.hostname: reply}, default=str).encode()
-            try:
-                self.app.transport.send_reply(
-                    reply_queue_name(reply_to),
-                    Message(body=body, headers={"ticket": request["ticket"],
-                                                "clock": self.clock}))
-            except Exception as exc:
-                log.error("control: could not reply to %s: %s", method, exc)
+        self.reply(request, reply)
         after = getattr(fun, "after_reply", None)
         if after is not None:
             after(self.worker)
+
+    def reply(self, request: dict[str, Any], reply: Any) -> None:
+        """Answer the client, if it wants an answer (never raises)."""
+        reply_to, ticket = request.get("reply_to"), request.get("ticket")
+        if not reply_to or not ticket:
+            return
+        self.clock += 1
+        try:
+            body = json.dumps({self.worker.hostname: reply}, default=str).encode()
+            self.app.transport.send_reply(
+                reply_queue_name(reply_to),
+                Message(body=body, headers={"ticket": ticket, "clock": self.clock}))
+        except Exception as exc:
+            log.error("control: could not reply to %s: %s", request.get("method"), exc)
 
 
 # -- what the worker knows about its tasks ----------------------------------------------
@@ -367,18 +382,14 @@ def _signum(name: str) -> int:
 
 @task_handler
 def handle_rate_limit(loop: ConsumerLoop, task_name: str, rate_limit: Any) -> dict[str, Any]:
-    from qops.errors import UsageError
-
     task = loop.app.tasks.get(task_name)
     if task is None:
         return {"error": f"unknown task {task_name!r}"}
-    try:
-        loop.rate_limits.set(task_name, rate_limit)
-    except UsageError as exc:
-        return {"error": str(exc)}
-    task.rate_limit = rate_limit or None
-    if not rate_limit:
+    loop.rate_limits.set(task_name, rate_limit)
+    if not parse_rate(rate_limit):  # "0", "0/m", 0, "": no limit
+        task.rate_limit = None
         return {"ok": "rate limit disabled successfully"}
+    task.rate_limit = rate_limit
     return {"ok": "new rate limit set successfully"}
 
 

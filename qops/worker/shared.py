@@ -16,10 +16,11 @@ import time
 from typing import Any, NamedTuple
 
 from qops import errors
+from qops.values import MAX_POOL_SIZE
 from qops.worker.pool import describe_status
 
 HARD_LIMIT_GRACE = 2.0  # seconds past a hard limit before the parent kills the child
-MAX_CHILDREN = 1024  # slots in the shared table
+MAX_CHILDREN = MAX_POOL_SIZE  # slots in the shared table
 #: slot states
 IDLE, RUNNING, LOST, TIMED_OUT = 0, 1, 2, 3
 

@@ -91,3 +91,61 @@ def test_default_broker_is_per_user_sqlite(monkeypatch: pytest.MonkeyPatch,
     assert app.result_backend_url == app.broker_url
     app2 = App("p", broker="redis://x/0")
     assert app2.result_backend_url is None
+
+
+# -- bounds: a value of the right type but out of range is a config error naming the key
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("worker_heartbeat_interval", -1, "greater than 0"),
+    ("worker_heartbeat_interval", 0, "greater than 0"),
+    ("worker_heartbeat_ttl", 0, "greater than 0"),
+    ("broker_connection_timeout", -5, "greater than 0"),
+    ("task_time_limit", -1, "greater than 0"),
+    ("task_soft_time_limit", 0, "greater than 0"),
+    ("worker_prefetch_multiplier", 0, "at least 1"),
+    ("worker_concurrency", 0, "at least 1"),
+    ("worker_concurrency", 5000, "at most 1024"),
+    ("worker_max_tasks_per_child", -3, "at least 1"),
+    ("task_max_message_size", 0, "at least 1"),
+    ("result_expires", -1, "at least 0"),
+    ("task_default_priority", 10, "at most 9"),
+    ("task_default_rate_limit", "10/x", "invalid rate limit"),
+    ("worker_heartbeat_interval", ".nan", "finite"),
+])
+def test_yaml_value_out_of_bounds_names_the_key(tmp_path: Path, key: str, value: object,
+                                                says: str) -> None:
+    (tmp_path / "qops.yaml").write_text(f"{key}: {value}\n")
+    app = App("p")
+    with pytest.raises(ConfigError, match=f"{key}.*file .*qops.yaml.*{says}"):
+        app.conf.get(key)
+
+
+def test_env_and_code_values_are_bounded_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QOPS_WORKER_HEARTBEAT_INTERVAL", "-0.5")
+    with pytest.raises(ConfigError, match="worker_heartbeat_interval.*env"):
+        Settings().worker_heartbeat_interval  # noqa: B018
+    monkeypatch.delenv("QOPS_WORKER_HEARTBEAT_INTERVAL")
+    with pytest.raises(ConfigError, match="worker_heartbeat_ttl.*App"):
+        App("p", worker_heartbeat_ttl=0)
+    s = Settings()
+    with pytest.raises(ConfigError, match="task_time_limit"):
+        s.task_time_limit = -1
+    assert s.task_time_limit is None  # nothing changed
+
+
+def test_good_bounded_values_and_defaults_pass(tmp_path: Path) -> None:
+    (tmp_path / "qops.yaml").write_text("worker_heartbeat_interval: 0.25\nresult_expires: 0\n"
+                                        "task_default_priority: 0\ntask_time_limit: 30\n")
+    s = Settings()
+    assert (s.worker_heartbeat_interval, s.result_expires) == (0.25, 0.0)
+    assert (s.task_default_priority, s.task_time_limit) == (0, 30.0)
+    assert s.worker_prefetch_multiplier == 4 and s.task_soft_time_limit is None
+
+
+def test_heartbeat_interval_must_be_less_than_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QOPS_WORKER_HEARTBEAT_INTERVAL", "20")
+    app = App("p", broker="memory://")
+    with pytest.raises(ConfigError, match="worker_heartbeat_interval.*env.*less than "
+                                          "'worker_heartbeat_ttl' \\(10, default\\)"):
+        app.transport_options()

@@ -93,6 +93,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker",
        _seconds),
     _s("broker_transport_options", {}, "dict", "transport-specific options"),
+    _s("broker_api", None, "str",
+       "RabbitMQ management API for queue counts, e.g. http://guest:guest@localhost:15672/api/"
+       " (default: the broker's host, port 15672; 'off': do not ask)"),
     _s("beat_schedule", {}, "dict", "periodic tasks"),
     _s("beat_schedule_filename", "qops-beat-schedule", "str", "beat's state file"),
 ]}

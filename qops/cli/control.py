@@ -8,6 +8,12 @@ from typing import Annotated, Any
 
 import typer
 
+from qops.cli.shell import (
+    complete_control_args,
+    complete_control_method,
+    complete_inspect_method,
+)
+
 Destination = Annotated[str | None, typer.Option("-d", "--destination", help="Only these nodes, comma separated (w1@h,w2@h).")]
 Timeout = Annotated[float, typer.Option("--timeout", "-t", min=0.01, help="Total deadline in seconds; only silent nodes make it last.")]
 ListOpt = Annotated[bool, typer.Option("--list", help="List the commands and exit.")]
@@ -26,8 +32,10 @@ def register(cli: typer.Typer) -> None:
 
 def control(
     ctx: typer.Context,
-    method: Annotated[str | None, typer.Argument(help="The command; see --list.")] = None,
-    args: Annotated[list[str] | None, typer.Argument(help="Its arguments.")] = None,
+    method: Annotated[str | None, typer.Argument(help="The command; see --list.",
+                                                 autocompletion=complete_control_method)] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="Its arguments.",
+                                                     autocompletion=complete_control_args)] = None,
     destination: Destination = None,
     timeout: Timeout = 1.0,
     list_: ListOpt = False,
@@ -47,7 +55,8 @@ def control(
 
 def inspect(
     ctx: typer.Context,
-    method: Annotated[str | None, typer.Argument(help="The command; see --list.")] = None,
+    method: Annotated[str | None, typer.Argument(help="The command; see --list.",
+                                                 autocompletion=complete_inspect_method)] = None,
     args: Annotated[list[str] | None, typer.Argument(help="Its arguments.")] = None,
     destination: Destination = None,
     timeout: Timeout = 1.0,

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
+from qops.cli import shell
+from qops.cli.shell import Context
 from qops.cli.terminal import Terminal
 from qops.errors import EX_USAGE, QopsError
 
@@ -97,11 +100,32 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class QopsGroup(TyperGroup):
+    """The root command. Global options may follow the command: they are moved to the
+    front here, where shell completion's parsing sees them too. The examples in each
+    command's help and the completions of values come from ``shell``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shell.decorate(self)
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: Context | None = None, **extra: Any) -> Context:
+        with shell.plain_usage_errors():
+            return super().make_context(info_name, hoist_global_options(args), parent,
+                                        **extra)
+
+    def invoke(self, ctx: Context) -> Any:
+        with shell.plain_usage_errors():
+            return super().invoke(ctx)
+
+
 cli = typer.Typer(
     name="qops",
+    cls=QopsGroup,
     help="qops: a fast, scriptable task queue speaking Celery's protocol.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -172,6 +196,8 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
+    if "--no-color" in args[:args.index("--") if "--" in args else None]:
+        os.environ["NO_COLOR"] = "1"  # rich's help screens and errors read it too
     try:
         cli(args=args, prog_name="qops", standalone_mode=True)
     except QopsError as exc:

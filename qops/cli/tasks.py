@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from qops.cli.shell import complete_task
 from qops.errors import EX_FAILURE, EX_TEMPFAIL, UsageError
 
 
@@ -29,7 +30,8 @@ def _json_arg(text: str | None, what: str, kind: type) -> Any:
 
 def call(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Task name, e.g. proj.tasks.add.")],
+    name: Annotated[str, typer.Argument(help="Task name, e.g. proj.tasks.add.",
+                                        autocompletion=complete_task)],
     args: Annotated[str | None, typer.Option("--args", "-a", help="Positional arguments as a JSON list.")] = None,
     kwargs: Annotated[str | None, typer.Option("--kwargs", "-k", help="Keyword arguments as a JSON object.")] = None,
     queue: Annotated[str | None, typer.Option("--queue", help="Queue (default: routing).")] = None,

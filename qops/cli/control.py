@@ -76,11 +76,10 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
     else:
         for node in sorted(res.replies):
             term.print(f"{node}: OK")
-        for node in res.missing:
-            term.print(f"{node}: no reply within {timeout}s")
         n = len(res.replies)
-        term.print(f"\n{n} node{'s' if n != 1 else ''} online." if n else
-                   "Error: no nodes replied within time constraint.")
+        if n:
+            term.print(f"\n{n} node{'s' if n != 1 else ''} online.")
+        _report_missing(res, timeout)
     raise typer.Exit(res.exit_code())
 
 
@@ -146,6 +145,11 @@ def _print_replies(term: Any, res: Any, timeout: float) -> None:
             for item in items:
                 term.print("    " + (item if isinstance(item, str)
                                      else json.dumps(item, default=str, sort_keys=True)))
+    _report_missing(res, timeout)
+
+
+def _report_missing(res: Any, timeout: float) -> None:
+    """The nodes that did not reply, and "no nodes replied": diagnostics, on stderr."""
     for node in res.missing:
         print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
     if not res.replies:

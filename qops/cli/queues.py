@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from qops.errors import UsageError
+from qops.errors import QopsError, UsageError
 
 
 def register(cli: typer.Typer) -> None:
@@ -40,7 +40,7 @@ def purge(
         total = sum(r.purged for r in preview)
         listing = ", ".join(f"{r.queue} ({r.purged})" for r in preview) or "none"
         if not typer.confirm(f"Delete {total} message(s) from: {listing}?"):
-            raise typer.Exit(1)
+            raise QopsError("not confirmed: nothing was purged")  # exit 1
     reports = q.purge(app, names or None, _split(exclude), dry_run=dry_run)
     total = sum(r.purged for r in reports)
     if term.json_mode:

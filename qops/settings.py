@@ -64,6 +64,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "a worker silent this long is dead and its messages go back to the queue"),
     _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks"),
     _s("worker_send_task_events", False, "bool", "send task events (-E)"),
+    _s("worker_log_repr_maxsize", 1024, "int",
+       "longest repr of a task's arguments, result or exception in worker log lines "
+       "and events, in characters (0 = no limit; Celery's argsrepr/resultrepr_maxsize)"),
     _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker"),
     _s("broker_transport_options", {}, "dict", "transport-specific options"),
     _s("beat_schedule", {}, "dict", "periodic tasks"),

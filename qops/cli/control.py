@@ -79,7 +79,7 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
         n = len(res.replies)
         if n:
             term.print(f"\n{n} node{'s' if n != 1 else ''} online.")
-        _report_missing(res, timeout)
+    _report_missing(res, timeout)
     raise typer.Exit(res.exit_code())
 
 
@@ -124,11 +124,12 @@ def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None
     if term.json_mode:
         term.json(res.as_dict())
     else:
-        _print_replies(term, res, timeout)
+        _print_replies(term, res)
+    _report_missing(res, timeout)
     raise typer.Exit(res.exit_code())
 
 
-def _print_replies(term: Any, res: Any, timeout: float) -> None:
+def _print_replies(term: Any, res: Any) -> None:
     for node in sorted(res.replies):
         reply = res.replies[node]
         if isinstance(reply, dict) and set(reply) <= {"ok", "error"}:
@@ -145,7 +146,6 @@ def _print_replies(term: Any, res: Any, timeout: float) -> None:
             for item in items:
                 term.print("    " + (item if isinstance(item, str)
                                      else json.dumps(item, default=str, sort_keys=True)))
-    _report_missing(res, timeout)
 
 
 def _report_missing(res: Any, timeout: float) -> None:

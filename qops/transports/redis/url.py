@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from qops.errors import UsageError
 from qops.transports.base import mask_password, url_error
@@ -31,17 +31,18 @@ class RedisURL:
 def split_url(url: str) -> tuple[str, str]:
     """Take ``global_keyprefix`` out of the URL (redis-py would reject it as an unknown
     connection argument); return (url for redis-py, prefix)."""
-    parts = urlsplit(url)
-    if not parts.query:
+    base, _, query = url.partition("?")
+    if not query:
         return url, ""
     prefix = ""
     kept = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for key, value in parse_qsl(query, keep_blank_values=True):
         if key == "global_keyprefix":
             prefix = value
         else:
             kept.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+    # rebuilt by hand: urlunsplit would turn unix:///path into unix:/path
+    return base + ("?" + urlencode(kept) if kept else ""), prefix
 
 
 def parse_url(url: str, what: str = "broker URL") -> RedisURL:

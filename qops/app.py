@@ -97,7 +97,8 @@ class App:
 
     @property
     def broker_url(self) -> str:
-        return str(self.conf.broker_url or default_broker_url())
+        url = self.conf.broker_url
+        return default_broker_url() if url is None else str(url)  # "" is an error, later
 
     @property
     def result_backend_url(self) -> str | None:

@@ -268,8 +268,8 @@ def build_task_message(
         "timelimit": [time_limit, soft_time_limit],
         "root_id": root_id or task_id,
         "parent_id": parent_id,
-        "argsrepr": _saferepr(args),
-        "kwargsrepr": _saferepr(kwargs),
+        "argsrepr": saferepr(args),
+        "kwargsrepr": saferepr(kwargs),
         "origin": origin(),
         "ignore_result": ignore_result,
         "replaced_task_nesting": 0,
@@ -285,9 +285,15 @@ def build_task_message(
     return Message(body=body, headers=headers, properties=props)
 
 
-def _saferepr(value: Any, limit: int = 1024) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def saferepr(value: Any, limit: int = 1024) -> str:
+    """``repr(value)`` cut to ``limit`` characters (0: whole), as Celery's argsrepr: for
+    message headers and log lines, where a 10 MB argument must not be copied whole."""
+    return shorten(repr(value), limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in '...' when cut (0: whole)."""
+    return text if not limit or len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
 @dataclass

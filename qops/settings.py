@@ -90,6 +90,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks",
        _at_least(1)),
     _s("worker_send_task_events", False, "bool", "send task events (-E)"),
+    _s("worker_log_repr_maxsize", 1024, "int",
+       "longest repr of a task's arguments, result or exception in worker log lines "
+       "and events, in characters (0 = no limit; Celery's argsrepr/resultrepr_maxsize)",
+       _at_least(0)),
     _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker",
        _seconds),
     _s("broker_transport_options", {}, "dict", "transport-specific options"),

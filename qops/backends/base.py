@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from qops import protocol
-from qops.errors import ResultTimeout, UsageError
+from qops.errors import ResultTimeout
 
 PENDING = "PENDING"
 RECEIVED = "RECEIVED"
@@ -41,6 +41,12 @@ class ResultBackend(ABC):
         self.url = url
         self.expires = expires or None  # 0 = keep forever
         self.prefix = prefix
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        """Raise a one-line UsageError naming the expected form when ``url`` is not a
+        valid URL for this backend (before anything is opened). Default: any URL."""
+        return None
 
     # -- public ---------------------------------------------------------------------
     def store(self, task_id: str, state: str, result: Any = None, traceback: str | None = None,
@@ -136,15 +142,16 @@ BACKENDS = {
 
 
 def backend_class(url: str) -> type[ResultBackend]:
-    """The ResultBackend class for ``url``'s scheme (imports its module only)."""
+    """The ResultBackend class for ``url``'s scheme, once ``url`` is known to be well
+    formed (imports its module only; the same checks as a broker URL's)."""
     import importlib
 
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in BACKENDS:
-        raise UsageError(f"unknown result backend scheme {scheme or url!r}: use "
-                         "sqlite:///path, redis://host:6379/0 or rpc://")
+    from qops.transports.base import url_scheme
+
+    scheme = url_scheme(url, list(BACKENDS), "result backend URL")
     module, name = BACKENDS[scheme]
     cls: type[ResultBackend] = getattr(importlib.import_module(module), name)
+    cls.check_url(url)
     return cls
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from qops.backends.base import ResultBackend
 from qops.errors import BrokerUnreachable
 from qops.transports.base import mask_password
+from qops.transports.redis.url import parse_url, select_db
 
 
 def _script(name: str) -> str:
@@ -19,13 +20,18 @@ def _script(name: str) -> str:
 
 
 class RedisBackend(ResultBackend):
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        parse_url(url, "result backend URL")
+
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         import redis
 
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
         self.client = redis.Redis.from_url(url, socket_connect_timeout=5,
-                                           health_check_interval=30)
+                                           health_check_interval=30,
+                                           redis_connect_func=select_db)
         self._store_script = self.client.register_script(_script("redis_store.lua"))
 
     def _key(self, task_id: str) -> str:

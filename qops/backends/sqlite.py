@@ -7,12 +7,17 @@ from typing import Any
 
 from qops.backends.base import SUCCESS, ResultBackend
 from qops.transports.sqlite import SQLiteDB
+from qops.transports.sqlite_url import path_from_url
 
 
 class SQLiteBackend(ResultBackend):
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        path_from_url(url, "result backend URL")
+
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self.db = SQLiteDB(url)
+        self.db = SQLiteDB(url, what="SQLite result backend")
         self._last_sweep = 0.0
 
     def _get(self, task_id: str) -> bytes | None:

@@ -85,11 +85,10 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
     else:
         for node in sorted(res.replies):
             term.print(f"{node}: OK")
-        for node in res.missing:
-            term.print(f"{node}: no reply within {timeout}s")
         n = len(res.replies)
-        term.print(f"\n{n} node{'s' if n != 1 else ''} online." if n else
-                   "Error: no nodes replied within time constraint.")
+        if n:
+            term.print(f"\n{n} node{'s' if n != 1 else ''} online.")
+    _report_missing(res, timeout)
     raise typer.Exit(res.exit_code())
 
 
@@ -133,11 +132,12 @@ def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None
     if term.json_mode:
         term.json(res.as_dict())
     else:
-        _print_replies(term, res, timeout)
+        _print_replies(term, res)
+    _report_missing(res, timeout)
     raise typer.Exit(res.exit_code())
 
 
-def _print_replies(term: Any, res: Any, timeout: float) -> None:
+def _print_replies(term: Any, res: Any) -> None:
     for node in sorted(res.replies):
         reply = res.replies[node]
         if isinstance(reply, dict) and set(reply) <= {"ok", "error"}:
@@ -154,6 +154,10 @@ def _print_replies(term: Any, res: Any, timeout: float) -> None:
             for item in items:
                 term.print("    " + (item if isinstance(item, str)
                                      else json.dumps(item, default=str, sort_keys=True)))
+
+
+def _report_missing(res: Any, timeout: float) -> None:
+    """The nodes that did not reply, and "no nodes replied": diagnostics, on stderr."""
     for node in res.missing:
         print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
     if not res.replies:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from qops.errors import UsageError
+from qops.errors import QopsError, UsageError
 
 
 def register(cli: typer.Typer) -> None:
@@ -67,7 +67,7 @@ def purge(
         if not sys.stdin.isatty():
             raise UsageError("refusing to purge without a terminal to confirm: pass -f/--force")
         if not typer.confirm("Delete every dead letter?"):
-            raise typer.Exit(1)
+            raise QopsError("not confirmed: nothing was purged")  # exit 1
     n = g.load_app().transport.purge_dead_letters()
     if g.terminal.json_mode:
         g.terminal.json({"purged": n})

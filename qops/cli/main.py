@@ -3,12 +3,18 @@
 Global options may stand before or after the command (``qops -A proj worker`` and
 ``qops worker -A proj`` are the same): ``main`` moves them to the front before typer
 parses, so every command sees them in one place.
+
+``main`` is also where every error becomes its exit code (the table in
+docs/commands.md): a QopsError its own, a usage error from the parser 2, anything
+unexpected 1 -- each as one line on stderr (the traceback only with ``--debug``) and,
+with ``--json``, as ``{"error": ..., "exit_code": ...}`` on stdout.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -18,7 +24,7 @@ from typer.core import TyperGroup
 from qops.cli import shell
 from qops.cli.shell import Context
 from qops.cli.terminal import Terminal
-from qops.errors import EX_USAGE, QopsError
+from qops.errors import EX_FAILURE, EX_USAGE, QopsError, UsageError
 
 # Global options: name -> takes a value
 GLOBAL_OPTIONS: dict[str, bool] = {
@@ -92,11 +98,15 @@ class Globals:
         return app
 
 
-def _version(value: bool) -> None:
+def _version(ctx: typer.Context, value: bool) -> None:
     if value:
         from qops import __version__
 
-        print(f"qops {__version__}")
+        term = ctx.obj if isinstance(ctx.obj, Terminal) else Terminal()
+        if term.json_mode:
+            term.json({"version": __version__})
+        else:
+            print(f"qops {__version__}")
         raise typer.Exit()
 
 
@@ -111,13 +121,7 @@ class QopsGroup(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: Context | None = None, **extra: Any) -> Context:
-        with shell.plain_usage_errors():
-            return super().make_context(info_name, hoist_global_options(args), parent,
-                                        **extra)
-
-    def invoke(self, ctx: Context) -> Any:
-        with shell.plain_usage_errors():
-            return super().invoke(ctx)
+        return super().make_context(info_name, hoist_global_options(args), parent, **extra)
 
 
 cli = typer.Typer(
@@ -146,20 +150,22 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
+    # main's Terminal (already serving usage errors), set up from the parsed options
+    terminal = ctx.obj if isinstance(ctx.obj, Terminal) else Terminal()
+    terminal.__init__(json_mode=json_out, quiet=quiet,  # type: ignore[misc]
+                      no_color=no_color, debug=debug)
     if workdir and ctx.invoked_subcommand != "generate":  # generate: the target host's dir
         try:
             os.chdir(workdir)
         except OSError as exc:
-            Terminal().abort(f"--workdir {workdir}: {exc.strerror}", EX_USAGE)
+            terminal.abort(f"--workdir {workdir}: {exc.strerror}", EX_USAGE)
     if config:
         os.environ["QOPS_CONFIG"] = os.path.abspath(config)
     # -A names modules relative to the working directory, as Celery does.
     if (workdir or app) and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     ctx.obj = Globals(app=app, broker=broker, result_backend=result_backend, config=config,
-                      workdir=workdir, compat=compat,
-                      terminal=Terminal(json_mode=json_out, quiet=quiet, no_color=no_color,
-                                        debug=debug))
+                      workdir=workdir, compat=compat, terminal=terminal)
 
 
 def _register() -> None:
@@ -193,16 +199,81 @@ def _register() -> None:
 _register()
 
 
+def _early_terminal(args: list[str]) -> Terminal:
+    """The Terminal for the flags among the global options at the front of ``args``
+    (hoisted there), before typer parses: usage errors need it too."""
+    flags = set()
+    i = 0
+    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        name = args[i].split("=", 1)[0]
+        flags.add(name)
+        i += 2 if GLOBAL_OPTIONS[name] and "=" not in args[i] else 1
+    return Terminal(json_mode="--json" in flags, quiet=bool(flags & {"-q", "--quiet"}),
+                    no_color="--no-color" in flags, debug="--debug" in flags)
+
+
+def _undecodable(args: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (Python keeps its bytes as lone
+    surrogates), shown with its bad bytes escaped; None when all are fine."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogateescape")
+            return raw.decode("utf-8", "backslashreplace")
+    return None
+
+
+def _is_parser_error(exc: Exception) -> bool:
+    return all(hasattr(exc, a) for a in ("exit_code", "format_message", "show"))
+
+
+def run(args: list[str], term: Terminal) -> int:
+    """Run the command line ``args`` (global options hoisted); its exit code. Every
+    error ends here as one line (see the module doc)."""
+    code: int
+    try:
+        bad = _undecodable(args)
+        if bad is not None:
+            raise UsageError(f"argument '{bad}' is not valid UTF-8: check the shell's "
+                             "locale (LANG/LC_ALL) or the file the value came from")
+        rv = cli(args=args, prog_name="qops", standalone_mode=False, obj=term)
+        code = rv if isinstance(rv, int) else 0
+    except typer.Abort:
+        code = EX_FAILURE
+        term.fail("aborted", code)
+    except QopsError as exc:
+        if term.debug:
+            traceback.print_exc()
+        code = exc.exit_code
+        term.fail(str(exc), code)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        from qops.transports.base import one_line
+
+        if _is_parser_error(exc):  # click's (typer's own copy of click in newer typer)
+            shell.show_usage_error(exc)
+            code = int(getattr(exc, "exit_code", EX_USAGE))
+            term.error_document(exc.format_message(), code)  # type: ignore[attr-defined]
+            return code
+        if term.debug:
+            traceback.print_exc()
+        code = EX_FAILURE
+        term.fail(f"unexpected {type(exc).__name__}: {one_line(exc)} (this is a bug: "
+                  "run again with --debug for the traceback)", code)
+    if code and term.json_mode and not term.documents:
+        term.json({"error": f"failed with exit code {code} (details on stderr)",
+                   "exit_code": code})
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
-    debug = "--debug" in args
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
         os.environ["NO_COLOR"] = "1"  # rich's help screens and errors read it too
     try:
-        cli(args=args, prog_name="qops", standalone_mode=True)
-    except QopsError as exc:
-        if debug:
-            raise
-        Terminal().abort(exc)
+        code = run(args, _early_terminal(args))
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        code = 130
+    raise SystemExit(code)

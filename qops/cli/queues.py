@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from qops.errors import UsageError
+from qops.errors import QopsError, UsageError
 
 BROKER_API_HELP = ("RabbitMQ management API, for in-flight counts and every queue of the "
                    "vhost, e.g. http://guest:guest@localhost:15672/api/ (default: the "
@@ -60,7 +60,7 @@ def purge(
         total = sum(r.purged for r in preview)
         listing = ", ".join(f"{r.queue} ({r.purged})" for r in preview) or "none"
         if not typer.confirm(f"Delete {total} message(s) from: {listing}?"):
-            raise typer.Exit(1)
+            raise QopsError("not confirmed: nothing was purged")  # exit 1
     reports = q.purge(app, dry_run=dry_run, found=found)
     total = sum(r.purged for r in reports)
     if term.json_mode:

@@ -23,11 +23,9 @@ import typer
 from typer.core import TyperGroup
 
 try:  # recent typer vendors click and uses that copy, not the ``click`` package
-    from typer._click import exceptions as click_exceptions
     from typer._click.core import Command, Context
     from typer._click.shell_completion import CompletionItem
 except ImportError:  # pragma: no cover - typer before it vendored click
-    from click import exceptions as click_exceptions  # type: ignore[no-redef]
     from click.core import Command, Context  # type: ignore[assignment]
     from click.shell_completion import CompletionItem  # type: ignore[assignment]
 
@@ -193,22 +191,26 @@ def complete_inspect_method(incomplete: str) -> list[str]:
     return sorted(c.name for c in INSPECT if c.name.startswith(incomplete))
 
 
-@contextlib.contextmanager
-def plain_usage_errors() -> Iterator[None]:
-    """When stderr is not a terminal, show a usage error as click does without rich: the
-    usage, the hint, and the error on one line (rich's boxed panel wraps at 80
-    columns, which splits a long error over several lines of a log file)."""
-    try:
-        yield
-    except click_exceptions.ClickException as exc:
-        if sys.stderr.isatty() or type(exc).__name__ == "NoArgsIsHelpError":
-            raise
-        ctx = getattr(exc, "ctx", None)
-        if ctx is not None:
-            typer.echo(ctx.get_usage(), err=True)
-            if ctx.command.get_help_option(ctx) is not None:
-                typer.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.",
-                           err=True)
-        message = " ".join(exc.format_message().split())
-        typer.echo(f"qops: error: {message}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+def show_usage_error(exc: Any) -> None:
+    """Show a usage error from the parser. On a terminal as typer does (rich's panel);
+    elsewhere as click does without rich: the usage, the hint, and the error on one
+    line (rich's panel wraps at 80 columns, which splits a long error over several
+    lines of a log file)."""
+    from typer import core
+
+    if sys.stderr.isatty() or type(exc).__name__ == "NoArgsIsHelpError":
+        if core.HAS_RICH:  # rich reads NO_COLOR itself
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(exc)
+        else:
+            exc.show()
+        return
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        typer.echo(ctx.get_usage(), err=True)
+        if ctx.command.get_help_option(ctx) is not None:
+            typer.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.",
+                       err=True)
+    message = " ".join(exc.format_message().split())
+    typer.echo(f"qops: error: {message}", err=True)

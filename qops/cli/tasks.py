@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -17,23 +18,48 @@ def register(cli: typer.Typer) -> None:
 
 
 def _json_arg(text: str | None, what: str, kind: type) -> Any:
+    """``--args``/``--kwargs``: inline JSON, ``@file`` (a file holding it) or ``-``
+    (standard input); a one-line UsageError naming the source and the position."""
     if text is None:
         return kind()
+    source = f"--{what}"
+    if text == "-":
+        source = f"--{what} - (stdin)"
+        text = _read(sys.stdin.buffer, source)
+    elif text.startswith("@"):
+        path = text[1:]
+        source = f"--{what} @{path}"
+        try:
+            with open(path, "rb") as f:
+                text = _read(f, source)
+        except OSError as exc:
+            raise UsageError(f"{source}: cannot read {path}: {exc.strerror}") from None
     try:
         value = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--{what} is not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno} (char {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(value, kind):
-        raise UsageError(f"--{what} must be a JSON {'list' if kind is list else 'object'}")
+        raise UsageError(f"{source} must be a JSON {'list' if kind is list else 'object'}")
     return value
+
+
+def _read(stream: Any, source: str) -> str:
+    data: bytes = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{source} is not UTF-8 (byte {exc.start})") from None
 
 
 def call(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Task name, e.g. proj.tasks.add.",
                                         autocompletion=complete_task)],
-    args: Annotated[str | None, typer.Option("--args", "-a", help="Positional arguments as a JSON list.")] = None,
-    kwargs: Annotated[str | None, typer.Option("--kwargs", "-k", help="Keyword arguments as a JSON object.")] = None,
+    args: Annotated[str | None, typer.Option("--args", "-a", help="Positional arguments as a JSON list; @file reads it from a file, - from stdin.")] = None,
+    kwargs: Annotated[str | None, typer.Option("--kwargs", "-k", help="Keyword arguments as a JSON object; @file reads it from a file, - from stdin.")] = None,
     queue: Annotated[str | None, typer.Option("--queue", help="Queue (default: routing).")] = None,
     countdown: Annotated[float | None, typer.Option("--countdown", min=0, help="Run after this many seconds.")] = None,
     expires: Annotated[float | None, typer.Option("--expires", min=0, help="Seconds after which it is not run.")] = None,

@@ -1,7 +1,13 @@
 """All CLI output goes through here: tables, JSON, errors, exit codes.
 
-``--json`` prints exactly one JSON document on stdout; logs and warnings go to stderr.
+``--json`` prints exactly one JSON document on stdout, on success and on error (then
+``{"error": "...", "exit_code": N}``); logs, warnings and error lines go to stderr.
 rich is imported only when a table is drawn.
+
+One Terminal serves a whole run: ``main`` makes it before the command line is parsed
+(so that a usage error, too, gets its JSON document) and the root callback sets it up
+from the global options. ``documents`` counts what went to stdout, so that ``fail``
+never adds a second document after a command printed its own.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class Terminal:
         self.quiet = quiet
         self.no_color = no_color or bool(os.environ.get("NO_COLOR"))
         self.debug = debug
+        self.documents = 0  # JSON documents printed on stdout
         self._console: Any = None
         self._err_console: Any = None
 
@@ -52,6 +59,7 @@ class Terminal:
             print(text, file=sys.stderr, flush=True)
 
     def json(self, document: Any) -> None:
+        self.documents += 1
         print(json.dumps(document, indent=2, default=str), flush=True)
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]],
@@ -88,12 +96,25 @@ class Terminal:
     def warn(self, message: str) -> None:
         print(f"qops: warning: {message}", file=sys.stderr, flush=True)
 
+    def fail(self, message: str, code: int) -> None:
+        """Report an error: its line on stderr and, with ``--json``, the error document
+        on stdout unless the command already printed its own."""
+        self.error(message)
+        self.error_document(message, code)
+
+    def error_document(self, message: str, code: int) -> None:
+        """With ``--json``, ``{"error": ..., "exit_code": ...}`` on stdout when nothing
+        was printed there yet (the error line itself is the caller's)."""
+        if self.json_mode and not self.documents:
+            self.json({"error": message, "exit_code": code})
+
     def abort(self, exc: QopsError | str, code: int | None = None) -> NoReturn:
         if isinstance(exc, QopsError):
-            self.error(str(exc))
-            raise SystemExit(exc.exit_code if code is None else code)
-        self.error(exc)
-        raise SystemExit(EX_FAILURE if code is None else code)
+            code = exc.exit_code if code is None else code
+        elif code is None:
+            code = EX_FAILURE
+        self.fail(str(exc), code)
+        raise SystemExit(code)
 
 
 def _cell(value: Any) -> str:

@@ -231,6 +231,13 @@ class Transport(ABC):
         self.url = url
         self.options = options or TransportOptions()
 
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        """Raise a one-line UsageError, naming the expected form, when ``url`` is not a
+        valid URL for this transport. Called by ``transport_class`` before anything is
+        opened: it reads no file and opens no socket. Default: any URL of the scheme."""
+        return None
+
     # -- queues -------------------------------------------------------------------
     @abstractmethod
     def publish(self, queue: str, message: Message) -> None:
@@ -438,21 +445,65 @@ TRANSPORTS = {
     "memory": ("qops.transports.memory", "MemoryTransport"),
 }
 
+#: the form of each scheme's URL, quoted by every URL error (docs/commands.md, "URLs")
+URL_FORMS = {
+    "sqlite": "sqlite:///absolute/path/to/broker.db",
+    "redis": "redis://[:password@]host[:6379][/db] (db: a number, 0-15 on a default server)",
+    "rediss": "rediss://[:password@]host[:6379][/db] (TLS)",
+    "unix": "unix:///path/to/redis.sock[?db=N]",
+    "amqp": "amqp://user:password@host[:5672][/vhost] (no vhost: '/')",
+    "amqps": "amqps://user:password@host[:5671][/vhost] (TLS)",
+    "pyamqp": "pyamqp://user:password@host[:5672][/vhost]",
+    "memory": "memory://",
+    "rpc": "rpc://",
+}
+
+#: schemes people bring from elsewhere, and what qops calls them
+SCHEME_HINTS = {"rabbitmq": "amqp", "rabbit": "amqp", "sqla+sqlite": "sqlite",
+                "db+sqlite": "sqlite", "sqlite3": "sqlite", "redis+socket": "unix",
+                "librabbitmq": "amqp", "kafka": "", "sqs": "", "sentinel": ""}
+
+
+def url_error(url: str, what: str, problem: str, scheme: str) -> UsageError:
+    """The one-line error for a malformed ``url``: what is wrong, and the form it takes."""
+    form = URL_FORMS.get(scheme, "")
+    return UsageError(f"bad {what} {mask_password(url)!r}: {problem}"
+                      + (f"; expected {form}" if form else ""))
+
+
+def url_scheme(url: str, known: Sequence[str], what: str) -> str:
+    """The scheme of ``url`` (lower case) when it is one of ``known`` and followed by
+    ``//``; otherwise a one-line UsageError listing the forms of ``known``."""
+    forms = ", ".join(URL_FORMS[s] for s in known if s in URL_FORMS
+                      and s in ("sqlite", "redis", "amqp", "rpc", "memory"))
+    if not url or not url.strip():
+        raise UsageError(f"the {what} is empty: use one of {forms}")
+    scheme, colon, rest = url.partition(":")
+    scheme = scheme.lower()
+    if not colon or scheme not in known:
+        hint = SCHEME_HINTS.get(scheme)
+        did_you = (f" (did you mean {hint}://?)" if hint and hint in known
+                   else " (not supported by qops)" if hint is not None else "")
+        raise UsageError(f"unknown {what} scheme {scheme if colon else url!r}{did_you}: "
+                         f"use one of {forms}")
+    if not rest.startswith("//"):
+        raise url_error(url, what, f"'{scheme}:' must be followed by '//'", scheme)
+    return scheme
+
 
 def transport_class(url: str) -> type[Transport]:
-    """The Transport class for ``url``'s scheme (imports its module, connects nothing)."""
+    """The Transport class for ``url``'s scheme, once ``url`` is known to be well formed
+    (imports its module, connects nothing). Every way of naming a broker (``-b``, the
+    settings, ``App(broker=...)``) comes through here, so all get the same checks."""
     import importlib
 
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in TRANSPORTS:
-        raise UsageError(
-            f"unknown broker URL scheme {scheme or url!r}: use sqlite:///path, "
-            "redis://host:6379/0 or amqp://user:pass@host:5672//")
+    scheme = url_scheme(url, list(TRANSPORTS), "broker URL")
     module, name = TRANSPORTS[scheme]
     cls: type[Transport] = getattr(importlib.import_module(module), name)
+    cls.check_url(url)
     return cls
 
 
 def from_url(url: str, options: TransportOptions | None = None) -> Transport:
-    """The transport for ``url``, by scheme."""
+    """The transport for ``url``, by scheme (checked first: see ``transport_class``)."""
     return transport_class(url)(url, options)

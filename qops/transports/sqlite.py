@@ -25,9 +25,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.errors import BrokerUnreachable, PublishError
 from qops.protocol import Message, decode_envelope, encode_envelope
 from qops.transports.base import (
     REPLY_PREFETCH,
@@ -45,6 +44,11 @@ from qops.transports.base import (
     topic_matches,
 )
 from qops.transports.prefetch import Prefetch
+from qops.transports.sqlite_url import (  # path_from_url: re-exported for the tests
+    check_directory,
+    describe_open_error,
+    path_from_url,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -87,23 +91,12 @@ BROADCAST_KEEP = 60.0  # seconds a broadcast row is kept for slow pollers
 HOST = socket.gethostname()
 
 
-def path_from_url(url: str) -> Path:
-    """``sqlite:///abs/path.db`` (``sqlite:////abs/path.db``, SQLAlchemy's spelling, too)
-    or ``sqlite://relative.db`` -> Path."""
-    parts = urlsplit(url)
-    raw = unquote((parts.netloc or "") + parts.path)
-    while raw.startswith("//"):
-        raw = raw[1:]
-    if not raw or raw == "/":
-        raise UsageError(f"{url!r} names no file: use sqlite:///path/to/broker.db")
-    return Path(raw)
-
-
 class SQLiteDB:
     """Thread-local connections to one SQLite file, created with the schema."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, what: str = "SQLite broker") -> None:
         self.path = path_from_url(url)
+        check_directory(self.path, what)
         self.timeout = timeout
         self._local = threading.local()
         self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -114,17 +107,16 @@ class SQLiteDB:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._init_schema(self.conn())
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise BrokerUnreachable(
-                        f"cannot open SQLite broker {self.path}: {exc}") from None
+                    raise BrokerUnreachable(f"cannot open {what} {self.path}: "
+                                            f"{describe_open_error(self.path, exc)}") from None
                 time.sleep(0.02)
             except (OSError, sqlite3.Error) as exc:
-                raise BrokerUnreachable(
-                    f"cannot open SQLite broker {self.path}: {exc}") from None
+                raise BrokerUnreachable(f"cannot open {what} {self.path}: "
+                                        f"{describe_open_error(self.path, exc)}") from None
 
     @staticmethod
     def _init_schema(conn: sqlite3.Connection) -> None:
@@ -161,7 +153,8 @@ class SQLiteDB:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise BrokerUnreachable(f"SQLite broker {self.path} is not writable: {exc}") from None
+            raise BrokerUnreachable(f"SQLite broker {self.path} is not writable: "
+                                    f"{describe_open_error(self.path, exc)}") from None
         try:
             yield conn
         except BaseException:
@@ -198,6 +191,10 @@ def _process_alive(pid: int) -> bool:
 
 class SQLiteTransport(Transport):
     scheme = "sqlite"
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        path_from_url(url)
 
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         super().__init__(url, options)

@@ -76,6 +76,7 @@ class ConsumerLoop:
         self.processed: dict[str, int] = {}
         self.lock = threading.Lock()
         self.max_message_size = int(conf.task_max_message_size)
+        self.repr_maxsize = int(conf.worker_log_repr_maxsize)  # log lines, events
         # fixed for the worker's life; checked per task
         self.has_backend = app.has_backend
         self.track_started = bool(conf.task_track_started)
@@ -248,8 +249,10 @@ class ConsumerLoop:
             return
         log.info("Task %s[%s] received", req.name, req.id)
         if self.sending_task_events:
-            self.event("task-received", req, name=req.name, args=repr(req.args),
-                       kwargs=repr(req.kwargs), root_id=req.root_id, parent_id=req.parent_id,
+            self.event("task-received", req, name=req.name,
+                       args=protocol.saferepr(req.args, self.repr_maxsize),
+                       kwargs=protocol.saferepr(req.kwargs, self.repr_maxsize),
+                       root_id=req.root_id, parent_id=req.parent_id,
                        retries=req.retries, eta=req.eta and req.eta.isoformat(),
                        expires=req.expires and req.expires.isoformat())
         with self.lock:
@@ -382,16 +385,19 @@ class ConsumerLoop:
         runtime = outcome.get("runtime", 0.0)
         settle: Callable[[Delivery], None] = self.consumer.ack
         if state == SUCCESS:
-            log.info("Task %s[%s] succeeded in %.4fs: %r", req.name, req.id, runtime,
-                     outcome["result"])
+            if log.isEnabledFor(logging.INFO):  # the repr only when it is logged
+                log.info("Task %s[%s] succeeded in %.4fs: %s", req.name, req.id, runtime,
+                         protocol.saferepr(outcome["result"], self.repr_maxsize))
             self.store(req, SUCCESS, outcome["result"])
             if self.sending_task_events:
-                self.event("task-succeeded", req, result=repr(outcome["result"]),
+                self.event("task-succeeded", req,
+                           result=protocol.saferepr(outcome["result"], self.repr_maxsize),
                            runtime=runtime)
             self.send_followers(req, outcome["result"])
         elif state == FAILURE:
             log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
-                      _exc_line(outcome["result"]), outcome.get("traceback") or "")
+                      protocol.shorten(_exc_line(outcome["result"]), self.repr_maxsize),
+                      outcome.get("traceback") or "")
             self.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
             self.event("task-failed", req, exception=_exc_line(outcome["result"]),
                        traceback=outcome.get("traceback"))

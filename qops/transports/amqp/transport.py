@@ -53,6 +53,10 @@ class AMQPTransport(Transport):
     scheme = "amqp"
     consume_in_pool_children = True
 
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        parse_url(url)
+
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         super().__init__(url, options)
         self.params = parse_url(url)

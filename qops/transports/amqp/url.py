@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from qops.errors import UsageError
-from qops.transports.base import mask_password
+from qops.transports.base import url_error
 
 DEAD_LETTER_QUEUE = "qops.dlq"
 DEFAULT_HEARTBEAT = 60
@@ -35,15 +34,19 @@ class AMQPParams:
 
 def parse_url(url: str) -> AMQPParams:
     """Split an ``amqp://`` URL the way kombu does: ``/x`` is vhost ``x``; an empty
-    path, ``/`` or ``//`` is vhost ``/``; every part is percent-decoded."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise UsageError(f"bad broker URL {mask_password(url)!r}: {exc}") from None
+    path, ``/`` or ``//`` is vhost ``/``; every part is percent-decoded. A malformed
+    URL is a one-line UsageError naming the expected form."""
+    what = "broker URL"
+    parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("amqp", "amqps", "pyamqp"):
-        raise UsageError(f"not an AMQP URL: {mask_password(url)!r}")
+    if scheme not in ("amqp", "amqps", "pyamqp") or not url.split(":", 1)[1].startswith("//"):
+        raise url_error(url, what, "not an AMQP URL", "amqp")
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of 0-65535
+        raise url_error(url, what, f"bad port ({exc})", scheme) from None
+    if port == 0:
+        raise url_error(url, what, "port 0", scheme)
     path = parts.path
     vhost = "/" if path in ("", "/") else unquote(path[1:])
     query = dict(parse_qsl(parts.query))
@@ -51,7 +54,7 @@ def parse_url(url: str) -> AMQPParams:
         heartbeat = int(query.get("heartbeat", DEFAULT_HEARTBEAT))
         blocked = float(query.get("blocked_connection_timeout", DEFAULT_BLOCKED_TIMEOUT))
     except ValueError as exc:
-        raise UsageError(f"bad option in broker URL {mask_password(url)!r}: {exc}") from None
+        raise url_error(url, what, f"bad option: {exc}", scheme) from None
     tls = scheme == "amqps"
     return AMQPParams(
         host=parts.hostname or "localhost",

@@ -46,7 +46,8 @@ BLMOVE (also atomic) on one list at a time, for a short slice, then checks all l
 again. Acks are queued and ride with the next reserve (same script, same round trip);
 see ``RedisConsumer``. Lua scripts live in ``lua/*.lua`` in this package.
 
-Modules: ``names`` (list, key and channel names, priority steps), ``link`` (RESP packing,
+Modules: ``url`` (the URL: checks, ``global_keyprefix``, an out-of-range db), ``names``
+(list, key and channel names, priority steps), ``link`` (RESP packing,
 the raw connection of a consumer's get loop, the Lua scripts, unreachable errors),
 ``transport`` (``RedisTransport``), ``consumer`` (``RedisConsumer``: reserving, prefetch
 and settlement), ``reply`` (``RedisReplyConsumer``), ``delivery`` (delivery tags and
@@ -59,10 +60,11 @@ The package re-exports what the rest of qops and the tests import from
 """
 
 from qops.transports.redis.consumer import RedisConsumer
-from qops.transports.redis.names import split_url, topic_glob
+from qops.transports.redis.names import topic_glob
 from qops.transports.redis.reply import RedisReplyConsumer
 from qops.transports.redis.subscription import RedisSubscription
 from qops.transports.redis.transport import RedisTransport
+from qops.transports.redis.url import split_url
 
 __all__ = [
     "RedisConsumer",

@@ -1,5 +1,6 @@
-"""Names on the wire: priority steps, list and key names, channel globs, the URL's
-``global_keyprefix`` (the layout is in the package doc and docs/protocol.md section 2).
+"""Names on the wire: priority steps, list and key names, channel globs (the layout is in
+the package doc and docs/protocol.md section 2; the URL and its ``global_keyprefix``:
+``url``).
 
 Plain functions and constants with no connection: the transport, its consumers and the
 tests share them, and none of them talks to Redis."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SEP = "\x06\x16"  # kombu's separator in priority list names and binding members
 STEPS = (0, 3, 6, 9)  # kombu's priority steps; step 0 is served first
@@ -51,22 +51,6 @@ def list_name(queue: str, step: int) -> str:
 
 def binding_member(queue: str) -> str:
     return f"{queue}{SEP}{SEP}{queue}"
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """Take ``global_keyprefix`` out of the URL (redis-py would reject it as an unknown
-    connection argument); return (url for redis-py, prefix)."""
-    parts = urlsplit(url)
-    if not parts.query:
-        return url, ""
-    prefix = ""
-    kept = []
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key == "global_keyprefix":
-            prefix = value
-        else:
-            kept.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
 
 
 def glob_escape(text: str) -> str:

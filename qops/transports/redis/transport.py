@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qops.errors import BrokerUnreachable, PublishError, UsageError
+from qops.errors import BrokerUnreachable, PublishError
 from qops.protocol import Message, encode_envelope
 from qops.transports.base import (
     REPLY_TTL,
@@ -25,6 +25,7 @@ from qops.transports.base import (
     Transport,
     TransportOptions,
     one_line,
+    url_error,
 )
 from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
@@ -35,19 +36,24 @@ from qops.transports.redis.names import (
     STEPS,
     binding_member,
     list_name,
-    split_url,
     wire_step,
 )
 from qops.transports.redis.reply import RedisReplyConsumer
 from qops.transports.redis.subscription import RedisSubscription
+from qops.transports.redis.url import parse_url, select_db
 
 
 class RedisTransport(Transport):
     scheme = "redis"
 
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        parse_url(url)
+
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         super().__init__(url, options)
-        self._redis_url, self.prefix = split_url(url)
+        parsed = parse_url(url)
+        self._redis_url, self.prefix = parsed.url, parsed.prefix
         # Stale pooled connections (e.g. after a Redis restart) fail once and are retried
         # once at once; an unreachable server still fails fast (no backoff loop).
         self._pool = self._make_pool(Retry(NoBackoff(), 1),
@@ -74,11 +80,10 @@ class RedisTransport(Transport):
         try:
             return redis.ConnectionPool.from_url(
                 self._redis_url, retry=retry, socket_timeout=socket_timeout,
-                socket_connect_timeout=self.options.connect_timeout, client_name="qops")
+                socket_connect_timeout=self.options.connect_timeout, client_name="qops",
+                redis_connect_func=select_db)
         except ValueError as exc:
-            raise UsageError(f"bad Redis URL {self.safe_url()}: {exc}; expected "
-                             "redis://[:password@]host:6379/<db>, rediss://... (TLS) "
-                             "or unix:///path/to/redis.sock?db=<db>") from None
+            raise url_error(self.url, "broker URL", str(exc), "redis") from None
 
     # -- key names --------------------------------------------------------------------
     def key(self, name: str) -> str:

@@ -1,0 +1,191 @@
+"""What a script can count on: one-line errors on stderr, the documented exit codes,
+and with --json exactly one JSON document on stdout, on success and on error."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, WorkerProcess, qops_env, run_qops
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_a_redis_db_that_is_not_a_number_purges_nothing(redis_url: str) -> None:
+    import redis
+
+    db = redis_url.rsplit("/", 1)[1]
+    client = redis.Redis.from_url(redis_url)
+    # a queue no worker consumes (a worker left from another test could take from 'qops')
+    client.lpush("cli-guard", b"keep me")
+    client.sadd("_kombu.binding.cli-guard", "cli-guard\x06\x16\x06\x16cli-guard")
+    # redis-py reads the path 'x' as no db: the query's db, or db 0, would be purged
+    r = run_qops("-b", f"{redis_url.rsplit('/', 1)[0]}/x?db={db}", "purge", "-f")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert "the db 'x' is not a number" in line and "redis://" in line
+    assert client.llen("cli-guard") == 1
+    client.close()
+
+
+def test_an_out_of_range_redis_db_is_one_line(redis_url: str) -> None:
+    r = run_qops("-b", redis_url.rsplit("/", 1)[0] + "/9999", "queues")
+    assert r.returncode == 2
+    assert "db 9999 is out of range" in one_error_line(r.stderr)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://localhost:6379/db0", "expected redis://"),
+    ("sqlite://relative.db", "expected sqlite:///"),
+    ("rabbitmq://localhost", "did you mean amqp://"),
+    ("", "the broker URL is empty"),
+])
+def test_tutorial_url_mistakes_are_usage_errors(url: str, says: str) -> None:
+    r = run_qops("-b", url, "purge", "-f")
+    assert r.returncode == 2 and says in one_error_line(r.stderr)
+
+
+def test_sqlite_missing_directory_is_named_not_created(tmp_path: Path) -> None:
+    r = run_qops("-b", f"sqlite://{tmp_path}/missing/dir/x.db", "queues")
+    assert r.returncode == 2
+    assert f"directory {tmp_path}/missing does not exist" in one_error_line(r.stderr)
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run qops as nobody")
+def test_read_only_sqlite_names_the_path(tmp_path: Path) -> None:
+    from tests.reachable import make_folder, reachable_python
+
+    folder = make_folder("qops-pylib-")
+    try:
+        found = reachable_python("nobody", folder)
+        if isinstance(found, str):
+            pytest.skip(found)
+        shared = make_folder("qops-ro-")
+        db = shared / "b.db"
+        assert run_qops("-b", f"sqlite://{db}", "queues").returncode == 0
+        os.chmod(shared, 0o555)
+        for f in shared.iterdir():
+            os.chmod(f, 0o444)
+        env = found.env({"PATH": "/usr/bin:/bin", "HOME": str(shared)})
+
+        def drop() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+
+        r = subprocess.run([found.python, "-m", "qops", "-b", f"sqlite://{db}", "purge", "-f"],
+                           env=env, capture_output=True, text=True, cwd=str(shared),
+                           preexec_fn=drop, timeout=60)
+        assert r.returncode == 74
+        line = one_error_line(r.stderr)
+        assert str(db) in line and "read-only" in line
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        if "shared" in locals():
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_json_errors_are_one_document_on_stdout() -> None:
+    cases = [
+        (["--json", "no-such-command"], 2),
+        (["--json", "call"], 2),  # missing argument
+        (["--json", "-b", "redis://localhost/db0", "queues"], 2),
+        (["-b", "redis://127.0.0.1:1/0", "queues", "--json"], 74),
+        (["--json", "call", "t", "--args", "[1,"], 2),
+    ]
+    for args, code in cases:
+        r = run_qops(*args)
+        assert r.returncode == code, (args, r.stderr)
+        doc = json.loads(r.stdout)
+        assert doc["exit_code"] == code and doc["error"], args
+        assert r.stderr.strip(), args  # the human line is still on stderr
+
+
+def test_json_version_is_a_document() -> None:
+    r = run_qops("--json", "--version")
+    assert r.returncode == 0 and "version" in json.loads(r.stdout)
+
+
+def test_no_nodes_replied_goes_to_stderr(sqlite_url: str) -> None:
+    r = run_qops("-b", sqlite_url, "status", "--timeout", "0.3")
+    assert r.returncode == 69 and r.stdout.strip() == ""
+    assert "no nodes replied" in r.stderr
+    r = run_qops("-b", sqlite_url, "--json", "status", "--timeout", "0.3")
+    assert r.returncode == 69 and json.loads(r.stdout)["nodes"] == {}
+    assert "no nodes replied" in r.stderr
+
+
+def test_non_utf8_argument_is_one_line() -> None:
+    r = run_qops("-b", "memory://", "call", os.fsdecode(b"\xff"))
+    assert r.returncode == 2
+    assert "not valid UTF-8" in one_error_line(r.stderr)
+
+
+def test_declining_the_purge_prompt_says_nothing_was_purged(sqlite_url: str) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: qops on a terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "qops", "-b", sqlite_url, "purge"],
+                  qops_env())
+    out = b""
+    answered = False
+    while True:
+        try:
+            data = os.read(fd, 1024)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+        if not answered and b"[y/N]" in out:
+            os.write(fd, b"n\n")
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    assert answered, out
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert b"nothing was purged" in out
+
+
+def test_call_args_from_a_file_and_stdin(tmp_path: Path, sqlite_url: str) -> None:
+    (tmp_path / "args.json").write_text("[2, 3]")
+    (tmp_path / "bad.json").write_text('{"x":\n 1,}')
+    g = ["-A", "proj", "-b", sqlite_url]
+    r = run_qops(*g, "call", "proj.tasks.add", "--args", f"@{tmp_path}/args.json")
+    assert r.returncode == 0, r.stderr
+    r = run_qops(*g, "call", "proj.tasks.mul", "--kwargs", "-", input='{"x": 3, "y": 5}')
+    assert r.returncode == 0, r.stderr
+    r = run_qops(*g, "call", "proj.tasks.mul", "--kwargs", f"@{tmp_path}/bad.json")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"--kwargs @{tmp_path}/bad.json is not valid JSON" in line and "line 2" in line
+    r = run_qops(*g, "call", "proj.tasks.add", "--args", f"@{tmp_path}/nope.json")
+    assert r.returncode == 2 and "nope.json" in one_error_line(r.stderr)
+    with WorkerProcess("-P", "solo", broker=sqlite_url, logfile=tmp_path / "w.log"):
+        r = run_qops(*g, "call", "proj.tasks.add", "--args", "-", "--wait", "--timeout", "20",
+                     input="[20, 22]")
+        assert r.returncode == 0 and r.stdout.strip() == "42", r.stderr
+
+
+def test_worker_log_cuts_a_large_result(tmp_path: Path, sqlite_url: str) -> None:
+    g = ["-A", "proj", "-b", sqlite_url]
+    log = tmp_path / "w.log"
+    with WorkerProcess("-P", "solo", "-l", "info", broker=sqlite_url, logfile=log):
+        r = run_qops(*g, "call", "proj.tasks.mul", "--kwargs", '{"x": "ab", "y": 1000000}',
+                     "--wait", "--timeout", "30", "--json")
+        assert r.returncode == 0, r.stderr
+    text = log.read_text()
+    assert re.search(r"succeeded in .*: 'abab.*\.\.\.$", text, re.M), text[-2000:]
+    assert max(len(line) for line in text.splitlines()) < 1500

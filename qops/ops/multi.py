@@ -27,7 +27,7 @@ from typing import Any
 
 from qops.errors import UsageError
 from qops.ops import pidfile
-from qops.ops.nodes import expand, hostname
+from qops.ops.nodes import check_name, expand, hostname
 
 # worker options that take no value
 FLAGS = {"-E", "--task-events", "-D", "--detach", "-B", "--beat"}
@@ -112,7 +112,7 @@ def expand_names(names: Sequence[str], range_prefix: str = "qops") -> list[str]:
     for name in names:
         local, sep, host = name.partition("@")
         host = expand(host, f"{local}@{hostname()}") if sep else hostname()
-        out.append(f"{local}@{host}")
+        out.append(check_name(f"{local}@{host}"))
     if len(set(out)) != len(out):
         raise UsageError("a node is named twice")
     return out

@@ -32,6 +32,7 @@ def register(cli: typer.Typer) -> None:
 
 def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, stop, ...")) -> None:
     from qops.errors import UsageError
+    from qops.ops import actions
     from qops.ops import multi as m
     from qops.ops.daemon import resolve_ids
     from qops.ops.nodes import expand
@@ -69,7 +70,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
                 n for n in nodes if wanted in (n.name, n.short)]
             if not chosen:
                 raise UsageError(f"no node {wanted!r} among {', '.join(n.name for n in nodes)}")
-            lines = [" ".join(_quote(a) for a in (m.recorded(n) or n.argv)) for n in chosen]
+            lines = [" ".join(_quote(a) for a in (actions.recorded(n) or n.argv)) for n in chosen]
         if term.json_mode:
             term.json(lines)
         else:
@@ -83,19 +84,19 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
 
         app = g.load_app(required=True)
         check_root(accept_content=list(app.conf.accept_content), uid=uid_n)
-        outcomes = m.start(nodes, pinger(app))
+        outcomes = actions.start(nodes, pinger(app))
     elif action == "stop":
-        outcomes = m.stop(nodes)
+        outcomes = actions.stop(nodes)
     elif action == "stopwait":
-        outcomes = m.stopwait(nodes, timeout)
+        outcomes = actions.stopwait(nodes, timeout)
     elif action == "kill":
-        outcomes = m.kill(nodes)
+        outcomes = actions.kill(nodes)
     elif action == "restart":
         app = g.load_app(required=True)
-        outcomes = m.restart(nodes, pinger(app), timeout=timeout,
+        outcomes = actions.restart(nodes, pinger(app), timeout=timeout,
                              max_unavailable=int(args.own("--max-unavailable") or 1))
     else:
-        outcomes = m.status(nodes)
+        outcomes = actions.status(nodes)
     render_outcomes(term, outcomes)
     raise typer.Exit(0 if all(o.ok for o in outcomes) else 1)
 

@@ -84,15 +84,17 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
     check_root(accept_content=list(app.conf.accept_content), environ=env)  # as multi start
     options = ["-c", "2", "-l", "INFO", f"--pidfile={workdir}/%n.pid",
                f"--logfile={workdir}/%n%I.log"]
+    from qops.ops.record import environment
+
     nodes = m.build_nodes(m.parse_args([*NODES, *options]),
                           global_argv=["-A", spec, "--workdir", os.getcwd()],
-                          root_with_uid=False)
+                          root_with_uid=False, env=environment(env))
     names = " ".join(NODES)
     report: dict[str, Any] = {"broker": broker}
     term.print(f"$ export QOPS_BROKER_URL={broker}   # results go to the same file")
     term.print(f"$ {prefix}qops -A {spec} multi start {names} {' '.join(options)}")
     try:
-        outcomes = actions.start(nodes, pinger(app), env=env)
+        outcomes = actions.start(nodes, pinger(app))
         report["nodes"] = [o.as_dict() for o in outcomes]
         if not term.json_mode:
             render_outcomes(term, [o for o in outcomes if o.ok])

@@ -11,12 +11,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qops.errors import EX_FAILURE, EX_TEMPFAIL, EX_UNAVAILABLE, UsageError
 from qops.ops import pidfile
+from qops.ops import record as rec
+from qops.ops.daemon import make_dirs
 from qops.ops.multi import Node
 from qops.ops.nodes import expand
 
@@ -31,10 +34,25 @@ class Outcome:
     pid: int | None = None
     state: str = ""
     message: str = ""
+    code: int = 0  # a failure's exit code (the node's own, e.g. 74 broker unreachable)
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "action": self.action, "result": "ok" if self.ok else
-                "failed", "pid": self.pid, "state": self.state, "message": self.message}
+                "failed", "pid": self.pid, "state": self.state, "message": self.message,
+                "exit_code": self.code if not self.ok else 0}
+
+
+def exit_code(action: str, outcomes: Sequence[Outcome]) -> int:
+    """``status``: 0 all running, 75 some down, 69 none up. Other actions: 0, or the
+    failed nodes' exit code when they agree on one (74, 77...), else 1."""
+    if action == "status":
+        up = sum(o.ok for o in outcomes)
+        return 0 if up == len(outcomes) else EX_UNAVAILABLE if up == 0 else EX_TEMPFAIL
+    failed = [o for o in outcomes if not o.ok]
+    if not failed:
+        return 0
+    codes = {o.code for o in failed if o.code}
+    return codes.pop() if len(codes) == 1 else EX_FAILURE
 
 
 def log_tail(node: Node, lines: int = 10) -> str:
@@ -46,19 +64,11 @@ def log_tail(node: Node, lines: int = 10) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def recorded(node: Node) -> list[str] | None:
+def _trusted_record(node: Node) -> rec.Record | None:
     try:
-        data = json.loads(node.cmdfile.read_text())
-    except (OSError, ValueError):
+        return rec.load(node.cmdfile)
+    except UsageError:
         return None
-    argv = data.get("argv")
-    return list(argv) if isinstance(argv, list) else None
-
-
-def record(node: Node) -> None:
-    node.pidfile.parent.mkdir(parents=True, exist_ok=True)
-    node.cmdfile.write_text(json.dumps({"node": node.name, "argv": node.argv,
-                                        "cwd": os.getcwd()}, indent=1))
 
 
 def uptime(pid: int) -> float | None:
@@ -74,26 +84,77 @@ def uptime(pid: int) -> float | None:
 
 
 def node_state(node: Node) -> tuple[str, int | None]:
-    """(state, pid): running, stale, foreign, stopped."""
+    """(state, pid): running, stale, foreign, stopped. The start time that proves the
+    pid is the node's comes from its record (or an older qops's second pidfile line,
+    which is then moved to the record)."""
     info = pidfile.read(node.pidfile)
     if info is None:
         return "stopped", None
-    if info.running:
-        return "running", info.pid
-    if info.foreign:
+    found = _trusted_record(node)
+    start_time = info.start_time
+    if start_time is None and found is not None and found.pid == info.pid:
+        start_time = found.start_time
+    alive = pidfile.pid_alive(info.pid)
+    actual = pidfile.process_start_time(info.pid) if alive else None
+    if alive and start_time is not None and actual != start_time:
         return "foreign", info.pid
-    return "stale", info.pid
+    if not (info.locked and alive):
+        return "stale", info.pid
+    if info.start_time is not None:  # an older qops's two-line pidfile: the pid alone
+        pidfile.rewrite_one_line(node.pidfile, info.pid)
+        if found is not None:
+            found.pid, found.start_time = info.pid, info.start_time
+            rec.save(node.cmdfile, found)
+    return "running", info.pid
 
 
 # -- actions -----------------------------------------------------------------------------
 
-Ping = Callable[[list[str], float], set[str]]
+Ping = Callable[[list[Node], float], set[str]]
 
 
-def start(nodes: Sequence[Node], ping: Ping, *, use_recorded: bool = False,
-          timeout: float = 60.0, env: Mapping[str, str] | None = None) -> list[Outcome]:
-    """Start the nodes in parallel; return when each runs and answers a ping, or failed.
-    ``env``: the nodes' environment (default: this process's)."""
+def ping_nodes(nodes: Sequence[Node], timeout: float) -> set[str]:
+    """The nodes that answer a ping, asked on each node's own broker: ``qops status``
+    run with the node's recorded global options and environment."""
+    groups: dict[tuple[Any, ...], list[Node]] = {}
+    for node in nodes:
+        key = (tuple(node.command()), tuple(sorted(node.env.items())), node.cwd)
+        groups.setdefault(key, []).append(node)
+    answered: set[str] = set()
+    for group in groups.values():
+        first = group[0]
+        argv = [*first.command(), "--json", "status", "-d", ",".join(n.name for n in group),
+                "--timeout", f"{timeout:g}"]
+        try:
+            r = subprocess.run(argv, env=first.as_record().process_env(), cwd=first.cwd or None,
+                               capture_output=True, text=True, timeout=timeout + 60,
+                               stdin=subprocess.DEVNULL)
+            answered |= set(json.loads(r.stdout).get("nodes", {}))
+        except (OSError, ValueError, subprocess.TimeoutExpired, AttributeError):
+            continue
+    return answered
+
+
+def _launch(node: Node, argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=node.as_record().process_env(),
+                            cwd=node.cwd or None)
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err.decode(errors="replace").strip()
+
+
+def start(nodes: Sequence[Node], ping: Ping | None = None, *, use_recorded: bool = False,
+          timeout: float = 60.0) -> list[Outcome]:
+    """Start the nodes in parallel; return when each runs and answers a ping (``ping``,
+    default: on each node's own broker), or failed. Each node's record is written first;
+    ``use_recorded``: start a node from its record when it has one."""
     outcomes: dict[str, Outcome] = {}
     procs: dict[str, tuple[Node, subprocess.Popen[bytes]]] = {}
     for node in nodes:
@@ -102,36 +163,76 @@ def start(nodes: Sequence[Node], ping: Ping, *, use_recorded: bool = False,
             outcomes[node.name] = Outcome(node.name, "start", True, pid, "running",
                                           "already running: left alone")
             continue
-        if use_recorded:
-            node.argv = recorded(node) or node.argv
-        record(node)
-        procs[node.name] = (node, subprocess.Popen(
-            node.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env))
+        try:
+            if use_recorded:
+                node.use_record()
+            make_dirs(node.pidfile.parent, node.uid, node.gid)
+            rec.save(node.cmdfile, node.as_record())
+            procs[node.name] = (node, _launch(node, node.argv))
+        except (OSError, UsageError) as exc:
+            outcomes[node.name] = Outcome(node.name, "start", False, None, "failed",
+                                          str(exc), getattr(exc, "exit_code", EX_FAILURE))
     started = []
     for name, (node, proc) in procs.items():
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        if proc.returncode == 0:
+        code, err = _finish(proc, timeout)
+        if code == 0:
             started.append(node)
             continue
-        message = err.decode(errors="replace").strip() or f"exit code {proc.returncode}"
         outcomes[name] = Outcome(name, "start", False, None, "failed",
-                                 f"{message}\n--- last lines of {expand(node.logfile, name)}:"
-                                 f"\n{log_tail(node)}")
-    answered = ping([n.name for n in started], 10.0) if started else set()
+                                 f"{err or f'exit code {code}'}\n--- last lines of "
+                                 f"{expand(node.logfile, name)}:\n{log_tail(node)}",
+                                 code if code > 0 else EX_FAILURE)
+    answered = (ping or ping_nodes)(started, 10.0) if started else set()
     for node in started:
         state, pid = node_state(node)
         if node.name in answered:
             outcomes[node.name] = Outcome(node.name, "start", True, pid, "running", "started")
+            _note_identity(node, pid)
         else:
             outcomes[node.name] = Outcome(node.name, "start", False, pid, state,
                                           "started but does not answer a ping\n"
-                                          + log_tail(node))
+                                          + log_tail(node), EX_FAILURE)
     return [outcomes[n.name] for n in nodes]
+
+
+def _note_identity(node: Node, pid: int | None) -> None:
+    """Put the node's pid and start time in its record: what proves it later."""
+    start_time = pidfile.process_start_time(pid) if pid else None
+    if start_time is None:
+        return
+    record = node.as_record()
+    record.pid, record.start_time = pid, start_time
+    try:
+        rec.save(node.cmdfile, record)
+    except OSError:
+        pass
+
+
+def check(nodes: Sequence[Node], action: str = "restart") -> list[Outcome]:
+    """Could each node start now? Its own command with ``worker --check`` (options, app
+    and tasks, root guard, broker), run in parallel in its environment."""
+    procs: list[tuple[Node, subprocess.Popen[bytes] | OSError | None]] = []
+    for node in nodes:
+        argv = list(node.argv)
+        if "worker" not in argv:
+            procs.append((node, None))
+            continue
+        at = argv.index("worker") + 1
+        try:
+            procs.append((node, _launch(node, [*argv[:at], "--check", *argv[at:]])))
+        except OSError as exc:
+            procs.append((node, exc))
+    out = []
+    for node, proc in procs:
+        if not isinstance(proc, subprocess.Popen):
+            out.append(Outcome(node.name, action, False, None, "unchanged",
+                               f"cannot check it: {proc or 'no worker command'}"))
+            continue
+        code, err = _finish(proc, 120.0)
+        lines = [x for x in err.splitlines() if x.strip()]
+        out.append(Outcome(node.name, action, code == 0, None, "checked",
+                           lines[-1] if lines else f"exit code {code}", code))
+    return out
 
 
 def _signal(node: Node, sig: int, action: str) -> Outcome | int:
@@ -226,21 +327,41 @@ def kill(nodes: Sequence[Node]) -> list[Outcome]:
     return out
 
 
-def restart(nodes: Sequence[Node], ping: Ping, *, timeout: float,
+def restart(nodes: Sequence[Node], ping: Ping | None = None, *, timeout: float,
             max_unavailable: int = 1) -> list[Outcome]:
-    """Rolling: at most ``max_unavailable`` nodes down at a time; each batch is back and
-    answering before the next goes down. Each node restarts with its recorded command."""
+    """Rolling, from each node's record (the command line given now for a node that
+    has none). First every node must pass ``check``: if one could not start again,
+    none is stopped. Then at most ``max_unavailable`` nodes are down at a time, each
+    batch back and answering before the next goes down; a node that was up and does
+    not come back is tried once more, and after a failure the rest are left alone."""
+    for node in nodes:
+        node.use_record()
+    checked = check(nodes)
+    if not all(o.ok for o in checked):
+        return [o if not o.ok else Outcome(o.node, "restart", False, None, "unchanged",
+                                           "not restarted: another node could not start "
+                                           "again") for o in checked]
     out: list[Outcome] = []
     batch = max(1, max_unavailable)
     for i in range(0, len(nodes), batch):
         group = list(nodes[i:i + batch])
+        was_up = {n.name for n in group if node_state(n)[0] == "running"}
         stopped = {o.node: o for o in stopwait(group, timeout)}
-        started = start(group, ping, use_recorded=True)
+        started = start(group, ping)
+        again = [n for n, st in zip(group, started, strict=True)
+                 if not st.ok and n.name in was_up]
+        if again:
+            time.sleep(1.0)
+            retried = {o.node: o for o in start(again, ping)}
+            started = [retried.get(o.node, o) for o in started]
         for node, st in zip(group, started, strict=True):
             how = stopped[node.name].message
             out.append(Outcome(node.name, "restart", st.ok, st.pid, st.state,
-                               f"{how}; {st.message}"))
+                               f"{how}; {st.message}", st.code))
         if not all(o.ok for o in started):
+            out += [Outcome(n.name, "restart", False, None, "unchanged",
+                            "not restarted: the rolling restart stopped at a failure")
+                    for n in nodes[i + batch:]]
             break  # keep the rest up: don't take more nodes down after a failure
     return out
 
@@ -250,9 +371,10 @@ def status(nodes: Sequence[Node]) -> list[Outcome]:
     for node in nodes:
         state, pid = node_state(node)
         up = uptime(pid) if state == "running" and pid else None
-        msg = f"up {_human(up)}" if up is not None else ""
-        out.append(Outcome(node.name, "status", state in ("running", "stopped"), pid,
-                           state, msg))
+        msg = {"running": f"up {_human(up or 0)}", "stopped": "not running",
+               "stale": f"not running (stale pidfile naming pid {pid})",
+               "foreign": f"not running (the pidfile names pid {pid}, another process)"}
+        out.append(Outcome(node.name, "status", state == "running", pid, state, msg[state]))
     return out
 
 

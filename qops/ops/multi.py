@@ -3,23 +3,26 @@
 Celery's node syntax is kept (``3``, ``w1 w2``, ``w1@%h``, ``-c:1 10``, ``-c:1-3 4``,
 ``-c:w1 5``, ``--logfile:w2=/x.log``, ``--`` passthrough). What differs:
 
-- each node's full command line is recorded next to its pidfile (``<pidfile>.cmd``), so
-  ``restart``, ``show`` and ``status`` need no repeat of the original options;
+- each node's record (``qops/ops/record.py``: command line, environment, user, pid and
+  start time) is kept next to its pidfile, so every verb works from it alone;
 - ``start`` returns when every node runs -- the detached worker reports readiness over a
-  pipe and then answers a ping -- or says which failed, with the tail of its log;
-- pidfiles are locked and carry the process start time: a stale one is replaced, and a
-  pid that belongs to another process is never signalled.
+  pipe and then answers a ping on its own broker -- or says which failed, with the tail
+  of its log; ``restart`` first checks that every node could start again;
+- pidfiles hold the pid alone and are locked: a stale one is replaced, and a pid whose
+  start time is not the recorded one is never signalled.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qops.errors import UsageError
+from qops.ops import record as rec
 from qops.ops.nodes import check_name, expand, hostname
 
 # worker options that take no value
@@ -36,6 +39,10 @@ class Node:
     pidfile: Path = Path()
     logfile: str = ""  # template: %I is expanded by the worker per pool process
     argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # the environment that matters
+    cwd: str = ""
+    uid: int | None = None  # the user the node drops to (its directories are its own)
+    gid: int | None = None
 
     @property
     def short(self) -> str:
@@ -43,7 +50,24 @@ class Node:
 
     @property
     def cmdfile(self) -> Path:
-        return self.pidfile.with_name(self.pidfile.name + ".cmd")
+        return rec.path_for(self.pidfile)
+
+    def as_record(self) -> rec.Record:
+        return rec.Record(self.name, self.argv, self.cwd, self.env, self.uid, self.gid)
+
+    def use_record(self) -> bool:
+        """Take the command line, environment and user from the node's record (True),
+        or keep the ones built from this command line when there is none (False)."""
+        found = rec.load(self.cmdfile)
+        if found is None:
+            return False
+        self.argv, self.env, self.cwd = found.argv, found.env, found.cwd
+        self.uid, self.gid = found.uid, found.gid
+        return True
+
+    def command(self) -> list[str]:
+        """``python -m qops [global options]``: the part of argv before ``worker``."""
+        return self.argv[:self.argv.index("worker")] if "worker" in self.argv else self.argv
 
 
 @dataclass
@@ -127,14 +151,17 @@ def _selects(selector: str, index: int, node: str) -> bool:
     return False
 
 
-def build_nodes(args: MultiArgs, *, global_argv: Sequence[str], root_with_uid: bool
-                ) -> list[Node]:
+def build_nodes(args: MultiArgs, *, global_argv: Sequence[str], root_with_uid: bool,
+                env: Mapping[str, str] | None = None, uid: int | None = None,
+                gid: int | None = None) -> list[Node]:
+    """The nodes as this command line describes them. ``env``: the environment that
+    matters for them (broker URLs there, never in ``global_argv``)."""
     names = expand_names(args.names, args.own("--range-prefix") or "qops")
     rundir = Path(args.own("--rundir") or ("/run/qops" if root_with_uid else "."))
     logdir = Path(args.own("--logdir") or ("/var/log/qops" if root_with_uid else "."))
     nodes = []
     for index, name in enumerate(names, start=1):
-        node = Node(name)
+        node = Node(name, env=dict(env or {}), cwd=os.getcwd(), uid=uid, gid=gid)
         # options for every node first, so a per-node one (-c:1 10) wins wherever it stands
         ordered = sorted(args.options, key=lambda o: o[1] is not None)
         for opt, selector, value in ordered:

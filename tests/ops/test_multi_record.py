@@ -157,7 +157,11 @@ def test_a_duplicate_live_node_name_is_refused(shell: Shell, redis_url: str) -> 
             r = shell("-b", redis_url, "status", "--json", "--timeout", "5")
             return r.returncode == 1 and json.loads(r.stdout)["duplicates"] == [name]
         assert wait_until(seen, timeout=30)
-        assert "more than one node answers as" in shell("-b", redis_url, "status").stderr
+
+        def warned() -> bool:
+            r = shell("-b", redis_url, "status", "--timeout", "5")
+            return r.returncode == 1 and "more than one node answers as" in r.stderr
+        assert wait_until(warned, timeout=30)
     finally:
         os.killpg(twin.pid, signal.SIGKILL)
         twin.wait()

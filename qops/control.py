@@ -119,6 +119,7 @@ class Replies:
     expected: list[str] | None = None  # named nodes waited for
     expected_count: int | None = None  # how many live nodes (when names are unknown)
     elapsed: float = 0.0
+    duplicates: list[str] = field(default_factory=list)  # names more than one node replied as
 
     @property
     def missing(self) -> list[str]:
@@ -152,6 +153,16 @@ class Replies:
                 "elapsed": round(self.elapsed, 4)}
 
 
+def name_taken(app: App, name: str, timeout: float = 1.0) -> bool:
+    """True when a live node already answers to ``name``. The broker's node registry
+    says whom to ask (a name it lists, or any live node where it only counts them); the
+    ping proves it, so a node killed a moment ago (still listed) does not count."""
+    live = app.transport.live_nodes()
+    if not live or (isinstance(live, list) and name not in live):
+        return False
+    return name in broadcast(app, "ping", destination=[name], timeout=timeout).replies
+
+
 def reply_queue_name(reply_to: dict[str, Any]) -> str:
     """kombu's name for a client's reply queue: ``<oid>.reply.<mailbox>``."""
     return f"{reply_to['routing_key']}.{reply_to['exchange']}"
@@ -160,10 +171,11 @@ def reply_queue_name(reply_to: dict[str, Any]) -> str:
 def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
               destination: Sequence[str] | None = None, pattern: str | None = None,
               matcher: str | None = None, timeout: float = 1.0,
-              reply: bool = True) -> Replies:
+              reply: bool = True, linger: float = 0.0) -> Replies:
     """Send a remote-control command; collect replies until every expected node has
-    answered or ``timeout`` (a total deadline) passes. Bad arguments or a bad
-    destination/pattern raise UsageError before anything is sent."""
+    answered or ``timeout`` (a total deadline) passes. ``linger``: keep listening that
+    long once complete, for a second node answering to a name already heard from. Bad
+    arguments or a bad destination/pattern raise UsageError before anything is sent."""
     arguments = check_arguments(method, arguments)
     target(destination, pattern, matcher)
     start = time.monotonic()
@@ -202,7 +214,13 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
                 result.expected_count == 0:
             # nobody is alive: still give a stray node a moment, but not the timeout
             deadline = min(deadline, time.monotonic() + min(timeout, 0.2))
-        while not result.complete():
+        done_at: float | None = None
+        while True:
+            if done_at is None and result.complete():
+                if linger <= 0:
+                    break
+                done_at = time.monotonic()
+                deadline = min(deadline, done_at + linger)
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -217,6 +235,7 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
             except ValueError:
                 continue
             if isinstance(body, dict):
+                result.duplicates += [n for n in body if n in result.replies]
                 result.replies.update(body)
     finally:
         if consumer is not None:

@@ -64,6 +64,13 @@ class PidfileLocked(QopsError):
     exit_code = EX_CANTCREAT
 
 
+class DuplicateNode(QopsError):
+    """A live node already answers to this name (Celery only warns:
+    DuplicateNodenameWarning; its replies would be merged with the new one's)."""
+
+    exit_code = EX_CANTCREAT
+
+
 class PrivilegeError(QopsError):
     exit_code = EX_NOPERM
 

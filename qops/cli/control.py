@@ -76,12 +76,16 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
     g = ctx.obj
     app = g.load_app()
     dest = _split(destination)
-    res = ctl.broadcast(app, "ping", destination=dest, timeout=timeout)
+    res = ctl.broadcast(app, "ping", destination=dest, timeout=timeout, linger=0.1)
     term = g.terminal
+    for node in sorted(set(res.duplicates)):
+        term.warn(f"more than one node answers as {node}: their replies are merged; "
+                  "give each its own name (-n)")
     if term.json_mode:
         term.json({"nodes": {n: ("OK" if r == {"ok": "pong"} else r)
                              for n, r in sorted(res.replies.items())},
-                   "missing": res.missing, "elapsed": round(res.elapsed, 4)})
+                   "missing": res.missing, "duplicates": sorted(set(res.duplicates)),
+                   "elapsed": round(res.elapsed, 4)})
     else:
         for node in sorted(res.replies):
             term.print(f"{node}: OK")
@@ -89,7 +93,7 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
         if n:
             term.print(f"\n{n} node{'s' if n != 1 else ''} online.")
     _report_missing(res, timeout)
-    raise typer.Exit(res.exit_code())
+    raise typer.Exit(res.exit_code() or (1 if res.duplicates else 0))
 
 
 def _split(value: str | None) -> list[str] | None:

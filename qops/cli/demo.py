@@ -61,6 +61,7 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
     """Start the nodes, send tasks, inspect, stop; a QopsError says what failed. The
     nodes it started are stopped whatever happens (by their pidfiles)."""
     from qops.cli.multi import pinger, render_outcomes
+    from qops.ops import actions
     from qops.ops import multi as m
     from qops.ops.nodes import expand
     from qops.ops.privileges import check_root
@@ -83,15 +84,17 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
     check_root(accept_content=list(app.conf.accept_content), environ=env)  # as multi start
     options = ["-c", "2", "-l", "INFO", f"--pidfile={workdir}/%n.pid",
                f"--logfile={workdir}/%n%I.log"]
+    from qops.ops.record import environment
+
     nodes = m.build_nodes(m.parse_args([*NODES, *options]),
                           global_argv=["-A", spec, "--workdir", os.getcwd()],
-                          root_with_uid=False)
+                          root_with_uid=False, env=environment(env))
     names = " ".join(NODES)
     report: dict[str, Any] = {"broker": broker}
     term.print(f"$ export QOPS_BROKER_URL={broker}   # results go to the same file")
     term.print(f"$ {prefix}qops -A {spec} multi start {names} {' '.join(options)}")
     try:
-        outcomes = m.start(nodes, pinger(app), env=env)
+        outcomes = actions.start(nodes, pinger(app))
         report["nodes"] = [o.as_dict() for o in outcomes]
         if not term.json_mode:
             render_outcomes(term, [o for o in outcomes if o.ok])
@@ -110,7 +113,7 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
         term.print(f"$ qops multi stopwait {names} --pidfile={workdir}/%n.pid "
                    f"--timeout {STOP_TIMEOUT:g}   # TERM: warm shutdown")
         try:
-            stopped = m.stopwait(nodes, STOP_TIMEOUT)
+            stopped = actions.stopwait(nodes, STOP_TIMEOUT)
         finally:
             app.close()
         if not term.json_mode:
@@ -125,7 +128,7 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
         else:
             continue
         raise QopsError(f"{o.node} {reason}\n--- last lines of "
-                        f"{expand(node.logfile, node.name)}:\n{m.log_tail(node)}")
+                        f"{expand(node.logfile, node.name)}:\n{actions.log_tail(node)}")
     return report
 
 

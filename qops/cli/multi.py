@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import typer
@@ -32,6 +33,7 @@ def register(cli: typer.Typer) -> None:
 
 def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, stop, ...")) -> None:
     from qops.errors import UsageError
+    from qops.ops import actions
     from qops.ops import multi as m
     from qops.ops.daemon import resolve_ids
     from qops.ops.nodes import expand
@@ -53,9 +55,10 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
         wanted, raw = raw[0], raw[1:]
     args = m.parse_args(raw)
     uid = args.own("--uid")
-    uid_n, _, _ = resolve_ids(uid, args.own("--gid"))
+    uid_n, gid_n, _ = resolve_ids(uid, args.own("--gid"))
     root_with_uid = os.getuid() == 0 and uid_n not in (None, 0)
-    nodes = m.build_nodes(args, global_argv=_global_argv(g), root_with_uid=root_with_uid)
+    nodes = m.build_nodes(args, global_argv=_global_argv(g), root_with_uid=root_with_uid,
+                          env=_node_env(g), uid=uid_n, gid=gid_n)
 
     if action in ("names", "expand", "show", "get"):
         lines: list[str]
@@ -69,7 +72,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
                 n for n in nodes if wanted in (n.name, n.short)]
             if not chosen:
                 raise UsageError(f"no node {wanted!r} among {', '.join(n.name for n in nodes)}")
-            lines = [" ".join(_quote(a) for a in (m.recorded(n) or n.argv)) for n in chosen]
+            lines = [_command_line(n) for n in chosen]
         if term.json_mode:
             term.json(lines)
         else:
@@ -83,41 +86,65 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
 
         app = g.load_app(required=True)
         check_root(accept_content=list(app.conf.accept_content), uid=uid_n)
-        outcomes = m.start(nodes, pinger(app))
+        outcomes = actions.start(nodes, pinger(app))
     elif action == "stop":
-        outcomes = m.stop(nodes)
+        outcomes = actions.stop(nodes)
     elif action == "stopwait":
-        outcomes = m.stopwait(nodes, timeout)
+        outcomes = actions.stopwait(nodes, timeout)
     elif action == "kill":
-        outcomes = m.kill(nodes)
+        outcomes = actions.kill(nodes)
     elif action == "restart":
-        app = g.load_app(required=True)
-        outcomes = m.restart(nodes, pinger(app), timeout=timeout,
-                             max_unavailable=int(args.own("--max-unavailable") or 1))
+        outcomes = actions.restart(nodes, timeout=timeout,
+                                   max_unavailable=int(args.own("--max-unavailable") or 1))
     else:
-        outcomes = m.status(nodes)
+        outcomes = actions.status(nodes)
     render_outcomes(term, outcomes)
-    raise typer.Exit(0 if all(o.ok for o in outcomes) else 1)
+    raise typer.Exit(actions.exit_code(action, outcomes))
 
 
 def pinger(app: Any) -> Any:
+    """Ping nodes through ``app`` (whose broker is theirs: they were started from it)."""
     from qops import control
 
-    def ping(names: list[str], timeout: float) -> set[str]:
+    def ping(nodes: list[Any], timeout: float) -> set[str]:
+        names = [n.name for n in nodes]
         return set(control.broadcast(app, "ping", destination=names, timeout=timeout).replies)
 
     return ping
 
 
 def _global_argv(g: Any) -> list[str]:
+    """The global options the nodes are started with; URLs (they may hold passwords)
+    go through the environment instead (``_node_env``), so ``ps`` does not show them."""
     out: list[str] = []
-    for opt, value in (("-A", g.app), ("-b", g.broker), ("--result-backend", g.result_backend),
-                       ("--config", g.config and os.path.abspath(g.config)),
+    for opt, value in (("-A", g.app), ("--config", g.config and os.path.abspath(g.config)),
                        ("--compat", g.compat)):
         if value:
             out += [opt, value]
     out += ["--workdir", os.getcwd()]
     return out
+
+
+def _node_env(g: Any) -> dict[str, str]:
+    from qops.ops.record import environment
+
+    env = environment()
+    if g.broker:
+        env["QOPS_BROKER_URL"] = g.broker
+    if g.result_backend:
+        env["QOPS_RESULT_BACKEND"] = g.result_backend
+    return env
+
+
+def _command_line(node: Any) -> str:
+    """The node's command as it runs (from its record when it has one), preceded by the
+    settings it gets from the environment, passwords masked."""
+    from qops.transports.base import mask_password
+
+    node.use_record()
+    env = [f"{k}={_quote(mask_password(v) if '://' in v else v)}"
+           for k, v in sorted(node.env.items()) if k.startswith("QOPS_")]
+    return " ".join([*env, *(_quote(a) for a in node.argv)])
 
 
 def _quote(arg: str) -> str:
@@ -127,13 +154,18 @@ def _quote(arg: str) -> str:
 
 
 def render_outcomes(term: Any, outcomes: list[Any]) -> None:
+    """One line per node on stdout; a failure's details on stderr (with --json too)."""
     if term.json_mode:
         term.json([o.as_dict() for o in outcomes])
-        return
     for o in outcomes:
         pid = f" (pid {o.pid})" if o.pid else ""
         mark = "OK" if o.ok else "FAILED"
+        if o.action == "status":
+            mark = "OK" if o.ok else "DOWN"
         first, *rest = (o.message or o.state).splitlines() or [""]
-        term.print(f"> {o.node}: {mark}{pid} {first}")
-        for line in rest:
-            term.print(f"    {line}")
+        if o.ok or o.action == "status":
+            term.print(f"> {o.node}: {mark}{pid} {first}")
+            continue
+        lines = [f"> {o.node}: {mark}{pid} {first}", *(f"    {line}" for line in rest)]
+        if term.json_mode or not term.quiet:
+            print("\n".join(lines), file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ def worker(
     task_events: Annotated[bool, typer.Option("-E", "--task-events", help="Send task events (worker events are always sent).")] = False,
     beat: Annotated[bool, typer.Option("-B", "--beat", help="Also run beat in this node (development only).")] = False,
     schedule: Annotated[str | None, typer.Option("-s", "--schedule", help="With -B: beat's schedule file.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Check that this worker could start (options, app and tasks, root guard, broker) and exit 0, or with the error.")] = False,
 ) -> None:
     from qops.errors import UsageError
     from qops.ops.daemon import NodeProcess, setup_logging
@@ -54,6 +55,9 @@ def worker(
     proc = NodeProcess(node, loglevel, logfile, pidfile, detach, uid, gid, umask)
     app = g.load_app(required=True, import_tasks=True)
     check_root(accept_content=list(app.conf.accept_content), uid=proc.uid_n)
+    if check:
+        app.transport.ping()
+        return
     if detach and not logfile:
         g.terminal.note("qops: --detach without --logfile: the worker's logs are discarded")
     from qops.worker.worker import Worker
@@ -64,12 +68,20 @@ def worker(
             setup_logging(proc.level, logfile, node, index)
 
     with proc.run(preload=app.preload) as readiness:
+        from qops.control import name_taken
+
+        if name_taken(app, node):
+            from qops.errors import DuplicateNode
+
+            raise DuplicateNode(f"a node named {node} is already running (it answers a "
+                                "ping): stop it, or give this one another name (-n)")
         w = Worker(app, hostname=node,
                    queues=names or None,
                    concurrency=concurrency, pool=pool, prefetch_multiplier=prefetch_multiplier,
                    max_tasks_per_child=max_tasks_per_child,
                    task_events=True if task_events else None,
                    on_ready=lambda _w: readiness.ready(), child_init=child_log)
+        proc.children = lambda: w.pool.pids() if w.pool else ()
         if not g.terminal.quiet and not detach:
             print_banner(w, g.terminal)
         embedded = None

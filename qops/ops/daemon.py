@@ -17,7 +17,7 @@ import pwd
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -196,11 +196,19 @@ def reopen_log_files() -> None:
                 handler.release()
 
 
-def install_operator_signals(reopen_logs: Callable[[], None] = reopen_log_files) -> None:
-    """HUP reopens log files (for logrotate); USR1 dumps every thread's stack to the log."""
+def install_operator_signals(reopen_logs: Callable[[], None] = reopen_log_files,
+                             children: Callable[[], Iterable[int]] = tuple) -> None:
+    """HUP reopens log files (for logrotate), and is passed on to ``children()`` (the pool
+    processes, which reopen theirs); USR1 dumps every thread's stack to the log."""
 
     def on_hup(signum: int, frame: object) -> None:
         reopen_logs()
+        for pid in children():
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except OSError:
+                    pass  # a child that just ended
         log.info("Reopened log files (SIGHUP).")
 
     def on_usr1(signum: int, frame: object) -> None:
@@ -264,6 +272,8 @@ class NodeProcess:
     uid: str | None = None
     gid: str | None = None
     umask: str | None = None
+    #: the pool processes' pids, to pass HUP on to (set once the pool exists)
+    children: Callable[[], Iterable[int]] = tuple
 
     def __post_init__(self) -> None:
         from qops.ops.nodes import expand
@@ -292,7 +302,7 @@ class NodeProcess:
         # handed to the user we drop to.
         for path in filter(None, (self.pid_path,
                                   self.logfile and expand(self.logfile, self.node))):
-            _make_parent(path, self.uid_n, self.gid_n)
+            make_dirs(os.path.dirname(os.path.abspath(path)), self.uid_n, self.gid_n)
         readiness = detach(umask=self.mask) if self.detach else Readiness(None)
         if not self.detach and self.mask is not None:
             os.umask(self.mask)
@@ -308,7 +318,7 @@ class NodeProcess:
             if lock is not None and lock.replaced is not None:
                 log.warning("Replaced a stale pidfile %s (pid %d was not running it).",
                             self.pid_path, lock.replaced.pid)
-            install_operator_signals()
+            install_operator_signals(children=lambda: self.children())
             yield readiness
         except QopsError as exc:
             readiness.failed(str(exc), exc.exit_code)
@@ -323,15 +333,24 @@ class NodeProcess:
                 lock.release()
 
 
-def _make_parent(path: str, uid: int | None, gid: int | None) -> None:
+def make_dirs(directory: str | os.PathLike[str], uid: int | None = None,
+              gid: int | None = None) -> None:
+    """Create ``directory`` and any missing parents; each one created belongs to
+    ``uid``/``gid`` (the user the node drops to, who writes there), not to root."""
     from pathlib import Path
 
-    parent = Path(path).absolute().parent
-    if parent.exists():
-        return
+    path = Path(directory).absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)  # nodes starting in parallel race here
-        if uid is not None or gid is not None:
-            os.chown(parent, -1 if uid is None else uid, -1 if gid is None else gid)
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:  # nodes starting in parallel race here
+                continue
+            if uid is not None or gid is not None:
+                os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
     except OSError as exc:
-        raise UsageError(f"cannot create {parent}: {exc.strerror}") from None
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from None

@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Any
 
 from qops.errors import UsageError
+from qops.ops.nodes import check_name
 
 DEFAULT_STOP_TIMEOUT = 300  # seconds, when no time limit bounds the tasks
 STOP_MARGIN = 30  # seconds on top of the longest limit: ack, store the result, exit
@@ -130,10 +131,11 @@ class Deployment:
         if not self.nodes:
             raise UsageError("no nodes: name them (w1 w2) or pass --nodes N")
         for node in self.nodes:
-            if not NODE_NAME.match(node):
+            if "@" in node:
                 raise UsageError(
-                    f"node name {node!r}: use letters, digits, '.', '_' and '-' only; the host "
-                    "part is this machine's name (w1 runs as w1@<host>)")
+                    f"node name {node!r}: give the name part only; the host part is this "
+                    "machine's name (w1 runs as w1@<host>)")
+            check_name(node)
         if len(set(self.nodes)) != len(self.nodes):
             raise UsageError(f"node names repeat: {' '.join(self.nodes)}")
         if not NODE_NAME.match(self.name):

@@ -4,7 +4,13 @@ For node ``w1@web.example.com``: ``%n`` w1, ``%h`` web.example.com, ``%d`` examp
 ``%p`` w1@web.example.com, ``%i`` pool process index (0 in the main process), ``%I``
 "" in the main process and ``-N`` in child N, ``%%`` a literal %.
 Celery's ``multi`` gives ``%h`` another meaning (the full node name); qops's is above.
+
+A node name is also a file name (``%n.pid``, ``%n%I.log``) and a routing key, so
+``check_name`` holds every entry point (multi, ``worker -n``, ``beat``, generate) to one
+rule: the name part is 1..64 of ``A-Z a-z 0-9 . _ -`` (not starting with ``.`` or ``-``,
+no ``..``); the host part is a host name (labels of those characters, 253 at most).
 """
+
 
 from __future__ import annotations
 
@@ -15,6 +21,28 @@ from qops.errors import UsageError
 
 _KEY = re.compile(r"%(.)?", re.DOTALL)
 KEYS = "nhdpiI%"
+
+
+NAME_MAX = 64
+HOST_MAX = 253
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
+
+
+def check_name(node: str) -> str:
+    """``node`` (``name`` or ``name@host``, templates already expanded) if it is a valid
+    node name; else a one-line UsageError (exit 2) saying what a name may hold."""
+    name, sep, host = node.partition("@")
+    rule = (f"a node name is NAME or NAME@HOST: NAME of 1..{NAME_MAX} letters, digits, "
+            "'.', '_' or '-' (e.g. w1, w1@%h, celery@host.example.com)")
+    if not name:
+        raise UsageError(f"node name {node!r} has an empty name part: {rule}")
+    if len(name) > NAME_MAX or not _NAME.fullmatch(name) or ".." in name:
+        raise UsageError(f"bad node name {node!r}: {rule}")
+    if sep and (not host or len(host) > HOST_MAX or not _HOST.fullmatch(host)):
+        raise UsageError(f"bad host part in node name {node!r}: after '@' comes a host "
+                         "name (letters, digits, '-', '_', dot-separated), or %h")
+    return node
 
 
 def hostname() -> str:
@@ -66,4 +94,4 @@ def node_name(name: str | None, default_prefix: str = "qops") -> str:
         host = expand(host, f"x@{hostname()}")
     if "%" in local:
         local = expand(local, f"x@{host}")
-    return f"{local}@{host}"
+    return check_name(f"{local}@{host}")

@@ -1,9 +1,13 @@
-"""Pidfiles that can't lie: they hold the pid *and* the process start time, and the
+"""Pidfiles that can't lie: the pid alone on one line (as Celery writes it, so ``kill
+$(cat w1.pid)``, systemd ``PIDFile=``, monit and start-stop-daemon read it), and the
 running process holds an ``flock`` on the file for as long as it lives.
 
 - locked  -> the node runs (the lock dies with the process, however it died);
 - not locked -> stale, whatever pid it names: it is replaced;
-- a pid whose start time differs from the file's is another process: never signalled.
+- a pid whose start time differs from the one recorded for it is another process:
+  never signalled. ``qops multi`` keeps that start time in the node's record beside
+  the pidfile (``qops/ops/record.py``); pidfiles of older qops versions carried it on a
+  second line, which is still read (and the file rewritten with the pid alone).
 """
 
 from __future__ import annotations
@@ -93,6 +97,21 @@ def read(path: str | Path) -> PidInfo | None:
     return PidInfo(pid, start, locked)
 
 
+def rewrite_one_line(path: str | Path, pid: int) -> None:
+    """Write ``pid`` alone into an existing pidfile (an older qops's two-line file), in
+    place: the running node's lock is on the file, which stays the same file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        data = f"{pid}\n".encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
 class Pidfile:
     """``acquire()`` in the process that is the node; the lock lives as long as it."""
 
@@ -122,7 +141,7 @@ class Pidfile:
         pid = os.getpid()
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{pid}\n{process_start_time(pid) or ''}\n".encode())
+        os.write(fd, f"{pid}\n".encode())
         os.fsync(fd)
         self.fd = fd
 

@@ -126,8 +126,8 @@ def test_stale_and_foreign_pidfiles(multi: Multi) -> None:
 def test_broken_app_fails_with_the_log(multi: Multi, tmp_path: Path) -> None:
     bad = Multi(multi.rundir, "redis://127.0.0.1:1/0", multi.env)
     r = bad("start", "w1")
-    assert r.returncode == 1
-    assert "127.0.0.1:1" in r.stdout and "last lines of" in r.stdout
+    assert r.returncode == 74  # broker unreachable; the details on stderr
+    assert "127.0.0.1:1" in r.stderr and "last lines of" in r.stderr
     assert not pidfile.read(multi.rundir / "w1.pid") or \
         not pidfile.read(multi.rundir / "w1.pid").running
     r = subprocess.run([sys.executable, "-m", "qops", "multi", "start", "w1", "-A",
@@ -216,14 +216,20 @@ def test_root_guard_and_uid_drop(nobody_python: ReachablePython) -> None:
     try:
         r = m("start", "w1")
         assert r.returncode == 77 and "QOPS_FORCE_ROOT=1" in r.stderr and "--uid" in r.stderr
+        # directories multi creates belong to the user that writes in them
+        run, logs = shared / "run" / "qops", shared / "log" / "qops"
         code, out = m.json("start", "w1", "--uid", "nobody", "--gid", "nogroup",
-                           f"--rundir={shared}", f"--logdir={shared}")
+                           f"--rundir={run}", f"--logdir={logs}")
         assert code == 0, out
         pid = out[0]["pid"]
         status = Path(f"/proc/{pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == ["65534"] * 4
-        assert m.json("stopwait", "w1", f"--rundir={shared}")[0] == 0
+        for folder in (run, run.parent, logs, logs.parent):
+            assert folder.stat().st_uid == 65534, folder
+        assert (run / "w1.pid.cmd").stat().st_uid == 0  # the record stays root's
+        assert m.json("restart", "w1", f"--rundir={run}")[0] == 0
+        assert m.json("stopwait", "w1", f"--rundir={run}")[0] == 0
     finally:
         m.cleanup()
         shutil.rmtree(shared, ignore_errors=True)

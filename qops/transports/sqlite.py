@@ -15,6 +15,7 @@ its messages, and ``recover()`` does the same for a reply consumer whose process
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from qops.errors import BrokerUnreachable, PublishError, UsageError
@@ -44,6 +45,7 @@ from qops.transports.base import (
     make_delivery,
     topic_matches,
 )
+from qops.transports.lease import Lease, clock, is_stale, warn_taken_back
 from qops.transports.prefetch import Prefetch
 
 SCHEMA = """
@@ -395,13 +397,27 @@ class SQLiteTransport(Transport):
         self.db.close()
 
 
+class RowTag(NamedTuple):
+    """``Delivery.tag`` of a SQLite consumer: the row, and the consumer's epoch when it
+    was handed out (see qops/transports/lease.py)."""
+
+    row: int
+    epoch: int
+
+
 class SQLiteConsumer(Consumer):
+    """Reserves rows by writing its id into them. Every write of its own goes through
+    ``_write``, which checks in first when the lease asks for it: a consumer that was
+    taken for dead finds out in the same transaction, before it reserves or settles
+    anything (an ack of a stale row could delete the copy it reserved again)."""
+
     def __init__(self, transport: SQLiteTransport, queues: list[str], prefetch: int,
                  cid: str) -> None:
         self.transport = transport
         self.db = transport.db
         self.id = cid
-        self._books: Prefetch[str] = Prefetch(prefetch)  # row id -> queue, for the rows held
+        self._books: Prefetch[str] = Prefetch(prefetch)  # RowTag -> queue, for the rows held
+        self._lease = Lease(self._ttl())
         self.prefetch = self._books.limit
         self._queues = list(queues)
         self._backoff = Backoff(0.001, 0.05)
@@ -421,11 +437,51 @@ class SQLiteConsumer(Consumer):
     def queues(self) -> list[str]:
         return list(self._queues)
 
+    def _ttl(self) -> float:
+        return self.transport.options.heartbeat_ttl
+
+    @contextmanager
+    def _write(self, check_in: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction, which checks in first when the lease asks for it (always
+        with ``check_in``): renews ``alive_until``; if recover() deleted this consumer's
+        row (taken for dead), or it assumed so itself (``giveback_due``), gives back
+        the rows it still holds, registers again and forgets every delivery (a new
+        epoch) -- in the transaction, so that the next one sees it done."""
+        sent = clock()
+        renew = check_in or self._lease.must_check_in()
+        gave_back = False
+        with self.db.write() as conn:
+            if renew and (not conn.execute(
+                    "UPDATE consumers SET alive_until = ? WHERE id = ?",
+                    (time.time() + self._ttl(), self.id)).rowcount
+                          or self._lease.giveback_due):
+                moved = conn.execute("UPDATE messages SET consumer = NULL, redelivered = 1 "
+                                     "WHERE consumer = ?", (self.id,)).rowcount
+                self._register(conn)
+                self._taken_back()
+                warn_taken_back(self.id, self._lease, moved)
+                gave_back = True
+            yield conn
+        if gave_back:
+            self._lease.giveback_due = False
+        if renew:
+            self._lease.renewed(sent)
+
+    def _taken_back(self) -> None:
+        with self._books.cond:
+            self._lease.epoch += 1
+            self._books.clear_locked()
+
+    def stale(self, delivery: Delivery) -> bool:
+        """True when the row was taken back (see qops/transports/lease.py)."""
+        return is_stale(self._lease, delivery.tag.epoch, self.heartbeat, self._taken_back,
+                        self.id)
+
     def _reserve(self, room: int) -> list[Delivery]:
         if not self._queues or room <= 0:
             return []
         marks = ",".join("?" * len(self._queues))
-        with self.db.write() as conn:
+        with self._write() as conn:
             rows = conn.execute(
                 f"SELECT id, queue, payload, redelivered FROM messages WHERE consumer IS NULL "
                 f"AND queue IN ({marks}) ORDER BY priority DESC, id LIMIT ?",
@@ -433,9 +489,13 @@ class SQLiteConsumer(Consumer):
             if rows:
                 conn.executemany("UPDATE messages SET consumer = ? WHERE id = ?",
                                  [(self.id, r[0]) for r in rows])
-        return [make_delivery(queue, row_id, bytes(payload), decode_envelope,
-                              redelivered=bool(redelivered))
-                for row_id, queue, payload, redelivered in rows]
+            # held in the transaction: a check-in can't forget them before they are
+            got = [make_delivery(queue, RowTag(row_id, self._lease.epoch), bytes(payload),
+                                 decode_envelope, redelivered=bool(redelivered))
+                   for row_id, queue, payload, redelivered in rows]
+            for d in got:
+                self._books.hold(d.tag, d.queue)
+        return got
 
     def get(self, timeout: float) -> Delivery | None:
         # Reserve one row a call: the rows this consumer holds are all in the database
@@ -449,16 +509,17 @@ class SQLiteConsumer(Consumer):
                 continue
             got = self._reserve(1)
             if got:
-                self._books.hold(got[0].tag, got[0].queue)
                 self._backoff.reset()
                 return got[0]
             if not self._backoff.sleep(deadline):
                 return None
 
     def _settle(self, delivery: Delivery, sql: str) -> None:
-        with self.db.write() as conn:
-            conn.execute(sql, (delivery.tag, self.id))
-        self._books.settle(delivery.tag)
+        tag: RowTag = delivery.tag
+        with self._write() as conn:
+            if tag.epoch == self._lease.epoch:  # else taken back: the broker has it again
+                conn.execute(sql, (tag.row, self.id))
+        self._books.settle(tag)
         self._backoff.reset()
 
     def exempt(self, delivery: Delivery) -> None:
@@ -473,18 +534,19 @@ class SQLiteConsumer(Consumer):
                                "WHERE id = ? AND consumer = ?")
 
     def reject(self, delivery: Delivery, reason: str) -> None:
-        with self.db.write() as conn:
-            conn.execute("INSERT INTO dead_letters (id, queue, reason, payload, created) "
-                         "VALUES (?, ?, ?, ?, ?)",
-                         (uuid.uuid4().hex, delivery.queue, reason, delivery.raw, time.time()))
-            conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?",
-                         (delivery.tag, self.id))
-        self._books.settle(delivery.tag)
+        tag: RowTag = delivery.tag
+        with self._write() as conn:
+            if tag.epoch == self._lease.epoch:  # else it runs elsewhere: no dead letter
+                conn.execute("INSERT INTO dead_letters (id, queue, reason, payload, created) "
+                             "VALUES (?, ?, ?, ?, ?)", (uuid.uuid4().hex, delivery.queue,
+                                                        reason, delivery.raw, time.time()))
+                conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?",
+                             (tag.row, self.id))
+        self._books.settle(tag)
 
     def heartbeat(self) -> None:
-        with self.db.write() as conn:
-            conn.execute("UPDATE consumers SET alive_until = ? WHERE id = ?",
-                         (time.time() + self.transport.options.heartbeat_ttl, self.id))
+        with self._write(check_in=True):
+            pass
 
     def _save_queues(self) -> None:
         with self.db.write() as conn:
@@ -520,6 +582,9 @@ class SQLiteReplyConsumer(ReplyOnly, SQLiteConsumer):
         self.reply = name
         self._last_beat = time.monotonic()
         super().__init__(transport, [name], REPLY_PREFETCH, cid)
+
+    def _ttl(self) -> float:
+        return math.inf  # its rows are never taken back: its lease never runs out
 
     def _register(self, conn: sqlite3.Connection) -> None:
         conn.execute(

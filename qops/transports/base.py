@@ -155,10 +155,12 @@ class Consumer(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot exempt deliveries")
 
     def stale(self, delivery: Delivery) -> bool:
-        """True when the broker has taken ``delivery`` back (RabbitMQ does when the
-        connection it came on is gone) and will deliver it again: the worker must not
-        also run this copy. Transports that keep reservations across reconnects (Redis,
-        SQLite) never have stale deliveries."""
+        """True when the broker has taken ``delivery`` back and will deliver it again:
+        RabbitMQ does when the connection it came on is gone; Redis and SQLite when
+        another node took this consumer for dead (no heartbeat for the TTL: a paused
+        process, see qops/transports/lease.py). The worker must not also run this
+        copy, and settling it does nothing. Call it just before starting a task: it
+        may ask the broker first, after a pause."""
         return False
 
     def reject(self, delivery: Delivery, reason: str) -> None:

@@ -29,21 +29,15 @@ from typing import Any
 from qops.errors import BrokerUnreachable, PublishError
 from qops.protocol import Message, decode_envelope, encode_envelope
 from qops.transports.base import (
-    REPLY_PREFETCH,
-    REPLY_TTL,
     Backoff,
     Consumer,
     DeadLetter,
-    Delivery,
     QueueStats,
-    ReplyOnly,
     Subscription,
     Transport,
     TransportOptions,
-    make_delivery,
     topic_matches,
 )
-from qops.transports.prefetch import Prefetch
 from qops.transports.sqlite_url import (  # path_from_url: re-exported for the tests
     check_directory,
     describe_open_error,
@@ -218,11 +212,15 @@ class SQLiteTransport(Transport):
 
     def consumer(self, queues: Sequence[str], prefetch: int,
                  consumer_id: str | None = None) -> Consumer:
+        from qops.transports.sqlite_consumer import SQLiteConsumer
+
         return SQLiteConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
 
     def reply_consumer(self, name: str, *, exchange: str | None = None,
                        routing_key: str | None = None) -> Consumer:
         # no Celery peers on SQLite: the kombu binding is not needed
+        from qops.transports.sqlite_consumer import SQLiteReplyConsumer
+
         return SQLiteReplyConsumer(self, name, uuid.uuid4().hex)
 
     def send_reply(self, name: str, message: Message) -> None:
@@ -390,160 +388,6 @@ class SQLiteTransport(Transport):
 
     def close(self) -> None:
         self.db.close()
-
-
-class SQLiteConsumer(Consumer):
-    def __init__(self, transport: SQLiteTransport, queues: list[str], prefetch: int,
-                 cid: str) -> None:
-        self.transport = transport
-        self.db = transport.db
-        self.id = cid
-        self._books: Prefetch[str] = Prefetch(prefetch)  # row id -> queue, for the rows held
-        self.prefetch = self._books.limit
-        self._queues = list(queues)
-        self._backoff = Backoff(0.001, 0.05)
-        with self.db.write() as conn:
-            self._register(conn)
-
-    def _register(self, conn: sqlite3.Connection) -> None:
-        for q in self._queues:
-            conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (q,))
-        conn.execute(
-            "INSERT OR REPLACE INTO consumers (id, queues, host, pid, alive_until) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (self.id, "\n".join(self._queues), HOST, os.getpid(),
-             time.time() + self.transport.options.heartbeat_ttl))
-
-    @property
-    def queues(self) -> list[str]:
-        return list(self._queues)
-
-    def _reserve(self, room: int) -> list[Delivery]:
-        if not self._queues or room <= 0:
-            return []
-        marks = ",".join("?" * len(self._queues))
-        with self.db.write() as conn:
-            rows = conn.execute(
-                f"SELECT id, queue, payload, redelivered FROM messages WHERE consumer IS NULL "
-                f"AND queue IN ({marks}) ORDER BY priority DESC, id LIMIT ?",
-                (*self._queues, room)).fetchall()
-            if rows:
-                conn.executemany("UPDATE messages SET consumer = ? WHERE id = ?",
-                                 [(self.id, r[0]) for r in rows])
-        return [make_delivery(queue, row_id, bytes(payload), decode_envelope,
-                              redelivered=bool(redelivered))
-                for row_id, queue, payload, redelivered in rows]
-
-    def get(self, timeout: float) -> Delivery | None:
-        # Reserve one row a call: the rows this consumer holds are all in the database
-        # (never only in memory), so a crash can't lose them.
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self._books.room():
-                # full: a settlement (any thread) ends the wait
-                if not self._books.wait_for_room(deadline - time.monotonic()):
-                    return None
-                continue
-            got = self._reserve(1)
-            if got:
-                self._books.hold(got[0].tag, got[0].queue)
-                self._backoff.reset()
-                return got[0]
-            if not self._backoff.sleep(deadline):
-                return None
-
-    def _settle(self, delivery: Delivery, sql: str) -> None:
-        with self.db.write() as conn:
-            conn.execute(sql, (delivery.tag, self.id))
-        self._books.settle(delivery.tag)
-        self._backoff.reset()
-
-    def exempt(self, delivery: Delivery) -> None:
-        self._books.exempt(delivery.tag)
-
-    def ack(self, delivery: Delivery) -> None:
-        self._settle(delivery, "DELETE FROM messages WHERE id = ? AND consumer = ?")
-
-    def requeue(self, delivery: Delivery) -> None:
-        # The row keeps its id, so it is back at the head of its queue.
-        self._settle(delivery, "UPDATE messages SET consumer = NULL, redelivered = 1 "
-                               "WHERE id = ? AND consumer = ?")
-
-    def reject(self, delivery: Delivery, reason: str) -> None:
-        with self.db.write() as conn:
-            conn.execute("INSERT INTO dead_letters (id, queue, reason, payload, created) "
-                         "VALUES (?, ?, ?, ?, ?)",
-                         (uuid.uuid4().hex, delivery.queue, reason, delivery.raw, time.time()))
-            conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?",
-                         (delivery.tag, self.id))
-        self._books.settle(delivery.tag)
-
-    def heartbeat(self) -> None:
-        with self.db.write() as conn:
-            conn.execute("UPDATE consumers SET alive_until = ? WHERE id = ?",
-                         (time.time() + self.transport.options.heartbeat_ttl, self.id))
-
-    def _save_queues(self) -> None:
-        with self.db.write() as conn:
-            for q in self._queues:
-                conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (q,))
-            conn.execute("UPDATE consumers SET queues = ? WHERE id = ?",
-                         ("\n".join(self._queues), self.id))
-
-    def add_queue(self, queue: str) -> None:
-        if queue not in self._queues:
-            self._queues = [*self._queues, queue]
-            self._save_queues()
-
-    def cancel_queue(self, queue: str) -> None:
-        if queue in self._queues:
-            self._queues = [q for q in self._queues if q != queue]
-            self._save_queues()
-
-    def close(self) -> None:
-        with self.db.write() as conn:
-            conn.execute("UPDATE messages SET consumer = NULL, redelivered = 1 "
-                         "WHERE consumer = ?", (self.id,))
-            conn.execute("DELETE FROM consumers WHERE id = ?", (self.id,))
-        self._books.clear()
-
-
-class SQLiteReplyConsumer(ReplyOnly, SQLiteConsumer):
-    """A consumer on one reply queue (see the module doc). It is not in ``consumers``:
-    its rows must never be handed back to a queue nobody else reads, and an idle client
-    must not be taken for dead by the heartbeat rule of workers."""
-
-    def __init__(self, transport: SQLiteTransport, name: str, cid: str) -> None:
-        self.reply = name
-        self._last_beat = time.monotonic()
-        super().__init__(transport, [name], REPLY_PREFETCH, cid)
-
-    def _register(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT OR REPLACE INTO reply_queues (name, consumer, host, pid, alive_until) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (self.reply, self.id, HOST, os.getpid(), time.time() + REPLY_TTL))
-
-    def get(self, timeout: float) -> Delivery | None:
-        if time.monotonic() - self._last_beat >= self.transport.options.heartbeat_interval:
-            self.heartbeat()
-        return super().get(timeout)
-
-    def heartbeat(self) -> None:
-        # Matters only to a recover() on another host (same host goes by the pid).
-        with self.db.write() as conn:
-            conn.execute("UPDATE reply_queues SET alive_until = ? WHERE name = ? "
-                         "AND consumer = ?", (time.time() + REPLY_TTL, self.reply, self.id))
-        self._last_beat = time.monotonic()
-
-    def close(self) -> None:
-        """The reply queue ends with its consumer: its unread replies go with it."""
-        with self.db.write() as conn:
-            deleted = conn.execute("DELETE FROM reply_queues WHERE name = ? AND consumer = ?",
-                                   (self.reply, self.id)).rowcount
-            if deleted:  # (not if recover() took it already and someone reopened it)
-                conn.execute("DELETE FROM messages WHERE queue = ?", (self.reply,))
-        self._books.clear()
 
 
 class SQLiteSubscription(Subscription):

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from qops.transports.base import Consumer, Delivery, make_delivery, one_line
+from qops.transports.lease import Lease, clock, is_stale, warn_taken_back
 from qops.transports.prefetch import Prefetch
 from qops.transports.redis import deadletters, recovery
 from qops.transports.redis.delivery import Tag, decode, tag_of
@@ -75,7 +76,14 @@ class RedisConsumer(Consumer):
 
     Reserving in batches: when less than half the prefetch is free and messages are in
     hand, get() waits up to ``LINGER`` for more acks, so that one round trip takes (and
-    acks) several messages instead of one each."""
+    acks) several messages instead of one each.
+
+    Taken for dead (see qops/transports/lease.py): every command about its in-flight
+    lists (reserve, ack, requeue, reject, heartbeat) goes out under ``_wire``, after a
+    check-in when the lease is overdue, so that a check-in that finds the consumer
+    taken back is ordered with its reserves: whatever it holds then is stale, and
+    nothing stale is ever sent (an ack of a stale copy could remove the requeued one,
+    should this consumer have reserved it again)."""
 
     transport: RedisTransport
 
@@ -105,6 +113,10 @@ class RedisConsumer(Consumer):
         self._last_beat = 0.0
         self._plan: _Plan | None = None  # rebuilt when the queues change
         self._get_thread = 0  # ident of the thread that calls get()
+        # Held while a command about the in-flight lists is on its way (see the class doc).
+        self._wire = threading.Lock()
+        self._lease = Lease(transport.options.heartbeat_ttl)
+        self._registered = False  # a first check-in went through
         # Every list name this consumer may hold messages from; re-registered by heartbeat().
         self._used: set[str] = set(self._candidates())
         self._alive_value = f"{os.getpid()}@{socket.gethostname()}"
@@ -163,7 +175,8 @@ class RedisConsumer(Consumer):
                         # Booked as handed out under the lock; decoded outside it so
                         # acks from other threads never wait for a big JSON parse.
                         name, raw = self._cache.popleft()
-                        tag = Tag(self._books.take_locked((name, raw)), name)
+                        tag = Tag(self._books.take_locked((name, raw)), name,
+                                  self._lease.epoch)
                     else:
                         tag = None
                         room = self._books.room_locked(len(self._cache))
@@ -193,7 +206,8 @@ class RedisConsumer(Consumer):
                     if time.monotonic() - self._last_beat >= beat_every:
                         self.heartbeat()  # get() running proves we live, too
                     if self._resync_needed:
-                        self._resync()
+                        with self._wire:
+                            self._resync()
                     if acks_due and (self._cache or room == 0 or not plan.names):
                         self._exchange(plan, 0, 0)  # only the acks
                         continue
@@ -235,6 +249,12 @@ class RedisConsumer(Consumer):
     def _exchange(self, plan: _Plan, room: int, wait_k: int) -> bool:
         """One round trip: flush the queued acks, then reserve up to ``room`` messages
         (none when 0). True if any were taken."""
+        with self._wire:
+            if self._lease.must_check_in():
+                self._check_in()
+            return self._exchange_now(plan, room, wait_k)
+
+    def _exchange_now(self, plan: _Plan, room: int, wait_k: int) -> bool:
         acks = self._take_acks()
         tail: list[bytes] = [bulk(room), bulk(wait_k)]
         others: list[list[bytes | str | int | float]] = []
@@ -269,10 +289,13 @@ class RedisConsumer(Consumer):
     def _blmove(self, name: str, wait: float) -> None:
         # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.
         wait = max(0.01, round(wait, 3))
-        raw = self._link.call("BLMOVE", self.transport.key(name), self._inflight(name),
-                              "RIGHT", "LEFT", wait)
-        if raw is not None:
-            self._taken([(name, bytes(raw))])
+        with self._wire:
+            if self._lease.must_check_in():
+                self._check_in()
+            raw = self._link.call("BLMOVE", self.transport.key(name), self._inflight(name),
+                                  "RIGHT", "LEFT", wait)
+            if raw is not None:
+                self._taken([(name, bytes(raw))])
 
     def _taken(self, got: list[tuple[str, bytes]]) -> None:
         """Messages are now in our in-flight lists: cache them (they count against the
@@ -352,30 +375,46 @@ class RedisConsumer(Consumer):
             self._get_lock.release()
 
     def requeue(self, delivery: Delivery) -> None:
-        seq = tag_of(delivery).seq
-        entry = self._books.peek(seq)
+        tag = tag_of(delivery)
+        entry = self._books.peek(tag.seq)
         if entry is None:
             return
         name, raw = entry
         t = self.transport
-        with t.guard("requeueing a message"):
+        with self._wire, t.guard("requeueing a message"):
+            if not self._current(tag):
+                return  # taken back: the broker has it again
             t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw])
-        self._books.settle(seq)
+        self._books.settle(tag.seq)
 
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter and settle in one atomic step (the base class's two steps could
         leave a dead letter whose message also runs again after a crash)."""
-        seq = tag_of(delivery).seq
-        entry = self._books.peek(seq)
+        tag = tag_of(delivery)
+        entry = self._books.peek(tag.seq)
         if entry is None:
             return
         name, raw = entry
         t = self.transport
         dl_id, record, now = deadletters.dlq_record(delivery.queue, raw, reason)
-        with t.guard("dead-lettering a message"):
+        with self._wire, t.guard("dead-lettering a message"):
+            if not self._current(tag):
+                return  # taken back: it runs elsewhere, it is no dead letter of ours
             t._lua_reject(keys=[self._inflight(name), t.key("qops.dlq"), t.key("qops.dlq.index")],
                           args=[raw, dl_id, record, now])
-        self._books.settle(seq)
+        self._books.settle(tag.seq)
+
+    def _current(self, tag: Tag) -> bool:
+        """With ``_wire`` held: whether ``tag`` is still this consumer's to settle
+        (checks in first when the lease is overdue)."""
+        if self._lease.must_check_in():
+            self._check_in()
+        return tag.epoch == self._lease.epoch
+
+    def stale(self, delivery: Delivery) -> bool:
+        """True when the delivery was taken back (see qops/transports/lease.py)."""
+        return is_stale(self._lease, tag_of(delivery).epoch, self._check_in_now,
+                        self._taken_back, self.id)
 
     def _flush_acks(self, pipe: Any) -> list[tuple[str, bytes]]:
         """Add the queued acks to ``pipe`` (a pipeline of the transport's client); the
@@ -388,30 +427,85 @@ class RedisConsumer(Consumer):
 
     # -- liveness and queues ---------------------------------------------------------------
     def heartbeat(self) -> None:
-        """Refresh the alive key and (re-)register: if a late heartbeat let recover()
-        unregister this consumer, registering again keeps new reservations recoverable.
-        Flushes the queued acks in the same round trip."""
+        """Check in (``_check_in``: the alive key and the registration) and flush the
+        queued acks, in the same round trip unless the lease is overdue."""
         with self._lock:
             if self._closed:
                 return
-            queues = list(self._queues)
-            used = sorted(self._used)
+        t = self.transport
+        with self._wire, t.guard("sending the consumer heartbeat"):
+            if not self._lease.must_check_in():
+                self._check_in(with_acks=True)
+                return
+            self._check_in()
+            pipe = t._client.pipeline(transaction=True)
+            acks = self._flush_acks(pipe)
+            if acks:
+                try:
+                    pipe.execute()
+                except BaseException:
+                    self._put_back_acks(acks)
+                    raise
+
+    def _check_in_now(self) -> None:
+        with self._wire, self.transport.guard("checking in with Redis"):
+            self._check_in()
+
+    def _register(self, pipe: Any, queues: list[str], used: list[str]) -> None:
+        """Queue the registration on ``pipe``: the alive key, the consumer set, the hash
+        (its HSET's reply, the fourth, counts the fields it added: none unless a
+        restore deleted the hash) and the sources. If a late heartbeat let recover()
+        unregister this consumer, registering again keeps new reservations
+        recoverable."""
         t = self.transport
         ttl_ms = max(1, int(t.options.heartbeat_ttl * 1000))
-        pipe = t._client.pipeline(transaction=True)
         pipe.set(t.key(f"qops.alive.{self.id}"), self._alive_value, px=ttl_ms)
         pipe.sadd(t.key("qops.consumers"), self.id)
         pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping={
             "queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()})
         pipe.sadd(t.key(f"qops.sources.{self.id}"), *used)
-        acks = self._flush_acks(pipe)
+
+    def _check_in(self, with_acks: bool = False) -> None:
+        """Register again, with ``_wire`` held. If a recover() took this consumer for
+        dead since the last check-in (its hash is gone), or it assumed so itself (the
+        lease's ``giveback_due``), give back what it holds in flight now, register
+        again, and forget every delivery: a new epoch (see qops/transports/lease.py).
+
+        ``with_acks``: the queued acks go in the same round trip, first. Only when the
+        lease is not overdue: then no recover() ran since the last check-in, and no
+        ack can remove a requeued copy this consumer reserved again."""
+        with self._lock:
+            queues = list(self._queues)
+            used = sorted(self._used)
+        t = self.transport
+        sent = clock()
+        pipe = t._client.pipeline(transaction=True)
+        acks = self._flush_acks(pipe) if with_acks else []
+        self._register(pipe, queues, used)
         try:
-            with t.guard("sending the consumer heartbeat"):
-                pipe.execute()
+            added = pipe.execute()[len(acks) + 2]
         except BaseException:
             self._put_back_acks(acks)
             raise
+        if (added and self._registered) or self._lease.giveback_due:
+            pipe = t._client.pipeline(transaction=True)
+            recovery.restore(t, self.id, only_if_dead=False, client=pipe)
+            self._register(pipe, queues, used)
+            moved = int(pipe.execute()[0])
+            self._taken_back()
+            warn_taken_back(self.id, self._lease, moved)
+            self._lease.giveback_due = False
+        self._registered = True
+        self._lease.renewed(sent)
         self._last_beat = time.monotonic()
+
+    def _taken_back(self) -> None:
+        """Every delivery so far is stale: forget them (and their queued acks)."""
+        with self._lock:
+            self._lease.epoch += 1
+            self._books.clear_locked()
+            self._cache.clear()
+            self._acks.clear()
 
     def add_queue(self, queue: str) -> None:
         with self._lock:

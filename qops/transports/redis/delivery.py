@@ -13,10 +13,12 @@ from qops.transports.redis.names import qops_priority
 
 @dataclass(frozen=True)
 class Tag:
-    """Delivery.tag: which hand-out of this consumer, and the list it was taken from."""
+    """Delivery.tag: which hand-out of this consumer, the list it was taken from, and the
+    consumer's epoch then (see qops/transports/lease.py)."""
 
     seq: int
     name: str
+    epoch: int = 0
 
 
 def tag_of(delivery: Delivery) -> Tag:

@@ -6,7 +6,7 @@ write their registration themselves (``RedisConsumer.heartbeat``)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -46,8 +46,14 @@ def recover(t: RedisTransport) -> int:
         return total
 
 
-def restore(t: RedisTransport, cid: str, only_if_dead: bool) -> int:
+def restore(t: RedisTransport, cid: str, only_if_dead: bool, client: Any = None) -> int:
+    """Give back what consumer ``cid`` holds in flight and unregister it; -1 (nothing
+    done) when ``only_if_dead`` and it is alive. With ``client`` (a pipeline), the
+    script is only queued there and its reply is the pipeline's."""
     keys = [t.key("qops.consumers"), t.key(f"qops.alive.{cid}"),
             t.key(f"qops.sources.{cid}"), t.key(f"qops.consumer.{cid}")]
     mode = "1" if only_if_dead else "0"
+    if client is not None:
+        t._lua_restore(keys=keys, args=[cid, t.prefix, mode], client=client)
+        return 0
     return int(t._lua_restore(keys=keys, args=[cid, t.prefix, mode]))

@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS messages (
     priority INTEGER NOT NULL DEFAULT 0,
     payload BLOB NOT NULL,
     consumer TEXT,
-    redelivered INTEGER NOT NULL DEFAULT 0
+    redelivered INTEGER NOT NULL DEFAULT 0,
+    started INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, consumer, priority DESC, id);
 CREATE INDEX IF NOT EXISTS messages_consumer ON messages (consumer);
@@ -133,6 +135,12 @@ class SQLiteDB:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(broadcasts)")}
         if "routing_key" not in columns:
             conn.execute("ALTER TABLE broadcasts ADD COLUMN routing_key TEXT")
+        # files made before worker-lost accounting (qops/worker/lost.py)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+        for column in ("started", "lost"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE messages ADD COLUMN {column} "
+                             "INTEGER NOT NULL DEFAULT 0")
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -480,6 +488,24 @@ class SQLiteConsumer(Consumer):
             conn.execute("DELETE FROM messages WHERE id = ? AND consumer = ?",
                          (delivery.tag, self.id))
         self._books.settle(delivery.tag)
+
+    def mark_started(self, delivery: Delivery) -> None:
+        # the row's ``started`` survives its consumer: recover() and close() keep it
+        with self.db.write() as conn:
+            conn.execute("UPDATE messages SET started = 1 WHERE id = ? AND consumer = ?",
+                         (delivery.tag, self.id))
+
+    def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
+        with self.db.write() as conn:
+            row = conn.execute("SELECT started, lost FROM messages WHERE id = ? AND "
+                               "consumer = ?", (delivery.tag, self.id)).fetchone()
+            if row is None:
+                return 0, False
+            new = bool(row[0]) or died
+            if new:
+                conn.execute("UPDATE messages SET started = 0, lost = lost + 1 WHERE id = ?",
+                             (delivery.tag,))
+        return int(row[1]) + new, new
 
     def heartbeat(self) -> None:
         with self.db.write() as conn:

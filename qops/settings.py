@@ -50,7 +50,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("task_max_worker_lost", 3, "int",
        "worker losses (its process died running it) before a message is dead-lettered"),
     _s("task_worker_lost_backoff", 1.0, "float",
-       "seconds before a message runs again after a worker loss (doubles each time)"),
+       "seconds before a message runs again after its 2nd worker loss (doubles each time)"),
     _s("task_time_limit", None, "float", "hard time limit in seconds"),
     _s("task_soft_time_limit", None, "float", "soft time limit in seconds"),
     _s("task_default_rate_limit", None, "str", "rate limit for every task, e.g. '10/m'"),

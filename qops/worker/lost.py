@@ -13,8 +13,9 @@ and is the same on every node:
 - after ``task_max_worker_lost`` losses (task option ``max_worker_lost``) the message
   goes to the dead-letter store ("worker lost 3 times: exit code 3") and its result is
   FAILURE with WorkerLostError;
-- before that it waits ``task_worker_lost_backoff`` seconds (doubled at each loss, at
-  most ``MAX_BACKOFF``) before it runs again; the worker meanwhile takes other work.
+- before that it runs again at once after the first loss, and after each later one
+  waits ``task_worker_lost_backoff`` seconds (doubled at each loss, at most
+  ``MAX_BACKOFF``); the worker meanwhile takes other work.
 
 An ack (success, failure, retry) ends the count with the message. Tasks acked before
 they run (acks_late off) are never delivered again after a death: nothing to count.
@@ -67,7 +68,12 @@ class LostBooks:
             return self.limit
 
     def wait(self, n: int) -> float:
-        return min(self.backoff * 2 ** max(0, n - 1), MAX_BACKOFF)
+        """Seconds before a run after the ``n``-th loss: none after the first (a worker
+        that dies once is recovered from as fast as ever), then the backoff, doubled
+        at each loss."""
+        if n <= 1:
+            return 0.0
+        return min(self.backoff * 2 ** (n - 2), MAX_BACKOFF)
 
     # -- before a run --------------------------------------------------------------------
     def before_start(self, d: Delivery) -> Callable[[], bool]:

@@ -76,6 +76,7 @@ class Task:
     ignore_result: bool | None = None
     priority: int | None = None
     reject_on_worker_lost: bool | None = None
+    max_worker_lost: int | None = None
     typing: bool = True
 
     def __init__(self, app: App, fun: Callable[..., Any], *, name: str, bind: bool = False,

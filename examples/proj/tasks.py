@@ -63,20 +63,40 @@ def limited(seconds: float) -> str:
     return "done"
 
 
+def _log_run(path: str, task_id: str) -> int:
+    """Append "<task id> <pid> <unix time>" to ``path``; how many runs of ``task_id``
+    it lists now."""
+    line = f"{task_id} {os.getpid()} {time.time():.3f}\n"
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0)
+        runs = sum(1 for old in f if old.split(" ", 1)[0] == task_id) + 1
+        f.write(line)  # one write(2) in append mode: lines never interleave
+    return runs
+
+
 @app.task(bind=True)
 def record(self, path: str, seconds: float = 0.0, first_only: bool = False) -> int:
     """Appends "<task id> <pid> <unix time>" to the file ``path`` (one line a run, so
     that tests can count executions), then sleeps ``seconds`` (only on the task's first
     run with ``first_only``). Returns how many times this task id has run, this run
     included."""
-    line = f"{self.request.id} {os.getpid()} {time.time():.3f}\n"
-    with open(path, "a+", encoding="utf-8") as f:
-        f.seek(0)
-        runs = sum(1 for old in f if old.split(" ", 1)[0] == self.request.id) + 1
-        f.write(line)  # one write(2) in append mode: lines never interleave
+    runs = _log_run(path, str(self.request.id))
     if seconds and (runs == 1 or not first_only):
         time.sleep(seconds)
     return runs
+
+
+@app.task(bind=True)
+def crash(self, path: str, how: str = "exit", until: int = 0) -> int:
+    """Appends a line to ``path`` as ``record`` does, then kills its own process:
+    ``os._exit(3)`` (``how="exit"``) or SIGKILL (``how="kill"``); on every run, or only
+    on the first ``until`` runs when it is > 0 (later runs return their number)."""
+    runs = _log_run(path, str(self.request.id))
+    if until and runs > until:
+        return runs
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
 
 
 @app.task(bind=True, ignore_result=True)

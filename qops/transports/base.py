@@ -168,6 +168,30 @@ class Consumer(ABC):
         self.transport.dead_letter(delivery.queue, delivery.raw, reason)
         self.ack(delivery)
 
+    # -- worker-lost accounting (the rule per transport: docs/guarantees.md) -----------
+    def mark_started(self, delivery: Delivery) -> None:
+        """The task of ``delivery`` (an acks_late one) starts now: record it with the
+        broker, so that if its process dies before the message is settled, the next
+        delivery of the message counts one worker loss (``worker_lost``). No-op where the
+        broker keeps no such record (RabbitMQ: there a redelivery itself counts)."""
+        return None
+
+    def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
+        """How many times a worker died running this message, and whether this call
+        counted a new death: the last start of the message never ended in a settlement
+        (its process or its whole node died), or ``died`` (the caller saw the process
+        running ``delivery`` die). Asked only of redelivered deliveries and after a seen
+        death, never on the hot path. The count goes with the message: an ack or a
+        reject ends it; a requeue keeps it."""
+        return (1, True) if died else (0, False)
+
+    def after_lost(self, delivery: Delivery, count: int) -> bool:
+        """``delivery`` may run again after its ``count``-th worker loss: make the count
+        last. True: run (or requeue) ``delivery`` as it is, the broker keeps the count;
+        False: the transport settled it and put a copy carrying the count on its queue
+        (RabbitMQ classic queues)."""
+        return True
+
     @abstractmethod
     def heartbeat(self) -> None:
         """Prove this consumer is alive (no-op where the broker tracks connections)."""

@@ -44,6 +44,8 @@ class _State:
     # reply queues (also in ``queues`` while their consumer is open)
     replies: set[str] = field(default_factory=set)
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (owner, until)
+    # worker-lost accounting: payload -> [started (0/1), worker losses]
+    lost: dict[bytes, list[int]] = field(default_factory=dict)
 
 
 _STATES: dict[str, _State] = {}
@@ -255,6 +257,19 @@ class _MemoryConsumer(Consumer):
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, requeue=False)
+        with self.transport.state.lock:
+            self.transport.state.lost.pop(delivery.raw, None)
+
+    def mark_started(self, delivery: Delivery) -> None:
+        with self.transport.state.lock:
+            self.transport.state.lost.setdefault(delivery.raw, [0, 0])[0] = 1
+
+    def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
+        with self.transport.state.lock:
+            record = self.transport.state.lost.setdefault(delivery.raw, [0, 0])
+            new = bool(record[0]) or died
+            record[0], record[1] = 0, record[1] + new
+            return record[1], new
 
     def requeue(self, delivery: Delivery) -> None:
         self._settle(delivery, requeue=True)

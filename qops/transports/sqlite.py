@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS messages (
     priority INTEGER NOT NULL DEFAULT 0,
     payload BLOB NOT NULL,
     consumer TEXT,
-    redelivered INTEGER NOT NULL DEFAULT 0
+    redelivered INTEGER NOT NULL DEFAULT 0,
+    started INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, consumer, priority DESC, id);
 CREATE INDEX IF NOT EXISTS messages_consumer ON messages (consumer);
@@ -119,6 +121,12 @@ class SQLiteDB:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(broadcasts)")}
         if "routing_key" not in columns:
             conn.execute("ALTER TABLE broadcasts ADD COLUMN routing_key TEXT")
+        # files made before worker-lost accounting (qops/worker/lost.py)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+        for column in ("started", "lost"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE messages ADD COLUMN {column} "
+                             "INTEGER NOT NULL DEFAULT 0")
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

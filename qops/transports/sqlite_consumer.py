@@ -179,6 +179,27 @@ class SQLiteConsumer(Consumer):
                              (tag.row, self.id))
         self._books.settle(tag)
 
+    # -- worker-lost accounting (qops/worker/lost.py) -------------------------------------
+    def mark_started(self, delivery: Delivery) -> None:
+        # the row's ``started`` survives its consumer: recover() and close() keep it
+        tag: RowTag = delivery.tag
+        with self._write() as conn:
+            conn.execute("UPDATE messages SET started = 1 WHERE id = ? AND consumer = ?",
+                         (tag.row, self.id))
+
+    def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
+        tag: RowTag = delivery.tag
+        with self._write() as conn:
+            row = conn.execute("SELECT started, lost FROM messages WHERE id = ? AND "
+                               "consumer = ?", (tag.row, self.id)).fetchone()
+            if row is None:
+                return 0, False
+            new = bool(row[0]) or died
+            if new:
+                conn.execute("UPDATE messages SET started = 0, lost = lost + 1 WHERE id = ?",
+                             (tag.row,))
+        return int(row[1]) + new, new
+
     def heartbeat(self) -> None:
         with self._write(check_in=True):
             pass

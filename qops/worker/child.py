@@ -29,6 +29,7 @@ from qops.worker.shared import (
     TIMED_OUT,
     Bye,
     Control,
+    Died,
     Failed,
     Lost,
     Ready,
@@ -77,6 +78,7 @@ class PoolChild:
                                  lost_verdict=self.lost_verdict)
         self.loop.revoked.update(record.revoked)
         self.loop.lost.update(record.lost)
+        self.loop.lost_books.how.update(record.lost_books.how)
         self.siblings = [Slot(pool.table, i) for i in range(1, MAX_CHILDREN + 1)
                          if i != index]
         self._send_lock = threading.Lock()
@@ -172,5 +174,7 @@ class PoolChild:
                 loop.stop()
             elif isinstance(msg, Lost):
                 loop.lost[msg.task_id] = (msg.verdict, msg.status)
+            elif isinstance(msg, Died):
+                loop.lost_books.how[msg.task_id] = msg.how
             elif isinstance(msg, Share):
                 loop.rate_limits.reshare(msg.concurrency)

@@ -69,6 +69,7 @@ from qops.worker.shared import (
     TIMED_OUT,
     Bye,
     Control,
+    Died,
     Failed,
     Lost,
     Ready,
@@ -232,6 +233,9 @@ class ChildPool(Pool):
         exc = lost_error(verdict, status)
         if verdict == LOST and task is not None and record.requeue_when_lost(task):
             log.error("Task %s[%s]: %s; RabbitMQ delivers it again", name, task_id, exc)
+            how = describe_status(status)
+            record.lost_books.how[task_id] = how  # for children started later
+            self._tell_all(Died(task_id, how))  # before the slot ends
             child.slot.end(view.done)
             return
         log.error("Task %s[%s] failed: %s", name, task_id, exc)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from qops import protocol
 from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
+from qops.worker.lost import LostBooks
 from qops.worker.ratelimit import RateLimits
 from qops.worker.request import LOST, REJECTED, SKIPPED, make_job
 from qops.worker.timer import Timer
@@ -88,6 +89,7 @@ class ConsumerLoop:
         self._backoff = 0.5  # seconds before asking a broker that failed again
         self.stopping = False
         self._stop_event = threading.Event()
+        self.lost_books = LostBooks(self)  # worker-lost accounting
 
     # -- set-up ---------------------------------------------------------------------------------
     def apply_rate_limits(self) -> None:
@@ -327,11 +329,14 @@ class ConsumerLoop:
                 self.consumer.ack(d)
                 self._count(req.name)
                 return
+        acks_late, hard, soft = self.options_for(task)
+        if acks_late and d.redelivered and self.lost_books.redelivered(
+                d, req, task, lambda: self.on_due(d, req, task)):
+            return
         wait = self.rate_limits.take(req.name)
         if wait > 0:
             self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
             return
-        acks_late, hard, soft = self.options_for(task)
         if not acks_late:
             self.consumer.ack(d)  # at-most-once: acked before it runs
         if self.track_started:
@@ -349,7 +354,8 @@ class ConsumerLoop:
             self.reserved.pop(req.id, None)
             self._submitted[req.id] = (d, not acks_late)
         # An acked message (at-most-once) is not the broker's to deliver again: it runs.
-        skip = functools.partial(self.consumer.stale, d) if acks_late else None
+        # (acks_late: the pool's last check before the run records its start too)
+        skip = self.lost_books.before_start(d) if acks_late else None
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
                          hard, skip)
 
@@ -417,10 +423,10 @@ class ConsumerLoop:
                 self._count(req.name)
                 return
         elif state == LOST:
-            if self.requeue_when_lost(task):
-                log.error("Task %s[%s]: %s; it goes back to the queue", req.name, req.id,
-                          _exc_line(outcome["result"]))
-                settle = self.consumer.requeue
+            if self.requeue_when_lost(task):  # counted, then requeued or dead-lettered
+                self.lost_books.died(d, req, task, outcome)
+                self._count(req.name)
+                return
             else:
                 log.error("Task %s[%s] failed: %s", req.name, req.id,
                           _exc_line(outcome["result"]))

@@ -333,7 +333,7 @@ class _Slot(threading.Thread):
             how = describe_status(status)
             exc2 = WorkerLostError(f"pool process exited during the task ({how})")
             return {"state": LOST, "result": protocol.exception_to_dict(exc2),
-                    "traceback": None, "runtime": time.monotonic() - start}
+                    "traceback": None, "runtime": time.monotonic() - start, "how": how}
         child.done += 1
         if outcome.pop("_exit", False):
             self.reap(kill=False)
@@ -344,7 +344,8 @@ def describe_status(status: int | None) -> str:
     if status is None:
         return "unknown status"
     if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        sig = os.WTERMSIG(status)
+        return f"killed by {signal.Signals(sig).name} (signal {sig})"
     return f"exit code {os.WEXITSTATUS(status)}"
 
 

@@ -107,6 +107,14 @@ class Lost(NamedTuple):
     status: int | None  # wait status of the dead child
 
 
+class Died(NamedTuple):
+    """A task's process died and the broker delivers it again: how (for the reason
+    of a dead letter, qops/worker/lost.py)."""
+
+    task_id: str
+    how: str
+
+
 class Share(NamedTuple):
     """So many children consume now: each takes that share of every rate limit."""
 
@@ -140,5 +148,5 @@ class Bye(NamedTuple):
     processed: dict[str, int]
 
 
-ToChild = Control | Stop | Lost | Share
+ToChild = Control | Stop | Lost | Died | Share
 ToParent = Ready | Failed | Reply | Bye

@@ -14,11 +14,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pika.exceptions as pex
 
 from qops.errors import BrokerUnreachable, UsageError
+from qops.transports.amqp import lost
 from qops.transports.amqp.deadletters import dead_letter
 from qops.transports.amqp.link import (
     LINK_ERRORS,
@@ -116,6 +118,9 @@ class _AMQPConsumer(Consumer):
         self._global_qos = True  # channel-wide prefetch; False once a quorum queue refused
         self._pumping = False  # the owner is blocked in process_data_events
         self._woken = False  # ... and a wake-up is on its way to it
+        # replace(): nothing is handed out until the replaced delivery's ack is written
+        # (0: off, 1: the copy is on its way, 2: its original's ack is queued)
+        self._replacing = 0
         self._ops: deque[tuple[str, str]] = deque()  # queue changes from any thread
         self._buffer: deque[_Item] = deque()  # delivered, not handed out (under _io)
         self._tags: dict[str, str] = {}  # queue -> consumer tag, on the current channel
@@ -283,6 +288,8 @@ class _AMQPConsumer(Consumer):
             if not acks and not nacks and not self._ops and not self._qos_due:
                 return False
             self._acks, self._nacks = [], []
+            if self._replacing == 2:
+                self._replacing = 0  # written below: hand-outs may go on
             ops = list(self._ops)
             self._ops.clear()
             # the lowest tag the broker still holds for us and that we don't ack now:
@@ -420,8 +427,9 @@ class _AMQPConsumer(Consumer):
         change). Else None. One lock: this runs for every delivery."""
         buffer = self._buffer
         with self._lock:
-            if not now and (len(self._acks) + len(self._nacks) >= self.ack_batch
-                            or self._ops or self._qos_due):
+            if self._replacing or not now and (
+                    len(self._acks) + len(self._nacks) >= self.ack_batch
+                    or self._ops or self._qos_due):
                 return None
             item = buffer[0]
             if not self._books.hold_if_room_locked(item[0], item):
@@ -492,6 +500,32 @@ class _AMQPConsumer(Consumer):
             return
         dead_letter(self.transport, delivery.queue, delivery.raw, reason, item[3])
         self.ack(delivery)
+
+    def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
+        return lost.count(delivery, died)  # every redelivery counts: see lost.py
+
+    def after_lost(self, delivery: Delivery, count: int) -> bool:
+        return lost.keep(self, delivery, count)
+
+    def replace(self, delivery: Delivery, publish: Callable[[], None]) -> None:
+        """``publish`` a copy of ``delivery``, then ack it; nothing is handed out from
+        the start until that ack is written, so the copy never runs while the broker
+        could still deliver the original again too (a crash of the copy's run before
+        the ack went out would leave two)."""
+        with self._lock:
+            self._replacing = 1
+        try:
+            publish()
+        except BaseException:
+            with self._lock:
+                self._replacing = 0
+            raise
+        with self._lock:
+            self._replacing = 2
+        self._settle(delivery, True)
+        with self._lock:
+            if self._replacing == 2 and not self._acks:
+                self._replacing = 0  # nothing to wait for (settled already, or written)
 
     def heartbeat(self) -> None:
         """Nothing to do: the broker watches the connection (AMQP heartbeats, sent while

@@ -24,7 +24,7 @@ from redis.retry import Retry
 from qops.transports.base import Consumer, Delivery, make_delivery, one_line
 from qops.transports.lease import Lease, clock, is_stale, warn_taken_back
 from qops.transports.prefetch import Prefetch
-from qops.transports.redis import deadletters, recovery
+from qops.transports.redis import deadletters, lost, recovery
 from qops.transports.redis.delivery import Tag, decode, tag_of
 from qops.transports.redis.link import UNREACHABLE, Link, bulk
 from qops.transports.redis.names import SEP, STEPS, list_name
@@ -108,6 +108,13 @@ class RedisConsumer(Consumer):
         # Acked, not yet removed from flight on the server: (list name, raw).
         self._acks: list[tuple[str, bytes]] = []
         self._acks_since = 0.0  # monotonic time of the oldest queued ack
+        # Worker-lost records (qops/transports/redis/lost.py) of deliveries handed out:
+        # seq -> key, deleted with the ack (queued in _clears until it is sent).
+        self._lost_keys: dict[int, str] = {}
+        self._clears: list[str] = []
+        # Taken, with a worker-lost record (a worker started them before): handed out
+        # as redelivered, so the worker asks for their count.
+        self._flagged: set[tuple[str, bytes]] = set()
         self._rotation = 0
         self._resync_needed = False
         self._last_beat = 0.0
@@ -177,6 +184,9 @@ class RedisConsumer(Consumer):
                         name, raw = self._cache.popleft()
                         tag = Tag(self._books.take_locked((name, raw)), name,
                                   self._lease.epoch)
+                        again = bool(self._flagged) and (name, raw) in self._flagged
+                        if again:
+                            self._flagged.discard((name, raw))
                     else:
                         tag = None
                         room = self._books.room_locked(len(self._cache))
@@ -200,7 +210,8 @@ class RedisConsumer(Consumer):
                         plan = self._plan
                         nqueues = len(self._queues)
                 if tag is not None:
-                    return make_delivery(tag.name.split(SEP, 1)[0], tag, raw, decode)
+                    return make_delivery(tag.name.split(SEP, 1)[0], tag, raw, decode,
+                                         redelivered=again)
                 linger_until = 0.0
                 try:
                     if time.monotonic() - self._last_beat >= beat_every:
@@ -239,11 +250,18 @@ class RedisConsumer(Consumer):
             acks, self._acks = self._acks, []
         return acks
 
-    def _put_back_acks(self, acks: list[tuple[str, bytes]]) -> None:
+    def _take_clears(self) -> list[str]:
+        with self._lock:
+            clears, self._clears = self._clears, []
+        return clears
+
+    def _put_back_acks(self, acks: list[tuple[str, bytes]],
+                       clears: list[str] | None = None) -> None:
         """A flush failed: keep its acks queued (first, and due at once)."""
-        if acks:
+        if acks or clears:
             with self._lock:
                 self._acks[:0] = acks
+                self._clears[:0] = clears or []
                 self._acks_since = time.monotonic() - ACK_DELAY
 
     def _exchange(self, plan: _Plan, room: int, wait_k: int) -> bool:
@@ -256,8 +274,9 @@ class RedisConsumer(Consumer):
 
     def _exchange_now(self, plan: _Plan, room: int, wait_k: int) -> bool:
         acks = self._take_acks()
+        clears = self._take_clears()
         tail: list[bytes] = [bulk(room), bulk(wait_k)]
-        others: list[list[bytes | str | int | float]] = []
+        others: list[list[bytes | str | int | float]] = [["DEL", *clears]] if clears else []
         for name, raw in acks:
             k = plan.index.get(name)
             if k is None:  # from a queue no longer consumed (cancel_queue): rare
@@ -269,21 +288,24 @@ class RedisConsumer(Consumer):
         count = 2 + plan.count + len(tail)
         rest = plan.packed + b"".join(tail)
         try:
-            self._link.many(others)
-            try:
-                res = self._link.send(b"*%d\r\n" % count + bulk("EVALSHA") +
-                                      bulk(cast("str", script.sha)) + rest)
+            try:  # the others ride in the same write
+                res = self._link.many_then(others, b"*%d\r\n" % count + bulk("EVALSHA") +
+                                           bulk(cast("str", script.sha)) + rest)
             except redis.exceptions.NoScriptError:  # did not run: run it once, with EVAL
                 res = self._link.send(b"*%d\r\n" % count + bulk("EVAL") +
                                       bulk(cast("str", script.script)) + rest)
         except BaseException:
-            self._put_back_acks(acks)
+            self._put_back_acks(acks, clears)
             raise
         if not res:
             return False
         names = plan.names
-        self._taken([(names[int(res[i]) - 1], bytes(res[i + 1]))
-                     for i in range(0, len(res), 2)])
+        got = [(names[abs(int(res[i])) - 1], bytes(res[i + 1])) for i in range(0, len(res), 2)]
+        flagged = [item for i, item in enumerate(got) if int(res[2 * i]) < 0]
+        if flagged:
+            with self._lock:
+                self._flagged.update(flagged)
+        self._taken(got)
         return True
 
     def _blmove(self, name: str, wait: float) -> None:
@@ -295,7 +317,12 @@ class RedisConsumer(Consumer):
             raw = self._link.call("BLMOVE", self.transport.key(name), self._inflight(name),
                                   "RIGHT", "LEFT", wait)
             if raw is not None:
-                self._taken([(name, bytes(raw))])
+                got = (name, bytes(raw))
+                # idle path: one more round trip to see if a worker started it before
+                if self._link.call("EXISTS", lost.lost_key(self.transport, got[1])):
+                    with self._lock:
+                        self._flagged.add(got)
+                self._taken([got])
 
     def _taken(self, got: list[tuple[str, bytes]]) -> None:
         """Messages are now in our in-flight lists: cache them (they count against the
@@ -346,6 +373,9 @@ class RedisConsumer(Consumer):
             if not self._acks:
                 self._acks_since = time.monotonic()
             self._acks.append(entry)
+            key = self._lost_keys.pop(seq, None)
+            if key is not None:  # the message is done: so is its worker-lost record
+                self._clears.append(key)
         if threading.get_ident() == self._get_thread:
             self._flush_now()
 
@@ -386,6 +416,8 @@ class RedisConsumer(Consumer):
                 return  # taken back: the broker has it again
             t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw])
         self._books.settle(tag.seq)
+        with self._lock:
+            self._lost_keys.pop(tag.seq, None)  # its record goes on with the message
 
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter and settle in one atomic step (the base class's two steps could
@@ -403,6 +435,10 @@ class RedisConsumer(Consumer):
             t._lua_reject(keys=[self._inflight(name), t.key("qops.dlq"), t.key("qops.dlq.index")],
                           args=[raw, dl_id, record, now])
         self._books.settle(tag.seq)
+        with self._lock:
+            key = self._lost_keys.pop(tag.seq, None)
+            if key is not None:
+                self._clears.append(key)  # goes with the next round trip
 
     def _current(self, tag: Tag) -> bool:
         """With ``_wire`` held: whether ``tag`` is still this consumer's to settle
@@ -416,6 +452,29 @@ class RedisConsumer(Consumer):
         return is_stale(self._lease, tag_of(delivery).epoch, self._check_in_now,
                         self._taken_back, self.id)
 
+    # -- worker-lost accounting (qops/worker/lost.py) -------------------------------------
+    def mark_started(self, delivery: Delivery) -> None:
+        seq = tag_of(delivery).seq
+        entry = self._books.peek(seq)
+        if entry is None:
+            return
+        t = self.transport
+        lost.mark_started(t, self.id, entry[1])
+        with self._lock:
+            self._lost_keys[seq] = lost.lost_key(t, entry[1])
+
+    def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
+        seq = tag_of(delivery).seq
+        entry = self._books.peek(seq)
+        if entry is None:
+            return 0, False
+        t = self.transport
+        n, new = lost.count(t, entry[1], died)
+        if n:
+            with self._lock:
+                self._lost_keys[seq] = lost.lost_key(t, entry[1])
+        return n, new
+
     def _flush_acks(self, pipe: Any) -> list[tuple[str, bytes]]:
         """Add the queued acks to ``pipe`` (a pipeline of the transport's client); the
         caller puts them back if it fails."""
@@ -423,6 +482,9 @@ class RedisConsumer(Consumer):
         for name, raw in acks:
             # (redis-py sends bytes as they are; its annotation only says str)
             pipe.lrem(self._inflight(name), -1, cast("str", raw))
+        clears = self._take_clears()
+        if clears:  # (not put back if the flush fails: they expire)
+            pipe.delete(*clears)
         return acks
 
     # -- liveness and queues ---------------------------------------------------------------
@@ -534,6 +596,7 @@ class RedisConsumer(Consumer):
                 return
             self._closed = True
             self._cache.clear()
+            self._flagged.clear()
             self._books.clear_locked()  # wakes get()
         # get() notices _closed within one wait slice; past a generous bound, give back
         # anyway (_taken() restores again if a late command still lands something).

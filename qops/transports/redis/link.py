@@ -75,6 +75,37 @@ class Link:
             conn.disconnect()  # replies may be left unread: never reuse the stream
             raise
 
+    def many_then(self, commands: list[list[bytes | str | int | float]],
+                  packed: bytes) -> Any:
+        """``commands``, then the pre-packed command ``packed``, in one round trip;
+        ``packed``'s reply (the others' are read and dropped: error replies included)."""
+        if not commands:
+            return self.send(packed)
+        conn = self._conn
+        try:
+            conn.send_packed_command([b"".join(pack(c) for c in commands) + packed],
+                                      check_health=False)
+            for _ in commands:
+                try:
+                    conn.read_response()
+                except redis.ResponseError:
+                    pass
+        except BaseException:
+            conn.disconnect()
+            raise
+        return self.send_read()
+
+    def send_read(self) -> Any:
+        """The reply of a command already sent."""
+        conn = self._conn
+        try:
+            return conn.read_response()
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            conn.disconnect()
+            raise
+
     def script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA, falling back to EVAL when the server does not know the script (it
         did not run then, so running it once now is safe)."""

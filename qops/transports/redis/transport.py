@@ -65,6 +65,7 @@ class RedisTransport(Transport):
         self._lua_reject = self._client.register_script(load_script("reject.lua"))
         self._lua_restore = self._client.register_script(load_script("restore.lua"))
         self._lua_dlq_requeue = self._client.register_script(load_script("dlq_requeue.lua"))
+        self._lua_worker_lost = self._client.register_script(load_script("worker_lost.lua"))
         self._lua_register_node = self._client.register_script(
             load_script("register_node.lua"))
         self._lua_live_nodes = self._client.register_script(load_script("live_nodes.lua"))

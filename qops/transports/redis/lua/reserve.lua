@@ -15,12 +15,16 @@
 -- ARGV[n+4]      k of the list the caller will block on (BLMOVE) if nothing is ready, or 0
 -- ARGV[n+5...]   acks, two arguments each: k of the list the message came from, payload
 --
--- Returns a flat array {k, payload, k, payload, ...} of what was taken, in that order.
+-- Returns a flat array {k, payload, k, payload, ...} of what was taken, in that order;
+-- k is negative when the message has a worker-lost record (qops.lost.<sha1 of the
+-- payload>: a worker started it before, see qops/transports/redis/lost.py).
 
 local n = tonumber(ARGV[1])
 local want = tonumber(ARGV[n + 3])
 local wait = tonumber(ARGV[n + 4])
 local out = {}
+-- the key prefix: KEYS[1] is '<prefix>qops.consumers'
+local lost = string.sub(KEYS[1], 1, #KEYS[1] - #'qops.consumers') .. 'qops.lost.'
 
 -- Acks first: each removes one copy of its payload from the in-flight list it sits in,
 -- scanning from the right, where the oldest messages are.
@@ -43,7 +47,11 @@ for k = 1, n do
             -- LPUSH: the in-flight list holds the newest on the left, the oldest on the
             -- right, which is the order the restore script relies on.
             redis.call('LPUSH', inflight, raw)
-            out[#out + 1] = k
+            if redis.call('EXISTS', lost .. redis.sha1hex(raw)) == 1 then
+                out[#out + 1] = -k
+            else
+                out[#out + 1] = k
+            end
             out[#out + 1] = raw
         end
         redis.call('SADD', KEYS[2], ARGV[2 + k])

@@ -78,9 +78,14 @@ class LostBooks:
     # -- before a run --------------------------------------------------------------------
     def before_start(self, d: Delivery) -> Callable[[], bool]:
         """The pool's last check before an acks_late task runs (True: skip it, the
-        broker took it back); records the start with the broker."""
+        broker took it back); records the start with the broker where a task that
+        kills its process takes the node with it (threads, solo)."""
         consumer = self.loop.consumer
         assert consumer is not None
+        pool = self.loop.pool
+        if pool is not None and not pool.task_crash_kills_node:
+            # a pool child runs it: its death is seen and counted here (no write per task)
+            return lambda: consumer.stale(d)
 
         def skip() -> bool:
             if consumer.stale(d):

@@ -42,6 +42,11 @@ _STOP = object()
 
 class Pool(ABC):
     name = ""
+    #: a task that kills its process kills the node too (threads, solo): its start must
+    #: reach the broker before it runs, or a node that dies of it is never counted as a
+    #: worker loss (qops/worker/lost.py). Where a child runs it, the parent sees the
+    #: death and counts it itself.
+    task_crash_kills_node = True
 
     def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
                  on_child_start: Callable[[int], None] | None = None) -> None:
@@ -400,6 +405,7 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap
 
 class PreforkPool(Pool):
     name = "prefork"
+    task_crash_kills_node = False
 
     def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
                  on_child_start: Callable[[int], None] | None = None,
@@ -452,6 +458,7 @@ class InlinePool(Pool):
     ``on_run(None, None)`` when it ends."""
 
     name = "inline"
+    task_crash_kills_node = False  # it runs in a pool child: the node's parent sees a death
 
     def __init__(self, app: App, max_tasks_per_child: int | None = None,
                  on_run: Callable[[dict[str, Any] | None, float | None], None] | None = None

@@ -64,6 +64,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "a worker silent this long is dead and its messages go back to the queue"),
     _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks"),
     _s("worker_send_task_events", False, "bool", "send task events (-E)"),
+    _s("worker_state_db", None, "str", "file keeping revoked task ids across restarts (--statedb)"),
     _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker"),
     _s("broker_transport_options", {}, "dict", "transport-specific options"),
     _s("beat_schedule", {}, "dict", "periodic tasks"),
@@ -100,6 +101,7 @@ OLD_NAMES: dict[str, str] = {
     "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
     "CELERYD_MAX_TASKS_PER_CHILD": "worker_max_tasks_per_child",
     "CELERY_SEND_TASK_EVENTS": "worker_send_task_events",
+    "CELERYD_STATE_DB": "worker_state_db",
     "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
     "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
 }

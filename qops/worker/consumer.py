@@ -315,7 +315,7 @@ class ConsumerLoop:
         if self.consumer.stale(d):
             self._skip(req, d)
             return
-        if self._revoked_now(d, req):
+        if (req.id in self.revoked or req.expires is not None) and self._revoked_now(d, req):
             return
         if d.redelivered and self.lost_verdict is not None:
             lost = self.lost_verdict(req.id)
@@ -357,7 +357,8 @@ class ConsumerLoop:
         if self.consumer.stale(d):
             self._skip(req, d)
             return False
-        if self._revoked_now(d, req, claimed=True):
+        if (req.id in self.revoked or req.expires is not None) and \
+                self._revoked_now(d, req, claimed=True):
             return False
         if not acks_late:
             self.consumer.ack(d)  # at-most-once: acked as it starts

@@ -9,7 +9,7 @@ import os
 import threading
 import traceback as tb_mod
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
@@ -18,6 +18,9 @@ from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
 from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
+
+if TYPE_CHECKING:
+    from qops.control import Control
 
 # Names on the wire for each compatibility preset (docs/protocol.md).
 NAMES = {
@@ -337,6 +340,13 @@ class App:
 
     def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
         return AsyncResult(task_id, app=self)
+
+    @property
+    def control(self) -> Control:
+        """Remote control from code: ``app.control.revoke(task_id)`` (qops/control.py)."""
+        from qops.control import Control
+
+        return Control(self)
 
     def signature(self, name: str, args: Iterable[Any] | None = None,
                   kwargs: dict[str, Any] | None = None, **options: Any) -> Signature:

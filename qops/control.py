@@ -242,3 +242,43 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
             consumer.close()
         result.elapsed = time.monotonic() - start
     return result
+
+
+class Control:
+    """``app.control``: remote control from code, as Celery's ``app.control``."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def broadcast(self, command: str, arguments: dict[str, Any] | None = None,
+                  destination: Sequence[str] | None = None, reply: bool = False,
+                  timeout: float = 1.0, pattern: str | None = None,
+                  matcher: str | None = None, **kwargs: Any) -> list[dict[str, Any]] | None:
+        """Send ``command`` to the nodes (``destination``: those only); with ``reply``, the
+        replies as Celery gives them: ``[{node: reply}, ...]``."""
+        found = broadcast(self.app, command, arguments, destination=destination,
+                          pattern=pattern, matcher=matcher, timeout=timeout, reply=reply)
+        if not reply:
+            return None
+        return [{node: answer} for node, answer in found.replies.items()]
+
+    def revoke(self, task_id: str | Sequence[str], destination: Sequence[str] | None = None,
+               terminate: bool = False, signal: str = "SIGTERM", reply: bool = False,
+               timeout: float = 1.0, **kwargs: Any) -> list[dict[str, Any]] | None:
+        """Tell the nodes not to run these tasks (they settle them REVOKED); with
+        ``terminate``, also send ``signal`` to the process running one (prefork)."""
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        return self.broadcast("revoke", {"task_id": ids, "terminate": terminate,
+                                         "signal": signal or "SIGTERM"},
+                              destination=destination, reply=reply, timeout=timeout)
+
+    def terminate(self, task_id: str | Sequence[str], destination: Sequence[str] | None = None,
+                  signal: str = "SIGTERM", **kwargs: Any) -> list[dict[str, Any]] | None:
+        """``revoke(..., terminate=True)``."""
+        return self.revoke(task_id, destination=destination, terminate=True, signal=signal,
+                           **kwargs)
+
+    def ping(self, destination: Sequence[str] | None = None, timeout: float = 1.0,
+             **kwargs: Any) -> list[dict[str, Any]]:
+        return self.broadcast("ping", destination=destination, reply=True,
+                              timeout=timeout) or []

@@ -109,6 +109,16 @@ class AsyncResult:
         self._cache = None
         self.backend.forget(self.id)
 
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str | None = None, wait: bool = False,
+               timeout: float | None = None) -> None:
+        """Tell every node not to run this task: one that holds it (prefetched, waiting
+        for its ETA) settles it REVOKED at once, one that gets it later too. With
+        ``terminate``, a running one is killed with ``signal`` (default SIGTERM; prefork
+        pool only). ``wait``: until the live nodes have answered, at most ``timeout``
+        seconds (default 1). ``connection`` is accepted for Celery's signature."""
+        _revoke(self.app, [self.id], terminate, signal, wait, timeout)
+
     def as_dict(self) -> dict[str, Any]:
         meta = dict(self._meta())
         meta.setdefault("task_id", self.id)
@@ -191,5 +201,26 @@ class GroupResult:
         for r in self.results:
             r.forget()
 
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str | None = None, wait: bool = False,
+               timeout: float | None = None) -> None:
+        """Revoke every member (nested groups too) in one command: see AsyncResult.revoke."""
+        app = self.app or next((r.app for r in self.results if r.app is not None), None)
+        _revoke(app, self._ids(), terminate, signal, wait, timeout)
+
+    def _ids(self) -> list[str]:
+        return [i for r in self.results
+                for i in (r._ids() if isinstance(r, GroupResult) else [r.id])]
+
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "results": [r.as_dict() for r in self.results]}
+
+
+def _revoke(app: App | None, ids: list[str], terminate: bool, signal: str | None,
+            wait: bool, timeout: float | None) -> None:
+    if app is None:
+        from qops.app import current_app
+
+        app = current_app()
+    app.control.revoke(ids, terminate=terminate, signal=signal or "SIGTERM", reply=wait,
+                       timeout=1.0 if timeout is None else timeout)

@@ -100,6 +100,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "longest repr of a task's arguments, result or exception in worker log lines "
        "and events, in characters (0 = no limit; Celery's argsrepr/resultrepr_maxsize)",
        _at_least(0)),
+    _s("worker_state_db", None, "str", "file keeping revoked task ids across restarts (--statedb)"),
     _s("broker_connection_timeout", 5.0, "float", "seconds to connect to the broker",
        _seconds),
     _s("broker_transport_options", {}, "dict", "transport-specific options"),
@@ -140,6 +141,7 @@ OLD_NAMES: dict[str, str] = {
     "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
     "CELERYD_MAX_TASKS_PER_CHILD": "worker_max_tasks_per_child",
     "CELERY_SEND_TASK_EVENTS": "worker_send_task_events",
+    "CELERYD_STATE_DB": "worker_state_db",
     "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
     "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
 }

@@ -40,6 +40,7 @@ def worker(
     beat: Annotated[bool, typer.Option("-B", "--beat", help="Also run beat in this node (development only).")] = False,
     schedule: Annotated[str | None, typer.Option("-s", "--schedule", help="With -B: beat's schedule file.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Check that this worker could start (options, app and tasks, root guard, broker) and exit 0, or with the error.")] = False,
+    statedb: Annotated[str | None, typer.Option("-S", "--statedb", help="File keeping revoked task ids across restarts (templates %n ...).")] = None,
 ) -> None:
     from qops.errors import UsageError
     from qops.ops.daemon import NodeProcess, setup_logging
@@ -80,7 +81,8 @@ def worker(
                    concurrency=concurrency, pool=pool, prefetch_multiplier=prefetch_multiplier,
                    max_tasks_per_child=max_tasks_per_child,
                    task_events=True if task_events else None,
-                   on_ready=lambda _w: readiness.ready(), child_init=child_log)
+                   on_ready=lambda _w: readiness.ready(), child_init=child_log,
+                   statedb=statedb)
         proc.children = lambda: w.pool.pids() if w.pool else ()
         if not g.terminal.quiet and not detach:
             print_banner(w, g.terminal)

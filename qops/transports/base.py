@@ -163,6 +163,13 @@ class Consumer(ABC):
         may ask the broker first, after a pause."""
         return False
 
+    def buffered(self) -> list[Delivery]:
+        """Copies of the messages received from the broker and not handed out yet (a
+        client-side read-ahead: RabbitMQ's prefetch window), for remote control to
+        list as reserved. Never settle them: get() hands them out. [] where nothing is
+        received ahead of get()."""
+        return []
+
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter the message with ``reason`` and remove it from the queue."""
         self.transport.dead_letter(delivery.queue, delivery.raw, reason)

@@ -76,7 +76,7 @@ class PoolChild:
         self.loop = ConsumerLoop(record.app, hostname=record.hostname, queues=record.queues,
                                  prefetch=pool.prefetch, rate_share=pool.concurrency,
                                  lost_verdict=self.lost_verdict)
-        self.loop.revoked.update(record.revoked)
+        self.loop.revoked.merge(record.revoked.items())
         self.loop.lost.update(record.lost)
         self.loop.lost_books.how.update(record.lost_books.how)
         self.siblings = [Slot(pool.table, i) for i in range(1, MAX_CHILDREN + 1)

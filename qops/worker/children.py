@@ -54,7 +54,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from qops import errors
-from qops.backends.base import FAILURE
+from qops.backends.base import FAILURE, REVOKED
 from qops.worker.child import child_main
 from qops.worker.pool import (
     Pool,
@@ -229,6 +229,16 @@ class ChildPool(Pool):
             return
         record, task_id, name = self.record, view.task_id, view.name
         task = record.app.tasks.get(name)
+        if task_id in record.revoked:  # killed by revoke --terminate
+            log.warning("Task %s[%s] terminated (revoked)", name, task_id)
+            child.slot.end(view.done)
+            if record.has_backend:  # (delivered again, it is revoked again: not run)
+                try:
+                    record.app.backend.store(task_id, REVOKED,
+                                             errors.TaskRevokedError("terminated"))
+                except Exception as err:
+                    log.error("Task %s[%s]: could not store REVOKED: %s", name, task_id, err)
+            return
         verdict = TIMED_OUT if child.killed else LOST
         exc = lost_error(verdict, status)
         if verdict == LOST and task is not None and record.requeue_when_lost(task):

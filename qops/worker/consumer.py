@@ -5,8 +5,11 @@
              -> ack / requeue / dead-letter
 
 A ``ConsumerLoop`` owns a transport Consumer, a timer (ETA and rate-limit waits) and
-what a process knows about its tasks: reserved (taken, not started), handed to the
-pool, revoked, lost, processed, rate limits and each task's options. The node
+what a process knows about its tasks: reserved (taken, not started: waiting for an ETA,
+a rate limit or a free slot in the pool's queue), revoked, lost, processed, rate limits
+and each task's options. A task starts when a pool thread or slot takes it (``begin``,
+on that thread): only then does it leave ``reserved``, get its last revoke check, its
+at-most-once ack, STARTED and ``task-started``. The node
 (``qops/worker/worker.py``) makes one and runs it on its main thread, the pool running
 tasks on its threads or children; a pool child that consumes for itself
 (``qops/worker/child.py``) makes its own, with an inline pool and its timer run by
@@ -36,7 +39,8 @@ from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
 from qops.worker.lost import LostBooks
 from qops.worker.ratelimit import RateLimits
-from qops.worker.request import LOST, REJECTED, SKIPPED, make_job
+from qops.worker.request import LOST, REJECTED, make_job
+from qops.worker.state import Revoked
 from qops.worker.timer import Timer
 
 if TYPE_CHECKING:
@@ -64,16 +68,16 @@ class ConsumerLoop:
         self.queues = list(queues)
         self.prefetch = prefetch
         self.rate_limits = RateLimits(share=rate_share)
-        self.revoked: set[str] = set()
+        self.revoked = Revoked()
         # with pool children that consume: tasks whose process died running them and
         # that must not run again -> (why, wait status); see qops/worker/children.py
         self.lost: dict[str, tuple[int, int | None]] = {}
         #: a redelivered task: did a process of this node die running it? (pool
         #: children that consume for themselves ask their siblings' slots)
         self.lost_verdict = lost_verdict
-        self.reserved: dict[str, tuple[TaskRequest, Delivery]] = {}  # taken, not started
-        # handed to the pool, not finished: task id -> (delivery, acked already)
-        self._submitted: dict[str, tuple[Delivery, bool]] = {}
+        # taken, not started: id(delivery) -> (task, delivery). By delivery, not task
+        # id: two copies of one task are two entries
+        self.reserved: dict[int, tuple[TaskRequest, Delivery]] = {}
         self.processed: dict[str, int] = {}
         self.lock = threading.Lock()
         self.max_message_size = int(conf.task_max_message_size)
@@ -176,16 +180,18 @@ class ConsumerLoop:
     def run_inline(self, pool: InlinePool) -> None:
         """Take messages, make the timer's calls and run the tasks, all on this thread,
         until stop() or until the pool wants its process replaced (a pool child that
-        consumes for itself)."""
+        consumes for itself). What the consumer has received is taken (reserved) before
+        the next task runs, so that remote control sees and can revoke it."""
         timer = self.timer
         while True:
             timer.run_due()
-            pool.run_pending()
             if self.stopping or pool.exit_requested:
                 return
-            delivery = self.next_delivery(timer.next_in(0.25))
+            delivery = self.next_delivery(0.0 if pool.pending else timer.next_in(0.25))
             if delivery is not None:
                 self.handle(delivery)
+            else:
+                pool.run_next()
 
     def next_delivery(self, timeout: float) -> Delivery | None:
         """The next message, or None after ``timeout`` or a broker error (then after a
@@ -258,7 +264,7 @@ class ConsumerLoop:
                        retries=req.retries, eta=req.eta and req.eta.isoformat(),
                        expires=req.expires and req.expires.isoformat())
         with self.lock:
-            self.reserved[req.id] = (req, d)
+            self.reserved[id(d)] = (req, d)
         if req.eta is not None:
             wait = (req.eta - dt.datetime.now(dt.timezone.utc)).total_seconds()
             if wait > 0:
@@ -304,27 +310,23 @@ class ConsumerLoop:
             log.error("could not mark task %s FAILURE: %s", task_id, err)
 
     def on_due(self, d: Delivery, req: TaskRequest, task: Task) -> None:
-        """The task may run now (its ETA has come): check expiry and rate, then run it."""
+        """The task may run now (its ETA has come): check expiry and rate, then hand it
+        to the pool (where it stays reserved until a slot takes it: begin())."""
         assert self.consumer is not None and self.pool is not None
         if self.stopping:
             return  # shutdown requeues what is still reserved
+        if id(d) not in self.reserved:  # (a dict read: no lock)
+            return  # settled already (revoked while it waited)
         if self.consumer.stale(d):
-            self._skip(req)
+            self._skip(req, d)
             return
-        if req.id in self.revoked or (
-                req.expires is not None and req.expires <= dt.datetime.now(dt.timezone.utc)):
-            why = "revoked" if req.id in self.revoked else "expired"
-            log.info("Task %s[%s] %s: not run", req.name, req.id, why)
-            self._forget_reserved(req.id)
-            self.store(req, REVOKED, TaskRevokedError(why))
-            self.event("task-revoked", req, terminated=False, signum=None, expired=why == "expired")
-            self.consumer.ack(d)
+        if (req.id in self.revoked or req.expires is not None) and self._revoked_now(d, req):
             return
         if d.redelivered and self.lost_verdict is not None:
             lost = self.lost_verdict(req.id)
             if lost is not None:
                 log.error("Task %s[%s] failed: %s; not run again", req.name, req.id, lost)
-                self._forget_reserved(req.id)
+                self._forget_reserved(d)
                 self.store(req, FAILURE, lost)
                 self.consumer.ack(d)
                 self._count(req.name)
@@ -337,11 +339,6 @@ class ConsumerLoop:
         if wait > 0:
             self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
             return
-        if not acks_late:
-            self.consumer.ack(d)  # at-most-once: acked before it runs
-        if self.track_started:
-            self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
-        self.event("task-started", req)
         hard = req.time_limit or hard
         soft = req.soft_time_limit or soft
         job = make_job(req, self.hostname,
@@ -350,14 +347,73 @@ class ConsumerLoop:
         # the result goes nowhere: don't check that it could be serialized
         job["check_result"] = bool((self.has_backend and not req.ignore_result)
                                    or req.callbacks or req.chain)
-        with self.lock:
-            self.reserved.pop(req.id, None)
-            self._submitted[req.id] = (d, not acks_late)
-        # An acked message (at-most-once) is not the broker's to deliver again: it runs.
-        # (acks_late: the pool's last check before the run records its start too)
-        skip = self.lost_books.before_start(d) if acks_late else None
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
-                         hard, skip)
+                         hard, functools.partial(self.begin, d, req, acks_late))
+
+    def begin(self, d: Delivery, req: TaskRequest, acks_late: bool) -> bool:
+        """A pool thread or slot takes the task (on its thread): whether it runs. It does
+        unless it was settled meanwhile (revoked) or given back (shutdown), its message
+        was taken back by the broker, or it was revoked or expired while it waited. If
+        it runs it is started now: out of ``reserved``, acked if at-most-once, STARTED
+        stored (``task_track_started``), ``task-started`` sent."""
+        assert self.consumer is not None
+        with self.lock:
+            if self.stopping:
+                return False  # still reserved: shutdown gives it back
+            if self.reserved.pop(id(d), None) is None:
+                return False  # settled or given back already
+        if self.consumer.stale(d):
+            self._skip(req, d)
+            return False
+        if (req.id in self.revoked or req.expires is not None) and \
+                self._revoked_now(d, req, claimed=True):
+            return False
+        if not acks_late:
+            self.consumer.ack(d)  # at-most-once: acked as it starts
+        else:
+            self.lost_books.started(d)  # the broker's record of a start (lost.py)
+        if self.track_started:
+            self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
+        self.event("task-started", req)
+        return True
+
+    def _revoked_now(self, d: Delivery, req: TaskRequest, claimed: bool = False) -> bool:
+        """If the task is revoked or expired, settle it so (see _settle_revoked) unless
+        another thread does (``claimed``: this one took it out of reserved already).
+        Whether it is revoked or expired."""
+        if req.id in self.revoked:
+            why = "revoked"
+        elif req.expires is not None and req.expires <= dt.datetime.now(dt.timezone.utc):
+            why = "expired"
+        else:
+            return False
+        if claimed or self._claim(d):
+            self._settle_revoked(d, req, why)
+        return True
+
+    def _settle_revoked(self, d: Delivery, req: TaskRequest, why: str) -> None:
+        """REVOKED stored, ``task-revoked`` sent, the message acked."""
+        assert self.consumer is not None
+        log.info("Task %s[%s] %s: not run", req.name, req.id, why)
+        self.store(req, REVOKED, TaskRevokedError(why))
+        self.event("task-revoked", req, terminated=False, signum=None, expired=why == "expired")
+        self.consumer.ack(d)
+
+    def revoke_reserved(self, ids: Sequence[str]) -> None:
+        """Settle the reserved tasks among ``ids`` now (remote control's thread), not when
+        their turn comes: whichever thread takes one out of reserved first settles or
+        starts it (see begin)."""
+        wanted = set(ids)
+        with self.lock:
+            found = [entry for entry in self.reserved.values() if entry[0].id in wanted]
+        for req, d in found:
+            if self._claim(d):
+                self._settle_revoked(d, req, "revoked")
+
+    def _claim(self, d: Delivery) -> bool:
+        """Take ``d`` out of reserved; False if another thread did first."""
+        with self.lock:
+            return self.reserved.pop(id(d), None) is not None
 
     def requeue_when_lost(self, task: Task) -> bool:
         """Whether a task whose process died mid-run goes back to the queue (else it
@@ -367,27 +423,24 @@ class ConsumerLoop:
             reject = bool(self.app.conf.task_reject_on_worker_lost)
         return reject and self.options_for(task)[0]
 
-    def _skip(self, req: TaskRequest) -> None:
+    def _skip(self, req: TaskRequest, d: Delivery) -> None:
         """The broker took the message back when the connection it came on dropped, and
         delivers it again: this copy is not run (else it would run twice)."""
-        self._forget_reserved(req.id)
+        self._forget_reserved(d)
         log.info("Task %s[%s] not run from an old connection: the broker delivers it "
                  "again", req.name, req.id)
 
-    def _forget_reserved(self, task_id: str) -> None:
+    def _forget_reserved(self, d: Delivery) -> None:
         with self.lock:
-            self.reserved.pop(task_id, None)
+            self.reserved.pop(id(d), None)
 
     def on_done(self, d: Delivery, req: TaskRequest, task: Task, outcome: dict[str, Any],
                 acks_late: bool) -> None:
         """A task ended (called from a pool thread): record it, then ack."""
         assert self.consumer is not None
-        with self.lock:
-            self._submitted.pop(req.id, None)
         state = outcome["state"]
-        if state == SKIPPED:
-            self._skip(req)
-            return
+        if state == LOST and req.id in self.revoked:
+            state = self._terminated(req)
         runtime = outcome.get("runtime", 0.0)
         settle: Callable[[Delivery], None] = self.consumer.ack
         if state == SUCCESS:
@@ -434,6 +487,13 @@ class ConsumerLoop:
         if acks_late or settle is not self.consumer.ack:
             settle(d)
         self._count(req.name)
+
+    def _terminated(self, req: TaskRequest) -> str:
+        """A revoked task whose process died: killed by ``revoke --terminate``."""
+        log.warning("Task %s[%s] terminated (revoked)", req.name, req.id)
+        self.store(req, REVOKED, TaskRevokedError("terminated"))
+        self.event("task-revoked", req, terminated=True, signum=None, expired=False)
+        return REVOKED
 
     def _count(self, name: str) -> None:
         with self.lock:
@@ -505,24 +565,16 @@ class ConsumerLoop:
     def take_back(self) -> list[Delivery]:
         """Stop the timer and take back the messages taken but not started (prefetched,
         waiting for an ETA or a rate limit, queued in the pool), to go back to the
-        broker at once so other workers can run them. At-most-once tasks were acked
-        when dispatched: they are published again here."""
-        consumer = self.consumer
-        unstarted: list[Delivery] = [d for d in self.timer.drain() if d is not None]
+        broker at once so other workers can run them. None of them is acked yet (an
+        at-most-once task is acked as it starts)."""
+        held = {id(d): d for d in self.timer.drain() if d is not None}
         self.timer.join(10.0)
         with self.lock:
-            unstarted.extend(d for _, d in self.reserved.values() if d not in unstarted)
-            self.reserved.clear()
+            held.update((key, d) for key, (_, d) in self.reserved.items())
+            self.reserved.clear()  # a pool slot that takes one of them now drops it
         if self.pool is not None:
-            for job in self.pool.drain_unstarted():
-                d, acked = self._submitted.pop(job["id"], (None, False))
-                if d is None:
-                    continue
-                if acked and consumer is not None and d.message is not None:
-                    consumer.transport.publish(d.queue, d.message)
-                else:
-                    unstarted.append(d)
-        return unstarted
+            self.pool.drain_unstarted()
+        return list(held.values())
 
     def give_back(self, unstarted: list[Delivery]) -> None:
         """Requeue ``unstarted`` (from take_back()) and close the consumer."""

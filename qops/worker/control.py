@@ -16,6 +16,7 @@ Two kinds of handlers:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -27,8 +28,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qops.control import reply_queue_name
-from qops.errors import UsageError
-from qops.protocol import Message
+from qops.errors import ProtocolError, UsageError
+from qops.protocol import Message, parse_task_message
 from qops.rates import parse_rate
 from qops.values import check_arguments, expired, target
 
@@ -215,18 +216,33 @@ def active(loop: ConsumerLoop) -> list[dict[str, Any]]:
             for j in loop.pool.running_jobs()]
 
 
-def reserved(loop: ConsumerLoop) -> list[dict[str, Any]]:
+def _taken(loop: ConsumerLoop, waiting: bool) -> list[tuple[Any, Any]]:
+    """Reserved tasks (taken, not started): those waiting for their ETA if ``waiting``,
+    else the others (prefetched: queued for the pool, waiting for a rate limit, or
+    received by the consumer and not handed out yet: a pool child running a task)."""
+    now = dt.datetime.now(dt.timezone.utc)
     with loop.lock:
         items = list(loop.reserved.values())
-    return [_request_info(loop, req, d) for req, d in items if req.eta is None]
+    if loop.consumer is not None:
+        loop.consumer.keepalive()  # read what the broker sent meanwhile (owner busy)
+        for d in loop.consumer.buffered():
+            if d.message is None:
+                continue
+            try:
+                items.append((parse_task_message(d.message), d))
+            except ProtocolError:
+                continue  # dead-lettered when its turn comes
+    return [(req, d) for req, d in items
+            if (req.eta is not None and req.eta > now) is waiting]
+
+
+def reserved(loop: ConsumerLoop) -> list[dict[str, Any]]:
+    return [_request_info(loop, req, d) for req, d in _taken(loop, False)]
 
 
 def scheduled(loop: ConsumerLoop) -> list[dict[str, Any]]:
-    with loop.lock:
-        items = list(loop.reserved.values())
     return [{"eta": req.eta.isoformat(), "priority": req.priority,
-             "request": _request_info(loop, req, d)}
-            for req, d in items if req.eta is not None]
+             "request": _request_info(loop, req, d)} for req, d in _taken(loop, True)]
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -303,7 +319,7 @@ def handle_active_queues(worker: Worker) -> list[dict[str, Any]]:
 
 @handler
 def handle_revoked(worker: Worker) -> list[str]:
-    return sorted(worker.loop.revoked)
+    return sorted(worker.loop.revoked)  # the node's: its pool children's are the same
 
 
 @handler
@@ -352,15 +368,19 @@ def handle_report(worker: Worker) -> dict[str, Any]:
 @task_handler
 def handle_revoke(loop: ConsumerLoop, task_id: Any, terminate: bool = False,
                   signal_name: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Revoke tasks: never run them here (checked again as each starts), settle those
+    reserved now (REVOKED), and with ``terminate`` signal the process running one."""
     ids = [task_id] if isinstance(task_id, str) else list(task_id)
     sig_name = signal_name or kwargs.get("signal") or "SIGTERM"
+    try:
+        signum = _signum(str(sig_name)) if terminate else 0
+    except ValueError as exc:
+        return {"error": str(exc)}  # nothing changed
     loop.revoked.update(ids)
+    loop.revoked.save()  # with a state file (the node's)
+    loop.revoke_reserved(ids)
     killed = []
     if terminate and loop.pool is not None:
-        try:
-            signum = _signum(str(sig_name))
-        except ValueError as exc:
-            return {"error": str(exc)}
         for tid in ids:
             if loop.pool.terminate_job(tid, signum):
                 killed.append(tid)

@@ -7,7 +7,7 @@ delivered again by the broker. The broker side remembers how many times that hap
 way; the rule per transport is in docs/guarantees.md), so the count survives restarts
 and is the same on every node:
 
-- an acks_late task records its start (``before_start``, right before it runs);
+- an acks_late task records its start (``started``, as it starts);
 - when the node sees its process die running it (``died``), or when a message comes
   back redelivered (``redelivered``), the start that never ended counts one loss;
 - after ``task_max_worker_lost`` losses (task option ``max_worker_lost``) the message
@@ -76,27 +76,20 @@ class LostBooks:
         return min(self.backoff * 2 ** (n - 2), MAX_BACKOFF)
 
     # -- before a run --------------------------------------------------------------------
-    def before_start(self, d: Delivery) -> Callable[[], bool]:
-        """The pool's last check before an acks_late task runs (True: skip it, the
-        broker took it back); records the start with the broker where a task that
-        kills its process takes the node with it (threads, solo)."""
-        consumer = self.loop.consumer
-        assert consumer is not None
+    def started(self, d: Delivery) -> None:
+        """An acks_late task starts (on the pool's thread, after its last checks): record
+        the start with the broker where a task that kills its process takes the node
+        with it (threads, solo). Where a pool child runs it, the node sees the child die
+        and counts that itself: no write per task."""
         pool = self.loop.pool
         if pool is not None and not pool.task_crash_kills_node:
-            # a pool child runs it: its death is seen and counted here (no write per task)
-            return lambda: consumer.stale(d)
-
-        def skip() -> bool:
-            if consumer.stale(d):
-                return True
-            try:
-                consumer.mark_started(d)
-            except Exception as exc:  # run anyway: at least once; this start uncounted
-                log.warning("could not record a task start: %s", exc)
-            return False
-
-        return skip
+            return
+        consumer = self.loop.consumer
+        assert consumer is not None
+        try:
+            consumer.mark_started(d)
+        except Exception as exc:  # run anyway: at least once; this start uncounted
+            log.warning("could not record a task start: %s", exc)
 
     def redelivered(self, d: Delivery, req: TaskRequest, task: Task,
                     again: Callable[[], None]) -> bool:
@@ -136,7 +129,7 @@ class LostBooks:
                 self._cleared.add(id(d))
                 again()
             else:
-                self.loop._forget_reserved(req.id)
+                self.loop._forget_reserved(d)
 
         self.loop.timer.call_later(wait, later, d)
         return True
@@ -181,7 +174,7 @@ class LostBooks:
         log.error("Task %s[%s] failed: %s; moved to the dead-letter store", req.name,
                   req.id, reason)
         loop.dead_letter(d, reason)
-        loop._forget_reserved(req.id)
+        loop._forget_reserved(d)
         exc = WorkerLostError(reason)
         loop.store(req, FAILURE, exc)
         loop.event("task-failed", req, exception=f"WorkerLostError({reason})", traceback=None)

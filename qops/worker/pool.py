@@ -1,7 +1,9 @@
 """Execution pools: solo, threads and prefork.
 
-Every pool takes jobs from one queue, in order. ``drain_unstarted`` hands back the jobs
-not yet started (warm shutdown puts them back on the broker at once).
+Every pool takes jobs from one queue, in order. A job starts when a thread or slot takes
+it from the queue: its ``start()`` is called then, on that thread (the consumer loop
+checks the task again and marks it started there: see ConsumerLoop.begin), and says
+whether it runs. ``drain_unstarted`` empties the queue (warm shutdown).
 
 prefork: each slot is a parent thread that owns one child process and a pipe to it.
 The thread sends a job, waits for the outcome -- at most the hard time limit, after
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops import protocol
 from qops.errors import TimeLimitExceeded, UsageError, WorkerLostError
-from qops.worker.request import LOST, SKIPPED, execute
+from qops.worker.request import LOST, execute
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qops.worker")
 
 OnDone = Callable[[dict[str, Any]], None]
-Skip = Callable[[], bool]
+#: called when a slot takes the job, on its thread: False, and the job does not run
+Start = Callable[[], bool]
 _STOP = object()
 
 
@@ -59,10 +62,10 @@ class Pool(ABC):
         self._lock = threading.Lock()
 
     def submit(self, job: dict[str, Any], on_done: OnDone, hard_limit: float | None,
-               skip: Skip | None = None) -> None:
-        """Run ``job`` when a slot is free, unless ``skip()`` says by then that it must not
-        run (its outcome is then SKIPPED)."""
-        self.jobs.put((job, on_done, hard_limit, skip))
+               start: Start | None = None) -> None:
+        """Run ``job`` when a slot is free, if ``start()`` (called then) says so; else the
+        job is dropped (``on_done`` is not called: ``start`` saw to it)."""
+        self.jobs.put((job, on_done, hard_limit, start))
 
     def drain_unstarted(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -153,8 +156,8 @@ class ThreadPool(Pool):
             item = self.jobs.get()
             if item is _STOP:
                 return
-            job, on_done, _hard, skip = item
-            if _skipped(skip, on_done):
+            job, on_done, _hard, start = item
+            if start is not None and not start():
                 continue
             job["worker_pid"] = os.getpid()
             self._mark(job, True)
@@ -196,13 +199,6 @@ def _stop_and_join(jobs: queue.Queue[Any], threads: list[Any], timeout: float | 
     deadline = None if timeout is None else time.monotonic() + timeout
     for t in threads:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-
-def _skipped(skip: Skip | None, on_done: OnDone) -> bool:
-    if skip is None or not skip():
-        return False
-    _report(on_done, {"state": SKIPPED, "runtime": 0.0})
-    return True
 
 
 def _report(on_done: OnDone, outcome: dict[str, Any]) -> None:
@@ -303,8 +299,8 @@ class _Slot(threading.Thread):
             item = pool.jobs.get()
             if item is _STOP:
                 break
-            job, on_done, hard, skip = item
-            if _skipped(skip, on_done):
+            job, on_done, hard, start = item
+            if start is not None and not start():
                 continue
             if self.child is None:
                 self.spawn()
@@ -451,11 +447,11 @@ class PreforkPool(Pool):
 
 
 class InlinePool(Pool):
-    """Runs each job on the thread that calls ``run_pending()``: the loop of a pool
-    child that consumes for itself (ConsumerLoop.run_inline, qops/worker/child.py),
-    between two gets. Jobs come from ``submit()`` on that same thread (ETA and
-    rate-limit waits too: the child runs its timer in that loop). ``on_run(job, hard)`` is told when a job starts and
-    ``on_run(None, None)`` when it ends."""
+    """Runs a job on the thread that calls ``run_next()``: the loop of a pool child that
+    consumes for itself (ConsumerLoop.run_inline, qops/worker/child.py), between two
+    gets. Jobs come from ``submit()`` on that same thread (ETA and rate-limit waits too:
+    the child runs its timer in that loop). ``on_run(job, hard)`` is told when a job
+    starts and ``on_run(None, None)`` when it ends."""
 
     name = "inline"
     task_crash_kills_node = False  # it runs in a pool child: the node's parent sees a death
@@ -464,7 +460,7 @@ class InlinePool(Pool):
                  on_run: Callable[[dict[str, Any] | None, float | None], None] | None = None
                  ) -> None:
         super().__init__(app, 1, max_tasks_per_child)
-        self.pending: deque[tuple[dict[str, Any], OnDone, float | None, Skip | None]] = deque()
+        self.pending: deque[tuple[dict[str, Any], OnDone, float | None, Start | None]] = deque()
         self.on_run = on_run
         self.done = 0
         self.exit_requested = False  # the process should be replaced (max tasks, hard limit)
@@ -473,18 +469,19 @@ class InlinePool(Pool):
         pass
 
     def submit(self, job: dict[str, Any], on_done: OnDone, hard_limit: float | None,
-               skip: Skip | None = None) -> None:
-        self.pending.append((job, on_done, hard_limit, skip))
+               start: Start | None = None) -> None:
+        self.pending.append((job, on_done, hard_limit, start))
 
     def drain_unstarted(self) -> list[dict[str, Any]]:
         jobs = [item[0] for item in self.pending]
         self.pending.clear()
         return jobs
 
-    def run_pending(self) -> None:
+    def run_next(self) -> None:
+        """Run the next pending job that starts (at most one)."""
         while self.pending and not self.exit_requested:
-            job, on_done, hard, skip = self.pending.popleft()
-            if _skipped(skip, on_done):
+            job, on_done, hard, start = self.pending.popleft()
+            if start is not None and not start():
                 continue
             job["worker_pid"] = os.getpid()
             job["hard_time_limit"] = hard  # enforced in execute(), by a signal
@@ -502,9 +499,10 @@ class InlinePool(Pool):
             if outcome.pop("_exit", False) or (limit and self.done >= limit):
                 self.exit_requested = True
             _report(on_done, outcome)
+            return
 
     def stop(self, timeout: float | None = None) -> None:
-        pass  # nothing runs outside run_pending()
+        pass  # nothing runs outside run_next()
 
     def terminate(self) -> None:
         pass

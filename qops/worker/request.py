@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 # outcome states besides the result states
 REJECTED = "REJECTED"
 LOST = "LOST"
-SKIPPED = "SKIPPED"  # not run: the broker took the message back (Consumer.stale)
 
 
 def make_job(request: Any, hostname: str, delivery_info: dict[str, Any],

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qops.events import EventDispatcher
+from qops.ops.nodes import expand
 from qops.worker.consumer import ConsumerLoop
 from qops.worker.control import ControlServer
 from qops.worker.pool import Pool, make_pool
@@ -48,7 +49,8 @@ class Worker:
                  max_tasks_per_child: int | None = None,
                  task_events: bool | None = None,
                  on_ready: Callable[[Worker], None] | None = None,
-                 child_init: Callable[[int], None] | None = None) -> None:
+                 child_init: Callable[[int], None] | None = None,
+                 statedb: str | None = None) -> None:
         conf = app.conf
         self.app = app
         self.hostname = hostname
@@ -67,6 +69,10 @@ class Worker:
         self.loop = ConsumerLoop(app, hostname=hostname,
                                  queues=list(queues or [app.default_queue]),
                                  prefetch=self.prefetch)
+        # revoked ids that outlive a restart (qops/worker/state.py)
+        self.statedb = statedb or conf.worker_state_db or None
+        if self.statedb:
+            self.loop.revoked.load(expand(self.statedb, hostname))
         self.started_at = time.time()
         self._stop: str | None = None
         self._stop_event = threading.Event()
@@ -235,6 +241,7 @@ class Worker:
             except Exception as exc:
                 log.error("could not announce going offline: %s", exc)
         self.loop.give_back(unstarted)
+        self.loop.revoked.save()
         self.app.close()
         log.info("%s stopped.", self.hostname)
 

@@ -10,6 +10,7 @@ window that follows exempt deliveries are AMQP's, and here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -449,6 +450,16 @@ class _AMQPConsumer(Consumer):
                     continue
                 return (sum(1 for item in self._books.held.values() if item[1] == queue)
                         + sum(1 for item in buffered if item[1] == queue))
+
+    def buffered(self) -> list[Delivery]:
+        while True:
+            try:
+                items = tuple(self._buffer)  # see held()
+            except RuntimeError:
+                continue
+            return [make_delivery(queue, tag, body, functools.partial(_message, props),
+                                  redelivered)
+                    for tag, queue, redelivered, props, body in items]
 
     def _settle(self, delivery: Delivery, acked: bool) -> None:
         tag = delivery.tag

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,11 @@ class WorkerProcess:
     def __init__(self, *args: str, broker: str, backend: str | None = None,
                  app: str = "proj", env: dict[str, str] | None = None,
                  logfile: Path | None = None) -> None:
+        # a node name of its own unless the test names it: two workers of one test on
+        # one broker would otherwise share the default name, and the second is refused
+        name = [] if "-n" in args else ["-n", f"w{uuid.uuid4().hex[:8]}@%h"]
         self.args = ["-A", app, "-b", broker, *(["--result-backend", backend] if backend else []),
-                     "worker", *args]
+                     "worker", *name, *args]
         self.env = env or qops_env()
         self.logfile = logfile
         self.proc: subprocess.Popen[bytes] | None = None

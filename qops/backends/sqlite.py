@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from qops.backends.base import SUCCESS, ResultBackend
-from qops.transports.sqlite import SQLiteDB
-from qops.transports.sqlite_url import path_from_url
+from qops.transports.sqlite.transport import SQLiteDB
+from qops.transports.sqlite.url import path_from_url
 
 
 class SQLiteBackend(ResultBackend):

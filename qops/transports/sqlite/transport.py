@@ -38,7 +38,7 @@ from qops.transports.base import (
     TransportOptions,
     topic_matches,
 )
-from qops.transports.sqlite_url import (  # path_from_url: re-exported for the tests
+from qops.transports.sqlite.url import (  # path_from_url: re-exported for the tests
     check_directory,
     describe_open_error,
     path_from_url,
@@ -220,14 +220,14 @@ class SQLiteTransport(Transport):
 
     def consumer(self, queues: Sequence[str], prefetch: int,
                  consumer_id: str | None = None) -> Consumer:
-        from qops.transports.sqlite_consumer import SQLiteConsumer
+        from qops.transports.sqlite.consumer import SQLiteConsumer
 
         return SQLiteConsumer(self, list(queues), prefetch, consumer_id or uuid.uuid4().hex)
 
     def reply_consumer(self, name: str, *, exchange: str | None = None,
                        routing_key: str | None = None) -> Consumer:
         # no Celery peers on SQLite: the kombu binding is not needed
-        from qops.transports.sqlite_consumer import SQLiteReplyConsumer
+        from qops.transports.sqlite.consumer import SQLiteReplyConsumer
 
         return SQLiteReplyConsumer(self, name, uuid.uuid4().hex)
 

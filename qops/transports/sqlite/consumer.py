@@ -26,7 +26,7 @@ from qops.transports.base import (
 )
 from qops.transports.lease import Lease, clock, is_stale, warn_taken_back
 from qops.transports.prefetch import Prefetch
-from qops.transports.sqlite import HOST
+from qops.transports.sqlite.transport import HOST
 
 if TYPE_CHECKING:
     from qops.transports.sqlite import SQLiteTransport

@@ -150,6 +150,23 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
     return proc.returncode, err.decode(errors="replace").strip()
 
 
+def check_urls(node: Node) -> None:
+    """The node's broker and result backend URLs are well formed (and a SQLite file's
+    directory is there): a one-line UsageError before a record or log is written."""
+    from qops.backends.base import backend_class
+    from qops.transports.base import transport_class
+    from qops.transports.sqlite.url import check_directory, path_from_url
+
+    for key, check, what in (("QOPS_BROKER_URL", transport_class, "broker URL"),
+                             ("QOPS_RESULT_BACKEND", backend_class, "result backend URL")):
+        url = node.env.get(key)
+        if url is None:
+            continue
+        check(url)
+        if url.lower().startswith("sqlite:"):
+            check_directory(path_from_url(url, what), f"the SQLite file of {what}")
+
+
 def start(nodes: Sequence[Node], ping: Ping | None = None, *, use_recorded: bool = False,
           timeout: float = 60.0) -> list[Outcome]:
     """Start the nodes in parallel; return when each runs and answers a ping (``ping``,
@@ -166,6 +183,7 @@ def start(nodes: Sequence[Node], ping: Ping | None = None, *, use_recorded: bool
         try:
             if use_recorded:
                 node.use_record()
+            check_urls(node)  # before anything is written for it
             make_dirs(node.pidfile.parent, node.uid, node.gid)
             rec.save(node.cmdfile, node.as_record())
             procs[node.name] = (node, _launch(node, node.argv))

@@ -85,8 +85,9 @@ def expand(template: str, node: str, index: int | None = None) -> str:
 
 
 def node_name(name: str | None, default_prefix: str = "qops") -> str:
-    """The full node name for ``-n`` (templates in the host part are expanded)."""
-    if not name:
+    """The full node name for ``-n`` (templates in the host part are expanded); None
+    (no ``-n``) gives the default. An empty name is an error, not the default."""
+    if name is None:
         return f"{default_prefix}@{hostname()}"
     local, sep, host = name.partition("@")
     host = host if sep else hostname()

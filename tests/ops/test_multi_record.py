@@ -181,3 +181,21 @@ def test_hup_reopens_the_logs_of_pool_children(shell: Shell, sqlite_url: str) ->
     assert wait_until(lambda: all(p.exists() for p in logs), timeout=10), \
         [p.name for p in shell.cwd.iterdir()]
     assert shell("multi", "stopwait", "w1").returncode == 0
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/db0", "sqlite:///missing-qops-dir/x.db",
+                                 "rabbitmq://guest@localhost//"])
+def test_start_with_a_bad_broker_url_writes_nothing(shell: Shell, url: str) -> None:
+    """A malformed URL is a usage error before a record, pidfile or log is written."""
+    r = shell("-A", "proj", "multi", "start", "w1", "-b", url)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert not list(shell.cwd.glob("w1*")) and not Path("/missing-qops-dir").exists()
+
+
+def test_empty_node_name_is_a_usage_error(shell: Shell) -> None:
+    """``-n ''`` is refused (it used to start a node under the default name)."""
+    env = {**shell.env, "QOPS_FORCE_ROOT": "1"}
+    r = subprocess.run([sys.executable, "-m", "qops", "-A", "proj", "-b",
+                        f"sqlite:///{shell.cwd}/b.db", "worker", "-n", ""], env=env,
+                       cwd=shell.cwd, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "empty name part" in r.stderr

@@ -166,3 +166,6 @@ def _report_missing(res: Any, timeout: float) -> None:
         print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
     if not res.replies:
         print("Error: no nodes replied within time constraint.", file=sys.stderr)
+        if res.method == "revoke":
+            print("qops: the revoke reached no node: a node that starts later does not "
+                  "know it and runs the task", file=sys.stderr)

@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from qops.errors import PublishError, UsageError
 from qops.protocol import Message
@@ -416,7 +417,7 @@ class Transport(ABC):
 
 def mask_password(url: str) -> str:
     """``redis://:secret@host/0`` -> ``redis://:**@host/0``."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlunsplit
 
     parts = urlsplit(url)
     if parts.password is None:
@@ -502,6 +503,25 @@ def url_error(url: str, what: str, problem: str, scheme: str) -> UsageError:
     form = URL_FORMS.get(scheme, "")
     return UsageError(f"bad {what} {mask_password(url)!r}: {problem}"
                       + (f"; expected {form}" if form else ""))
+
+
+def split_network_url(url: str, schemes: Sequence[str], what: str,
+                      family: str) -> tuple[SplitResult, str, int | None]:
+    """``url`` split (parts, lower-case scheme, port) once its scheme is one of
+    ``schemes`` followed by ``//`` and its port is a number in 1-65535: the checks every
+    network broker URL shares; a one-line UsageError (``family``'s form) otherwise."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in schemes or not url.split(":", 1)[1].startswith("//"):
+        raise url_error(url, what, f"not {'an' if family[0] in 'aeiou' else 'a'} "
+                        f"{family.upper() if family == 'amqp' else family.title()} URL", family)
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of 0-65535
+        raise url_error(url, what, f"bad port ({exc})", scheme) from None
+    if port == 0:
+        raise url_error(url, what, "port 0", scheme)
+    return parts, scheme, port
 
 
 def url_scheme(url: str, known: Sequence[str], what: str) -> str:

@@ -39,18 +39,6 @@ needs_chain_failure = pytest.mark.skipif(
     reason="the worker does not call qops.canvas.propagate_chain_failure yet")
 
 
-@pytest.fixture(params=["sqlite", "redis", "amqp"])
-def urls(request: pytest.FixtureRequest) -> tuple[str, str]:
-    """(broker, result backend) for each transport."""
-    if request.param == "sqlite":
-        url = request.getfixturevalue("sqlite_url")
-        return url, url
-    redis_url = request.getfixturevalue("redis_url")
-    if request.param == "redis":
-        return redis_url, redis_url
-    return request.getfixturevalue("amqp_url"), redis_url
-
-
 @pytest.fixture
 def proj(urls: tuple[str, str], tmp_path: Path) -> Iterator[object]:
     """The example app on this test's broker, with a worker running."""

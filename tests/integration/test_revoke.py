@@ -13,7 +13,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,34 +26,6 @@ from tests.helpers import WorkerProcess, qops_env, wait_until
 
 NODE = "rv@revoke.test"
 REPLY = 10.0  # seconds a remote-control call may wait for the node (a busy machine)
-
-
-@pytest.fixture(params=["sqlite", "redis", "amqp"])
-def urls(request: pytest.FixtureRequest) -> tuple[str, str]:
-    """(broker, result backend) for each transport."""
-    kind = request.param
-    if kind == "sqlite":
-        url = request.getfixturevalue("sqlite_url")
-        return url, url
-    redis_url = request.getfixturevalue("redis_url")
-    if kind == "redis":
-        return redis_url, redis_url
-    return request.getfixturevalue("amqp_url"), redis_url
-
-
-@pytest.fixture
-def proj(urls: tuple[str, str]) -> Iterator[Any]:
-    """The example app, pointed at this test's broker and backend."""
-    import proj.tasks
-    from proj.qops import app
-
-    broker, backend = urls
-    app.conf.set("broker_url", broker, layer="cli")
-    app.conf.set("result_backend", backend, layer="cli")
-    app.close()
-    yield proj.tasks
-    app.conf._layers["cli"].clear()
-    app.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,34 +12,6 @@ import pytest
 from qops.errors import TaskRevokedError, TimeLimitExceeded
 from qops.protocol import Message
 from tests.helpers import REPLY_TIMEOUT, WorkerProcess, qops_env, run_qops, wait_until
-
-
-@pytest.fixture(params=["sqlite", "redis", "amqp"])
-def urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """(broker, result backend) for each transport."""
-    kind = request.param
-    if kind == "sqlite":
-        url = request.getfixturevalue("sqlite_url")
-        return url, url
-    redis_url = request.getfixturevalue("redis_url")
-    if kind == "redis":
-        return redis_url, redis_url
-    return request.getfixturevalue("amqp_url"), redis_url
-
-
-@pytest.fixture
-def proj(urls: tuple[str, str]) -> Iterator[object]:
-    """The example app, pointed at this test's broker and backend."""
-    import proj.tasks
-    from proj.qops import app
-
-    broker, backend = urls
-    app.conf.set("broker_url", broker, layer="cli")
-    app.conf.set("result_backend", backend, layer="cli")
-    app.close()
-    yield proj.tasks
-    app.conf._layers["cli"].clear()
-    app.close()
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ fails with PublishError instead of hanging).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
-from qops.transports.base import url_error
+from qops.transports.base import split_network_url, url_error
 
 DEAD_LETTER_QUEUE = "qops.dlq"
 DEFAULT_HEARTBEAT = 60
@@ -37,16 +37,7 @@ def parse_url(url: str) -> AMQPParams:
     path, ``/`` or ``//`` is vhost ``/``; every part is percent-decoded. A malformed
     URL is a one-line UsageError naming the expected form."""
     what = "broker URL"
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("amqp", "amqps", "pyamqp") or not url.split(":", 1)[1].startswith("//"):
-        raise url_error(url, what, "not an AMQP URL", "amqp")
-    try:
-        port = parts.port
-    except ValueError as exc:  # not a number, or out of 0-65535
-        raise url_error(url, what, f"bad port ({exc})", scheme) from None
-    if port == 0:
-        raise url_error(url, what, "port 0", scheme)
+    parts, scheme, port = split_network_url(url, ("amqp", "amqps", "pyamqp"), what, "amqp")
     path = parts.path
     vhost = "/" if path in ("", "/") else unquote(path[1:])
     query = dict(parse_qsl(parts.query))

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from qops.errors import UsageError
-from qops.transports.base import mask_password, url_error
+from qops.transports.base import mask_password, split_network_url, url_error
 
 _DB = re.compile(r"[0-9]+")
 
@@ -48,16 +48,7 @@ def split_url(url: str) -> tuple[str, str]:
 def parse_url(url: str, what: str = "broker URL") -> RedisURL:
     """Check a ``redis://``, ``rediss://`` or ``unix://`` URL; a one-line UsageError
     saying what is wrong and the expected form when it is malformed."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix") or not url.split(":", 1)[1].startswith("//"):
-        raise url_error(url, what, "not a Redis URL", "redis")
-    try:
-        port = parts.port
-    except ValueError as exc:  # not a number, or out of 0-65535
-        raise url_error(url, what, f"bad port ({exc})", scheme) from None
-    if port == 0:
-        raise url_error(url, what, "port 0", scheme)
+    parts, scheme, port = split_network_url(url, ("redis", "rediss", "unix"), what, "redis")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     db_text = query.get("db")
     if scheme == "unix":

@@ -392,7 +392,8 @@ def status(nodes: Sequence[Node]) -> list[Outcome]:
         msg = {"running": f"up {_human(up or 0)}", "stopped": "not running",
                "stale": f"not running (stale pidfile naming pid {pid})",
                "foreign": f"not running (the pidfile names pid {pid}, another process)"}
-        out.append(Outcome(node.name, "status", state == "running", pid, state, msg[state]))
+        out.append(Outcome(node.name, "status", state == "running", pid, state, msg[state],
+                           0 if state == "running" else EX_UNAVAILABLE))
     return out
 
 

@@ -115,7 +115,9 @@ def test_status_exit_codes_and_stale_pidfiles(shell: Shell, sqlite_url: str) -> 
                  "-P", "solo").returncode == 0
     r = shell("multi", "status", "w1", "w2", "--json")
     assert r.returncode == 75
-    assert [o["state"] for o in json.loads(r.stdout)] == ["stopped", "running"]
+    doc = json.loads(r.stdout)
+    assert [o["state"] for o in doc] == ["stopped", "running"]
+    assert [o["exit_code"] for o in doc] == [69, 0]  # a down node is no success
     # an older qops's two-line pidfile is read, and rewritten with the pid alone
     path = shell.cwd / "w2.pid"
     pid = int(path.read_text())

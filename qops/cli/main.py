@@ -271,7 +271,13 @@ def run(args: list[str], term: Terminal) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
-        os.environ["NO_COLOR"] = "1"  # rich's help screens and errors read it too
+        os.environ["NO_COLOR"] = "1"
+    if os.environ.get("NO_COLOR"):
+        # no escapes at all in help screens and usage errors (rich's own NO_COLOR keeps
+        # bold and dim); paid only by those who ask for it
+        from typer import rich_utils
+
+        rich_utils.COLOR_SYSTEM = None
     try:
         code = run(args, _early_terminal(args))
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from qops.errors import EX_FAILURE, QopsError
 
@@ -37,13 +37,18 @@ class Terminal:
 
         if err:
             if self._err_console is None:
-                self._err_console = Console(stderr=True, no_color=self.no_color,
-                                            highlight=False)
+                self._err_console = Console(stderr=True, highlight=False,
+                                            color_system=self._colors())
             return self._err_console
         if self._console is None:
-            self._console = Console(no_color=self.no_color, highlight=False,
-                                    soft_wrap=True)
+            self._console = Console(highlight=False, soft_wrap=True,
+                                    color_system=self._colors())
         return self._console
+
+    def _colors(self) -> Literal["auto"] | None:
+        """No colour, bold or dim at all with NO_COLOR / --no-color (rich's own
+        no_color keeps bold and dim)."""
+        return None if self.no_color else "auto"
 
     def print(self, text: str = "", style: str | None = None) -> None:
         if self.quiet or self.json_mode:

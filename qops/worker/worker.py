@@ -250,7 +250,14 @@ class Worker:
             "prefetch": self.prefetch,
             "queues": self.queues,
             "tasks": sorted(n for n in self.app.tasks if not n.startswith("qops.")),
+            "remote_control": remote_control_line(self.app),
         }
+
+
+def remote_control_line(app: Any) -> str:
+    from qops.ops.exposure import remote_control_line as line
+
+    return line(app)
 
 
 def _mask(url: str | None) -> str | None:

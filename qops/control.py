@@ -154,8 +154,11 @@ class Replies:
         return EX_OK
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "replies": self.replies, "missing": self.missing,
-                "elapsed": round(self.elapsed, 4)}
+        out = {"method": self.method, "replies": self.replies, "missing": self.missing,
+               "elapsed": round(self.elapsed, 4)}
+        if self.rejected:  # replies whose signature did not verify (docs/security.md)
+            out["rejected"] = self.rejected
+        return out
 
 
 def name_taken(app: App, name: str, timeout: float = 1.0) -> bool:

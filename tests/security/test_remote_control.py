@@ -104,6 +104,10 @@ def test_wrong_key_is_a_clear_client_error(broker: str, node: WorkerProcess,
     assert "signatures of 1 reply did not verify" in r.stderr, r.stderr
     assert "ignored the reply of " + NODE in r.stderr
     assert wait_until(lambda: "bad signature" in log_of(tmp_path), timeout=5)
+    r = run_qops("-b", broker, "--json", "inspect", "ping", "-d", NODE, "--timeout", "5",
+                 env=env)
+    doc = json.loads(r.stdout)
+    assert doc["replies"] == {} and doc["rejected"] == {NODE: "bad signature"}
 
 
 def test_replayed_signed_message_is_refused(broker: str, key: Path, node: WorkerProcess,

@@ -205,6 +205,12 @@ def control_signer(app: Any, sender: str | None = None) -> Signer | None:
     return Signer(_cached_keys(str(path)), sender or default_sender())
 
 
+def remote_control_line(app: Any) -> str:
+    """"signed (<key file>)" or "unauthenticated", for the worker's banner."""
+    path = app.conf.control_key_file
+    return f"signed ({path})" if path else "unauthenticated"
+
+
 def task_signer(app: Any, sender: str | None = None) -> Signer | None:
     """The signer for ``app``'s task messages, or None when ``task_signing`` is off."""
     if not app.conf.task_signing:

@@ -67,9 +67,3 @@ def warnings(app: Any, pidfiles: Iterable[str | os.PathLike[str] | None] = ()) -
             out.append(f"pidfile {problem}: use a directory of the node's own (e.g. "
                        "/run/qops)")
     return out
-
-
-def remote_control_line(app: Any) -> str:
-    """"signed (key file ...)" or "unauthenticated", for banners and status."""
-    path = app.conf.control_key_file
-    return f"signed ({path})" if path else "unauthenticated"

@@ -240,6 +240,8 @@ class Worker:
 
     # -- facts for banners and remote control ---------------------------------------------
     def info(self) -> dict[str, Any]:
+        from qops.signing import remote_control_line
+
         return {
             "hostname": self.hostname,
             "pid": os.getpid(),
@@ -252,12 +254,6 @@ class Worker:
             "tasks": sorted(n for n in self.app.tasks if not n.startswith("qops.")),
             "remote_control": remote_control_line(self.app),
         }
-
-
-def remote_control_line(app: Any) -> str:
-    from qops.ops.exposure import remote_control_line as line
-
-    return line(app)
 
 
 def _mask(url: str | None) -> str | None:

@@ -16,6 +16,7 @@ from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
 from qops.errors import ConfigError, NoResultBackend, UsageError
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
+from qops.signing import HEADER, task_context, task_signer
 from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
 
@@ -309,6 +310,10 @@ class App:
             callbacks=_sig_list(link), errbacks=_sig_list(link_error), chain=chain,
             chord=chord, reply_to=reply_to, priority=priority, shadow=shadow,
             ignore_result=ignore_result)
+        signer = task_signer(self)
+        if signer is not None:  # task_signing: docs/security.md
+            message.headers[HEADER] = signer.sign("task", message.body,
+                                                  task_context(message.headers))
         self.transport.publish(target, message)
         return AsyncResult(message.headers["id"], app=self)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops.errors import EX_FAILURE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, UsageError
 from qops.protocol import Message
+from qops.signing import HEADER, SignatureError, control_signer
 from qops.values import check_arguments, target
 
 if TYPE_CHECKING:
@@ -120,6 +121,10 @@ class Replies:
     expected_count: int | None = None  # how many live nodes (when names are unknown)
     elapsed: float = 0.0
     duplicates: list[str] = field(default_factory=list)  # names more than one node replied as
+    #: replies dropped because their signature did not verify: node (or sender) -> why
+    rejected: dict[str, str] = field(default_factory=dict)
+    #: whether the command was signed (a control key is configured)
+    signed: bool = False
 
     @property
     def missing(self) -> list[str]:
@@ -149,8 +154,11 @@ class Replies:
         return EX_OK
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "replies": self.replies, "missing": self.missing,
-                "elapsed": round(self.elapsed, 4)}
+        out = {"method": self.method, "replies": self.replies, "missing": self.missing,
+               "elapsed": round(self.elapsed, 4)}
+        if self.rejected:  # replies whose signature did not verify (docs/security.md)
+            out["rejected"] = self.rejected
+        return out
 
 
 def name_taken(app: App, name: str, timeout: float = 1.0) -> bool:
@@ -204,10 +212,14 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
         reply_to = request["reply_to"] = {"exchange": f"reply.{mailbox}", "routing_key": oid}
         consumer = transport.reply_consumer(reply_queue_name(reply_to),
                                             exchange=reply_to["exchange"], routing_key=oid)
+    signer = control_signer(app)
+    result.signed = signer is not None
     try:
-        headers = {"clock": 1, "expires": int(time.time() + timeout + 1)}
-        transport.broadcast(mailbox, Message(body=json.dumps(request).encode(),
-                                             headers=headers))
+        body = json.dumps(request).encode()
+        headers: dict[str, Any] = {"clock": 1, "expires": int(time.time() + timeout + 1)}
+        if signer is not None:
+            headers[HEADER] = signer.sign("control", body)
+        transport.broadcast(mailbox, Message(body=body, headers=headers))
         if consumer is None:
             return result
         if (result.expected is not None and not result.expected) or \
@@ -234,6 +246,14 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
                 body = json.loads(d.message.body)
             except ValueError:
                 continue
+            if signer is not None and isinstance(body, dict):
+                auth = d.message.headers.get(HEADER)
+                try:
+                    signer.verify("reply", d.message.body, auth, context=ticket)
+                except SignatureError as exc:
+                    for node in body or ["?"]:
+                        result.rejected[str(node)] = str(exc)
+                    continue
             if isinstance(body, dict):
                 result.duplicates += [n for n in body if n in result.replies]
                 result.replies.update(body)

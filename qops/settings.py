@@ -107,6 +107,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("broker_api", None, "str",
        "RabbitMQ management API for queue counts, e.g. http://guest:guest@localhost:15672/api/"
        " (default: the broker's host, port 15672; 'off': do not ask)"),
+    _s("control_key_file", None, "str",
+       "key file that signs remote control (docs/security.md); none: unauthenticated"),
+    _s("task_signing", False, "bool",
+       "sign task messages; workers dead-letter unsigned ones (docs/security.md)"),
+    _s("task_key_file", None, "str", "key file for task_signing (default: control_key_file)"),
     _s("beat_schedule", {}, "dict", "periodic tasks"),
     _s("beat_schedule_filename", "qops-beat-schedule", "str", "beat's state file"),
 ]}

@@ -40,6 +40,9 @@ def beat(
         _show(app, g.terminal, schedule_file)
         return
     check_root(accept_content=list(app.conf.accept_content), uid=proc.uid_n)
+    from qops.cli.worker import check_security
+
+    check_security(app, g.terminal, [proc.pid_path])
     with proc.run(preload=app.preload) as readiness:
         b = Beat(app, schedule_file=schedule_file, max_interval=max_interval)
         b.setup()

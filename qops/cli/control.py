@@ -78,6 +78,9 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
     dest = _split(destination)
     res = ctl.broadcast(app, "ping", destination=dest, timeout=timeout, linger=0.1)
     term = g.terminal
+    if not res.signed:
+        print("qops: remote control: unauthenticated (no control_key_file; "
+              "see docs/security.md)", file=sys.stderr)
     for node in sorted(set(res.duplicates)):
         term.warn(f"more than one node answers as {node}: their replies are merged; "
                   "give each its own name (-n)")
@@ -85,6 +88,7 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
         term.json({"nodes": {n: ("OK" if r == {"ok": "pong"} else r)
                              for n, r in sorted(res.replies.items())},
                    "missing": res.missing, "duplicates": sorted(set(res.duplicates)),
+                   "remote_control": "signed" if res.signed else "unauthenticated",
                    "elapsed": round(res.elapsed, 4)})
     else:
         for node in sorted(res.replies):
@@ -162,9 +166,15 @@ def _print_replies(term: Any, res: Any) -> None:
 
 def _report_missing(res: Any, timeout: float) -> None:
     """The nodes that did not reply, and "no nodes replied": diagnostics, on stderr."""
+    for node, why in sorted(res.rejected.items()):
+        print(f"qops: warning: ignored the reply of {node}: {why}", file=sys.stderr)
     for node in res.missing:
         print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
-    if not res.replies:
+    if not res.replies and res.rejected:
+        n = len(res.rejected)
+        print(f"Error: no valid replies: the signatures of {n} repl{'ies' if n > 1 else 'y'} "
+              "did not verify; is control_key_file the key the nodes use?", file=sys.stderr)
+    elif not res.replies:
         print("Error: no nodes replied within time constraint.", file=sys.stderr)
         if res.method == "revoke":
             print("qops: the revoke reached no node: a node that starts later does not "

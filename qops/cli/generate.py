@@ -32,6 +32,7 @@ Loglevel = Annotated[str, typer.Option("-l", "--loglevel", help="Log level of th
 Events = Annotated[bool, typer.Option("-E", "--task-events", help="Nodes send task events.")]
 Logdir = Annotated[str, typer.Option("--logdir", help="Directory of the log files.")]
 NoBeat = Annotated[bool, typer.Option("--no-beat", help="No beat (periodic tasks) unit/program.")]
+ControlKey = Annotated[str | None, typer.Option("--control-key-file", help="Path on the host of the remote-control key (make it with 'qops generate key'): nodes then obey signed commands only.")]
 
 
 def register(cli: typer.Typer) -> None:
@@ -42,7 +43,44 @@ def register(cli: typer.Typer) -> None:
                 "tmpfiles.d entry.")(systemd)
     gen.command("supervisor", help="Write a supervisor config: a program section per "
                 "node and for beat, and a group of them.")(supervisor)
+    gen.command("key", help="Create a remote-control key file (docs/security.md): "
+                "0600, or 0640 with --group; an existing file is kept.")(key)
     cli.add_typer(gen, name="generate")
+
+
+def key(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The key file to create, e.g. /etc/qops/control.key.")],
+    group: Annotated[str | None, typer.Option("--group", help="Give the file to this group, mode 0640 (the nodes' group).")] = None,
+) -> None:
+    import grp
+
+    from qops.errors import UsageError
+    from qops.signing import check_key_file_mode, write_key_file
+
+    term = ctx.obj.terminal
+    gid = None
+    if group is not None:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"no group named {group!r}") from None
+    try:
+        write_key_file(path, gid)
+        created = True
+    except FileExistsError:
+        created = False
+        problem = check_key_file_mode(path)
+        if problem:
+            raise UsageError(f"key file {path} exists and {problem}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create key file {path}: {exc.strerror}") from None
+    if term.json_mode:
+        term.json({"key_file": str(path), "created": created})
+        return
+    term.print(f"{'wrote' if created else 'kept the existing'} {path}")
+    term.note("Give every node and every client that may steer them this file "
+              "(control_key_file: or QOPS_CONTROL_KEY_FILE); see docs/security.md.")
 
 
 def systemd(
@@ -64,19 +102,21 @@ def systemd(
     logdir: Logdir = "/var/log/qops",
     rundir: Annotated[str, typer.Option("--rundir", help="Directory of multi's pidfiles.")] = "/run/qops",
     no_beat: NoBeat = False,
+    control_key_file: ControlKey = None,
 ) -> None:
     from qops.ops import deploy
 
     g = ctx.obj
     d = _deployment(g, "systemd", names, nodes, qops_bin, stop_timeout, concurrency, queues,
                     pool, loglevel, task_events, user=user, group=group, env_file=env_file,
-                    multi=multi, logdir=logdir, rundir=rundir, beat=not no_beat)
+                    multi=multi, logdir=logdir, rundir=rundir, beat=not no_beat,
+                    control_key_file=control_key_file)
     files = deploy.systemd_files(d)
     term = g.terminal
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
-            (output / name).write_text(text)
+            _write(output / name, text, private=name == deploy.ENV_FILE)
         if term.json_mode:
             term.json({"written": [str(output / n) for n in files]})
             return
@@ -109,6 +149,7 @@ def supervisor(
     name: Annotated[str, typer.Option("--name", help="Group name and program prefix ([program:NAME-w1], [group:NAME]).")] = "qops",
     startsecs: Annotated[int, typer.Option("--startsecs", min=1, help="Seconds a program must run to count as started.")] = 10,
     no_beat: NoBeat = False,
+    control_key_file: ControlKey = None,
 ) -> None:
     from qops.ops import deploy
 
@@ -116,13 +157,13 @@ def supervisor(
     d = _deployment(g, "supervisor", names, nodes, qops_bin, stop_timeout, concurrency,
                     queues, pool, loglevel, task_events, user=user, force_root=force_root,
                     logdir=logdir, statedir=statedir, name=name, startsecs=startsecs,
-                    beat=not no_beat)
+                    beat=not no_beat, control_key_file=control_key_file)
     text = deploy.supervisor_config(d)
     term = g.terminal
     if output is not None:
         if output.parent != Path(""):
             output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        _write(output, text, private=True)
         if term.json_mode:
             term.json({"written": [str(output)]})
             return
@@ -203,7 +244,8 @@ def _command_line(g: Any, kind: str, d: Any, names: list[str] | None, nodes: int
         args += ["--nodes", str(nodes)]
     defaults = {"group": None, "env_file": "/etc/qops/qops.env", "multi": False,
                 "logdir": "/var/log/qops", "rundir": "/run/qops", "statedir": "/var/lib/qops",
-                "force_root": False, "name": "qops", "startsecs": 10, "beat": True}
+                "force_root": False, "name": "qops", "startsecs": 10, "beat": True,
+                "control_key_file": None}
     for key, value in extra.items():
         if value == defaults.get(key, object()):
             continue
@@ -222,6 +264,18 @@ def _command_line(g: Any, kind: str, d: Any, names: list[str] | None, nodes: int
     if d.loglevel != "INFO":
         args += ["-l", d.loglevel]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def _write(path: Path, text: str, private: bool) -> None:
+    """Write a generated file: 0600 when it may hold a password (qops.env, the
+    supervisor config), else 0644; the mode is set even on a file that existed."""
+    mode = 0o600 if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _systemd_next_steps(d: Any) -> str:

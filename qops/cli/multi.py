@@ -86,6 +86,9 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
 
         app = g.load_app(required=True)
         check_root(accept_content=list(app.conf.accept_content), uid=uid_n)
+        from qops.cli.worker import check_security
+
+        check_security(app, term, [n.pidfile for n in nodes])
         outcomes = actions.start(nodes, pinger(app))
     elif action == "stop":
         outcomes = actions.stop(nodes)

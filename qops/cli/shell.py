@@ -68,6 +68,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "generate": ("qops -A proj generate systemd --nodes 2 -o ./units",),
     "generate systemd": ("qops -A proj generate systemd --nodes 2 -c 4 -o ./units",),
     "generate supervisor": ("qops -A proj generate supervisor w1 w2 -o ./qops.conf",),
+    "generate key": ("qops generate key /etc/qops/control.key --group qops",),
 }
 
 #: multi actions whose arguments are nodes that exist (completed from the rundir)

@@ -56,6 +56,7 @@ def worker(
     proc = NodeProcess(node, loglevel, logfile, pidfile, detach, uid, gid, umask)
     app = g.load_app(required=True, import_tasks=True)
     check_root(accept_content=list(app.conf.accept_content), uid=proc.uid_n)
+    check_security(app, g.terminal, [proc.pid_path])
     if check:
         app.transport.ping()
         return
@@ -99,6 +100,18 @@ def worker(
     raise typer.Exit(code)
 
 
+def check_security(app: Any, terminal: Any, pidfiles: list[Any]) -> None:
+    """Before a node starts: a bad key file is a one-line error; a config file, key
+    file or pidfile directory others may change is a warning (docs/security.md)."""
+    from qops.ops.exposure import warnings
+    from qops.signing import control_signer, task_signer
+
+    control_signer(app)
+    task_signer(app)
+    for line in warnings(app, pidfiles):
+        terminal.warn(line)
+
+
 def print_banner(w: Any, terminal: Any) -> None:
     from qops import __version__
 
@@ -112,6 +125,7 @@ def print_banner(w: Any, terminal: Any) -> None:
         f"  concurrency:  {info['concurrency']}",
         f"  prefetch:     {info['prefetch']}",
         f"  queues:       {', '.join(info['queues'])}",
+        f"  remote control: {info['remote_control']}",
         "",
         "[tasks]",
         *[f"  . {name}" for name in info["tasks"]],

@@ -248,7 +248,13 @@ def setup_logging(level: str, logfile: str | None, node: str, index: int = 0) ->
         root.removeHandler(h)
     handler: logging.Handler
     if logfile:
-        handler = logging.FileHandler(expand(logfile, node, index), delay=False)
+        path = expand(logfile, node, index)
+        try:  # a new log file is 0640: task arguments and errors show in it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o640))
+        except OSError:
+            pass  # there already (its mode is the operator's), or FileHandler says why
+        handler = logging.FileHandler(path, delay=False)
     else:
         handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))

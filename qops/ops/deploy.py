@@ -29,6 +29,7 @@ from typing import Any
 
 from qops.errors import UsageError
 from qops.ops.nodes import check_name
+from qops.transports.base import mask_secrets
 
 DEFAULT_STOP_TIMEOUT = 300  # seconds, when no time limit bounds the tasks
 STOP_MARGIN = 30  # seconds on top of the longest limit: ack, store the result, exit
@@ -114,6 +115,7 @@ class Deployment:
     logdir: str = "/var/log/qops"
     rundir: str = "/run/qops"
     statedir: str = "/var/lib/qops"
+    control_key_file: str | None = None  # signed remote control (docs/security.md)
     loglevel: str = "INFO"
     worker_args: list[str] = field(default_factory=list)  # -c 4 -Q a,b -P threads -E
     beat: bool = True
@@ -193,7 +195,8 @@ def _sv_value(text: str) -> str:
 def _env_value(value: str) -> str:
     """A value in an EnvironmentFile: bare if plain, else single-quoted (no expansion)."""
     if "\n" in value or "'" in value:
-        raise UsageError(f"cannot write {value!r} to an environment file (newline or quote)")
+        raise UsageError(f"cannot write {mask_secrets(value)!r} to an environment file "
+                         "(newline or quote)")
     if re.match(r"^[A-Za-z0-9_@%+=:,./?&-]*$", value):
         return value
     return f"'{value}'"
@@ -204,7 +207,8 @@ def _sv_env(pairs: Sequence[tuple[str, str]]) -> str:
     out = []
     for key, value in pairs:
         if "\n" in value:
-            raise UsageError(f"cannot write {value!r} to supervisor's environment=")
+            raise UsageError(f"cannot write {mask_secrets(value)!r} to supervisor's "
+                             "environment=")
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         out.append(f'{key}="{_sv_value(escaped)}"')
     return ",".join(out)
@@ -339,6 +343,8 @@ def _env_file(d: Deployment) -> str:
         ENV_FILE, header=_header(d), env_file=d.env_file,
         broker=line("QOPS_BROKER_URL", d.broker, "redis://localhost:6379/0"),
         backend=line("QOPS_RESULT_BACKEND", d.result_backend, "redis://localhost:6379/1"),
+        control_key=line("QOPS_CONTROL_KEY_FILE", d.control_key_file,
+                         "/etc/qops/control.key"),
         app=app)
 
 
@@ -354,6 +360,8 @@ def supervisor_config(d: Deployment) -> str:
         env.append(("QOPS_BROKER_URL", d.broker))
     if d.result_backend:
         env.append(("QOPS_RESULT_BACKEND", d.result_backend))
+    if d.control_key_file:
+        env.append(("QOPS_CONTROL_KEY_FILE", d.control_key_file))
     if d.force_root:
         user = ("; RISK: no user=, so task code runs as root -- a bug in a task, or any message "
                 "someone can put on the broker, becomes root on this host. QOPS_FORCE_ROOT=1 "

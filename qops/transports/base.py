@@ -428,6 +428,24 @@ def mask_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:**@{hostpart}"))
 
 
+#: setting keys (in transport options and the like) whose values are secrets
+SECRET_KEYS = ("password", "passwd", "secret", "token", "api_key")
+
+
+def mask_secrets(value: Any) -> Any:
+    """``value`` with every URL's password and every password-like key's value masked
+    (nested dicts and lists too): for ``config show`` and any output of settings."""
+    if isinstance(value, str):
+        return mask_password(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: "**" if isinstance(k, str) and v and any(
+                    s in k.lower() for s in SECRET_KEYS) else mask_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
 def topic_matches(pattern: str | None, key: str | None) -> bool:
     """AMQP topic matching: words split by '.', ``*`` one word, ``#`` zero or more."""
     if pattern is None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from qops import protocol
 from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
+from qops.signing import HEADER, SignatureError, task_context, task_signer
 from qops.worker.lost import LostBooks
 from qops.worker.ratelimit import RateLimits
 from qops.worker.request import LOST, REJECTED, make_job
@@ -81,6 +82,8 @@ class ConsumerLoop:
         self.processed: dict[str, int] = {}
         self.lock = threading.Lock()
         self.max_message_size = int(conf.task_max_message_size)
+        #: task_signing: only tasks signed with the key run (docs/security.md)
+        self.signer = task_signer(app, sender=hostname)
         self.repr_maxsize = int(conf.worker_log_repr_maxsize)  # log lines, events
         # fixed for the worker's life; checked per task
         self.has_backend = app.has_backend
@@ -236,6 +239,13 @@ class ConsumerLoop:
             self.dead_letter(d, f"message of {len(d.raw)} bytes is larger than "
                                 f"task_max_message_size ({self.max_message_size})")
             return
+        if self.signer is not None:
+            try:
+                self.signer.verify("task", d.message.body, d.message.headers.get(HEADER),
+                                   task_context(d.message.headers), fresh=False)
+            except SignatureError as exc:
+                self.dead_letter(d, f"task message refused: {exc} (task_signing is on)")
+                return
         try:
             req = protocol.parse_task_message(d.message)
         except ProtocolError as exc:

@@ -31,6 +31,7 @@ from qops.control import reply_queue_name
 from qops.errors import ProtocolError, UsageError
 from qops.protocol import Message, parse_task_message
 from qops.rates import parse_rate
+from qops.signing import HEADER, SignatureError, control_signer
 from qops.values import check_arguments, expired, target
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class ControlServer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
         self._sub: Any = None
+        #: with a key: only signed commands run, replies are signed (docs/security.md)
+        self.signer = control_signer(self.app, sender=worker.hostname)
 
     def start(self) -> None:
         # Subscribe before returning, so a client that sees this node as live (its
@@ -143,6 +146,8 @@ class ControlServer:
             log.warning("control: ignored a message that is not an object")
             return
         method = str(request.get("method"))
+        if self.signer is not None and self.refused(msg, request, method):
+            return
         try:
             if not self.matches(request) or \
                     expired((msg.headers or {}).get("expires"), time.time()):
@@ -172,6 +177,33 @@ class ControlServer:
         if after is not None:
             after(self.worker)
 
+    def refused(self, msg: Message, request: dict[str, Any], method: str) -> bool:
+        """With a key: False for a valid, fresh, first-seen signature; otherwise log
+        the refusal (once: one line per message, only on the nodes it addresses), send
+        an error reply where one is expected (not to a replay), and return True."""
+        assert self.signer is not None
+        auth = (msg.headers or {}).get(HEADER)
+        try:
+            self.signer.verify("control", msg.body, auth)
+            return False
+        except SignatureError as exc:
+            reason = str(exc)
+        try:
+            if not self.matches(request):
+                return True
+        except UsageError:
+            pass
+        claimed = auth.get("sender") if isinstance(auth, dict) else None
+        reply_to = request.get("reply_to")
+        sender = (f"{claimed!r}" if isinstance(claimed, str) else "no sender") + (
+            f", reply queue {reply_to.get('routing_key')!r}"
+            if isinstance(reply_to, dict) else "")
+        log.warning("control: refused %s from %s: %s", method, sender, reason)
+        if not reason.startswith("replayed"):
+            self.reply(request, {"error": f"refused ({reason}): this node only obeys "
+                                          "control messages signed with its control key"})
+        return True
+
     def reply(self, request: dict[str, Any], reply: Any) -> None:
         """Answer the client, if it wants an answer (never raises)."""
         reply_to, ticket = request.get("reply_to"), request.get("ticket")
@@ -180,9 +212,11 @@ class ControlServer:
         self.clock += 1
         try:
             body = json.dumps({self.worker.hostname: reply}, default=str).encode()
-            self.app.transport.send_reply(
-                reply_queue_name(reply_to),
-                Message(body=body, headers={"ticket": ticket, "clock": self.clock}))
+            headers: dict[str, Any] = {"ticket": ticket, "clock": self.clock}
+            if self.signer is not None:
+                headers[HEADER] = self.signer.sign("reply", body, context=str(ticket))
+            self.app.transport.send_reply(reply_queue_name(reply_to),
+                                          Message(body=body, headers=headers))
         except Exception as exc:
             log.error("control: could not reply to %s: %s", request.get("method"), exc)
 

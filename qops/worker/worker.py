@@ -247,6 +247,8 @@ class Worker:
 
     # -- facts for banners and remote control ---------------------------------------------
     def info(self) -> dict[str, Any]:
+        from qops.signing import remote_control_line
+
         return {
             "hostname": self.hostname,
             "pid": os.getpid(),
@@ -257,6 +259,7 @@ class Worker:
             "prefetch": self.prefetch,
             "queues": self.queues,
             "tasks": sorted(n for n in self.app.tasks if not n.startswith("qops.")),
+            "remote_control": remote_control_line(self.app),
         }
 
 

@@ -131,6 +131,7 @@ class SQLiteDB:
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            _create_private(self.path)
             conn = sqlite3.connect(str(self.path), timeout=self.timeout,
                                    isolation_level=None, check_same_thread=False)
             try:
@@ -431,3 +432,13 @@ class SQLiteSubscription(Subscription):
     def close(self) -> None:
         """A get() running in another thread returns within one poll interval."""
         self._closed = True
+
+
+def _create_private(path: Path) -> None:
+    """Create a new broker file 0600 before SQLite does (it would follow the umask):
+    it holds every task's arguments and results. SQLite gives its -wal and -shm files
+    the same mode. An existing file is left as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError:
+        pass  # there already, or not creatable: sqlite3.connect says why

@@ -46,7 +46,7 @@ def check_directory(path: Path, what: str = "SQLite broker") -> None:
     if parent.is_dir():
         return
     if parent == default_state_dir().absolute():
-        parent.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return
     if parent.exists():
         raise UsageError(f"{what} {path}: {parent} is not a directory")

@@ -70,7 +70,7 @@ def top(
         if not snap["broker_up"]:
             from qops.errors import BrokerUnreachable
 
-            raise BrokerUnreachable(f"broker {app.transport.safe_url} did not answer")
+            raise BrokerUnreachable(f"broker {app.transport.safe_url()} did not answer")
         if term.json_mode:
             term.json(snap)
         else:
@@ -138,7 +138,7 @@ def exporter(
     with feed:
         server.start()
         term.note(f"qops exporter: serving http://{bind}:{server.port}/metrics "
-                  f"(broker {feed.app.transport.safe_url})")
+                  f"(broker {feed.app.transport.safe_url()})")
         try:
             stop.wait()
         finally:

@@ -110,7 +110,11 @@ class Feed:
         try:
             transport = self.app.transport
             transport.ping()
-            rows = q.listing(self.app, self.queues).queues
+            if self.queues:  # the named queues that exist by now
+                names = [n for n in self.queues if transport.queue_exists(n)]
+                rows = q.listing(self.app, names).queues if names else []
+            else:
+                rows = q.listing(self.app).queues
             dead = len(transport.dead_letters(DEAD_LETTER_LIMIT))
         except Exception as exc:
             self._down("poll", exc)

@@ -95,6 +95,22 @@ class Failure:
 
 
 @dataclass
+class _Task:
+    seen: float  # this process's clock
+    name: str | None = None
+    wait_from: float | None = None  # sent (Celery's task-sent), else received
+    started: float | None = None
+    done: bool = False
+    pending: list[tuple[str, str, dict[str, Any], float]] = field(default_factory=list)
+
+
+#: seconds the events of a task without a name wait for its task-received
+ORPHAN_WAIT = 5.0
+_RANK = {"received": 0, "started": 1}
+_FINAL = ("succeeded", "failed", "revoked", "rejected", "dead_lettered")
+
+
+@dataclass
 class QueueView:
     name: str
     ready: int
@@ -124,8 +140,9 @@ class ClusterState:
         self.dead_letters: int | None = None
         self.broker_up = False
         self.events_seen = 0
-        # uuid -> [name, sent-or-received time]: task-started and later carry only uuid
-        self._tasks: OrderedDict[str, list[Any]] = OrderedDict()
+        # what is known of recent tasks (task-started and later carry only the uuid)
+        self._tasks: OrderedDict[str, _Task] = OrderedDict()
+        self._orphans: OrderedDict[str, float] = OrderedDict()  # uuid -> when, name unknown
 
     # -- feeding ---------------------------------------------------------------------
     def apply(self, event: dict[str, Any], now: float | None = None) -> None:
@@ -139,7 +156,7 @@ class ClusterState:
             elif kind.startswith("task-"):
                 if host and host in self.nodes and not self.nodes[host].offline:
                     self.nodes[host].last_seen = now  # a task event proves it alive too
-                self._task(kind[5:], host, event)
+                self._task(kind[5:], host, event, now)
 
     def _worker(self, kind: str, host: str, e: dict[str, Any], now: float) -> None:
         node = self.nodes.get(host)
@@ -165,34 +182,54 @@ class ClusterState:
             for uuid in [u for u, r in self.running.items() if r.hostname == host]:
                 del self.running[uuid]
 
-    def _task(self, state: str, host: str, e: dict[str, Any]) -> None:
+    def _task(self, state: str, host: str, e: dict[str, Any], now: float) -> None:
         uuid = str(e.get("uuid") or "")
-        stamp = _float(e.get("timestamp"), time.time())
-        known = self._tasks.get(uuid)
+        stamp = _float(e.get("timestamp"), now)
+        entry = self._tasks.get(uuid)
+        if entry is None:
+            entry = self._tasks[uuid] = _Task(now)
+            while len(self._tasks) > self.track:
+                self._orphans.pop(self._tasks.popitem(last=False)[0], None)
         if e.get("name"):
-            if known is None:
-                known = self._remember(uuid, str(e["name"]), stamp)
-            else:
-                known[0] = str(e["name"])
-        if state == "sent":  # Celery's task_send_sent_event: the wait starts here
-            if known is not None:
-                known[1] = stamp
+            entry.name = str(e["name"])
+        if state in ("sent", "received") and (state == "sent" or entry.wait_from is None):
+            entry.wait_from = stamp  # Celery's task_send_sent_event: the wait starts there
+        if state in TASK_STATES:
+            entry.pending.append((state, host, e, stamp))
+        if entry.name is None:
+            if entry.pending:
+                self._orphans.setdefault(uuid, now)
             return
-        if state not in TASK_STATES:
-            return
-        name = known[0] if known is not None else "unknown"
+        self._settle(uuid, entry)
+
+    def _settle(self, uuid: str, entry: _Task) -> None:
+        """Count the events held for ``uuid`` until its name was known. Events of one
+        task may come out of order (on RabbitMQ a worker's threads publish on
+        connections of their own): they are counted received, started, then the rest."""
+        self._orphans.pop(uuid, None)
+        pending, entry.pending = entry.pending, []
+        for state, host, e, stamp in sorted(pending, key=lambda p: _RANK.get(p[0], 2)):
+            self._count(uuid, entry, state, host, e, stamp)
+
+    def _count(self, uuid: str, entry: _Task, state: str, host: str, e: dict[str, Any],
+               stamp: float) -> None:
+        name = str(entry.name)
         self.counts[(name, state)] = self.counts.get((name, state), 0) + 1
-        node = self.nodes.get(host)
         if state == "started":
-            if known is not None:
-                self.queue_wait.setdefault(name, Histogram()).observe(stamp - known[1])
-            self.running[uuid] = Running(uuid, name, host, stamp)
+            entry.started = stamp
+            if entry.wait_from is not None:
+                self.queue_wait.setdefault(name, Histogram()).observe(stamp - entry.wait_from)
+            if not entry.done:
+                self.running[uuid] = Running(uuid, name, host, stamp)
             return
-        run = self.running.pop(uuid, None)
+        self.running.pop(uuid, None)
+        if state in _FINAL:
+            entry.done = True
+        node = self.nodes.get(host)
         if state in ("succeeded", "failed"):
             runtime = e.get("runtime")
-            if runtime is None and run is not None:
-                runtime = stamp - run.started
+            if runtime is None and entry.started is not None:
+                runtime = stamp - entry.started
             if runtime is not None:
                 self.runtime.setdefault(name, Histogram()).observe(_float(runtime, 0.0))
             if node is not None:
@@ -200,16 +237,22 @@ class ClusterState:
                     node.succeeded += 1
                 else:
                     node.failed += 1
-            self._tasks.pop(uuid, None)
         if state == "failed":
             self.failures.append(Failure(stamp, uuid, name, host,
                                          str(e.get("exception") or "")))
 
-    def _remember(self, uuid: str, name: str, stamp: float) -> list[Any]:
-        entry = self._tasks[uuid] = [name, stamp]
-        while len(self._tasks) > self.track:
-            self._tasks.popitem(last=False)
-        return entry
+    def _flush(self, now: float) -> None:
+        """Events of a task whose name never came (it was received before this process
+        listened) are counted as task ``unknown`` after ``ORPHAN_WAIT`` seconds."""
+        for uuid, seen in list(self._orphans.items()):
+            if now - seen < ORPHAN_WAIT:
+                break
+            entry = self._tasks.get(uuid)
+            if entry is None:
+                self._orphans.pop(uuid, None)
+                continue
+            entry.name = "unknown"
+            self._settle(uuid, entry)
 
     def set_queues(self, rows: list[Any], now: float | None = None) -> None:
         """The queues counted by a poll (``qops.queues.QueueCounts``); others are gone."""
@@ -238,6 +281,7 @@ class ClusterState:
         """Everything, as plain JSON-able data (``qops top --json`` prints it)."""
         now = time.time() if now is None else now
         with self.lock:
+            self._flush(now)
             nodes = [{"name": n.name, "up": n.up(now, self.grace),
                       "last_seen": round(now - n.last_seen, 3), "active": n.active,
                       "processed": n.processed, "succeeded": n.succeeded,

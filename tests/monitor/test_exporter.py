@@ -58,3 +58,34 @@ def test_healthz_and_unknown_paths(sqlite_url: str) -> None:
         assert exp.get("/healthz") == (200, "ok\n")
         assert exp.get("/nope")[0] == 404
         assert "qops_exporter_broker_up 1.0" in exp.get()[1]
+
+
+@pytest.mark.redis
+def test_reconnects_when_the_broker_goes_away_and_back(redis_url: str, queue_name: str) -> None:
+    from urllib.parse import urlsplit
+
+    from tests.monitor.helpers import free_port
+    from tests.monitor.proxy import Proxy
+
+    parts = urlsplit(redis_url)
+    port = free_port()
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 6379), port).start()
+    url = f"redis://127.0.0.1:{port}{parts.path}"
+    app = App("proj", broker=redis_url)
+    try:
+        with ExporterProcess(url, "-Q", queue_name) as exp:
+            assert exp.wait_for("qops_exporter_broker_up", 1)
+            proxy.stop()
+            assert exp.wait_for("qops_exporter_broker_up", 0)
+            assert exp.get("/healthz")[0] == 503
+            app.send_task("proj.tasks.add", args=[1, 2], queue=queue_name)
+            proxy.start()
+            assert exp.wait_for("qops_exporter_broker_up", 1)
+            assert exp.wait_for("qops_queue_ready_messages", 1, queue=queue_name)
+            # events flow again after the reconnect
+            with WorkerProcess("-n", f"re-{queue_name}@h", "-Q", f"{queue_name}-w",
+                               "-P", "solo", broker=url):
+                assert exp.wait_for("qops_worker_up", 1, node=f"re-{queue_name}@h")
+    finally:
+        proxy.stop()
+        app.close()

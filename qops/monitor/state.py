@@ -123,11 +123,13 @@ class QueueView:
 class ClusterState:
     """The shared model (thread-safe). ``grace``: heartbeat intervals a node may miss
     before it counts as gone; ``keep_failures``: how many recent failures are kept;
-    ``track``: how many task ids are remembered (for names and start times)."""
+    ``track``: how many task ids are remembered (for names and start times);
+    ``forget``: seconds after which a node gone is no longer listed."""
 
     def __init__(self, *, grace: float = 3.0, keep_failures: int = 20,
-                 track: int = 20000) -> None:
+                 track: int = 20000, forget: float = 3600.0) -> None:
         self.grace = grace
+        self.forget = forget
         self.track = track
         self.lock = threading.Lock()
         self.nodes: dict[str, Node] = {}
@@ -282,6 +284,8 @@ class ClusterState:
         now = time.time() if now is None else now
         with self.lock:
             self._flush(now)
+            for name in [n for n, v in self.nodes.items() if now - v.last_seen > self.forget]:
+                del self.nodes[name]
             nodes = [{"name": n.name, "up": n.up(now, self.grace),
                       "last_seen": round(now - n.last_seen, 3), "active": n.active,
                       "processed": n.processed, "succeeded": n.succeeded,

@@ -31,6 +31,7 @@ def test_nodes_up_gone_and_offline() -> None:
     s.apply(beat("w2@h", kind="worker-offline"), now=1007)
     assert {n["name"]: n["up"] for n in s.snapshot(now=1007)["nodes"]} == \
         {"w1@h": True, "w2@h": False}
+    assert [n["name"] for n in s.snapshot(now=1007 + 3601)["nodes"]] == []  # forgotten
 
 
 def test_task_counters_runtimes_and_failures() -> None:

@@ -37,10 +37,10 @@ def sample(samples: dict[Any, float], name: str, **labels: str) -> float | None:
 class ExporterProcess:
     """``qops exporter`` on a free port, stopped by its process group."""
 
-    def __init__(self, broker: str, *args: str) -> None:
+    def __init__(self, broker: str, *args: str, compat: str = "qops") -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qops", "-b", broker, "exporter", "--bind", "127.0.0.1",
+            [sys.executable, "-m", "qops", "-b", broker, "--compat", compat, "exporter", "--bind", "127.0.0.1",
              "--port", str(self.port), "--interval", "0.3", *args],
             env=qops_env(), cwd=str(ROOT), stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True)

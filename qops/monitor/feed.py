@@ -39,6 +39,7 @@ class Feed:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._asked: set[str] = set()  # nodes asked for task events
+        self._backoff = 0.5  # seconds before subscribing again after a failure
 
     def start(self) -> Feed:
         for target, name in ((self._events_loop, "monitor-events"),
@@ -61,21 +62,31 @@ class Feed:
 
     # -- events ------------------------------------------------------------------------
     def _events_loop(self) -> None:
-        from qops.events import receive
-
-        backoff = 0.5
         while not self._stop.is_set():
             try:
-                for event in receive(self.app, timeout=0.5):
-                    self.state.apply(event)
-                    self._maybe_enable(event)
-                    if self._stop.is_set():
-                        break
-                backoff = 0.5
+                self._listen()
             except Exception as exc:  # the broker went away: try again
                 self._down("events", exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, 5.0)
+
+    def _listen(self) -> None:
+        """Apply events until stopped, on one subscription (kept while idle: events sent
+        between two subscriptions would be lost)."""
+        from qops.events import decode
+
+        sub = self.app.transport.subscribe(self.app.names["events"], pattern="#")
+        self._backoff = 0.5  # subscribed: the next failure starts again from a short wait
+        try:
+            while not self._stop.is_set():
+                msg = sub.get(0.5)
+                if msg is None:
+                    continue
+                for event in decode(msg.body):
+                    self.state.apply(event)
+                    self._maybe_enable(event)
+        finally:
+            sub.close()
 
     def _maybe_enable(self, event: dict[str, object]) -> None:
         host = str(event.get("hostname") or "")

@@ -77,12 +77,16 @@ def receive(app: App, *, timeout: float | None = None, pattern: str = "#") -> It
                 if timeout is not None:
                     return
                 continue
-            try:
-                data = json.loads(msg.body)
-            except ValueError:
-                continue
-            for event in data if isinstance(data, list) else [data]:
-                if isinstance(event, dict):
-                    yield event
+            yield from decode(msg.body)
     finally:
         sub.close()
+
+
+def decode(body: bytes) -> list[dict[str, Any]]:
+    """The events of one message body: one JSON event or a JSON list of them (anything
+    else: none)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    return [e for e in (data if isinstance(data, list) else [data]) if isinstance(e, dict)]

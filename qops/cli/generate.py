@@ -40,7 +40,7 @@ def register(cli: typer.Typer) -> None:
                       context_settings={"help_option_names": ["-h", "--help"]})
     gen.command("systemd", help="Write systemd units: a template unit qops-worker@.service "
                 "(or --multi), qops-beat.service, qops.target, an environment file and a "
-                "tmpfiles.d entry.")(systemd)
+                "tmpfiles.d entry (--exporter: qops-exporter.service too).")(systemd)
     gen.command("supervisor", help="Write a supervisor config: a program section per "
                 "node and for beat, and a group of them.")(supervisor)
     gen.command("key", help="Create a remote-control key file (docs/security.md): "
@@ -103,6 +103,7 @@ def systemd(
     rundir: Annotated[str, typer.Option("--rundir", help="Directory of multi's pidfiles.")] = "/run/qops",
     no_beat: NoBeat = False,
     control_key_file: ControlKey = None,
+    exporter: Annotated[str | None, typer.Option("--exporter", help="Also a unit for qops exporter (Prometheus metrics) listening on HOST:PORT, e.g. 127.0.0.1:9808.")] = None,
 ) -> None:
     from qops.ops import deploy
 
@@ -110,7 +111,7 @@ def systemd(
     d = _deployment(g, "systemd", names, nodes, qops_bin, stop_timeout, concurrency, queues,
                     pool, loglevel, task_events, user=user, group=group, env_file=env_file,
                     multi=multi, logdir=logdir, rundir=rundir, beat=not no_beat,
-                    control_key_file=control_key_file)
+                    control_key_file=control_key_file, exporter=exporter)
     files = deploy.systemd_files(d)
     term = g.terminal
     if output is not None:
@@ -245,7 +246,7 @@ def _command_line(g: Any, kind: str, d: Any, names: list[str] | None, nodes: int
     defaults = {"group": None, "env_file": "/etc/qops/qops.env", "multi": False,
                 "logdir": "/var/log/qops", "rundir": "/run/qops", "statedir": "/var/lib/qops",
                 "force_root": False, "name": "qops", "startsecs": 10, "beat": True,
-                "control_key_file": None}
+                "control_key_file": None, "exporter": None}
     for key, value in extra.items():
         if value == defaults.get(key, object()):
             continue

@@ -177,6 +177,7 @@ def _register() -> None:
         dlq,
         events_cmd,
         generate,
+        monitor,
         multi,
         queues,
         tasks,
@@ -194,6 +195,7 @@ def _register() -> None:
     dlq.register(cli)
     demo.register(cli)
     generate.register(cli)
+    monitor.register(cli)
 
 
 _register()

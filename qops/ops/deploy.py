@@ -40,6 +40,7 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WORKER_UNIT = "qops-worker@.service"
 BEAT_UNIT = "qops-beat.service"
 MULTI_UNIT = "qops-workers.service"
+EXPORTER_UNIT = "qops-exporter.service"
 TARGET = "qops.target"
 ENV_FILE = "qops.env"
 TMPFILES = "tmpfiles-qops.conf"
@@ -120,6 +121,7 @@ class Deployment:
     worker_args: list[str] = field(default_factory=list)  # -c 4 -Q a,b -P threads -E
     beat: bool = True
     multi: bool = False
+    exporter: str | None = None  # HOST:PORT of a qops exporter unit (systemd only)
     # supervisor only
     name: str = "qops"
     force_root: bool = False
@@ -150,6 +152,12 @@ class Deployment:
             if any(c in path for c in "\n\"'\\;#") or path != path.strip():
                 raise UsageError(f"{label} {path!r}: quotes, backslashes, ';', '#' and "
                                  "surrounding spaces are not supported in paths here")
+        if self.exporter is not None:
+            host, _, port = self.exporter.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 \
+                    or not re.match(r"^[A-Za-z0-9_.:\[\]-]+$", host):
+                raise UsageError(f"--exporter {self.exporter!r}: give HOST:PORT, "
+                                 "e.g. 127.0.0.1:9808")
         if self.user in ("root", "0") and not self.force_root:
             raise UsageError("--user root: the nodes would refuse to start (the root guard); "
                              "run them as another user (or, for supervisor, --force-root)")
@@ -276,6 +284,9 @@ def systemd_files(d: Deployment) -> dict[str, str]:
     if d.beat:
         files[BEAT_UNIT] = _beat_unit(d, common)
         units.append(BEAT_UNIT)
+    if d.exporter:
+        files[EXPORTER_UNIT] = _exporter_unit(d, common)
+        units.append(EXPORTER_UNIT)
     files[TARGET] = render(
         "qops.target", header=common["header"], app_desc=common["app_desc"],
         wants=" ".join(units),
@@ -328,6 +339,14 @@ def _beat_unit(d: Deployment, common: dict[str, str]) -> str:
                            "--logfile", f"{d.logdir}/beat.log"])
     return render(BEAT_UNIT, **common, exec_start=f"{exec_start} $QOPS_BEAT_OPTS",
                   stop_timeout=str(BEAT_STOP_TIMEOUT), start_timeout=str(START_TIMEOUT))
+
+
+def _exporter_unit(d: Deployment, common: dict[str, str]) -> str:
+    assert d.exporter is not None
+    host, _, port = d.exporter.rpartition(":")
+    exec_start = _sd_line([*d.qops_bin, *d.global_args(), "exporter", "--bind",
+                           host.strip("[]"), "--port", port])
+    return render(EXPORTER_UNIT, **common, exec_start=exec_start)
 
 
 def _env_file(d: Deployment) -> str:

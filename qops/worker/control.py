@@ -358,14 +358,13 @@ def handle_revoked(worker: Worker) -> list[str]:
 
 @handler
 def handle_conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
-    from qops.transports.base import mask_password
+    from qops.transports.base import mask_secrets
 
     out = {}
     for name, value, source in worker.app.conf.table():
         if not with_defaults and source == "default":
             continue
-        if isinstance(value, str) and "://" in value:
-            value = mask_password(value)
+        value = mask_secrets(value)  # URLs' passwords and password-like keys
         try:
             json.dumps(value)
         except (TypeError, ValueError):

@@ -69,8 +69,10 @@ def test_errors_mask_passwords() -> None:
 def test_logs_banner_and_json_mask_the_amqp_password(amqp_url: str, tmp_path: Path) -> None:
     assert "guest:guest@" in amqp_url
     log = tmp_path / "w.log"
+    env = qops_env(QOPS_BROKER_TRANSPORT_OPTIONS=json.dumps(
+        {"sentinel_kwargs": {"password": SECRET}}))  # inspect conf shows settings
     with WorkerProcess("-n", "mask@sec.test", "-P", "threads", "-c", "1", "-l", "INFO",
-                       broker=amqp_url, logfile=log):
+                       broker=amqp_url, logfile=log, env=env):
         assert wait_until(lambda: run_qops("-b", amqp_url, "status", "-d", "mask@sec.test",
                                            "--timeout", "2").returncode == 0, timeout=30)
         outputs = [run_qops("-b", amqp_url, "--json", "inspect", what, "-d",
@@ -78,8 +80,9 @@ def test_logs_banner_and_json_mask_the_amqp_password(amqp_url: str, tmp_path: Pa
                    for what in ("stats", "conf", "report")]
     for r in outputs:
         assert r.returncode == 0, r.stderr
-        assert "guest:guest@" not in r.stdout + r.stderr
+        assert "guest:guest@" not in r.stdout + r.stderr and SECRET not in r.stdout
     assert "guest:**@" in outputs[0].stdout
+    assert "sentinel_kwargs" in outputs[1].stdout
     text = log.read_text()
     assert "guest:**@" in text and "guest:guest@" not in text
     assert "remote control: unauthenticated" in text

@@ -21,18 +21,6 @@ from tests.helpers import REPLY_TIMEOUT, WorkerProcess, qops_env, run_qops, wait
 NODE = "w1@signed.test"
 
 
-@pytest.fixture(params=["sqlite", "redis", "amqp"])
-def broker(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{request.param}_url"))
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "control.key"
-    write_key_file(path)
-    return path
-
-
 @pytest.fixture
 def node(broker: str, key: Path, tmp_path: Path) -> Iterator[WorkerProcess]:
     w = WorkerProcess("-n", NODE, "-Q", f"q-{uuid.uuid4().hex[:8]}", "-P", "threads",

@@ -14,18 +14,6 @@ from qops.signing import write_key_file
 from tests.helpers import WorkerProcess, qops_env, wait_until
 
 
-@pytest.fixture(params=["sqlite", "redis", "amqp"])
-def broker(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{request.param}_url"))
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "task.key"
-    write_key_file(path)
-    return path
-
-
 @pytest.fixture
 def queue() -> str:
     return f"signed-{uuid.uuid4().hex[:8]}"

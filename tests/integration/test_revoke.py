@@ -48,8 +48,12 @@ def ask(app: App, method: str, **arguments: Any) -> Any:
 
 
 def up(app: App, tmp_path: Path) -> None:
-    assert wait_until(lambda: ask(app, "ping") is not None, timeout=30), \
-        (tmp_path / "worker.log").read_text()
+    """Wait for the node: short pings (a node that is not up yet never answers, and
+    each long one would wait its whole timeout)."""
+    def pong() -> bool:
+        return NODE in broadcast(app, "ping", {}, destination=[NODE], timeout=0.5).replies
+
+    assert wait_until(pong, timeout=30), (tmp_path / "worker.log").read_text()
 
 
 class Events:

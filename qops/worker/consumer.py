@@ -38,6 +38,7 @@ from qops import protocol
 from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
 from qops.signing import HEADER, SignatureError, task_context, task_signer
+from qops.worker import followers
 from qops.worker.lost import LostBooks
 from qops.worker.ratelimit import RateLimits
 from qops.worker.request import LOST, REJECTED, make_job
@@ -462,7 +463,7 @@ class ConsumerLoop:
                 self.event("task-succeeded", req,
                            result=protocol.saferepr(outcome["result"], self.repr_maxsize),
                            runtime=runtime)
-            self.send_followers(req, outcome["result"])
+            followers.send_followers(self.app, req, outcome["result"])
         elif state == FAILURE:
             log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
                       protocol.shorten(_exc_line(outcome["result"]), self.repr_maxsize),
@@ -470,7 +471,7 @@ class ConsumerLoop:
             self.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
             self.event("task-failed", req, exception=_exc_line(outcome["result"]),
                        traceback=outcome.get("traceback"))
-            self.send_errbacks(req)
+            followers.send_errbacks(self.app, req)
             if req.chain:
                 from qops.canvas import propagate_chain_failure
 
@@ -511,53 +512,14 @@ class ConsumerLoop:
 
     def retry(self, req: TaskRequest, d: Delivery, task: Task, outcome: dict[str, Any]) -> None:
         when = float(outcome.get("when") or 0.0)
-        args = outcome["args"] if outcome.get("args") is not None else req.args
-        kwargs = outcome["kwargs"] if outcome.get("kwargs") is not None else req.kwargs
         log.info("Task %s[%s] retry %d in %.2fs: %s", req.name, req.id, req.retries + 1, when,
                  _exc_line(outcome["result"]))
         # Publish the new attempt before the old message is acked: a crash in between
         # runs the task once more rather than never.
-        self.app.send_task(
-            req.name, args, kwargs, task_id=req.id, countdown=when, queue=d.queue,
-            retries=req.retries + 1, expires=req.expires, time_limit=req.time_limit,
-            soft_time_limit=req.soft_time_limit, root_id=req.root_id,
-            parent_id=req.parent_id, group=req.group, group_index=req.group_index,
-            link=req.callbacks, link_error=req.errbacks, chain=req.chain, chord=req.chord,
-            priority=req.priority, ignore_result=req.ignore_result,
-            reply_to=req.reply_to or "")
+        followers.send_retry(self.app, req, d.queue, when, outcome)
         self.store(req, RETRY, outcome["result"], outcome.get("traceback"))
         self.event("task-retried", req, exception=_exc_line(outcome["result"]),
                    traceback=outcome.get("traceback"))
-
-    def send_followers(self, req: TaskRequest, result: Any) -> None:
-        """Continue a chain and call ``link`` callbacks with the result."""
-        if not req.callbacks and not req.chain:
-            return
-        from qops.task import Signature
-
-        try:
-            for cb in req.callbacks or []:
-                self.app.send_signature(Signature(cb, app=self.app).clone([result]),
-                                        parent_id=req.id, root_id=req.root_id,
-                                        reply_to=req.reply_to or "")
-            if req.chain:
-                rest = list(req.chain)
-                nxt = Signature(rest.pop(), app=self.app).clone([result])
-                self.app.send_signature(nxt, chain=rest or None, parent_id=req.id,
-                                        root_id=req.root_id, reply_to=req.reply_to or "")
-        except Exception as exc:
-            log.error("Task %s[%s]: could not send the next task: %s", req.name, req.id, exc)
-
-    def send_errbacks(self, req: TaskRequest) -> None:
-        from qops.task import Signature
-
-        for eb in req.errbacks or []:
-            try:
-                self.app.send_signature(Signature(eb, app=self.app).clone([req.id]),
-                                        parent_id=req.id, root_id=req.root_id,
-                                        reply_to=req.reply_to or "")
-            except Exception as exc:
-                log.error("Task %s[%s]: could not send errback: %s", req.name, req.id, exc)
 
     def store(self, req: TaskRequest, state: str, result: Any,
               traceback: str | None = None) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops.backends.base import FAILURE
 from qops.errors import ConfigError, WorkerLostError
+from qops.worker import followers
 
 if TYPE_CHECKING:
     from qops.protocol import TaskRequest
@@ -178,7 +179,7 @@ class LostBooks:
         exc = WorkerLostError(reason)
         loop.store(req, FAILURE, exc)
         loop.event("task-failed", req, exception=f"WorkerLostError({reason})", traceback=None)
-        loop.send_errbacks(req)
+        followers.send_errbacks(loop.app, req)
         loop._count(req.name)
 
 

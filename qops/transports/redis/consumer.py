@@ -108,13 +108,7 @@ class RedisConsumer(Consumer):
         # Acked, not yet removed from flight on the server: (list name, raw).
         self._acks: list[tuple[str, bytes]] = []
         self._acks_since = 0.0  # monotonic time of the oldest queued ack
-        # Worker-lost records (qops/transports/redis/lost.py) of deliveries handed out:
-        # seq -> key, deleted with the ack (queued in _clears until it is sent).
-        self._lost_keys: dict[int, str] = {}
-        self._clears: list[str] = []
-        # Taken, with a worker-lost record (a worker started them before): handed out
-        # as redelivered, so the worker asks for their count.
-        self._flagged: set[tuple[str, bytes]] = set()
+        self._lost = lost.LostRecords(transport)  # worker-lost records (lost.py)
         self._rotation = 0
         self._resync_needed = False
         self._last_beat = 0.0
@@ -184,9 +178,7 @@ class RedisConsumer(Consumer):
                         name, raw = self._cache.popleft()
                         tag = Tag(self._books.take_locked((name, raw)), name,
                                   self._lease.epoch)
-                        again = bool(self._flagged) and (name, raw) in self._flagged
-                        if again:
-                            self._flagged.discard((name, raw))
+                        again = self._lost.again_locked((name, raw))
                     else:
                         tag = None
                         room = self._books.room_locked(len(self._cache))
@@ -245,15 +237,11 @@ class RedisConsumer(Consumer):
                     self._resync_needed = True
                     raise self.transport.unreachable(exc, "reserving messages") from exc
 
-    def _take_acks(self) -> list[tuple[str, bytes]]:
+    def _take_settled(self) -> tuple[list[tuple[str, bytes]], list[str]]:
+        """The queued acks and worker-lost record deletes, for one round trip."""
         with self._lock:
             acks, self._acks = self._acks, []
-        return acks
-
-    def _take_clears(self) -> list[str]:
-        with self._lock:
-            clears, self._clears = self._clears, []
-        return clears
+            return acks, self._lost.take_clears_locked()
 
     def _put_back_acks(self, acks: list[tuple[str, bytes]],
                        clears: list[str] | None = None) -> None:
@@ -261,7 +249,7 @@ class RedisConsumer(Consumer):
         if acks or clears:
             with self._lock:
                 self._acks[:0] = acks
-                self._clears[:0] = clears or []
+                self._lost.clears[:0] = clears or []
                 self._acks_since = time.monotonic() - ACK_DELAY
 
     def _exchange(self, plan: _Plan, room: int, wait_k: int) -> bool:
@@ -273,8 +261,7 @@ class RedisConsumer(Consumer):
             return self._exchange_now(plan, room, wait_k)
 
     def _exchange_now(self, plan: _Plan, room: int, wait_k: int) -> bool:
-        acks = self._take_acks()
-        clears = self._take_clears()
+        acks, clears = self._take_settled()
         tail: list[bytes] = [bulk(room), bulk(wait_k)]
         others: list[list[bytes | str | int | float]] = [["DEL", *clears]] if clears else []
         for name, raw in acks:
@@ -304,7 +291,7 @@ class RedisConsumer(Consumer):
         flagged = [item for i, item in enumerate(got) if int(res[2 * i]) < 0]
         if flagged:
             with self._lock:
-                self._flagged.update(flagged)
+                self._lost.flagged.update(flagged)
         self._taken(got)
         return True
 
@@ -321,7 +308,7 @@ class RedisConsumer(Consumer):
                 # idle path: one more round trip to see if a worker started it before
                 if self._link.call("EXISTS", lost.lost_key(self.transport, got[1])):
                     with self._lock:
-                        self._flagged.add(got)
+                        self._lost.flagged.add(got)
                 self._taken([got])
 
     def _taken(self, got: list[tuple[str, bytes]]) -> None:
@@ -373,9 +360,7 @@ class RedisConsumer(Consumer):
             if not self._acks:
                 self._acks_since = time.monotonic()
             self._acks.append(entry)
-            key = self._lost_keys.pop(seq, None)
-            if key is not None:  # the message is done: so is its worker-lost record
-                self._clears.append(key)
+            self._lost.settled_locked(seq, done=True)  # and so is its worker-lost record
         if threading.get_ident() == self._get_thread:
             self._flush_now()
 
@@ -404,12 +389,17 @@ class RedisConsumer(Consumer):
         finally:
             self._get_lock.release()
 
-    def requeue(self, delivery: Delivery) -> None:
+    def _held(self, delivery: Delivery) -> tuple[Tag, str, bytes] | None:
+        """The delivery's tag, in-flight list and raw message while it is held."""
         tag = tag_of(delivery)
         entry = self._books.peek(tag.seq)
-        if entry is None:
+        return None if entry is None else (tag, *entry)
+
+    def requeue(self, delivery: Delivery) -> None:
+        held = self._held(delivery)
+        if held is None:
             return
-        name, raw = entry
+        tag, name, raw = held
         t = self.transport
         with self._wire, t.guard("requeueing a message"):
             if not self._current(tag):
@@ -417,16 +407,15 @@ class RedisConsumer(Consumer):
             t._lua_requeue(keys=[self._inflight(name), t.key(name)], args=[raw])
         self._books.settle(tag.seq)
         with self._lock:
-            self._lost_keys.pop(tag.seq, None)  # its record goes on with the message
+            self._lost.settled_locked(tag.seq, done=False)  # goes on with the message
 
     def reject(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter and settle in one atomic step (the base class's two steps could
         leave a dead letter whose message also runs again after a crash)."""
-        tag = tag_of(delivery)
-        entry = self._books.peek(tag.seq)
-        if entry is None:
+        held = self._held(delivery)
+        if held is None:
             return
-        name, raw = entry
+        tag, name, raw = held
         t = self.transport
         dl_id, record, now = deadletters.dlq_record(delivery.queue, raw, reason)
         with self._wire, t.guard("dead-lettering a message"):
@@ -436,9 +425,7 @@ class RedisConsumer(Consumer):
                           args=[raw, dl_id, record, now])
         self._books.settle(tag.seq)
         with self._lock:
-            key = self._lost_keys.pop(tag.seq, None)
-            if key is not None:
-                self._clears.append(key)  # goes with the next round trip
+            self._lost.settled_locked(tag.seq, done=True)
 
     def _current(self, tag: Tag) -> bool:
         """With ``_wire`` held: whether ``tag`` is still this consumer's to settle
@@ -454,35 +441,23 @@ class RedisConsumer(Consumer):
 
     # -- worker-lost accounting (qops/worker/lost.py) -------------------------------------
     def mark_started(self, delivery: Delivery) -> None:
-        seq = tag_of(delivery).seq
-        entry = self._books.peek(seq)
-        if entry is None:
-            return
-        t = self.transport
-        lost.mark_started(t, self.id, entry[1])
-        with self._lock:
-            self._lost_keys[seq] = lost.lost_key(t, entry[1])
+        held = self._held(delivery)
+        if held is not None:
+            self._lost.started(self.id, held[0].seq, held[2], self._lock)
 
     def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
-        seq = tag_of(delivery).seq
-        entry = self._books.peek(seq)
-        if entry is None:
+        held = self._held(delivery)
+        if held is None:
             return 0, False
-        t = self.transport
-        n, new = lost.count(t, entry[1], died)
-        if n:
-            with self._lock:
-                self._lost_keys[seq] = lost.lost_key(t, entry[1])
-        return n, new
+        return self._lost.counted(held[0].seq, held[2], died, self._lock)
 
     def _flush_acks(self, pipe: Any) -> list[tuple[str, bytes]]:
         """Add the queued acks to ``pipe`` (a pipeline of the transport's client); the
         caller puts them back if it fails."""
-        acks = self._take_acks()
+        acks, clears = self._take_settled()
         for name, raw in acks:
             # (redis-py sends bytes as they are; its annotation only says str)
             pipe.lrem(self._inflight(name), -1, cast("str", raw))
-        clears = self._take_clears()
         if clears:  # (not put back if the flush fails: they expire)
             pipe.delete(*clears)
         return acks
@@ -596,7 +571,7 @@ class RedisConsumer(Consumer):
                 return
             self._closed = True
             self._cache.clear()
-            self._flagged.clear()
+            self._lost.flagged.clear()
             self._books.clear_locked()  # wakes get()
         # get() notices _closed within one wait slice; past a generous bound, give back
         # anyway (_taken() restores again if a late command still lands something).

@@ -12,7 +12,7 @@ gone (purged, or its hash left behind by a crash) does not stay."""
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -39,3 +39,49 @@ def count(t: RedisTransport, raw: bytes, died: bool) -> tuple[int, bool]:
         n, new = t._lua_worker_lost(keys=[lost_key(t, raw)],
                                     args=["1" if died else "0", LOST_TTL])
     return int(n), bool(new)
+
+
+class LostRecords:
+    """A consumer's side of the records: which of its deliveries have one (deleted with
+    their ack or dead letter), the deletes waiting for the next round trip, and the
+    messages taken with a record (handed out as redelivered, so that the worker asks for
+    their count). ``*_locked`` methods run under the consumer's lock; the others take
+    it (``lock``) around their bookkeeping only, never around a round trip."""
+
+    __slots__ = ("t", "keys", "clears", "flagged")
+
+    def __init__(self, t: RedisTransport) -> None:
+        self.t = t
+        self.keys: dict[int, str] = {}  # seq -> record key, of deliveries handed out
+        self.clears: list[str] = []  # record keys to delete with the next round trip
+        self.flagged: set[tuple[str, bytes]] = set()  # (list, raw) taken with a record
+
+    def again_locked(self, item: tuple[str, bytes]) -> bool:
+        """Whether ``item``, handed out now, was taken with a record."""
+        if self.flagged and item in self.flagged:
+            self.flagged.discard(item)
+            return True
+        return False
+
+    def settled_locked(self, seq: int, done: bool) -> None:
+        """The delivery ``seq`` is settled: its record goes with the message (requeue),
+        or is deleted with the next round trip (``done``: ack, dead letter)."""
+        key = self.keys.pop(seq, None)
+        if done and key is not None:
+            self.clears.append(key)
+
+    def take_clears_locked(self) -> list[str]:
+        clears, self.clears = self.clears, []
+        return clears
+
+    def started(self, cid: str, seq: int, raw: bytes, lock: Any) -> None:
+        mark_started(self.t, cid, raw)
+        with lock:
+            self.keys[seq] = lost_key(self.t, raw)
+
+    def counted(self, seq: int, raw: bytes, died: bool, lock: Any) -> tuple[int, bool]:
+        n, new = count(self.t, raw, died)
+        if n:
+            with lock:
+                self.keys[seq] = lost_key(self.t, raw)
+        return n, new

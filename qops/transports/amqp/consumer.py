@@ -30,6 +30,7 @@ from qops.transports.amqp.link import (
     _channel_error,
     _Link,
     _reason,
+    lost_text,
 )
 from qops.transports.amqp.props import _message
 from qops.transports.base import REPLY_ONLY, Consumer, Delivery, make_delivery
@@ -177,9 +178,8 @@ class _AMQPConsumer(Consumer):
         except LINK_ERRORS as exc:
             self._link = None
             link.close()
-            raise BrokerUnreachable(
-                f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
-                f"starting to consume ({_reason(exc)})") from None
+            raise BrokerUnreachable(lost_text(self.transport.safe_url(), "starting to consume",
+                                              exc)) from None
 
     def _forget_deliveries(self) -> None:
         """The connection is gone: its deliveries, and settlements of them, are moot

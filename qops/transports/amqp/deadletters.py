@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pika
 
 from qops.errors import BrokerUnreachable
-from qops.transports.amqp.link import LINK_ERRORS, _close_channel, _Link, _reason
+from qops.transports.amqp.link import LINK_ERRORS, _close_channel, _Link, lost_text
 from qops.transports.amqp.props import _amqp_table, _expiration
 from qops.transports.base import DeadLetter
 
@@ -143,9 +143,8 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
             _close_channel(ch)
     except LINK_ERRORS as exc:
         transport._drop_link(link)
-        raise BrokerUnreachable(
-            f"lost the connection to RabbitMQ at {transport.safe_url()} while requeueing "
-            f"dead letters after {moved} ({_reason(exc)})") from None
+        raise BrokerUnreachable(lost_text(transport.safe_url(),
+                                          f"requeueing dead letters after {moved}", exc)) from None
     return moved
 
 

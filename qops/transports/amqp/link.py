@@ -220,6 +220,19 @@ def _reason(exc: BaseException) -> str:
     return " ".join((text or type(exc).__name__).split())
 
 
+def lost_text(safe: str, doing: str, exc: BaseException) -> str:
+    """The one line for a connection lost while ``doing`` something."""
+    return f"lost the connection to RabbitMQ at {safe} while {doing} ({_reason(exc)})"
+
+
+def link_error(exc: BaseException, doing: str, safe: str) -> QopsError:
+    """The error for ``exc`` raised on a link while ``doing``: the broker refused it (a
+    channel error), or the connection is gone."""
+    if isinstance(exc, pex.ChannelClosedByBroker):
+        return _channel_error(exc, doing, safe)
+    return BrokerUnreachable(lost_text(safe, doing, exc))
+
+
 def _channel_error(exc: pex.ChannelClosedByBroker, what: str, safe: str,
                    kind: type[QopsError] = BrokerUnreachable) -> QopsError:
     return kind(f"RabbitMQ at {safe} refused {what}: {exc.reply_code} {exc.reply_text}")

@@ -16,7 +16,7 @@ from qops.transports.amqp.link import (
     RESOURCE_LOCKED,
     _channel_error,
     _Link,
-    _reason,
+    lost_text,
 )
 
 if TYPE_CHECKING:
@@ -66,9 +66,8 @@ class _Locks:
                                      self.transport.safe_url()) from None
             except LINK_ERRORS as exc:
                 link.close()
-                raise BrokerUnreachable(
-                    f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
-                    f"taking the lock {name!r} ({_reason(exc)})") from None
+                raise BrokerUnreachable(lost_text(self.transport.safe_url(),
+                                                  f"taking the lock {name!r}", exc)) from None
             self._held[name] = (owner, link)
             return True
 

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import pika.exceptions as pex
 
-from qops.errors import BrokerUnreachable
 from qops.transports.amqp.link import (
     LINK_ERRORS,
     NOT_FOUND,
     PRECONDITION_FAILED,
-    _channel_error,
     _Link,
-    _reason,
+    link_error,
 )
 
 if TYPE_CHECKING:
@@ -71,12 +69,8 @@ class _Presence:
                 self._sync()
             except LINK_ERRORS as exc:
                 self._drop()
-                if isinstance(exc, pex.ChannelClosedByBroker):
-                    raise _channel_error(exc, f"registering node {name!r}",
-                                         self.transport.safe_url()) from None
-                raise BrokerUnreachable(
-                    f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
-                    f"registering node {name!r} ({_reason(exc)})") from None
+                raise link_error(exc, f"registering node {name!r}",
+                                 self.transport.safe_url()) from None
 
     def _sync(self) -> None:
         link = self._link

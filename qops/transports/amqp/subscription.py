@@ -10,11 +10,14 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import pika.exceptions as pex
-
-from qops.errors import BrokerUnreachable
 from qops.protocol import Message
-from qops.transports.amqp.link import LINK_ERRORS, PUMP_SLICE, _channel_error, _Link, _reason
+from qops.transports.amqp.link import (
+    LINK_ERRORS,
+    PUMP_SLICE,
+    _Link,
+    _reason,
+    link_error,
+)
 from qops.transports.amqp.props import _message
 from qops.transports.base import Subscription
 
@@ -62,12 +65,8 @@ class _AMQPSubscription(Subscription):
             ch.basic_consume(queue, self._on_message, auto_ack=True)
         except LINK_ERRORS as exc:
             link.close()
-            if isinstance(exc, pex.ChannelClosedByBroker):
-                raise _channel_error(exc, f"subscribing to {self.channel!r}",
-                                     self.transport.safe_url()) from None
-            raise BrokerUnreachable(
-                f"lost the connection to RabbitMQ at {self.transport.safe_url()} while "
-                f"subscribing to {self.channel!r} ({_reason(exc)})") from None
+            raise link_error(exc, f"subscribing to {self.channel!r}",
+                             self.transport.safe_url()) from None
         self._link = link
 
     def _on_message(self, _ch: Any, _method: Any, props: Any, body: bytes) -> None:

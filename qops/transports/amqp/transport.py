@@ -28,7 +28,7 @@ from qops.transports.amqp.link import (
     RESOURCE_LOCKED,
     _channel_error,
     _Link,
-    _reason,
+    lost_text,
     open_connection,
 )
 from qops.transports.amqp.locks import _Locks
@@ -108,9 +108,7 @@ class AMQPTransport(Transport):
                     raise _channel_error(exc, what, self.safe_url()) from None
                 self._drop_link(link)
                 if attempt == 2 or not reused:
-                    raise BrokerUnreachable(
-                        f"lost the connection to RabbitMQ at {self.safe_url()} while "
-                        f"{what} ({_reason(exc)})") from None
+                    raise BrokerUnreachable(lost_text(self.safe_url(), what, exc)) from None
         raise AssertionError("unreachable")
 
     def _queue_arguments(self) -> dict[str, Any] | None:
@@ -187,9 +185,8 @@ class AMQPTransport(Transport):
                 if attempt == 1 and reused:
                     continue
                 raise PublishError(
-                    f"lost the connection to RabbitMQ at {self.safe_url()} while publishing "
-                    f"to {routing_key or exchange!r} ({_reason(exc)}); the message may not "
-                    "have been delivered") from None
+                    lost_text(self.safe_url(), f"publishing to {routing_key or exchange!r}",
+                              exc) + "; the message may not have been delivered") from None
 
     def publish(self, queue: str, message: Message) -> None:
         props = _basic_properties(message, delivery_mode=2)

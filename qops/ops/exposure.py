@@ -44,26 +44,20 @@ def warnings(app: Any, pidfiles: Iterable[str | os.PathLike[str] | None] = ()) -
         value = app.conf.get(setting)
         if value:
             files.append(("key", Path(str(value))))
+    checks: list[tuple[Path, str]] = []  # (path, what to say when others can write it)
+    for what, path in files:
+        advice = f"{what} {{}}: anyone on this host could change it; chmod o-w it"
+        checks += [(path, advice), (path.absolute().parent, advice)]
+    checks += [(Path(p).absolute().parent,
+                "pidfile {}: use a directory of the node's own (e.g. /run/qops)")
+               for p in pidfiles if p is not None]
     out: list[str] = []
     seen: set[Path] = set()
-    for what, path in files:
-        for p in (path, path.absolute().parent):
-            if p in seen:
-                continue
-            seen.add(p)
-            problem = _world_writable(p)
-            if problem:
-                out.append(f"{what} {problem}: anyone on this host could change it; "
-                           "chmod o-w it")
-    for pidfile in pidfiles:
-        if pidfile is None:
+    for path, advice in checks:
+        if path in seen:
             continue
-        d = Path(pidfile).absolute().parent
-        if d in seen:
-            continue
-        seen.add(d)
-        problem = _world_writable(d)
+        seen.add(path)
+        problem = _world_writable(path)
         if problem:
-            out.append(f"pidfile {problem}: use a directory of the node's own (e.g. "
-                       "/run/qops)")
+            out.append(advice.format(problem))
     return out

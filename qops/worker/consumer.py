@@ -453,7 +453,7 @@ class ConsumerLoop:
         if state == LOST and req.id in self.revoked:
             state = self._terminated(req)
         runtime = outcome.get("runtime", 0.0)
-        settle: Callable[[Delivery], None] = self.consumer.ack
+        requeue = False  # a Reject(requeue=True): back to the queue, acked early or not
         if state == SUCCESS:
             if log.isEnabledFor(logging.INFO):  # the repr only when it is logged
                 log.info("Task %s[%s] succeeded in %.4fs: %s", req.name, req.id, runtime,
@@ -481,7 +481,7 @@ class ConsumerLoop:
             self.retry(req, d, task, outcome)
         elif state == REJECTED:
             if outcome.get("requeue"):
-                settle = self.consumer.requeue
+                requeue = True
             else:
                 self.consumer.reject(d, outcome["reason"])
                 self._count(req.name)
@@ -495,8 +495,10 @@ class ConsumerLoop:
                 log.error("Task %s[%s] failed: %s", req.name, req.id,
                           _exc_line(outcome["result"]))
                 self.store(req, FAILURE, outcome["result"])
-        if acks_late or settle is not self.consumer.ack:
-            settle(d)
+        if requeue:
+            self.consumer.requeue(d)
+        elif acks_late:  # (an at-most-once task was acked when it started)
+            self.consumer.ack(d)
         self._count(req.name)
 
     def _terminated(self, req: TaskRequest) -> str:

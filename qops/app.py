@@ -9,14 +9,14 @@ import os
 import threading
 import traceback as tb_mod
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
 from qops.errors import ConfigError, NoResultBackend, UsageError
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
-from qops.signing import HEADER, task_context, task_signer
+from qops.signing import HEADER, Signer, task_context, task_signer
 from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
 
@@ -32,6 +32,7 @@ NAMES = {
 }
 
 _apps: list[App] = []
+_UNSET = object()  # a lazily made attribute not made yet
 _running = threading.local()  # stack of Context for tasks running in this thread
 
 
@@ -70,6 +71,7 @@ class App:
         self.conf.update(settings, source="App(...)", strict=True)
         self._transport: Transport | None = None
         self._backend: ResultBackend | None = None
+        self._task_signer: object = _UNSET
         self._pid = os.getpid()
         self._lock = threading.Lock()
         from qops.canvas import register_builtins
@@ -185,7 +187,16 @@ class App:
     def has_backend(self) -> bool:
         return bool(self.result_backend_url)
 
+    @property
+    def task_signer(self) -> Signer | None:
+        """The signer of this app's task messages (None unless ``task_signing``): made
+        once, like the transport, and again after ``close()``."""
+        if self._task_signer is _UNSET:
+            self._task_signer = task_signer(self)
+        return cast("Signer | None", self._task_signer)
+
     def close(self) -> None:
+        self._task_signer = _UNSET
         with self._lock:
             if self._transport is not None:
                 self._transport.close()
@@ -310,7 +321,7 @@ class App:
             callbacks=_sig_list(link), errbacks=_sig_list(link_error), chain=chain,
             chord=chord, reply_to=reply_to, priority=priority, shadow=shadow,
             ignore_result=ignore_result)
-        signer = task_signer(self)
+        signer = self.task_signer
         if signer is not None:  # task_signing: docs/security.md
             message.headers[HEADER] = signer.sign("task", message.body,
                                                   task_context(message.headers))

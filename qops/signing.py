@@ -120,10 +120,6 @@ class Signer:
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], sender: str) -> Signer:
-        return cls(load_keys(path), sender)
-
     def sign(self, purpose: str, body: bytes, context: str = "") -> dict[str, Any]:
         """The header value that proves ``body`` was sent by a key holder."""
         ts = f"{time.time():.6f}"

@@ -55,10 +55,6 @@ class Prefetch(Generic[V]):
         """Free prefetch slots (never below 0)."""
         return max(0, self.limit - len(self.held) + len(self.exempted) - pending)
 
-    def hold_locked(self, tag: Hashable, value: V) -> None:
-        """``tag`` is handed out now."""
-        self.held[tag] = value
-
     def hold_if_room_locked(self, tag: Hashable, value: V) -> bool:
         """Hold ``tag`` if there is room (``room_locked() > 0``, nothing pending); False,
         and nothing changed, if not. A consumer's hand-out in one call: the room test is

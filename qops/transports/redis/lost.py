@@ -25,13 +25,15 @@ def lost_key(t: RedisTransport, raw: bytes) -> str:
     return t.key("qops.lost." + hashlib.sha1(raw).hexdigest())
 
 
-def mark_started(t: RedisTransport, cid: str, raw: bytes) -> None:
+def mark_started(t: RedisTransport, cid: str, raw: bytes) -> str:
+    """Record the start; the record's key."""
     key = lost_key(t, raw)
     pipe = t._client.pipeline(transaction=True)
     pipe.hset(key, "running", cid)
     pipe.expire(key, LOST_TTL)
     with t.guard("recording a task start"):
         pipe.execute()
+    return key
 
 
 def count(t: RedisTransport, raw: bytes, died: bool) -> tuple[int, bool]:
@@ -75,9 +77,9 @@ class LostRecords:
         return clears
 
     def started(self, cid: str, seq: int, raw: bytes, lock: Any) -> None:
-        mark_started(self.t, cid, raw)
+        key = mark_started(self.t, cid, raw)
         with lock:
-            self.keys[seq] = lost_key(self.t, raw)
+            self.keys[seq] = key
 
     def counted(self, seq: int, raw: bytes, died: bool, lock: Any) -> tuple[int, bool]:
         n, new = count(self.t, raw, died)

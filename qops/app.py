@@ -314,7 +314,7 @@ class App:
                   group: str | None = None, group_index: int | None = None,
                   chord: dict[str, Any] | None = None, shadow: str | None = None,
                   retries: int = 0, reply_to: str | None = None, task: Task | None = None,
-                  **unknown: Any) -> AsyncResult:
+                  compression: str | None = None, **unknown: Any) -> AsyncResult:
         """Send a task by name; returns its AsyncResult. Never drops silently: raises
         PublishError/BrokerUnreachable when the broker did not take the message."""
         if unknown:
@@ -347,6 +347,9 @@ class App:
         if signer is not None:  # task_signing: docs/security.md
             message.headers[HEADER] = signer.sign("task", message.body,
                                                   task_context(message.headers))
+        compression = compression or self.conf.task_compression
+        if compression:  # after signing: the signature is over the plain body
+            protocol.compress(message, compression)
         self.transport.publish(target, message)
         return AsyncResult(message.headers["id"], app=self)
 

@@ -44,6 +44,13 @@ def _at_least(low: int, high: float | None = None) -> Callable[[Any], Any]:
     return lambda value: values.number(value, "it", at_least=low, at_most=high, whole=True)
 
 
+def _compression(value: str) -> str:
+    from qops.protocol import compression_type
+
+    compression_type(value)
+    return value
+
+
 def _rate(value: str) -> str:
     parse_rate(value)
     return value
@@ -95,6 +102,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "binding key of the default queue under the celery preset (default: its name)"),
     _s("worker_detect_quorum_queues", True, "bool",
        "a worker consuming a quorum queue uses a per-consumer prefetch from the start"),
+    _s("task_compression", None, "str",
+       "compress task bodies: gzip (zlib), bzip2 or lzma (xz), as Celery's",
+       _compression),
     _s("task_always_eager", False, "bool", "run tasks in-process on apply_async (tests)"),
     _s("task_max_message_size", 16 * 1024 * 1024, "int", "largest message accepted, bytes",
        _at_least(1)),

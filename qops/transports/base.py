@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from qops.errors import PublishError, UsageError
-from qops.protocol import Message
+from qops.protocol import MAX_DECOMPRESSED, Message, decompress
 from qops.transports.declare import Declarations
 
 
@@ -60,18 +60,20 @@ def one_line(exc: BaseException) -> str:
 
 
 def make_delivery(queue: str, tag: Any, raw: bytes, decode: Callable[[bytes], Message],
-                  redelivered: bool = False) -> Delivery:
+                  redelivered: bool = False, limit: int = MAX_DECOMPRESSED) -> Delivery:
     """The one place where a consumer turns what it reserved into a ``Delivery``.
 
     ``decode`` is the transport's (the kombu envelope on Redis, SQLite and memory; the
-    AMQP properties on RabbitMQ). Whatever it raises -- not only ValueError: a
-    RecursionError on absurdly nested JSON, a TypeError on a field of the wrong type --
-    the delivery comes back with ``error`` set to a one-line reason and no ``message``,
-    and the worker dead-letters it: a message that can't be decoded must never stay
-    reserved nor stop the consumer."""
+    AMQP properties on RabbitMQ). A compressed body (kombu's ``compression`` header) is
+    decompressed here, to at most ``limit`` bytes (the transport's max_message_size).
+    Whatever either raises -- not only ValueError: a RecursionError on absurdly nested
+    JSON, a TypeError on a field of the wrong type -- the delivery comes back with
+    ``error`` set to a one-line reason and no ``message``, and the worker dead-letters
+    it: a message that can't be decoded must never stay reserved nor stop the consumer.
+    ``raw`` stays what the broker gave (dead letters keep it as it was)."""
     d = Delivery(queue=queue, tag=tag, raw=raw, redelivered=redelivered)
     try:
-        d.message = decode(raw)
+        d.message = decompress(decode(raw), limit)
     except Exception as exc:
         reason = one_line(exc)
         if not isinstance(exc, ValueError):  # the decoders' own reasons are ValueErrors

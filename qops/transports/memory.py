@@ -218,7 +218,8 @@ class _MemoryConsumer(Consumer):
         if got is None:
             return None
         queue, tag, raw = got
-        return make_delivery(queue, tag, raw, decode_envelope)  # outside the lock
+        return make_delivery(queue, tag, raw, decode_envelope,  # outside the lock
+                             limit=self.transport.options.max_message_size)
 
     def _reserve(self, deadline: float) -> tuple[str, int, bytes] | None:
         """Wait for room and a message until ``deadline``; hold it."""

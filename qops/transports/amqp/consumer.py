@@ -442,7 +442,8 @@ class _AMQPConsumer(Consumer):
                 return None
             buffer.popleft()
         tag, queue, redelivered, props, body = item
-        return make_delivery(queue, tag, body, lambda raw: _message(props, raw), redelivered)
+        return make_delivery(queue, tag, body, lambda raw: _message(props, raw), redelivered,
+                             self.transport.options.max_message_size)
 
     def held(self, queue: str) -> int:
         """Deliveries of ``queue`` this consumer holds: handed out or buffered."""
@@ -463,7 +464,7 @@ class _AMQPConsumer(Consumer):
             except RuntimeError:
                 continue
             return [make_delivery(queue, tag, body, functools.partial(_message, props),
-                                  redelivered)
+                                  redelivered, self.transport.options.max_message_size)
                     for tag, queue, redelivered, props, body in items]
 
     def _settle(self, delivery: Delivery, acked: bool) -> None:

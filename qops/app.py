@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 # Names on the wire for each compatibility preset (docs/protocol.md).
 NAMES = {
     "qops": {"queue": "qops", "mailbox": "qops.pidbox", "events": "qopsev",
-             "result_prefix": "qops-task-meta-"},
+             "result_prefix": "qops-task-meta-", "registry": "qops.nodes"},
     "celery": {"queue": "celery", "mailbox": "celery.pidbox", "events": "celeryev",
-               "result_prefix": "celery-task-meta-"},
+               "result_prefix": "celery-task-meta-", "registry": "qops.nodes.celery"},
 }
 
 _apps: list[App] = []
@@ -129,6 +129,7 @@ class App:
             max_message_size=int(c.task_max_message_size),
             connect_timeout=float(c.broker_connection_timeout),
             declarations=self.declarations(),
+            registry=self.names["registry"],
         )
 
     def declarations(self) -> Declarations:

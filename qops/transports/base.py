@@ -112,6 +112,9 @@ class TransportOptions:
     heartbeat_interval: float = 2.0  # how often a consumer proves it is alive
     heartbeat_ttl: float = 10.0  # dead after this long without a heartbeat
     max_message_size: int = 16 * 1024 * 1024
+    #: the live-node registry: one per preset, so that each lists the nodes answering
+    #: on its own mailbox (docs/protocol.md)
+    registry: str = "qops.nodes"
     #: how work queues are declared on RabbitMQ (type, arguments, exchange, binding)
     declarations: Declarations = field(default_factory=Declarations)
     connect_timeout: float = 5.0

@@ -87,6 +87,21 @@ class Declarations:
         return QueueShape(queue, args or None, exchange if self.exchanges else None, kind,
                           key, quorum)
 
+    def kombu_dict(self, queue: str) -> dict[str, Any]:
+        """``queue`` as a Celery worker's ``active_queues`` reply shows it (kombu's
+        ``Queue.as_dict(recurse=True)``): its exchange, routing key and arguments as
+        declared; under the qops preset the default exchange ``""``."""
+        shape = self.shape(queue)
+        exchange = {"name": shape.exchange or "", "type": shape.exchange_type,
+                    "arguments": None, "durable": True, "passive": False,
+                    "auto_delete": False, "delivery_mode": None, "no_declare": False}
+        return {"name": queue, "exchange": exchange, "routing_key": shape.routing_key,
+                "queue_arguments": shape.arguments, "binding_arguments": None,
+                "consumer_arguments": None, "durable": True, "exclusive": False,
+                "auto_delete": False, "no_ack": False, "alias": None, "bindings": [],
+                "no_declare": None, "expires": None, "message_ttl": None,
+                "max_length": None, "max_length_bytes": None, "max_priority": None}
+
     def quorum(self, queues: list[str]) -> bool:
         """Whether any of ``queues`` is declared as a quorum queue."""
         return any(self.shape(q).quorum for q in queues)

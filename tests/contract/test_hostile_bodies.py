@@ -32,9 +32,11 @@ from tests.helpers import wait_until
 
 GOOD_BODY = b"[[1, 2], {}, {}]"
 DEEP = b"[" * 200_000 + b"]" * 200_000  # RecursionError in any recursive JSON decoder
-#: a few KB that decompress to more than the default task_max_message_size (16 MiB)
-GZIP_BOMB = zlib.compress(bytes(17 * 1024 * 1024), 9)
-BZ2_BOMB = bz2.compress(bytes(17 * 1024 * 1024), 9)
+#: the worker's task_max_message_size in these tests, which also caps decompression
+LIMIT = 1024 * 1024
+#: a few KB that decompress to more than LIMIT
+GZIP_BOMB = zlib.compress(bytes(2 * LIMIT), 9)
+BZ2_BOMB = bz2.compress(bytes(2 * LIMIT), 9)
 
 
 @dataclass
@@ -211,7 +213,7 @@ RAN: list[int] = []  # what hostile.add returned, in this process
 
 @pytest.fixture
 def app(url: str) -> Iterator[App]:
-    app = App("hostile", broker=url)
+    app = App("hostile", broker=url, task_max_message_size=LIMIT)
 
     @app.task(name="hostile.add")
     def add(x: int, y: int) -> int:
@@ -272,6 +274,12 @@ def test_every_hostile_message_is_dead_lettered_and_the_worker_goes_on(
         sent = sorted((c.envelope if kind_of(transport) != "amqp" else c.body) or b""
                       for c in cases)
         assert sorted(d.raw for d in dead) == sent
+        # the bombs stopped at the cap (decompressing them whole is 2 MiB of JSON noise)
+        bombs = {(c.envelope if kind_of(transport) != "amqp" else c.body)
+                 for c in cases if c.id.endswith("-bomb")}
+        assert sorted(d.reason for d in dead if d.raw in bombs) == [
+            f"{k} body decompresses to more than {LIMIT} bytes (task_max_message_size)"
+            for k in ("application/x-bz2", "application/x-gzip")]
         time.sleep(0.3)  # nothing comes back from a requeue
         [stats] = transport.queue_stats([queue_name])
         assert (stats.ready, stats.in_flight) == (0, 0), stats

@@ -105,6 +105,7 @@ def parse_arguments(method: str, values: Sequence[str],
                 if arg.required:
                     raise UsageError(f"{method} needs at least one {arg.name}")
                 continue
+            out[arg.name] = rest
             rest = []
             continue
         if not rest:

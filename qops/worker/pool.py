@@ -341,8 +341,12 @@ class _Slot(threading.Thread):
     def renew(self) -> None:
         """A child of the pool's current generation (the slot's lock held): the one
         it has, or a new one in place of an older or missing one."""
-        if self.child is not None and self.generation != self.pool.generation:
-            self.reap(kill=False)  # it ends on EOF: it runs nothing now
+        child = self.child
+        if child is not None and self.generation != self.pool.generation:
+            # it runs nothing now; TERM, since a sibling forked meanwhile may hold our
+            # end of its pipe open, so that it would not see EOF
+            signal_child(child.pid, child.term, signal.SIGTERM)
+            self.reap(kill=False)
         if self.child is None:
             self.spawn()
 

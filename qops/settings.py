@@ -243,11 +243,16 @@ class Settings:
         object.__setattr__(self, "_layers", {layer: {} for layer in LAYERS})
         object.__setattr__(self, "_sources", {})
         object.__setattr__(self, "_loaded_outside", False)
+        #: config_from_object('module:attr') sources not read yet (Celery reads them
+        #: on first use too: Django's settings may be half-imported when it is called)
+        object.__setattr__(self, "_pending", [])
         for s in SETTINGS.values():
             self._layers["default"][s.name] = s.default
 
     # -- reading -------------------------------------------------------------------
     def _ensure_outside(self) -> None:
+        if self._pending:
+            self._read_pending()
         # env and YAML are read the first time a value is needed, so an App made at
         # import time does not touch the disk, and the CLI can set QOPS_CONFIG first.
         if not self._loaded_outside:
@@ -294,6 +299,8 @@ class Settings:
     # -- writing -------------------------------------------------------------------
     def set(self, name: str, value: Any, layer: str = "app", source: str | None = None,
             strict: bool = False) -> None:
+        if self._pending and layer == "app":
+            self._read_pending()  # keep the order the app code set things in
         key = canonical(name)
         if key is None:
             if strict:
@@ -323,10 +330,20 @@ class Settings:
         ``'django.conf.settings'``). With ``namespace='CELERY'`` (or ``'QOPS'``) only
         ``CELERY_*`` names are read, Django style (``CELERY_BROKER_URL`` ->
         ``broker_url``); the names there that qops does not know are ignored, as Celery
-        does, and logged once as a warning (docs/celery.md)."""
-        label = obj if isinstance(obj, str) else None
+        does, and logged once as a warning (docs/celery.md). A string is imported
+        when a setting is first read or set, as Celery does."""
         if isinstance(obj, str):
-            obj = import_object(obj)
+            self._pending.append((obj, namespace))
+        else:
+            self._read_object(obj, namespace)
+
+    def _read_pending(self) -> None:
+        while self._pending:
+            path, namespace = self._pending.pop(0)
+            self._read_object(import_object(path), namespace, label=path)
+
+    def _read_object(self, obj: Any, namespace: str | None, label: str | None = None
+                     ) -> None:
         items: Iterable[tuple[str, Any]]
         if isinstance(obj, Mapping):
             items = obj.items()

@@ -128,6 +128,8 @@ def task_ids(value: Any, what: str = "task id") -> str | list[str]:
 def flag(value: Any, what: str) -> bool:
     if value is None:
         return False
+    if type(value) is int and value in (0, 1):  # Flower's revoke sends terminate=0
+        return bool(value)
     if not isinstance(value, bool):
         raise UsageError(f"{what} must be true or false, not {value!r}")
     return value

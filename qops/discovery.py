@@ -23,6 +23,11 @@ log = logging.getLogger("qops.app")
 
 Packages = Iterable[str] | Callable[[], Iterable[str]] | None
 
+#: True once ``django.setup()`` ran in this process: a worker then closes Django's
+#: unusable or expired database connections before and after each task, as Django does
+#: around each request (``close_old_connections``, which honours CONN_MAX_AGE)
+django_ready = False
+
 
 def django_setup() -> bool:
     """``django.setup()`` if this process has DJANGO_SETTINGS_MODULE (idempotent);
@@ -34,8 +39,10 @@ def django_setup() -> bool:
     except ImportError:
         raise ConfigError("DJANGO_SETTINGS_MODULE is set but Django is not installed "
                           "in this Python") from None
+    global django_ready
     try:
         django.setup()
+        django_ready = True
     except Exception as exc:  # ImproperlyConfigured, the settings module's own errors
         raise ConfigError(f"django.setup() failed (DJANGO_SETTINGS_MODULE="
                           f"{os.environ['DJANGO_SETTINGS_MODULE']}): "
@@ -98,3 +105,12 @@ def related_module(package: str, related_name: str | None) -> str | None:
                           f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
     return name
 
+
+def close_old_connections() -> None:
+    """Django's ``close_old_connections()``, around a task (never raises)."""
+    try:
+        from django.db import close_old_connections as close
+
+        close()
+    except Exception as exc:
+        log.warning("closing Django's old database connections failed: %s", exc)

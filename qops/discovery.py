@@ -1,7 +1,7 @@
 """Finding task modules: ``app.autodiscover_tasks()``, and Django set up before them.
 
 As in Celery, ``autodiscover_tasks`` is lazy: it only records what to look for, and a
-worker (or beat, ``qops shell``...) imports the modules when it imports the app's task
+worker (and beat) imports the modules when it imports the app's task
 modules (``App.import_modules``). With no packages named, the packages are Django's
 installed apps. A process that has ``DJANGO_SETTINGS_MODULE`` set runs
 ``django.setup()`` before it imports any task module, since those import models.

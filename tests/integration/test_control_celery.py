@@ -14,13 +14,21 @@ import pytest
 from qops import App
 from tests.helpers import REPLY_TIMEOUT, WorkerProcess, qops_env, run_qops, wait_until
 
-MODULE = '''from proj.qops import app
+MODULE = '''import time
+
+from proj.qops import app
 
 VERSION = {version}
 
 
 @app.task(name="reloadme.version")
 def version():
+    return VERSION
+
+
+@app.task(name="reloadme.nap")
+def nap(seconds):
+    time.sleep(seconds)
     return VERSION
 '''
 
@@ -44,7 +52,8 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[App, 
     broker = str(request.getfixturevalue(f"{request.param}_url"))
     (tmp_path / "reloadme.py").write_text(MODULE.format(version=1))
     name = f"pr{uuid.uuid4().hex[:6]}@test"
-    env = qops_env(QOPS_WORKER_POOL_RESTARTS="1", QOPS_IMPORTS="reloadme")
+    env = qops_env(QOPS_WORKER_POOL_RESTARTS="1", QOPS_IMPORTS="reloadme",
+                   QOPS_TASK_TRACK_STARTED="1")
     env["PYTHONPATH"] += f":{tmp_path}"
     backend = "rpc://" if request.param == "amqp" else broker
     app = App("client", broker=broker, backend=backend)
@@ -61,21 +70,24 @@ def test_pool_restart_replaces_the_processes_and_reloads(
         node: tuple[App, str, Path]) -> None:
     app, name, tmp_path = node
     queue = f"q{name[:8]}"
-    if True:
-        assert app.send_task("reloadme.version", queue=queue).get(timeout=20) == 1
-        before = pids(app, name)
-        (tmp_path / "reloadme.py").write_text(MODULE.format(version=2))
-        replies = app.control.pool_restart(modules=["reloadme"], reload=True,
-                                           destination=[name], reply=True,
-                                           timeout=float(REPLY_TIMEOUT))
-        assert replies == [{name: {"ok": "reload started"}}]
-        # every process replaced (idle ones within a second or so)
-        def replaced() -> bool:
-            now = pids(app, name)
-            return len(now) == 2 and not set(now) & set(before)
+    assert app.send_task("reloadme.version", queue=queue).get(timeout=20) == 1
+    before = pids(app, name)
+    (tmp_path / "reloadme.py").write_text(MODULE.format(version=2))
+    busy = app.send_task("reloadme.nap", args=[1.5], queue=queue)
+    assert wait_until(lambda: busy.state == "STARTED", 10)
+    replies = app.control.pool_restart(modules=["reloadme"], reload=True,
+                                       destination=[name], reply=True,
+                                       timeout=float(REPLY_TIMEOUT))
+    assert replies == [{name: {"ok": "reload started"}}]
+    # the task running then is not cut short: its process is replaced after it
+    assert busy.get(timeout=20) == 1  # (the old code)
 
-        assert wait_until(replaced, 20), (before, pids(app, name), (tmp_path / "worker.log").read_text()[-3000:])
-        assert app.send_task("reloadme.version", queue=queue).get(timeout=20) == 2
+    def replaced() -> bool:  # every process, the idle ones within a second or so
+        now = pids(app, name)
+        return len(now) == 2 and not set(now) & set(before)
+
+    assert wait_until(replaced, 20), (before, pids(app, name))
+    assert app.send_task("reloadme.version", queue=queue).get(timeout=20) == 2
 
 
 def test_celery_commands_and_app_control(redis_url: str, tmp_path: Path) -> None:

@@ -339,8 +339,10 @@ class Settings:
 
     def _read_pending(self) -> None:
         while self._pending:
-            path, namespace = self._pending.pop(0)
-            self._read_object(import_object(path), namespace, label=path)
+            path, namespace = self._pending[0]
+            obj = import_object(path)  # raises again at the next read if it fails
+            self._pending.pop(0)
+            self._read_object(obj, namespace, label=path)
 
     def _read_object(self, obj: Any, namespace: str | None, label: str | None = None
                      ) -> None:

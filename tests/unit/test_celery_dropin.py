@@ -81,8 +81,9 @@ def test_config_from_object_spellings_and_namespace(monkeypatch: pytest.MonkeyPa
         _ = bad.conf.broker_url
     bad = App("cfg5")
     bad.config_from_object("no_such_module_here.settings")
-    with pytest.raises(ConfigError, match="cannot import config module"):
-        _ = bad.conf.broker_url
+    for _ in range(2):  # not forgotten after the first failure
+        with pytest.raises(ConfigError, match="cannot import config module"):
+            _ = bad.conf.broker_url
 
 
 def test_autodiscover_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

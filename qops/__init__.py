@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "App": "qops.app",
     "current_app": "qops.app",
+    "shared_task": "qops.shared",
     "AsyncResult": "qops.result",
     "GroupResult": "qops.result",
     "Signature": "qops.task",
@@ -36,7 +37,7 @@ __all__ = [
     "App", "AsyncResult", "GroupResult", "MaxRetriesExceeded", "QopsError", "Reject",
     "Retry", "Signature", "SoftTimeLimitExceeded", "Task", "TimeLimitExceeded",
     "WorkerLostError", "__version__", "chain", "chord", "crontab", "current_app", "group",
-    "signature",
+    "shared_task", "signature",
 ]
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     )
     from qops.result import AsyncResult, GroupResult
     from qops.schedules import crontab
+    from qops.shared import shared_task
     from qops.task import Signature, Task, signature
 
 

@@ -45,6 +45,11 @@ def app_for_task(name: str) -> App:
     return current_app()
 
 
+def all_apps() -> list[App]:
+    """Every App made in this process, oldest first."""
+    return list(_apps)
+
+
 def current_app() -> App:
     if not _apps:
         return App("default")
@@ -81,7 +86,13 @@ class App:
         self.on_after_configure = Signal("on_after_configure")
         self.on_after_finalize = Signal("on_after_finalize")
         register_builtins(self)
+        #: what autodiscover_tasks() asked for: (packages, related_name), imported by
+        #: import_modules()
+        self._autodiscover: list[tuple[Any, str | None]] = []
         _apps.append(self)
+        from qops.shared import attach_all
+
+        attach_all(self)  # the @shared_task functions declared before this app
 
     def __repr__(self) -> str:
         return f"<qops.App {self.main}>"
@@ -258,14 +269,33 @@ class App:
         return f"{module}.{fun.__name__}"
 
     def import_modules(self) -> list[str]:
-        """Import ``imports`` and ``include`` so their tasks register. Returns the names."""
+        """Import ``imports`` and ``include``, then what ``autodiscover_tasks`` asked
+        for, so their tasks register (Django set up first when DJANGO_SETTINGS_MODULE
+        is set). Returns the module names."""
+        from qops.discovery import discover, django_setup
+
+        django_setup()
         names = [*self.conf.imports, *self.conf.include]
         for name in names:
             try:
                 importlib.import_module(name)
             except ImportError as exc:
                 raise ConfigError(f"cannot import task module {name!r}: {exc}") from exc
+        for packages, related_name in self._autodiscover:
+            names += discover(packages, related_name)
         return names
+
+    def autodiscover_tasks(self, packages: Any = None, related_name: str | None = "tasks",
+                           force: bool = False) -> None:
+        """Import ``<package>.tasks`` of each package (a list, or a callable returning
+        one), as Celery: lazily, when a worker imports the task modules, unless
+        ``force``. No packages: those of Django's installed apps."""
+        if force:
+            from qops.discovery import discover
+
+            discover(packages, related_name)
+        else:
+            self._autodiscover.append((packages, related_name))
 
     def rate_limit_for(self, task: Task) -> str | None:
         ann = self._annotation(task.name)

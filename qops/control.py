@@ -54,8 +54,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("query_task", "inspect", (Arg("ids", str, True, many=True),),
             "Where tasks are: active, reserved or scheduled."),
     Command("report", "inspect", help="Software and platform information."),
+    Command("clock", "inspect", help="The node's logical clock."),
+    Command("hello", "inspect", (Arg("from_node"),),
+            "Celery's mingle: the node's revoked ids and clock."),
+    Command("memsample", "inspect", help="Not in qops (Celery: psutil); says so."),
+    Command("memdump", "inspect", help="Not in qops (Celery: psutil); says so."),
+    Command("objgraph", "inspect", help="Not in qops (Celery: objgraph); says so."),
     Command("revoke", "control", (Arg("task_id", str, True, many=True),),
             "Do not run these tasks (with --terminate: kill them if running)."),
+    Command("terminate", "control", (Arg("signal"), Arg("task_id", str, True, many=True)),
+            "Kill running tasks with a signal (revoke --terminate)."),
     Command("rate_limit", "control", (Arg("task_name"), Arg("rate_limit")),
             "Set a task's rate limit (e.g. 10/m; 0 removes it)."),
     Command("time_limit", "control",
@@ -67,6 +75,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("pool_shrink", "control", (Arg("n", int, False),), "Remove pool processes."),
     Command("autoscale", "control", (Arg("max", int), Arg("min", int)),
             "Set the pool size bounds."),
+    Command("pool_restart", "control", (Arg("modules", str, False, many=True),),
+            "Import task modules (--reload: reload them) and replace the pool processes; "
+            "needs worker_pool_restarts."),
+    Command("heartbeat", "control", help="Send a worker-heartbeat event now."),
+    Command("election", "control", (Arg("id"), Arg("topic"), Arg("action", str, False)),
+            "Not in qops (no gossip); says so."),
     Command("shutdown", "control", help="Warm shutdown (each node replies first)."),
     Command("enable_events", "control", help="Start sending task events."),
     Command("disable_events", "control", help="Stop sending task events."),
@@ -87,8 +101,10 @@ def parse_arguments(method: str, values: Sequence[str],
     rest = list(values)
     for arg in cmd.args:
         if arg.many:
-            if not rest and arg.required:
-                raise UsageError(f"{method} needs at least one {arg.name}")
+            if not rest:
+                if arg.required:
+                    raise UsageError(f"{method} needs at least one {arg.name}")
+                continue
             out[arg.name] = rest
             rest = []
             continue
@@ -265,32 +281,45 @@ def broadcast(app: App, method: str, arguments: dict[str, Any] | None = None, *,
 
 
 class Control:
-    """``app.control``: remote control from code, as Celery's ``app.control``."""
+    """``app.control``: remote control from code, with Celery's method names, arguments
+    and replies: without ``reply=True`` nothing is awaited and None is returned; with
+    it, a list of ``{node: reply}``. ``inspect()`` gives the read-only commands."""
 
     def __init__(self, app: App) -> None:
         self.app = app
 
+    def inspect(self, destination: Sequence[str] | str | None = None, timeout: float = 1.0,
+                pattern: str | None = None, matcher: str | None = None,
+                **kwargs: Any) -> Inspect:
+        return Inspect(self.app, destination=destination, timeout=timeout,
+                       pattern=pattern, matcher=matcher)
+
     def broadcast(self, command: str, arguments: dict[str, Any] | None = None,
-                  destination: Sequence[str] | None = None, reply: bool = False,
+                  destination: Sequence[str] | str | None = None, reply: bool = False,
                   timeout: float = 1.0, pattern: str | None = None,
                   matcher: str | None = None, **kwargs: Any) -> list[dict[str, Any]] | None:
         """Send ``command`` to the nodes (``destination``: those only); with ``reply``, the
         replies as Celery gives them: ``[{node: reply}, ...]``."""
+        if isinstance(destination, str):
+            destination = [destination]
         found = broadcast(self.app, command, arguments, destination=destination,
                           pattern=pattern, matcher=matcher, timeout=timeout, reply=reply)
         if not reply:
             return None
         return [{node: answer} for node, answer in found.replies.items()]
 
+    def _send(self, command: str, arguments: dict[str, Any], destination: Any,
+              kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
+        return self.broadcast(command, arguments, destination=destination, **kwargs)
+
     def revoke(self, task_id: str | Sequence[str], destination: Sequence[str] | None = None,
-               terminate: bool = False, signal: str = "SIGTERM", reply: bool = False,
-               timeout: float = 1.0, **kwargs: Any) -> list[dict[str, Any]] | None:
+               terminate: bool = False, signal: str = "SIGTERM", **kwargs: Any
+               ) -> list[dict[str, Any]] | None:
         """Tell the nodes not to run these tasks (they settle them REVOKED); with
         ``terminate``, also send ``signal`` to the process running one (prefork)."""
         ids = [task_id] if isinstance(task_id, str) else list(task_id)
-        return self.broadcast("revoke", {"task_id": ids, "terminate": terminate,
-                                         "signal": signal or "SIGTERM"},
-                              destination=destination, reply=reply, timeout=timeout)
+        return self._send("revoke", {"task_id": ids, "terminate": terminate,
+                                     "signal": signal or "SIGTERM"}, destination, kwargs)
 
     def terminate(self, task_id: str | Sequence[str], destination: Sequence[str] | None = None,
                   signal: str = "SIGTERM", **kwargs: Any) -> list[dict[str, Any]] | None:
@@ -302,3 +331,155 @@ class Control:
              **kwargs: Any) -> list[dict[str, Any]]:
         return self.broadcast("ping", destination=destination, reply=True,
                               timeout=timeout) or []
+
+    def rate_limit(self, task_name: str, rate_limit: str | int,
+                   destination: Sequence[str] | None = None, **kwargs: Any
+                   ) -> list[dict[str, Any]] | None:
+        return self._send("rate_limit", {"task_name": task_name, "rate_limit": rate_limit},
+                          destination, kwargs)
+
+    def time_limit(self, task_name: str, soft: float | None = None,
+                   hard: float | None = None, destination: Sequence[str] | None = None,
+                   **kwargs: Any) -> list[dict[str, Any]] | None:
+        return self._send("time_limit", {"task_name": task_name, "soft": soft, "hard": hard},
+                          destination, kwargs)
+
+    def add_consumer(self, queue: str, exchange: str | None = None,
+                     exchange_type: str = "direct", routing_key: str | None = None,
+                     options: dict[str, Any] | None = None,
+                     destination: Sequence[str] | None = None, **kwargs: Any
+                     ) -> list[dict[str, Any]] | None:
+        args = {"queue": queue, "exchange": exchange, "exchange_type": exchange_type,
+                "routing_key": routing_key, **(options or {})}
+        return self._send("add_consumer", args, destination, kwargs)
+
+    def cancel_consumer(self, queue: str, destination: Sequence[str] | None = None,
+                        **kwargs: Any) -> list[dict[str, Any]] | None:
+        return self._send("cancel_consumer", {"queue": queue}, destination, kwargs)
+
+    def pool_grow(self, n: int = 1, destination: Sequence[str] | None = None,
+                  **kwargs: Any) -> list[dict[str, Any]] | None:
+        return self._send("pool_grow", {"n": n}, destination, kwargs)
+
+    def pool_shrink(self, n: int = 1, destination: Sequence[str] | None = None,
+                    **kwargs: Any) -> list[dict[str, Any]] | None:
+        return self._send("pool_shrink", {"n": n}, destination, kwargs)
+
+    def autoscale(self, max: int, min: int,  # noqa: A002 - Celery's names
+                  destination: Sequence[str] | None = None, **kwargs: Any
+                  ) -> list[dict[str, Any]] | None:
+        return self._send("autoscale", {"max": max, "min": min}, destination, kwargs)
+
+    def pool_restart(self, modules: Sequence[str] | None = None, reload: bool = False,
+                     reloader: Any = None, destination: Sequence[str] | None = None,
+                     **kwargs: Any) -> list[dict[str, Any]] | None:
+        """Import ``modules`` (all task modules if None; ``reload``: reload those
+        imported already) and replace the pool processes; the nodes refuse unless
+        ``worker_pool_restarts`` is on."""
+        args: dict[str, Any] = {"reload": reload}
+        if modules is not None:
+            args["modules"] = list(modules)
+        return self._send("pool_restart", args, destination, kwargs)
+
+    def shutdown(self, destination: Sequence[str] | None = None, **kwargs: Any
+                 ) -> list[dict[str, Any]] | None:
+        return self._send("shutdown", {}, destination, kwargs)
+
+    def heartbeat(self, destination: Sequence[str] | None = None, **kwargs: Any
+                  ) -> list[dict[str, Any]] | None:
+        return self._send("heartbeat", {}, destination, kwargs)
+
+    def election(self, id: str, topic: str, action: str | None = None,  # noqa: A002
+                 destination: Sequence[str] | None = None, **kwargs: Any
+                 ) -> list[dict[str, Any]] | None:
+        return self._send("election", {"id": id, "topic": topic, "action": action},
+                          destination, kwargs)
+
+    def enable_events(self, destination: Sequence[str] | None = None, **kwargs: Any
+                      ) -> list[dict[str, Any]] | None:
+        return self._send("enable_events", {}, destination, kwargs)
+
+    def disable_events(self, destination: Sequence[str] | None = None, **kwargs: Any
+                       ) -> list[dict[str, Any]] | None:
+        return self._send("disable_events", {}, destination, kwargs)
+
+    def purge(self) -> int:
+        """Delete the messages waiting in the app's default queue; how many."""
+        return int(self.app.transport.purge(self.app.default_queue))
+
+
+class Inspect:
+    """``app.control.inspect()``: each method asks the nodes and returns
+    ``{node: reply}``, or None when no node answered (as Celery's)."""
+
+    def __init__(self, app: App, destination: Sequence[str] | str | None = None,
+                 timeout: float = 1.0, pattern: str | None = None,
+                 matcher: str | None = None) -> None:
+        self.app = app
+        self.destination = destination
+        self.timeout = timeout
+        self.pattern = pattern
+        self.matcher = matcher
+
+    def _request(self, command: str, **arguments: Any) -> dict[str, Any] | None:
+        dest = self.destination
+        found = broadcast(self.app, command, arguments,
+                          destination=[dest] if isinstance(dest, str) else dest,
+                          pattern=self.pattern, matcher=self.matcher, timeout=self.timeout)
+        return dict(found.replies) or None
+
+    def ping(self, destination: Sequence[str] | None = None) -> dict[str, Any] | None:
+        if destination:
+            self.destination = destination
+        return self._request("ping")
+
+    def clock(self) -> dict[str, Any] | None:
+        return self._request("clock")
+
+    def active(self, safe: bool | None = None) -> dict[str, Any] | None:
+        return self._request("active")
+
+    def scheduled(self, safe: bool | None = None) -> dict[str, Any] | None:
+        return self._request("scheduled")
+
+    def reserved(self, safe: bool | None = None) -> dict[str, Any] | None:
+        return self._request("reserved")
+
+    def stats(self) -> dict[str, Any] | None:
+        return self._request("stats")
+
+    def revoked(self) -> dict[str, Any] | None:
+        return self._request("revoked")
+
+    def registered(self, *taskinfoitems: str) -> dict[str, Any] | None:
+        return self._request("registered", taskinfoitems=list(taskinfoitems))
+
+    registered_tasks = registered
+
+    def active_queues(self) -> dict[str, Any] | None:
+        return self._request("active_queues")
+
+    def query_task(self, *ids: str | Sequence[str]) -> dict[str, Any] | None:
+        flat: list[str] = []
+        for i in ids:  # Celery takes query_task(a, b) and query_task([a, b])
+            flat.extend([i] if isinstance(i, str) else i)
+        return self._request("query_task", ids=flat)
+
+    def conf(self, with_defaults: bool = False) -> dict[str, Any] | None:
+        return self._request("conf", with_defaults=with_defaults)
+
+    def report(self) -> dict[str, Any] | None:
+        return self._request("report")
+
+    def hello(self, from_node: str, revoked: Any = None) -> dict[str, Any] | None:
+        return self._request("hello", from_node=from_node, revoked=revoked)
+
+    def memsample(self) -> dict[str, Any] | None:
+        return self._request("memsample")
+
+    def memdump(self, samples: int = 10) -> dict[str, Any] | None:
+        return self._request("memdump", samples=samples)
+
+    def objgraph(self, type: str = "Request", n: int = 200,  # noqa: A002
+                 max_depth: int = 10) -> dict[str, Any] | None:
+        return self._request("objgraph", type=type, num=n, max_depth=max_depth)

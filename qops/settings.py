@@ -121,6 +121,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "a worker silent this long is dead and its messages go back to the queue", _seconds),
     _s("worker_max_tasks_per_child", None, "int", "replace a prefork child after N tasks",
        _at_least(1)),
+    _s("worker_pool_restarts", False, "bool",
+       "obey pool_restart (remote control): re-import task modules, replace pool processes"),
     _s("worker_send_task_events", False, "bool", "send task events (-E)"),
     _s("worker_log_repr_maxsize", 1024, "int",
        "longest repr of a task's arguments, result or exception in worker log lines "
@@ -168,6 +170,7 @@ OLD_NAMES: dict[str, str] = {
     "CELERYD_CONCURRENCY": "worker_concurrency",
     "CELERYD_PREFETCH_MULTIPLIER": "worker_prefetch_multiplier",
     "CELERYD_POOL": "worker_pool",
+    "CELERYD_POOL_RESTARTS": "worker_pool_restarts",
     "CELERYD_TASK_TIME_LIMIT": "task_time_limit",
     "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
     "CELERYD_MAX_TASKS_PER_CHILD": "worker_max_tasks_per_child",
@@ -266,11 +269,16 @@ class Settings:
         object.__setattr__(self, "_layers", {layer: {} for layer in LAYERS})
         object.__setattr__(self, "_sources", {})
         object.__setattr__(self, "_loaded_outside", False)
+        #: config_from_object('module:attr') sources not read yet (Celery reads them
+        #: on first use too: Django's settings may be half-imported when it is called)
+        object.__setattr__(self, "_pending", [])
         for s in SETTINGS.values():
             self._layers["default"][s.name] = s.default
 
     # -- reading -------------------------------------------------------------------
     def _ensure_outside(self) -> None:
+        if self._pending:
+            self._read_pending()
         # env and YAML are read the first time a value is needed, so an App made at
         # import time does not touch the disk, and the CLI can set QOPS_CONFIG first.
         if not self._loaded_outside:
@@ -317,6 +325,8 @@ class Settings:
     # -- writing -------------------------------------------------------------------
     def set(self, name: str, value: Any, layer: str = "app", source: str | None = None,
             strict: bool = False) -> None:
+        if self._pending and layer == "app":
+            self._read_pending()  # keep the order the app code set things in
         key = canonical(name)
         if key is None:
             if strict:
@@ -342,27 +352,54 @@ class Settings:
     def config_from_object(self, obj: Any, namespace: str | None = None) -> None:
         """Take settings from a module, a dotted module path, a class or a dict.
 
-        With ``namespace='QOPS'`` only ``QOPS_*`` names are read, Django style
-        (``QOPS_BROKER_URL`` -> ``broker_url``)."""
+        A string names a module or an object in one (``'django.conf:settings'`` or
+        ``'django.conf.settings'``). With ``namespace='CELERY'`` (or ``'QOPS'``) only
+        ``CELERY_*`` names are read, Django style (``CELERY_BROKER_URL`` ->
+        ``broker_url``); the names there that qops does not know are ignored, as Celery
+        does, and logged once as a warning (docs/celery.md). A string is imported
+        when a setting is first read or set, as Celery does."""
         if isinstance(obj, str):
-            try:
-                obj = importlib.import_module(obj)
-            except ImportError as exc:
-                raise ConfigError(f"cannot import config module {obj!r}: {exc}") from None
+            self._pending.append((obj, namespace))
+        else:
+            self._read_object(obj, namespace)
+
+    def _read_pending(self) -> None:
+        while self._pending:
+            path, namespace = self._pending[0]
+            obj = import_object(path)  # raises again at the next read if it fails
+            self._pending.pop(0)
+            self._read_object(obj, namespace, label=path)
+
+    def _read_object(self, obj: Any, namespace: str | None, label: str | None = None
+                     ) -> None:
         items: Iterable[tuple[str, Any]]
         if isinstance(obj, Mapping):
             items = obj.items()
         else:
-            items = ((k, getattr(obj, k)) for k in dir(obj) if not k.startswith("_"))
-        label = getattr(obj, "__name__", type(obj).__name__)
+            try:  # Django's settings are read here: ImproperlyConfigured, say
+                items = [(k, getattr(obj, k)) for k in dir(obj) if not k.startswith("_")]
+            except Exception as exc:
+                raise ConfigError(f"cannot read config object {label or obj!r}: "
+                                  f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+        label = label or getattr(obj, "__name__", type(obj).__name__)
+        unknown = []
         for key, value in items:
             if namespace:
                 prefix = namespace.rstrip("_") + "_"
                 if not key.startswith(prefix):
                     continue
-                key = key[len(prefix):].lower()
+                name = key[len(prefix):].lower()
+                if canonical(name) is None:
+                    unknown.append(key)
+                key = name
             if canonical(key):
                 self.set(key, value, layer="app", source=f"config object {label}")
+        if unknown:
+            import logging
+
+            logging.getLogger("qops.settings").warning(
+                "qops ignores these settings of %s, which it does not know: %s",
+                label, ", ".join(sorted(unknown)))
 
     def load_env(self, environ: Mapping[str, str]) -> None:
         for name in SETTINGS:
@@ -378,6 +415,32 @@ class Settings:
             if key == "app":
                 continue  # used by the CLI to find the app
             self.set(key, value, layer="yaml", source=f"file {path}", strict=True)
+
+
+def import_object(path: str) -> Any:
+    """The module or object a string names: ``pkg.mod``, ``pkg.mod:attr`` or
+    ``pkg.mod.attr``; a ConfigError says what could not be imported."""
+    module_name, colon, attr = path.partition(":")
+    if not colon:
+        try:
+            return importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not path.startswith(exc.name) or "." not in path:
+                raise ConfigError(f"cannot import config module {path!r}: {exc}") from None
+            module_name, _, attr = path.rpartition(".")
+        except ImportError as exc:
+            raise ConfigError(f"cannot import config module {path!r}: {exc}") from None
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import config module {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"config object {path!r}: {module_name!r} has no "
+                              f"{attr!r}") from None
+    return obj
 
 
 _LAYER_NAMES = {"default": "default", "app": "app code", "yaml": "config file",

@@ -178,6 +178,24 @@ class Task:
 
     subtask = signature
 
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """``delay`` once the current Django transaction commits; never if it rolls back
+        (Celery 5.4's ``delay_on_commit``). Needs Django; returns None (no id yet)."""
+        self.apply_async_on_commit(args, kwargs)
+
+    def apply_async_on_commit(self, args: Iterable[Any] | None = None,
+                              kwargs: dict[str, Any] | None = None,
+                              using: str | None = None, **options: Any) -> None:
+        """``apply_async`` once the current Django transaction (of database ``using``)
+        commits. Bad arguments raise here, not at the commit."""
+        args, kwargs = list(args or ()), dict(kwargs or {})
+        if self.typing:
+            try:
+                self.check_arguments(args, kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.name}: {exc}") from None
+        _on_commit(lambda: self.apply_async(args, kwargs, **options), using)
+
     def AsyncResult(self, task_id: str) -> AsyncResult:  # noqa: N802 - Celery's name
         return self.app.AsyncResult(task_id)
 
@@ -215,6 +233,24 @@ class Task:
         if self.retry_jitter:
             delay = random.uniform(0, delay)
         return delay
+
+
+def _on_commit(fun: Callable[[], Any], using: str | None = None) -> None:
+    """Django's ``transaction.on_commit(fun)``: run ``fun`` once the current transaction
+    commits (at once outside one; never if it rolls back)."""
+    try:
+        from django.db import transaction
+    except ImportError:
+        raise UsageError("delay_on_commit and apply_async_on_commit need Django "
+                         "(django.db.transaction.on_commit); without Django, use delay "
+                         "or apply_async") from None
+    try:
+        transaction.on_commit(fun, using=using)
+    except Exception as exc:  # ImproperlyConfigured: settings not configured
+        if type(exc).__name__ != "ImproperlyConfigured":
+            raise
+        raise UsageError(f"delay_on_commit: Django is not configured: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def _positional_bounds(sig: inspect.Signature, skip: int) -> tuple[int, int | None] | None:

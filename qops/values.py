@@ -128,6 +128,8 @@ def task_ids(value: Any, what: str = "task id") -> str | list[str]:
 def flag(value: Any, what: str) -> bool:
     if value is None:
         return False
+    if type(value) is int and value in (0, 1):  # Flower's revoke sends terminate=0
+        return bool(value)
     if not isinstance(value, bool):
         raise UsageError(f"{what} must be true or false, not {value!r}")
     return value
@@ -208,6 +210,23 @@ def _revoke(a: dict[str, Any]) -> None:
             a[key] = signal_name(a[key])
 
 
+def _terminate(a: dict[str, Any]) -> None:
+    a["task_id"] = task_ids(a.get("task_id"))
+    a["signal"] = signal_name(a.get("signal") or "SIGTERM")
+
+
+def _pool_restart(a: dict[str, Any]) -> None:
+    modules = a.get("modules")
+    if modules is not None:
+        if isinstance(modules, str):
+            modules = [modules]
+        if not isinstance(modules, list) or not all(
+                isinstance(m, str) and m for m in modules):
+            raise UsageError(f"modules must be a list of module names, not {modules!r}")
+        a["modules"] = modules
+    a["reload"] = flag(a.get("reload", False), "reload")
+
+
 def _query_task(a: dict[str, Any]) -> None:
     a["ids"] = task_ids(a.get("ids"), "ids")
 
@@ -221,6 +240,7 @@ _ARGUMENTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "add_consumer": _queue, "cancel_consumer": _queue,
     "pool_grow": _resize, "pool_shrink": _resize, "autoscale": _autoscale,
     "revoke": _revoke, "query_task": _query_task, "conf": _conf,
+    "terminate": _terminate, "pool_restart": _pool_restart,
 }
 
 

@@ -43,12 +43,15 @@ def control(
     matcher: Matcher = "glob",
     terminate: Annotated[bool, typer.Option("--terminate", help="revoke: also kill the task if it runs.")] = False,
     signal: Annotated[str, typer.Option("--signal", "-s", help="revoke --terminate: the signal (TERM, KILL, ...).")] = "SIGTERM",
+    reload: Annotated[bool, typer.Option("--reload", help="pool_restart: reload the modules already imported.")] = False,
 ) -> None:
     from qops.control import CONTROL
 
     extra: dict[str, Any] = {}
     if method == "revoke":
         extra = {"terminate": terminate, "signal": signal}
+    elif method == "pool_restart":
+        extra = {"reload": reload}
     _run(ctx, "control", CONTROL, method, args or [], destination, timeout, list_,
          pattern, matcher, extra)
 

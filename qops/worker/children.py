@@ -380,6 +380,12 @@ class ChildPool(Pool):
         for index in range(1, self.concurrency + 1):
             self._due.put((index, 0.0))  # a no-op for slots that have a child
 
+    def restart(self) -> None:
+        """pool_restart: every child finishes its task, gives back what it holds and
+        exits; the supervisor forks a new one in its place (a second after the old one
+        was born, at the soonest)."""
+        self._tell_all(Stop())
+
     def shrink(self, n: int) -> None:
         self._fewer(n)
         for child in list(self.children.values()):

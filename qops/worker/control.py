@@ -156,6 +156,7 @@ class ControlServer:
             log.warning("control: ignored a malformed %s message: %s", method, exc)
             self.reply(request, {"error": f"malformed control message: {exc}"})
             return
+        method = control_celery.ALIASES.get(method, method)  # dump_tasks, ...
         fun = HANDLERS.get(method) or TASK_HANDLERS.get(method)
         if fun is None:
             reply: Any = {"error": f"unknown command {method!r}"}
@@ -534,3 +535,7 @@ def handle_disable_events(loop: ConsumerLoop) -> dict[str, Any]:
     if loop.events is not None:
         loop.events.task_events = False
     return {"ok": "task events disabled"}
+
+
+# Celery 5's other commands register themselves (handler/task_handler above).
+from qops.worker import control_celery  # noqa: E402

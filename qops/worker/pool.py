@@ -125,6 +125,11 @@ class Pool(ABC):
     @abstractmethod
     def grow(self, n: int) -> None: ...
 
+    def restart(self) -> None:
+        """Replace every pool process by a new one (``pool_restart``), each once its
+        task is done; pools that have no processes of their own have nothing to do."""
+        return None
+
     def shrink(self, n: int) -> None:
         """Run ``n`` fewer jobs at a time (at least one): as many stop markers as that
         go into the job queue, and each ends the thread or slot that takes it once its
@@ -271,8 +276,11 @@ class _Slot(threading.Thread):
         self.child: _Child | None = None
         self.job: dict[str, Any] | None = None
         self.stopping = False
+        self.generation = 0  # the pool's generation its child was forked in
+        self.lock = threading.Lock()  # the child and the job, against restart()
 
     def spawn(self) -> None:
+        self.generation = self.pool.generation
         ppid = os.getpid()
         pid, parent_conn, term = fork_child(
             lambda conn, term: _child_main(self.pool, self.index, conn, term, ppid))
@@ -294,27 +302,53 @@ class _Slot(threading.Thread):
         return status
 
     def run(self) -> None:
+        # A child is forked on this thread (PR_SET_PDEATHSIG kills a child when the
+        # thread that forked it ends): a slot added by pool_grow on the control thread
+        # gets its first child here, and pool_restart's new children are made here.
         pool = self.pool
+        with self.lock:
+            self.renew()
         while True:
-            item = pool.jobs.get()
+            try:
+                item = pool.jobs.get(timeout=0.5)
+            except queue.Empty:
+                if self.generation != pool.generation:
+                    with self.lock:
+                        self.renew()  # pool_restart, while idle
+                continue
             if item is _STOP:
                 break
             job, on_done, hard, start = item
             if start is not None and not start():
                 continue
-            if self.child is None:
-                self.spawn()
-            assert self.child is not None
-            job["worker_pid"] = self.child.pid
-            self.job = job
+            with self.lock:
+                self.renew()
+                assert self.child is not None
+                job["worker_pid"] = self.child.pid
+                self.job = job
             pool._mark(job, True)
             try:
                 outcome = self._run_one(job, hard)
             finally:
                 pool._mark(job, False)
-                self.job = None
+                with self.lock:
+                    self.job = None
+                    if self.generation != pool.generation and not self.stopping:
+                        self.renew()  # restarted while it ran: replace it now
             _report(on_done, outcome)
         self.reap(kill=False)
+
+    def renew(self) -> None:
+        """A child of the pool's current generation (the slot's lock held): the one
+        it has, or a new one in place of an older or missing one."""
+        child = self.child
+        if child is not None and self.generation != self.pool.generation:
+            # it runs nothing now; TERM, since a sibling forked meanwhile may hold our
+            # end of its pipe open, so that it would not see EOF
+            signal_child(child.pid, child.term, signal.SIGTERM)
+            self.reap(kill=False)
+        if self.child is None:
+            self.spawn()
 
     def _run_one(self, job: dict[str, Any], hard: float | None) -> dict[str, Any]:
         child = self.child
@@ -409,14 +443,16 @@ class PreforkPool(Pool):
         super().__init__(app, concurrency, max_tasks_per_child, on_child_start)
         self.child_init = child_init
         self.slots: list[_Slot] = []
+        self.generation = 0  # pool_restart: children of an older one are replaced
 
     def start(self) -> None:
         for _ in range(self.concurrency):
             self._add_slot()
 
-    def _add_slot(self) -> None:
+    def _add_slot(self, spawn: bool = True) -> None:
         slot = _Slot(self, len(self.slots) + 1)
-        slot.spawn()  # children start now, so a broken app fails at start-up
+        if spawn:
+            slot.spawn()  # children start now, so a broken app fails at start-up
         self.slots.append(slot)
         slot.start()
 
@@ -442,8 +478,13 @@ class PreforkPool(Pool):
 
     def grow(self, n: int) -> None:
         for _ in range(n):
-            self._add_slot()
+            self._add_slot(spawn=False)  # forked on the slot's thread, not the caller's
         self.concurrency += n
+
+    def restart(self) -> None:
+        """New children forked from the node as it is now, each by its slot's thread:
+        idle ones within half a second, busy ones as soon as their task is done."""
+        self.generation += 1
 
 
 class InlinePool(Pool):

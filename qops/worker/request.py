@@ -13,7 +13,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from qops import protocol
+from qops import discovery, protocol
 from qops.errors import (
     MaxRetriesExceeded,
     Reject,
@@ -83,6 +83,8 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
     use_alarm = bool(soft or hard) and threading.current_thread() is threading.main_thread()
     if use_alarm:
         _arm_limits(soft, hard)
+    if discovery.django_ready:
+        discovery.close_old_connections()
     task.push_request(ctx)
     app.push_request(ctx)
     try:
@@ -126,6 +128,8 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
     finally:
         app.pop_request()
         task.pop_request()
+        if discovery.django_ready:
+            discovery.close_old_connections()
 
 
 def _failure(exc: BaseException, start: float, tb: str | None = "") -> dict[str, Any]:

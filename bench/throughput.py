@@ -64,8 +64,10 @@ REPO = BENCH.parent
 COMMON = BENCH / "common"
 QOPS_SIDE = BENCH / "qops_side"
 CELERY_SIDE = BENCH / "celery_side"
-DEFAULT_CELERY_VENV = BENCH / ".celery-venv"
-CELERY_REQUIREMENTS = ["celery[redis]>=5.3"]  # the extra brings redis and packaging
+sys.path.insert(0, str(COMMON))
+from venvs import CELERY_VENV, celery_python  # noqa: E402  (bench/common is no package)
+
+DEFAULT_CELERY_VENV = CELERY_VENV
 
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 14
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
@@ -273,19 +275,7 @@ class Bench:
         return dest, f"git archive {sha[:12]} ({args.qops_rev})"
 
     def ensure_celery_venv(self) -> Path:
-        venv = Path(self.args.celery_venv)
-        python = venv / "bin" / "python"
-        check = [str(python), "-c", "import celery, redis, kombu.transport.redis, amqp"]
-        if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-            return python
-        if not python.exists():
-            log(f"creating the Celery venv {venv} ...")
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        log(f"installing {' '.join(CELERY_REQUIREMENTS)} into {venv} ...")
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        *CELERY_REQUIREMENTS], check=True, timeout=900)
-        subprocess.run(check, check=True)
-        return python
+        return celery_python(Path(self.args.celery_venv))
 
     def versions(self) -> dict[str, str]:
         out: dict[str, str] = {}

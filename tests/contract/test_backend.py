@@ -103,3 +103,47 @@ def test_type_tags_round_trip(backend: ResultBackend) -> None:
              "raw": b"\x00\x01", "n": decimal.Decimal("1.50")}
     backend.store(t, "SUCCESS", value)
     assert backend.get_meta(t)["result"] == value
+
+
+def test_waits_in_a_row_each_wake_on_their_own_result(backend: ResultBackend) -> None:
+    """One thread waiting again and again (a client calling .get() in a loop): each wait
+    wakes on its own task, also after a timed-out wait and with a result of an earlier
+    task published again meanwhile."""
+    with pytest.raises(ResultTimeout):
+        backend.wait(tid(), timeout=0.1)
+    done = tid()
+    backend.store(done, "SUCCESS", 0)
+    assert backend.wait(done, timeout=5)["result"] == 0
+    for i in range(1, 4):
+        t = tid()
+        threading.Timer(0.05, lambda t=t, i=i: (backend.store(done, "STARTED"),
+                                                backend.store(t, "SUCCESS", i))).start()
+        start = time.monotonic()
+        assert backend.wait(t, timeout=5)["result"] == i
+        assert time.monotonic() - start < 2
+
+
+def test_redis_waits_share_one_connection_per_thread(request: pytest.FixtureRequest) -> None:
+    import redis
+
+    url = request.getfixturevalue("redis_url")
+    b = backend_from_url(url, expires=60)
+    admin = redis.Redis.from_url(url)
+    try:
+        def connections() -> int:
+            return int(admin.info("stats")["total_connections_received"])
+
+        for _ in range(2):
+            t = tid()
+            b.store(t, "SUCCESS", 1)
+            b.wait(t, timeout=5)
+        before = connections()
+        for i in range(5):
+            t = tid()
+            threading.Timer(0.02, lambda t=t, i=i: b.store(t, "SUCCESS", i)).start()
+            assert b.wait(t, timeout=5)["result"] == i
+        # (the Timer threads store through the client's pool: at most one new connection)
+        assert connections() - before <= 1
+    finally:
+        b.close()
+        admin.close()

@@ -147,3 +147,23 @@ def test_redis_waits_share_one_connection_per_thread(request: pytest.FixtureRequ
     finally:
         b.close()
         admin.close()
+
+
+def test_a_polling_wait_starts_with_a_short_interval_again(request: pytest.FixtureRequest) -> None:
+    """SQLite results are polled with a growing interval: each wait starts short again
+    (it stayed at its longest after the first slow wait, so every later .get() took
+    about 100 ms)."""
+    from qops.backends.base import POLL_FIRST, POLL_MAX
+
+    b = backend_from_url(request.getfixturevalue("sqlite_url"), expires=60)
+    try:
+        with pytest.raises(ResultTimeout):
+            b.wait(tid(), timeout=0.4)  # the interval grows to its longest
+        assert b._poll == POLL_MAX  # type: ignore[attr-defined]
+        t = tid()
+        with b._watch(t):
+            assert b._poll == POLL_FIRST  # type: ignore[attr-defined]
+        threading.Timer(0.01, b.store, (t, "SUCCESS", 1)).start()
+        assert b.wait(t, timeout=5)["result"] == 1
+    finally:
+        b.close()

@@ -224,11 +224,9 @@ def measures(outcomes: list[Outcome]) -> list[dict[str, Any]]:
                     values = [r[key] for r in o.runs] if o else []
                     row[system] = round(statistics.median(values), 3) if values else None
                     if values:
-                        spreads[system] = spread(values)
+                        spreads[system] = spread(values, digits=3)
                 row["floor"] = None
-                row["spread"] = {s: {k: (round(v, 3) if isinstance(v, float) else
-                                         [round(x, 3) for x in v] if isinstance(v, list) else v)
-                                     for k, v in d.items()} for s, d in spreads.items()}
+                row["spread"] = spreads
                 rows.append(row)
     return rows
 

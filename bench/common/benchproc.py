@@ -211,11 +211,12 @@ def qops_tree(src: Path, rev: str | None, tmp: Path) -> tuple[Path, str]:
     return dest, f"git archive {sha[:12]} ({rev})"
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    """Median, lowest, highest and every run (rounded), for a JSON row."""
+def spread(values: list[float], digits: int = 1) -> dict[str, Any]:
+    """Median, lowest, highest and every run (rounded to ``digits``), for a JSON row."""
     import statistics
 
     if not values:
         return {"median": None, "min": None, "max": None, "runs": []}
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "runs": [round(v, 1) for v in values]}
+    return {"median": round(statistics.median(values), digits),
+            "min": round(min(values), digits), "max": round(max(values), digits),
+            "runs": [round(v, digits) for v in values]}

@@ -118,17 +118,22 @@ class ResultBackend(ABC):
     def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:
         """While waiting for a task: yield a function that returns when its state may
         have changed, or after the seconds it is given. Set up before the first read,
-        so a result stored in between is not missed. Default: ``_wait`` (polling)."""
+        so a result stored in between is not missed. Default: ``_wait`` (polling), its
+        interval starting short again for each wait."""
+        self._poll = POLL_FIRST
         yield lambda seconds: self._wait(task_id, seconds)
 
     def _wait(self, task_id: str, timeout: float) -> None:
         """Return when the task's state may have changed, or after ``timeout``.
 
         Default: poll with a short, growing interval."""
-        step = getattr(self, "_poll", 0.005)
+        step = getattr(self, "_poll", POLL_FIRST)
         time.sleep(min(step, timeout))
-        self._poll = min(step * 2, 0.1)
+        self._poll = min(step * 2, POLL_MAX)
 
+
+#: the polling interval of a wait (backends that cannot be woken): first, and longest
+POLL_FIRST, POLL_MAX = 0.005, 0.1
 
 # scheme -> (module, class): a module is imported only when its scheme is used
 BACKENDS = {

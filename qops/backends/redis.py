@@ -1,16 +1,26 @@
 """Results in Redis, in Celery's layout (docs/protocol.md §6.1): ``<prefix><task id>`` holds the
-meta JSON; every write is published on the same name, so a waiting client wakes at once."""
+meta JSON; every write is published on the same name, so a waiting client wakes at once.
+
+A waiting thread keeps one pub/sub connection for all its waits (a new connection per
+``get()`` cost a TCP connect, HELLO and SELECT each time): it subscribes to the task's
+key, reads the confirmation (so the subscription is in place before it reads the key),
+reads the key, waits for a message on that channel, and unsubscribes without waiting
+for the reply (stale replies and messages of earlier channels are skipped by the next
+wait)."""
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
 from qops.backends.base import ResultBackend
-from qops.errors import BrokerUnreachable
+from qops.errors import BrokerUnreachable, ResultTimeout
 from qops.transports.base import mask_password
 from qops.transports.redis.url import parse_url, select_db
 
@@ -33,6 +43,9 @@ class RedisBackend(ResultBackend):
                                            health_check_interval=30,
                                            redis_connect_func=select_db)
         self._store_script = self.client.register_script(_script("redis_store.lua"))
+        self._local = threading.local()  # .pubsub, .pid: the thread's waiting connection
+        self._pubsubs: list[Any] = []  # every thread's, for close()
+        self._pubsubs_lock = threading.Lock()
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}{task_id}"
@@ -56,15 +69,78 @@ class RedisBackend(ResultBackend):
     def _delete(self, task_id: str) -> None:
         self._call(self.client.delete, self._key(task_id))
 
+    def _pubsub(self) -> Any:
+        """This thread's pub/sub connection (a new one after a fork: the parent's socket
+        is not ours)."""
+        local = self._local
+        pubsub = getattr(local, "pubsub", None)
+        if pubsub is None or local.pid != os.getpid():
+            pubsub = self.client.pubsub()
+            local.pubsub, local.pid = pubsub, os.getpid()
+            with self._pubsubs_lock:
+                self._pubsubs.append(pubsub)
+        return pubsub
+
+    def _drop_pubsub(self) -> None:
+        pubsub = getattr(self._local, "pubsub", None)
+        self._local.pubsub = None
+        if pubsub is not None:
+            with self._pubsubs_lock:
+                if pubsub in self._pubsubs:
+                    self._pubsubs.remove(pubsub)
+            try:
+                pubsub.close()
+            except Exception:  # noqa: S110 - a broken connection is being dropped anyway
+                pass
+
+    def _next_on(self, pubsub: Any, channel: bytes, kind: str, seconds: float) -> bool:
+        """Read until a ``kind`` message ("subscribe" or "message") on ``channel``, at
+        most ``seconds``; whether one came."""
+        deadline = time.monotonic() + seconds
+        while True:
+            msg = self._call(pubsub.get_message, timeout=max(0.0, deadline - time.monotonic()))
+            if msg is not None and msg["type"] == kind and msg["channel"] == channel:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
     @contextmanager
     def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:
-        # Subscribed before the first read: a result stored in between wakes us.
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        # Subscribed (confirmed) before the first read: a result stored in between wakes us.
+        pubsub = self._pubsub()
+        channel = self._key(task_id).encode()
+        ok = False
         try:
-            self._call(pubsub.subscribe, self._key(task_id))
-            yield lambda seconds: self._call(pubsub.get_message, timeout=seconds)
+            self._call(pubsub.subscribe, channel)
+            if not self._next_on(pubsub, channel, "subscribe", 10.0):
+                raise BrokerUnreachable(f"result backend {mask_password(self.url)} did not "
+                                        "confirm a subscription in 10 s")
+            ok = True
+
+            def pause(seconds: float) -> None:
+                self._next_on(pubsub, channel, "message", seconds)
+
+            yield pause
+        except BaseException as exc:
+            # a timeout leaves the connection in order; anything else may have left a
+            # reply half read
+            ok = ok and isinstance(exc, ResultTimeout)
+            raise
         finally:
-            pubsub.close()
+            if ok:
+                try:
+                    pubsub.unsubscribe(channel)
+                except Exception:
+                    self._drop_pubsub()
+            else:
+                self._drop_pubsub()
 
     def close(self) -> None:
+        with self._pubsubs_lock:
+            pubsubs, self._pubsubs = self._pubsubs, []
+        for pubsub in pubsubs:
+            try:
+                pubsub.close()
+            except Exception:  # noqa: S110 - closing: nothing left to do with it
+                pass
         self.client.close()

@@ -16,7 +16,10 @@ that ``threading.Condition`` as ``cond``, hold it, and call the ``*_locked`` met
 so that a hand-out or a settlement takes one lock in all). Settlements and exemptions
 notify waiters only when someone waits, and only through ``wait_locked`` or
 ``wait_for_room``: wait there, not on ``cond`` directly, or a settlement may not wake
-you.
+you. A waiter says how many free slots it waits for (``want``), and a settlement wakes
+it only once there are that many: a consumer that waits for half its prefetch to
+come free before it reserves again is woken once, not at every ack (a thread switch
+each).
 
 Tags are the transport's (row ids, channel tags, ...); ``take_locked`` makes them for
 transports that have none of their own (a sequence number within the consumer). Each
@@ -32,6 +35,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+_NOBODY = 1 << 62  # _wake_at while nobody waits
 
 
 class Prefetch(Generic[V]):
@@ -40,7 +44,7 @@ class Prefetch(Generic[V]):
     ``held`` (tag -> value, in hand-out order) and ``exempted`` may be read under
     ``cond``; change them only through the methods."""
 
-    __slots__ = ("limit", "cond", "held", "exempted", "_seq", "_waiting")
+    __slots__ = ("limit", "cond", "held", "exempted", "_seq", "_waiting", "_wake_at")
 
     def __init__(self, limit: int, cond: threading.Condition | None = None) -> None:
         self.limit = max(1, limit)
@@ -49,6 +53,7 @@ class Prefetch(Generic[V]):
         self.exempted: set[Hashable] = set()
         self._seq = 0
         self._waiting = 0  # threads in wait_locked()
+        self._wake_at = _NOBODY  # the fewest free slots (pending aside) a waiter wants
 
     # -- with ``cond`` held ---------------------------------------------------------------
     def room_locked(self, pending: int = 0) -> int:
@@ -78,8 +83,14 @@ class Prefetch(Generic[V]):
             if self.exempted:
                 self.exempted.discard(tag)
             if self._waiting:
-                self.cond.notify_all()
+                self._wake_if_room()
         return value
+
+    def _wake_if_room(self) -> None:
+        # Free slots not counting pending: at least as many as the waiter's own count,
+        # so nobody sleeps past their room (an early wake only checks again).
+        if self.limit - len(self.held) + len(self.exempted) >= self._wake_at:
+            self.cond.notify_all()
 
     def exempt_locked(self, tag: Hashable) -> bool:
         """Stop counting held ``tag`` against the prefetch. False if it is not held or
@@ -88,7 +99,7 @@ class Prefetch(Generic[V]):
             return False
         self.exempted.add(tag)
         if self._waiting:
-            self.cond.notify_all()
+            self._wake_if_room()
         return True
 
     def clear_locked(self) -> dict[Hashable, V]:
@@ -99,13 +110,18 @@ class Prefetch(Generic[V]):
         self.cond.notify_all()
         return held
 
-    def wait_locked(self, timeout: float | None) -> None:
-        """``cond.wait(timeout)``, woken by settlements and exemptions too."""
+    def wait_locked(self, timeout: float | None, want: int = 1) -> None:
+        """``cond.wait(timeout)``, woken by settlements and exemptions too once at least
+        ``want`` slots are free (pending aside), and by ``clear_locked``."""
         self._waiting += 1
+        if want < self._wake_at:
+            self._wake_at = want
         try:
             self.cond.wait(timeout)
         finally:
             self._waiting -= 1
+            if not self._waiting:
+                self._wake_at = _NOBODY
 
     def wait_for_room_locked(self, timeout: float, pending: Callable[[], int] | None = None,
                              want: int = 1) -> bool:
@@ -117,7 +133,7 @@ class Prefetch(Generic[V]):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self.wait_locked(left)
+            self.wait_locked(left, want)
         return True
 
     # -- taking ``cond`` -------------------------------------------------------------------

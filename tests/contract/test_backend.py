@@ -103,3 +103,66 @@ def test_type_tags_round_trip(backend: ResultBackend) -> None:
              "raw": b"\x00\x01", "n": decimal.Decimal("1.50")}
     backend.store(t, "SUCCESS", value)
     assert backend.get_meta(t)["result"] == value
+
+
+def test_waits_in_a_row_each_wake_on_their_own_result(backend: ResultBackend) -> None:
+    """One thread waiting again and again (a client calling .get() in a loop): each wait
+    wakes on its own task, also after a timed-out wait and with a result of an earlier
+    task published again meanwhile."""
+    with pytest.raises(ResultTimeout):
+        backend.wait(tid(), timeout=0.1)
+    done = tid()
+    backend.store(done, "SUCCESS", 0)
+    assert backend.wait(done, timeout=5)["result"] == 0
+    for i in range(1, 4):
+        t = tid()
+        threading.Timer(0.05, lambda t=t, i=i: (backend.store(done, "STARTED"),
+                                                backend.store(t, "SUCCESS", i))).start()
+        start = time.monotonic()
+        assert backend.wait(t, timeout=5)["result"] == i
+        assert time.monotonic() - start < 2
+
+
+def test_redis_waits_share_one_connection_per_thread(request: pytest.FixtureRequest) -> None:
+    """A thread's waits reuse one pub/sub connection (each get() used to open one: a
+    TCP connect, HELLO and SELECT per round trip); the same socket serves them all."""
+    b = backend_from_url(request.getfixturevalue("redis_url"), expires=60)
+    try:
+        t = tid()
+        b.store(t, "SUCCESS", 0)
+        b.wait(t, timeout=5)
+        pubsub = b._pubsub()  # type: ignore[attr-defined]
+        sock = pubsub.connection._sock
+        assert sock is not None
+        for i in range(1, 5):
+            t = tid()
+            threading.Timer(0.02, lambda t=t, i=i: b.store(t, "SUCCESS", i)).start()
+            assert b.wait(t, timeout=5)["result"] == i
+        assert b._pubsub() is pubsub and pubsub.connection._sock is sock  # type: ignore[attr-defined]
+        other: list[object] = []
+        th = threading.Thread(target=lambda: other.append(b._pubsub()))  # type: ignore[attr-defined]
+        th.start()
+        th.join()
+        assert other and other[0] is not pubsub  # one per thread
+    finally:
+        b.close()
+
+
+def test_a_polling_wait_starts_with_a_short_interval_again(request: pytest.FixtureRequest) -> None:
+    """SQLite results are polled with a growing interval: each wait starts short again
+    (it stayed at its longest after the first slow wait, so every later .get() took
+    about 100 ms)."""
+    from qops.backends.base import POLL_FIRST, POLL_MAX
+
+    b = backend_from_url(request.getfixturevalue("sqlite_url"), expires=60)
+    try:
+        with pytest.raises(ResultTimeout):
+            b.wait(tid(), timeout=0.4)  # the interval grows to its longest
+        assert b._poll == POLL_MAX  # type: ignore[attr-defined]
+        t = tid()
+        with b._watch(t):
+            assert b._poll == POLL_FIRST  # type: ignore[attr-defined]
+        threading.Timer(0.01, b.store, (t, "SUCCESS", 1)).start()
+        assert b.wait(t, timeout=5)["result"] == 1
+    finally:
+        b.close()

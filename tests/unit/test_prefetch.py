@@ -61,6 +61,35 @@ def test_wait_for_room_can_want_several_slots() -> None:
     assert time.monotonic() - start < 2
 
 
+def test_a_waiter_wakes_once_its_room_is_there_not_at_every_settlement() -> None:
+    """A consumer waiting for 3 free slots is woken by the settlement that frees the
+    third, not by the two before it (each wake is a thread switch)."""
+    books: Prefetch[str] = Prefetch(4)
+    for tag in "abcd":
+        books.hold(tag, "q")
+    wakes = 0
+    ready = threading.Event()
+
+    def wait() -> None:
+        nonlocal wakes
+        with books.cond:
+            ready.set()
+            while books.room_locked() < 3:
+                books.wait_locked(5, want=3)
+                wakes += 1
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    ready.wait(5)
+    for tag in "abc":
+        time.sleep(0.05)
+        books.settle(tag)
+    waiter.join(5)
+    assert not waiter.is_alive() and wakes == 1
+    with books.cond:  # nobody waits: settlements notify nobody
+        assert books._wake_at > books.limit
+
+
 def test_make_delivery_catches_anything_the_decoder_raises() -> None:
     raw = encode_envelope("q", Message(body=b"[[], {}, {}]", headers={"task": "t"}))
     good = make_delivery("q", 7, raw, decode_envelope, redelivered=True)

@@ -26,7 +26,7 @@ from qops.transports.lease import Lease, clock, is_stale, warn_taken_back
 from qops.transports.prefetch import Prefetch
 from qops.transports.redis import deadletters, lost, recovery
 from qops.transports.redis.delivery import Tag, decode, tag_of
-from qops.transports.redis.link import UNREACHABLE, Link, bulk
+from qops.transports.redis.link import UNREACHABLE, Link, bulk, load_script
 from qops.transports.redis.names import SEP, STEPS, list_name
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ LINGER = 0.002
 # A queued ack waits for the next reserve to carry it to Redis at most about this long
 # while get() is being called (once the consumer is idle in BLMOVE: one WAIT_SLICE).
 ACK_DELAY = 0.1
+HEAD_LOST = load_script("head_lost.lua")
 
 
 @dataclass
@@ -108,7 +109,6 @@ class RedisConsumer(Consumer):
         # Acked, not yet removed from flight on the server: (list name, raw).
         self._acks: list[tuple[str, bytes]] = []
         self._acks_since = 0.0  # monotonic time of the oldest queued ack
-        self._lost = lost.LostRecords(transport)  # worker-lost records (lost.py)
         self._rotation = 0
         self._resync_needed = False
         self._last_beat = 0.0
@@ -127,6 +127,7 @@ class RedisConsumer(Consumer):
             Retry(NoBackoff(), 0),
             socket_timeout=max(1.0, transport.options.connect_timeout) + WAIT_SLICE)
         self._link = Link(self._pool)
+        self._lost = lost.LostRecords(transport, self._pool)  # worker-lost records (lost.py)
         transport.bind(self._queues)
         self.heartbeat()
 
@@ -299,15 +300,17 @@ class RedisConsumer(Consumer):
     def _blmove(self, name: str, wait: float) -> None:
         # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.
         wait = max(0.01, round(wait, 3))
+        inflight = self._inflight(name)
         with self._wire:
             if self._lease.must_check_in():
                 self._check_in()
-            raw = self._link.call("BLMOVE", self.transport.key(name), self._inflight(name),
-                                  "RIGHT", "LEFT", wait)
+            # the lost-record check rides behind the BLMOVE: one round trip (head_lost.lua)
+            raw, flagged = self._link.many([
+                ["BLMOVE", self.transport.key(name), inflight, "RIGHT", "LEFT", wait],
+                ["EVAL", HEAD_LOST, 1, inflight, self.transport.key("qops.lost.")]])
             if raw is not None:
                 got = (name, bytes(raw))
-                # idle path: one more round trip to see if a worker started it before
-                if self._link.call("EXISTS", lost.lost_key(self.transport, got[1])):
+                if flagged:  # a worker started it before
                     with self._lock:
                         self._lost.flagged.add(got)
                 self._taken([got])
@@ -589,4 +592,5 @@ class RedisConsumer(Consumer):
             if got_lock:
                 self._get_lock.release()
             self._link.close()
+            self._lost.close(self._lock)
             self._pool.disconnect()

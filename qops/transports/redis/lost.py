@@ -1,7 +1,7 @@
 """Worker-lost accounting on Redis: one small hash per message that a worker started
 (``qops.lost.<sha1 of the payload>``, docs/protocol.md section 2).
 
-``mark_started`` writes ``running`` = the consumer id when an acks_late task starts
+``LostRecords.started`` writes ``running`` = the consumer id when an acks_late task starts
 (one round trip); ``lua/worker_lost.lua`` turns a start that was never settled (or a
 death the worker saw) into ``count`` + 1; the consumer deletes the hash when it acks
 or dead-letters the message (the delete rides with the ack's round trip). A message's
@@ -12,7 +12,10 @@ gone (purged, or its hash left behind by a crash) does not stay."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import TYPE_CHECKING, Any
+
+from qops.transports.redis.link import Link
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -23,17 +26,6 @@ LOST_TTL = 7 * 86400
 
 def lost_key(t: RedisTransport, raw: bytes) -> str:
     return t.key("qops.lost." + hashlib.sha1(raw).hexdigest())
-
-
-def mark_started(t: RedisTransport, cid: str, raw: bytes) -> str:
-    """Record the start; the record's key."""
-    key = lost_key(t, raw)
-    pipe = t._client.pipeline(transaction=True)
-    pipe.hset(key, "running", cid)
-    pipe.expire(key, LOST_TTL)
-    with t.guard("recording a task start"):
-        pipe.execute()
-    return key
 
 
 def count(t: RedisTransport, raw: bytes, died: bool) -> tuple[int, bool]:
@@ -50,10 +42,15 @@ class LostRecords:
     their count). ``*_locked`` methods run under the consumer's lock; the others take
     it (``lock``) around their bookkeeping only, never around a round trip."""
 
-    __slots__ = ("t", "keys", "clears", "flagged")
+    __slots__ = ("t", "keys", "clears", "flagged", "_pool", "_local", "_links")
 
-    def __init__(self, t: RedisTransport) -> None:
+    def __init__(self, t: RedisTransport, pool: Any) -> None:
         self.t = t
+        # Starts are written on a Link of the starting thread's own (a pool thread: one
+        # for solo, several for threads), made from the consumer's connection pool.
+        self._pool = pool
+        self._local = threading.local()
+        self._links: list[Link] = []
         self.keys: dict[int, str] = {}  # seq -> record key, of deliveries handed out
         self.clears: list[str] = []  # record keys to delete with the next round trip
         self.flagged: set[tuple[str, bytes]] = set()  # (list, raw) taken with a record
@@ -77,9 +74,28 @@ class LostRecords:
         return clears
 
     def started(self, cid: str, seq: int, raw: bytes, lock: Any) -> None:
-        key = mark_started(self.t, cid, raw)
+        """Record the start (``running`` = ``cid``), in one round trip, before the task
+        runs. The write goes over the thread's own Link, not through redis-py's
+        transaction pipeline: for a no-op task on the solo pool that pipeline was most of
+        the per-task cost."""
+        key = lost_key(self.t, raw)
+        link = getattr(self._local, "link", None)
+        if link is None:
+            link = self._local.link = Link(self._pool)
+            with lock:
+                self._links.append(link)
+        with self.t.guard("recording a task start"):
+            link.many([["MULTI"], ["HSET", key, "running", cid], ["EXPIRE", key, LOST_TTL],
+                       ["EXEC"]])
         with lock:
             self.keys[seq] = key
+
+    def close(self, lock: Any) -> None:
+        """Close the starting threads' Links (the consumer closes)."""
+        with lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
 
     def counted(self, seq: int, raw: bytes, died: bool, lock: Any) -> tuple[int, bool]:
         n, new = count(self.t, raw, died)

@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qops.errors import BrokerUnreachable, PublishError
+from qops.errors import BrokerUnreachable, PublishError, PublishManyError
 from qops.protocol import Message, encode_envelope
 from qops.transports.base import (
     REPLY_TTL,
@@ -41,6 +41,9 @@ from qops.transports.redis.names import (
 from qops.transports.redis.reply import RedisReplyConsumer
 from qops.transports.redis.subscription import RedisSubscription
 from qops.transports.redis.url import parse_url, select_db
+
+#: messages per MULTI/EXEC of a bulk send (``publish_many``)
+BATCH = 2000
 
 
 class RedisTransport(Transport):
@@ -149,6 +152,42 @@ class RedisTransport(Transport):
                 pipe.lpush(self.key(name), raw)
                 pipe.execute()
                 self._bound.add(queue)
+
+    def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
+        """Pipelined: each chunk of ``BATCH`` messages is one MULTI/EXEC (one LPUSH
+        per run of messages for the same list), sent in one round trip. A chunk that
+        fails is not confirmed, nor is any after it (not sent); those before were."""
+        n = len(items)
+        encoded = []
+        for index, (queue, message) in enumerate(items):
+            name, raw = self.encode(queue, message)
+            try:
+                self.check_size(f"queue {queue!r}", raw)
+            except PublishError as exc:
+                raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
+                                       list(range(n))) from None
+            encoded.append((queue, self.key(name), raw))
+        for start in range(0, n, BATCH):
+            chunk = encoded[start:start + BATCH]
+            pipe = self._client.pipeline(transaction=True)
+            unbound = {q for q, _k, _r in chunk if q not in self._bound}
+            for q in sorted(unbound):
+                pipe.sadd(self.key(BINDING_PREFIX + q), binding_member(q))
+            key, run = chunk[0][1], list[bytes]()
+            for _q, k, raw in chunk:
+                if k != key:
+                    pipe.lpush(key, *run)
+                    key, run = k, []
+                run.append(raw)
+            pipe.lpush(key, *run)
+            try:
+                with self.sending("publishing to", "the messages for", chunk[0][0]):
+                    pipe.execute()
+            except (PublishError, BrokerUnreachable) as exc:
+                raise PublishManyError(
+                    f"{exc}: messages {start} to {n - 1} of {n} were not confirmed "
+                    f"(the {start} before them were)", list(range(start, n))) from None
+            self._bound.update(unbound)
 
     def bind(self, queues: Sequence[str]) -> None:
         """Write the kombu bindings of ``queues`` (once per transport)."""

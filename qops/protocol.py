@@ -199,8 +199,17 @@ def dict_to_exception(meta: Any) -> BaseException:
 
 # -- task messages ---------------------------------------------------------------------
 
+_origin: tuple[int, str] = (0, "")
+
+
 def origin() -> str:
-    return f"gen{os.getpid()}@{socket.gethostname()}"
+    """``gen<pid>@<host>``: who sent a task (the ``origin`` header); made once per
+    process."""
+    global _origin
+    pid = os.getpid()
+    if _origin[0] != pid:
+        _origin = (pid, f"gen{pid}@{socket.gethostname()}")
+    return _origin[1]
 
 
 def _iso(value: dt.datetime | None) -> str | None:

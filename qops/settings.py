@@ -240,6 +240,7 @@ class Settings:
         object.__setattr__(self, "_layers", {layer: {} for layer in LAYERS})
         object.__setattr__(self, "_sources", {})
         object.__setattr__(self, "_loaded_outside", False)
+        object.__setattr__(self, "_version", 0)  # + 1 at each write
         for s in SETTINGS.values():
             self._layers["default"][s.name] = s.default
 
@@ -283,6 +284,13 @@ class Settings:
                 return str(self._sources.get((layer, key), layer))
         return "default"
 
+    @property
+    def version(self) -> int:
+        """A number that changes whenever a setting is written: lets a reader keep
+        values it derived from the settings until they change."""
+        self._ensure_outside()
+        return int(self._version)
+
     def table(self) -> list[tuple[str, Any, str]]:
         """(name, value, where it came from) for every setting."""
         self._ensure_outside()
@@ -301,6 +309,7 @@ class Settings:
             return
         self._layers[layer][key] = coerce(key, value, source or layer)
         self._sources[(layer, key)] = source or _LAYER_NAMES[layer]
+        object.__setattr__(self, "_version", self._version + 1)
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(name, value, strict=True, source="app code")
@@ -348,6 +357,7 @@ class Settings:
         if path is None:
             return
         self._layers["yaml"].clear()
+        object.__setattr__(self, "_version", self._version + 1)
         for key, value in read_yaml(path).items():
             if key == "app":
                 continue  # used by the CLI to find the app

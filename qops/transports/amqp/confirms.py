@@ -72,12 +72,20 @@ class Confirms:
         self._wait(lambda: bool(selected))
         ch.add_on_return_callback(self._on_return)
         self.ch = ch
+        # BlockingConnection.close() closes each channel through its "cookie" (the
+        # BlockingChannel wrapping it, for the channels pika made): this is ours
+        ch._set_cookie(self)
         self._number = ch.channel_number
         self._names: dict[str, bytes] = {}  # exchange / routing key -> short string
 
     @property
     def is_open(self) -> bool:
         return self._closed is None and bool(self.ch.is_open)
+
+    def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
+        """Close the channel (without waiting for the broker's Close-Ok)."""
+        if self.ch.is_open:
+            self.ch.close(reply_code, reply_text)
 
     # -- pika's callbacks ----------------------------------------------------------------
     def _on_confirm(self, frame: Any) -> None:

@@ -220,7 +220,11 @@ class AMQPTransport(Transport):
         failed: dict[int, str] = {}  # index -> why it is not confirmed
         redeclared = resent = False
         while todo:
-            link, reused = self._link()
+            try:
+                link, reused = self._link()
+            except BrokerUnreachable as exc:
+                failed.update(dict.fromkeys(todo, str(exc)))
+                break
             try:
                 for queue in dict.fromkeys(batch[i][1] for i in todo):
                     if queue not in link.queues:

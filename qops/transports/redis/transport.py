@@ -155,8 +155,10 @@ class RedisTransport(Transport):
 
     def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
         """Pipelined: each chunk of ``BATCH`` messages is one MULTI/EXEC (one LPUSH
-        per run of messages for the same list), sent in one round trip. A chunk that
-        fails is not confirmed, nor is any after it (not sent); those before were."""
+        per run of messages for the same list), sent in one round trip. Redis runs
+        every command of a transaction even when one fails (e.g. WRONGTYPE), so the
+        messages of a failed LPUSH are the unconfirmed ones of a chunk; a chunk whose
+        EXEC did not answer is unconfirmed whole, and those after it are not sent."""
         n = len(items)
         encoded = []
         for index, (queue, message) in enumerate(items):
@@ -167,27 +169,41 @@ class RedisTransport(Transport):
                 raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
                                        list(range(n))) from None
             encoded.append((queue, self.key(name), raw))
+        failed: list[int] = []
+        reasons: dict[str, None] = {}
         for start in range(0, n, BATCH):
-            chunk = encoded[start:start + BATCH]
+            end = min(n, start + BATCH)
             pipe = self._client.pipeline(transaction=True)
-            unbound = {q for q, _k, _r in chunk if q not in self._bound}
+            unbound = {encoded[i][0] for i in range(start, end)} - self._bound
             for q in sorted(unbound):
                 pipe.sadd(self.key(BINDING_PREFIX + q), binding_member(q))
-            key, run = chunk[0][1], list[bytes]()
-            for _q, k, raw in chunk:
-                if k != key:
-                    pipe.lpush(key, *run)
-                    key, run = k, []
-                run.append(raw)
-            pipe.lpush(key, *run)
+            runs: list[range] = []  # the indexes each LPUSH carries
+            first = start
+            for i in range(start + 1, end + 1):
+                if i == end or encoded[i][1] != encoded[first][1]:
+                    pipe.lpush(encoded[first][1], *(encoded[j][2] for j in range(first, i)))
+                    runs.append(range(first, i))
+                    first = i
             try:
-                with self.sending("publishing to", "the messages for", chunk[0][0]):
-                    pipe.execute()
+                with self.sending("publishing to", "the messages for", encoded[start][0]):
+                    replies = pipe.execute(raise_on_error=False)
             except (PublishError, BrokerUnreachable) as exc:
                 raise PublishManyError(
-                    f"{exc}: messages {start} to {n - 1} of {n} were not confirmed "
-                    f"(the {start} before them were)", list(range(start, n))) from None
-            self._bound.update(unbound)
+                    f"{exc}: messages {start} to {n - 1} of {n} were not confirmed"
+                    + (f" (nor {len(failed)} before them)" if failed else "")
+                    + f" (the other {start - len(failed)} were)",
+                    failed + list(range(start, n))) from None
+            for run, reply in zip(runs, replies[len(unbound):], strict=True):
+                if isinstance(reply, Exception):
+                    failed.extend(run)
+                    reasons[one_line(reply)] = None
+            if not any(isinstance(r, Exception) for r in replies[:len(unbound)]):
+                self._bound.update(unbound)
+        if failed:
+            raise PublishManyError(
+                f"Redis {self.safe_url()} refused {len(failed)} of {n} messages "
+                f"({'; '.join(reasons)}); the other {n - len(failed)} were queued",
+                failed)
 
     def bind(self, queues: Sequence[str]) -> None:
         """Write the kombu bindings of ``queues`` (once per transport)."""

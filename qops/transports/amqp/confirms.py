@@ -3,9 +3,11 @@
 pika's BlockingChannel waits for each confirm before the next publish, and gets there
 through two turns of its I/O loop (one to write the three frames as three ``send``
 calls, one to read the ack). Here a message is one ``bytes`` (``wire``) written to the
-socket at once; then the loop turns only to read. A batch is written whole (in large
-writes), and its confirms are collected as they come -- RabbitMQ acks several at once
-(``multiple``) -- so N messages cost about one round trip, not N.
+socket at once, and the ack is read from the socket here and handed to pika's frame
+reader, without pika's I/O loop (its timers still get their turn while we wait). A
+batch is written whole (in large writes), and its confirms are collected as they come
+-- RabbitMQ acks several at once (``multiple``) -- so N messages cost about one round
+trip, not N.
 
 The channel is pika's own (an ``impl`` channel of the link's BlockingConnection, so
 pika still handles everything else on the connection: heartbeats, Channel.Close,
@@ -15,6 +17,7 @@ nothing else may publish on it. Used by one thread at a time, like its link.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,10 @@ from qops.transports.amqp.wire import publish_frames, short_string
 
 #: a batch is written in pieces of about this many bytes
 WRITE_CHUNK = 256 * 1024
+#: bytes read from the socket at a time, and seconds to wait for them before pika's
+#: timers (heartbeats) get a turn
+RECV_SIZE = 256 * 1024
+TIMER_SLICE = 0.25
 #: at most this many messages of a batch unconfirmed at once: past it, the writer waits
 #: for confirms before writing more (bounded memory; the broker's flow control keeps
 #: working)
@@ -116,9 +123,39 @@ class Confirms:
     def _wait(self, done: Callable[[], bool]) -> None:
         """Run the connection until ``done()`` or the channel closed (raised: the
         broker's ChannelClosedByBroker); a lost connection raises pika's error."""
-        self.conn._flush_output(lambda: done() or self._closed is not None)
+        if not self._read(done):
+            self.conn._flush_output(lambda: done() or self._closed is not None)
         if self._closed is not None:
             raise self._closed
+
+    def _read(self, done: Callable[[], bool]) -> bool:
+        """Read the socket here and hand what comes to pika's frame reader (which calls
+        ``_on_confirm``), until ``done()``: True. False, to let pika's own loop take
+        over, when that is not simple: TLS, data waiting to be written, the socket
+        at its end or failing, the connection closing (pika then reports it)."""
+        impl = self._impl
+        transport = impl._transport
+        if transport is None or impl._get_write_buffer_size() or \
+                type(transport).__name__ != "_AsyncPlaintextTransport":
+            return False
+        sock = transport._sock
+        while not done():
+            if self._closed is not None:
+                return True
+            try:
+                data = sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                if not select.select([sock], [], [], TIMER_SLICE)[0]:
+                    impl.ioloop.process_timeouts()  # pika's timers: heartbeats
+                continue
+            except OSError:
+                return False
+            if not data or not impl.is_open:
+                return False
+            impl._on_data_available(data)
+            if not impl.is_open:
+                return False
+        return True
 
     def _name(self, value: str, what: str) -> bytes:
         raw = self._names.get(value)

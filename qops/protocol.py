@@ -65,7 +65,7 @@ def encode_envelope(queue: str, message: Message, exchange: str = "") -> bytes:
         "headers": message.headers,
         "properties": props,
     }
-    return json.dumps(env, separators=(",", ":")).encode()
+    return _ENVELOPE.encode(env).encode()
 
 
 def decode_envelope(raw: bytes | str) -> Message:
@@ -140,8 +140,13 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+#: made once: ``json.dumps`` with any argument builds a new encoder at every call
+_ENVELOPE = json.JSONEncoder(separators=(",", ":"))
+_TAGGED = json.JSONEncoder(default=_default, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_default, separators=(",", ":"))
+    return _TAGGED.encode(obj)
 
 
 def loads(data: str | bytes) -> Any:

@@ -281,9 +281,12 @@ class App:
         return sc
 
     def route(self, name: str, queue: str | None = None, task: Task | None = None) -> str:
+        return self._route(self._sending_conf(), name, queue, task)
+
+    @staticmethod
+    def _route(sc: _Sending, name: str, queue: str | None, task: Task | None) -> str:
         if queue:
             return queue
-        sc = self._sending_conf()
         routes = sc.routes or {}
         for pattern, target in routes.items():
             if pattern == name or fnmatch.fnmatchcase(name, pattern):
@@ -374,7 +377,7 @@ class App:
             priority = sc.default_priority
         if ignore_result is None:
             ignore_result = sc.ignore_result
-        target = self.route(name, queue, task)
+        target = self._route(sc, name, queue, task)
         if sc.always_eager and task is not None:
             return self._apply_eager(task, list(args or ()), dict(kwargs or {}), task_id)
         # A worker re-sending a task (retry, chain link) passes the original client's

@@ -6,7 +6,6 @@ import datetime as dt
 import inspect
 import random
 import threading
-import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -406,4 +405,6 @@ def _from_dict(d: dict[str, Any], app: App | None = None) -> Signature:
 
 
 def new_task_id() -> str:
-    return str(uuid.uuid4())
+    from qops.protocol import new_id
+
+    return new_id()

@@ -64,3 +64,4 @@ def test_what_amqp_cannot_carry_is_refused_before_sending() -> None:
         encode_properties(m, 2)
     with pytest.raises(PublishError, match="255 bytes"):
         short_string("q" * 256, "routing key")
+

@@ -135,10 +135,7 @@ class RedisTransport(Transport):
         """(list name, envelope) for ``message`` on ``queue``; the envelope's priority is
         the wire step (Celery's meaning), as kombu would have written it."""
         step = wire_step(message.properties.get("priority"))
-        props = dict(message.properties)
-        props["priority"] = step
-        raw = encode_envelope(queue, replace(message, properties=props))
-        return list_name(queue, step), raw
+        return list_name(queue, step), encode_envelope(queue, message, priority=step)
 
     def publish(self, queue: str, message: Message) -> None:
         name, raw = self.encode(queue, message)

@@ -19,6 +19,7 @@ from qops.settings import Settings, default_broker_url
 from qops.signing import HEADER, Signer, task_context, task_signer
 from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
+from qops.transports.declare import QOPS_MAX_PRIORITY, Declarations
 
 if TYPE_CHECKING:
     from qops.control import Control
@@ -26,9 +27,9 @@ if TYPE_CHECKING:
 # Names on the wire for each compatibility preset (docs/protocol.md).
 NAMES = {
     "qops": {"queue": "qops", "mailbox": "qops.pidbox", "events": "qopsev",
-             "result_prefix": "qops-task-meta-"},
+             "result_prefix": "qops-task-meta-", "registry": "qops.nodes"},
     "celery": {"queue": "celery", "mailbox": "celery.pidbox", "events": "celeryev",
-               "result_prefix": "celery-task-meta-"},
+               "result_prefix": "celery-task-meta-", "registry": "qops.nodes.celery"},
 }
 
 _apps: list[App] = []
@@ -128,6 +129,28 @@ class App:
             heartbeat_ttl=ttl,
             max_message_size=int(c.task_max_message_size),
             connect_timeout=float(c.broker_connection_timeout),
+            declarations=self.declarations(),
+            registry=self.names["registry"],
+        )
+
+    def declarations(self) -> Declarations:
+        """How this app's work queues are declared on RabbitMQ: as Celery (kombu) would
+        with the same settings under the celery preset (docs/protocol.md §3.1)."""
+        c = self.conf
+        celery = self.names is NAMES["celery"]
+        prio = c.task_queue_max_priority
+        if prio is None:
+            prio = None if celery else QOPS_MAX_PRIORITY
+        return Declarations(
+            default_queue=self.default_queue,
+            default_type=str(c.task_default_queue_type),
+            other_type=str(c.task_create_missing_queue_type),
+            max_priority=prio or None,
+            exchanges=celery,
+            default_exchange=c.task_default_exchange or None,
+            default_exchange_type=str(c.task_default_exchange_type),
+            default_routing_key=c.task_default_routing_key or None,
+            detect_quorum=bool(c.worker_detect_quorum_queues),
         )
 
     # -- connections (made on first use, again after a fork) -------------------------------
@@ -277,7 +300,7 @@ class App:
             sc = self._sending = _Sending(
                 version, bool(c.task_always_eager), c.task_default_priority,
                 bool(c.task_ignore_result), c.task_routes, self.default_queue,
-                self.has_backend)
+                self.has_backend, c.task_compression)
         return sc
 
     def route(self, name: str, queue: str | None = None, task: Task | None = None) -> str:
@@ -359,6 +382,7 @@ class App:
                      group: str | None = None, group_index: int | None = None,
                      chord: dict[str, Any] | None = None, shadow: str | None = None,
                      retries: int = 0, reply_to: str | None = None, task: Task | None = None,
+                     compression: str | None = None,
                      **unknown: Any) -> tuple[str, protocol.Message] | AsyncResult:
         """The (queue, message) ``send_task`` publishes for these options, signed when
         ``task_signing`` is on; with ``task_always_eager``, the AsyncResult of the task
@@ -395,6 +419,9 @@ class App:
         if signer is not None:  # task_signing: docs/security.md
             message.headers[HEADER] = signer.sign("task", message.body,
                                                   task_context(message.headers))
+        compression = compression or sc.compression
+        if compression:  # after signing: the signature is over the plain body
+            protocol.compress(message, compression)
         return target, message
 
     def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
@@ -464,6 +491,7 @@ class _Sending(NamedTuple):
     routes: dict[str, Any] | None
     default_queue: str
     has_backend: bool
+    compression: str | None
 
 
 def _sig_list(value: Any) -> list[dict[str, Any]] | None:

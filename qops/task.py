@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 #: "options" (the one list: App.send_signature and beat entries take theirs from here)
 SEND_OPTIONS = frozenset({
     "countdown", "eta", "expires", "queue", "priority", "task_id", "link", "link_error",
-    "time_limit", "soft_time_limit", "ignore_result", "shadow"})
+    "time_limit", "soft_time_limit", "ignore_result", "shadow", "compression"})
 #: what the worker and the canvas add when they send on a user's behalf (retries, chain
 #: and chord links, the workflow ids, the rpc reply queue)
 INTERNAL_SEND_OPTIONS = frozenset({

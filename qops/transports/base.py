@@ -28,12 +28,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from qops.errors import BrokerUnreachable, PublishError, PublishManyError, UsageError
-from qops.protocol import Message
+from qops.protocol import MAX_DECOMPRESSED, Message, decompress
+from qops.transports.declare import Declarations
 
 
 @dataclass
@@ -59,18 +60,20 @@ def one_line(exc: BaseException) -> str:
 
 
 def make_delivery(queue: str, tag: Any, raw: bytes, decode: Callable[[bytes], Message],
-                  redelivered: bool = False) -> Delivery:
+                  redelivered: bool = False, limit: int = MAX_DECOMPRESSED) -> Delivery:
     """The one place where a consumer turns what it reserved into a ``Delivery``.
 
     ``decode`` is the transport's (the kombu envelope on Redis, SQLite and memory; the
-    AMQP properties on RabbitMQ). Whatever it raises -- not only ValueError: a
-    RecursionError on absurdly nested JSON, a TypeError on a field of the wrong type --
-    the delivery comes back with ``error`` set to a one-line reason and no ``message``,
-    and the worker dead-letters it: a message that can't be decoded must never stay
-    reserved nor stop the consumer."""
+    AMQP properties on RabbitMQ). A compressed body (kombu's ``compression`` header) is
+    decompressed here, to at most ``limit`` bytes (the transport's max_message_size).
+    Whatever either raises -- not only ValueError: a RecursionError on absurdly nested
+    JSON, a TypeError on a field of the wrong type -- the delivery comes back with
+    ``error`` set to a one-line reason and no ``message``, and the worker dead-letters
+    it: a message that can't be decoded must never stay reserved nor stop the consumer.
+    ``raw`` stays what the broker gave (dead letters keep it as it was)."""
     d = Delivery(queue=queue, tag=tag, raw=raw, redelivered=redelivered)
     try:
-        d.message = decode(raw)
+        d.message = decompress(decode(raw), limit)
     except Exception as exc:
         reason = one_line(exc)
         if not isinstance(exc, ValueError):  # the decoders' own reasons are ValueErrors
@@ -109,7 +112,11 @@ class TransportOptions:
     heartbeat_interval: float = 2.0  # how often a consumer proves it is alive
     heartbeat_ttl: float = 10.0  # dead after this long without a heartbeat
     max_message_size: int = 16 * 1024 * 1024
-    max_priority: int = 9  # AMQP x-max-priority for queues qops declares
+    #: the live-node registry: one per preset, so that each lists the nodes answering
+    #: on its own mailbox (docs/protocol.md)
+    registry: str = "qops.nodes"
+    #: how work queues are declared on RabbitMQ (type, arguments, exchange, binding)
+    declarations: Declarations = field(default_factory=Declarations)
     connect_timeout: float = 5.0
     confirm_publish: bool = True
 

@@ -40,7 +40,8 @@ class _State:
     consumers: dict[str, list[str]] = field(default_factory=dict)
     subscribers: dict[str, list[_MemorySubscription]] = field(default_factory=dict)
     dead: dict[str, DeadLetter] = field(default_factory=dict)
-    nodes: dict[str, float] = field(default_factory=dict)  # name -> alive until
+    # (registry, name) -> alive until
+    nodes: dict[tuple[str, str], float] = field(default_factory=dict)
     # reply queues (also in ``queues`` while their consumer is open)
     replies: set[str] = field(default_factory=set)
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (owner, until)
@@ -136,16 +137,17 @@ class MemoryTransport(Transport):
 
     def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
         with self.state.lock:
-            self.state.nodes[name] = time.time() + ttl
+            self.state.nodes[(self.options.registry, name)] = time.time() + ttl
 
     def unregister_node(self, name: str) -> None:
         with self.state.lock:
-            self.state.nodes.pop(name, None)
+            self.state.nodes.pop((self.options.registry, name), None)
 
     def live_nodes(self) -> list[str]:
         now = time.time()
         with self.state.lock:
-            return sorted(n for n, until in self.state.nodes.items() if until >= now)
+            return sorted(n for (r, n), until in self.state.nodes.items()
+                          if r == self.options.registry and until >= now)
 
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
         dl = DeadLetter(uuid.uuid4().hex, queue, reason, raw, time.time())
@@ -218,7 +220,8 @@ class _MemoryConsumer(Consumer):
         if got is None:
             return None
         queue, tag, raw = got
-        return make_delivery(queue, tag, raw, decode_envelope)  # outside the lock
+        return make_delivery(queue, tag, raw, decode_envelope,  # outside the lock
+                             limit=self.transport.options.max_message_size)
 
     def _reserve(self, deadline: float) -> tuple[str, int, bytes] | None:
         """Wait for room and a message until ``deadline``; hold it."""

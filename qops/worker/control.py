@@ -342,13 +342,8 @@ def handle_registered(worker: Worker, taskinfoitems: Any = None) -> list[str]:
 
 @handler
 def handle_active_queues(worker: Worker) -> list[dict[str, Any]]:
-    return [{"name": q, "exchange": {"name": "", "type": "direct"}, "routing_key": q,
-             "durable": True, "exclusive": False, "auto_delete": False,
-             "no_ack": False, "alias": None, "queue_arguments": None,
-             "binding_arguments": None, "consumer_arguments": None,
-             "bindings": [], "no_declare": None, "expires": None, "message_ttl": None,
-             "max_length": None, "max_length_bytes": None, "max_priority": None}
-            for q in worker.loop.consumed_queues]
+    decl = worker.app.declarations()
+    return [decl.kombu_dict(q) for q in worker.loop.consumed_queues]
 
 
 @handler

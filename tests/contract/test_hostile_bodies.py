@@ -10,10 +10,13 @@ properties). The cases about the kombu envelope itself exist on the other three 
 from __future__ import annotations
 
 import base64
+import bz2
 import json
+import lzma
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +32,11 @@ from tests.helpers import wait_until
 
 GOOD_BODY = b"[[1, 2], {}, {}]"
 DEEP = b"[" * 200_000 + b"]" * 200_000  # RecursionError in any recursive JSON decoder
+#: the worker's task_max_message_size in these tests, which also caps decompression
+LIMIT = 1024 * 1024
+#: a few KB that decompress to more than LIMIT
+GZIP_BOMB = zlib.compress(bytes(2 * LIMIT), 9)
+BZ2_BOMB = bz2.compress(bytes(2 * LIMIT), 9)
 
 
 @dataclass
@@ -123,6 +131,19 @@ CASES = [
     task("encoding-binary", ok_headers(), content_encoding="binary"),
     task("unknown-task", ok_headers(task="hostile.nope")),
     task("wrong-arguments", ok_headers(), b"[[1, 2, 3], {}, {}]"),
+    # compressed bodies (kombu's "compression" header): corrupt, cut short, unknown
+    # codec, a "zip bomb" over the decompressed size cap (task_max_message_size), and
+    # a body fine once decompressed but not a task
+    task("gzip-corrupt", ok_headers(compression="application/x-gzip"), b"not zlib data"),
+    task("gzip-truncated", ok_headers(compression="application/x-gzip"),
+         zlib.compress(GOOD_BODY)[:-5]),
+    task("gzip-bomb", ok_headers(compression="application/x-gzip"), GZIP_BOMB),
+    task("bzip2-bomb", ok_headers(compression="application/x-bz2"), BZ2_BOMB),
+    task("lzma-corrupt", ok_headers(compression="application/x-lzma"), b"\xfd7zXZ\x00junk"),
+    task("xz-truncated", ok_headers(compression="xz"), lzma.compress(GOOD_BODY)[:-8]),
+    task("compression-zstd", ok_headers(compression="application/zstd"), GOOD_BODY),
+    task("compression-a-number", ok_headers(compression=3), GOOD_BODY),
+    task("gzip-not-a-task", ok_headers(compression="gzip"), zlib.compress(b"[[1, 2")),
     # JSON can say Infinity; RabbitMQ's headers can't (pika has no float field)
     task("retries-infinite", ok_headers(retries=float("inf")), amqp=False),
     # RabbitMQ only: field-table types JSON does not have
@@ -192,7 +213,7 @@ RAN: list[int] = []  # what hostile.add returned, in this process
 
 @pytest.fixture
 def app(url: str) -> Iterator[App]:
-    app = App("hostile", broker=url)
+    app = App("hostile", broker=url, task_max_message_size=LIMIT)
 
     @app.task(name="hostile.add")
     def add(x: int, y: int) -> int:
@@ -253,6 +274,12 @@ def test_every_hostile_message_is_dead_lettered_and_the_worker_goes_on(
         sent = sorted((c.envelope if kind_of(transport) != "amqp" else c.body) or b""
                       for c in cases)
         assert sorted(d.raw for d in dead) == sent
+        # the bombs stopped at the cap (decompressing them whole is 2 MiB of JSON noise)
+        bombs = {(c.envelope if kind_of(transport) != "amqp" else c.body)
+                 for c in cases if c.id.endswith("-bomb")}
+        assert sorted(d.reason for d in dead if d.raw in bombs) == [
+            f"{k} body decompresses to more than {LIMIT} bytes (task_max_message_size)"
+            for k in ("application/x-bz2", "application/x-gzip")]
         time.sleep(0.3)  # nothing comes back from a requeue
         [stats] = transport.queue_stats([queue_name])
         assert (stats.ready, stats.in_flight) == (0, 0), stats
@@ -298,3 +325,32 @@ def test_consumer_hands_out_hostile_envelopes_with_a_reason(
         assert dead.raw == case.envelope
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zlib", "bzip2", "lzma", "application/x-gzip"])
+def test_compressed_bodies_are_decompressed_on_every_transport(
+        broker_url: str, queue_name: str, codec: str) -> None:
+    """What a Celery client sends with ``compression=codec`` (kombu's own compress:
+    the body compressed, the header ``compression`` = the MIME type) reaches the worker
+    as the plain task message."""
+    import kombu.compression
+
+    from qops.transports.base import from_url
+    from tests.contract import FAST
+
+    if broker_url.startswith("amqp"):
+        broker_url = f"{broker_url}?dead_letter_queue=qops.dlq.{uuid.uuid4().hex[:10]}"
+    t = from_url(broker_url, FAST)
+    body, kind = kombu.compression.compress(GOOD_BODY, codec)
+    c = t.consumer([queue_name], 1)
+    try:
+        inject(t, queue_name, task("compressed", ok_headers(compression=kind), body))
+        d = c.get(5)
+        assert d is not None and d.error is None, d
+        assert d.message is not None and d.message.body == GOOD_BODY
+        assert "compression" not in d.message.headers
+        assert parse_task_message(d.message).args == [1, 2]
+        c.ack(d)
+    finally:
+        c.close()
+        t.close()

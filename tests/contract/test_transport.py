@@ -330,6 +330,33 @@ def test_node_registry(transport: Transport, queue_name: str) -> None:
         transport.unregister_node(b)
 
 
+def test_each_preset_has_its_own_node_registry(broker_url: str, queue_name: str) -> None:
+    """A node of the celery preset is not listed by the qops preset's registry, nor the
+    other way round: each lists the nodes that answer on its own mailbox."""
+    qops_side = from_url(broker_url, FAST)
+    celery_side = from_url(broker_url, replace(FAST, registry="qops.nodes.celery"))
+    a, b = f"a-{queue_name}@h", f"b-{queue_name}@h"
+
+    def count(live: list[str] | int | None, name: str) -> int:
+        return live if isinstance(live, int) else int(name in (live or []))
+
+    try:
+        base_q, base_c = count(qops_side.live_nodes(), a), count(celery_side.live_nodes(), b)
+        qops_side.register_node(a, {"pid": 1}, ttl=30)
+        celery_side.register_node(b, {"pid": 2}, ttl=30)
+        assert count(qops_side.live_nodes(), a) == base_q + 1
+        assert count(celery_side.live_nodes(), b) == base_c + 1
+        for transport, other in ((qops_side, b), (celery_side, a)):
+            live = transport.live_nodes()
+            if isinstance(live, list):
+                assert other not in live
+    finally:
+        qops_side.unregister_node(a)
+        celery_side.unregister_node(b)
+        qops_side.close()
+        celery_side.close()
+
+
 def test_exempt_deliveries_free_their_prefetch_slot(transport: Transport, queue_name: str) -> None:
     if transport.scheme == "amqp":
         pytest.skip("AMQP grows its basic_qos window instead; covered in its own tests")

@@ -1,8 +1,10 @@
 """RabbitMQ transport (AMQP 0-9-1 through ``pika``): ``amqp://user:pass@host:5672/vhost``.
 
 Wire layout (docs/protocol.md §1, §3): tasks go through the default exchange ``""``
-with routing key = queue name, ``delivery_mode`` 2, to durable queues declared with
-``x-max-priority`` (so qops's priority 9 = AMQP's highest, passed through as is).
+with routing key = queue name, ``delivery_mode`` 2, to durable queues declared as the
+app's ``Declarations`` say (``qops.transports.declare``): under the celery preset as
+Celery declares them, under the qops preset with ``x-max-priority`` 9 (so qops's
+priority 9 = AMQP's highest, passed through as is).
 Broadcasts go to a fanout exchange named after the channel (not durable, not
 auto-deleted, like Celery's pidbox exchange); events (a broadcast with a routing key,
 docs/protocol.md §5) to a topic exchange (durable, like Celery's ``celeryev``),
@@ -29,8 +31,8 @@ is gone is dropped by the broker (and still confirmed), which is right for repli
 With an exchange (``reply.<mailbox>``) the queue is also bound to it, as kombu binds
 its pidbox reply queues, so Celery workers' replies reach it.
 
-Live nodes: one consumer per node on the presence queue ``qops.nodes`` (see
-``presence``).
+Live nodes: one consumer per node on the presence queue ``qops.nodes`` (the celery
+preset's: ``qops.nodes.celery``; see ``presence``).
 
 Liveness: RabbitMQ redelivers a consumer's unacknowledged messages as soon as its
 connection drops (the process died, or it missed AMQP heartbeats), so

@@ -55,10 +55,11 @@ def hidden(name: str, *, exclusive: bool, auto_delete: bool, dead_letter_queue: 
     """Queues that are not work queues, left out of the listing as the other brokers'
     listings leave them out: exclusive ones (qops's reply queues, event and broadcast
     subscriptions, locks), auto-delete ones (Celery's reply, pidbox and event-receiver
-    queues), server-named ``amq.*`` ones, ``*.pidbox`` mailboxes, the live-node registry
-    and the dead-letter queue (see ``qops dlq``)."""
+    queues), server-named ``amq.*`` ones, ``*.pidbox`` mailboxes, the live-node registries
+    (``qops.nodes``, ``qops.nodes.*``) and the dead-letter queue (see ``qops dlq``)."""
     return (exclusive or auto_delete or name.startswith("amq.") or name.endswith(".pidbox")
-            or name in (PRESENCE_QUEUE, dead_letter_queue))
+            or name in (PRESENCE_QUEUE, dead_letter_queue)
+            or name.startswith(PRESENCE_QUEUE + "."))
 
 
 def _count(value: Any) -> int | None:

@@ -1,4 +1,5 @@
-"""The live-node registry of the AMQP transport: the presence queue ``qops.nodes``.
+"""The live-node registry of the AMQP transport: the presence queue ``qops.nodes``
+(``qops.nodes.celery`` under the celery preset).
 
 RabbitMQ can't list queues or connections without the management plugin, so each
 registered node holds a consumer on the presence queue, on a connection of its own,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 #: published to it. Not durable, not auto-delete (an auto-delete queue vanishes when
 #: its last consumer leaves, and a node declaring it just then would get a 404 on its
 #: basic.consume); ``x-expires`` removes it a minute after the last node went away.
-PRESENCE_QUEUE = "qops.nodes"
+PRESENCE_QUEUE = "qops.nodes"  # the qops preset's; options.registry names the one used
 PRESENCE_ARGS = {"x-expires": 60000}
 
 
@@ -43,6 +44,7 @@ class _Presence:
 
     def __init__(self, transport: AMQPTransport) -> None:
         self.transport = transport
+        self.queue = transport.options.registry
         self._lock = threading.Lock()
         self._link: _Link | None = None
         self._names: list[str] = []  # registered, in order
@@ -52,7 +54,7 @@ class _Presence:
         """How many nodes hold a consumer on the presence queue (0 if there is none)."""
         def run(link: _Link) -> int:
             try:
-                ok = link.admin().queue_declare(PRESENCE_QUEUE, passive=True)
+                ok = link.admin().queue_declare(self.queue, passive=True)
             except pex.ChannelClosedByBroker as exc:
                 if exc.reply_code == NOT_FOUND:
                     return 0
@@ -81,11 +83,11 @@ class _Presence:
             link = _Link(self.transport.connect("presence"))
             self._link = link
             self._tags.clear()
-            _declare_presence_queue(link)
+            _declare_presence_queue(link, self.queue)
         for name in self._names:
             if name not in self._tags:
                 self._tags[name] = link.main().basic_consume(
-                    PRESENCE_QUEUE, _ignore_message, auto_ack=True)
+                    self.queue, _ignore_message, auto_ack=True)
         # sends the AMQP heartbeats and notices a dropped connection
         link.conn.process_data_events(0)
 
@@ -117,15 +119,15 @@ class _Presence:
             self._drop()
 
 
-def _declare_presence_queue(link: _Link) -> None:
+def _declare_presence_queue(link: _Link, queue: str) -> None:
     try:
-        link.admin().queue_declare(PRESENCE_QUEUE, durable=False, auto_delete=False,
+        link.admin().queue_declare(queue, durable=False, auto_delete=False,
                                    arguments=PRESENCE_ARGS)
     except pex.ChannelClosedByBroker as exc:
         if exc.reply_code != PRECONDITION_FAILED:
             raise
-        link.admin().queue_declare(PRESENCE_QUEUE, passive=True)
-    link.queues.add(PRESENCE_QUEUE)
+        link.admin().queue_declare(queue, passive=True)
+    link.queues.add(queue)
 
 
 def _ignore_message(*_args: Any) -> None:

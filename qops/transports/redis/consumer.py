@@ -203,7 +203,8 @@ class RedisConsumer(Consumer):
                         nqueues = len(self._queues)
                 if tag is not None:
                     return make_delivery(tag.name.split(SEP, 1)[0], tag, raw, decode,
-                                         redelivered=again)
+                                         redelivered=again,
+                                         limit=self.transport.options.max_message_size)
                 linger_until = 0.0
                 try:
                     if time.monotonic() - self._last_beat >= beat_every:

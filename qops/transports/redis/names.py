@@ -13,8 +13,6 @@ from typing import Any
 SEP = "\x06\x16"  # kombu's separator in priority list names and binding members
 STEPS = (0, 3, 6, 9)  # kombu's priority steps; step 0 is served first
 BINDING_PREFIX = "_kombu.binding."
-NODES = "qops.nodes"  # sorted set: node name -> alive until (unix time, the server's)
-NODES_INFO = "qops.nodes.info"  # hash: node name -> JSON info
 
 
 def wire_step(priority: Any) -> int:
@@ -34,14 +32,16 @@ def qops_priority(wire: Any) -> int | None:
 
     Uses the envelope's value rather than the step list it was read from: Celery may write
     any 0..9 (e.g. 5, stored in step 3), and keeping it loses nothing when the message is
-    forwarded; for what qops publishes the two are the same."""
+    forwarded; for what qops publishes the two are the same. Wire 0 is unset (None):
+    kombu writes 0 for a message sent without a priority, and 0 is also where qops's
+    unset and 7..9 go, so a task sent without one is not shown as priority 9."""
     if wire is None or isinstance(wire, bool):
         return None
     try:
         w = max(0, min(9, int(wire)))
     except (TypeError, ValueError):
         return None
-    return 9 - w
+    return None if w == 0 else 9 - w
 
 
 def list_name(queue: str, step: int) -> str:

@@ -1,5 +1,5 @@
-"""Which nodes are alive (the ``qops.nodes`` registry that remote control and ``inspect``
-read) and the named locks that let one beat run per schedule."""
+"""Which nodes are alive (the ``qops.nodes`` registry, one per preset, that remote
+control and ``inspect`` read) and the named locks that let one beat run per schedule."""
 
 from __future__ import annotations
 
@@ -7,25 +7,31 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from qops.transports.redis.names import NODES, NODES_INFO
-
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
 
 NODE_SWEEP_EVERY = 60.0  # seconds between live_nodes() calls that forget expired nodes
 
 
+def _keys(t: RedisTransport) -> list[str]:
+    """The registry's two keys: ``<registry>`` (zset: name -> alive until) and
+    ``<registry>.info`` (hash: name -> JSON info); ``qops.nodes`` under the qops preset."""
+    registry = t.options.registry
+    return [t.key(registry), t.key(f"{registry}.info")]
+
+
 def register_node(t: RedisTransport, name: str, info: dict[str, Any], ttl: float) -> None:
-    keys = [t.key(NODES), t.key(NODES_INFO)]
+    keys = _keys(t)
     with t.guard("registering the node"):
         t._lua_register_node(keys=keys, args=[name, repr(float(ttl)),
                                               json.dumps(info, default=str)])
 
 
 def unregister_node(t: RedisTransport, name: str) -> None:
+    nodes, info = _keys(t)
     pipe = t._client.pipeline(transaction=True)
-    pipe.zrem(t.key(NODES), name)
-    pipe.hdel(t.key(NODES_INFO), name)
+    pipe.zrem(nodes, name)
+    pipe.hdel(info, name)
     with t.guard("unregistering the node"):
         pipe.execute()
 
@@ -35,7 +41,7 @@ def live_nodes(t: RedisTransport) -> list[str]:
     sweep = now - t._nodes_swept >= NODE_SWEEP_EVERY
     with t.guard("listing live nodes"):
         names = cast("list[bytes]", t._lua_live_nodes(
-            keys=[t.key(NODES), t.key(NODES_INFO)], args=["1" if sweep else "0"]))
+            keys=_keys(t), args=["1" if sweep else "0"]))
     if sweep:
         t._nodes_swept = now
     return sorted(n.decode("utf-8", "replace") for n in names)

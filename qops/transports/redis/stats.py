@@ -53,14 +53,27 @@ def _consumers_view(t: RedisTransport) -> tuple[dict[str, list[str]], dict[str, 
     return live, flight
 
 
+#: the events exchanges of the two presets (docs/protocol.md §5)
+EVENT_EXCHANGES = ("celeryev", "qopsev")
+
+
+def _not_tasks(exchange: str) -> bool:
+    """Whether kombu binding set ``_kombu.binding.<exchange>`` binds no task queue."""
+    return (exchange.startswith("reply.") or exchange.endswith(".pidbox")
+            or exchange in EVENT_EXCHANGES)
+
+
 def _bound_queues(t: RedisTransport) -> set[str]:
     """Every queue named in a ``_kombu.binding.*`` set (the third field of members)."""
     client = t._client
     pattern = glob_escape(t.key(BINDING_PREFIX)) + "*"
-    # Reply exchanges (``reply.<mailbox>``) bind temporary reply queues: not queues.
-    replies = t.key(BINDING_PREFIX + "reply.").encode()
+    # Not task queues: what reply exchanges (``reply.<mailbox>``) bind (temporary reply
+    # queues), what mailboxes (``*.pidbox``) bind (Celery's per-node pidbox queues) and
+    # what the events exchanges bind (Celery's event receivers, ``celeryev.<uuid>``,
+    # often left behind by a receiver that died).
+    prefix = t.key(BINDING_PREFIX).encode()
     keys = [k for k in client.scan_iter(match=pattern, count=1000, _type="SET")
-            if not bytes(k).startswith(replies)]
+            if not _not_tasks(bytes(k)[len(prefix):].decode("utf-8", "replace"))]
     names: set[str] = set()
     if not keys:
         return names

@@ -126,7 +126,8 @@ class SQLiteConsumer(Consumer):
                                  [(self.id, r[0]) for r in rows])
             # held in the transaction: a check-in can't forget them before they are
             got = [make_delivery(queue, RowTag(row_id, self._lease.epoch), bytes(payload),
-                                 decode_envelope, redelivered=bool(redelivered))
+                                 decode_envelope, redelivered=bool(redelivered),
+                                 limit=self.transport.options.max_message_size)
                    for row_id, queue, payload, redelivered in rows]
             for d in got:
                 self._books.hold(d.tag, d.queue)

@@ -348,16 +348,21 @@ class SQLiteTransport(Transport):
     def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
         with self.db.write() as conn:
             conn.execute("INSERT OR REPLACE INTO nodes (name, info, alive_until) "
-                         "VALUES (?, ?, ?)", (name, json.dumps(info), time.time() + ttl))
+                         "VALUES (?, ?, ?)", (name, json.dumps(
+                             {**info, "registry": self.options.registry}, default=str),
+                             time.time() + ttl))
 
     def unregister_node(self, name: str) -> None:
         with self.db.write() as conn:
             conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
 
     def live_nodes(self) -> list[str]:
+        """The live nodes of this preset's registry (rows written before there was one
+        per preset count as the qops preset's)."""
         rows = self.db.conn().execute(
-            "SELECT name FROM nodes WHERE alive_until >= ? ORDER BY name", (time.time(),))
-        return [r[0] for r in rows]
+            "SELECT name, info FROM nodes WHERE alive_until >= ? ORDER BY name",
+            (time.time(),))
+        return [name for name, info in rows if _registry(info) == self.options.registry]
 
     # -- dead letters ---------------------------------------------------------------------
     def dead_letter(self, queue: str, raw: bytes, reason: str) -> None:
@@ -465,3 +470,12 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except OSError:
         pass  # there already, or not creatable: sqlite3.connect says why
+
+
+def _registry(info: str | None) -> str:
+    """The registry a node row belongs to (``qops.nodes`` when it does not say)."""
+    try:
+        value = json.loads(info or "{}").get("registry")
+    except (ValueError, AttributeError):
+        value = None
+    return str(value) if value else "qops.nodes"

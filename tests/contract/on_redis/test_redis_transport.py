@@ -79,8 +79,9 @@ def test_consumes_kombu_envelopes_in_step_order(transport: RedisTransport,
             got.append((d.message.headers["id"], d.message.properties["priority"]))
             assert json.loads(d.message.body)[0] == [int(d.message.headers["id"][3:])]
             c.ack(d)
-        # wire step 0 first; read back in qops's scale (9 - wire priority)
-        assert got == [("id-0", 9), ("id-1", 9), ("id-3", 6), ("id-9", 0)]
+        # wire step 0 first; read back in qops's scale (9 - wire priority), wire 0 (what
+        # kombu writes for a message sent without a priority) as unset
+        assert got == [("id-0", None), ("id-1", None), ("id-3", 6), ("id-9", 0)]
     finally:
         c.close()
     assert raw.keys("*unacked*") == []  # nothing left in flight, kombu's keys never made
@@ -121,6 +122,19 @@ def test_stats_and_purge_find_queues_from_kombu_bindings(transport: RedisTranspo
     assert raw.exists("celery", f"celery{SEP}6") == 0
     assert raw.get("unacked_mutex") == b"x"
     assert raw.sismember("_kombu.binding.celery", f"celery{SEP}{SEP}celery")
+
+
+def test_pidbox_and_event_receiver_bindings_are_not_task_queues(transport: RedisTransport,
+                                                                raw: redis.Redis) -> None:
+    """What a Celery worker and an event receiver bind on Redis (a pidbox queue per
+    node, celeryev.<uuid> per receiver, often left behind) is not listed as a queue."""
+    raw.sadd("_kombu.binding.celery", f"celery{SEP}{SEP}celery")
+    raw.sadd("_kombu.binding.celery.pidbox", f"{SEP}{SEP}w1@h.celery.pidbox")
+    raw.sadd("_kombu.binding.qops.pidbox", f"{SEP}{SEP}w2@h.qops.pidbox")
+    raw.sadd("_kombu.binding.celeryev", f"#{SEP}{SEP}celeryev.0b1c2d3e")
+    raw.sadd("_kombu.binding.qopsev", f"task.#{SEP}{SEP}qopsev.4f5a6b7c")
+    raw.sadd("_kombu.binding.reply.celery.pidbox", f"oid{SEP}{SEP}oid.reply.celery.pidbox")
+    assert [s.name for s in transport.queue_stats()] == ["celery"]
 
 
 def test_broadcast_is_kombu_fanout(transport: RedisTransport, raw: redis.Redis,

@@ -9,11 +9,11 @@ import os
 import threading
 import traceback as tb_mod
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
-from qops.errors import ConfigError, NoResultBackend, UsageError
+from qops.errors import ConfigError, NoResultBackend, PublishManyError, UsageError
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
 from qops.signing import HEADER, Signer, task_context, task_signer
@@ -78,6 +78,7 @@ class App:
         self._transport: Transport | None = None
         self._backend: ResultBackend | None = None
         self._task_signer: object = _UNSET
+        self._sending: _Sending | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
         from qops.canvas import register_builtins
@@ -320,10 +321,26 @@ class App:
         return self.conf.get(setting) if value is None else value
 
     # -- routing and sending ---------------------------------------------------------------
+    def _sending_conf(self) -> _Sending:
+        """The settings every send reads, read again only when a setting changed."""
+        sc = self._sending
+        version = self.conf.version
+        if sc is None or sc.version != version:
+            c = self.conf
+            sc = self._sending = _Sending(
+                version, bool(c.task_always_eager), c.task_default_priority,
+                bool(c.task_ignore_result), c.task_routes, self.default_queue,
+                self.has_backend, c.task_compression)
+        return sc
+
     def route(self, name: str, queue: str | None = None, task: Task | None = None) -> str:
+        return self._route(self._sending_conf(), name, queue, task)
+
+    @staticmethod
+    def _route(sc: _Sending, name: str, queue: str | None, task: Task | None) -> str:
         if queue:
             return queue
-        routes = self.conf.task_routes or {}
+        routes = sc.routes or {}
         for pattern, target in routes.items():
             if pattern == name or fnmatch.fnmatchcase(name, pattern):
                 if isinstance(target, str):
@@ -332,40 +349,94 @@ class App:
                     return str(target["queue"])
         if task is not None and task.queue:
             return task.queue
-        return self.default_queue
+        return sc.default_queue
 
     def send_task(self, name: str, args: Iterable[Any] | None = None,
-                  kwargs: dict[str, Any] | None = None, *, countdown: float | None = None,
-                  eta: dt.datetime | None = None, expires: float | dt.datetime | None = None,
-                  queue: str | None = None, priority: int | None = None,
-                  task_id: str | None = None, link: Any = None, link_error: Any = None,
-                  time_limit: float | None = None, soft_time_limit: float | None = None,
-                  ignore_result: bool | None = None, parent_id: str | None = None,
-                  root_id: str | None = None, chain: list[dict[str, Any]] | None = None,
-                  group: str | None = None, group_index: int | None = None,
-                  chord: dict[str, Any] | None = None, shadow: str | None = None,
-                  retries: int = 0, reply_to: str | None = None, task: Task | None = None,
-                  compression: str | None = None, **unknown: Any) -> AsyncResult:
-        """Send a task by name; returns its AsyncResult. Never drops silently: raises
-        PublishError/BrokerUnreachable when the broker did not take the message."""
+                  kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
+        """Send a task by name; returns its AsyncResult. ``options``: those of
+        ``task_message``. Never drops silently: raises PublishError/BrokerUnreachable
+        when the broker did not take the message."""
+        built = self.task_message(name, args, kwargs, **options)
+        if isinstance(built, AsyncResult):  # task_always_eager: it ran here
+            return built
+        queue, message = built
+        self.transport.publish(queue, message)
+        return AsyncResult(message.headers["id"], app=self)
+
+    def send_many(self, signatures: Iterable[Signature | dict[str, Any]],
+                  **options: Any) -> list[AsyncResult]:
+        """Send many tasks at once: each signature as ``sig.apply_async(**options)``
+        would, in one batch (Redis: pipelined; RabbitMQ: published together, then
+        confirmed; SQLite: one transaction). Returns their AsyncResults in order once
+        the broker has confirmed every message, or raises PublishManyError naming the
+        ones it did not confirm (docs/guarantees.md). Plain task signatures only: send
+        a chain, group or chord with its own ``apply_async``."""
+        built = []
+        for sig in signatures:
+            sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
+            if sig.get("subtask_type") in ("chain", "group", "chord"):
+                raise UsageError(f"send_many sends task signatures, not a "
+                                 f"{sig['subtask_type']}: use its apply_async()")
+            built.append(sig.message(**options))
+        return self.publish_many(built)
+
+    def publish_many(self, built: list[tuple[str, protocol.Message] | AsyncResult]
+                     ) -> list[AsyncResult]:
+        """Publish ``task_message`` results in one batch; their AsyncResults in order
+        (eager results as they are). PublishManyError's ``unconfirmed`` are indexes
+        into ``built``, its ``task_ids`` their ids."""
+        items: list[tuple[str, protocol.Message]] = []
+        where: list[int] = []  # index in built of each item
+        for index, b in enumerate(built):
+            if not isinstance(b, AsyncResult):
+                items.append(b)
+                where.append(index)
+        if items:
+            try:
+                self.transport.publish_many(items)
+            except PublishManyError as exc:
+                exc.task_ids = [items[i][1].headers["id"] for i in exc.unconfirmed]
+                exc.unconfirmed = [where[i] for i in exc.unconfirmed]
+                raise
+        return [b if isinstance(b, AsyncResult) else AsyncResult(b[1].headers["id"], app=self)
+                for b in built]
+
+    def task_message(self, name: str, args: Iterable[Any] | None = None,
+                     kwargs: dict[str, Any] | None = None, *, countdown: float | None = None,
+                     eta: dt.datetime | None = None, expires: float | dt.datetime | None = None,
+                     queue: str | None = None, priority: int | None = None,
+                     task_id: str | None = None, link: Any = None, link_error: Any = None,
+                     time_limit: float | None = None, soft_time_limit: float | None = None,
+                     ignore_result: bool | None = None, parent_id: str | None = None,
+                     root_id: str | None = None, chain: list[dict[str, Any]] | None = None,
+                     group: str | None = None, group_index: int | None = None,
+                     chord: dict[str, Any] | None = None, shadow: str | None = None,
+                     retries: int = 0, reply_to: str | None = None, task: Task | None = None,
+                     compression: str | None = None,
+                     **unknown: Any) -> tuple[str, protocol.Message] | AsyncResult:
+        """The (queue, message) ``send_task`` publishes for these options, signed when
+        ``task_signing`` is on; with ``task_always_eager``, the AsyncResult of the task
+        run here instead."""
         if unknown:
             raise UsageError(f"unknown option(s) for sending {name}: {', '.join(sorted(unknown))}")
         task = task or self.tasks.get(name)
-        now = dt.datetime.now(dt.timezone.utc)
-        if countdown is not None:
-            eta = now + dt.timedelta(seconds=float(countdown))
-        if isinstance(expires, (int, float)):
-            expires = now + dt.timedelta(seconds=float(expires))
+        if countdown is not None or isinstance(expires, (int, float)):
+            now = dt.datetime.now(dt.timezone.utc)
+            if countdown is not None:
+                eta = now + dt.timedelta(seconds=float(countdown))
+            if isinstance(expires, (int, float)):
+                expires = now + dt.timedelta(seconds=float(expires))
+        sc = self._sending_conf()
         if priority is None:
-            priority = self.conf.task_default_priority
+            priority = sc.default_priority
         if ignore_result is None:
-            ignore_result = bool(self.conf.task_ignore_result)
-        target = self.route(name, queue, task)
-        if self.conf.task_always_eager and task is not None:
+            ignore_result = sc.ignore_result
+        target = self._route(sc, name, queue, task)
+        if sc.always_eager and task is not None:
             return self._apply_eager(task, list(args or ()), dict(kwargs or {}), task_id)
         # A worker re-sending a task (retry, chain link) passes the original client's
         # reply_to along; only a new send asks the backend (rpc opens its reply queue).
-        if reply_to is None and self.has_backend and not ignore_result:
+        if reply_to is None and sc.has_backend and not ignore_result:
             reply_to = self.backend.prepare_send()
         message = protocol.build_task_message(
             name, args, kwargs, task_id=task_id, eta=eta, expires=expires,
@@ -378,11 +449,10 @@ class App:
         if signer is not None:  # task_signing: docs/security.md
             message.headers[HEADER] = signer.sign("task", message.body,
                                                   task_context(message.headers))
-        compression = compression or self.conf.task_compression
+        compression = compression or sc.compression
         if compression:  # after signing: the signature is over the plain body
             protocol.compress(message, compression)
-        self.transport.publish(target, message)
-        return AsyncResult(message.headers["id"], app=self)
+        return target, message
 
     def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
         sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
@@ -439,6 +509,19 @@ class App:
     def current_request() -> Context | None:
         stack = getattr(_running, "stack", None)
         return stack[-1] if stack else None
+
+
+class _Sending(NamedTuple):
+    """The settings a send reads (``App._sending_conf``), as of settings ``version``."""
+
+    version: int
+    always_eager: bool
+    default_priority: int | None
+    ignore_result: bool
+    routes: dict[str, Any] | None
+    default_queue: str
+    has_backend: bool
+    compression: str | None
 
 
 def _sig_list(value: Any) -> list[dict[str, Any]] | None:

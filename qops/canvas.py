@@ -222,10 +222,13 @@ class group(Signature):  # noqa: N801 - Celery's name
         result = g.freeze()
         shared = {k: v for k, v in g.options.items() if k != "task_id"}
         shared.update(options)
-        for index, member in enumerate(g.tasks):
-            if _is_plain(member):
-                member.apply_async(args, kwargs, group=result.id, group_index=index, **shared)
-            else:
+        # the plain members in one batch (App.publish_many), the others one by one
+        plain = [member.message(args, kwargs, group=result.id, group_index=index, **shared)
+                 for index, member in enumerate(g.tasks) if _is_plain(member)]
+        if plain:
+            self.app.publish_many(plain)
+        for member in g.tasks:
+            if not _is_plain(member):
                 member.apply_async(args, kwargs, **shared)
         return result
 

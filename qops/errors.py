@@ -48,6 +48,21 @@ class PublishError(QopsError):
     exit_code = EX_IOERR
 
 
+class PublishManyError(PublishError):
+    """Part of a bulk send was not confirmed by the broker (docs/guarantees.md).
+
+    ``unconfirmed``: the indexes, in the batch, of the messages the broker did not
+    confirm (nacked, unroutable, or in flight when the connection or channel went
+    away), in order; ``task_ids``: their task ids, for a bulk send of tasks. Every
+    other message of the batch was confirmed."""
+
+    def __init__(self, message: str, unconfirmed: list[int],
+                 task_ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.unconfirmed = list(unconfirmed)
+        self.task_ids = list(task_ids or [])
+
+
 class NoReply(QopsError):
     exit_code = EX_UNAVAILABLE
 

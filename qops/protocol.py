@@ -47,17 +47,30 @@ class Message:
 
 
 
-def encode_envelope(queue: str, message: Message, exchange: str = "") -> bytes:
-    """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded."""
+def new_id() -> str:
+    """A random (version 4) UUID as ``str(uuid.uuid4())`` writes it, made without a
+    ``uuid.UUID`` object (a sixth of the cost of building a message went to two)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def encode_envelope(queue: str, message: Message, exchange: str = "",
+                    priority: int | None = None) -> bytes:
+    """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded.
+    ``priority``: the envelope's, in place of the message's (Redis: the wire step)."""
     props = dict(message.properties)
     props.setdefault("delivery_mode", 2)
-    props.setdefault("priority", 0)
+    if priority is not None:
+        props["priority"] = priority
+    else:
+        props.setdefault("priority", 0)
     props["body_encoding"] = "base64"
     props["delivery_info"] = {"exchange": exchange, "routing_key": queue}
     if "delivery_tag" not in props:
-        import uuid
-
-        props["delivery_tag"] = str(uuid.uuid4())
+        props["delivery_tag"] = new_id()
     env = {
         "body": base64.b64encode(message.body).decode("ascii"),
         "content-encoding": message.content_encoding,
@@ -65,7 +78,7 @@ def encode_envelope(queue: str, message: Message, exchange: str = "") -> bytes:
         "headers": message.headers,
         "properties": props,
     }
-    return json.dumps(env, separators=(",", ":")).encode()
+    return _ENVELOPE.encode(env).encode()
 
 
 def decode_envelope(raw: bytes | str) -> Message:
@@ -213,8 +226,13 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
+#: made once: ``json.dumps`` with any argument builds a new encoder at every call
+_ENVELOPE = json.JSONEncoder(separators=(",", ":"))
+_TAGGED = json.JSONEncoder(default=_default, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_default, separators=(",", ":"))
+    return _TAGGED.encode(obj)
 
 
 def loads(data: str | bytes) -> Any:
@@ -272,8 +290,17 @@ def dict_to_exception(meta: Any) -> BaseException:
 
 # -- task messages ---------------------------------------------------------------------
 
+_origin: tuple[int, str] = (0, "")
+
+
 def origin() -> str:
-    return f"gen{os.getpid()}@{socket.gethostname()}"
+    """``gen<pid>@<host>``: who sent a task (the ``origin`` header); made once per
+    process."""
+    global _origin
+    pid = os.getpid()
+    if _origin[0] != pid:
+        _origin = (pid, f"gen{pid}@{socket.gethostname()}")
+    return _origin[1]
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -324,7 +351,7 @@ def build_task_message(
     shadow: str | None = None,
     ignore_result: bool = False,
 ) -> Message:
-    task_id = task_id or str(uuid.uuid4())
+    task_id = task_id or new_id()
     args = list(args or ())
     kwargs = dict(kwargs or {})
     headers: dict[str, Any] = {

@@ -272,6 +272,7 @@ class Settings:
         #: config_from_object('module:attr') sources not read yet (Celery reads them
         #: on first use too: Django's settings may be half-imported when it is called)
         object.__setattr__(self, "_pending", [])
+        object.__setattr__(self, "_version", 0)  # + 1 at each write
         for s in SETTINGS.values():
             self._layers["default"][s.name] = s.default
 
@@ -317,6 +318,13 @@ class Settings:
                 return str(self._sources.get((layer, key), layer))
         return "default"
 
+    @property
+    def version(self) -> int:
+        """A number that changes whenever a setting is written: lets a reader keep
+        values it derived from the settings until they change."""
+        self._ensure_outside()
+        return int(self._version)
+
     def table(self) -> list[tuple[str, Any, str]]:
         """(name, value, where it came from) for every setting."""
         self._ensure_outside()
@@ -337,6 +345,7 @@ class Settings:
             return
         self._layers[layer][key] = coerce(key, value, source or layer)
         self._sources[(layer, key)] = source or _LAYER_NAMES[layer]
+        object.__setattr__(self, "_version", self._version + 1)
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(name, value, strict=True, source="app code")
@@ -411,6 +420,7 @@ class Settings:
         if path is None:
             return
         self._layers["yaml"].clear()
+        object.__setattr__(self, "_version", self._version + 1)
         for key, value in read_yaml(path).items():
             if key == "app":
                 continue  # used by the CLI to find the app

@@ -6,7 +6,6 @@ import datetime as dt
 import inspect
 import random
 import threading
-import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from qops.values import time_limits
 
 if TYPE_CHECKING:
     from qops.app import App
+    from qops.protocol import Message
     from qops.result import AsyncResult
 
 #: the sending options a user gives apply_async, and that travel in a signature's
@@ -145,6 +145,44 @@ class Task:
 
     def apply_async(self, args: Iterable[Any] | None = None,
                     kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
+        args, kwargs, options = self._sending(args, kwargs, options)
+        return self.app.send_task(self.name, args, kwargs, **options)
+
+    def message(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,
+                **options: Any) -> tuple[str, Message] | AsyncResult:
+        """The (queue, message) ``apply_async`` would publish (``App.task_message``)."""
+        args, kwargs, options = self._sending(args, kwargs, options)
+        return self.app.task_message(self.name, args, kwargs, **options)
+
+    def apply_many(self, calls: Iterable[tuple[Any, ...]], **options: Any) -> list[AsyncResult]:
+        """Send many calls of this task in one batch (``App.send_many``): each item of
+        ``calls`` is ``(args, kwargs)`` or ``(args, kwargs, options)``; ``options``
+        apply to all, an item's own options win. Returns the AsyncResults in order once
+        the broker confirmed every message, else raises PublishManyError."""
+        built = []
+        for index, call in enumerate(calls):
+            if not isinstance(call, (tuple, list)) or len(call) not in (2, 3):
+                raise UsageError(f"{self.name}.apply_many takes (args, kwargs) or (args, "
+                                 f"kwargs, options) items: item {index} is {call!r:.60}")
+            opts = {**options, **call[2]} if len(call) == 3 and call[2] else options
+            built.append(self.message(call[0], call[1], **opts))
+        return self.app.publish_many(built)
+
+    def delay_many(self, calls: Iterable[Iterable[Any]], **options: Any) -> list[AsyncResult]:
+        """``apply_many`` for positional arguments only: ``add.delay_many([(1, 2),
+        (3, 4)])`` sends ``add(1, 2)`` and ``add(3, 4)`` in one batch."""
+        built = []
+        for index, args in enumerate(calls):
+            if isinstance(args, (str, bytes)) or not isinstance(args, Iterable):
+                raise UsageError(f"{self.name}.delay_many takes an iterable of argument "
+                                 f"tuples, e.g. [(1,), (2,)]: item {index} is {args!r:.60}")
+            built.append(self.message(args, None, **options))
+        return self.app.publish_many(built)
+
+    def _sending(self, args: Iterable[Any] | None, kwargs: dict[str, Any] | None,
+                 options: dict[str, Any]) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+        """(args, kwargs, options) to send: arguments checked against the function,
+        the task's own defaults and the parent task (if any) added to ``options``."""
         args = list(args or ())
         kwargs = dict(kwargs or {})
         if self.typing:
@@ -164,7 +202,8 @@ class Task:
         if parent is not None and parent.id:
             options.setdefault("parent_id", parent.id)
             options.setdefault("root_id", parent.root_id or parent.id)
-        return self.app.send_task(self.name, args, kwargs, task=self, **options)
+        options["task"] = self
+        return args, kwargs, options
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         return Signature(self.name, args, kwargs, app=self.app)
@@ -357,6 +396,15 @@ class Signature(dict[str, Any]):
             return task.apply_async(sig.args, sig.kwargs, **opts)
         return self.app.send_task(sig.name, sig.args, sig.kwargs, **opts)
 
+    def message(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,
+                **options: Any) -> tuple[str, Message] | AsyncResult:
+        """The (queue, message) ``apply_async`` would publish (``App.task_message``)."""
+        sig = self.clone(args, kwargs, **options)
+        task = self.app.tasks.get(sig.name)
+        if task is not None:
+            return task.message(sig.args, sig.kwargs, **sig.options)
+        return self.app.task_message(sig.name, sig.args, sig.kwargs, **sig.options)
+
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         return self.apply_async(args, kwargs)
 
@@ -393,4 +441,6 @@ def _from_dict(d: dict[str, Any], app: App | None = None) -> Signature:
 
 
 def new_task_id() -> str:
-    return str(uuid.uuid4())
+    from qops.protocol import new_id
+
+    return new_id()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from qops.errors import PublishError, UsageError
+from qops.errors import BrokerUnreachable, PublishError, PublishManyError, UsageError
 from qops.protocol import MAX_DECOMPRESSED, Message, decompress
 from qops.transports.declare import Declarations
 
@@ -284,6 +284,21 @@ class Transport(ABC):
     def publish(self, queue: str, message: Message) -> None:
         """Put ``message`` on ``queue`` (declaring it if needed). Raises PublishError or
         BrokerUnreachable when the broker did not take it: never drops silently."""
+
+    def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
+        """Put each ``(queue, message)`` of ``items`` on its queue, in order, and
+        return once the broker has taken all of them (Redis: pipelined; AMQP: written
+        together, then the confirms collected; SQLite: one transaction). Raises
+        PublishManyError naming the indexes the broker did not take (``unconfirmed``);
+        every other message was taken. This default publishes one at a time."""
+        for index, (queue, message) in enumerate(items):
+            try:
+                self.publish(queue, message)
+            except (PublishError, BrokerUnreachable) as exc:
+                raise PublishManyError(f"{exc} (message {index} of {len(items)}; "
+                                       f"it and the {len(items) - index - 1} after it "
+                                       "were not sent)",
+                                       list(range(index, len(items)))) from None
 
     @abstractmethod
     def consumer(self, queues: Sequence[str], prefetch: int,

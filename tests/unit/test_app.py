@@ -110,3 +110,19 @@ def test_send_task_message_layout() -> None:
     assert d.message.headers["eta"] is not None
     assert d.message.properties["priority"] == 5
     c.close()
+
+
+def test_a_send_sees_settings_changed_after_the_last_send() -> None:
+    app = App("m", broker="memory://m-settings")
+    version = app.conf.version
+    first, _ = app.task_message("m.x")  # type: ignore[misc]
+    assert first == "qops"
+    app.conf.task_default_queue = "other"
+    app.conf.task_default_priority = 7
+    assert app.conf.version > version
+    queue, message = app.task_message("m.x")  # type: ignore[misc]
+    assert (queue, message.properties["priority"]) == ("other", 7)
+    app.conf.task_routes = {"m.*": "routed"}
+    assert app.task_message("m.x")[0] == "routed"  # type: ignore[index]
+    app.conf.task_routes["m.*"] = "changed"  # changed in place: seen by the next send
+    assert app.task_message("m.x")[0] == "changed"  # type: ignore[index]

@@ -95,3 +95,15 @@ def test_envelope_accepts_raw_utf8_body() -> None:
 def test_envelope_errors(raw: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         decode_envelope(raw)
+
+
+def test_new_id_is_a_version_4_uuid_string() -> None:
+    import uuid
+
+    from qops import protocol
+
+    ids = {protocol.new_id() for _ in range(500)}
+    assert len(ids) == 500
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122

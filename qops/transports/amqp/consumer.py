@@ -158,7 +158,7 @@ class _AMQPConsumer(Consumer):
                 ) from None
 
     def _open(self) -> None:
-        link = _Link(self.transport.connect("consumer"), confirm=False)
+        link = _Link(self.transport.connect("consumer"))
         try:
             ch = link.main()
             ch.basic_qos(prefetch_count=self.prefetch, global_qos=self._global_qos)

@@ -17,6 +17,7 @@ import pika
 import pika.exceptions as pex
 
 from qops.errors import BrokerUnreachable, QopsError
+from qops.transports.amqp.confirms import Confirms
 from qops.transports.amqp.frames import _fast_frames
 from qops.transports.amqp.url import AMQPParams
 from qops.transports.base import TransportOptions
@@ -103,15 +104,15 @@ def open_connection(p: AMQPParams, options: TransportOptions, safe: str, purpose
 class _Link:
     """One connection with its channels, used by one thread at a time.
 
-    ``main`` is the channel messages flow on (confirm mode for publishers, the consuming
-    channel for consumers); ``admin`` takes the declares, purges and stats, whose
-    failures (404, 406) close the channel they ran on -- keeping them off ``main``
-    keeps publisher confirms and consumers alive through them. Both reopen on demand.
+    ``main`` is the channel messages flow on (the consuming channel for consumers);
+    ``confirms`` the one confirmed publishes go on; ``admin`` takes the declares,
+    purges and stats, whose failures (404, 406) close the channel they ran on --
+    keeping them off the others keeps publisher confirms and consumers alive through
+    them. Each reopens on demand.
     """
 
-    def __init__(self, conn: Any, confirm: bool) -> None:
+    def __init__(self, conn: Any) -> None:
         self.conn = conn
-        self.confirm = confirm
         self.pid = os.getpid()
         self.used = time.monotonic()
         self.queues: set[str] = set()  # declared on this connection
@@ -119,15 +120,21 @@ class _Link:
         self._main: Any = None
         self._admin: Any = None
         self._events: Any = None
+        self._confirms: Confirms | None = None
 
     def main(self) -> Any:
         ch = self._main
         if ch is None or not ch.is_open:
-            ch = self.conn.channel()
-            if self.confirm:
-                ch.confirm_delivery()
-            self._main = ch
+            ch = self._main = self.conn.channel()
         return ch
+
+    def confirms(self) -> Confirms:
+        """The confirm-mode channel confirmed publishes go on (see ``confirms``);
+        reopened after the broker closed it."""
+        c = self._confirms
+        if c is None or not c.is_open:
+            c = self._confirms = Confirms(self.conn)
+        return c
 
     def events(self) -> Any:
         """A channel without publisher confirms, for events: they are many and may be

@@ -54,7 +54,7 @@ class _Locks:
                     return bool(held_owner == owner)
                 del self._held[name]  # the connection is gone, and the queue with it
                 link.close()
-            link = _Link(self.transport.connect("lock"), confirm=False)
+            link = _Link(self.transport.connect("lock"))
             try:
                 link.admin().queue_declare(queue, durable=False, exclusive=True,
                                            auto_delete=False)

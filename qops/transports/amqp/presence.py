@@ -80,7 +80,7 @@ class _Presence:
             self._drop()  # lost (or the parent's, after a fork): start again
             link = None
         if link is None:
-            link = _Link(self.transport.connect("presence"), confirm=False)
+            link = _Link(self.transport.connect("presence"))
             self._link = link
             self._tags.clear()
             _declare_presence_queue(link, self.queue)

@@ -53,7 +53,7 @@ class _AMQPSubscription(Subscription):
         self._connect()
 
     def _connect(self) -> None:
-        link = _Link(self.transport.connect("subscriber"), confirm=False)
+        link = _Link(self.transport.connect("subscriber"))
         try:
             link.declare_exchange(self.channel, "fanout" if self.pattern is None else "topic")
             ch = link.main()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pika.exceptions as pex
 
-from qops.errors import BrokerUnreachable, PublishError
+from qops.errors import BrokerUnreachable, PublishError, PublishManyError
 from qops.protocol import Message
 from qops.transports.amqp import deadletters
 from qops.transports.amqp.consumer import _AMQPConsumer
@@ -36,6 +36,7 @@ from qops.transports.amqp.presence import _Presence
 from qops.transports.amqp.props import _basic_properties
 from qops.transports.amqp.subscription import _AMQPSubscription
 from qops.transports.amqp.url import parse_url
+from qops.transports.amqp.wire import encode_properties
 from qops.transports.base import (
     REPLY_PREFETCH,
     Consumer,
@@ -83,7 +84,7 @@ class AMQPTransport(Transport):
                 return link, True
             link.close()
         self._local.link = None
-        link = _Link(self.connect("publisher"), confirm=self.options.confirm_publish)
+        link = _Link(self.connect("publisher"))
         self._local.link = link
         with self._lock:
             self._links.add(link)
@@ -155,8 +156,11 @@ class AMQPTransport(Transport):
                     self._remember(queue)
                 if exchange_kind is not None:
                     link.declare_exchange(exchange, exchange_kind)
-                ch = link.main() if confirm else link.events()
-                ch.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
+                if confirm:
+                    link.confirms().publish((exchange, routing_key, body,
+                                             _encoded(props), mandatory, None))
+                else:
+                    link.events().basic_publish(exchange, routing_key, body, props)
                 link.used = time.monotonic()
                 return
             except pex.UnroutableError:
@@ -193,8 +197,97 @@ class AMQPTransport(Transport):
                               exc) + "; the message may not have been delivered") from None
 
     def publish(self, queue: str, message: Message) -> None:
-        props = _basic_properties(message, delivery_mode=2)
-        self._send("", queue, message.body, props, queue=queue)
+        self._send("", queue, message.body, self._properties(message, 2), queue=queue)
+
+    def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
+        """All of ``items`` written on the confirm channel, then their confirms
+        collected (``Confirms.publish_many``). As for one message: the queues are
+        declared first (once per connection); messages the broker returned because their
+        queue vanished are sent again after a new declare; a connection that turns out
+        dead before anything was confirmed is replaced and the batch sent once more.
+        Nacked messages are not sent again. PublishManyError names the rest."""
+        n = len(items)
+        if not self.options.confirm_publish:
+            super().publish_many(items)
+            return
+        batch = []
+        for index, (queue, message) in enumerate(items):
+            try:
+                self.check_size(repr(queue), message.body)
+                batch.append(("", queue, message.body, encode_properties(message, 2), True,
+                              message.properties.get("correlation_id")))
+            except PublishError as exc:
+                raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
+                                       list(range(n))) from None
+        todo = list(range(n))  # indexes (into items) to send
+        failed: dict[int, str] = {}  # index -> why it is not confirmed
+        redeclared = resent = False
+        while todo:
+            try:
+                link, reused = self._link()
+            except BrokerUnreachable as exc:
+                failed.update(dict.fromkeys(todo, str(exc)))
+                break
+            try:
+                for queue in dict.fromkeys(batch[i][1] for i in todo):
+                    if queue not in link.queues:
+                        self.declare(link, queue)
+                        self._remember(queue)
+                out = link.confirms().publish_many([batch[i] for i in todo])
+            except pex.ChannelClosedByBroker as exc:  # a declare refused
+                failed.update(dict.fromkeys(todo, str(_channel_error(
+                    exc, "declaring a queue", self.safe_url(), PublishError))))
+                break
+            except LINK_ERRORS as exc:
+                self._drop_link(link)
+                if reused and not resent:
+                    resent = True
+                    continue
+                failed.update(dict.fromkeys(todo, lost_text(
+                    self.safe_url(), "publishing a batch", exc)))
+                break
+            link.used = time.monotonic()
+            for i in out.nacked:
+                failed[todo[i]] = "nacked by RabbitMQ (queue full with " \
+                                  "overflow=reject-publish, or an internal error)"
+            lost = [todo[i] for i in out.lost]
+            if out.error is not None:
+                if not isinstance(out.error, pex.ChannelClosedByBroker):
+                    self._drop_link(link)
+                why = (str(_channel_error(out.error, "publishing a batch", self.safe_url()))
+                       if isinstance(out.error, pex.ChannelClosedByBroker) else
+                       lost_text(self.safe_url(), "publishing a batch", out.error))
+                if reused and not resent and len(lost) == len(todo):
+                    lost_again = lost  # died while idle: nothing confirmed, send again
+                    resent = True
+                else:
+                    failed.update(dict.fromkeys(lost, why))
+                    lost_again = []
+            else:
+                lost_again = []
+            returned = [todo[i] for i in out.returned]
+            if returned and not redeclared:  # the queue vanished since we declared it
+                redeclared = True
+                link.queues.difference_update(batch[i][1] for i in returned)
+            else:
+                failed.update(dict.fromkeys(returned, "returned as unroutable (its queue "
+                                            "does not exist)"))
+                returned = []
+            todo = sorted(lost_again + returned)
+        if failed:
+            bad = sorted(failed)
+            reasons = "; ".join(dict.fromkeys(failed[i] for i in bad))
+            raise PublishManyError(
+                f"RabbitMQ did not confirm {len(bad)} of {n} messages ({reasons}); the "
+                f"other {n - len(bad)} were confirmed; may not have been delivered: "
+                f"{_indexes(bad)}", bad)
+
+    def _properties(self, message: Message, delivery_mode: int) -> Any:
+        """``message``'s properties for ``_send``: encoded here when they go on the
+        confirm channel, as pika's BasicProperties for pika's unconfirmed one."""
+        if self.options.confirm_publish:
+            return encode_properties(message, delivery_mode)
+        return _basic_properties(message, delivery_mode)
 
     # -- consuming ------------------------------------------------------------------------
     def consumer(self, queues: Sequence[str], prefetch: int,
@@ -216,8 +309,7 @@ class AMQPTransport(Transport):
 
     def send_reply(self, name: str, message: Message) -> None:
         # transient (the queue is), not declared, not mandatory: see the package doc
-        props = _basic_properties(message, delivery_mode=1)
-        self._send("", name, message.body, props, queue=None)
+        self._send("", name, message.body, self._properties(message, 1), queue=None)
 
     def _in_flight(self, queue: str) -> int:
         """Messages of ``queue`` reserved by this transport's consumers.
@@ -352,3 +444,15 @@ class AMQPTransport(Transport):
 
     def release_lock(self, name: str, owner: str) -> None:
         self._locks.release(name, owner)
+
+
+def _encoded(props: Any) -> bytes:
+    """A content header's property list: as given, or encoded by pika's BasicProperties."""
+    return props if isinstance(props, bytes) else b"".join(props.encode())
+
+
+def _indexes(indexes: list[int], shown: int = 10) -> str:
+    """``indexes`` for a message: the first few, and how many more."""
+    text = ", ".join(map(str, indexes[:shown]))
+    return f"messages {text}" + (f" and {len(indexes) - shown} more"
+                                  if len(indexes) > shown else "")

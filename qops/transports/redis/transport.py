@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qops.errors import BrokerUnreachable, PublishError
+from qops.errors import BrokerUnreachable, PublishError, PublishManyError
 from qops.protocol import Message, encode_envelope
 from qops.transports.base import (
     REPLY_TTL,
@@ -41,6 +41,9 @@ from qops.transports.redis.names import (
 from qops.transports.redis.reply import RedisReplyConsumer
 from qops.transports.redis.subscription import RedisSubscription
 from qops.transports.redis.url import parse_url, select_db
+
+#: messages per MULTI/EXEC of a bulk send (``publish_many``)
+BATCH = 2000
 
 
 class RedisTransport(Transport):
@@ -132,10 +135,7 @@ class RedisTransport(Transport):
         """(list name, envelope) for ``message`` on ``queue``; the envelope's priority is
         the wire step (Celery's meaning), as kombu would have written it."""
         step = wire_step(message.properties.get("priority"))
-        props = dict(message.properties)
-        props["priority"] = step
-        raw = encode_envelope(queue, replace(message, properties=props))
-        return list_name(queue, step), raw
+        return list_name(queue, step), encode_envelope(queue, message, priority=step)
 
     def publish(self, queue: str, message: Message) -> None:
         name, raw = self.encode(queue, message)
@@ -149,6 +149,58 @@ class RedisTransport(Transport):
                 pipe.lpush(self.key(name), raw)
                 pipe.execute()
                 self._bound.add(queue)
+
+    def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
+        """Pipelined: each chunk of ``BATCH`` messages is one MULTI/EXEC (one LPUSH
+        per run of messages for the same list), sent in one round trip. Redis runs
+        every command of a transaction even when one fails (e.g. WRONGTYPE), so the
+        messages of a failed LPUSH are the unconfirmed ones of a chunk; a chunk whose
+        EXEC did not answer is unconfirmed whole, and those after it are not sent."""
+        n = len(items)
+        encoded = []
+        for index, (queue, message) in enumerate(items):
+            name, raw = self.encode(queue, message)
+            try:
+                self.check_size(f"queue {queue!r}", raw)
+            except PublishError as exc:
+                raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
+                                       list(range(n))) from None
+            encoded.append((queue, self.key(name), raw))
+        failed: list[int] = []
+        reasons: dict[str, None] = {}
+        for start in range(0, n, BATCH):
+            end = min(n, start + BATCH)
+            pipe = self._client.pipeline(transaction=True)
+            unbound = {encoded[i][0] for i in range(start, end)} - self._bound
+            for q in sorted(unbound):
+                pipe.sadd(self.key(BINDING_PREFIX + q), binding_member(q))
+            runs: list[range] = []  # the indexes each LPUSH carries
+            first = start
+            for i in range(start + 1, end + 1):
+                if i == end or encoded[i][1] != encoded[first][1]:
+                    pipe.lpush(encoded[first][1], *(encoded[j][2] for j in range(first, i)))
+                    runs.append(range(first, i))
+                    first = i
+            try:
+                with self.sending("publishing to", "the messages for", encoded[start][0]):
+                    replies = pipe.execute(raise_on_error=False)
+            except (PublishError, BrokerUnreachable) as exc:
+                raise PublishManyError(
+                    f"{exc}: messages {start} to {n - 1} of {n} were not confirmed"
+                    + (f" (nor {len(failed)} before them)" if failed else "")
+                    + f" (the other {start - len(failed)} were)",
+                    failed + list(range(start, n))) from None
+            for run, reply in zip(runs, replies[len(unbound):], strict=True):
+                if isinstance(reply, Exception):
+                    failed.extend(run)
+                    reasons[one_line(reply)] = None
+            if not any(isinstance(r, Exception) for r in replies[:len(unbound)]):
+                self._bound.update(unbound)
+        if failed:
+            raise PublishManyError(
+                f"Redis {self.safe_url()} refused {len(failed)} of {n} messages "
+                f"({'; '.join(reasons)}); the other {n - len(failed)} were queued",
+                failed)
 
     def bind(self, queues: Sequence[str]) -> None:
         """Write the kombu bindings of ``queues`` (once per transport)."""

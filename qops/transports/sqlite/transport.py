@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qops.errors import BrokerUnreachable, PublishError
+from qops.errors import BrokerUnreachable, PublishError, PublishManyError
 from qops.protocol import Message, decode_envelope, encode_envelope
 from qops.transports.base import (
     Backoff,
@@ -218,6 +218,29 @@ class SQLiteTransport(Transport):
                              (queue, message.priority, raw))
         except sqlite3.Error as exc:
             raise PublishError(f"could not publish to {queue!r}: {exc}") from None
+
+    def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
+        """One transaction: all of ``items`` are queued, or none (rolled back)."""
+        n = len(items)
+        rows = []
+        for index, (queue, message) in enumerate(items):
+            raw = encode_envelope(queue, message)
+            try:
+                self.check_size(f"queue {queue!r}", raw)
+            except PublishError as exc:
+                raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
+                                       list(range(n))) from None
+            rows.append((queue, message.priority, raw))
+        try:
+            with self.db.write() as conn:
+                conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)",
+                                 [(q,) for q in dict.fromkeys(r[0] for r in rows)])
+                conn.executemany("INSERT INTO messages (queue, priority, payload) "
+                                 "VALUES (?, ?, ?)", rows)
+        except (sqlite3.Error, BrokerUnreachable) as exc:
+            raise PublishManyError(f"could not publish {n} messages to {self.path}: {exc}; "
+                                   "none was sent (the transaction was rolled back)",
+                                   list(range(n))) from None
 
     def consumer(self, queues: Sequence[str], prefetch: int,
                  consumer_id: str | None = None) -> Consumer:

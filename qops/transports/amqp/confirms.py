@@ -1,0 +1,264 @@
+"""``Confirms``: the confirm-mode channel a publisher link sends on, driven by qops.
+
+pika's BlockingChannel waits for each confirm before the next publish, and gets there
+through two turns of its I/O loop (one to write the three frames as three ``send``
+calls, one to read the ack). Here a message is one ``bytes`` (``wire``) written to the
+socket at once, and the ack is read from the socket here and handed to pika's frame
+reader, without pika's I/O loop (its timers still get their turn while we wait). A
+batch is written whole (in large writes), and its confirms are collected as they come
+-- RabbitMQ acks several at once (``multiple``) -- so N messages cost about one round
+trip, not N.
+
+The channel is pika's own (an ``impl`` channel of the link's BlockingConnection, so
+pika still handles everything else on the connection: heartbeats, Channel.Close,
+Basic.Return, a lost socket); the delivery tags are counted here, which is why
+nothing else may publish on it. Used by one thread at a time, like its link.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika.exceptions as pex
+from pika.spec import Basic
+
+from qops.transports.amqp.wire import publish_frames, short_string
+
+#: a batch is written in pieces of about this many bytes
+WRITE_CHUNK = 256 * 1024
+#: bytes read from the socket at a time, and seconds to wait for them before pika's
+#: timers (heartbeats) get a turn
+RECV_SIZE = 256 * 1024
+TIMER_SLICE = 0.25
+#: at most this many messages of a batch unconfirmed at once: past it, the writer waits
+#: for confirms before writing more (bounded memory; the broker's flow control keeps
+#: working)
+WINDOW = 20000
+
+
+@dataclass
+class Outcome:
+    """What became of a batch: the indexes (into the batch) the broker nacked, the ones
+    it returned as unroutable, and the ones never confirmed because the channel or the
+    connection went away (``error``: why)."""
+
+    nacked: list[int] = field(default_factory=list)
+    returned: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.nacked or self.returned or self.lost)
+
+
+#: (exchange, routing key, body, encoded properties, mandatory, correlation id)
+Item = tuple[str, str, bytes, bytes, bool, "str | None"]
+
+
+class Confirms:
+    """One confirm-mode channel on ``conn`` (a pika BlockingConnection)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._impl = conn._impl
+        self._pending: dict[int, int] = {}  # delivery tag -> index in the batch
+        self._nacked: list[int] = []
+        self._returned: list[Any] = []  # correlation ids of returned messages
+        self._closed: BaseException | None = None
+        self._tag = 0  # the last delivery tag given out
+        opened: list[Any] = []
+        ch = self._impl.channel(on_open_callback=opened.append)
+        ch.add_on_close_callback(self._on_close)
+        self._wait(lambda: bool(opened))
+        selected: list[Any] = []
+        ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=selected.append)
+        self._wait(lambda: bool(selected))
+        ch.add_on_return_callback(self._on_return)
+        self.ch = ch
+        # BlockingConnection.close() closes each channel through its "cookie" (the
+        # BlockingChannel wrapping it, for the channels pika made): this is ours
+        ch._set_cookie(self)
+        self._number = ch.channel_number
+        self._names: dict[str, bytes] = {}  # exchange / routing key -> short string
+
+    @property
+    def is_open(self) -> bool:
+        return self._closed is None and bool(self.ch.is_open)
+
+    def close(self, reply_code: int = 0, reply_text: str = "Normal shutdown") -> None:
+        """Close the channel (without waiting for the broker's Close-Ok)."""
+        if self.ch.is_open:
+            self.ch.close(reply_code, reply_text)
+
+    # -- pika's callbacks ----------------------------------------------------------------
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        pending = self._pending
+        if method.multiple:
+            done = []
+            for t in pending:  # in tag order
+                if t > tag:
+                    break
+                done.append(t)
+        else:
+            done = [tag] if tag in pending else []
+        nack = isinstance(method, Basic.Nack)
+        for t in done:
+            index = pending.pop(t)
+            if nack:
+                self._nacked.append(index)
+
+    def _on_return(self, _ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+        self._returned.append(props.correlation_id)
+
+    def _on_close(self, _ch: Any, reason: BaseException) -> None:
+        self._closed = reason
+
+    # -- sending -------------------------------------------------------------------------
+    def _wait(self, done: Callable[[], bool]) -> None:
+        """Run the connection until ``done()`` or the channel closed (raised: the
+        broker's ChannelClosedByBroker); a lost connection raises pika's error."""
+        if not self._read(done):
+            self.conn._flush_output(lambda: done() or self._closed is not None)
+        if self._closed is not None:
+            raise self._closed
+
+    def _read(self, done: Callable[[], bool]) -> bool:
+        """Read the socket here and hand what comes to pika's frame reader (which calls
+        ``_on_confirm``), until ``done()``: True. False, to let pika's own loop take
+        over, when that is not simple: TLS, data waiting to be written, the socket
+        at its end or failing, the connection closing (pika then reports it)."""
+        impl = self._impl
+        transport = impl._transport
+        if transport is None or impl._get_write_buffer_size() or \
+                type(transport).__name__ != "_AsyncPlaintextTransport":
+            return False
+        sock = transport._sock
+        while not done():
+            if self._closed is not None:
+                return True
+            try:
+                data = sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                if not select.select([sock], [], [], TIMER_SLICE)[0]:
+                    impl.ioloop.process_timeouts()  # pika's timers: heartbeats
+                continue
+            except OSError:
+                return False
+            if not data or not impl.is_open:
+                return False
+            impl._on_data_available(data)
+            if not impl.is_open:
+                return False
+        return True
+
+    def _name(self, value: str, what: str) -> bytes:
+        raw = self._names.get(value)
+        if raw is None:
+            raw = short_string(value, what)
+            if len(self._names) < 1000:
+                self._names[value] = raw
+        return raw
+
+    def _frames(self, item: Item) -> bytes:
+        exchange, routing_key, body, props, mandatory, _cid = item
+        return publish_frames(self._number, self._name(exchange, "exchange name"),
+                              self._name(routing_key, "routing key"), body, props,
+                              mandatory, self._impl._body_max_length)
+
+    def _write(self, data: bytes, frames: int) -> None:
+        """Write ``data`` to the socket now if pika has nothing queued before it (else,
+        or for what the socket did not take, queue it in pika's write buffer)."""
+        impl = self._impl
+        impl.bytes_sent += len(data)
+        impl.frames_sent += frames
+        transport = impl._transport
+        if transport is not None and impl._get_write_buffer_size() == 0 and \
+                type(transport).__name__ == "_AsyncPlaintextTransport":
+            try:
+                sent = transport._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # pika meets the error again on its write, and reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+        impl._adapter_emit_data(data)
+
+    def _start(self) -> None:
+        if self._closed is not None or not self.ch.is_open:
+            raise self._closed or pex.ChannelWrongStateError("channel is closed")
+        if self._impl.is_closed:
+            raise pex.ConnectionWrongStateError("connection is closed")
+        self._pending.clear()
+        self._nacked.clear()
+        self._returned.clear()
+
+    def publish(self, item: Item) -> None:
+        """Publish one message and wait for its confirm. Raises pika's NackError,
+        UnroutableError (returned: mandatory and no queue), ChannelClosedByBroker, or
+        the connection's error -- as BlockingChannel.basic_publish does."""
+        self._start()
+        data = self._frames(item)
+        self._tag += 1
+        self._pending[self._tag] = 0
+        self._write(data, 3 if item[2] else 2)
+        self._wait(lambda: not self._pending)
+        if self._nacked:
+            raise pex.NackError([])
+        if self._returned:
+            raise pex.UnroutableError([])
+
+    def publish_many(self, items: Sequence[Item]) -> Outcome:
+        """Publish ``items`` in order, then wait until all are confirmed. Never raises
+        for a message: the Outcome says which were nacked, returned or lost."""
+        out = Outcome()
+        datas = [self._frames(item) for item in items]  # PublishError before any write
+        try:
+            self._start()
+        except (pex.AMQPError, OSError) as exc:
+            out.lost = list(range(len(items)))
+            out.error = exc
+            return out
+        pending = self._pending
+        ids: dict[Any, int] = {}
+        buf: list[bytes] = []
+        size = frames = 0
+        written = 0  # items handed to the socket (or pika's buffer)
+        try:
+            for index, item in enumerate(items):
+                data = datas[index]
+                self._tag += 1
+                pending[self._tag] = index
+                if item[5] is not None:
+                    ids[item[5]] = index
+                buf.append(data)
+                size += len(data)
+                frames += 3 if item[2] else 2
+                if size >= WRITE_CHUNK or index == len(items) - 1:
+                    self._write(b"".join(buf), frames)
+                    written = index + 1
+                    buf.clear()
+                    size = frames = 0
+                    if len(pending) > WINDOW:
+                        self._wait(lambda: len(pending) <= WINDOW // 2)
+            self._wait(lambda: not pending)
+        except (pex.AMQPError, OSError) as exc:
+            out.error = exc
+            out.lost = sorted(set(pending.values()) | set(range(written, len(items))))
+            pending.clear()
+        out.nacked = sorted(self._nacked)
+        returned = {ids[c] for c in self._returned if c in ids}
+        if len(returned) < len(self._returned):
+            # a returned message we can't tell (no correlation id): count the batch's
+            # messages without one as returned, rather than call them delivered
+            returned |= {i for i, item in enumerate(items) if item[5] is None}
+        out.returned = sorted(returned - set(out.nacked))
+        out.lost = sorted(set(out.lost) - set(out.nacked) - returned)
+        return out

@@ -1,0 +1,179 @@
+"""Publish frames built by qops: ``encode_properties`` (a ``Message``'s content-header
+property list) and ``publish_frames`` (Basic.Publish + content header + body frames, as
+one ``bytes`` to write at once). The write-side twin of ``frames``.
+
+pika builds a ``BasicProperties`` object, then encodes it with a struct call per header
+value and writes the three frames of a message separately; that was a third of the CPU
+of a confirmed publish. The bytes made here are exactly pika's for the same message
+(tests/unit/test_amqp_wire.py checks it), header values mapped the way ``props`` maps
+them (floats to ints or decimals, tuples to lists, big ints to strings).
+"""
+
+from __future__ import annotations
+
+from struct import Struct
+from typing import Any
+
+import pika.data
+from pika.spec import BasicProperties as _P
+
+from qops.errors import PublishError
+from qops.protocol import Message
+from qops.transports.amqp.props import _amqp_value, _expiration, _priority
+
+_FRAME = Struct(">BHI")  # type, channel, size
+_PUBLISH = Struct(">HHH")  # class Basic, method Publish, ticket
+_HEADER = Struct(">HHQ")  # class Basic, weight, body size
+_U32 = Struct(">I")
+_I32 = Struct(">i")
+_I64 = Struct(">q")
+_U64 = Struct(">Q")
+_END = b"\xce"
+_INT32 = 2 ** 31
+_INT64 = 2 ** 63
+
+
+def short_string(value: Any, what: str) -> bytes:
+    """An AMQP short string (length byte + UTF-8), or PublishError naming ``what``."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    if not isinstance(raw, bytes):
+        raise PublishError(f"{what} must be a string, not {type(value).__name__}")
+    if len(raw) > 255:
+        raise PublishError(f"{what} {raw[:40]!r}... is longer than AMQP's 255 bytes")
+    return bytes((len(raw),)) + raw
+
+
+class _Unsupported(Exception):
+    """A header value AMQP can't carry; ``path`` says where (innermost key last)."""
+
+    def __init__(self, value: Any, path: list[str]) -> None:
+        super().__init__()
+        self.value = value
+        self.path = path
+
+
+def _value(value: Any, out: list[bytes]) -> None:
+    kind = type(value)
+    if kind is str:
+        raw = value.encode("utf-8")
+        out.append(b"S" + _U32.pack(len(raw)))
+        out.append(raw)
+    elif value is None:
+        out.append(b"V")
+    elif kind is bool:
+        out.append(b"t\x01" if value else b"t\x00")
+    elif kind is int:
+        if -_INT32 <= value < _INT32:
+            out.append(b"I" + _I32.pack(value))
+        elif -_INT64 <= value < _INT64:
+            out.append(b"l" + _I64.pack(value))
+        else:
+            _value(str(value), out)
+    elif kind is list or kind is tuple:
+        items: list[bytes] = []
+        for item in value:
+            _value(item, items)
+        data = b"".join(items)
+        out.append(b"A" + _U32.pack(len(data)))
+        out.append(data)
+    elif kind is dict:
+        out.append(b"F")
+        out.append(_table(value))
+    else:
+        # the rare kinds (floats, decimals, datetimes, bytes, subclasses): mapped by
+        # props, then encoded by pika itself
+        try:
+            mapped = _amqp_value(value, "")
+        except PublishError:
+            raise _Unsupported(value, []) from None
+        pika.data.encode_value(out, mapped)
+
+
+def _table(table: dict[Any, Any]) -> bytes:
+    out: list[bytes] = []
+    for key, value in table.items():
+        name = key if isinstance(key, str) else str(key)
+        raw = name.encode("utf-8")
+        if len(raw) > 255:
+            raise PublishError(
+                f"header name {name[:40]!r}... is longer than AMQP's 255 bytes")
+        out.append(bytes((len(raw),)) + raw)
+        try:
+            _value(value, out)
+        except _Unsupported as exc:
+            exc.path.append(name)
+            raise
+    data = b"".join(out)
+    return _U32.pack(len(data)) + data
+
+
+def encode_table(headers: dict[str, Any]) -> bytes:
+    """``headers`` as an AMQP field table (length included), or PublishError."""
+    try:
+        return _table(headers)
+    except _Unsupported as exc:
+        where = ".".join(reversed(exc.path))
+        raise PublishError(
+            f"header {where!r} holds a {type(exc.value).__name__}, which AMQP can't "
+            "carry: use str, int, float, bool, None, list or dict") from None
+
+
+def encode_properties(message: Message, delivery_mode: int) -> bytes:
+    """The property list of ``message``'s content header: the bytes pika writes for
+    ``props._basic_properties(message, delivery_mode)``."""
+    p = message.properties
+    flags = 0
+    out: list[bytes] = []
+    if message.content_type:
+        flags |= _P.FLAG_CONTENT_TYPE
+        out.append(short_string(message.content_type, "content type"))
+    if message.content_encoding:
+        flags |= _P.FLAG_CONTENT_ENCODING
+        out.append(short_string(message.content_encoding, "content encoding"))
+    if message.headers:
+        flags |= _P.FLAG_HEADERS
+        out.append(encode_table(message.headers))
+    flags |= _P.FLAG_DELIVERY_MODE
+    out.append(bytes((int(p.get("delivery_mode") or delivery_mode),)))
+    priority = _priority(p.get("priority"))
+    if priority is not None:
+        flags |= _P.FLAG_PRIORITY
+        out.append(bytes((priority,)))
+    for flag, value, what in (
+            (_P.FLAG_CORRELATION_ID, p.get("correlation_id"), "correlation_id"),
+            (_P.FLAG_REPLY_TO, p.get("reply_to"), "reply_to"),
+            (_P.FLAG_EXPIRATION, _expiration(p.get("expiration")), "expiration"),
+            (_P.FLAG_MESSAGE_ID, p.get("message_id"), "message_id")):
+        if value is not None:
+            flags |= flag
+            out.append(short_string(value, what))
+    if p.get("timestamp") is not None:
+        flags |= _P.FLAG_TIMESTAMP
+        out.append(_U64.pack(int(p["timestamp"])))
+    for flag, value, what in ((_P.FLAG_TYPE, p.get("type"), "type"),
+                              (_P.FLAG_APP_ID, p.get("app_id"), "app_id")):
+        if value is not None:
+            flags |= flag
+            out.append(short_string(value, what))
+    return flags.to_bytes(2, "big") + b"".join(out)
+
+
+def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: bytes,
+                   props: bytes, mandatory: bool, max_body: int) -> bytes:
+    """The frames of one Basic.Publish on ``channel``: ``exchange`` and ``routing_key``
+    already short strings (``short_string``), ``props`` from ``encode_properties``,
+    the body cut into frames of ``max_body`` bytes at most."""
+    method = b"".join((_PUBLISH.pack(60, 40, 0), exchange, routing_key,
+                       b"\x01" if mandatory else b"\x00"))
+    header = _HEADER.pack(60, 0, len(body)) + props
+    parts = [_FRAME.pack(1, channel, len(method)), method, _END,
+             _FRAME.pack(2, channel, len(header)), header, _END]
+    size = len(body)
+    if size <= max_body:
+        if size:
+            parts += (_FRAME.pack(3, channel, size), body, _END)
+    else:
+        for start in range(0, size, max_body):
+            chunk = body[start:start + max_body]
+            parts += (_FRAME.pack(3, channel, len(chunk)), chunk, _END)
+    return b"".join(parts)

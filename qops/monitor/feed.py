@@ -82,16 +82,19 @@ class Feed:
                 msg = sub.get(0.5)
                 if msg is None:
                     continue
-                for event in decode(msg.body):
-                    self.state.apply(event)
-                    self._maybe_enable(event)
+                events = decode(msg.body)  # a batch from a worker process, or one event
+                self.state.apply_many(events)
+                if self.enable_events:
+                    for event in events:
+                        self._maybe_enable(event)
         finally:
             sub.close()
 
     def _maybe_enable(self, event: dict[str, object]) -> None:
+        if not str(event.get("type", "")).startswith("worker-"):
+            return
         host = str(event.get("hostname") or "")
-        if (self.enable_events and host and host not in self._asked
-                and str(event.get("type", "")).startswith("worker-")):
+        if host and host not in self._asked:
             self._asked.add(host)
             self._ask_for_events([host])
 

@@ -13,6 +13,8 @@ Two wire formats (``--format``):
     python bench/monitor_cpu.py --broker redis://localhost:6379/15 --repeat 3
     python bench/monitor_cpu.py --broker sqlite:////tmp/bench.db --format single
     python bench/monitor_cpu.py --broker amqp://guest:guest@localhost/vhost --command top
+    git archive REV qops | tar -x -C /tmp/old && \
+        python bench/monitor_cpu.py --qops-src /tmp/old --format single
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import pty
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,16 +43,19 @@ def cpu_seconds(pid: int) -> float:
 
 def start_follower(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], int | None]:
     base = [sys.executable, "-m", "qops", "-b", args.broker, "--compat", args.compat]
+    env, cwd = dict(os.environ), None
+    if args.qops_src:  # another copy of qops follows (e.g. an older commit's, for before/after)
+        env["PYTHONPATH"] = cwd = os.path.abspath(args.qops_src)
     if args.command == "exporter":
         proc = subprocess.Popen([*base, "exporter", "--port", "0", "--bind", "127.0.0.1",
-                                 "--no-enable-events"],
+                                 "--no-enable-events"], env=env, cwd=cwd,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         return proc, None
     # top draws on a terminal: give it a pseudo-terminal and drain what it draws
     master, slave = pty.openpty()
     proc = subprocess.Popen([*base, "top", "--no-enable-events"], stdin=slave, stdout=slave,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "160", "LINES": "50"})
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
+                            env={**env, "COLUMNS": "160", "LINES": "50"})
     os.close(slave)
 
     def drain() -> None:
@@ -137,7 +143,10 @@ def main() -> None:
                         help="seconds between a node's batches (--format batched)")
     parser.add_argument("--command", choices=("exporter", "top"), default="exporter")
     parser.add_argument("--compat", choices=("qops", "celery"), default="qops")
+    parser.add_argument("--qops-src", help="directory holding the qops package the "
+                        "follower runs (default: this one's)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the follower is stopped too
     app = App("bench", broker=args.broker, compat=args.compat)
     shares = []
     try:

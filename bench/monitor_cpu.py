@@ -1,7 +1,9 @@
 """CPU cost of following a fleet's events (what ``qops exporter`` and ``qops top`` run)
 under a synthetic load: ``--nodes`` nodes heartbeating every 2 s and ``--rate`` tasks/s
 (task-received, task-started, task-succeeded each), sent on the events exchange of the
-broker. Prints the follower's CPU share of one core, per run and the median.
+broker. Prints the follower's CPU share of one core and its CPU time per event, per run
+and the medians (on a busy machine the sender may fall short of ``--rate``: the time per
+event still compares).
 
 Two wire formats (``--format``):
 
@@ -69,7 +71,7 @@ def start_follower(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], i
     return proc, master
 
 
-def one_run(args: argparse.Namespace, app: App) -> float:
+def one_run(args: argparse.Namespace, app: App) -> tuple[float, float, float]:
     exchange = app.names["events"]
     transport = app.transport
     proc, master = start_follower(args)
@@ -126,9 +128,11 @@ def one_run(args: argparse.Namespace, app: App) -> float:
         if master is not None:
             os.close(master)
     share = 100 * used / elapsed
+    per_event = 1e6 * used / max(1, 3 * sent)
     print(f"  {sent / elapsed:.0f} tasks/s ({3 * sent / elapsed:.0f} events/s) for "
-          f"{elapsed:.1f} s: {args.command} used {share:.1f}% of a core", file=sys.stderr)
-    return share
+          f"{elapsed:.1f} s: {args.command} used {share:.1f}% of a core, "
+          f"{per_event:.1f} us per event (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    return share, sent / elapsed, per_event
 
 
 def main() -> None:
@@ -148,16 +152,20 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the follower is stopped too
     app = App("bench", broker=args.broker, compat=args.compat)
-    shares = []
+    runs = []
     try:
         for _ in range(args.repeat):
-            shares.append(one_run(args, app))
+            runs.append(one_run(args, app))
     finally:
         app.close()
+    shares, rates, per_event = zip(*runs, strict=True)
     print(json.dumps({"broker": app.transport.safe_url(), "command": args.command,
                       "format": args.format, "compat": args.compat, "nodes": args.nodes,
                       "rate": args.rate, "runs": [round(s, 1) for s in shares],
-                      "median": round(statistics.median(shares), 1)}))
+                      "median": round(statistics.median(shares), 1),
+                      "tasks_per_s": [round(r) for r in rates],
+                      "us_per_event": [round(u, 1) for u in per_event],
+                      "median_us_per_event": round(statistics.median(per_event), 1)}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Both survive the broker going away: an error marks the broker down
 (``ClusterState.broker_up``), drops the app's connections, and the thread tries again
 after a back-off, until the broker is back. Task events are sent only by workers told
 to (``-E``); unless ``enable_events`` is False, the feed asks every node for them
-(``enable_events``) on start, on reconnect and when a node first shows up.
+(``enable_events``) on start, on reconnect, when a node first shows up and when it comes
+online again.
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ class Feed:
             sub.close()
 
     def _maybe_enable(self, event: dict[str, object]) -> None:
-        if not str(event.get("type", "")).startswith("worker-"):
+        kind = str(event.get("type", ""))
+        if not kind.startswith("worker-"):
             return
         host = str(event.get("hostname") or "")
-        if host and host not in self._asked:
+        if host and (host not in self._asked or kind == "worker-online"):
+            # (a node that restarted under the same name starts without task events)
             self._asked.add(host)
             self._ask_for_events([host])
 

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,8 @@ class Histogram:
     count: int = 0
 
     def observe(self, value: float) -> None:
-        value = max(0.0, value)
+        if value < 0.0:
+            value = 0.0
         self.counts[bisect.bisect_left(BUCKETS, value)] += 1  # the first bound >= value
         self.sum += value
         self.count += 1
@@ -157,21 +158,21 @@ class ClusterState:
     def apply(self, event: dict[str, Any], now: float | None = None) -> None:
         self.apply_many((event,), now)
 
-    def apply_many(self, events: Iterable[dict[str, Any]], now: float | None = None) -> None:
+    def apply_many(self, events: Collection[dict[str, Any]], now: float | None = None) -> None:
         """Apply the events of one message (a batch), under one lock."""
         now = time.time() if now is None else now
-        nodes = self.nodes
+        nodes, task = self.nodes, self._task
         with self.lock:
+            self.events_seen += len(events)
             for event in events:
-                self.events_seen += 1
                 kind = str(event.get("type") or "")
                 host = str(event.get("hostname") or "")
-                if kind.startswith("task-"):
+                if kind[:5] == "task-":
                     node = nodes.get(host)
                     if node is not None and not node.offline:
                         node.last_seen = now  # a task event proves it alive too
-                    self._task(kind[5:], host, event, now)
-                elif kind.startswith("worker-"):
+                    task(kind[5:], host, event, now)
+                elif kind[:7] == "worker-":
                     self._worker(kind, host, event, now)
 
     def _worker(self, kind: str, host: str, e: dict[str, Any], now: float) -> None:
@@ -200,12 +201,15 @@ class ClusterState:
 
     def _task(self, state: str, host: str, e: dict[str, Any], now: float) -> None:
         uuid = str(e.get("uuid") or "")
-        stamp = _float(e.get("timestamp"), now)
-        entry = self._tasks.get(uuid)
+        stamp = e.get("timestamp")
+        if stamp.__class__ is not float:
+            stamp = _float(stamp, now)
+        tasks = self._tasks
+        entry = tasks.get(uuid)
         if entry is None:
-            entry = self._tasks[uuid] = _Task(now)
-            if len(self._tasks) > self.track:
-                self._orphans.pop(self._tasks.popitem(last=False)[0], None)
+            entry = tasks[uuid] = _Task(now)
+            if len(tasks) > self.track:
+                self._orphans.pop(tasks.popitem(last=False)[0], None)
         name = e.get("name")
         if name:
             entry.name = str(name)
@@ -239,15 +243,16 @@ class ClusterState:
 
     def _count(self, uuid: str, entry: _Task, state: str, host: str, e: dict[str, Any],
                stamp: float) -> None:
-        name = str(entry.name)
+        name = entry.name or ""
         counts = self.counts
-        counts[(name, state)] = counts.get((name, state), 0) + 1
+        key = (name, state)
+        counts[key] = counts.get(key, 0) + 1
         if state == "received" and entry.queue is not None:
             self.queue_out[entry.queue] = self.queue_out.get(entry.queue, 0) + 1
         if state == "started":
             entry.started = stamp
             if entry.wait_from is not None:
-                self.queue_wait.setdefault(name, Histogram()).observe(stamp - entry.wait_from)
+                _histogram(self.queue_wait, name).observe(stamp - entry.wait_from)
             if not entry.done:
                 self.running[uuid] = Running(uuid, name, host, stamp)
             return
@@ -266,7 +271,7 @@ class ClusterState:
             if runtime is None and entry.started is not None:
                 runtime = stamp - entry.started
             if runtime is not None:
-                self.runtime.setdefault(name, Histogram()).observe(_float(runtime, 0.0))
+                _histogram(self.runtime, name).observe(_float(runtime, 0.0))
             if node is not None:
                 if state == "succeeded":
                     node.succeeded += 1
@@ -354,6 +359,13 @@ class ClusterState:
         with self.lock:
             return {"runtime": {k: _copy(h) for k, h in self.runtime.items()},
                     "queue_wait": {k: _copy(h) for k, h in self.queue_wait.items()}}
+
+
+def _histogram(by_name: dict[str, Histogram], name: str) -> Histogram:
+    h = by_name.get(name)
+    if h is None:
+        h = by_name[name] = Histogram()
+    return h
 
 
 def _copy(h: Histogram) -> Histogram:

@@ -194,3 +194,22 @@ def test_rejected_and_dead_lettered() -> None:
         "unknown": {"rejected": 1, "dead_lettered": 1},
         "proj.add": {"received": 2, "rejected": 1, "started": 1}}
     assert [r["uuid"] for r in snap["running"]] == ["b"]
+
+
+def test_feed_asks_a_node_for_task_events_when_it_comes_online_again() -> None:
+    """A worker restarted under the same name starts without task events: the feed asks
+    again on its worker-online, not on each heartbeat."""
+    from qops import App
+    from qops.monitor.feed import Feed
+
+    asked: list[list[str] | None] = []
+
+    class Recording(Feed):
+        def _ask_for_events(self, nodes: list[str] | None) -> None:
+            asked.append(nodes)
+
+    feed = Recording(App("proj", broker="memory://"))
+    for kind in ("worker-heartbeat", "worker-heartbeat", "worker-online", "worker-heartbeat"):
+        feed._maybe_enable(beat("w1@h", kind=kind))
+    feed._maybe_enable(task("received", "a", 1.0, host="w2@h"))
+    assert asked == [["w1@h"], ["w1@h"]]

@@ -167,7 +167,9 @@ class ConsumerLoop:
         return self.events is not None and self.events.task_events
 
     def event(self, type_: str, req: TaskRequest, **fields: Any) -> None:
-        self.event_fields(type_, {"uuid": req.id, **fields})
+        if self.events is not None and self.events.task_events:
+            fields["uuid"] = req.id
+            self.event_fields(type_, fields)
 
     def event_fields(self, type_: str, fields: dict[str, Any]) -> None:
         if self.events is not None and self.events.task_events:

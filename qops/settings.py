@@ -40,6 +40,10 @@ def _seconds(value: float) -> float:
     return values.seconds(value, "it")
 
 
+def _batch_seconds(value: float) -> float:
+    return float(values.number(value, "it", at_least=0, at_most=10))
+
+
 def _at_least(low: int, high: float | None = None) -> Callable[[Any], Any]:
     return lambda value: values.number(value, "it", at_least=low, at_most=high, whole=True)
 
@@ -124,6 +128,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("worker_pool_restarts", False, "bool",
        "obey pool_restart (remote control): re-import task modules, replace pool processes"),
     _s("worker_send_task_events", False, "bool", "send task events (-E)"),
+    _s("worker_task_events_batch", 0.2, "float",
+       "seconds a worker process gathers its task events into one message (a JSON list, "
+       "routing key task.multi, as Celery's workers send them); 0 sends each alone",
+       _batch_seconds),
     _s("worker_log_repr_maxsize", 1024, "int",
        "longest repr of a task's arguments, result or exception in worker log lines "
        "and events, in characters (0 = no limit; Celery's argsrepr/resultrepr_maxsize)",

@@ -40,7 +40,7 @@ def _feed(ctx: typer.Context, queues: str | None, interval: float, no_enable: bo
 def top(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit (plain text, or JSON with --json).")] = False,
-    wait: Annotated[float | None, typer.Option("--wait", min=0, help="--once: listen this long for heartbeats first (seconds; default: one heartbeat interval and a half).")] = None,
+    wait: Annotated[float | None, typer.Option("--wait", min=0, help="--once: listen this long for heartbeats first, and measure the queues' rates over it (seconds; default: one heartbeat interval and a half).")] = None,
     interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds between screen refreshes and queue polls.")] = 1.0,
     sort: Annotated[str, typer.Option("--sort", help="Sort nodes by name, active, rate, processed or failed (key s cycles).")] = "name",
     filter_: Annotated[str, typer.Option("--filter", help="Only nodes, queues and tasks whose name contains this (key f).")] = "",
@@ -66,6 +66,8 @@ def top(
             while time.monotonic() < deadline or (feed.polls == 0
                                                   and time.monotonic() < deadline + 30):
                 time.sleep(0.05)
+            if wait >= 0.5:  # a second count: the queues' rates over the wait
+                feed.poll_once()
         snap = top_view.select(feed.state.snapshot(), sort, filter_)
         if not snap["broker_up"]:
             from qops.errors import BrokerUnreachable

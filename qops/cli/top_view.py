@@ -73,8 +73,10 @@ def tables(snap: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
               str(n["active"]), str(n["processed"]), str(n["failed"])]
              for n in snap["nodes"]]
     queues = [[q["name"], str(q["ready"]), "?" if q["in_flight"] is None else str(q["in_flight"]),
-               str(q["consumers"]), f"{q['rate']:+.1f}"] for q in snap["queues"]]
-    states = ("received", "started", "succeeded", "failed", "retried", "revoked")
+               str(q["consumers"]), _rate(q.get("in_rate")), _rate(q.get("out_rate")),
+               f"{q['rate']:+.1f}"] for q in snap["queues"]]
+    states = ("received", "started", "succeeded", "failed", "retried", "revoked", "rejected",
+              "dead_lettered")
     tasks = [[name, *(str(counts.get(s, 0)) for s in states)]
              for name, counts in sorted(snap["tasks"].items())]
     running = [[r["name"], r["uuid"], r["hostname"], f"{r['runtime']:.1f}s"]
@@ -84,8 +86,9 @@ def tables(snap: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
     return [
         ("nodes", ["node", "state", "software", "load", "tasks/s", "active", "processed",
                    "failed"], nodes),
-        ("queues", ["queue", "ready", "in flight", "consumers", "growth/s"], queues),
-        ("tasks", ["task", *states], tasks),
+        ("queues", ["queue", "ready", "in flight", "consumers", "in/s", "out/s", "growth/s"],
+         queues),
+        ("tasks", ["task", *(s.replace("_", " ") for s in states)], tasks),
         ("running", ["task", "id", "node", "runtime"], running),
         ("failures", ["time", "task", "node", "exception"], failures),
     ]
@@ -135,6 +138,11 @@ def rich_view(snap: dict[str, Any], view: View) -> Any:
         else "f: filter"
     parts.append(Text(f"sort: {SORTS[view.sort][0]} (s)  {filt}  q: quit", style="dim"))
     return Group(*parts)
+
+
+def _rate(value: float | None) -> str:
+    """A rate the events may not give (Celery's workers don't name the queue)."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _clock(stamp: float) -> str:

@@ -25,6 +25,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qops_queue_ready_messages": ("gauge", "Messages waiting in the queue."),
     "qops_queue_inflight_messages": ("gauge", "Messages taken by workers, not yet settled."),
     "qops_queue_consumers": ("gauge", "Consumers of the queue."),
+    "qops_queue_out_total": ("counter", "Tasks workers took from the queue (task-received "
+                                        "events naming it)."),
     "qops_tasks_total": ("counter", "Task events seen, by task and state."),
     "qops_task_runtime_seconds": ("histogram", "Task runtime (succeeded and failed)."),
     "qops_task_queue_wait_seconds": ("histogram",
@@ -80,12 +82,16 @@ class StateCollector:
             if q["in_flight"] is not None:
                 inflight.add_metric([q["name"]], q["in_flight"])
             consumers.add_metric([q["name"]], q["consumers"])
+        out = CounterMetricFamily("qops_queue_out", FAMILIES["qops_queue_out_total"][1],
+                                  labels=["queue"])
+        for name, n in sorted(snap["queue_out"].items()):
+            out.add_metric([name], n)
         tasks = CounterMetricFamily("qops_tasks", FAMILIES["qops_tasks_total"][1],
                                     labels=["task", "state"])
         for name, states in snap["tasks"].items():
             for state, n in states.items():
                 tasks.add_metric([name, state], n)
-        yield from (online, up, active, processed, ready, inflight, consumers, tasks)
+        yield from (online, up, active, processed, ready, inflight, consumers, out, tasks)
         hists = self.state.histograms()
         for family, key in (("qops_task_runtime_seconds", "runtime"),
                             ("qops_task_queue_wait_seconds", "queue_wait")):

@@ -5,7 +5,8 @@ Both survive the broker going away: an error marks the broker down
 (``ClusterState.broker_up``), drops the app's connections, and the thread tries again
 after a back-off, until the broker is back. Task events are sent only by workers told
 to (``-E``); unless ``enable_events`` is False, the feed asks every node for them
-(``enable_events``) on start, on reconnect and when a node first shows up.
+(``enable_events``) on start, on reconnect, when a node first shows up and when it comes
+online again.
 """
 
 from __future__ import annotations
@@ -82,16 +83,21 @@ class Feed:
                 msg = sub.get(0.5)
                 if msg is None:
                     continue
-                for event in decode(msg.body):
-                    self.state.apply(event)
-                    self._maybe_enable(event)
+                events = decode(msg.body)  # a batch from a worker process, or one event
+                self.state.apply_many(events)
+                if self.enable_events:
+                    for event in events:
+                        self._maybe_enable(event)
         finally:
             sub.close()
 
     def _maybe_enable(self, event: dict[str, object]) -> None:
+        kind = str(event.get("type", ""))
+        if not kind.startswith("worker-"):
+            return
         host = str(event.get("hostname") or "")
-        if (self.enable_events and host and host not in self._asked
-                and str(event.get("type", "")).startswith("worker-")):
+        if host and (host not in self._asked or kind == "worker-online"):
+            # (a node that restarted under the same name starts without task events)
             self._asked.add(host)
             self._ask_for_events([host])
 

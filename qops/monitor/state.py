@@ -12,10 +12,12 @@ are this process's clock (a node's clock may be off); durations are the sending 
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +39,9 @@ class Histogram:
     count: int = 0
 
     def observe(self, value: float) -> None:
-        value = max(0.0, value)
-        for i, bound in enumerate(BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
+        if value < 0.0:
+            value = 0.0
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1  # the first bound >= value
         self.sum += value
         self.count += 1
 
@@ -77,7 +75,7 @@ class Node:
         return not self.offline and now - self.last_seen <= max(self.freq, 0.1) * grace
 
 
-@dataclass
+@dataclass(slots=True)
 class Running:
     uuid: str
     name: str
@@ -94,20 +92,23 @@ class Failure:
     exception: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Task:
     seen: float  # this process's clock
     name: str | None = None
+    queue: str | None = None
     wait_from: float | None = None  # sent (Celery's task-sent), else received
     started: float | None = None
     done: bool = False
-    pending: list[tuple[str, str, dict[str, Any], float]] = field(default_factory=list)
+    # events held until the name is known (or out of order): (state, host, event, stamp)
+    pending: list[tuple[str, str, dict[str, Any], float]] | None = None
 
 
 #: seconds the events of a task without a name wait for its task-received
 ORPHAN_WAIT = 5.0
 _RANK = {"received": 0, "started": 1}
-_FINAL = ("succeeded", "failed", "revoked", "rejected", "dead_lettered")
+_FINAL = frozenset(("succeeded", "failed", "revoked", "rejected", "dead_lettered"))
+_COUNTED = frozenset(TASK_STATES)
 
 
 @dataclass
@@ -117,7 +118,13 @@ class QueueView:
     in_flight: int | None
     consumers: int
     rate: float = 0.0  # growth of ready messages per second between polls
-    _sample: tuple[float, int] | None = None
+    out_rate: float | None = None  # tasks taken by workers per second (task events)
+    _sample: tuple[float, int, int] | None = None  # (when, ready, taken so far)
+
+    @property
+    def in_rate(self) -> float | None:
+        """Messages arriving per second: taken, plus the growth of the ready ones."""
+        return None if self.out_rate is None else max(0.0, self.out_rate + self.rate)
 
 
 class ClusterState:
@@ -134,6 +141,7 @@ class ClusterState:
         self.lock = threading.Lock()
         self.nodes: dict[str, Node] = {}
         self.counts: dict[tuple[str, str], int] = {}
+        self.queue_out: dict[str, int] = {}  # tasks taken from each queue (task-received)
         self.runtime: dict[str, Histogram] = {}
         self.queue_wait: dict[str, Histogram] = {}
         self.running: dict[str, Running] = {}
@@ -148,17 +156,24 @@ class ClusterState:
 
     # -- feeding ---------------------------------------------------------------------
     def apply(self, event: dict[str, Any], now: float | None = None) -> None:
+        self.apply_many((event,), now)
+
+    def apply_many(self, events: Collection[dict[str, Any]], now: float | None = None) -> None:
+        """Apply the events of one message (a batch), under one lock."""
         now = time.time() if now is None else now
-        kind = str(event.get("type") or "")
+        nodes, task = self.nodes, self._task
         with self.lock:
-            self.events_seen += 1
-            host = str(event.get("hostname") or "")
-            if kind.startswith("worker-"):
-                self._worker(kind, host, event, now)
-            elif kind.startswith("task-"):
-                if host and host in self.nodes and not self.nodes[host].offline:
-                    self.nodes[host].last_seen = now  # a task event proves it alive too
-                self._task(kind[5:], host, event, now)
+            self.events_seen += len(events)
+            for event in events:
+                kind = str(event.get("type") or "")
+                host = str(event.get("hostname") or "")
+                if kind[:5] == "task-":
+                    node = nodes.get(host)
+                    if node is not None and not node.offline:
+                        node.last_seen = now  # a task event proves it alive too
+                    task(kind[5:], host, event, now)
+                elif kind[:7] == "worker-":
+                    self._worker(kind, host, event, now)
 
     def _worker(self, kind: str, host: str, e: dict[str, Any], now: float) -> None:
         node = self.nodes.get(host)
@@ -186,45 +201,68 @@ class ClusterState:
 
     def _task(self, state: str, host: str, e: dict[str, Any], now: float) -> None:
         uuid = str(e.get("uuid") or "")
-        stamp = _float(e.get("timestamp"), now)
-        entry = self._tasks.get(uuid)
+        stamp = e.get("timestamp")
+        if stamp.__class__ is not float:
+            stamp = _float(stamp, now)
+        tasks = self._tasks
+        entry = tasks.get(uuid)
         if entry is None:
-            entry = self._tasks[uuid] = _Task(now)
-            while len(self._tasks) > self.track:
-                self._orphans.pop(self._tasks.popitem(last=False)[0], None)
-        if e.get("name"):
-            entry.name = str(e["name"])
-        if state in ("sent", "received") and (state == "sent" or entry.wait_from is None):
+            entry = tasks[uuid] = _Task(now)
+            if len(tasks) > self.track:
+                self._orphans.pop(tasks.popitem(last=False)[0], None)
+        name = e.get("name")
+        if name:
+            entry.name = str(name)
+        queue = e.get("queue")  # qops workers name the queue (Celery's task-sent too)
+        if queue and isinstance(queue, str):
+            entry.queue = queue
+        if state == "sent" or (state == "received" and entry.wait_from is None):
             entry.wait_from = stamp  # Celery's task_send_sent_event: the wait starts there
-        if state in TASK_STATES:
-            entry.pending.append((state, host, e, stamp))
-        if entry.name is None:
-            if entry.pending:
-                self._orphans.setdefault(uuid, now)
+        if state not in _COUNTED:
             return
-        self._settle(uuid, entry)
+        if entry.name is None or entry.pending is not None:
+            # held: the name is not known yet, or earlier events wait for it
+            if entry.pending is None:
+                entry.pending = []
+            entry.pending.append((state, host, e, stamp))
+            if entry.name is None:
+                self._orphans.setdefault(uuid, now)
+                return
+            self._settle(uuid, entry)
+            return
+        self._count(uuid, entry, state, host, e, stamp)
 
     def _settle(self, uuid: str, entry: _Task) -> None:
         """Count the events held for ``uuid`` until its name was known. Events of one
         task may come out of order (on RabbitMQ a worker's threads publish on
         connections of their own): they are counted received, started, then the rest."""
         self._orphans.pop(uuid, None)
-        pending, entry.pending = entry.pending, []
+        pending, entry.pending = entry.pending or [], None
         for state, host, e, stamp in sorted(pending, key=lambda p: _RANK.get(p[0], 2)):
             self._count(uuid, entry, state, host, e, stamp)
 
     def _count(self, uuid: str, entry: _Task, state: str, host: str, e: dict[str, Any],
                stamp: float) -> None:
-        name = str(entry.name)
-        self.counts[(name, state)] = self.counts.get((name, state), 0) + 1
+        name = entry.name or ""
+        counts = self.counts
+        key = (name, state)
+        counts[key] = counts.get(key, 0) + 1
+        if state == "received" and entry.queue is not None:
+            self.queue_out[entry.queue] = self.queue_out.get(entry.queue, 0) + 1
         if state == "started":
             entry.started = stamp
             if entry.wait_from is not None:
-                self.queue_wait.setdefault(name, Histogram()).observe(stamp - entry.wait_from)
+                _histogram(self.queue_wait, name).observe(stamp - entry.wait_from)
             if not entry.done:
                 self.running[uuid] = Running(uuid, name, host, stamp)
             return
         self.running.pop(uuid, None)
+        if state == "rejected":
+            if e.get("dead_lettered"):  # moved to the dead-letter store (qops workers)
+                key = (name, "dead_lettered")
+                counts[key] = counts.get(key, 0) + 1
+            if e.get("requeue"):
+                return  # back in the queue: it runs again
         if state in _FINAL:
             entry.done = True
         node = self.nodes.get(host)
@@ -233,7 +271,7 @@ class ClusterState:
             if runtime is None and entry.started is not None:
                 runtime = stamp - entry.started
             if runtime is not None:
-                self.runtime.setdefault(name, Histogram()).observe(_float(runtime, 0.0))
+                _histogram(self.runtime, name).observe(_float(runtime, 0.0))
             if node is not None:
                 if state == "succeeded":
                     node.succeeded += 1
@@ -264,9 +302,13 @@ class ClusterState:
             for r in rows:
                 old = self.queues.get(r.name)
                 view = QueueView(r.name, r.ready, r.in_flight, r.consumers)
+                taken = self.queue_out.get(r.name, 0)
                 if old is not None and old._sample is not None and now > old._sample[0]:
-                    view.rate = (r.ready - old._sample[1]) / (now - old._sample[0])
-                view._sample = (now, r.ready)
+                    span = now - old._sample[0]
+                    view.rate = (r.ready - old._sample[1]) / span
+                    if self.queue_out:  # the workers' events name queues
+                        view.out_rate = max(0, taken - old._sample[2]) / span
+                view._sample = (now, r.ready, taken)
                 fresh[r.name] = view
             self.queues = fresh
 
@@ -293,7 +335,8 @@ class ClusterState:
                       "loadavg": n.loadavg, "sw": f"{n.sw_ident} {n.sw_ver}".strip(),
                       "pid": n.pid} for n in sorted(self.nodes.values(), key=_name)]
             queues = [{"name": q.name, "ready": q.ready, "in_flight": q.in_flight,
-                       "consumers": q.consumers, "rate": round(q.rate, 3)}
+                       "consumers": q.consumers, "rate": round(q.rate, 3),
+                       "in_rate": _round(q.in_rate), "out_rate": _round(q.out_rate)}
                       for q in sorted(self.queues.values(), key=_name)]
             tasks: dict[str, dict[str, int]] = {}
             for (name, state), n in sorted(self.counts.items()):
@@ -308,6 +351,7 @@ class ClusterState:
                     "workers_online": sum(1 for n in nodes if n["up"]),
                     "nodes": nodes, "queues": queues, "tasks": tasks,
                     "running": running, "failures": recent,
+                    "queue_out": dict(self.queue_out),
                     "dead_letters": self.dead_letters}
 
     def histograms(self) -> dict[str, dict[str, Histogram]]:
@@ -317,8 +361,19 @@ class ClusterState:
                     "queue_wait": {k: _copy(h) for k, h in self.queue_wait.items()}}
 
 
+def _histogram(by_name: dict[str, Histogram], name: str) -> Histogram:
+    h = by_name.get(name)
+    if h is None:
+        h = by_name[name] = Histogram()
+    return h
+
+
 def _copy(h: Histogram) -> Histogram:
     return Histogram(list(h.counts), h.sum, h.count)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def _name(x: Any) -> str:

@@ -112,6 +112,7 @@ class PoolChild:
             loop.run_inline(pool)
         finally:
             loop.give_back(loop.take_back())
+            loop.events.close()  # its last task events, and its thread stopped
             self.app.close()
             with loop.lock:
                 self.send(Bye(dict(loop.processed)))

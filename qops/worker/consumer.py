@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from qops import protocol
 from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
+from qops.events import dead_letter_fields
 from qops.signing import HEADER, SignatureError, task_context, task_signer
 from qops.worker import followers
 from qops.worker.lost import LostBooks
@@ -167,8 +168,13 @@ class ConsumerLoop:
 
     def event(self, type_: str, req: TaskRequest, **fields: Any) -> None:
         if self.events is not None and self.events.task_events:
+            fields["uuid"] = req.id
+            self.event_fields(type_, fields)
+
+    def event_fields(self, type_: str, fields: dict[str, Any]) -> None:
+        if self.events is not None and self.events.task_events:
             try:
-                self.events.send(type_, uuid=req.id, **fields)
+                self.events.send(type_, **fields)
             except Exception as exc:
                 log.debug("could not send %s: %s", type_, exc)
 
@@ -273,7 +279,7 @@ class ConsumerLoop:
                        kwargs=protocol.saferepr(req.kwargs, self.repr_maxsize),
                        root_id=req.root_id, parent_id=req.parent_id,
                        retries=req.retries, eta=req.eta and req.eta.isoformat(),
-                       expires=req.expires and req.expires.isoformat())
+                       expires=req.expires and req.expires.isoformat(), queue=d.queue)
         with self.lock:
             self.reserved[id(d)] = (req, d)
         if req.eta is not None:
@@ -305,6 +311,8 @@ class ConsumerLoop:
         self.consumer.reject(d, reason)
         log.error("Rejected a message from %r: %s (kept in the dead-letter store)",
                   d.queue, reason)
+        if self.sending_task_events:  # the one place a worker dead-letters a message
+            self.event_fields("task-rejected", dead_letter_fields(d, reason))
 
     def fail_unparsed(self, d: Delivery, exc: ProtocolError) -> None:
         """A message that can't be parsed but names its task: tell a waiting client."""
@@ -392,7 +400,7 @@ class ConsumerLoop:
             self.lost_books.started(d)  # the broker's record of a start (lost.py)
         if self.track_started:
             self.store(req, STARTED, {"pid": os.getpid(), "hostname": self.hostname})
-        self.event("task-started", req)
+        self.event("task-started", req, queue=d.queue)
         return True
 
     def _revoked_now(self, d: Delivery, req: TaskRequest, claimed: bool = False) -> bool:
@@ -489,8 +497,9 @@ class ConsumerLoop:
         elif state == REJECTED:
             if outcome.get("requeue"):
                 requeue = True
+                self.event("task-rejected", req, requeue=True)
             else:
-                self.consumer.reject(d, outcome["reason"])
+                self.dead_letter(d, outcome["reason"])
                 self._count(req.name)
                 return
         elif state == LOST:

@@ -236,6 +236,7 @@ class Worker:
             else:
                 pool.stop()
         if self.events is not None:
+            self.events.close()  # its last task events, and its thread stopped
             try:
                 self._beat("worker-offline")
             except Exception as exc:

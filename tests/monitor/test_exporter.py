@@ -42,6 +42,14 @@ def test_counts_queues_workers_and_tasks(real_broker_url: str, queue_name: str,
                 assert sample(samples, "qops_task_queue_wait_seconds_count",
                               task="proj.tasks.add") == 50
                 assert sample(samples, "qops_queue_ready_messages", queue=idle) == 10
+                assert sample(samples, "qops_queue_out_total", queue=busy) == 51
+                # a message the worker dead-letters (no such task): its task-rejected
+                app.send_task("proj.tasks.nope", queue=busy)
+                assert exp.wait_for("qops_tasks_total", 1, task="proj.tasks.nope",
+                                    state="dead_lettered"), exp.get()[1]
+                assert exp.wait_for("qops_dead_letter_messages", 1)
+                assert sample(exp.scrape(), "qops_tasks_total", task="proj.tasks.nope",
+                              state="rejected") == 1
             # the worker stopped (worker-offline): down, its counters stay
             assert exp.wait_for("qops_worker_up", 0, node=node)
             samples = exp.scrape()

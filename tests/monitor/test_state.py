@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qops.monitor import ClusterState
@@ -99,8 +101,8 @@ def test_exposition_families() -> None:
 
     s = ClusterState()
     s.apply(beat("w1@h"))
-    s.apply(task("received", "a", 10.0, name="proj.add"))
-    s.apply(task("started", "a", 10.0))
+    s.apply(task("received", "a", 10.0, name="proj.add", queue="celery"))
+    s.apply(task("started", "a", 10.0, queue="celery"))
     s.apply(task("succeeded", "a", 10.3, runtime=0.3))
     s.set_queues([QueueCounts("celery", 10, 2, 1), QueueCounts("other", 0, None, 0)])
     s.set_dead_letters(3)
@@ -115,6 +117,7 @@ def test_exposition_families() -> None:
     assert sample(samples, "qops_queue_inflight_messages", queue="other") is None  # unknown
     assert sample(samples, "qops_queue_consumers", queue="celery") == 1
     assert sample(samples, "qops_tasks_total", task="proj.add", state="succeeded") == 1
+    assert sample(samples, "qops_queue_out_total", queue="celery") == 1
     assert sample(samples, "qops_task_runtime_seconds_count", task="proj.add") == 1
     assert sample(samples, "qops_task_runtime_seconds_bucket", task="proj.add", le="0.25") == 0
     assert sample(samples, "qops_task_runtime_seconds_bucket", task="proj.add", le="0.5") == 1
@@ -127,3 +130,86 @@ def test_exposition_families() -> None:
             assert f"{family}_count" in names
         else:
             assert family in names, family
+
+
+def test_a_batch_is_applied_like_its_events_one_by_one() -> None:
+    """Workers send their task events in batches (a JSON list, routing key task.multi)."""
+    from qops.events import decode
+
+    events = [task("received", "a", 1.0, name="proj.add"), task("started", "a", 1.5),
+              task("succeeded", "a", 2.0, runtime=0.5)]
+    one, many = ClusterState(), ClusterState()
+    for e in events:
+        one.apply(e, now=10)
+    many.apply_many(decode(json.dumps(events).encode()), now=10)
+    assert one.snapshot(now=10) == many.snapshot(now=10)
+    assert many.events_seen == 3
+    assert many.histograms()["queue_wait"]["proj.add"].sum == pytest.approx(0.5)
+
+
+def test_queue_in_and_out_rates() -> None:
+    """Out: tasks taken from the queue (task-received naming it); in: out plus the
+    growth of the ready messages, between two polls."""
+    from qops.queues import QueueCounts
+
+    s = ClusterState()
+    s.set_queues([QueueCounts("q1", 10, 0, 1)], now=100)
+    for i in range(6):
+        s.apply(task("received", f"t{i}", 100.5, name="proj.add", queue="q1"))
+    s.set_queues([QueueCounts("q1", 12, 0, 1), QueueCounts("q2", 5, 0, 0)], now=102)
+    snap = s.snapshot(now=102)
+    q1, q2 = snap["queues"]
+    assert (q1["out_rate"], q1["rate"], q1["in_rate"]) == (3.0, 1.0, 4.0)
+    assert (q2["out_rate"], q2["in_rate"]) == (None, None)  # a first poll: no rate yet
+    assert snap["queue_out"] == {"q1": 6}
+    s.set_queues([QueueCounts("q1", 12, 0, 1), QueueCounts("q2", 5, 0, 0)], now=104)
+    q1, q2 = s.snapshot(now=104)["queues"]
+    assert (q1["out_rate"], q2["out_rate"], q2["in_rate"]) == (0.0, 0.0, 0.0)
+
+
+def test_queue_rates_unknown_without_queue_in_events() -> None:
+    """Celery's workers' task-received names no queue: no in/out rate, only growth."""
+    from qops.queues import QueueCounts
+
+    s = ClusterState()
+    s.set_queues([QueueCounts("q1", 10, 0, 1)], now=100)
+    s.apply(task("received", "a", 100.5, name="proj.add"))
+    s.set_queues([QueueCounts("q1", 8, 0, 1)], now=102)
+    q1 = s.snapshot(now=102)["queues"][0]
+    assert (q1["rate"], q1["in_rate"], q1["out_rate"]) == (-1.0, None, None)
+
+
+def test_rejected_and_dead_lettered() -> None:
+    """A worker's task-rejected counts as rejected; with dead_lettered, as dead_lettered
+    too. Requeued, the task runs again (it is not done)."""
+    s = ClusterState()
+    s.apply(task("rejected", "", 1.0, name="unknown", requeue=False, dead_lettered=True,
+                 reason="bad body", queue="q1"))
+    s.apply(task("received", "b", 2.0, name="proj.add"))
+    s.apply(task("rejected", "b", 2.1, requeue=True))
+    s.apply(task("received", "b", 3.0, name="proj.add"))
+    s.apply(task("started", "b", 3.1))
+    snap = s.snapshot(now=4)
+    assert snap["tasks"] == {
+        "unknown": {"rejected": 1, "dead_lettered": 1},
+        "proj.add": {"received": 2, "rejected": 1, "started": 1}}
+    assert [r["uuid"] for r in snap["running"]] == ["b"]
+
+
+def test_feed_asks_a_node_for_task_events_when_it_comes_online_again() -> None:
+    """A worker restarted under the same name starts without task events: the feed asks
+    again on its worker-online, not on each heartbeat."""
+    from qops import App
+    from qops.monitor.feed import Feed
+
+    asked: list[list[str] | None] = []
+
+    class Recording(Feed):
+        def _ask_for_events(self, nodes: list[str] | None) -> None:
+            asked.append(nodes)
+
+    feed = Recording(App("proj", broker="memory://"))
+    for kind in ("worker-heartbeat", "worker-heartbeat", "worker-online", "worker-heartbeat"):
+        feed._maybe_enable(beat("w1@h", kind=kind))
+    feed._maybe_enable(task("received", "a", 1.0, host="w2@h"))
+    assert asked == [["w1@h"], ["w1@h"]]

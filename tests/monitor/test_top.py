@@ -54,9 +54,11 @@ def test_once_json_exactly(sqlite_url: str, queue_name: str) -> None:
         "workers_online": 2,
         "nodes": [{"name": n, "up": True, "active": 0, "processed": 0, "succeeded": 0,
                    "failed": 0, "sw": f"qops {__version__}"} for n in nodes],
-        "queues": [{"name": queue_name, "ready": 3, "in_flight": 0, "consumers": 0},
-                   {"name": f"{queue_name}-w", "ready": 0, "in_flight": 0, "consumers": 2}],
-        "tasks": {}, "running": [], "failures": [], "dead_letters": 0,
+        "queues": [{"name": queue_name, "ready": 3, "in_flight": 0, "consumers": 0,
+                    "in_rate": None, "out_rate": None},
+                   {"name": f"{queue_name}-w", "ready": 0, "in_flight": 0, "consumers": 2,
+                    "in_rate": None, "out_rate": None}],
+        "tasks": {}, "running": [], "failures": [], "dead_letters": 0, "queue_out": {},
     }
 
 

@@ -49,6 +49,7 @@ class RedisSubscription(Subscription):
                 self._pubsub.psubscribe(
                     glob_escape(self._base) + "/" + topic_glob(self.pattern))
                 expect = "psubscribe"
+            self._quiet_push_handler()
             # Wait for the confirmation: broadcasts sent after subscribe() returns must
             # reach us, and Redis only routes them once it has processed the command.
             deadline = time.monotonic() + transport.options.connect_timeout
@@ -62,6 +63,16 @@ class RedisSubscription(Subscription):
                 m = self._pubsub.get_message(timeout=left)
                 if m is not None and m["type"] == expect:
                     break
+
+    def _quiet_push_handler(self) -> None:
+        """On RESP3, redis-py's default handler of pub/sub messages builds a debug log
+        line from each whole message (``str(response)``) whether or not it is logged:
+        that repr was most of the cost of following events. Take messages as they are
+        (also on the connections redis-py makes when it reconnects)."""
+        parser = getattr(self._pubsub.connection, "_parser", None)
+        if parser is not None and hasattr(parser, "set_pubsub_push_handler"):
+            self._pubsub.push_handler_func = _as_is
+            parser.set_pubsub_push_handler(_as_is)
 
     def _wanted(self, m: dict[str, Any]) -> bool:
         if m["type"] == "message":
@@ -95,3 +106,7 @@ class RedisSubscription(Subscription):
             self._pubsub.close()
         except redis.RedisError:  # closing a broken connection: nothing left to release
             pass
+
+
+def _as_is(response: Any) -> Any:
+    return response

@@ -51,6 +51,8 @@ def _rate(value: str) -> str:
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("broker_url", None, "str", "broker URL; default: the embedded SQLite file"),
     _s("result_backend", None, "str", "result backend URL; default: SQLite with the SQLite broker"),
+    _s("result_backend_transport_options", {}, "dict",
+       "result backend options (Redis: master_name, sentinel_kwargs, wait_replicas, ...)"),
     _s("compat", "qops", "str", "names on the wire: 'qops' or 'celery'"),
     _s("imports", [], "list", "modules a worker imports to register tasks"),
     _s("include", [], "list", "more modules to import (as App(include=...))"),

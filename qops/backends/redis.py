@@ -12,7 +12,8 @@ from typing import Any
 from qops.backends.base import ResultBackend
 from qops.errors import BrokerUnreachable
 from qops.transports.base import mask_password
-from qops.transports.redis.url import parse_url, select_db
+from qops.transports.redis.replicas import Replicas
+from qops.transports.redis.url import connection_pool, parse_url, select_db
 
 
 def _script(name: str) -> str:
@@ -24,14 +25,25 @@ class RedisBackend(ResultBackend):
     def check_url(cls, url: str) -> None:
         parse_url(url, "result backend URL")
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str, *, options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         import redis
 
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=5,
-                                           health_check_interval=30,
-                                           redis_connect_func=select_db)
+        parsed = parse_url(url, "result backend URL")
+        options = options or {}
+        if parsed.sentinel is None:
+            self.client = redis.Redis.from_url(url, socket_connect_timeout=5,
+                                               health_check_interval=30,
+                                               redis_connect_func=select_db)
+        else:
+            # the master, found by asking the Sentinels (again after a failover)
+            pool = connection_pool(parsed, options, url, "result backend URL",
+                                   socket_connect_timeout=5, health_check_interval=30,
+                                   redis_connect_func=select_db)
+            self.client = redis.Redis(connection_pool=pool)
+        self._replicas = Replicas.from_options(options, "result_backend_transport_options")
         self._store_script = self.client.register_script(_script("redis_store.lua"))
 
     def _key(self, task_id: str) -> str:
@@ -51,7 +63,12 @@ class RedisBackend(ResultBackend):
 
     def _store(self, task_id: str, data: bytes, state: str, *, reply_to: str | None) -> None:
         ttl = int(math.ceil(self.expires)) if self.expires else 0
-        self._call(self._store_script, keys=[self._key(task_id)], args=[data, ttl])
+        if not self._replicas.count:
+            self._call(self._store_script, keys=[self._key(task_id)], args=[data, ttl])
+            return
+        pipe = self.client.pipeline(transaction=False)
+        self._store_script(keys=[self._key(task_id)], args=[data, ttl], client=pipe)
+        self._call(self._replicas.wait, pipe, f"the result of {task_id}")
 
     def _delete(self, task_id: str) -> None:
         self._call(self.client.delete, self._key(task_id))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -112,6 +112,9 @@ class TransportOptions:
     max_priority: int = 9  # AMQP x-max-priority for queues qops declares
     connect_timeout: float = 5.0
     confirm_publish: bool = True
+    #: ``broker_transport_options`` as given (each transport reads its own keys: Redis
+    #: ``master_name``, ``sentinel_kwargs``, ``wait_replicas``, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 #: prefetch of a reply consumer: replies are small and only ever go to their one reader,
@@ -416,9 +419,12 @@ class Transport(ABC):
 
 
 def mask_password(url: str) -> str:
-    """``redis://:secret@host/0`` -> ``redis://:**@host/0``."""
+    """``redis://:secret@host/0`` -> ``redis://:**@host/0``; in a ``;``-separated list
+    (``sentinel://...;sentinel://...``, ``amqp://h1;amqp://h2``) every URL's."""
     from urllib.parse import urlunsplit
 
+    if ";" in url:
+        return ";".join(mask_password(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -491,6 +497,7 @@ TRANSPORTS = {
     "redis": ("qops.transports.redis", "RedisTransport"),
     "rediss": ("qops.transports.redis", "RedisTransport"),
     "unix": ("qops.transports.redis", "RedisTransport"),
+    "sentinel": ("qops.transports.redis", "RedisTransport"),
     "amqp": ("qops.transports.amqp", "AMQPTransport"),
     "amqps": ("qops.transports.amqp", "AMQPTransport"),
     "pyamqp": ("qops.transports.amqp", "AMQPTransport"),
@@ -503,6 +510,8 @@ URL_FORMS = {
     "redis": "redis://[:password@]host[:6379][/db] (db: a number, 0-15 on a default server)",
     "rediss": "rediss://[:password@]host[:6379][/db] (TLS)",
     "unix": "unix:///path/to/redis.sock[?db=N]",
+    "sentinel": "sentinel://[:password@]host[:26379][/db][;sentinel://host2[:26379]...]"
+                "[?master_name=NAME] (the Sentinels; the password is the master's)",
     "amqp": "amqp://user:password@host[:5672][/vhost] (no vhost: '/')",
     "amqps": "amqps://user:password@host[:5671][/vhost] (TLS)",
     "pyamqp": "pyamqp://user:password@host[:5672][/vhost]",
@@ -513,7 +522,7 @@ URL_FORMS = {
 #: schemes people bring from elsewhere, and what qops calls them
 SCHEME_HINTS = {"rabbitmq": "amqp", "rabbit": "amqp", "sqla+sqlite": "sqlite",
                 "db+sqlite": "sqlite", "sqlite3": "sqlite", "redis+socket": "unix",
-                "librabbitmq": "amqp", "kafka": "", "sqs": "", "sentinel": ""}
+                "librabbitmq": "amqp", "kafka": "", "sqs": ""}
 
 
 def url_error(url: str, what: str, problem: str, scheme: str) -> UsageError:

@@ -21,7 +21,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qops.errors import PublishError
 from qops.transports.base import Consumer, Delivery, make_delivery, one_line
 from qops.transports.lease import Lease, clock, is_stale, warn_taken_back
 from qops.transports.prefetch import Prefetch
@@ -114,7 +113,6 @@ class RedisConsumer(Consumer):
         self._resync_needed = False
         self._last_beat = 0.0
         self._plan: _Plan | None = None  # rebuilt when the queues change
-        self._warned_replicas = -60.0  # when a wait_replicas shortfall was last logged
         self._get_thread = 0  # ident of the thread that calls get()
         # Held while a command about the in-flight lists is on its way (see the class doc).
         self._wire = threading.Lock()
@@ -295,21 +293,7 @@ class RedisConsumer(Consumer):
                 with self._lock:
                     self._lost.flagged.update(flagged)
             self._taken(got)
-        if acks and t.replicas.count:
-            self._wait_replicas(len(acks))
         return bool(res)
-
-    def _wait_replicas(self, count: int) -> None:
-        """wait_replicas (replicas.py): WAIT after a batch of acks, on the connection
-        that sent them; a shortfall is only logged (a lost ack runs a task again)."""
-        try:
-            self.transport.replicas.check(self._link.call(*self.transport.replicas.command),
-                                          f"{count} ack(s)")
-        except PublishError as exc:
-            now = time.monotonic()
-            if now - self._warned_replicas >= 60.0:
-                self._warned_replicas = now
-                log.warning("%s; those tasks may run again after a failover", exc)
 
     def _blmove(self, name: str, wait: float) -> None:
         # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.

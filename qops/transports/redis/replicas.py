@@ -11,9 +11,11 @@ write of this connection so far, or the time is up):
   message may be lost at a failover (it is on the master, so sending it again may run
   it twice);
 - a stored result (the result backend's ``result_backend_transport_options``) raises
-  the same way;
-- a batch of acks is followed by WAIT too, and a shortfall is logged (an ack lost at
-  a failover means the task runs again: a duplicate, never a loss).
+  the same way.
+
+Acks, reserves and dead-letterings do not wait: losing one of them at a failover puts
+the message back in its queue (qops/transports/redis/consumer.py resyncs what its
+in-flight lists hold), so the task runs again -- a duplicate, never a loss.
 
 WAIT does not make Redis synchronous: the write stays on the master even when the
 wait falls short (docs/guarantees.md says what that means).

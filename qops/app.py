@@ -19,6 +19,7 @@ from qops.settings import Settings, default_broker_url
 from qops.signing import HEADER, Signer, task_context, task_signer
 from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
 from qops.transports.base import Transport, TransportOptions, from_url
+from qops.transports.declare import QOPS_MAX_PRIORITY, Declarations
 
 if TYPE_CHECKING:
     from qops.control import Control
@@ -128,6 +129,27 @@ class App:
             max_message_size=int(c.task_max_message_size),
             connect_timeout=float(c.broker_connection_timeout),
             extra=dict(c.broker_transport_options or {}),
+            declarations=self.declarations(),
+        )
+
+    def declarations(self) -> Declarations:
+        """How this app's work queues are declared on RabbitMQ: as Celery (kombu) would
+        with the same settings under the celery preset (docs/protocol.md §3.1)."""
+        c = self.conf
+        celery = self.names is NAMES["celery"]
+        prio = c.task_queue_max_priority
+        if prio is None:
+            prio = None if celery else QOPS_MAX_PRIORITY
+        return Declarations(
+            default_queue=self.default_queue,
+            default_type=str(c.task_default_queue_type),
+            other_type=str(c.task_create_missing_queue_type),
+            max_priority=prio or None,
+            exchanges=celery,
+            default_exchange=c.task_default_exchange or None,
+            default_exchange_type=str(c.task_default_exchange_type),
+            default_routing_key=c.task_default_routing_key or None,
+            detect_quorum=bool(c.worker_detect_quorum_queues),
         )
 
     # -- connections (made on first use, again after a fork) -------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from qops import values
 from qops.errors import ConfigError, UsageError
 from qops.rates import parse_rate
+from qops.transports import declare
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,21 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("task_track_started", False, "bool", "store STARTED when a task starts"),
     _s("task_default_priority", None, "int", "priority 0..9 (9 runs first)",
        _at_least(0, 9)),
+    _s("task_queue_max_priority", None, "int",
+       "x-max-priority of the queues declared on RabbitMQ (1..255, 0 = none; default: 9 "
+       "under the qops preset, none under celery, as Celery)", _at_least(0, 255)),
+    _s("task_default_queue_type", "classic", "str",
+       "RabbitMQ type of the default queue: 'classic' or 'quorum'", declare.queue_type),
+    _s("task_create_missing_queue_type", "classic", "str",
+       "RabbitMQ type of every other queue: 'classic' or 'quorum'", declare.queue_type),
+    _s("task_default_exchange", None, "str",
+       "exchange of the default queue under the celery preset (default: the queue's name)"),
+    _s("task_default_exchange_type", "direct", "str",
+       "type of that exchange: 'direct', 'topic' or 'fanout'", declare.exchange_type),
+    _s("task_default_routing_key", None, "str",
+       "binding key of the default queue under the celery preset (default: its name)"),
+    _s("worker_detect_quorum_queues", True, "bool",
+       "a worker consuming a quorum queue uses a per-consumer prefetch from the start"),
     _s("task_always_eager", False, "bool", "run tasks in-process on apply_async (tests)"),
     _s("task_max_message_size", 16 * 1024 * 1024, "int", "largest message accepted, bytes",
        _at_least(1)),

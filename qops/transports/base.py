@@ -34,6 +34,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from qops.errors import PublishError, UsageError
 from qops.protocol import Message
+from qops.transports.declare import Declarations
 
 
 @dataclass
@@ -109,7 +110,8 @@ class TransportOptions:
     heartbeat_interval: float = 2.0  # how often a consumer proves it is alive
     heartbeat_ttl: float = 10.0  # dead after this long without a heartbeat
     max_message_size: int = 16 * 1024 * 1024
-    max_priority: int = 9  # AMQP x-max-priority for queues qops declares
+    #: how work queues are declared on RabbitMQ (type, arguments, exchange, binding)
+    declarations: Declarations = field(default_factory=Declarations)
     connect_timeout: float = 5.0
     confirm_publish: bool = True
     #: ``broker_transport_options`` as given (each transport reads its own keys: Redis

@@ -64,7 +64,6 @@ def test_celery_clients_revoke_reaches_qops_worker(real_broker_url: str, redis_u
 
     queue = f"interop-{uuid.uuid4().hex[:8]}"
     client = Celery("client", broker=real_broker_url, backend=redis_url)
-    client.conf.task_queue_max_priority = 9  # qops's queues (RabbitMQ checks arguments)
     env = qops_env(QOPS_COMPAT="celery")
     node = f"q{uuid.uuid4().hex[:6]}@interop"
     with WorkerProcess("-n", node, "-Q", queue, "-P", "threads", broker=real_broker_url,

@@ -85,8 +85,10 @@ class _AMQPConsumer(Consumer):
     the broker keeps sending ``prefetch`` countable messages; settling one shrinks it
     again, the new window sent before the settlement so that the broker never has room
     for one more. A quorum queue refuses a channel-wide prefetch (540 NOT_IMPLEMENTED,
-    which closes the connection): the consumer then reconnects with a per-consumer
-    prefetch, which RabbitMQ can't change under a running consumer, and ``exempt()``
+    which closes the connection): a consumer of a queue configured as quorum starts with
+    a per-consumer prefetch (as Celery with ``worker_detect_quorum_queues``), one that
+    meets an unexpected quorum queue reconnects with one. RabbitMQ can't change a
+    per-consumer prefetch under a running consumer, so then ``exempt()``
     raises NotImplementedError. Either way ``get()`` also counts what it handed out
     and not settled, exempt deliveries apart, and never exceeds ``prefetch``.
     """
@@ -117,7 +119,10 @@ class _AMQPConsumer(Consumer):
         self._nacks: list[int] = []
         self._qos_due = False  # the window must follow len(_books.exempted)
         self._window = self.prefetch  # basic.qos on the current channel (owner only)
-        self._global_qos = True  # channel-wide prefetch; False once a quorum queue refused
+        # channel-wide prefetch; per-consumer from the start when a queue is configured
+        # as quorum (as Celery's worker_detect_quorum_queues), or once one refused it
+        decl = transport.options.declarations
+        self._global_qos = reply or not (decl.detect_quorum and decl.quorum(self._wanted))
         self._pumping = False  # the owner is blocked in process_data_events
         self._woken = False  # ... and a wake-up is on its way to it
         # replace(): nothing is handed out until the replaced delivery's ack is written
@@ -216,7 +221,7 @@ class _AMQPConsumer(Consumer):
             # not remembered: queue_stats(None) lists work queues only
         else:
             if queue not in link.queues:
-                link.declare_queue(queue, self.transport._queue_arguments())
+                self.transport.declare(link, queue)
             self.transport._remember(queue)
         tag = link.main().basic_consume(queue, self._on_message, auto_ack=False)
         self._tags[queue] = tag

@@ -58,8 +58,7 @@ def dead_letter(transport: AMQPTransport, queue: str, raw: bytes, reason: str,
         props.timestamp = original.timestamp
     props.headers = _amqp_table(headers)
     dlq = transport.dead_letter_queue
-    # no x-max-priority on the DLQ: it keeps arrival order for listing
-    transport._send("", dlq, raw, props, queue=dlq, queue_args=None, size_limit=False)
+    transport._send("", dlq, raw, props, queue=dlq, size_limit=False)
 
 
 def dead_letter_id(props: Any, body: bytes) -> str:
@@ -132,7 +131,7 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
                 if not queue:
                     continue  # not ours: we don't know where it goes
                 transport._send("", str(queue), body or b"", _restored(props, h),
-                                queue=str(queue), queue_args=transport._queue_arguments())
+                                queue=str(queue))
                 ch.basic_ack(method.delivery_tag)
                 moved += 1
                 if wanted is not None:

@@ -20,6 +20,7 @@ from qops.errors import BrokerUnreachable, QopsError
 from qops.transports.amqp.frames import _fast_frames
 from qops.transports.amqp.url import AMQPParams
 from qops.transports.base import TransportOptions
+from qops.transports.declare import QueueShape
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +164,29 @@ class _Link:
         return bool(self.conn.is_open)
 
     def declare_queue(self, name: str, arguments: dict[str, Any] | None) -> Any:
-        """Declare a durable queue; if it exists with other arguments (Celery declares
-        queues without ``x-max-priority``) the broker answers 406 and closes the
-        channel: then take the queue as it is with a passive declare."""
+        """Declare a durable queue; if it exists with other arguments the broker
+        answers 406 and closes the channel: then take the queue as it is with a
+        passive declare, and say once per connection which argument differs."""
         try:
             ok = self.admin().queue_declare(name, durable=True, arguments=arguments)
         except pex.ChannelClosedByBroker as exc:
             if exc.reply_code != PRECONDITION_FAILED:
                 raise
-            log.debug("queue %s exists with other arguments (%s); using it as it is",
-                      name, exc.reply_text)
+            log.warning("queue %s exists with other arguments than qops declares (%s): "
+                        "using it as it is", name, _reason(exc))
             ok = self.admin().queue_declare(name, passive=True)
         self.queues.add(name)
+        return ok
+
+    def declare_work_queue(self, shape: QueueShape) -> Any:
+        """Declare a work queue as ``shape`` says: under the celery preset kombu's
+        exchange first, then the queue, then the binding -- as a Celery client or worker
+        declares it, so that neither side gets a 406 from the other's declaration."""
+        if shape.exchange is not None:
+            self.declare_exchange(shape.exchange, shape.exchange_type, durable=True)
+        ok = self.declare_queue(shape.name, shape.arguments)
+        if shape.exchange is not None:
+            self.admin().queue_bind(shape.name, shape.exchange, shape.routing_key)
         return ok
 
     def declare_reply_queue(self, name: str) -> None:
@@ -184,13 +196,15 @@ class _Link:
                                    arguments=REPLY_QUEUE_ARGS)
         self.queues.add(name)
 
-    def declare_exchange(self, name: str, kind: str) -> None:
+    def declare_exchange(self, name: str, kind: str, durable: bool | None = None) -> None:
         """Declare exchange ``name`` the way Celery declares its counterpart (see
-        ``EXCHANGES``). If it exists with other settings (406: someone made it
-        differently), take it as it is with a passive declare."""
+        ``EXCHANGES``; a queue's own exchange is durable). If it exists with other
+        settings (406: someone made it differently), take it as it is with a passive
+        declare."""
         if name in self.exchanges:
             return
-        durable = EXCHANGES[kind]
+        if durable is None:
+            durable = EXCHANGES[kind]
         try:
             self.admin().exchange_declare(name, kind, durable=durable, auto_delete=False)
         except pex.ChannelClosedByBroker as exc:

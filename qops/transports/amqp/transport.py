@@ -111,9 +111,14 @@ class AMQPTransport(Transport):
                     raise BrokerUnreachable(lost_text(self.safe_url(), what, exc)) from None
         raise AssertionError("unreachable")
 
-    def _queue_arguments(self) -> dict[str, Any] | None:
-        n = self.options.max_priority
-        return {"x-max-priority": n} if n and n > 0 else None
+    def declare(self, link: _Link, queue: str) -> None:
+        """Declare ``queue`` on ``link`` (docs/protocol.md §3.1): a work queue as the
+        app's declarations say; the dead-letter queue without arguments (no
+        x-max-priority: it keeps arrival order for listing) and unbound."""
+        if queue == self.dead_letter_queue:
+            link.declare_queue(queue, None)
+        else:
+            link.declare_work_queue(self.options.declarations.shape(queue))
 
     def _remember(self, queue: str) -> None:
         with self._lock:
@@ -121,11 +126,10 @@ class AMQPTransport(Transport):
 
     # -- publishing ------------------------------------------------------------------------
     def _send(self, exchange: str, routing_key: str, body: bytes, props: Any, *,
-              queue: str | None, queue_args: dict[str, Any] | None = None,
-              exchange_kind: str | None = None, confirm: bool = True,
+              queue: str | None, exchange_kind: str | None = None, confirm: bool = True,
               size_limit: bool = True) -> None:
-        """Publish on this thread's connection, declaring ``queue`` (or ``exchange``, of
-        ``exchange_kind``) first.
+        """Publish on this thread's connection, declaring work queue ``queue`` (or
+        ``exchange``, of ``exchange_kind``) first.
 
         With confirms on, returns only once the broker has taken the message. A message
         for a queue is published ``mandatory``: if the queue vanished since we declared
@@ -147,7 +151,7 @@ class AMQPTransport(Transport):
             link, reused = self._link()
             try:
                 if queue is not None and queue not in link.queues:
-                    link.declare_queue(queue, queue_args)
+                    self.declare(link, queue)
                     self._remember(queue)
                 if exchange_kind is not None:
                     link.declare_exchange(exchange, exchange_kind)
@@ -190,8 +194,7 @@ class AMQPTransport(Transport):
 
     def publish(self, queue: str, message: Message) -> None:
         props = _basic_properties(message, delivery_mode=2)
-        self._send("", queue, message.body, props, queue=queue,
-                   queue_args=self._queue_arguments())
+        self._send("", queue, message.body, props, queue=queue)
 
     # -- consuming ------------------------------------------------------------------------
     def consumer(self, queues: Sequence[str], prefetch: int,

@@ -129,6 +129,7 @@ class App:
             max_message_size=int(c.task_max_message_size),
             connect_timeout=float(c.broker_connection_timeout),
             extra=dict(c.broker_transport_options or {}),
+            failover_strategy=str(c.broker_failover_strategy),
             declarations=self.declarations(),
         )
 

@@ -114,6 +114,8 @@ class TransportOptions:
     declarations: Declarations = field(default_factory=Declarations)
     connect_timeout: float = 5.0
     confirm_publish: bool = True
+    #: a broker URL list (a cluster): the order its nodes are tried in (failover.py)
+    failover_strategy: str = "round-robin"
     #: ``broker_transport_options`` as given (each transport reads its own keys: Redis
     #: ``master_name``, ``sentinel_kwargs``, ``wait_replicas``, ...)
     extra: dict[str, Any] = field(default_factory=dict)

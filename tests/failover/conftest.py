@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.failover.servers import SentinelCluster, need_binaries
+from tests.failover.servers import RABBIT_BIN, RabbitCluster, SentinelCluster, need_binaries
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +31,24 @@ def sentinels(sentinel_cluster: SentinelCluster) -> SentinelCluster:
     client.flushall()
     client.close()
     return sentinel_cluster
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    need_binaries("epmd", str(RABBIT_BIN / "rabbitmq-server"), str(RABBIT_BIN / "rabbitmqctl"))
+    cluster = RabbitCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def rabbits(rabbit_cluster: RabbitCluster) -> RabbitCluster:
+    """The cluster with its three nodes running (a node killed by a test is started
+    again)."""
+    for i in range(RabbitCluster.NODES):
+        if i not in rabbit_cluster.procs:
+            rabbit_cluster.restart(i)
+    return rabbit_cluster

@@ -48,12 +48,18 @@ class Measured:
         return float("inf") if self.recovered_at is None else self.recovered_at - self.kill_at
 
     def back_after(self, command: str) -> float:
-        """Seconds from the kill to the end of the first ``command`` started after the
-        kill that succeeded (inf if none did)."""
-        for start, end, cmd, ok, _ in self.probes:
+        """Seconds from the kill to the start of the first ``command`` that succeeded
+        having started after the kill (inf if none did)."""
+        for start, _, cmd, ok, _ in self.probes:
             if cmd == command and ok and start >= self.kill_at:
-                return end - self.kill_at
+                return start - self.kill_at
         return float("inf")
+
+    def late_failures(self, after: float) -> list[str]:
+        """Failures of commands started more than ``after`` seconds after the kill."""
+        return [f for (start, *_), f in zip(
+            [p for p in self.probes if not p[3]], self.failures(), strict=True)
+            if start - self.kill_at > after]
 
     def probe_counts(self, command: str) -> tuple[int, int]:
         oks = [p[3] for p in self.probes if p[2] == command]
@@ -69,9 +75,9 @@ class Measured:
         return (f"{topology}: {self.total} tasks, missing {self.missing}, duplicates "
                 f"{self.duplicates} (in flight at most {self.in_flight_bound}), consuming "
                 f"again {self.recovery:.2f}s after the kill, producer retries "
-                f"{self.publish_retries}; status ok/failed {st_ok}/{st_bad} (answering "
-                f"again {self.back_after('status'):.1f}s after the kill), inspect ok/failed "
-                f"{in_ok}/{in_bad} ({self.back_after('inspect'):.1f}s)")
+                f"{self.publish_retries}; status ok/failed {st_ok}/{st_bad} (the first to "
+                f"work started {self.back_after('status'):.1f}s after the kill), inspect "
+                f"ok/failed {in_ok}/{in_bad} ({self.back_after('inspect'):.1f}s)")
 
 
 def count_runs(path: Path) -> Counter[str]:
@@ -91,30 +97,32 @@ def _lines(path: Path) -> int:
 
 
 class Prober:
-    """Runs ``qops status`` and ``qops inspect active`` in turn until stopped."""
+    """Asks the fleet ``status`` (ping) and ``inspect active`` in turn, every 0.2 s,
+    until stopped: the library calls the two commands make (qops.control.broadcast),
+    in this process, so that the measure is the broker's and not the cost of starting
+    a Python process on a loaded machine (``cli_works`` runs the commands themselves)."""
 
-    COMMANDS = {"status": ["status", "--json", "-t", "5"],
-                "inspect": ["inspect", "active", "--json", "-t", "5"]}
+    COMMANDS = {"status": "ping", "inspect": "active"}
 
-    def __init__(self, broker: str, env: dict[str, str]) -> None:
-        self.broker, self.env = broker, env
+    def __init__(self, app: Any) -> None:
+        self.app = app
         self.results: list[tuple[float, float, str, bool, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="prober")
 
     def _run(self) -> None:
-        while True:
-            for name, args in self.COMMANDS.items():
-                if self._stop.is_set():
-                    return
+        from qops import control
+
+        while not self._stop.is_set():
+            for name, method in self.COMMANDS.items():
                 start = time.monotonic()
-                proc = subprocess.run(
-                    [sys.executable, "-m", "qops", "-A", "proj", "-b", self.broker, *args],
-                    env=self.env, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
-                # a node answered: the JSON names it
-                ok = proc.returncode == 0 and "@" in proc.stdout
-                detail = "" if ok else (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+                try:
+                    res = control.broadcast(self.app, method, timeout=5, linger=0.05)
+                    ok, detail = bool(res.replies), "" if res.replies else "no reply"
+                except Exception as exc:
+                    ok, detail = False, f"{type(exc).__name__}: {str(exc)[:200]}"
                 self.results.append((start, time.monotonic(), name, ok, detail))
+                self._stop.wait(0.2)
 
     def __enter__(self) -> Prober:
         self._thread.start()
@@ -122,12 +130,27 @@ class Prober:
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join(120)
+        self._thread.join(60)
+
+
+def cli_works(broker: str, env: dict[str, str]) -> list[str]:
+    """``qops status`` and ``qops inspect active`` as commands: the problems ([] when
+    both named a node)."""
+    problems = []
+    for args in (["status", "--json", "-t", "10"], ["inspect", "active", "--json", "-t", "10"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "qops", "-A", "proj", "-b", broker, *args],
+            env=env, capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+        if proc.returncode != 0 or "@" not in proc.stdout:
+            problems.append(f"qops {' '.join(args)}: exit {proc.returncode}: "
+                            f"{proc.stdout[-300:]} {proc.stderr[-300:]}")
+    return problems
 
 
 def run_through_failover(app: Any, queue: str, path: Path, kill: Callable[[], None], *,
                          total: int, upfront: int, kill_after: int, in_flight_bound: int,
-                         prober: Prober, timeout: float = 120) -> Measured:
+                         prober: Prober, timeout: float = 120,
+                         before_kill: Callable[[], None] | None = None) -> Measured:
     """See the module doc. ``upfront`` tasks are sent before the kill; the rest by a
     producer thread that starts at the kill (each failed send is tried again until
     the broker takes it)."""
@@ -155,6 +178,8 @@ def run_through_failover(app: Any, queue: str, path: Path, kill: Callable[[], No
     while _lines(path) < kill_after:
         assert time.monotonic() < deadline, f"only {_lines(path)} tasks ran before the kill"
         time.sleep(0.01)
+    if before_kill is not None:
+        before_kill()
     producer = threading.Thread(target=produce, daemon=True, name="producer")
     with prober:
         kill_at = time.monotonic()

@@ -117,7 +117,7 @@ class Prober:
             for name, method in self.COMMANDS.items():
                 start = time.monotonic()
                 try:
-                    res = control.broadcast(self.app, method, timeout=5, linger=0.05)
+                    res = control.broadcast(self.app, method, timeout=2, linger=0.05)
                     ok, detail = bool(res.replies), "" if res.replies else "no reply"
                 except Exception as exc:
                     ok, detail = False, f"{type(exc).__name__}: {str(exc)[:200]}"

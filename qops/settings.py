@@ -173,6 +173,7 @@ OLD_NAMES: dict[str, str] = {
     "CELERYD_STATE_DB": "worker_state_db",
     "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
     "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
+    "BROKER_FAILOVER_STRATEGY": "broker_failover_strategy",
 }
 
 # Celery 4+ lower-case names that qops spells differently.

@@ -140,6 +140,8 @@ class App:
             heartbeat_ttl=ttl,
             max_message_size=int(c.task_max_message_size),
             connect_timeout=float(c.broker_connection_timeout),
+            extra=dict(c.broker_transport_options or {}),
+            failover_strategy=str(c.broker_failover_strategy),
             declarations=self.declarations(),
             registry=self.names["registry"],
         )
@@ -199,7 +201,8 @@ class App:
                     transport = self._transport_unlocked()
                 self._backend = backend_from_url(
                     url, expires=self.conf.result_expires,
-                    prefix=self.names["result_prefix"], transport=transport)
+                    prefix=self.names["result_prefix"], transport=transport,
+                    options=dict(self.conf.result_backend_transport_options or {}))
             return self._backend
 
     def _transport_unlocked(self) -> Transport:

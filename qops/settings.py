@@ -18,7 +18,7 @@ from typing import Any
 from qops import values
 from qops.errors import ConfigError, UsageError
 from qops.rates import parse_rate
-from qops.transports import declare
+from qops.transports import declare, failover
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,16 @@ def _rate(value: str) -> str:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    _s("broker_url", None, "str", "broker URL; default: the embedded SQLite file"),
+    _s("broker_url", None, "url",
+       "broker URL; default: the embedded SQLite file. A RabbitMQ cluster: a list of URLs "
+       "(or 'amqp://h1;amqp://h2')"),
+    _s("broker_failover_strategy", "round-robin", "str",
+       "which node of a broker URL list to connect to: 'round-robin' (the next one when "
+       "the current one fails) or 'shuffle' (a random one for each connection)",
+       failover.strategy),
     _s("result_backend", None, "str", "result backend URL; default: SQLite with the SQLite broker"),
+    _s("result_backend_transport_options", {}, "dict",
+       "result backend options (Redis: master_name, sentinel_kwargs, wait_replicas, ...)"),
     _s("compat", "qops", "str", "names on the wire: 'qops' or 'celery'"),
     _s("imports", [], "list", "modules a worker imports to register tasks"),
     _s("include", [], "list", "more modules to import (as App(include=...))"),
@@ -186,6 +194,7 @@ OLD_NAMES: dict[str, str] = {
     "CELERYD_STATE_DB": "worker_state_db",
     "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
     "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
+    "BROKER_FAILOVER_STRATEGY": "broker_failover_strategy",
 }
 
 # Celery 4+ lower-case names that qops spells differently.
@@ -225,6 +234,12 @@ def _typed(setting: Setting, value: Any, source: str) -> Any:
     kind = setting.type
     try:
         if kind == "str":
+            return str(value)
+        if kind == "url":  # a URL, or a list of them (the nodes of a cluster)
+            if isinstance(value, (list, tuple)):
+                if not value or not all(isinstance(v, str) and v.strip() for v in value):
+                    raise ValueError
+                return ";".join(v.strip() for v in value)
             return str(value)
         if kind == "int":
             if isinstance(value, bool):

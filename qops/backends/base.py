@@ -141,6 +141,7 @@ BACKENDS = {
     "redis": ("qops.backends.redis", "RedisBackend"),
     "rediss": ("qops.backends.redis", "RedisBackend"),
     "unix": ("qops.backends.redis", "RedisBackend"),
+    "sentinel": ("qops.backends.redis", "RedisBackend"),
     "rpc": ("qops.backends.rpc", "RPCBackend"),
     "memory": ("qops.backends.memory", "MemoryBackend"),
 }
@@ -161,8 +162,14 @@ def backend_class(url: str) -> type[ResultBackend]:
 
 
 def backend_from_url(url: str, *, expires: float | None = 86400,
-                     prefix: str = "qops-task-meta-", transport: Any = None) -> ResultBackend:
+                     prefix: str = "qops-task-meta-", transport: Any = None,
+                     options: dict[str, Any] | None = None) -> ResultBackend:
+    """``options``: ``result_backend_transport_options`` (read by the Redis backend:
+    ``master_name``, ``sentinel_kwargs``, ``wait_replicas``, ...)."""
     cls = backend_class(url)
-    if url.split("://", 1)[0].lower() == "rpc":
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "rpc":
         return cls(url, expires=expires, prefix=prefix, transport=transport)  # type: ignore[call-arg]
+    if BACKENDS[scheme][1] == "RedisBackend":
+        return cls(url, expires=expires, prefix=prefix, options=options or {})  # type: ignore[call-arg]
     return cls(url, expires=expires, prefix=prefix)

@@ -17,12 +17,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 from qops.backends.base import ResultBackend
 from qops.errors import BrokerUnreachable, ResultTimeout
 from qops.transports.base import mask_password
-from qops.transports.redis.url import parse_url, select_db
+from qops.transports.redis.replicas import Replicas
+from qops.transports.redis.url import connection_pool, parse_url, select_db
+
+#: seconds a Sentinel-backed backend keeps trying to reach a master (a failover)
+FAILOVER_WAIT = 10.0
+FAILOVER_RETRY = 0.2
 
 
 def _script(name: str) -> str:
@@ -34,14 +39,26 @@ class RedisBackend(ResultBackend):
     def check_url(cls, url: str) -> None:
         parse_url(url, "result backend URL")
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
+    def __init__(self, url: str, *, options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         import redis
 
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError)
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=5,
-                                           health_check_interval=30,
-                                           redis_connect_func=select_db)
+        parsed = parse_url(url, "result backend URL")
+        options = options or {}
+        if parsed.sentinel is None:
+            self.client = redis.Redis.from_url(url, socket_connect_timeout=5,
+                                               health_check_interval=30,
+                                               redis_connect_func=select_db)
+        else:
+            # the master, found by asking the Sentinels (again after a failover)
+            pool = connection_pool(parsed, options, url, "result backend URL",
+                                   socket_connect_timeout=5, health_check_interval=30,
+                                   redis_connect_func=select_db)
+            self.client = redis.Redis(connection_pool=pool)
+        self._sentinel = parsed.sentinel is not None
+        self._replicas = Replicas.from_options(options, "result_backend_transport_options")
         self._store_script = self.client.register_script(_script("redis_store.lua"))
         self._local = threading.local()  # .pubsub, .pid: the thread's waiting connection
         self._pubsubs: list[Any] = []  # every thread's, for close()
@@ -51,12 +68,25 @@ class RedisBackend(ResultBackend):
         return f"{self.prefix}{task_id}"
 
     def _call(self, fun: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fun(*args, **kwargs)
-        except self._errors as exc:
-            raise BrokerUnreachable(
-                f"result backend {mask_password(self.url)} is unreachable: {exc}; "
-                "check that Redis runs and the URL is right") from None
+        """``fun(...)``; under Sentinel a lost connection is tried again for up to
+        ``FAILOVER_WAIT`` seconds (a failover: a replica is promoted within seconds;
+        every call here is idempotent)."""
+        import redis
+
+        deadline = time.monotonic() + (FAILOVER_WAIT if self._sentinel else 0.0)
+        while True:
+            try:
+                return fun(*args, **kwargs)
+            except self._errors as exc:
+                if (isinstance(exc, redis.AuthenticationError)
+                        or time.monotonic() + FAILOVER_RETRY > deadline):
+                    self._unreachable(exc)
+            time.sleep(FAILOVER_RETRY)
+
+    def _unreachable(self, exc: BaseException) -> NoReturn:
+        raise BrokerUnreachable(
+            f"result backend {mask_password(self.url)} is unreachable: {exc}; "
+            "check that Redis runs and the URL is right") from None
 
     def _get(self, task_id: str) -> bytes | None:
         data: bytes | None = self._call(self.client.get, self._key(task_id))
@@ -64,7 +94,16 @@ class RedisBackend(ResultBackend):
 
     def _store(self, task_id: str, data: bytes, state: str, *, reply_to: str | None) -> None:
         ttl = int(math.ceil(self.expires)) if self.expires else 0
-        self._call(self._store_script, keys=[self._key(task_id)], args=[data, ttl])
+        if not self._replicas.count:
+            self._call(self._store_script, keys=[self._key(task_id)], args=[data, ttl])
+            return
+
+        def store_and_wait() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            self._store_script(keys=[self._key(task_id)], args=[data, ttl], client=pipe)
+            self._replicas.wait(pipe, f"the result of {task_id}")
+
+        self._call(store_and_wait)
 
     def _delete(self, task_id: str) -> None:
         self._call(self.client.delete, self._key(task_id))

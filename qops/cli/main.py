@@ -139,7 +139,7 @@ cli = typer.Typer(
 def root(
     ctx: typer.Context,
     app: Annotated[str | None, typer.Option("-A", "--app", help="The app: module, module:attr or module.attr.")] = None,
-    broker: Annotated[str | None, typer.Option("-b", "--broker", help="Broker URL (sqlite://, redis://, amqp://).")] = None,
+    broker: Annotated[str | None, typer.Option("-b", "--broker", help="Broker URL (sqlite://, redis://, sentinel://, amqp://; a cluster: amqp://h1;amqp://h2).")] = None,
     result_backend: Annotated[str | None, typer.Option("--result-backend", help="Result backend URL.")] = None,
     config: Annotated[str | None, typer.Option("--config", help="YAML config file (default ./qops.yaml, then /etc/qops/qops.yaml).")] = None,
     workdir: Annotated[str | None, typer.Option("--workdir", help="Change to this directory first.")] = None,

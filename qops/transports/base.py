@@ -119,6 +119,11 @@ class TransportOptions:
     declarations: Declarations = field(default_factory=Declarations)
     connect_timeout: float = 5.0
     confirm_publish: bool = True
+    #: a broker URL list (a cluster): the order its nodes are tried in (failover.py)
+    failover_strategy: str = "round-robin"
+    #: ``broker_transport_options`` as given (each transport reads its own keys: Redis
+    #: ``master_name``, ``sentinel_kwargs``, ``wait_replicas``, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 #: prefetch of a reply consumer: replies are small and only ever go to their one reader,
@@ -438,9 +443,12 @@ class Transport(ABC):
 
 
 def mask_password(url: str) -> str:
-    """``redis://:secret@host/0`` -> ``redis://:**@host/0``."""
+    """``redis://:secret@host/0`` -> ``redis://:**@host/0``; in a ``;``-separated list
+    (``sentinel://...;sentinel://...``, ``amqp://h1;amqp://h2``) every URL's."""
     from urllib.parse import urlunsplit
 
+    if ";" in url:
+        return ";".join(mask_password(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -513,6 +521,7 @@ TRANSPORTS = {
     "redis": ("qops.transports.redis", "RedisTransport"),
     "rediss": ("qops.transports.redis", "RedisTransport"),
     "unix": ("qops.transports.redis", "RedisTransport"),
+    "sentinel": ("qops.transports.redis", "RedisTransport"),
     "amqp": ("qops.transports.amqp", "AMQPTransport"),
     "amqps": ("qops.transports.amqp", "AMQPTransport"),
     "pyamqp": ("qops.transports.amqp", "AMQPTransport"),
@@ -525,6 +534,8 @@ URL_FORMS = {
     "redis": "redis://[:password@]host[:6379][/db] (db: a number, 0-15 on a default server)",
     "rediss": "rediss://[:password@]host[:6379][/db] (TLS)",
     "unix": "unix:///path/to/redis.sock[?db=N]",
+    "sentinel": "sentinel://[:password@]host[:26379][/db][;sentinel://host2[:26379]...]"
+                "[?master_name=NAME] (the Sentinels; the password is the master's)",
     "amqp": "amqp://user:password@host[:5672][/vhost] (no vhost: '/')",
     "amqps": "amqps://user:password@host[:5671][/vhost] (TLS)",
     "pyamqp": "pyamqp://user:password@host[:5672][/vhost]",
@@ -535,7 +546,7 @@ URL_FORMS = {
 #: schemes people bring from elsewhere, and what qops calls them
 SCHEME_HINTS = {"rabbitmq": "amqp", "rabbit": "amqp", "sqla+sqlite": "sqlite",
                 "db+sqlite": "sqlite", "sqlite3": "sqlite", "redis+socket": "unix",
-                "librabbitmq": "amqp", "kafka": "", "sqs": "", "sentinel": ""}
+                "librabbitmq": "amqp", "kafka": "", "sqs": ""}
 
 
 def url_error(url: str, what: str, problem: str, scheme: str) -> UsageError:

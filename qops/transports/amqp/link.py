@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pika
@@ -22,6 +23,7 @@ from qops.transports.amqp.frames import _fast_frames
 from qops.transports.amqp.url import AMQPParams
 from qops.transports.base import TransportOptions
 from qops.transports.declare import QueueShape
+from qops.transports.failover import NodeOrder
 
 log = logging.getLogger(__name__)
 
@@ -75,30 +77,45 @@ def _connection_parameters(p: AMQPParams, options: TransportOptions, purpose: st
     )
 
 
-def open_connection(p: AMQPParams, options: TransportOptions, safe: str, purpose: str) -> Any:
-    """A new BlockingConnection, or BrokerUnreachable saying what to fix (``safe``: the
-    broker URL without its password, for the messages)."""
-    params = _connection_parameters(p, options, purpose)
-    try:
-        return _fast_frames(pika.BlockingConnection(params))
-    except pex.ProbableAuthenticationError:
-        raise BrokerUnreachable(
-            f"RabbitMQ at {safe} refused the login of user {p.user!r}: "
-            "check the user and password in the broker URL") from None
-    except pex.ProbableAccessDeniedError as exc:
-        vhost = p.vhost
-        raise BrokerUnreachable(
-            f"RabbitMQ at {safe} refused access to vhost {vhost!r} ({_reason(exc)}): "
-            f"create it with `rabbitmqctl add_vhost {vhost}` and grant access with "
-            f"`rabbitmqctl set_permissions -p {vhost} {p.user} "
-            "'.*' '.*' '.*'`") from None
-    except (pex.AMQPError, OSError, ValueError) as exc:
-        # ValueError: pika's check that the socket it just connected is still
-        # connected ("getpeername() failed"), when the broker dropped it at once
-        raise BrokerUnreachable(
-            f"cannot connect to RabbitMQ at {safe} ({_reason(exc)}): check that it is "
-            "running (rabbitmq-server -detached) and the host and port in the broker "
-            "URL") from None
+def open_connection(nodes: Sequence[AMQPParams], order: NodeOrder, options: TransportOptions,
+                    safe: str, purpose: str) -> Any:
+    """A new BlockingConnection to a node of ``nodes`` (one, or a cluster's: tried in
+    ``order``, each once), or BrokerUnreachable saying what to fix (``safe``: the broker
+    URL without its passwords, for the messages). A refused login or vhost is not a
+    node being down: it is raised at once."""
+    failed: list[str] = []
+    for index in order.order():
+        p = nodes[index]
+        params = _connection_parameters(p, options, purpose)
+        try:
+            conn = _fast_frames(pika.BlockingConnection(params))
+        except pex.ProbableAuthenticationError:
+            raise BrokerUnreachable(
+                f"RabbitMQ at {safe} refused the login of user {p.user!r}: "
+                "check the user and password in the broker URL") from None
+        except pex.ProbableAccessDeniedError as exc:
+            vhost = p.vhost
+            raise BrokerUnreachable(
+                f"RabbitMQ at {safe} refused access to vhost {vhost!r} ({_reason(exc)}): "
+                f"create it with `rabbitmqctl add_vhost {vhost}` and grant access with "
+                f"`rabbitmqctl set_permissions -p {vhost} {p.user} "
+                "'.*' '.*' '.*'`") from None
+        except (pex.AMQPError, OSError, ValueError) as exc:
+            # ValueError: pika's check that the socket it just connected is still
+            # connected ("getpeername() failed"), when the broker dropped it at once
+            failed.append(f"{p.host}:{p.port}: {_reason(exc)}" if len(nodes) > 1
+                          else _reason(exc))
+            continue
+        if failed:
+            log.warning("RabbitMQ: connected to node %s:%s (%s) after %s", p.host, p.port,
+                        purpose, "; ".join(failed))
+        order.reached(index)
+        return conn
+    where = "any node of the cluster " if len(nodes) > 1 else ""
+    raise BrokerUnreachable(
+        f"cannot connect to RabbitMQ at {where}{safe} ({'; '.join(failed)}): check that it "
+        "is running (rabbitmq-server -detached) and the host and port in the broker "
+        "URL")
 
 
 class _Link:

@@ -35,7 +35,7 @@ from qops.transports.amqp.locks import _Locks
 from qops.transports.amqp.presence import _Presence
 from qops.transports.amqp.props import _basic_properties
 from qops.transports.amqp.subscription import _AMQPSubscription
-from qops.transports.amqp.url import parse_url
+from qops.transports.amqp.url import parse_urls
 from qops.transports.amqp.wire import encode_properties
 from qops.transports.base import (
     REPLY_PREFETCH,
@@ -46,6 +46,7 @@ from qops.transports.base import (
     Transport,
     TransportOptions,
 )
+from qops.transports.failover import NodeOrder
 
 T = TypeVar("T")
 
@@ -56,11 +57,14 @@ class AMQPTransport(Transport):
 
     @classmethod
     def check_url(cls, url: str) -> None:
-        parse_url(url)
+        parse_urls(url)
 
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         super().__init__(url, options)
-        self.params = parse_url(url)
+        #: the nodes of the URL list (one for a plain URL); params: the first one
+        self.nodes = parse_urls(url)
+        self.params = self.nodes[0]
+        self._order = NodeOrder(len(self.nodes), self.options.failover_strategy)
         self.dead_letter_queue = self.params.dead_letter_queue
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -73,7 +77,8 @@ class AMQPTransport(Transport):
     # -- connections ---------------------------------------------------------------------
     def connect(self, purpose: str) -> Any:
         """A new BlockingConnection, or BrokerUnreachable saying what to fix."""
-        return open_connection(self.params, self.options, self.safe_url(), purpose)
+        return open_connection(self.nodes, self._order, self.options, self.safe_url(),
+                               purpose)
 
     def _link(self) -> tuple[_Link, bool]:
         """This thread's connection, and whether it was already open (i.e. it may have
@@ -145,7 +150,7 @@ class AMQPTransport(Transport):
             self.check_size(repr(routing_key or exchange), body)
         confirm = confirm and self.options.confirm_publish
         mandatory = queue is not None and confirm
-        redeclared = False
+        redeclared = renacked = False
         attempt = 0
         while True:
             attempt += 1
@@ -172,10 +177,18 @@ class AMQPTransport(Transport):
                     f"RabbitMQ could not route the message to queue {routing_key!r} "
                     "(it does not exist)") from None
             except pex.NackError:
+                # Not taken (so sending again duplicates nothing). A channel that was
+                # publishing to a quorum queue while its leader was being elected (a
+                # node of the cluster died) may go on nacking every message: try once
+                # more on a new connection before giving up.
+                self._drop_link(link)
+                if not renacked:
+                    renacked = True
+                    continue
                 raise PublishError(
                     f"RabbitMQ refused the message for {routing_key or exchange!r} (nack: "
-                    "queue full with overflow=reject-publish, or an internal error)"
-                ) from None
+                    "queue full with overflow=reject-publish, a quorum queue without a "
+                    "leader, or an internal error)") from None
             except pex.ChannelClosedByBroker as exc:
                 if exc.reply_code == NOT_FOUND and exchange_kind is not None \
                         and not redeclared:

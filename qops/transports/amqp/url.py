@@ -1,4 +1,5 @@
-"""The broker URL of the AMQP transport: ``amqp://user:pass@host:5672/vhost?options``.
+"""The broker URL of the AMQP transport: ``amqp://user:pass@host:5672/vhost?options``,
+or the nodes of a cluster, ``;``-separated (``parse_urls``).
 
 ``parse_url`` reads it the way kombu does into ``AMQPParams``. Query options:
 ``heartbeat`` (AMQP heartbeat in seconds, default 60, 0 = off), ``dead_letter_queue``
@@ -58,3 +59,23 @@ def parse_url(url: str) -> AMQPParams:
         dead_letter_queue=query.get("dead_letter_queue") or DEAD_LETTER_QUEUE,
         blocked_connection_timeout=blocked,
     )
+
+
+def parse_urls(url: str) -> tuple[AMQPParams, ...]:
+    """The nodes of ``amqp://h1;amqp://h2...`` (one for a plain URL), each read by
+    ``parse_url``. They are one cluster: the same vhost and dead-letter queue."""
+    nodes = []
+    for part in url.split(";"):
+        if not part.strip():
+            raise url_error(url, "broker URL", "an empty entry in the ';'-separated list",
+                            "amqp")
+        nodes.append(parse_url(part.strip()))
+    first = nodes[0]
+    for n in nodes[1:]:
+        if n.vhost != first.vhost:
+            raise url_error(url, "broker URL", f"the nodes name different vhosts "
+                            f"({first.vhost!r}, {n.vhost!r}): one cluster, one vhost", "amqp")
+        if n.dead_letter_queue != first.dead_letter_queue:
+            raise url_error(url, "broker URL", "the nodes name different dead_letter_queue "
+                            "options", "amqp")
+    return tuple(nodes)

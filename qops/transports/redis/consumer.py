@@ -286,16 +286,16 @@ class RedisConsumer(Consumer):
         except BaseException:
             self._put_back_acks(acks, clears)
             raise
-        if not res:
-            return False
-        names = plan.names
-        got = [(names[abs(int(res[i])) - 1], bytes(res[i + 1])) for i in range(0, len(res), 2)]
-        flagged = [item for i, item in enumerate(got) if int(res[2 * i]) < 0]
-        if flagged:
-            with self._lock:
-                self._lost.flagged.update(flagged)
-        self._taken(got)
-        return True
+        if res:
+            names = plan.names
+            got = [(names[abs(int(res[i])) - 1], bytes(res[i + 1]))
+                   for i in range(0, len(res), 2)]
+            flagged = [item for i, item in enumerate(got) if int(res[2 * i]) < 0]
+            if flagged:
+                with self._lock:
+                    self._lost.flagged.update(flagged)
+            self._taken(got)
+        return bool(res)
 
     def _blmove(self, name: str, wait: float) -> None:
         # BLMOVE's timeout is in seconds (a double since Redis 6); 0 would mean forever.

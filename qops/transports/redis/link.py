@@ -48,8 +48,18 @@ class Link:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._conn = cast("redis.Connection", pool.make_connection())
 
-    def send(self, packed: bytes) -> Any:
+    def _connected(self) -> redis.Connection:
+        """The connection, connected through its own ``connect()``: redis-py's
+        ``send_packed_command`` would otherwise connect to the last address it had,
+        which under Sentinel is not where the master is (``connect()`` asks the
+        Sentinels first)."""
         conn = self._conn
+        if not conn.is_connected:
+            conn.connect()
+        return conn
+
+    def send(self, packed: bytes) -> Any:
+        conn = self._connected()
         try:
             conn.send_packed_command([packed], check_health=False)
             return conn.read_response()
@@ -66,7 +76,7 @@ class Link:
         """Several commands in one round trip (a pipeline, not a transaction)."""
         if not commands:
             return []
-        conn = self._conn
+        conn = self._connected()
         try:
             conn.send_packed_command([b"".join(pack(c) for c in commands)],
                                       check_health=False)
@@ -81,7 +91,7 @@ class Link:
         ``packed``'s reply (the others' are read and dropped: error replies included)."""
         if not commands:
             return self.send(packed)
-        conn = self._conn
+        conn = self._connected()
         try:
             conn.send_packed_command([b"".join(pack(c) for c in commands) + packed],
                                       check_health=False)

@@ -25,7 +25,6 @@ from qops.transports.base import (
     Transport,
     TransportOptions,
     one_line,
-    url_error,
 )
 from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
@@ -38,9 +37,10 @@ from qops.transports.redis.names import (
     list_name,
     wire_step,
 )
+from qops.transports.redis.replicas import Replicas
 from qops.transports.redis.reply import RedisReplyConsumer
 from qops.transports.redis.subscription import RedisSubscription
-from qops.transports.redis.url import parse_url, select_db
+from qops.transports.redis.url import connection_pool, parse_url, select_db
 
 #: messages per MULTI/EXEC of a bulk send (``publish_many``)
 BATCH = 2000
@@ -55,7 +55,7 @@ class RedisTransport(Transport):
 
     def __init__(self, url: str, options: TransportOptions | None = None) -> None:
         super().__init__(url, options)
-        parsed = parse_url(url)
+        self._parsed = parsed = parse_url(url)
         self._redis_url, self.prefix = parsed.url, parsed.prefix
         # Stale pooled connections (e.g. after a Redis restart) fail once and are retried
         # once at once; an unreachable server still fails fast (no backoff loop).
@@ -76,18 +76,17 @@ class RedisTransport(Transport):
         self._lua_lock_release = self._client.register_script(
             load_script("lock_release.lua"))
         self._nodes_swept = 0.0  # when live_nodes() last forgot expired nodes
+        # wait_replicas: publishes (and acks, by the consumers) wait for replicas
+        self.replicas = Replicas.from_options(self.options.extra, "broker_transport_options")
         # Queues whose kombu binding this transport has already written (kombu caches
         # declarations the same way): publishing then costs one LPUSH.
         self._bound: set[str] = set()
 
     def _make_pool(self, retry: Retry, socket_timeout: float) -> redis.ConnectionPool:
-        try:
-            return redis.ConnectionPool.from_url(
-                self._redis_url, retry=retry, socket_timeout=socket_timeout,
-                socket_connect_timeout=self.options.connect_timeout, client_name="qops",
-                redis_connect_func=select_db)
-        except ValueError as exc:
-            raise url_error(self.url, "broker URL", str(exc), "redis") from None
+        return connection_pool(
+            self._parsed, self.options.extra, self.url, "broker URL", retry=retry,
+            socket_timeout=socket_timeout, socket_connect_timeout=self.options.connect_timeout,
+            client_name="qops", redis_connect_func=select_db)
 
     # -- key names --------------------------------------------------------------------
     def key(self, name: str) -> str:
@@ -104,6 +103,10 @@ class RedisTransport(Transport):
         if isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError):
             hint = ("check the password (redis://:PASSWORD@host:6379/db) and the ACL "
                     "user's permissions")
+        elif self._parsed.sentinel is not None:
+            hint = ("check that the Sentinels are running, that they know the master "
+                    "name, and that one of them sees a master (during a failover: "
+                    "until a replica is promoted)")
         else:
             hint = ("check that redis-server is running and that the URL's host, port, "
                     "db and TLS scheme (rediss://) are right")
@@ -141,14 +144,18 @@ class RedisTransport(Transport):
         name, raw = self.encode(queue, message)
         self.check_size(f"queue {queue!r}", raw)
         with self.sending("publishing to", "the message for", queue):
-            if queue in self._bound:
+            if queue in self._bound and not self.replicas.count:
                 self._client.lpush(self.key(name), raw)
-            else:
-                pipe = self._client.pipeline(transaction=False)
+                return
+            pipe = self._client.pipeline(transaction=False)
+            if queue not in self._bound:
                 pipe.sadd(self.key(BINDING_PREFIX + queue), binding_member(queue))
-                pipe.lpush(self.key(name), raw)
+            pipe.lpush(self.key(name), raw)
+            if self.replicas.count:
+                self.replicas.wait(pipe, f"the message for {queue!r}")
+            else:
                 pipe.execute()
-                self._bound.add(queue)
+            self._bound.add(queue)
 
     def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
         """Pipelined: each chunk of ``BATCH`` messages is one MULTI/EXEC (one LPUSH

@@ -1,5 +1,6 @@
 """The Redis URL (broker and result backend): ``redis://[:password@]host:6379/<db>``,
-``rediss://`` (TLS), ``unix:///path/to/redis.sock?db=<db>``, with the optional query
+``rediss://`` (TLS), ``unix:///path/to/redis.sock?db=<db>``, ``sentinel://`` (a list of
+Sentinels: sentinel.py), with the optional query
 ``global_keyprefix=`` that qops takes out before redis-py sees the rest.
 
 ``parse_url`` checks the URL before anything connects: redis-py reads a db it cannot
@@ -12,11 +13,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode
+from typing import TYPE_CHECKING, Any
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode
 
 from qops.errors import UsageError
 from qops.transports.base import mask_password, split_network_url, url_error
+from qops.transports.redis import sentinel
+
+if TYPE_CHECKING:
+    import redis
 
 _DB = re.compile(r"[0-9]+")
 
@@ -26,6 +31,7 @@ class RedisURL:
     url: str  # what redis-py is given (without global_keyprefix)
     prefix: str  # global_keyprefix
     db: int
+    sentinel: sentinel.SentinelURL | None = None  # for sentinel:// URLs
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -46,8 +52,13 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def parse_url(url: str, what: str = "broker URL") -> RedisURL:
-    """Check a ``redis://``, ``rediss://`` or ``unix://`` URL; a one-line UsageError
-    saying what is wrong and the expected form when it is malformed."""
+    """Check a ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://`` URL; a
+    one-line UsageError saying what is wrong and the expected form when it is
+    malformed."""
+    if sentinel.is_sentinel(url):
+        redis_url, prefix = split_url(url)
+        spec = sentinel.parse(url, what, _db_of)
+        return RedisURL(url=redis_url, prefix=prefix, db=spec.db, sentinel=spec)
     parts, scheme, port = split_network_url(url, ("redis", "rediss", "unix"), what, "redis")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     db_text = query.get("db")
@@ -58,22 +69,46 @@ def parse_url(url: str, what: str = "broker URL") -> RedisURL:
         if parts.path in ("", "/"):
             raise url_error(url, what, "no socket path", scheme)
     else:
-        path = unquote(parts.path)
-        if path not in ("", "/"):
-            if not _DB.fullmatch(path[1:]):
-                hint = (" (no trailing '/')" if _DB.fullmatch(path[1:].rstrip("/"))
-                        else f" (e.g. /{path[1:].lstrip('db')})"
-                        if _DB.fullmatch(path[1:].lstrip("db")) else "")
-                raise url_error(url, what, f"the db {path[1:]!r} is not a number{hint}",
-                                scheme)
-            if db_text is not None and db_text != path[1:]:
-                raise url_error(url, what, f"two dbs: /{path[1:]} and ?db={db_text}", scheme)
-            db_text = path[1:]
+        db = _db_of(parts, url, scheme, what)
+        if db is not None:
+            if db_text is not None and db_text != str(db):
+                raise url_error(url, what, f"two dbs: /{db} and ?db={db_text}", scheme)
+            db_text = str(db)
     if db_text is not None and not _DB.fullmatch(db_text):
         raise url_error(url, what, f"the db {db_text!r} is not a number", scheme)
     redis_url, prefix = split_url(url)
     _check_options(redis_url, url, what, scheme)
     return RedisURL(url=redis_url, prefix=prefix, db=int(db_text or 0))
+
+
+def _db_of(parts: SplitResult, url: str, scheme: str, what: str) -> int | None:
+    """The db a network URL names as its path (None without one)."""
+    path = unquote(parts.path)
+    if path in ("", "/"):
+        return None
+    if not _DB.fullmatch(path[1:]):
+        hint = (" (no trailing '/')" if _DB.fullmatch(path[1:].rstrip("/"))
+                else f" (e.g. /{path[1:].lstrip('db')})"
+                if _DB.fullmatch(path[1:].lstrip("db")) else "")
+        raise url_error(url, what, f"the db {path[1:]!r} is not a number{hint}", scheme)
+    return int(path[1:])
+
+
+def connection_pool(parsed: RedisURL, options: dict[str, Any], url: str, what: str,
+                    **kwargs: Any) -> redis.ConnectionPool:
+    """The redis-py pool for ``parsed``: a plain one, or for ``sentinel://`` one whose
+    connections ask the Sentinels for the master (``options``: the transport options,
+    ``master_name``, ``sentinel_kwargs``, ...). ``kwargs``: connection arguments."""
+    import redis
+
+    if parsed.sentinel is not None:
+        pool: redis.ConnectionPool = sentinel.make_pool(parsed.sentinel, options, url, what,
+                                                        **kwargs)
+        return pool
+    try:
+        return redis.ConnectionPool.from_url(parsed.url, **kwargs)
+    except ValueError as exc:
+        raise url_error(url, what, str(exc), "redis") from None
 
 
 def _check_options(redis_url: str, url: str, what: str, scheme: str) -> None:

@@ -1,17 +1,16 @@
-"""``qops`` command line. The only package that imports typer and rich.
+"""The typer side of the ``qops`` command line: the root command with the global
+options, the registration of the commands, and ``run``, where every error becomes its
+exit code (the table in docs/commands.md): a QopsError its own, a usage error from the
+parser 2, anything unexpected 1 -- each as one line on stderr (the traceback only with
+``--debug``) and, with ``--json``, as ``{"error": ..., "exit_code": ...}`` on stdout.
 
-Global options may stand before or after the command (``qops -A proj worker`` and
-``qops worker -A proj`` are the same): ``main`` moves them to the front before typer
-parses, so every command sees them in one place.
-
-``main`` is also where every error becomes its exit code (the table in
-docs/commands.md): a QopsError its own, a usage error from the parser 2, anything
-unexpected 1 -- each as one line on stderr (the traceback only with ``--debug``) and,
-with ``--json``, as ``{"error": ..., "exit_code": ...}`` on stdout.
+``qops.cli.main`` (the entry point) imports this module only when typer has work to
+do, and asks ``register`` for only the module of the command on the command line.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
@@ -21,40 +20,11 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from qops.cli import shell
+from qops.cli import params, shell
+from qops.cli.main import MODULES, hoist_global_options, show_version, undecodable
 from qops.cli.shell import Context
 from qops.cli.terminal import Terminal
 from qops.errors import EX_FAILURE, EX_USAGE, QopsError, UsageError
-
-# Global options: name -> takes a value
-GLOBAL_OPTIONS: dict[str, bool] = {
-    "-A": True, "--app": True, "-b": True, "--broker": True, "--result-backend": True,
-    "--config": True, "--workdir": True, "--compat": True,
-    "-q": False, "--quiet": False, "--json": False, "--no-color": False, "--debug": False,
-}
-
-
-def hoist_global_options(argv: list[str]) -> list[str]:
-    """Move global options found after the command to the front (stops at ``--``)."""
-    front: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        name = arg.split("=", 1)[0]
-        if name in GLOBAL_OPTIONS:
-            if GLOBAL_OPTIONS[name] and "=" not in arg:
-                front.extend(argv[i:i + 2])
-                i += 2
-                continue
-            front.append(arg)
-        else:
-            rest.append(arg)
-        i += 1
-    return front + rest
 
 
 @dataclass
@@ -100,13 +70,7 @@ class Globals:
 
 def _version(ctx: typer.Context, value: bool) -> None:
     if value:
-        from qops import __version__
-
-        term = ctx.obj if isinstance(ctx.obj, Terminal) else Terminal()
-        if term.json_mode:
-            term.json({"version": __version__})
-        else:
-            print(f"qops {__version__}")
+        show_version(ctx.obj if isinstance(ctx.obj, Terminal) else Terminal())
         raise typer.Exit()
 
 
@@ -121,6 +85,7 @@ class QopsGroup(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str],
                      parent: Context | None = None, **extra: Any) -> Context:
+        params.install(self)  # here: typer adds its completion options after __init__
         return super().make_context(info_name, hoist_global_options(args), parent, **extra)
 
 
@@ -168,62 +133,17 @@ def root(
                       workdir=workdir, compat=compat, terminal=terminal)
 
 
-def _register() -> None:
-    from qops.cli import (
-        beat,
-        config_cmd,
-        control,
-        demo,
-        dlq,
-        events_cmd,
-        generate,
-        monitor,
-        multi,
-        queues,
-        tasks,
-        worker,
-    )
-
-    worker.register(cli)
-    tasks.register(cli)
-    control.register(cli)
-    queues.register(cli)
-    events_cmd.register(cli)
-    multi.register(cli)
-    beat.register(cli)
-    config_cmd.register(cli)
-    dlq.register(cli)
-    demo.register(cli)
-    generate.register(cli)
-    monitor.register(cli)
+_registered: set[str] = set()
 
 
-_register()
-
-
-def _early_terminal(args: list[str]) -> Terminal:
-    """The Terminal for the flags among the global options at the front of ``args``
-    (hoisted there), before typer parses: usage errors need it too."""
-    flags = set()
-    i = 0
-    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
-        name = args[i].split("=", 1)[0]
-        flags.add(name)
-        i += 2 if GLOBAL_OPTIONS[name] and "=" not in args[i] else 1
-    return Terminal(json_mode="--json" in flags, quiet=bool(flags & {"-q", "--quiet"}),
-                    no_color="--no-color" in flags, debug="--debug" in flags)
-
-
-def _undecodable(args: list[str]) -> str | None:
-    """The first argument that is not valid UTF-8 (Python keeps its bytes as lone
-    surrogates), shown with its bad bytes escaped; None when all are fine."""
-    for arg in args:
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            raw = arg.encode("utf-8", "surrogateescape")
-            return raw.decode("utf-8", "backslashreplace")
-    return None
+def register(modules: tuple[str, ...] = MODULES) -> typer.Typer:
+    """Register the commands of ``modules`` (of qops.cli; each once), in the order of
+    MODULES, which is the order of ``qops --help``; the root command."""
+    for name in MODULES:
+        if name in modules and name not in _registered:
+            _registered.add(name)
+            importlib.import_module(f"qops.cli.{name}").register(cli)
+    return cli
 
 
 def _is_parser_error(exc: Exception) -> bool:
@@ -235,7 +155,7 @@ def run(args: list[str], term: Terminal) -> int:
     error ends here as one line (see the module doc)."""
     code: int
     try:
-        bad = _undecodable(args)
+        bad = undecodable(args)
         if bad is not None:
             raise UsageError(f"argument '{bad}' is not valid UTF-8: check the shell's "
                              "locale (LANG/LC_ALL) or the file the value came from")
@@ -268,20 +188,3 @@ def run(args: list[str], term: Terminal) -> int:
         term.json({"error": f"failed with exit code {code} (details on stderr)",
                    "exit_code": code})
     return code
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
-    if "--no-color" in args[:args.index("--") if "--" in args else None]:
-        os.environ["NO_COLOR"] = "1"
-    if os.environ.get("NO_COLOR"):
-        # no escapes at all in help screens and usage errors (rich's own NO_COLOR keeps
-        # bold and dim); paid only by those who ask for it
-        from typer import rich_utils
-
-        rich_utils.COLOR_SYSTEM = None
-    try:
-        code = run(args, _early_terminal(args))
-    except KeyboardInterrupt:
-        code = 130
-    raise SystemExit(code)

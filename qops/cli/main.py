@@ -1,0 +1,149 @@
+"""``qops`` command line: the entry point. The only package that imports typer and rich
+(``root``, imported here only when typer has work to do).
+
+Health checks and cron jobs run ``qops --version``, ``qops status`` and ``qops inspect
+ping`` every few seconds, so start-up is kept short: ``--version`` is answered before
+typer is imported, and a command line naming a command registers only the module of
+that command (``COMMANDS``); ``qops --help``, completion and unknown commands register
+them all.
+
+Global options may stand before or after the command (``qops -A proj worker`` and
+``qops worker -A proj`` are the same): ``main`` moves them to the front before typer
+parses, so every command sees them in one place. Errors become their exit codes in
+``root.run``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from qops.cli.terminal import Terminal
+
+# Global options: name -> takes a value
+GLOBAL_OPTIONS: dict[str, bool] = {
+    "-A": True, "--app": True, "-b": True, "--broker": True, "--result-backend": True,
+    "--config": True, "--workdir": True, "--compat": True,
+    "-q": False, "--quiet": False, "--json": False, "--no-color": False, "--debug": False,
+}
+
+#: the modules of qops.cli that register commands, in the order of ``qops --help``
+MODULES = ("worker", "tasks", "control", "queues", "events_cmd", "multi", "beat",
+           "config_cmd", "dlq", "demo", "generate", "monitor")
+
+#: command -> the module registering it (a test checks this against the modules)
+COMMANDS: dict[str, str] = {
+    "worker": "worker", "call": "tasks", "result": "tasks", "control": "control",
+    "inspect": "control", "status": "control", "purge": "queues", "queues": "queues",
+    "events": "events_cmd", "multi": "multi", "beat": "beat", "schedule": "beat",
+    "config": "config_cmd", "dlq": "dlq", "demo": "demo", "generate": "generate",
+    "top": "monitor", "exporter": "monitor",
+}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move global options found after the command to the front (stops at ``--``)."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            if GLOBAL_OPTIONS[name] and "=" not in arg:
+                front.extend(argv[i:i + 2])
+                i += 2
+                continue
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+def _leading_globals(args: list[str]) -> tuple[set[str], int]:
+    """The names of the global options at the front of ``args`` (hoisted there) and the
+    index of the first argument after them."""
+    flags = set()
+    i = 0
+    while i < len(args) and args[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        name = args[i].split("=", 1)[0]
+        flags.add(name)
+        i += 2 if GLOBAL_OPTIONS[name] and "=" not in args[i] else 1
+    return flags, i
+
+
+def _early_terminal(args: list[str]) -> Terminal:
+    """The Terminal for the flags among the global options at the front of ``args``,
+    before typer parses: usage errors need it too."""
+    flags, _ = _leading_globals(args)
+    return Terminal(json_mode="--json" in flags, quiet=bool(flags & {"-q", "--quiet"}),
+                    no_color="--no-color" in flags, debug="--debug" in flags)
+
+
+def undecodable(args: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (Python keeps its bytes as lone
+    surrogates), shown with its bad bytes escaped; None when all are fine."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogateescape")
+            return raw.decode("utf-8", "backslashreplace")
+    return None
+
+
+def show_version(term: Terminal) -> None:
+    """``qops --version``: ``qops X.Y.Z``, or ``{"version": ...}`` with --json."""
+    from qops import __version__
+
+    if term.json_mode:
+        term.json({"version": __version__})
+    else:
+        print(f"qops {__version__}")
+
+
+def modules_for(args: list[str]) -> tuple[str, ...]:
+    """The modules to register for the command line ``args`` (global options hoisted):
+    the named command's, or all of them (help, completion, a mistyped command)."""
+    _, i = _leading_globals(args)
+    module = COMMANDS.get(args[i]) if i < len(args) else None
+    return (module,) if module else MODULES
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    term = _early_terminal(args)
+    if args[_leading_globals(args)[1]:] == ["--version"] and undecodable(args) is None:
+        show_version(term)  # what typer would print (its --version is eager), sooner
+        raise SystemExit(0)
+    if "--no-color" in args[:args.index("--") if "--" in args else None]:
+        os.environ["NO_COLOR"] = "1"
+    if os.environ.get("NO_COLOR"):
+        # no escapes at all in help screens and usage errors (rich's own NO_COLOR keeps
+        # bold and dim); paid only by those who ask for it
+        from typer import rich_utils
+
+        rich_utils.COLOR_SYSTEM = None
+    from qops.cli import root
+
+    root.register(modules_for(args))
+    try:
+        code = root.run(args, term)
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+def __getattr__(name: str) -> Any:
+    """``cli``: the root command with every command registered (for tests and tools
+    that walk the command tree)."""
+    if name == "cli":
+        from qops.cli import root
+
+        return root.register()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

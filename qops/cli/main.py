@@ -123,17 +123,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
         os.environ["NO_COLOR"] = "1"
-    if os.environ.get("NO_COLOR"):
-        # no escapes at all in help screens and usage errors (rich's own NO_COLOR keeps
-        # bold and dim); paid only by those who ask for it
-        from typer import rich_utils
+    if os.environ.get("NO_COLOR") or not args or {"-h", "--help"} & set(args):
+        # a help screen is likely (NO_COLOR: usage errors too): typer's renderer, lighter
+        from qops.cli.richhelp import rich_utils
 
-        rich_utils.COLOR_SYSTEM = None
+        rich_utils()
     from qops.cli import root
 
-    root.register(modules_for(args))
+    _, i = _leading_globals(args)
+    command = root.help_root() if args[i:] in (["-h"], ["--help"]) else \
+        root.register(modules_for(args))
     try:
-        code = root.run(args, term)
+        code = root.run(args, term, command)
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)

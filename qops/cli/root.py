@@ -89,18 +89,6 @@ class QopsGroup(TyperGroup):
         return super().make_context(info_name, hoist_global_options(args), parent, **extra)
 
 
-cli = typer.Typer(
-    name="qops",
-    cls=QopsGroup,
-    help="qops: a fast, scriptable task queue speaking Celery's protocol.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-@cli.callback()
 def root(
     ctx: typer.Context,
     app: Annotated[str | None, typer.Option("-A", "--app", help="The app: module, module:attr or module.attr.")] = None,
@@ -133,6 +121,22 @@ def root(
                       workdir=workdir, compat=compat, terminal=terminal)
 
 
+def _new_root() -> typer.Typer:
+    """The root command, without commands."""
+    root_cmd = typer.Typer(
+        name="qops",
+        cls=QopsGroup,
+        help="qops: a fast, scriptable task queue speaking Celery's protocol.",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    root_cmd.callback()(root)
+    return root_cmd
+
+
+cli = _new_root()
 _registered: set[str] = set()
 
 
@@ -146,20 +150,63 @@ def register(modules: tuple[str, ...] = MODULES) -> typer.Typer:
     return cli
 
 
+class _Recorder(typer.Typer):
+    """Takes the registrations of a command module in place of the root command."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: list[tuple[str | None, dict[str, Any], Any]] = []
+        self.groups: list[tuple[typer.Typer, dict[str, Any]]] = []
+
+    def command(self, name: str | None = None, **kwargs: Any) -> Any:
+        def record(func: Any) -> Any:
+            self.commands.append((name, kwargs, func))
+            return func
+        return record
+
+    def add_typer(self, typer_instance: typer.Typer, **kwargs: Any) -> None:
+        self.groups.append((typer_instance, kwargs))
+
+
+def _stand_in(func: Any) -> Any:
+    def stand_in() -> None:  # pragma: no cover - never invoked
+        raise AssertionError("a stand-in for the root help screen")
+    stand_in.__doc__ = func.__doc__
+    return stand_in
+
+
+def help_root() -> typer.Typer:
+    """A root command for ``qops --help`` alone: every command is there with its name
+    and help as registered, but without its options (typer would otherwise work out
+    the options of all the commands to show one line of each). Its own root command, so
+    ``cli`` stays whole."""
+    help_cmd = _new_root()
+    for name in MODULES:
+        recorder = _Recorder()
+        importlib.import_module(f"qops.cli.{name}").register(recorder)
+        for command_name, kwargs, func in recorder.commands:
+            help_cmd.command(command_name, **kwargs)(_stand_in(func))
+        for group, kwargs in recorder.groups:
+            hollow = typer.Typer()
+            hollow.info = group.info
+            help_cmd.add_typer(hollow, **kwargs)
+    return help_cmd
+
+
 def _is_parser_error(exc: Exception) -> bool:
     return all(hasattr(exc, a) for a in ("exit_code", "format_message", "show"))
 
 
-def run(args: list[str], term: Terminal) -> int:
-    """Run the command line ``args`` (global options hoisted); its exit code. Every
-    error ends here as one line (see the module doc)."""
+def run(args: list[str], term: Terminal, command: typer.Typer) -> int:
+    """Run the command line ``args`` (global options hoisted) with the root ``command``;
+    its exit code. Every error ends here as one line (see the module doc)."""
     code: int
     try:
         bad = undecodable(args)
         if bad is not None:
             raise UsageError(f"argument '{bad}' is not valid UTF-8: check the shell's "
                              "locale (LANG/LC_ALL) or the file the value came from")
-        rv = cli(args=args, prog_name="qops", standalone_mode=False, obj=term)
+        rv = command(args=args, prog_name="qops", standalone_mode=False, obj=term)
         code = rv if isinstance(rv, int) else 0
     except typer.Abort:
         code = EX_FAILURE

@@ -1,43 +1,54 @@
-"""Throughput benchmark: qops against Celery, same trivial task, same broker, same run.
+"""Throughput benchmark: qops against Celery and Dramatiq, same trivial task, same
+broker, same run.
 
     python bench/throughput.py [--n 10000] [--brokers redis,amqp,sqlite] [--concurrency 2]
                                [--pool prefork,threads] [--repeat 3] [--json]
+                               [--redis-url redis://127.0.0.1:6379/14] [--no-solo]
 
 For each broker, for each configuration, one *phase* (run ``--repeat`` times, medians
 are reported):
 
-1. **enqueue/s** -- a fresh producer process (qops: this interpreter; Celery: the
-   benchmark's own venv, ``bench/.celery-venv``, created with ``python -m venv`` +
-   ``pip install 'celery[redis]'`` when missing or incomplete) publishes ``--warmup`` tasks, then ``--n``
-   tasks with ``add.delay(i, i)`` (``ignore_result``); the N publishes are timed inside
-   the producer (bench/common/produce.py, the same file for both systems).
-2. **tasks/s** -- with all of them queued, a worker is started (``qops -A benchapp worker``
-   / ``celery -A benchapp worker``, same ``-c``, ``-Q <unique queue>``, ``-l WARNING``).
-   The task, identical on both sides (bench/common/benchcounter.py), does one Redis INCR
-   on a bench key. The task that completes the last warm-up task (counter == warmup)
-   pushes a ``start`` timestamp, the one that completes the last task (counter ==
-   warmup + N) an ``end`` timestamp (CLOCK_MONOTONIC, machine-wide on Linux); the
-   benchmark BLPOPs both. tasks/s = N / (end - start): pure processing of N queued
-   tasks by a warm worker, start-up and warm-up excluded, the last task's completion
-   included, and no polling load on the machine. The counter is checked afterwards:
-   it must be exactly warmup + N (no task lost, none run twice).
+1. **enqueue/s** -- a fresh producer process (qops: this interpreter; Celery and
+   Dramatiq: their own venvs, ``bench/.celery-venv`` and ``bench/.dramatiq-venv``, made
+   by bench/common/venvs.py when missing) publishes ``--warmup`` tasks, then ``--n``
+   tasks with ``add.delay(i, i)`` (``ignore_result``; Dramatiq: ``send``); the N
+   publishes are timed inside the producer (bench/common/produce.py, the same file for
+   every system).
+2. **tasks/s** -- with all of them queued, a worker is started (``qops -A benchapp
+   worker`` / ``celery -A benchapp worker``, same ``-c``, ``-Q <unique queue>``, ``-l
+   WARNING``; ``dramatiq benchapp -p <c> -t 8 -Q <queue>``: as many processes, each with
+   Dramatiq's default 8 threads). The task, identical on every side
+   (bench/common/benchcounter.py), does one Redis INCR on a bench key. The task that
+   completes the last warm-up task (counter == warmup) pushes a ``start`` timestamp, the
+   one that completes the last task (counter == warmup + N) an ``end`` timestamp
+   (CLOCK_MONOTONIC, machine-wide on Linux); the benchmark BLPOPs both. tasks/s = N /
+   (end - start): pure processing of N queued tasks by a warm worker, start-up and
+   warm-up excluded, the last task's completion included, and no polling load on the
+   machine. The counter is checked afterwards: it must be exactly warmup + N (no task
+   lost, none run twice).
+3. **solo** (Redis only; ``--no-solo`` leaves it out) -- one worker process with one
+   slot: qops and Celery ``-P solo -c 1 --prefetch-multiplier 64``, Dramatiq ``-p 1 -t
+   1`` (its default prefetch). The task is a no-op (``noop``: it counts in the process
+   and pushes the same marks), so this measures the worker's own per-task cost.
 
-Fairness: same task code and Redis round-trip on both sides, same broker URL, same
-concurrency (default 2 = this machine's cores), log level WARNING on both, each
-worker's defaults otherwise (prefetch multiplier 4, no ``-O fair``, gossip/mingle/
-heartbeat left on for Celery). qops's default is acks_late=True; Celery's is False, so
-Celery runs both ways: ``celery prefork`` (its default, the baseline of the ratio
-column) and ``celery prefork acks_late``. Each phase has its own queue name (qops
-declares AMQP queues with ``x-max-priority``, Celery without, so one name cannot serve
-both) and starts from an empty Redis db 14. The counter lives in Redis db 14 for every
-broker, so Redis is needed even for ``--brokers amqp,sqlite``. qops's AMQP publishes
-wait for publisher confirms; Celery's (py-amqp, default settings) do not.
+Fairness: same task code and Redis round-trip on every side, same broker URL, same
+concurrency (default 2 = this machine's cores), log level WARNING for qops and Celery,
+each worker's defaults otherwise (prefetch multiplier 4, no ``-O fair``, gossip/mingle/
+heartbeat left on for Celery; Dramatiq's default middleware). qops's default is
+acks_late=True; Celery's is False, so Celery runs both ways: ``celery prefork`` (its
+default, the baseline of the ratio column) and ``celery prefork acks_late``. Dramatiq
+acks after the actor ran. Each phase has its own queue name (qops declares AMQP queues
+with ``x-max-priority``, the others without, so one name cannot serve them all) and
+starts from an empty Redis db. The counter lives in the Redis db of ``--redis-url`` for
+every broker, so Redis is needed even for ``--brokers amqp,sqlite``. qops's AMQP
+publishes wait for publisher confirms; Celery's and Dramatiq's (default settings) do
+not.
 
-Cleanup: Redis db 14 is flushed before each phase and at the end (only that db); the
-AMQP run gets its own vhost (``rabbitmqctl add_vhost``), deleted at the end; SQLite
-files live in a temporary directory. Every process started here runs in its own
-process group and is stopped by pid / process group (TERM, then KILL), also on errors
-and Ctrl-C. Each phase gives up after ``--timeout`` seconds and reports it.
+Cleanup: the ``--redis-url`` db (default 14) is flushed before each phase and at the
+end (only that db); the AMQP run gets its own vhost (``rabbitmqctl add_vhost``), deleted
+at the end; SQLite files live in a temporary directory. Every process started here runs
+in its own process group and is stopped by pid / process group (TERM, then KILL), also
+on errors and Ctrl-C. Each phase gives up after ``--timeout`` seconds and reports it.
 """
 
 from __future__ import annotations
@@ -48,7 +59,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,145 +72,29 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 COMMON = BENCH / "common"
-QOPS_SIDE = BENCH / "qops_side"
-CELERY_SIDE = BENCH / "celery_side"
-DEFAULT_CELERY_VENV = BENCH / ".celery-venv"
-CELERY_REQUIREMENTS = ["celery[redis]>=5.3"]  # the extra brings redis and packaging
+SIDES = {name: BENCH / f"{name}_side" for name in ("qops", "celery", "dramatiq")}
+sys.path.insert(0, str(COMMON))
+from benchproc import (  # noqa: E402  (bench/common is no package)
+    BROKER_TITLES,
+    BROKERS,
+    DEFAULT_REDIS_URL,
+    Broker,
+    PhaseError,
+    Processes,
+    clean_env,
+    log,
+    qops_tree,
+    raise_on_term,
+    spread,
+    tail,
+    versions,
+)
+from venvs import CELERY_VENV, DRAMATIQ_VENV, celery_python, dramatiq_python  # noqa: E402
 
-REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 14
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
-AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
 COUNTER_KEY = "bench.counter"
 MARKS_KEY = "bench.marks"
-BROKERS = ("redis", "amqp", "sqlite")
-
-
-class PhaseError(Exception):
-    pass
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-class Processes:
-    """Every process the benchmark starts: own process group, stopped by pid/group."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, cmd: list[str], env: dict[str, str], cwd: Path,
-              logfile: Path | None = None) -> subprocess.Popen[bytes]:
-        out: Any = open(logfile, "ab") if logfile else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            if logfile:
-                out.close()
-        self.procs.append(proc)
-        return proc
-
-    def run(self, cmd: list[str], env: dict[str, str], cwd: Path, timeout: float,
-            what: str) -> str:
-        """Run to completion (own process group); stdout, or PhaseError."""
-        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-        self.procs.append(proc)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop(proc, grace=2)
-            raise PhaseError(f"{what}: gave up after {timeout:.0f}s") from None
-        finally:
-            self.stop(proc, grace=0)
-        if proc.returncode != 0:
-            raise PhaseError(f"{what} exited with {proc.returncode}: {_tail(err.decode())}")
-        return out.decode()
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = 20) -> None:
-        """TERM the process (a worker's warm shutdown), then KILL its whole group."""
-        if proc.poll() is None and grace > 0:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(grace)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # pool children too
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            log(f"warning: pid {proc.pid} did not exit after SIGKILL")
-        if proc in self.procs and proc.poll() is not None:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc, grace=5)
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _raise_on_term(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# -- brokers -----------------------------------------------------------------------------
-
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def rabbitmqctl(*args: str) -> None:
-    exe = shutil.which("rabbitmqctl")
-    if exe is None:
-        raise PhaseError("rabbitmqctl not found")
-    res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
-    if res.returncode != 0:
-        raise PhaseError(f"rabbitmqctl {' '.join(args)}: {_tail(res.stderr or res.stdout)}")
-
-
-@dataclass
-class Broker:
-    name: str
-    tmp: Path
-    vhost: str | None = None
-    count: int = 0
-
-    def open(self) -> None:
-        if self.name == "amqp":
-            if not port_open(AMQP_HOST, AMQP_PORT):
-                raise PhaseError(f"RabbitMQ is not listening on {AMQP_HOST}:{AMQP_PORT}")
-            self.vhost = f"qops-bench-{uuid.uuid4().hex[:8]}"
-            rabbitmqctl("add_vhost", self.vhost)
-            rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
-
-    def phase_url(self) -> str:
-        """The broker URL for the next phase (SQLite: a fresh file each time)."""
-        self.count += 1
-        if self.name == "redis":
-            return REDIS_URL
-        if self.name == "amqp":
-            return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{self.vhost}"
-        return f"sqlite:///{self.tmp / f'bench-{self.count}.db'}"
-
-    def close(self) -> None:
-        if self.name == "amqp" and self.vhost:
-            vhost, self.vhost = self.vhost, None
-            rabbitmqctl("delete_vhost", vhost)
+SOLO_PREFETCH = 64
+PEERS = ("celery", "dramatiq")
 
 
 # -- configurations ------------------------------------------------------------------------
@@ -208,16 +102,23 @@ class Broker:
 
 @dataclass
 class Config:
-    system: str  # qops | celery
-    pool: str
+    system: str  # qops | celery | dramatiq
+    pool: str  # prefork | threads | solo (dramatiq: threads)
     acks_late: bool
-    baseline: bool = False
+    baseline: bool = False  # the ratio column's 1.00x
+    solo: bool = False  # one process, one slot, prefetch 64, the no-op task
 
     @property
     def label(self) -> str:
+        if self.solo:
+            if self.system == "dramatiq":
+                return "dramatiq -p 1 -t 1 (no-op)"
+            return f"{self.system} solo (prefetch {SOLO_PREFETCH}, no-op)"
         if self.system == "celery":
             acks = "acks_late" if self.acks_late else "default: acks early"
             return f"celery {self.pool} ({acks})"
+        if self.system == "dramatiq":
+            return "dramatiq (threads 8/process)"
         return f"qops {self.pool}" + (" (default: acks_late)" if self.pool == "prefork"
                                       else " (acks_late)")
 
@@ -244,97 +145,49 @@ class Bench:
         self.args = args
         self.procs = procs
         self.tmp = tmp
-        self.redis = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
+        self.redis = redis.Redis.from_url(args.redis_url)
         self.run_id = uuid.uuid4().hex[:8]
         self.phase_no = 0
-        self.celery_python: Path | None = None
-        self.qops_python = Path(args.qops_python)
-        self.qops_src, self.qops_source = self.qops_tree()
-
-    # -- environment ---------------------------------------------------------------------
-    def qops_tree(self) -> tuple[Path, str]:
-        """The qops source to run (first on PYTHONPATH): the working tree, or ``--qops-rev``
-        exported with ``git archive`` (read-only for the repository) into the temp dir."""
-        args = self.args
-        src = Path(args.qops_src).resolve()
-        if not args.qops_rev:
-            res = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"],
-                                 capture_output=True, text=True)
-            rev = res.stdout.strip() if res.returncode == 0 else "not a git checkout"
-            return src, f"working tree {src} ({rev})"
-        sha = subprocess.run(["git", "-C", str(src), "rev-parse", "--verify",
-                              f"{args.qops_rev}^{{commit}}"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dest = self.tmp / "qops-src"
-        dest.mkdir()
-        archive = subprocess.run(["git", "-C", str(src), "archive", sha], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-        return dest, f"git archive {sha[:12]} ({args.qops_rev})"
-
-    def ensure_celery_venv(self) -> Path:
-        venv = Path(self.args.celery_venv)
-        python = venv / "bin" / "python"
-        check = [str(python), "-c", "import celery, redis, kombu.transport.redis, amqp"]
-        if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-            return python
-        if not python.exists():
-            log(f"creating the Celery venv {venv} ...")
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        log(f"installing {' '.join(CELERY_REQUIREMENTS)} into {venv} ...")
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        *CELERY_REQUIREMENTS], check=True, timeout=900)
-        subprocess.run(check, check=True)
-        return python
+        self.pythons: dict[str, Path | None] = {"qops": Path(args.qops_python),
+                                                "celery": None, "dramatiq": None}
+        self.qops_src, self.qops_source = qops_tree(Path(args.qops_src), args.qops_rev, tmp)
 
     def versions(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        code = ("import importlib.metadata as m, json, sys; "
-                "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))")
-        for python, names in ((self.qops_python, ["qops", "redis", "pika"]),
-                              (self.celery_python, ["celery", "kombu", "amqp", "redis"])):
-            if python is None:
-                continue
-            side = "qops" if python == self.qops_python else "celery-venv"
-            for name in names:
-                res = subprocess.run([str(python), "-c", code, name], capture_output=True,
-                                     text=True)
-                if res.returncode == 0:
-                    out[f"{side}:{name}"] = json.loads(res.stdout)[name]
-        out["python"] = sys.version.split()[0]
-        return out
+        return versions({
+            "qops": (self.pythons["qops"], ["qops", "redis", "pika"]),
+            "celery-venv": (self.pythons["celery"], ["celery", "kombu", "amqp", "redis"]),
+            "dramatiq-venv": (self.pythons["dramatiq"], ["dramatiq", "redis", "pika"]),
+        })
 
     def env(self, config: Config, broker_url: str, queue: str) -> dict[str, str]:
-        env = dict(os.environ)
-        for key in list(env):
-            if key.startswith(("QOPS_", "CELERY_", "BENCH_")):
-                del env[key]
-        side = QOPS_SIDE if config.system == "qops" else CELERY_SIDE
-        path = [str(side), str(COMMON)] + ([str(self.qops_src)] if config.system == "qops"
-                                           else [])
-        env["PYTHONPATH"] = os.pathsep.join(path)
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        side = SIDES[config.system]
+        env = clean_env([side, COMMON] + ([self.qops_src] if config.system == "qops" else []))
         env.update({
             "BENCH_BROKER_URL": broker_url,
             "BENCH_QUEUE": queue,
             "BENCH_ACKS_LATE": "1" if config.acks_late else "0",
-            "BENCH_COUNTER_URL": REDIS_URL,
+            "BENCH_COUNTER_URL": self.args.redis_url,
             "BENCH_COUNTER_KEY": COUNTER_KEY,
             "BENCH_MARKS_KEY": MARKS_KEY,
             "BENCH_START_AT": str(self.args.warmup),
             "BENCH_END_AT": str(self.args.warmup + self.args.n),
+            "BENCH_TASK": "noop" if config.solo else "add",
         })
-        if os.geteuid() == 0:
-            env["QOPS_FORCE_ROOT"] = "1"  # a container running as root; Celery only warns
         return env
 
     def worker_cmd(self, config: Config, queue: str) -> list[str]:
-        common = ["worker", "-c", str(self.args.concurrency), "-P", config.pool,
-                  "-Q", queue, "-l", "WARNING"]
-        if config.system == "qops":
-            return [str(self.qops_python), "-m", "qops", "-A", "benchapp", *common]
-        assert self.celery_python is not None
-        return [str(self.celery_python), "-m", "celery", "-A", "benchapp", *common]
+        python = self.pythons[config.system]
+        assert python is not None
+        c = 1 if config.solo else self.args.concurrency
+        if config.system == "dramatiq":
+            threads = 1 if config.solo else self.args.dramatiq_threads
+            return [str(python), "-m", "dramatiq", "benchapp", "-p", str(c), "-t", str(threads),
+                    "-Q", queue, "--path", "."]
+        common = ["worker", "-c", str(c), "-P", config.pool, "-Q", queue, "-l", "WARNING"]
+        if config.solo:
+            common += ["--prefetch-multiplier", str(SOLO_PREFETCH)]
+        tool = "qops" if config.system == "qops" else "celery"
+        return [str(python), "-m", tool, "-A", "benchapp", *common]
 
     # -- one phase -------------------------------------------------------------------------
     def phase(self, broker: Broker, config: Config) -> dict[str, Any]:
@@ -342,10 +195,10 @@ class Bench:
         self.phase_no += 1
         queue = f"bench-{self.run_id}-{self.phase_no}"
         url = broker.phase_url()
-        self.redis.flushdb()  # db 14 only: the counter and the Redis broker's keys
+        self.redis.flushdb()  # the bench db only: the counter and the Redis broker's keys
         env = self.env(config, url, queue)
-        python = self.qops_python if config.system == "qops" else self.celery_python
-        side = QOPS_SIDE if config.system == "qops" else CELERY_SIDE
+        python = self.pythons[config.system]
+        side = SIDES[config.system]
         assert python is not None
 
         out = self.procs.run([str(python), str(COMMON / "produce.py"), str(args.warmup),
@@ -362,11 +215,12 @@ class Bench:
             end = self.wait_mark("end", proc, launched, logfile)
         finally:
             self.procs.stop(proc)
-        final = int(self.redis.get(COUNTER_KEY) or 0)
-        expected = args.warmup + args.n
-        if final != expected:
-            raise PhaseError(f"counter is {final} after the run, expected {expected} "
-                             "(tasks lost or run twice)")
+        if not config.solo:  # (the no-op task counts in its process: its marks are the check)
+            final = int(self.redis.get(COUNTER_KEY) or 0)
+            expected = args.warmup + args.n
+            if final != expected:
+                raise PhaseError(f"counter is {final} after the run, expected {expected} "
+                                 "(tasks lost or run twice)")
         return {"enqueue_per_s": enqueue, "tasks_per_s": args.n / (end - start),
                 "startup_s": start - launched, "seconds": end - start}
 
@@ -378,7 +232,7 @@ class Bench:
             if left <= 0:
                 raise PhaseError(f"worker: no '{kind}' mark after {self.args.timeout:.0f}s "
                                  f"(counter at {int(self.redis.get(COUNTER_KEY) or 0)}); "
-                                 f"log: {_tail(logfile.read_text(errors='replace'), 8)}")
+                                 f"log: {tail(logfile.read_text(errors='replace'), 8)}")
             got = self.redis.blpop([MARKS_KEY], timeout=max(0.01, min(1.0, left)))
             if got is not None:
                 raw = got[1]
@@ -388,30 +242,38 @@ class Bench:
                 return float(value)
             if proc.poll() is not None:
                 raise PhaseError(f"worker exited with {proc.returncode}: "
-                                 f"{_tail(logfile.read_text(errors='replace'))}")
+                                 f"{tail(logfile.read_text(errors='replace'))}")
 
     # -- everything ------------------------------------------------------------------------
     def configs(self, broker: str) -> list[Config]:
         out: list[Config] = []
+        peers = self.args.peers
         if broker != "sqlite":
-            for pool in self.args.celery_pool:
-                for acks in self.args.celery_acks:
-                    out.append(Config("celery", pool, acks == "late",
-                                      baseline=(pool == "prefork" and acks == "early")))
+            if "celery" in peers:
+                for pool in self.args.celery_pool:
+                    for acks in self.args.celery_acks:
+                        out.append(Config("celery", pool, acks == "late",
+                                          baseline=(pool == "prefork" and acks == "early")))
+            if "dramatiq" in peers:
+                out.append(Config("dramatiq", "threads", True))
         for pool in self.args.pool:
             out.append(Config("qops", pool, True))
+        if broker == "redis" and self.args.solo:
+            out += [Config(p, "solo", p != "celery", solo=True) for p in ("qops", *peers)]
         return out
 
     def run(self) -> list[Outcome]:
         args = self.args
         self.redis.ping()
         if any(b != "sqlite" for b in args.brokers):
-            self.celery_python = self.ensure_celery_venv()
+            if "celery" in args.peers:
+                self.pythons["celery"] = celery_python(Path(args.celery_venv))
+            if "dramatiq" in args.peers:
+                self.pythons["dramatiq"] = dramatiq_python(Path(args.dramatiq_venv))
         outcomes: list[Outcome] = []
         for name in args.brokers:
-            broker = Broker(name, self.tmp)
-            configs = self.configs(name)
-            results = [Outcome(name, c) for c in configs]
+            broker = Broker(name, self.tmp, args.redis_url)
+            results = [Outcome(name, c) for c in self.configs(name)]
             outcomes.extend(results)
             try:
                 broker.open()
@@ -446,18 +308,18 @@ class Bench:
 
 def summarize(outcomes: list[Outcome]) -> list[dict[str, Any]]:
     rows = []
-    base: dict[str, dict[str, float | None]] = {}
+    base: dict[tuple[str, bool], dict[str, float | None]] = {}
     for o in outcomes:
-        if o.config.baseline:
-            base[o.broker] = {"tasks": o.median("tasks_per_s"),
-                              "enqueue": o.median("enqueue_per_s")}
+        if o.config.baseline or (o.config.solo and o.config.system == "celery"):
+            base[o.broker, o.config.solo] = {"tasks": o.median("tasks_per_s"),
+                                             "enqueue": o.median("enqueue_per_s")}
     for o in outcomes:
         tasks, enqueue = o.median("tasks_per_s"), o.median("enqueue_per_s")
-        b = base.get(o.broker, {})
+        b = base.get((o.broker, o.config.solo), {})
         bt, be = b.get("tasks"), b.get("enqueue")
         rows.append({
             "broker": o.broker, "system": o.config.system, "pool": o.config.pool,
-            "acks_late": o.config.acks_late, "config": o.config.label,
+            "acks_late": o.config.acks_late, "solo": o.config.solo, "config": o.config.label,
             "enqueue_per_s": _round(enqueue), "tasks_per_s": _round(tasks),
             "tasks_vs_celery": round(tasks / bt, 2) if tasks and bt else None,
             "enqueue_vs_celery": round(enqueue / be, 2) if enqueue and be else None,
@@ -467,6 +329,42 @@ def summarize(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             "errors": o.errors,
         })
     return rows
+
+
+def measures(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """The rows of bench/all.py's table (``{"rows": [...]}``): tasks/s of each qops pool
+    against Celery's default and Dramatiq on each broker, and the solo process."""
+    def pick(broker: str, system: str, solo: bool, pool: str | None = None) -> list[float]:
+        for o in outcomes:
+            c = o.config
+            if (o.broker, c.system, c.solo) == (broker, system, solo) and \
+                    (pool is None or c.pool == pool) and (system != "celery" or solo or
+                                                          c.baseline):
+                return [r["tasks_per_s"] for r in o.runs]
+        return []
+
+    out = []
+    brokers = list(dict.fromkeys(o.broker for o in outcomes))
+    for broker in brokers:
+        title = BROKER_TITLES[broker]
+        pools = list(dict.fromkeys(o.config.pool for o in outcomes
+                                   if o.broker == broker and o.config.system == "qops"
+                                   and not o.config.solo))
+        kinds = [(f"tasks/s, {title}, 2 processes" + ("" if p == "prefork" else f" (qops {p})"),
+                  False, p) for p in pools]
+        if any(o.broker == broker and o.config.solo for o in outcomes):
+            kinds.append((f"tasks/s, {title}, one solo process (no-op, prefetch 64)", True,
+                          None))
+        for measure, solo, pool in kinds:
+            values = {s: pick(broker, s, solo, pool if s == "qops" else None)
+                      for s in ("qops", *PEERS)}
+            row: dict[str, Any] = {"measure": measure, "unit": "tasks/s"}
+            for s, v in values.items():
+                row[s] = round(statistics.median(v)) if v else None
+            row["floor"] = None
+            row["spread"] = {s: spread(v) for s, v in values.items() if v}
+            out.append(row)
+    return out
 
 
 def _round(value: float | None, digits: int = 0) -> float | None:
@@ -512,18 +410,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--brokers", type=csv, default=list(BROKERS), help="redis,amqp,sqlite")
     p.add_argument("--concurrency", "-c", type=int, default=os.cpu_count() or 2)
     p.add_argument("--pool", type=csv, default=["prefork", "threads"], help="qops pools")
+    p.add_argument("--peers", type=csv, default=list(PEERS),
+                   help="celery,dramatiq (default), one of them, or '' for none")
     p.add_argument("--celery-pool", type=csv, default=["prefork"], help="Celery pools")
     p.add_argument("--celery-acks", type=csv, default=["early", "late"],
                    help="early (Celery's default), late, or both")
+    p.add_argument("--dramatiq-threads", type=int, default=8,
+                   help="Dramatiq threads per process (default 8, its own default)")
+    p.add_argument("--no-solo", dest="solo", action="store_false",
+                   help="leave out the one-process no-op measure (Redis)")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
     p.add_argument("--timeout", type=float, default=300, help="seconds before a phase gives up")
+    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                   help="Redis db for the counter and the Redis broker; flushed (default "
+                   f"{DEFAULT_REDIS_URL})")
     p.add_argument("--qops-python", default=sys.executable,
                    help="interpreter with qops installed (default: this one)")
     p.add_argument("--qops-src", default=str(REPO),
                    help="qops checkout put first on PYTHONPATH (default: this one)")
     p.add_argument("--qops-rev", help="benchmark this git revision of --qops-src instead of "
                    "its working tree (exported with git archive)")
-    p.add_argument("--celery-venv", default=str(DEFAULT_CELERY_VENV))
+    p.add_argument("--celery-venv", default=str(CELERY_VENV))
+    p.add_argument("--dramatiq-venv", default=str(DRAMATIQ_VENV))
     p.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
     p.add_argument("--json", action="store_true", help="print only the JSON document")
     args = p.parse_args(argv)
@@ -533,15 +441,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [a for a in args.celery_acks if a not in ("early", "late")]
     if bad:
         p.error("--celery-acks takes early, late or early,late")
+    bad = [x for x in args.peers if x not in PEERS]
+    if bad:
+        p.error(f"unknown peer(s) {', '.join(bad)}: choose from {', '.join(PEERS)}")
     if args.n < 1 or args.warmup < 1:
         p.error("--n and --warmup must be at least 1")
+    if not args.redis_url.startswith("redis://"):
+        p.error("--redis-url takes a redis:// URL")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_term)
-    signal.signal(signal.SIGHUP, _raise_on_term)
+    signal.signal(signal.SIGTERM, raise_on_term)
+    signal.signal(signal.SIGHUP, raise_on_term)
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="qops-bench-"))
     failed = True
@@ -550,18 +463,19 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, procs, tmp)
         started = time.time()
         outcomes = bench.run()
-        rows = summarize(outcomes)
-        failed = any(r["errors"] for r in rows)
+        results = summarize(outcomes)
+        failed = any(r["errors"] for r in results)
         doc = {
             "bench": "throughput", "date": dt.datetime.now().astimezone().isoformat(
                 timespec="seconds"),
             "host": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg},
             "n": args.n, "warmup": args.warmup, "concurrency": args.concurrency,
             "repeat": args.repeat, "seconds": round(time.time() - started, 1),
-            "qops_source": bench.qops_source, "versions": bench.versions(), "results": rows,
+            "qops_source": bench.qops_source, "versions": bench.versions(),
+            "rows": measures(outcomes), "results": results,
         }
         if not args.json:
-            print_table(rows)
+            print_table(results)
         print(json.dumps(doc, separators=(",", ":")))
         return 1 if failed else 0
     except KeyboardInterrupt as exc:

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,11 @@ class Bench:
         return env
 
     # -- wall time of commands ---------------------------------------------------------
-    def timed(self, cmds: dict[str, list[str]], envs: dict[str, dict[str, str]]
-              ) -> dict[str, list[float]]:
-        """Wall ms of each command, ``--runs`` times (after 2 warm-ups), taking turns."""
+    def timed(self, cmds: dict[str, list[str]], envs: dict[str, dict[str, str]],
+              failures: dict[str, int] | None = None) -> dict[str, list[float]]:
+        """Wall ms of each command, ``--runs`` times (after 2 warm-ups), taking turns. A
+        run that fails is an error, unless ``failures`` counts them (a ping that got no
+        reply in time still took that long)."""
         out: dict[str, list[float]] = {k: [] for k in cmds}
         for i in range(self.args.runs + 2):
             for key, cmd in cmds.items():
@@ -160,27 +163,26 @@ class Bench:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 took = (time.perf_counter() - start) * 1000
                 if res.returncode != 0:
-                    raise PhaseError(f"{' '.join(cmd)} exited with {res.returncode}: "
-                                     f"{tail(res.stderr.decode(errors='replace'), 5)}")
+                    if failures is None:
+                        raise PhaseError(f"{' '.join(cmd)} exited with {res.returncode}: "
+                                         f"{tail(res.stderr.decode(errors='replace'), 5)}")
+                    failures[key] = failures.get(key, 0) + (i >= 2)
                 if i >= 2:
                     out[key].append(took)
         return out
 
-    def cli_rows(self) -> list[dict[str, Any]]:
+    def cli_rows(self) -> Iterator[dict[str, Any]]:
         systems = self.systems()
         qpy = self.pythons["qops"]
         assert qpy is not None
         envs = {s: self.env(s, "startup") for s in systems}
         envs[FLOOR] = clean_env([])
-        rows = []
         for flag in ("--version", "--help"):
             cmds = {s: [*bin_of(self.pythons[s], s), flag] for s in systems}
             cmds[FLOOR] = [str(qpy), "-c", "pass"]
             log(f"timing {flag} ...")
-            rows.append(row(f"CLI {flag}", "ms", self.timed(cmds, envs),
-                            "python -c pass"))
-        rows.append(self.ping_row(envs))
-        return rows
+            yield row(f"CLI {flag}", "ms", self.timed(cmds, envs), "python -c pass")
+        yield self.ping_row(envs)
 
     def ping_row(self, envs: dict[str, dict[str, str]]) -> dict[str, Any]:
         url = self.args.redis_url
@@ -202,17 +204,21 @@ class Bench:
                                 "ping"]
                 self.wait_nodes(cmds[system], envs[system], 2)
             log("timing inspect ping ...")
-            times = self.timed(cmds, envs)
+            failures: dict[str, int] = {}
+            times = self.timed(cmds, envs, failures)
         finally:
             for proc in started:
                 self.procs.stop(proc)
-        return row("CLI inspect ping, 2 live nodes", "ms", times, "python: import redis, PING")
+        out = row("CLI inspect ping, 2 live nodes", "ms", times, "python: import redis, PING")
+        out["no_reply_runs"] = failures  # runs where a node did not answer in time
+        return out
 
     def wait_nodes(self, cmd: list[str], env: dict[str, str], n: int) -> None:
+        """Until ``n`` of this run's nodes answer ``cmd`` (a ping, given 5 s here)."""
         deadline = time.monotonic() + self.args.timeout
         while time.monotonic() < deadline:
-            res = subprocess.run(cmd, env=env, cwd=str(self.tmp), capture_output=True,
-                                 text=True, timeout=60)
+            res = subprocess.run([*cmd, "--timeout", "5"], env=env, cwd=str(self.tmp),
+                                 capture_output=True, text=True, timeout=60)
             if res.stdout.count(f"-{self.run_id}@") >= n:
                 return
             time.sleep(0.5)
@@ -256,8 +262,7 @@ class Bench:
         finally:
             self.procs.stop(proc)
 
-    def memory_rows(self) -> list[dict[str, Any]]:
-        rows = []
+    def memory_rows(self) -> Iterator[dict[str, Any]]:
         qpy = self.pythons["qops"]
         floor_cmd = [str(qpy), "-c",
                      f"import redis, time; r = redis.Redis.from_url({self.args.redis_url!r}); "
@@ -285,8 +290,7 @@ class Bench:
                     if pool == "solo" else None)
             r["pss"] = {s: round(statistics.median(v), 1) for s, v in pss.items()}
             r["processes"] = nprocs
-            rows.append(r)
-        return rows
+            yield r
 
 
 def row(measure: str, unit: str, values: dict[str, list[float]], floor_label: str | None
@@ -323,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds the memory must stay put to count as idle")
     p.add_argument("--peers", type=csv, default=list(PEERS), help="celery,dramatiq or none")
     p.add_argument("--skip", type=csv, default=[], help="cli,memory")
-    p.add_argument("--timeout", type=float, default=60, help="seconds before a step gives up")
+    p.add_argument("--timeout", type=float, default=120, help="seconds before a step gives up")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     p.add_argument("--qops-python", default=sys.executable,
                    help="the interpreter of a venv with qops installed (default: this one)")
@@ -356,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             if part in args.skip:
                 continue
             try:
-                rows += make()
+                for r in make():
+                    rows.append(r)
             except PhaseError as exc:
                 errors.append(f"{part}: {exc}")
                 log(f"{part}: FAILED: {exc}")

@@ -43,7 +43,7 @@ test: $(STAMP_TEST) services lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP_DEMO)
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -28,7 +28,7 @@ from packaging.utils import canonicalize_name
 from tests.helpers import EXAMPLES, ROOT
 
 #: what a dropped qops process imports: the CLI, the worker and the example app
-PROBE = "import qops.cli.main, qops.worker, proj.qops"
+PROBE = "import qops.cli.root, qops.worker, proj.qops"
 
 
 @dataclass

@@ -204,10 +204,10 @@ def show_usage_error(exc: Any) -> None:
     from typer import core
 
     if sys.stderr.isatty() or type(exc).__name__ == "NoArgsIsHelpError":
-        if core.HAS_RICH:  # rich reads NO_COLOR itself
-            from typer import rich_utils
+        if core.HAS_RICH:
+            from qops.cli.richhelp import rich_utils
 
-            rich_utils.rich_format_error(exc)
+            rich_utils().rich_format_error(exc)
         else:
             exc.show()
         return

@@ -1,0 +1,119 @@
+"""Option values without pydantic, where the answer is plain.
+
+Recent typer converts every option and argument value (a missing one too) with a
+pydantic TypeAdapter, built the first time the parameter is processed. Importing
+pydantic and building the adapters costs more than many commands themselves
+(``qops status`` from a health check) and ~7 MB in every worker, which is started by
+this command line. qops's parameters are plain: str, bool, int and float (some with
+min/max), list[str]. ``install`` gives those parameters a converter that returns the obvious
+result for a well-formed value -- the string itself, a decimal number within its
+bounds, the list of strings -- and hands anything else (a malformed or out-of-range
+number, another type) to typer's own converter, so every result and every error message
+is typer's (tests/cli/test_fast_paths.py compares the two). A typer without this
+machinery (older releases convert with click's types): nothing to do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+try:  # typer >= 0.2x
+    from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
+except ImportError:  # pragma: no cover - typer converting with click's types
+    RuntimeParam = None  # type: ignore[assignment,misc]
+
+_INT = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+_FLOAT = re.compile(r"-?[0-9]{1,15}(\.[0-9]{1,15})?")
+_NOT_PLAIN = object()
+
+
+def plain_value(annotation: Any, low: float | None, high: float | None, value: Any) -> Any:
+    """``value`` converted to ``annotation`` when that is plain, else ``_NOT_PLAIN``."""
+    if annotation is str:
+        return value if isinstance(value, str) else _NOT_PLAIN
+    if annotation is bool:
+        return value if type(value) is bool else _NOT_PLAIN
+    if annotation is list:  # list[str]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return list(value) if ok else _NOT_PLAIN
+    number: int | float
+    if annotation is int:
+        if type(value) is int:
+            number = value
+        elif isinstance(value, str) and _INT.fullmatch(value):
+            number = int(value)
+        else:
+            return _NOT_PLAIN
+    elif annotation is float:
+        if type(value) in (int, float) or (isinstance(value, str) and _FLOAT.fullmatch(value)):
+            number = float(value)
+        else:
+            return _NOT_PLAIN
+    else:
+        return _NOT_PLAIN
+    if (low is not None and number < low) or (high is not None and number > high):
+        return _NOT_PLAIN  # typer's converter words the error
+    return number
+
+
+def _plain_annotation(param: Any) -> Any:
+    """str, bool, int, float or list (for list[str]) when ``param`` converts that plainly;
+    None otherwise."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None or getattr(param, "_runtime_param", 0) is not None:
+        return None
+    info = desc.parameter_info
+    if desc.file_annotation is not None or desc.choices is not None or info.parser is not None \
+            or info.clamp or getattr(info, "click_type", None) is not None:
+        return None
+    if desc.annotation == list[str] and param.nargs == -1 and not param.multiple:
+        return list
+    if desc.annotation in (str, bool, int, float) and param.nargs == 1 and not param.multiple:
+        return desc.annotation
+    return None
+
+
+if RuntimeParam is not None:
+
+    @dataclass(frozen=True)
+    class PlainParam(RuntimeParam):
+        """Plain values here; the rest to the converter typer would have built."""
+
+        descriptor: TypeDescriptor
+        kind: Any
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            info = self.parameter_info
+            result = plain_value(self.kind, info.min, info.max, value)
+            if result is not _NOT_PLAIN:
+                return result
+            param._runtime_param = typer_param = build_runtime_param(self.descriptor)
+            return typer_param._coerce_value(value, param=param, ctx=ctx)
+
+
+class _HelpNames:
+    """What ``Command.get_help_option`` reads of a context: the help option's names."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.help_option_names = names
+
+
+def install(command: Any, help_names: list[str] | None = None) -> None:
+    """Give the plain parameters of ``command`` and of its subcommands the plain
+    converter; their help options too, which click makes on first use (with the names
+    a context would inherit: ``help_names``, unless the command's settings say)."""
+    if RuntimeParam is None:  # pragma: no cover
+        return
+    names = command.context_settings.get("help_option_names", help_names or ["--help"])
+    help_option = command.get_help_option(_HelpNames(names))
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        kind = _plain_annotation(param)
+        if kind is not None:
+            desc = param.type_descriptor
+            param._runtime_param = PlainParam(parameter_info=desc.parameter_info,
+                                              annotation=desc.annotation, descriptor=desc,
+                                              kind=kind)
+    for sub in getattr(command, "commands", {}).values():
+        install(sub, names)

@@ -36,7 +36,7 @@ from qops.backends.base import FAILURE
 from qops.builtins import CHAIN, CHORD, CHORD_UNLOCK, GROUP
 from qops.errors import UsageError
 from qops.result import AsyncResult, GroupResult
-from qops.task import Signature
+from qops.task import Signature, send_options
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -211,8 +211,10 @@ class group(Signature):  # noqa: N801 - Celery's name
         return errback
 
     def freeze(self) -> GroupResult:
+        """The group's id and its members' (a nested group's members are the group's own,
+        as in Celery: its result is one flat list)."""
         gid = self["options"].setdefault("task_id", str(uuid.uuid4()))
-        return GroupResult(gid, [freeze(t) for t in self.tasks], app=self.app)
+        return GroupResult(gid, [freeze(t) for t in _flat_members(self)], app=self.app)
 
     def apply_async(self, args: Iterable[Any] | None = None,  # type: ignore[override]
                     kwargs: dict[str, Any] | None = None, **options: Any) -> GroupResult:
@@ -221,9 +223,10 @@ class group(Signature):  # noqa: N801 - Celery's name
         if gid is not None:
             g["options"]["task_id"] = gid
         result = g.freeze()
-        shared = {k: v for k, v in g.options.items() if k != "task_id"}
+        shared = {k: v for k, v in send_options(g.options).items()
+                  if k not in ("task_id", "group", "group_index", "chord")}
         shared.update(options)
-        for index, member in enumerate(g.tasks):
+        for index, member in enumerate(_flat_members(g)):
             if _is_plain(member):
                 member.apply_async(args, kwargs, group=result.id, group_index=index, **shared)
             else:
@@ -375,7 +378,7 @@ def _upgrade(steps: list[Signature], app: App | None) -> list[Signature]:
 
 
 def _flat_members(header: group) -> list[Signature]:
-    """A chord header's members, nested groups unrolled (their tasks join the chord)."""
+    """A group's members, nested groups unrolled (their tasks are the group's own)."""
     out: list[Signature] = []
     for member in header.tasks:
         out.extend(_flat_members(member) if isinstance(member, group) else [member])

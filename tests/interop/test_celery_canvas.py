@@ -1,0 +1,301 @@
+"""Workflows across Celery 5 and qops: chain, group and chord (failing header, chain body,
+chain containing a group, nested groups) and revoking a member, for every mix of client
+and worker -- Celery client -> qops worker, qops client -> Celery worker, qops -> qops,
+and Celery or qops client -> one Celery and one qops worker sharing a queue -- on Redis
+and RabbitMQ, with results in Redis (Celery's counter join, docs/canvas.md).
+
+The workers are shared by the whole module (per broker): one qops worker consumes the
+"qops" and "mixed" queues, one Celery worker the "celery" and "mixed" queues.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import AMQP_HOST, AMQP_PORT, REDIS_HOST, REDIS_PORT
+from tests.helpers import ROOT, WorkerProcess, qops_env, stop_group
+
+T = 20  # seconds any one workflow may take (they take well under one)
+
+
+@dataclass
+class Side:
+    """The brokers, queues and running workers of one broker kind."""
+
+    broker: str
+    backend: str
+    queues: dict[str, str]  # "qops" / "celery" / "mixed" -> queue name
+    logs: list[Path]
+
+    def log_text(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logs
+                         if p.exists())
+
+
+def _celery_app(broker: str, backend: str, amqp: bool) -> Any:
+    from celery import Celery
+
+    app = Celery("interop-client", broker=broker, backend=backend)
+    app.conf.task_queue_max_priority = 9 if amqp else None
+    app.conf.result_chord_join_timeout = 3
+    return app
+
+
+@pytest.fixture(scope="module", params=["redis", "amqp"])
+def side(request: pytest.FixtureRequest, redis_db: int,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Side]:
+    import redis
+
+    backend = f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}"
+    redis.Redis.from_url(backend).flushdb()
+    amqp = request.param == "amqp"
+    if amqp:
+        vhost = request.getfixturevalue("amqp_vhost")
+        broker = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+    else:
+        broker = backend
+    tag = uuid.uuid4().hex[:6]
+    queues = {k: f"canvas-{k}-{tag}" for k in ("qops", "celery", "mixed")}
+    tmp = tmp_path_factory.mktemp(f"canvas-{request.param}")
+    qnode, cnode = f"q{tag}@interop", f"c{tag}@interop"
+    qlog, clog = tmp / "qops-worker.log", tmp / "celery-worker.log"
+    qworker = WorkerProcess("-n", qnode, "-Q", f"{queues['qops']},{queues['mixed']}",
+                            "-P", "threads", "-c", "4", broker=broker, backend=backend,
+                            env=qops_env(QOPS_COMPAT="celery"), logfile=qlog)
+    env = dict(os.environ, INTEROP_BROKER=broker, INTEROP_BACKEND=backend, C_FORCE_ROOT="1",
+               PYTHONPATH=str(ROOT / "tests" / "interop"),
+               INTEROP_MAX_PRIORITY="9" if amqp else "")
+    out = open(clog, "wb")  # noqa: SIM115 - closed at teardown
+    celery_worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "celery_side", "worker", "-n", cnode,
+         "-Q", f"{queues['celery']},{queues['mixed']}", "-P", "threads", "-c", "4",
+         "-l", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=str(tmp))
+    probe = _celery_app(broker, backend, amqp)
+    s = Side(broker, backend, queues, [qlog, clog])
+    try:
+        qworker.start()
+        deadline = time.monotonic() + 40
+        seen: set[str] = set()
+        while seen != {qnode, cnode}:
+            assert time.monotonic() < deadline, s.log_text()
+            for reply in probe.control.ping([qnode, cnode], timeout=0.5) or []:
+                seen.update(reply)
+        yield s
+    finally:
+        probe.close()
+        qworker.stop()
+        stop_group(celery_worker)
+        out.close()
+
+
+# -- the two clients, behind one small interface ------------------------------------------
+
+
+class Client:
+    """Builds and sends workflows with Celery's or qops's canvas."""
+
+    kind: str
+    chord_error: type[BaseException]
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+
+    def s(self, name: str, *args: Any, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def si(self, name: str, *args: Any, **options: Any) -> Any:
+        raise NotImplementedError
+
+    chain: Callable[..., Any]
+    group: Callable[..., Any]
+    chord: Callable[..., Any]
+
+    def revoke(self, task_id: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class CeleryClient(Client):
+    kind = "celery"
+
+    def __init__(self, side: Side) -> None:
+        from celery import chain, chord, group
+        from celery.exceptions import ChordError
+
+        self.app = _celery_app(side.broker, side.backend, side.broker.startswith("amqp"))
+        self.chain, self.group, self.chord = chain, group, chord
+        self.chord_error = ChordError
+
+    def s(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.app.signature(f"proj.tasks.{name}", args=args, queue=self.queue, **options)
+
+    def si(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.s(name, *args, immutable=True, **options)
+
+    def revoke(self, task_id: str) -> None:
+        self.app.control.revoke(task_id)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class QopsClient(Client):
+    kind = "qops"
+
+    def __init__(self, side: Side) -> None:
+        from qops import App
+        from qops.canvas import chain, chord, group
+        from qops.errors import ChordError
+
+        self.app = App("interop-qclient", broker=side.broker, backend=side.backend,
+                       compat="celery")
+        self.chain, self.group, self.chord = chain, group, chord
+        self.chord_error = ChordError
+
+    def s(self, name: str, *args: Any, immutable: bool = False, **options: Any) -> Any:
+        from qops.task import Signature
+
+        return Signature(f"proj.tasks.{name}", args, options={"queue": self.queue, **options},
+                         immutable=immutable, app=self.app)
+
+    def si(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.s(name, *args, immutable=True, **options)
+
+    def revoke(self, task_id: str) -> None:
+        self.app.AsyncResult(task_id).revoke()
+
+    def close(self) -> None:
+        self.app.close()
+
+
+MIXES = {  # mix -> (client, queue)
+    "celery-qops": ("celery", "qops"),
+    "qops-celery": ("qops", "celery"),
+    "qops-qops": ("qops", "qops"),
+    "celery-mixed": ("celery", "mixed"),
+    "qops-mixed": ("qops", "mixed"),
+}
+
+
+@pytest.fixture(params=list(MIXES))
+def client(request: pytest.FixtureRequest, side: Side) -> Iterator[Client]:
+    kind, queue = MIXES[request.param]
+    c: Client = (CeleryClient if kind == "celery" else QopsClient)(side)
+    c.queue = side.queues[queue]
+    try:
+        yield c
+    except BaseException:
+        raise
+    finally:
+        c.close()
+
+
+def _get(res: Any, side: Side, **kw: Any) -> Any:
+    try:
+        return res.get(timeout=T, **kw)
+    except Exception as exc:
+        if "TimeoutError" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            pytest.fail(f"{exc}\n{side.log_text()}")
+        raise
+
+
+# -- the workflows -----------------------------------------------------------------------------
+
+
+def test_chain(client: Client, side: Side) -> None:
+    c = client
+    res = c.chain(c.s("add", 2, 2), c.s("mul", 4), c.s("add", 1)).apply_async()
+    assert _get(res, side) == 17
+
+
+def test_group(client: Client, side: Side) -> None:
+    c = client
+    res = c.group([c.s("add", i, i) for i in range(4)]).apply_async()
+    assert _get(res, side) == [0, 2, 4, 6]
+
+
+def test_nested_group(client: Client, side: Side) -> None:
+    c = client
+    res = c.group([c.s("add", 1, 1), c.group([c.s("add", 2, 2), c.s("add", 3, 3)])]).apply_async()
+    assert _get(res, side) == [2, 4, 6]
+
+
+def test_chord(client: Client, side: Side) -> None:
+    c = client
+    res = c.chord([c.s("add", i, i) for i in range(4)], c.s("xsum")).apply_async()
+    assert _get(res, side) == 12
+    # a chain and a nested group in the header: each adds its parts to the join
+    header = [c.s("add", 1, 1) | c.s("mul", 5),
+              c.group([c.s("add", 2, 2), c.s("add", 3, 3)])]
+    assert _get(c.chord(header, c.s("xsum")).apply_async(), side) == 20
+
+
+def test_chord_with_failing_header_task(client: Client, side: Side) -> None:
+    c = client
+    res = c.chord([c.s("add", 1, 1), c.si("fail", "boom")], c.s("xsum")).apply_async()
+    _chord_failed(res, side, c, r"Dependency .* raised ValueError\('boom'\)")
+
+
+def _chord_failed(res: Any, side: Side, c: Client, match: str) -> None:
+    """The chord's result is a ChordError. (Celery's ``get()`` raises the failed header
+    task's own error first: the body's result has the header as its parent.)"""
+    with pytest.raises(Exception) as info:  # noqa: PT011 - which one depends on the client
+        _get(res, side)
+    if c.kind == "qops":
+        assert isinstance(info.value, c.chord_error), info.value
+    deadline = time.monotonic() + T
+    while res.state != "FAILURE":
+        assert time.monotonic() < deadline, side.log_text()
+        time.sleep(0.05)
+    assert isinstance(res.result, c.chord_error), res.result
+    assert re.search(match, str(res.result)), res.result
+
+
+def test_chord_whose_body_is_a_chain(client: Client, side: Side) -> None:
+    c = client
+    res = c.chord([c.s("add", 1, 1), c.s("add", 2, 2)],
+                  c.chain(c.s("xsum"), c.s("mul", 10), c.s("add", 1))).apply_async()
+    assert _get(res, side) == 61
+
+
+def test_chain_containing_a_group(client: Client, side: Side) -> None:
+    c = client
+    res = c.chain(c.s("add", 1, 1), c.group([c.s("mul", 2), c.s("mul", 3)]),
+                  c.s("xsum"), c.s("mul", 2)).apply_async()
+    assert _get(res, side) == 20
+
+
+def test_revoke_a_group_member(client: Client, side: Side) -> None:
+    c = client
+    tid = str(uuid.uuid4())
+    res = c.group([c.s("add", 1, 1), c.s("add", 2, 2, task_id=tid, countdown=1.0)]).apply_async()
+    time.sleep(0.2)  # received, held for its countdown
+    c.revoke(tid)
+    values = _get(res, side, propagate=False)
+    # by name: a qops worker stores qops.errors.TaskRevokedError, a Celery one Celery's
+    assert values[0] == 2 and type(values[1]).__name__ == "TaskRevokedError", values
+
+
+def test_revoke_a_chord_header_task(client: Client, side: Side) -> None:
+    c = client
+    tid = str(uuid.uuid4())
+    res = c.chord([c.s("add", 1, 1), c.s("add", 2, 2, task_id=tid, countdown=1.0)],
+                  c.s("xsum")).apply_async()
+    time.sleep(0.2)  # received, held for its countdown
+    c.revoke(tid)
+    _chord_failed(res, side, c, rf"Dependency {tid} raised .*Revoked")

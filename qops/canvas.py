@@ -150,6 +150,8 @@ class chain(Signature):  # noqa: N801 - Celery's name
             c = chain(*c.tasks, *[maybe_signature(t, self._app) for t in reversed(after)],
                       app=self._app, options=c.options)
         tasks = c.tasks
+        if any(isinstance(t, chord) for t in tasks):
+            _check_backend(c.app)  # before anything is sent, as Celery
         if last_id is not None:
             tasks[-1].set(task_id=last_id)
         shared = {**{k: v for k, v in c.options.items() if k in CHAIN_SHARED},
@@ -161,6 +163,13 @@ class chain(Signature):  # noqa: N801 - Celery's name
         if rest:
             if not _is_plain(first):  # cannot happen after _upgrade; kept for safety
                 raise UsageError(f"a chain cannot start with {first!r} and go on")
+            # rpc://: every task says where its result goes, as Celery's do (a Celery
+            # worker sending the next one does not pass the first one's reply_to on)
+            reply_to = options.get("reply_to")
+            if reply_to is None and c.app.has_backend:
+                reply_to = c.app.backend.prepare_send()
+            for t in rest if reply_to else ():
+                _share(t, {"reply_to": reply_to})
             options["chain"] = [to_dict(t) for t in reversed(rest)] or None
         first.apply_async(args, kwargs, **options)
         return result

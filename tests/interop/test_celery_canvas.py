@@ -342,3 +342,43 @@ def test_rpc_refuses_chords(kind: str, amqp_url: str) -> None:
                     c.s("xsum")).apply_async()
     finally:
         c.close()
+
+
+# -- Celery's built-in tasks, sent by a Celery client, on a qops worker -----------------------
+
+
+def test_celery_builtins_run_on_a_qops_worker(side: Side) -> None:
+    from celery.canvas import xmap, xstarmap
+    from celery.result import GroupResult
+
+    c = CeleryClient(side)
+    q = side.queues["qops"]
+    c.queue = q
+    app = c.app
+    try:
+        starmap = xstarmap(c.s("add"), [(1, 2), (3, 4)], app=app).apply_async(queue=q)
+        map_ = xmap(c.s("xsum"), [[1, 2], [3]], app=app).apply_async(queue=q)
+        acc = app.send_task("celery.accumulate", (1, 2, 3), {"index": 1}, queue=q)
+        cleanup = app.send_task("celery.backend_cleanup", queue=q)
+        assert [_get(r, side) for r in (starmap, map_, acc, cleanup)] == \
+            [[3, 7], [3, 3], 2, None]
+        if side.rpc:
+            return
+        # chord_unlock as Celery's backends without a counter join send it: header
+        # results as tuples, the body; polled until the header is ready
+        header = GroupResult(str(uuid.uuid4()), [
+            app.send_task("proj.tasks.add", (i, i), queue=q, countdown=0.3) for i in range(3)])
+        body = c.s("xsum", task_id=str(uuid.uuid4()))
+        app.send_task("celery.chord_unlock", (header.id, body),
+                      {"result": [r.as_tuple() for r in header.results], "interval": 0.1,
+                       "max_retries": 50}, queue=q)
+        assert _get(app.AsyncResult(body.id), side) == 6
+        # max_retries spent while a part is not ready: the chord fails
+        body = c.s("xsum", task_id=str(uuid.uuid4()))
+        never = app.AsyncResult(str(uuid.uuid4()))
+        app.send_task("celery.chord_unlock", (header.id, body),
+                      {"result": [never.as_tuple()], "interval": 0.05, "max_retries": 1},
+                      queue=q)
+        _chord_failed(app.AsyncResult(body.id), side, c, "chord_unlock could not be retried")
+    finally:
+        c.close()

@@ -19,6 +19,13 @@ CHAIN, GROUP, CHORD = "celery.chain", "celery.group", "celery.chord"
 CHORD_UNLOCK = "celery.chord_unlock"
 MAP, STARMAP, CHUNKS = "celery.map", "celery.starmap", "celery.chunks"
 ACCUMULATE, BACKEND_CLEANUP = "celery.accumulate", "celery.backend_cleanup"
+NAMES = frozenset({CHAIN, GROUP, CHORD, CHORD_UNLOCK, MAP, STARMAP, CHUNKS, ACCUMULATE,
+                   BACKEND_CLEANUP})
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of these built-in tasks (left out of task listings)."""
+    return name in NAMES
 
 
 def _local_task(app: App, sig: Any) -> Any:

@@ -275,8 +275,11 @@ def test_chords(client: Client, side: Side) -> None:
                      c.group([c.s("add", 2, 2), c.s("add", 3, 3)])], c.s("xsum")).apply_async()
     chain_body = c.chord([c.s("add", 1, 1), c.s("add", 2, 2)],
                          c.chain(c.s("xsum"), c.s("mul", 10), c.s("add", 1))).apply_async()
+    group_body = c.chord([c.s("add", 1, 1), c.s("add", 2, 2)],
+                         c.group([c.s("xsum"), c.s("xsum")])).apply_async()
     failing = c.chord([c.s("add", 1, 1), c.si("fail", "boom")], c.s("xsum")).apply_async()
-    assert [_get(r, side) for r in (plain, mixed, chain_body)] == [12, 20, 61]
+    assert [_get(r, side) for r in (plain, mixed, chain_body, group_body)] == \
+        [12, 20, 61, [6, 6]]
     _chord_failed(failing, side, c, r"Dependency .* raised ValueError\('boom'\)")
 
 

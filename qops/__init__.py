@@ -24,6 +24,7 @@ _EXPORTS = {
     "chord": "qops.canvas",
     "group": "qops.canvas",
     "crontab": "qops.schedules",
+    "ChordError": "qops.errors",
     "MaxRetriesExceeded": "qops.errors",
     "QopsError": "qops.errors",
     "Reject": "qops.errors",
@@ -34,7 +35,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "App", "AsyncResult", "GroupResult", "MaxRetriesExceeded", "QopsError", "Reject",
+    "App", "AsyncResult", "ChordError", "GroupResult", "MaxRetriesExceeded", "QopsError", "Reject",
     "Retry", "Signature", "SoftTimeLimitExceeded", "Task", "TimeLimitExceeded",
     "WorkerLostError", "__version__", "chain", "chord", "crontab", "current_app", "group",
     "shared_task", "signature",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from qops.app import App, current_app
     from qops.canvas import chain, chord, group
     from qops.errors import (
+        ChordError,
         MaxRetriesExceeded,
         QopsError,
         Reject,

@@ -17,7 +17,7 @@ from qops.errors import ConfigError, NoResultBackend, PublishManyError, UsageErr
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
 from qops.signing import HEADER, Signer, task_context, task_signer
-from qops.task import INTERNAL_SEND_OPTIONS, SEND_OPTIONS, Context, Signature, Task
+from qops.task import Context, Signature, Task, send_options
 from qops.transports.base import Transport, TransportOptions, from_url
 from qops.transports.declare import QOPS_MAX_PRIORITY, Declarations
 
@@ -81,7 +81,7 @@ class App:
         self._sending: _Sending | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        from qops.canvas import register_builtins
+        from qops.builtins import register_builtins
         from qops.signals import Signal
 
         self.on_after_configure = Signal("on_after_configure")
@@ -459,8 +459,7 @@ class App:
 
     def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
         sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
-        options = {k: v for k, v in sig.options.items()
-                   if k in SEND_OPTIONS or k in INTERNAL_SEND_OPTIONS}
+        options = send_options(sig.options)
         options.update(extra)
         return self.send_task(sig.name, sig.args, sig.kwargs, task=self.tasks.get(sig.name),
                               **options)

@@ -29,23 +29,20 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from qops.backends.base import FAILURE, READY_STATES, REVOKED, SUCCESS
+from qops.backends.base import FAILURE
+from qops.builtins import CHAIN, CHORD, CHORD_UNLOCK, GROUP
 from qops.errors import UsageError
 from qops.result import AsyncResult, GroupResult
-from qops.task import Signature
+from qops.task import Signature, send_options
 
 if TYPE_CHECKING:
     from qops.app import App
 
 log = logging.getLogger("qops.canvas")
 
-CHAIN, GROUP, CHORD = "qops.chain", "qops.group", "qops.chord"
-CHORD_UNLOCK = "qops.chord_unlock"
-#: chord_unlock looks again after min(MAX, FIRST * GROWTH ** retries) seconds
-UNLOCK_FIRST, UNLOCK_GROWTH, UNLOCK_MAX = 0.05, 1.5, 1.0
 #: options of a chain that the later tasks get too (countdown/eta: only the first)
 CHAIN_SHARED = ("queue", "priority", "expires", "time_limit", "soft_time_limit",
                 "ignore_result")
@@ -147,8 +144,14 @@ class chain(Signature):  # noqa: N801 - Celery's name
         """Send the first task with the rest in its message; returns the last task's
         result (a GroupResult when the chain ends with a group)."""
         last_id = options.pop("task_id", None)
+        after = options.pop("chain", None)  # a worker continuing a chain: what follows
         c = self.clone()
+        if after:
+            c = chain(*c.tasks, *[maybe_signature(t, self._app) for t in reversed(after)],
+                      app=self._app, options=c.options)
         tasks = c.tasks
+        if any(isinstance(t, chord) for t in tasks):
+            _check_backend(c.app)  # before anything is sent, as Celery
         if last_id is not None:
             tasks[-1].set(task_id=last_id)
         shared = {**{k: v for k, v in c.options.items() if k in CHAIN_SHARED},
@@ -160,6 +163,13 @@ class chain(Signature):  # noqa: N801 - Celery's name
         if rest:
             if not _is_plain(first):  # cannot happen after _upgrade; kept for safety
                 raise UsageError(f"a chain cannot start with {first!r} and go on")
+            # rpc://: every task says where its result goes, as Celery's do (a Celery
+            # worker sending the next one does not pass the first one's reply_to on)
+            reply_to = options.get("reply_to")
+            if reply_to is None and c.app.has_backend:
+                reply_to = c.app.backend.prepare_send()
+            for t in rest if reply_to else ():
+                _share(t, {"reply_to": reply_to})
             options["chain"] = [to_dict(t) for t in reversed(rest)] or None
         first.apply_async(args, kwargs, **options)
         return result
@@ -210,8 +220,10 @@ class group(Signature):  # noqa: N801 - Celery's name
         return errback
 
     def freeze(self) -> GroupResult:
+        """The group's id and its members' (a nested group's members are the group's own,
+        as in Celery: its result is one flat list)."""
         gid = self["options"].setdefault("task_id", str(uuid.uuid4()))
-        return GroupResult(gid, [freeze(t) for t in self.tasks], app=self.app)
+        return GroupResult(gid, [freeze(t) for t in _flat_members(self)], app=self.app)
 
     def apply_async(self, args: Iterable[Any] | None = None,  # type: ignore[override]
                     kwargs: dict[str, Any] | None = None, **options: Any) -> GroupResult:
@@ -220,14 +232,16 @@ class group(Signature):  # noqa: N801 - Celery's name
         if gid is not None:
             g["options"]["task_id"] = gid
         result = g.freeze()
-        shared = {k: v for k, v in g.options.items() if k != "task_id"}
+        shared = {k: v for k, v in send_options(g.options).items()
+                  if k not in ("task_id", "group", "group_index", "chord")}
         shared.update(options)
         # the plain members in one batch (App.publish_many), the others one by one
+        members = list(enumerate(_flat_members(g)))
         plain = [member.message(args, kwargs, group=result.id, group_index=index, **shared)
-                 for index, member in enumerate(g.tasks) if _is_plain(member)]
+                 for index, member in members if _is_plain(member)]
         if plain:
             self.app.publish_many(plain)
-        for member in g.tasks:
+        for _, member in members:
             if not _is_plain(member):
                 member.apply_async(args, kwargs, **shared)
         return result
@@ -310,20 +324,44 @@ class chord(Signature):  # noqa: N801 - Celery's name
     def apply_async(self, args: Iterable[Any] | None = None,
                     kwargs: dict[str, Any] | None = None, *, body: Any = None,
                     **options: Any) -> Any:
+        """Send the header, each task carrying the body (Celery's chord protocol,
+        docs/canvas.md); returns the body's result. ``chain`` (a worker continuing a
+        chain) is what runs after the body."""
         body_id = options.pop("task_id", None)
+        after = options.pop("chain", None)
         c = self.clone()
         if body is not None:
             c["kwargs"]["body"] = maybe_signature(body, self._app).clone()
         if c.body is None:
             raise UsageError("a chord needs a body: chord(header, body) or chord(header)(body)")
-        if body_id is not None and _is_plain(c.body):
-            c.body.set(task_id=body_id)
         app = c.app
         _check_backend(app)
-        result = c.freeze()
-        header = c.header
-        header_result = header.apply_async(args, kwargs, **options)
-        send_chord_unlock(app, header_result, c.body)
+        tail = c.body
+        if after:
+            tail = chain(tail, *[maybe_signature(t, app) for t in reversed(after)], app=app)
+        if body_id is not None and _is_plain(tail):
+            tail.set(task_id=body_id)
+        for key in CHAIN_SHARED:
+            if key in options:
+                _share(tail, {key: options[key]})
+        result = freeze(tail)
+        tail = _unchain(tail)
+        gid = c.header["options"].setdefault("task_id", str(uuid.uuid4()))
+        members = _flat_members(c.header)
+        body_dict = to_dict(tail)
+        for index, member in enumerate(members):
+            _join_into(member, gid, index, body_dict)
+        if not members:
+            tail.apply_async(([],))
+            return result
+        backend = app.backend
+        if backend.native_join:
+            backend.set_chord_size(gid, sum(_parts(m) for m in members))
+        else:
+            header_result = GroupResult(gid, [freeze(m) for m in members], app=app)
+            send_chord_unlock(app, header_result, tail)
+        for member in members:
+            member.apply_async(args, kwargs, **options)
         return result
 
     def __call__(self, body: Any = None, **options: Any) -> ResultType:
@@ -350,6 +388,71 @@ def _upgrade(steps: list[Signature], app: App | None) -> list[Signature]:
             return out
         out.append(step)
     return out
+
+
+def _flat_members(header: group) -> list[Signature]:
+    """A group's members, nested groups unrolled (their tasks are the group's own)."""
+    out: list[Signature] = []
+    for member in header.tasks:
+        out.extend(_flat_members(member) if isinstance(member, group) else [member])
+    return out
+
+
+def _join_into(sig: Signature, group_id: str, index: int, body: dict[str, Any]) -> None:
+    """Make ``sig`` one part of the chord ``group_id``: the task whose end completes it
+    (a chain's last, a chord's body) carries the group, its index and the body."""
+    if isinstance(sig, chain):
+        _join_into(sig.tasks[-1], group_id, index, body)
+    elif isinstance(sig, chord):
+        if sig.body is not None:
+            _join_into(sig.body, group_id, index, body)
+    elif isinstance(sig, group):
+        for member in sig.tasks:
+            _join_into(member, group_id, index, body)
+    else:
+        sig.set(group_id=group_id, group_index=index, chord=body)
+
+
+def _parts(sig: Signature) -> int:
+    """How many part returns ``sig`` makes to a chord (Celery's ``chord._descend``)."""
+    if isinstance(sig, group):
+        return sum(_parts(t) for t in sig.tasks)
+    if isinstance(sig, chain):
+        for step in reversed(sig.tasks):
+            n = _parts(step)
+            if n:
+                return n
+        return 0
+    if isinstance(sig, chord):
+        return _parts(sig.body) if sig.body is not None else 0
+    return 1
+
+
+def _unchain(sig: Signature) -> Signature:
+    """A frozen chain led by a task, as that task with the rest in its ``chain`` option
+    (what a chain's first message carries): the body travels in every header message,
+    and a worker of either kind sends it as one task."""
+    if not isinstance(sig, chain):
+        return sig
+    steps = sig.tasks
+    if len(steps) == 1:
+        return steps[0]
+    first = steps[0]
+    rest = [to_dict(t) for t in reversed(steps[1:])]
+    return first.set(chain=[*rest, *(first.options.get("chain") or [])])
+
+
+def send_chord_unlock(app: App, header_result: GroupResult, body: Signature) -> None:
+    """Send ``celery.chord_unlock`` to the body's queue (so workers that run the body run
+    it too), as Celery does for backends without a counter join."""
+    from qops.chords import UNLOCK_FIRST, result_tuple
+
+    queue = body["options"].get("queue") if _is_plain(body) else None
+    if queue is None and _is_plain(body):
+        queue = app.route(body.name, None, app.tasks.get(body.name))
+    app.send_task(CHORD_UNLOCK, [header_result.id, to_dict(body)],
+                  {"result": [result_tuple(r) for r in header_result.results]},
+                  countdown=UNLOCK_FIRST, queue=queue, ignore_result=True, reply_to="")
 
 
 def _share(sig: Signature, shared: dict[str, Any]) -> None:
@@ -396,112 +499,70 @@ def _check_backend(app: App) -> None:
     url = app.result_backend_url or ""
     if url.startswith("rpc:"):
         raise UsageError("a chord needs a result backend that stores results (redis:// or "
-                         "sqlite://): with rpc:// only the caller sees the header's results")
+                         "sqlite://): with rpc:// only the caller sees the header's results "
+                         "(Celery's rpc backend has no chords either)")
     if not url:
         raise UsageError("a chord needs a result backend (result_backend): the body waits "
                          "for the header's results there")
 
 
-# -- chord_unlock ------------------------------------------------------------------------
-
-
-def result_spec(res: ResultType) -> Any:
-    """A result as plain data: a task id, or ``{"group": id, "results": [...]}``."""
-    if isinstance(res, GroupResult):
-        return {"group": res.id, "results": [result_spec(r) for r in res.results]}
-    return res.id
-
-
-def result_from_spec(spec: Any, app: App) -> ResultType:
-    if isinstance(spec, dict):
-        return GroupResult(spec["group"], [result_from_spec(s, app) for s in spec["results"]],
-                           app=app)
-    return AsyncResult(str(spec), app=app)
-
-
-def send_chord_unlock(app: App, header_result: GroupResult, body: Signature,
-                      countdown: float = 0.0) -> None:
-    """Send ``qops.chord_unlock`` to the body's queue (so workers that run the body
-    run it too), as Celery's fallback_chord_unlock does."""
-    first = body.tasks[0] if isinstance(body, chain) else body
-    queue = first["options"].get("queue") if _is_plain(first) else None
-    if queue is None and _is_plain(first):
-        queue = app.route(first.name, None, app.tasks.get(first.name))
-    app.send_task(CHORD_UNLOCK, [header_result.id, result_spec(header_result), to_dict(body)],
-                  countdown=countdown or None, queue=queue, ignore_result=True, reply_to="")
-
-
-def _leaves(res: ResultType) -> list[AsyncResult]:
-    if isinstance(res, GroupResult):
-        return [leaf for r in res.results for leaf in _leaves(r)]
-    return [res]
-
-
-def chord_unlock_step(app: App, results: Any, body: dict[str, Any]) -> bool:
-    """One look at a chord's header: False when not everything is ready yet; else the
-    body is sent (all succeeded) or failed (a member failed), and True is returned."""
-    header = result_from_spec(results, app)
-    metas = [(leaf, app.backend.get_meta(leaf.id)) for leaf in _leaves(header)]
-    failed = [(leaf, m) for leaf, m in metas if m["status"] in (FAILURE, REVOKED)]
-    if failed:
-        leaf, meta = failed[0]
-        log.error("chord: member %s failed (%s): failing the chord", leaf.id,
-                  _exc_text(meta.get("result")))
-        fail_signature(app, body, meta.get("result"), meta.get("traceback"), errbacks=True)
-        return True
-    if any(m["status"] not in READY_STATES for _, m in metas):
-        return False
-    values = {leaf.id: m["result"] for leaf, m in metas if m["status"] == SUCCESS}
-    maybe_signature(body, app).apply_async((_values(header, values),))
-    return True
-
-
-def _values(res: ResultType, values: dict[str, Any]) -> Any:
-    if isinstance(res, GroupResult):
-        return [_values(r, values) for r in res.results]
-    return values[res.id]
-
-
-def _exc_text(meta: Any) -> str:
-    if isinstance(meta, dict) and "exc_type" in meta:
-        return f"{meta['exc_type']}: {', '.join(str(m) for m in meta.get('exc_message') or [])}"
-    return repr(meta)
-
-
 # -- failure propagation -------------------------------------------------------------------
+
+
+def _plain_tasks(sig: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The plain task dicts inside a signature dict, and those of their message ``chain``s
+    (a chord: its body only, as Celery's failure propagation)."""
+    kind = sig.get("subtask_type")
+    kw = sig.get("kwargs") or {}
+    if kind in ("chain", "group"):
+        for t in kw.get("tasks") or []:
+            yield from _plain_tasks(t)
+    elif kind == "chord":
+        if kw.get("body"):
+            yield from _plain_tasks(kw["body"])
+    else:
+        yield sig
+        for t in (sig.get("options") or {}).get("chain") or []:
+            yield from _plain_tasks(t)
 
 
 def task_ids(sig: dict[str, Any]) -> list[str]:
     """Every task id already chosen inside a signature dict (members, bodies)."""
-    kind = sig.get("subtask_type")
-    kw = sig.get("kwargs") or {}
-    if kind in ("chain", "group"):
-        return [i for t in kw.get("tasks") or [] for i in task_ids(t)]
-    if kind == "chord":
-        ids = task_ids(kw["header"]) if kw.get("header") else []
-        return ids + (task_ids(kw["body"]) if kw.get("body") else [])
-    tid = (sig.get("options") or {}).get("task_id")
-    nested = (sig.get("options") or {}).get("chain") or []
-    return ([tid] if tid else []) + [i for t in nested for i in task_ids(t)]
+    ids = [(t.get("options") or {}).get("task_id") for t in _plain_tasks(sig)]
+    return [i for i in ids if i]
 
 
 def fail_signature(app: App, sig: dict[str, Any], exc_meta: Any, traceback: str | None = None,
                    *, errbacks: bool = False) -> None:
     """Store FAILURE with ``exc_meta`` (the failed task's exception, as stored) for every
-    task id inside ``sig``; with ``errbacks``, send the first task's ``link_error``s."""
-    for tid in task_ids(sig):
-        app.backend.store(tid, FAILURE, exc_meta, traceback)
-    if errbacks:
-        first: dict[str, Any] = sig
+    task inside ``sig``; a chord header task among them counts as its chord's part (or
+    the chord would wait for it forever). With ``errbacks``, send the ``link_error``s of
+    the first task (of each member, for a group) with that task's id."""
+    from qops.chords import part_return
+
+    for task in _plain_tasks(sig):
+        opts = task.get("options") or {}
+        tid = opts.get("task_id")
+        if tid:
+            app.backend.store(tid, FAILURE, exc_meta, traceback)
+        if opts.get("chord"):
+            part_return(app, opts.get("group_id") or opts.get("group"), tid,
+                        opts.get("group_index"), opts["chord"], FAILURE, exc_meta)
+    if not errbacks:
+        return
+    firsts = (sig.get("kwargs") or {}).get("tasks") or [] \
+        if sig.get("subtask_type") == "group" else [sig]
+    for first in firsts:
         while first.get("subtask_type") == "chain":
             first = first["kwargs"]["tasks"][0]
-        first_id = (first.get("options") or {}).get("task_id")
-        if _is_plain(Signature(first)) and first_id:
-            for eb in (first.get("options") or {}).get("link_error") or []:
-                try:
-                    Signature(eb, app=app).clone([first_id]).apply_async()
-                except Exception as exc:
-                    log.error("chord: could not send errback %r: %s", eb, exc)
+        opts = first.get("options") or {}
+        if not _is_plain(Signature(first)) or not opts.get("task_id"):
+            continue
+        for eb in opts.get("link_error") or []:
+            try:
+                Signature(eb, app=app).clone([opts["task_id"]]).apply_async()
+            except Exception as exc:
+                log.error("chord: could not send errback %r: %s", eb, exc)
 
 
 def propagate_chain_failure(app: App, request_chain: list[dict[str, Any]] | None,
@@ -518,41 +579,3 @@ def propagate_chain_failure(app: App, request_chain: list[dict[str, Any]] | None
             fail_signature(app, sig, exc_meta, traceback)
     except Exception as exc:
         log.error("could not store the failure for the rest of the chain: %s", exc)
-
-
-# -- built-in tasks --------------------------------------------------------------------------
-
-
-def register_builtins(app: App) -> None:
-    """Register qops.chain / qops.group / qops.chord (a worker continuing a chain sends
-    these by name) and qops.chord_unlock on ``app``. Called from App.__init__."""
-    if CHORD_UNLOCK in app.tasks:
-        return
-
-    def run_chain(*args: Any, tasks: list[dict[str, Any]], **_: Any) -> None:
-        chain(*[maybe_signature(t, app) for t in tasks], app=app).apply_async(args)
-
-    def run_group(*args: Any, tasks: list[dict[str, Any]], **_: Any) -> None:
-        gid = _current_id(app)
-        g = group([maybe_signature(t, app) for t in tasks], app=app)
-        g.apply_async(args, task_id=gid)
-
-    def run_chord(*args: Any, header: dict[str, Any], body: dict[str, Any] | None = None,
-                  kwargs: dict[str, Any] | None = None, **_: Any) -> None:
-        c = chord(maybe_signature(header, app), body and maybe_signature(body, app), app=app)
-        c.apply_async(args)
-
-    def chord_unlock(self: Any, group_id: str, results: Any, body: dict[str, Any]) -> None:
-        if not chord_unlock_step(app, results, body):
-            retries = int(self.request.retries or 0)
-            raise self.retry(countdown=min(UNLOCK_MAX, UNLOCK_FIRST * UNLOCK_GROWTH ** retries))
-
-    app.task(name=CHAIN, typing=False)(run_chain)
-    app.task(name=GROUP, typing=False)(run_group)
-    app.task(name=CHORD, typing=False)(run_chord)
-    app.task(name=CHORD_UNLOCK, bind=True, max_retries=None, ignore_result=True)(chord_unlock)
-
-
-def _current_id(app: App) -> str | None:
-    req = app.current_request()
-    return req.id if req is not None else None

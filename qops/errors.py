@@ -124,6 +124,11 @@ class TaskRevokedError(TaskError):
     """The task was revoked (or had expired) before it ran."""
 
 
+class ChordError(TaskError):
+    """A task of a chord's header failed (or the body could not be sent): the chord's
+    result (its body's) holds this, as Celery's ``celery.exceptions.ChordError``."""
+
+
 class ResultTimeout(TaskError, TimeoutError):
     """AsyncResult.get() did not see a final state in time."""
 

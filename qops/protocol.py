@@ -276,7 +276,11 @@ def dict_to_exception(meta: Any) -> BaseException:
     cls: Any = None
     if module == "builtins":
         cls = getattr(builtins, name, None)
-    elif module in sys.modules:
+    elif module == "celery.exceptions":  # Celery's errors that qops has by the same name
+        from qops import errors
+
+        cls = getattr(errors, name, None)
+    if cls is None and module in sys.modules:
         cls = getattr(sys.modules[module], name, None)
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         cls = type(name, (Exception,), {"__module__": module})

@@ -29,6 +29,16 @@ INTERNAL_SEND_OPTIONS = frozenset({
     "parent_id", "root_id", "chain", "group", "group_index", "chord", "retries", "reply_to"})
 
 
+def send_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The sending options among a signature's ``options``, as ``send_task`` takes them.
+    Signatures travel between Celery and qops: Celery's ``group_id`` is ``group`` here, and
+    what qops does not send by (``stamped_headers``, ``exchange``, ...) is left out."""
+    out = {k: v for k, v in options.items() if k in SEND_OPTIONS or k in INTERNAL_SEND_OPTIONS}
+    if options.get("group_id") is not None and out.get("group") is None:
+        out["group"] = options["group_id"]
+    return out
+
+
 class Context:
     """``task.request`` while a task runs."""
 
@@ -389,8 +399,8 @@ class Signature(dict[str, Any]):
 
     def apply_async(self, args: Iterable[Any] | None = None,
                     kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
-        sig = self.clone(args, kwargs, **options)
-        opts = sig.options
+        sig = self.clone(args, kwargs)
+        opts = {**send_options(sig.options), **options}
         task = self.app.tasks.get(sig.name)
         if task is not None:
             return task.apply_async(sig.args, sig.kwargs, **opts)

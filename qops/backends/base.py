@@ -36,11 +36,18 @@ def pending(task_id: str) -> dict[str, Any]:
 
 
 class ResultBackend(ABC):
+    #: whether the worker that stores a chord header's last result joins the chord here
+    #: (the counter join of docs/canvas.md); without it a ``celery.chord_unlock`` task
+    #: polls the header's results
+    native_join = False
+
     def __init__(self, url: str, *, expires: float | None = 86400,
                  prefix: str = "qops-task-meta-") -> None:
         self.url = url
         self.expires = expires or None  # 0 = keep forever
         self.prefix = prefix
+        # Celery's group keys: celery-task-meta- -> celery-taskset-meta-
+        self.group_prefix = prefix.replace("task-meta-", "taskset-meta-")
 
     @classmethod
     def check_url(cls, url: str) -> None:
@@ -98,6 +105,34 @@ class ResultBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
         """Release connections."""
+
+    def cleanup(self) -> None:  # noqa: B027 - optional hook: most backends expire by themselves
+        """Delete expired results now (the ``celery.backend_cleanup`` task)."""
+
+    # -- the chord counter join (backends with ``native_join``; docs/canvas.md) ------------
+    def set_chord_size(self, group_id: str, size: int) -> None:
+        """Before a chord's header is sent: how many parts complete it."""
+        raise NotImplementedError(f"{type(self).__name__} has no chord counter")
+
+    def join_part(self, group_id: str, task_id: str, index: int | None, entry: bytes,
+                  claim: int) -> tuple[str, list[bytes]] | None:
+        """Record one header part's ``entry`` (JSON ``[1, id, state, result]``) once. When
+        this part completes the chord and this caller wins the claim (held ``claim``
+        seconds): (claim token, every entry in header order); else None."""
+        raise NotImplementedError(f"{type(self).__name__} has no chord counter")
+
+    def join_extend(self, group_id: str, token: str, seconds: int) -> bool:
+        """Hold the claim ``seconds`` longer (taken again if it lapsed and the chord is
+        still there); False when another worker holds it."""
+        raise NotImplementedError(f"{type(self).__name__} has no chord counter")
+
+    def join_done(self, group_id: str, token: str) -> bool:
+        """The body was sent: drop the chord's keys, leave a 'done' mark for late copies."""
+        raise NotImplementedError(f"{type(self).__name__} has no chord counter")
+
+    def join_abandon(self, group_id: str) -> None:
+        """The chord failed: forget its size so a late copy of a part can't fail it again."""
+        raise NotImplementedError(f"{type(self).__name__} has no chord counter")
 
     def prepare_send(self) -> str | None:
         """The ``reply_to`` a producer should put in the messages it sends (rpc only)."""

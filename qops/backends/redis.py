@@ -6,7 +6,10 @@ A waiting thread keeps one pub/sub connection for all its waits (a new connectio
 key, reads the confirmation (so the subscription is in place before it reads the key),
 reads the key, waits for a message on that channel, and unsubscribes without waiting
 for the reply (stale replies and messages of earlier channels are skipped by the next
-wait)."""
+wait).
+
+Chords join here with Celery's counter keys (``<group prefix><group id>.j/.t/.s/.d/.c``,
+docs/canvas.md), so Celery and qops workers can finish each other's chords."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -63,6 +67,8 @@ class RedisBackend(ResultBackend):
         self._local = threading.local()  # .pubsub, .pid: the thread's waiting connection
         self._pubsubs: list[Any] = []  # every thread's, for close()
         self._pubsubs_lock = threading.Lock()
+        self._part_script = self.client.register_script(_script("redis_chord_part.lua"))
+        self._claim_script = self.client.register_script(_script("redis_chord_claim.lua"))
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}{task_id}"
@@ -142,6 +148,49 @@ class RedisBackend(ResultBackend):
                 return True
             if time.monotonic() >= deadline:
                 return False
+
+    # -- the chord counter join ---------------------------------------------------------
+    native_join = True
+    #: how long the 'done' mark of a joined chord stays (s): late copies of parts find it
+    DONE_MARK = 300
+
+    def _gkeys(self, group_id: str, *suffixes: str) -> list[str]:
+        return [f"{self.group_prefix}{group_id}{s}" for s in suffixes]
+
+    def _ttl(self) -> int:
+        return int(math.ceil(self.expires)) if self.expires else 0
+
+    def set_chord_size(self, group_id: str, size: int) -> None:
+        claim, sized = self._gkeys(group_id, ".c", ".s")
+        pipe = self.client.pipeline()
+        pipe.delete(claim)  # a frozen chord applied again is a new run
+        pipe.set(sized, size, ex=self._ttl() or None)
+        self._call(pipe.execute)
+
+    def join_part(self, group_id: str, task_id: str, index: int | None, entry: bytes,
+                  claim: int) -> tuple[str, list[bytes]] | None:
+        score = "+inf" if index is None else str(int(index))
+        token = uuid.uuid4().hex
+        keys = [*self._gkeys(group_id, ".j", ".t", ".s", ".d", "", ".c")]
+        ready, total, claimed = self._call(
+            self._part_script, keys=keys,
+            args=[f"{task_id}:{score}", entry, score, self._ttl(), self._ttl(), claim, token])
+        if not claimed or ready != total:
+            return None
+        entries: list[bytes] = self._call(self.client.zrange, keys[0], 0, -1)
+        return token, entries
+
+    def join_extend(self, group_id: str, token: str, seconds: int) -> bool:
+        keys = self._gkeys(group_id, ".c", ".j", ".t", ".s", ".d")
+        return bool(self._call(self._claim_script, keys=keys, args=["extend", token, seconds]))
+
+    def join_done(self, group_id: str, token: str) -> bool:
+        keys = self._gkeys(group_id, ".c", ".j", ".t", ".s", ".d")
+        return bool(self._call(self._claim_script, keys=keys,
+                               args=["done", token, self.DONE_MARK]))
+
+    def join_abandon(self, group_id: str) -> None:
+        self._call(self.client.delete, *self._gkeys(group_id, ".s"))
 
     @contextmanager
     def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:

@@ -43,6 +43,11 @@ class SQLiteBackend(ResultBackend):
                 conn.execute("DELETE FROM results WHERE expires IS NOT NULL AND expires < ?",
                              (now,))
 
+    def cleanup(self) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM results WHERE expires IS NOT NULL AND expires < ?",
+                         (time.time(),))
+
     def _delete(self, task_id: str) -> None:
         with self.db.write() as conn:
             conn.execute("DELETE FROM results WHERE task_id = ?", (task_id,))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from qops.builtins import is_builtin
 from qops.errors import UsageError
 from qops.ops.nodes import check_name
 from qops.transports.base import mask_secrets
@@ -73,7 +74,7 @@ def stop_timeout(app: Any | None, override: float | None = None,
     limits: dict[str, float] = {}
     unlimited: list[str] = []
     for name, task in sorted(app.tasks.items()):
-        if name.startswith("qops."):
+        if is_builtin(name):
             continue  # canvas helpers: they only publish messages
         values = [float(v) for v in (app.option_for(task, "time_limit", "task_time_limit"),
                                      app.option_for(task, "soft_time_limit",

@@ -34,8 +34,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from qops import protocol
-from qops.backends.base import FAILURE, RETRY, REVOKED, STARTED, SUCCESS
+from qops import chords, protocol
+from qops.backends.base import FAILURE, READY_STATES, RETRY, REVOKED, STARTED, SUCCESS
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
 from qops.events import dead_letter_fields
 from qops.signing import HEADER, SignatureError, task_context, task_signer
@@ -541,14 +541,20 @@ class ConsumerLoop:
 
     def store(self, req: TaskRequest, state: str, result: Any,
               traceback: str | None = None) -> None:
+        """Store the task's state; a chord header task's final state is also its part
+        of the chord (qops/chords.py), even when its result is ignored."""
         if not self.has_backend:
             return
-        if req.ignore_result and state != FAILURE:
-            return
-        try:
-            self.app.backend.store(req.id, state, result, traceback, reply_to=req.reply_to)
-        except Exception as exc:
-            log.error("Task %s[%s]: could not store %s: %s", req.name, req.id, state, exc)
+        if not req.ignore_result or state == FAILURE:
+            try:
+                self.app.backend.store(req.id, state, result, traceback,
+                                       reply_to=req.reply_to)
+            except Exception as exc:
+                log.error("Task %s[%s]: could not store %s: %s", req.name, req.id, state,
+                          exc)
+        if req.chord and state in READY_STATES:
+            chords.part_return(self.app, req.group, req.id, req.group_index, req.chord,
+                               state, result)
 
 
     # -- shutdown ------------------------------------------------------------------------------

@@ -19,20 +19,27 @@ def send_followers(app: App, req: TaskRequest, result: Any) -> None:
     """Continue a chain and call ``link`` callbacks with the result."""
     if not req.callbacks and not req.chain:
         return
-    from qops.task import Signature
-
+    extra = {"parent_id": req.id, "root_id": req.root_id, "reply_to": req.reply_to or ""}
     try:
         for cb in req.callbacks or []:
-            app.send_signature(Signature(cb, app=app).clone([result]),
-                               parent_id=req.id, root_id=req.root_id,
-                               reply_to=req.reply_to or "")
+            apply_signature(app, cb, result, **extra)
         if req.chain:
             rest = list(req.chain)
-            nxt = Signature(rest.pop(), app=app).clone([result])
-            app.send_signature(nxt, chain=rest or None, parent_id=req.id,
-                               root_id=req.root_id, reply_to=req.reply_to or "")
+            apply_signature(app, rest.pop(), result, chain=rest or None, **extra)
     except Exception as exc:
         log.error("Task %s[%s]: could not send the next task: %s", req.name, req.id, exc)
+
+
+def apply_signature(app: App, sig: dict[str, Any], result: Any, **options: Any) -> None:
+    """Send ``sig`` with ``result`` before its arguments: a task as one message; a group,
+    chord or chain through the canvas, as a Celery worker does (not by its task name)."""
+    from qops.canvas import maybe_signature
+    from qops.task import Signature
+
+    if sig.get("subtask_type") in ("chain", "group", "chord"):
+        maybe_signature(sig, app).apply_async((result,), **options)
+    else:
+        app.send_signature(Signature(sig, app=app).clone([result]), **options)
 
 
 def send_errbacks(app: App, req: TaskRequest) -> None:

@@ -248,6 +248,7 @@ class Worker:
 
     # -- facts for banners and remote control ---------------------------------------------
     def info(self) -> dict[str, Any]:
+        from qops.builtins import is_builtin
         from qops.signing import remote_control_line
 
         return {
@@ -259,7 +260,7 @@ class Worker:
             "concurrency": f"{self.concurrency} ({self.pool_kind})",
             "prefetch": self.prefetch,
             "queues": self.queues,
-            "tasks": sorted(n for n in self.app.tasks if not n.startswith("qops.")),
+            "tasks": sorted(n for n in self.app.tasks if not is_builtin(n)),
             "remote_control": remote_control_line(self.app),
         }
 

@@ -409,11 +409,12 @@ class Signature(dict[str, Any]):
     def message(self, args: Iterable[Any] | None = None, kwargs: dict[str, Any] | None = None,
                 **options: Any) -> tuple[str, Message] | AsyncResult:
         """The (queue, message) ``apply_async`` would publish (``App.task_message``)."""
-        sig = self.clone(args, kwargs, **options)
+        sig = self.clone(args, kwargs)
+        opts = {**send_options(sig.options), **options}
         task = self.app.tasks.get(sig.name)
         if task is not None:
-            return task.message(sig.args, sig.kwargs, **sig.options)
-        return self.app.task_message(sig.name, sig.args, sig.kwargs, **sig.options)
+            return task.message(sig.args, sig.kwargs, **opts)
+        return self.app.task_message(sig.name, sig.args, sig.kwargs, **opts)
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         return self.apply_async(args, kwargs)

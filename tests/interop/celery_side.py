@@ -9,8 +9,6 @@ from celery import Celery
 
 app = Celery("celery_side", broker=os.environ.get("INTEROP_BROKER"),
              backend=os.environ.get("INTEROP_BACKEND"))
-if os.environ.get("INTEROP_MAX_PRIORITY"):  # qops's queues on RabbitMQ (arguments must match)
-    app.conf.task_queue_max_priority = int(os.environ["INTEROP_MAX_PRIORITY"])
 
 
 @app.task(name="celery_side.mul")

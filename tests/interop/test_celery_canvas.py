@@ -47,11 +47,10 @@ class Side:
                          if p.exists())
 
 
-def _celery_app(broker: str, backend: str, amqp: bool) -> Any:
+def _celery_app(broker: str, backend: str) -> Any:
     from celery import Celery
 
     app = Celery("interop-client", broker=broker, backend=backend)
-    app.conf.task_queue_max_priority = 9 if amqp else None
     app.conf.result_chord_join_timeout = 3
     return app
 
@@ -81,8 +80,7 @@ def _start(kind: str, request: pytest.FixtureRequest, redis_db: int,
                             "-P", "threads", "-c", "4", broker=broker, backend=backend,
                             env=qops_env(QOPS_COMPAT="celery"), logfile=qlog)
     env = dict(os.environ, INTEROP_BROKER=broker, INTEROP_BACKEND=backend, C_FORCE_ROOT="1",
-               PYTHONPATH=str(ROOT / "tests" / "interop"),
-               INTEROP_MAX_PRIORITY="9" if amqp else "")
+               PYTHONPATH=str(ROOT / "tests" / "interop"))
     out = open(clog, "wb")  # noqa: SIM115 - closed at teardown
     celery_worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "celery_side", "worker", "-n", cnode,
@@ -90,7 +88,7 @@ def _start(kind: str, request: pytest.FixtureRequest, redis_db: int,
          "-l", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         cwd=str(tmp))
-    probe = _celery_app(broker, backend, amqp)
+    probe = _celery_app(broker, backend)
     s = Side(broker, backend, rpc, queues, [qlog, clog])
     try:
         qworker.start()
@@ -165,7 +163,7 @@ class CeleryClient(Client):
         from celery import chain, chord, group
         from celery.exceptions import ChordError
 
-        self.app = _celery_app(side.broker, side.backend, side.broker.startswith("amqp"))
+        self.app = _celery_app(side.broker, side.backend)
         self.chain, self.group, self.chord = chain, group, chord
         self.chord_error = ChordError
 

@@ -338,7 +338,10 @@ def handle_scheduled(loop: ConsumerLoop, safe: bool = False) -> list[dict[str, A
 
 @handler
 def handle_registered(worker: Worker, taskinfoitems: Any = None) -> list[str]:
-    return sorted(worker.app.tasks)
+    from qops.builtins import is_builtin
+
+    # the celery.* built-ins are left out, as Celery's workers leave them out
+    return sorted(name for name in worker.app.tasks if not is_builtin(name))
 
 
 @handler

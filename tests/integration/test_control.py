@@ -63,6 +63,7 @@ def test_status_inspect_control(broker: str, cluster: dict[str, WorkerProcess]) 
     code, doc = j(broker, "inspect", "registered", "-d", W1)
     assert code == 0 and list(doc["replies"]) == [W1]
     assert "proj.tasks.add" in doc["replies"][W1]
+    assert not [n for n in doc["replies"][W1] if n.startswith("celery.")]  # as Celery's
 
     code, doc = j(broker, "inspect", "stats")
     assert code == 0

@@ -290,7 +290,7 @@ class ConsumerLoop:
                 self.hold(d)
                 self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
                 return
-        self.on_due(d, req, task, fresh=True)
+        self.on_due(d, req, task)
 
     def _requeue_quietly(self, d: Delivery) -> None:
         try:
@@ -328,26 +328,25 @@ class ConsumerLoop:
         except Exception as err:
             log.error("could not mark task %s FAILURE: %s", task_id, err)
 
-    def on_due(self, d: Delivery, req: TaskRequest, task: Task, fresh: bool = False) -> None:
+    def on_due(self, d: Delivery, req: TaskRequest, task: Task) -> None:
         """The task may run now (its ETA has come): check expiry and rate, then hand it
         to the pool (where it stays reserved until a slot takes it: begin()).
 
-        ``fresh``: called right after the delivery was taken (no ETA wait): the stale,
-        revoked and expiry checks are left to begin(), which makes them anyway before
-        the task starts (a redelivered one gets them here too, before its worker-lost
-        verdict)."""
+        The stale, revoked and expiry checks are made here and again in begin(): with
+        them left to begin() for a just-taken delivery, test_frozen_worker[amqp] once saw
+        a task run twice (a worker frozen past its heartbeat, whose dead connection's
+        task RabbitMQ had given to another worker); the cause is not proven."""
         assert self.consumer is not None and self.pool is not None
         if self.stopping:
             return  # shutdown requeues what is still reserved
-        if not fresh or d.redelivered:
-            if id(d) not in self.reserved:  # (a dict read: no lock)
-                return  # settled already (revoked while it waited)
-            if self.consumer.stale(d):
-                self._skip(req, d)
-                return
-            if (req.id in self.revoked or req.expires is not None) and \
-                    self._revoked_now(d, req):
-                return
+        if id(d) not in self.reserved:  # (a dict read: no lock)
+            return  # settled already (revoked while it waited)
+        if self.consumer.stale(d):
+            self._skip(req, d)
+            return
+        if (req.id in self.revoked or req.expires is not None) and \
+                self._revoked_now(d, req):
+            return
         if d.redelivered and self.lost_verdict is not None:
             lost = self.lost_verdict(req.id)
             if lost is not None:

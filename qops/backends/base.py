@@ -187,7 +187,7 @@ def backend_class(url: str) -> type[ResultBackend]:
     formed (imports its module only; the same checks as a broker URL's)."""
     import importlib
 
-    from qops.transports.base import url_scheme
+    from qops.transports.urls import url_scheme
 
     scheme = url_scheme(url, list(BACKENDS), "result backend URL")
     module, name = BACKENDS[scheme]

@@ -25,9 +25,9 @@ from typing import Any, NoReturn
 
 from qops.backends.base import ResultBackend
 from qops.errors import BrokerUnreachable, ResultTimeout
-from qops.transports.base import mask_password
 from qops.transports.redis.replicas import Replicas
 from qops.transports.redis.url import connection_pool, parse_url, select_db
+from qops.transports.urls import mask_password
 
 #: seconds a Sentinel-backed backend keeps trying to reach a master (a failover)
 FAILOVER_WAIT = 10.0

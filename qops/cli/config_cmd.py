@@ -25,7 +25,7 @@ def show(
     changed: Annotated[bool, typer.Option("--changed", help="Only settings not at their default.")] = False,
     secrets: Annotated[bool, typer.Option("--secrets", help="Show passwords (only the config file's owner or root).")] = False,
 ) -> None:
-    from qops.transports.base import mask_secrets
+    from qops.transports.urls import mask_secrets
 
     g = ctx.obj
     if secrets:

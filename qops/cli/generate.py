@@ -232,7 +232,7 @@ def _qops_bin(value: str | None) -> list[str]:
 def _command_line(g: Any, kind: str, d: Any, names: list[str] | None, nodes: int | None,
                   qops_bin: str | None, stop_timeout: float | None, **extra: Any) -> str:
     """The command that regenerates these files, for their header (passwords hidden)."""
-    from qops.transports.base import mask_password
+    from qops.transports.urls import mask_password
 
     args = ["qops"]
     for opt, value in (("-A", g.app), ("-b", g.broker and mask_password(g.broker)),

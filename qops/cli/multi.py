@@ -142,7 +142,7 @@ def _node_env(g: Any) -> dict[str, str]:
 def _command_line(node: Any) -> str:
     """The node's command as it runs (from its record when it has one), preceded by the
     settings it gets from the environment, passwords masked."""
-    from qops.transports.base import mask_password
+    from qops.transports.urls import mask_password
 
     node.use_record()
     env = [f"{k}={_quote(mask_password(v) if '://' in v else v)}"

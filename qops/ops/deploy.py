@@ -30,7 +30,7 @@ from typing import Any
 from qops.builtins import is_builtin
 from qops.errors import UsageError
 from qops.ops.nodes import check_name
-from qops.transports.base import mask_secrets
+from qops.transports.urls import mask_secrets
 
 DEFAULT_STOP_TIMEOUT = 300  # seconds, when no time limit bounds the tasks
 STOP_MARGIN = 30  # seconds on top of the longest limit: ack, store the result, exit

@@ -357,7 +357,7 @@ def handle_revoked(worker: Worker) -> list[str]:
 
 @handler
 def handle_conf(worker: Worker, with_defaults: bool = False) -> dict[str, Any]:
-    from qops.transports.base import mask_secrets
+    from qops.transports.urls import mask_secrets
 
     out = {}
     for name, value, source in worker.app.conf.table():

@@ -266,7 +266,7 @@ class Worker:
 
 
 def _mask(url: str | None) -> str | None:
-    from qops.transports.base import mask_password
+    from qops.transports.urls import mask_password
 
     return mask_password(url) if url else None
 

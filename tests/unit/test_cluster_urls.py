@@ -11,8 +11,9 @@ import pytest
 
 from qops import App
 from qops.errors import BrokerUnreachable, ConfigError, UsageError
-from qops.transports.base import TransportOptions, mask_password, transport_class
+from qops.transports.base import TransportOptions, transport_class
 from qops.transports.failover import NodeOrder
+from qops.transports.urls import mask_password
 
 
 def test_a_url_list_is_one_node_each() -> None:

@@ -8,9 +8,10 @@ import pytest
 
 from qops.backends.base import backend_class
 from qops.errors import ConfigError, UsageError
-from qops.transports.base import TransportOptions, mask_password, mask_secrets, transport_class
+from qops.transports.base import TransportOptions, transport_class
 from qops.transports.redis.replicas import Replicas
 from qops.transports.redis.url import parse_url
+from qops.transports.urls import mask_password, mask_secrets
 
 TWO = "sentinel://h1:26379;sentinel://h2:26380"
 

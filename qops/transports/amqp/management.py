@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from qops.transports.amqp.presence import PRESENCE_QUEUE
 from qops.transports.amqp.url import AMQPParams
-from qops.transports.base import mask_password
+from qops.transports.urls import mask_password
 
 MANAGEMENT_PORT = 15672
 MANAGEMENT_TLS_PORT = 15671

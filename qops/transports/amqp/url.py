@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote
 
-from qops.transports.base import split_network_url, url_error
+from qops.transports.urls import split_network_url, url_error
 
 DEAD_LETTER_QUEUE = "qops.dlq"
 DEFAULT_HEARTBEAT = 60

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode
 
 from qops.errors import UsageError
-from qops.transports.base import mask_password, split_network_url, url_error
+from qops.transports.urls import mask_password, split_network_url, url_error
 
 SCHEME = "sentinel"
 DEFAULT_PORT = 26379

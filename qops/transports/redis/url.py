@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode
 
 from qops.errors import UsageError
-from qops.transports.base import mask_password, split_network_url, url_error
 from qops.transports.redis import sentinel
+from qops.transports.urls import mask_password, split_network_url, url_error
 
 if TYPE_CHECKING:
     import redis

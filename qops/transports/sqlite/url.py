@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from qops.errors import UsageError
-from qops.transports.base import url_error
+from qops.transports.urls import url_error
 
 
 def path_from_url(url: str, what: str = "broker URL") -> Path:

@@ -393,6 +393,10 @@ class Transport(ABC):
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
 
     @abstractmethod
+    def dead_letter_count(self) -> int:
+        """How many dead letters are stored, without reading them (monitoring polls it)."""
+
+    @abstractmethod
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         """Put dead letters back on their queues (all when ``ids`` is None)."""
 

@@ -377,6 +377,9 @@ class SQLiteTransport(Transport):
             "ORDER BY created LIMIT ?", (limit,))
         return [DeadLetter(i, q, r, bytes(p), c) for i, q, r, p, c in rows]
 
+    def dead_letter_count(self) -> int:
+        return int(self.db.conn().execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         with self.db.write() as conn:
             if ids is None:

@@ -475,6 +475,11 @@ class Backoff:
     def reset(self) -> None:
         self.delay = self.start
 
+    def ease(self) -> None:
+        """Something arrived: poll twice as often (a steady trickle settles near its
+        own pace instead of starting over from ``start`` after every arrival)."""
+        self.delay = max(self.start, self.delay / 2)
+
     def sleep(self, deadline: float) -> bool:
         """Sleep for the next interval (not past ``deadline``); False once it has passed."""
         left = deadline - time.monotonic()

@@ -448,10 +448,10 @@ class Transport(ABC):
 
 def topic_matches(pattern: str | None, key: str | None) -> bool:
     """AMQP topic matching: words split by '.', ``*`` one word, ``#`` zero or more."""
-    if pattern is None:
+    if pattern is None or pattern == "#":  # (what event followers listen with)
         return True
     if key is None:
-        return pattern == "#"
+        return False
 
     def match(p: list[str], k: list[str]) -> bool:
         if not p:

@@ -23,10 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: most dead letters counted (the store lists them; a bigger store shows this many)
-DEAD_LETTER_LIMIT = 10000
-
-
 class Feed:
     def __init__(self, app: App, state: ClusterState | None = None, *,
                  poll_interval: float = 2.0, enable_events: bool = True,
@@ -132,7 +128,7 @@ class Feed:
                 rows = q.listing(self.app, names).queues if names else []
             else:
                 rows = q.listing(self.app).queues
-            dead = len(transport.dead_letters(DEAD_LETTER_LIMIT))
+            dead = transport.dead_letter_count()
         except Exception as exc:
             self._down("poll", exc)
             return False

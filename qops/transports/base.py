@@ -393,6 +393,10 @@ class Transport(ABC):
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
 
     @abstractmethod
+    def dead_letter_count(self) -> int:
+        """How many dead letters are stored, without reading them (monitoring polls it)."""
+
+    @abstractmethod
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         """Put dead letters back on their queues (all when ``ids`` is None)."""
 
@@ -444,10 +448,10 @@ class Transport(ABC):
 
 def topic_matches(pattern: str | None, key: str | None) -> bool:
     """AMQP topic matching: words split by '.', ``*`` one word, ``#`` zero or more."""
-    if pattern is None:
+    if pattern is None or pattern == "#":  # (what event followers listen with)
         return True
     if key is None:
-        return pattern == "#"
+        return False
 
     def match(p: list[str], k: list[str]) -> bool:
         if not p:
@@ -470,6 +474,11 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = self.start
+
+    def ease(self) -> None:
+        """Something arrived: poll twice as often (a steady trickle settles near its
+        own pace instead of starting over from ``start`` after every arrival)."""
+        self.delay = max(self.start, self.delay / 2)
 
     def sleep(self, deadline: float) -> bool:
         """Sleep for the next interval (not past ``deadline``); False once it has passed."""

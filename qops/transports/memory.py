@@ -158,6 +158,10 @@ class MemoryTransport(Transport):
         with self.state.lock:
             return list(self.state.dead.values())[:limit]
 
+    def dead_letter_count(self) -> int:
+        with self.state.lock:
+            return len(self.state.dead)
+
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         st = self.state
         with st.lock:

@@ -217,16 +217,20 @@ def test_dead_letters_list_requeue_purge(transport: Transport, queue_name: str) 
     transport.publish(queue_name, msg(1))
     c = transport.consumer([queue_name], prefetch=1)
     try:
+        before = transport.dead_letter_count()  # other tests may have left some
         [d] = drain(c, 1)
         c.reject(d, "unknown task 't'")
         dead = [x for x in transport.dead_letters() if x.queue == queue_name]
         assert len(dead) == 1 and dead[0].reason == "unknown task 't'"
+        assert transport.dead_letter_count() == before + 1
         assert transport.requeue_dead_letters([dead[0].id]) == 1
+        assert transport.dead_letter_count() == before
         [again] = drain(c, 1)
         assert again.message.headers["id"] == "id-1"
         c.reject(again, "still unknown")
         assert transport.purge_dead_letters() >= 1
         assert [x for x in transport.dead_letters() if x.queue == queue_name] == []
+        assert transport.dead_letter_count() == 0
     finally:
         c.close()
 

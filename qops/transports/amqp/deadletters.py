@@ -104,6 +104,13 @@ def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
     return transport._admin("listing dead letters", run)
 
 
+def dead_letter_count(transport: AMQPTransport) -> int:
+    """The DLQ's ready messages, from a (re)declare: nothing is taken off it."""
+    dlq = transport.dead_letter_queue
+    return transport._admin("counting dead letters",
+                            lambda link: int(link.declare_queue(dlq, None).method.message_count))
+
+
 def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) -> int:
     """Move dead letters back to their queues with their original headers and
     properties: publish (confirmed) to the queue, then ack in the DLQ. The ones not

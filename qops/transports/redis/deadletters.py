@@ -69,6 +69,11 @@ def dead_letters(t: RedisTransport, limit: int = 100) -> list[DeadLetter]:
         return _dead_records(t, ids)
 
 
+def dead_letter_count(t: RedisTransport) -> int:
+    with t.guard("counting dead letters"):
+        return int(t._client.hlen(t.key("qops.dlq")))
+
+
 def requeue_dead_letters(t: RedisTransport, ids: Sequence[str] | None = None) -> int:
     with t.guard("requeueing dead letters"):
         if ids is None:

@@ -312,6 +312,9 @@ class RedisTransport(Transport):
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return deadletters.dead_letters(self, limit)
 
+    def dead_letter_count(self) -> int:
+        return deadletters.dead_letter_count(self)
+
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         return deadletters.requeue_dead_letters(self, ids)
 

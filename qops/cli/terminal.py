@@ -83,12 +83,13 @@ class Terminal:
             sys.stdout.flush()
             return
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=title, show_edge=False, header_style="bold")
         for col in columns:
             table.add_column(col)
-        for values in rows:
-            table.add_row(*[_cell(c) for c in values])
+        for values in rows:  # Text: a "[/x]" in a value is shown, not read as markup
+            table.add_row(*[Text(_cell(c)) for c in values])
         self._rich().print(table)
 
     def error(self, message: str) -> None:

@@ -132,7 +132,9 @@ def rich_view(snap: dict[str, Any], view: View) -> Any:
             table.add_column(col, overflow="fold" if col == "exception" else "ellipsis")
         for row in rows[:30]:
             style = "red" if title == "nodes" and row[1] == "gone" else None
-            table.add_row(*row, style=style)
+            # Text: names and exceptions are shown as they are, never read as markup
+            # ("[/path]" in an exception would end the view with a MarkupError)
+            table.add_row(*(Text(cell) for cell in row), style=style)
         parts.append(table)
     filt = f"filter: {view.filter}{'_' if view.typing else ''}" if (view.filter or view.typing) \
         else "f: filter"

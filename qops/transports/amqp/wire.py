@@ -89,20 +89,45 @@ def _value(value: Any, out: list[bytes]) -> None:
         pika.data.encode_value(out, mapped)
 
 
+#: header names as short strings: a task message has ~20, the same in every message
+_names: dict[str, bytes] = {}
+
+
+def _name(key: Any) -> bytes:
+    name = key if isinstance(key, str) else str(key)
+    raw = name.encode("utf-8")
+    if len(raw) > 255:
+        raise PublishError(f"header name {name[:40]!r}... is longer than AMQP's 255 bytes")
+    encoded = bytes((len(raw),)) + raw
+    if type(key) is str and len(_names) < 1024:
+        _names[key] = encoded
+    return encoded
+
+
 def _table(table: dict[Any, Any]) -> bytes:
+    # _value's common cases inline: this loop runs for every header of every message
     out: list[bytes] = []
+    append = out.append
+    names = _names
     for key, value in table.items():
-        name = key if isinstance(key, str) else str(key)
-        raw = name.encode("utf-8")
-        if len(raw) > 255:
-            raise PublishError(
-                f"header name {name[:40]!r}... is longer than AMQP's 255 bytes")
-        out.append(bytes((len(raw),)) + raw)
-        try:
-            _value(value, out)
-        except _Unsupported as exc:
-            exc.path.append(name)
-            raise
+        append(names.get(key) or _name(key))
+        kind = type(value)
+        if kind is str:
+            raw = value.encode("utf-8")
+            append(b"S" + _U32.pack(len(raw)))
+            append(raw)
+        elif value is None:
+            append(b"V")
+        elif kind is int and -_INT32 <= value < _INT32:
+            append(b"I" + _I32.pack(value))
+        elif kind is bool:
+            append(b"t\x01" if value else b"t\x00")
+        else:
+            try:
+                _value(value, out)
+            except _Unsupported as exc:
+                exc.path.append(key if isinstance(key, str) else str(key))
+                raise
     data = b"".join(out)
     return _U32.pack(len(data)) + data
 

@@ -25,6 +25,7 @@ _FRAME = Struct(">BHI")  # type, channel, size
 _PUBLISH = Struct(">HHH")  # class Basic, method Publish, ticket
 _HEADER = Struct(">HHQ")  # class Basic, weight, body size
 _U32 = Struct(">I")
+_LONG_STR = Struct(">cI").pack
 _I32 = Struct(">i")
 _I64 = Struct(">q")
 _U64 = Struct(">Q")
@@ -114,7 +115,7 @@ def _table(table: dict[Any, Any]) -> bytes:
         kind = type(value)
         if kind is str:
             raw = value.encode("utf-8")
-            append(b"S" + _U32.pack(len(raw)))
+            append(_LONG_STR(b"S", len(raw)))
             append(raw)
         elif value is None:
             append(b"V")
@@ -122,6 +123,8 @@ def _table(table: dict[Any, Any]) -> bytes:
             append(b"I" + _I32.pack(value))
         elif kind is bool:
             append(b"t\x01" if value else b"t\x00")
+        elif kind is dict and not value:
+            append(b"F\x00\x00\x00\x00")
         else:
             try:
                 _value(value, out)
@@ -143,43 +146,65 @@ def encode_table(headers: dict[str, Any]) -> bytes:
             "carry: use str, int, float, bool, None, list or dict") from None
 
 
+#: (flag, property) of the short-string properties after the priority, in wire
+#: order (the timestamp, a long long, goes between message_id and type)
+_EARLY = ((_P.FLAG_CORRELATION_ID, "correlation_id"), (_P.FLAG_REPLY_TO, "reply_to"),
+          (_P.FLAG_EXPIRATION, "expiration"), (_P.FLAG_MESSAGE_ID, "message_id"))
+_LATE = ((_P.FLAG_TYPE, "type"), (_P.FLAG_APP_ID, "app_id"))
+_FLAG_CONTENT_TYPE = _P.FLAG_CONTENT_TYPE
+_FLAG_CONTENT_ENCODING = _P.FLAG_CONTENT_ENCODING
+_FLAG_HEADERS = _P.FLAG_HEADERS
+_FLAG_DELIVERY_MODE = _P.FLAG_DELIVERY_MODE
+_FLAG_PRIORITY = _P.FLAG_PRIORITY
+_FLAG_TIMESTAMP = _P.FLAG_TIMESTAMP
+#: content types and encodings as short strings (a handful of values, in every message)
+_kinds: dict[str, bytes] = {}
+
+
+def _kind(value: str, what: str) -> bytes:
+    raw = _kinds.get(value)
+    if raw is None:
+        raw = short_string(value, what)
+        if len(_kinds) < 64:
+            _kinds[value] = raw
+    return raw
+
+
 def encode_properties(message: Message, delivery_mode: int) -> bytes:
     """The property list of ``message``'s content header: the bytes pika writes for
     ``props._basic_properties(message, delivery_mode)``."""
     p = message.properties
-    flags = 0
+    flags = _FLAG_DELIVERY_MODE
     out: list[bytes] = []
     if message.content_type:
-        flags |= _P.FLAG_CONTENT_TYPE
-        out.append(short_string(message.content_type, "content type"))
+        flags |= _FLAG_CONTENT_TYPE
+        out.append(_kind(message.content_type, "content type"))
     if message.content_encoding:
-        flags |= _P.FLAG_CONTENT_ENCODING
-        out.append(short_string(message.content_encoding, "content encoding"))
+        flags |= _FLAG_CONTENT_ENCODING
+        out.append(_kind(message.content_encoding, "content encoding"))
     if message.headers:
-        flags |= _P.FLAG_HEADERS
+        flags |= _FLAG_HEADERS
         out.append(encode_table(message.headers))
-    flags |= _P.FLAG_DELIVERY_MODE
     out.append(bytes((int(p.get("delivery_mode") or delivery_mode),)))
-    priority = _priority(p.get("priority"))
+    priority = p.get("priority")
     if priority is not None:
-        flags |= _P.FLAG_PRIORITY
-        out.append(bytes((priority,)))
-    for flag, value, what in (
-            (_P.FLAG_CORRELATION_ID, p.get("correlation_id"), "correlation_id"),
-            (_P.FLAG_REPLY_TO, p.get("reply_to"), "reply_to"),
-            (_P.FLAG_EXPIRATION, _expiration(p.get("expiration")), "expiration"),
-            (_P.FLAG_MESSAGE_ID, p.get("message_id"), "message_id")):
+        flags |= _FLAG_PRIORITY
+        out.append(bytes((_priority(priority),)))
+    for flag, name in _EARLY:
+        value = p.get(name)
+        if name == "expiration":
+            value = _expiration(value)
         if value is not None:
             flags |= flag
-            out.append(short_string(value, what))
+            out.append(short_string(value, name))
     if p.get("timestamp") is not None:
-        flags |= _P.FLAG_TIMESTAMP
+        flags |= _FLAG_TIMESTAMP
         out.append(_U64.pack(int(p["timestamp"])))
-    for flag, value, what in ((_P.FLAG_TYPE, p.get("type"), "type"),
-                              (_P.FLAG_APP_ID, p.get("app_id"), "app_id")):
+    for flag, name in _LATE:
+        value = p.get(name)
         if value is not None:
             flags |= flag
-            out.append(short_string(value, what))
+            out.append(short_string(value, name))
     return flags.to_bytes(2, "big") + b"".join(out)
 
 

@@ -189,7 +189,7 @@ def encode_properties(message: Message, delivery_mode: int) -> bytes:
     priority = p.get("priority")
     if priority is not None:
         flags |= _FLAG_PRIORITY
-        out.append(bytes((_priority(priority),)))
+        out.append(bytes((_priority(priority) or 0,)))
     for flag, name in _EARLY:
         value = p.get(name)
         if name == "expiration":

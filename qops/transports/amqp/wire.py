@@ -23,7 +23,8 @@ from qops.transports.amqp.props import _amqp_value, _expiration, _priority
 
 _FRAME = Struct(">BHI")  # type, channel, size
 _PUBLISH = Struct(">HHH")  # class Basic, method Publish, ticket
-_HEADER = Struct(">HHQ")  # class Basic, weight, body size
+#: a content header frame's start: type, channel, size; class Basic, weight, body size
+_CONTENT_HEADER = Struct(">BHIHHQ").pack
 _U32 = Struct(">I")
 _LONG_STR = Struct(">cI").pack
 _I32 = Struct(">i")
@@ -208,17 +209,19 @@ def encode_properties(message: Message, delivery_mode: int) -> bytes:
     return flags.to_bytes(2, "big") + b"".join(out)
 
 
-def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: bytes,
-                   props: bytes, mandatory: bool, max_body: int) -> bytes:
-    """The frames of one Basic.Publish on ``channel``: ``exchange`` and ``routing_key``
-    already short strings (``short_string``), ``props`` from ``encode_properties``,
-    the body cut into frames of ``max_body`` bytes at most."""
+def method_frame(channel: int, exchange: bytes, routing_key: bytes, mandatory: bool) -> bytes:
+    """The Basic.Publish method frame on ``channel``: ``exchange`` and ``routing_key``
+    already short strings (``short_string``). The same for every message to one queue."""
     method = b"".join((_PUBLISH.pack(60, 40, 0), exchange, routing_key,
                        b"\x01" if mandatory else b"\x00"))
-    header = _HEADER.pack(60, 0, len(body)) + props
-    parts = [_FRAME.pack(1, channel, len(method)), method, _END,
-             _FRAME.pack(2, channel, len(header)), header, _END]
+    return b"".join((_FRAME.pack(1, channel, len(method)), method, _END))
+
+
+def content_frames(channel: int, body: bytes, props: bytes, max_body: int) -> bytes:
+    """The content header frame (``props`` from ``encode_properties``) and the body
+    frames (``body`` cut into frames of ``max_body`` bytes at most) of one message."""
     size = len(body)
+    parts = [_CONTENT_HEADER(2, channel, 12 + len(props), 60, 0, size), props, _END]
     if size <= max_body:
         if size:
             parts += (_FRAME.pack(3, channel, size), body, _END)
@@ -227,3 +230,10 @@ def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: byte
             chunk = body[start:start + max_body]
             parts += (_FRAME.pack(3, channel, len(chunk)), chunk, _END)
     return b"".join(parts)
+
+
+def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: bytes,
+                   props: bytes, mandatory: bool, max_body: int) -> bytes:
+    """The frames of one Basic.Publish: ``method_frame`` + ``content_frames``."""
+    return method_frame(channel, exchange, routing_key, mandatory) + \
+        content_frames(channel, body, props, max_body)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
+from qops.compression import compress
 from qops.errors import ConfigError, NoResultBackend, PublishManyError, UsageError
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
@@ -545,7 +546,7 @@ class Outgoing:
             message.headers[HEADER] = self.signer.sign("task", message.body,
                                                        task_context(message.headers))
         if self.compression:  # after signing: the signature is over the plain body
-            protocol.compress(message, self.compression)
+            compress(message, self.compression)
         return self.queue, message
 
 

@@ -378,15 +378,14 @@ class App:
         the broker has confirmed every message, or raises PublishManyError naming the
         ones it did not confirm (docs/guarantees.md). Plain task signatures only: send
         a chain, group or chord with its own ``apply_async``."""
-        with bulk_send():
-            built = []
-            for sig in signatures:
-                sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
-                if sig.get("subtask_type") in ("chain", "group", "chord"):
-                    raise UsageError(f"send_many sends task signatures, not a "
-                                     f"{sig['subtask_type']}: use its apply_async()")
-                built.append(sig.message(**options))
-            return self.publish_many(built)
+        def build(sig: Signature | dict[str, Any]) -> tuple[str, protocol.Message] | AsyncResult:
+            sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
+            if sig.get("subtask_type") in ("chain", "group", "chord"):
+                raise UsageError(f"send_many sends task signatures, not a "
+                                 f"{sig['subtask_type']}: use its apply_async()")
+            return sig.message(**options)
+
+        return bulk_send(self, lambda: [build(sig) for sig in signatures])
 
     def publish_many(self, built: list[tuple[str, protocol.Message] | AsyncResult]
                      ) -> list[AsyncResult]:

@@ -133,17 +133,31 @@ def test_bulk_sends_pause_the_collector_and_leave_it_as_found() -> None:
 
     from qops.task import bulk_send
 
+    app = App("bulk-gc", broker="memory://bulk-gc", task_ignore_result=True)
+
+    @app.task(name="b.noop")
+    def noop() -> None:
+        return None
+
+    seen: list[bool] = []
+
+    def build() -> list[object]:
+        seen.append(gc.isenabled())
+        return [noop.message(())]
+
     assert gc.isenabled()
-    with bulk_send():
-        assert not gc.isenabled()
+    assert len(bulk_send(app, build)) == 1 and seen == [False]
     assert gc.isenabled()
-    with pytest.raises(KeyError), bulk_send():
+
+    def bad() -> list[object]:
         raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        bulk_send(app, bad)
     assert gc.isenabled()
     gc.disable()
     try:
-        with bulk_send():
-            pass
+        bulk_send(app, build)
         assert not gc.isenabled()  # off stays off
     finally:
         gc.enable()

@@ -17,7 +17,10 @@ bench/common/publish_side.py; only the N sends after a warm-up are timed):
 - **bulk send**: ``add.delay_many`` of ``--bulk-n`` calls (qops: Redis MULTI/EXEC
   pipelines, RabbitMQ publish-all-then-confirm, SQLite one transaction; the peers have no
   bulk send). Floor: redis-py LPUSH pipelined 2000 a round trip; pika without confirms
-  (an upper bound: a confirmed batch can't be faster); SQLite one ``executemany``.
+  (an upper bound: a confirmed batch can't be faster); SQLite one ``executemany``. A
+  second RabbitMQ row has the broker's share alone: one pre-built message's frames
+  written ``--bulk-n`` times on qops's confirm channel and all confirmed (what a
+  confirmed bulk send would reach if building the messages cost nothing).
 
 Each measure runs ``--repeat`` times (repeats go round all sides, so drifts hit each
 alike); the table has the medians, the JSON every run and the spread.
@@ -108,6 +111,12 @@ def measures(brokers: list[str]) -> list[Measure]:
         out.append(Measure(b, f"bulk send, {title}",
                            {"qops": "bulk", "celery": None, "dramatiq": None,
                             "floor": bulk_floor}, bulk_label, bulk=True))
+        if b == "amqp":
+            out.append(Measure(b, f"confirmed bulk, pre-built (floor only), {title}",
+                               {"qops": None, "celery": None, "dramatiq": None,
+                                "floor": "confirms-prebuilt"},
+                               "pre-built frames, qops's confirm channel",
+                               bulk=True))
     return out
 
 

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
+from qops.compression import compress
 from qops.errors import ConfigError, NoResultBackend, PublishManyError, UsageError
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
 from qops.signing import HEADER, Signer, task_context, task_signer
-from qops.task import Context, Signature, Task, send_options
+from qops.task import Context, Signature, Task, bulk_send, send_options
 from qops.transports.base import Transport, TransportOptions, from_url
 from qops.transports.declare import QOPS_MAX_PRIORITY, Declarations
 
@@ -357,9 +358,12 @@ class App:
     def send_task(self, name: str, args: Iterable[Any] | None = None,
                   kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncResult:
         """Send a task by name; returns its AsyncResult. ``options``: those of
-        ``task_message``. Never drops silently: raises PublishError/BrokerUnreachable
+        ``outgoing``. Never drops silently: raises PublishError/BrokerUnreachable
         when the broker did not take the message."""
-        built = self.task_message(name, args, kwargs, **options)
+        return self.publish(self.task_message(name, args, kwargs, **options))
+
+    def publish(self, built: tuple[str, protocol.Message] | AsyncResult) -> AsyncResult:
+        """Publish one ``task_message`` result (an eager result is returned as it is)."""
         if isinstance(built, AsyncResult):  # task_always_eager: it ran here
             return built
         queue, message = built
@@ -374,14 +378,14 @@ class App:
         the broker has confirmed every message, or raises PublishManyError naming the
         ones it did not confirm (docs/guarantees.md). Plain task signatures only: send
         a chain, group or chord with its own ``apply_async``."""
-        built = []
-        for sig in signatures:
+        def build(sig: Signature | dict[str, Any]) -> tuple[str, protocol.Message] | AsyncResult:
             sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
             if sig.get("subtask_type") in ("chain", "group", "chord"):
                 raise UsageError(f"send_many sends task signatures, not a "
                                  f"{sig['subtask_type']}: use its apply_async()")
-            built.append(sig.message(**options))
-        return self.publish_many(built)
+            return sig.message(**options)
+
+        return bulk_send(self, lambda: [build(sig) for sig in signatures])
 
     def publish_many(self, built: list[tuple[str, protocol.Message] | AsyncResult]
                      ) -> list[AsyncResult]:
@@ -405,21 +409,27 @@ class App:
                 for b in built]
 
     def task_message(self, name: str, args: Iterable[Any] | None = None,
-                     kwargs: dict[str, Any] | None = None, *, countdown: float | None = None,
-                     eta: dt.datetime | None = None, expires: float | dt.datetime | None = None,
-                     queue: str | None = None, priority: int | None = None,
-                     task_id: str | None = None, link: Any = None, link_error: Any = None,
-                     time_limit: float | None = None, soft_time_limit: float | None = None,
-                     ignore_result: bool | None = None, parent_id: str | None = None,
-                     root_id: str | None = None, chain: list[dict[str, Any]] | None = None,
-                     group: str | None = None, group_index: int | None = None,
-                     chord: dict[str, Any] | None = None, shadow: str | None = None,
-                     retries: int = 0, reply_to: str | None = None, task: Task | None = None,
-                     compression: str | None = None,
-                     **unknown: Any) -> tuple[str, protocol.Message] | AsyncResult:
-        """The (queue, message) ``send_task`` publishes for these options, signed when
-        ``task_signing`` is on; with ``task_always_eager``, the AsyncResult of the task
-        run here instead."""
+                     kwargs: dict[str, Any] | None = None,
+                     **options: Any) -> tuple[str, protocol.Message] | AsyncResult:
+        """The (queue, message) ``send_task`` publishes for these options (those of
+        ``outgoing``), signed when ``task_signing`` is on; with ``task_always_eager``,
+        the AsyncResult of the task run here instead."""
+        return self.outgoing(name, **options).build(list(args or ()), dict(kwargs or {}))
+
+    def outgoing(self, name: str, *, countdown: float | None = None,
+                 eta: dt.datetime | None = None, expires: float | dt.datetime | None = None,
+                 queue: str | None = None, priority: int | None = None,
+                 task_id: str | None = None, link: Any = None, link_error: Any = None,
+                 time_limit: float | None = None, soft_time_limit: float | None = None,
+                 ignore_result: bool | None = None, parent_id: str | None = None,
+                 root_id: str | None = None, chain: list[dict[str, Any]] | None = None,
+                 group: str | None = None, group_index: int | None = None,
+                 chord: dict[str, Any] | None = None, shadow: str | None = None,
+                 retries: int = 0, reply_to: str | None = None, task: Task | None = None,
+                 compression: str | None = None, **unknown: Any) -> Outgoing:
+        """The messages of task ``name`` sent with these options: settings, routing, the
+        result backend's reply queue, countdown and expiry resolved once (a bulk send
+        builds each message from one of these)."""
         if unknown:
             raise UsageError(f"unknown option(s) for sending {name}: {', '.join(sorted(unknown))}")
         task = task or self.tasks.get(name)
@@ -430,32 +440,25 @@ class App:
             if isinstance(expires, (int, float)):
                 expires = now + dt.timedelta(seconds=float(expires))
         sc = self._sending_conf()
-        if priority is None:
-            priority = sc.default_priority
-        if ignore_result is None:
-            ignore_result = sc.ignore_result
         target = self._route(sc, name, queue, task)
         if sc.always_eager and task is not None:
-            return self._apply_eager(task, list(args or ()), dict(kwargs or {}), task_id)
+            return Outgoing(self, target, None, task_id, eager=task)
+        if ignore_result is None:
+            ignore_result = sc.ignore_result
         # A worker re-sending a task (retry, chain link) passes the original client's
         # reply_to along; only a new send asks the backend (rpc opens its reply queue).
         if reply_to is None and sc.has_backend and not ignore_result:
             reply_to = self.backend.prepare_send()
-        message = protocol.build_task_message(
-            name, args, kwargs, task_id=task_id, eta=eta, expires=expires,
-            retries=retries, time_limit=time_limit, soft_time_limit=soft_time_limit,
-            root_id=root_id, parent_id=parent_id, group=group, group_index=group_index,
+        messages = protocol.TaskMessages(
+            name, task_id=task_id, eta=eta, expires=expires, retries=retries,
+            time_limit=time_limit, soft_time_limit=soft_time_limit, root_id=root_id,
+            parent_id=parent_id, group=group, group_index=group_index,
             callbacks=_sig_list(link), errbacks=_sig_list(link_error), chain=chain,
-            chord=chord, reply_to=reply_to, priority=priority, shadow=shadow,
-            ignore_result=ignore_result)
-        signer = self.task_signer
-        if signer is not None:  # task_signing: docs/security.md
-            message.headers[HEADER] = signer.sign("task", message.body,
-                                                  task_context(message.headers))
-        compression = compression or sc.compression
-        if compression:  # after signing: the signature is over the plain body
-            protocol.compress(message, compression)
-        return target, message
+            chord=chord, reply_to=reply_to,
+            priority=sc.default_priority if priority is None else priority,
+            shadow=shadow, ignore_result=ignore_result)
+        return Outgoing(self, target, messages, task_id, signer=self.task_signer,
+                        compression=compression or sc.compression)
 
     def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
         sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)
@@ -511,6 +514,39 @@ class App:
     def current_request() -> Context | None:
         stack = getattr(_running, "stack", None)
         return stack[-1] if stack else None
+
+
+class Outgoing:
+    """Messages of one task sent with one set of options (``App.outgoing``): ``build``
+    makes each, signed and compressed as the settings say, or runs the task here under
+    ``task_always_eager``."""
+
+    __slots__ = ("app", "queue", "messages", "task_id", "eager", "signer", "compression")
+
+    def __init__(self, app: App, queue: str, messages: protocol.TaskMessages | None,
+                 task_id: str | None, *, eager: Task | None = None,
+                 signer: Signer | None = None, compression: str | None = None) -> None:
+        self.app = app
+        self.queue = queue
+        self.messages = messages
+        self.task_id = task_id
+        self.eager = eager
+        self.signer = signer
+        self.compression = compression
+
+    def build(self, args: list[Any], kwargs: dict[str, Any]
+              ) -> tuple[str, protocol.Message] | AsyncResult:
+        """The (queue, message) for ``args`` (a list) and ``kwargs`` (a dict)."""
+        if self.messages is None:
+            assert self.eager is not None
+            return self.app._apply_eager(self.eager, args, kwargs, self.task_id)
+        message = self.messages.build(args, kwargs)
+        if self.signer is not None:  # task_signing: docs/security.md
+            message.headers[HEADER] = self.signer.sign("task", message.body,
+                                                       task_context(message.headers))
+        if self.compression:  # after signing: the signature is over the plain body
+            compress(message, self.compression)
+        return self.queue, message
 
 
 class _Sending(NamedTuple):

@@ -36,7 +36,7 @@ from qops.backends.base import FAILURE
 from qops.builtins import CHAIN, CHORD, CHORD_UNLOCK, GROUP
 from qops.errors import UsageError
 from qops.result import AsyncResult, GroupResult
-from qops.task import Signature, send_options
+from qops.task import Signature, bulk_send, send_options
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -237,10 +237,9 @@ class group(Signature):  # noqa: N801 - Celery's name
         shared.update(options)
         # the plain members in one batch (App.publish_many), the others one by one
         members = list(enumerate(_flat_members(g)))
-        plain = [member.message(args, kwargs, group=result.id, group_index=index, **shared)
-                 for index, member in members if _is_plain(member)]
-        if plain:
-            self.app.publish_many(plain)
+        bulk_send(self.app, lambda: [
+            member.message(args, kwargs, group=result.id, group_index=index, **shared)
+            for index, member in members if _is_plain(member)])
         for _, member in members:
             if not _is_plain(member):
                 member.apply_async(args, kwargs, **shared)

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,14 +48,35 @@ class Message:
 
 
 
-def new_id() -> str:
-    """A random (version 4) UUID as ``str(uuid.uuid4())`` writes it, made without a
-    ``uuid.UUID`` object (a sixth of the cost of building a message went to two)."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = raw[6] & 0x0F | 0x40
-    raw[8] = raw[8] & 0x3F | 0x80
+#: a version-4 UUID's fixed bits, set with ``bytes.translate`` on a whole pool at once
+_VERSION = bytes(x & 0x0F | 0x40 for x in range(256))
+_VARIANT = bytes(x & 0x3F | 0x80 for x in range(256))
+#: ids made ahead (``new_id``): one ``os.urandom`` call a pool, not one an id
+_ID_POOL = 256
+_ids: list[str] = []
+if hasattr(os, "register_at_fork"):  # a forked child must never hand out its parent's
+    os.register_at_fork(after_in_child=_ids.clear)
+
+
+def _more_ids() -> list[str]:
+    raw = bytearray(os.urandom(16 * _ID_POOL))
+    raw[6::16] = raw[6::16].translate(_VERSION)
+    raw[8::16] = raw[8::16].translate(_VARIANT)
     h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-"
+            f"{h[i + 20:i + 32]}" for i in range(0, len(h), 32)]
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as ``str(uuid.uuid4())`` writes it. Made a pool at a
+    time (one ``os.urandom`` call, no ``uuid.UUID`` objects: a message needs two, and
+    they were a sixth of the cost of building one); ``list.pop`` hands each out once
+    across threads, and a forked child starts with an empty pool."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        _ids.extend(_more_ids())
+        return _ids.pop()
 
 
 def encode_envelope(queue: str, message: Message, exchange: str = "",
@@ -78,7 +100,7 @@ def encode_envelope(queue: str, message: Message, exchange: str = "",
         "headers": message.headers,
         "properties": props,
     }
-    return _ENVELOPE.encode(env).encode()
+    return _envelope_json(env).encode()
 
 
 def decode_envelope(raw: bytes | str) -> Message:
@@ -110,79 +132,6 @@ def decode_envelope(raw: bytes | str) -> Message:
                    content_type=env.get("content-type") or JSON,
                    content_encoding=env.get("content-encoding") or "utf-8")
 
-
-
-# -- compression (kombu's ``compression`` header) ---------------------------------------
-
-#: the ``compression`` header values kombu writes (a MIME type) and the names it takes
-#: for them; only the stdlib's codecs (kombu's brotli and zstd need other packages)
-COMPRESSIONS = {"application/x-gzip": "zlib", "application/x-bz2": "bz2",
-                "application/x-lzma": "lzma"}
-COMPRESSION_NAMES = {"gzip": "application/x-gzip", "zlib": "application/x-gzip",
-                     "bzip2": "application/x-bz2", "bzip": "application/x-bz2",
-                     "lzma": "application/x-lzma", "xz": "application/x-lzma"}
-#: decompressed bodies are cut off past this many bytes unless told otherwise (the
-#: default task_max_message_size): a small "zip bomb" must not fill a worker's memory
-MAX_DECOMPRESSED = 16 * 1024 * 1024
-
-
-def compression_type(name: Any) -> str:
-    """The ``compression`` header value for ``name`` (an alias like 'gzip' or the MIME
-    type itself); UsageError for one qops can't produce."""
-    text = str(name).strip().lower()
-    if text in COMPRESSIONS:
-        return text
-    if text in COMPRESSION_NAMES:
-        return COMPRESSION_NAMES[text]
-    raise UsageError(f"unknown compression {name!r}: use gzip (zlib), bzip2 or lzma (xz)")
-
-
-def compress(message: Message, name: str) -> None:
-    """Compress ``message``'s body in place as kombu does: the body replaced by its
-    compressed bytes, the header ``compression`` set to the MIME type."""
-    kind = compression_type(name)
-    module = COMPRESSIONS[kind]
-    import bz2
-    import lzma
-    import zlib
-
-    codec: Any = {"zlib": zlib, "bz2": bz2, "lzma": lzma}[module]
-    message.body = codec.compress(message.body)
-    message.headers["compression"] = kind
-
-
-def decompress(message: Message, limit: int = MAX_DECOMPRESSED) -> Message:
-    """``message`` with its body decompressed and the ``compression`` header gone (the
-    message itself when it has none). ValueError with the reason for an unknown codec, a
-    corrupt or truncated body, or one that decompresses to more than ``limit`` bytes
-    (decompressing stops there)."""
-    kind = message.headers.get("compression")
-    if not kind:
-        return message
-    text = str(kind).strip().lower()
-    module = COMPRESSIONS.get(COMPRESSION_NAMES.get(text, text))
-    if module is None:
-        raise ValueError(f"compression {kind!r} is not supported (gzip, bzip2 or lzma)")
-    import bz2
-    import lzma
-    import zlib
-
-    makers: dict[str, Any] = {"zlib": zlib.decompressobj, "bz2": bz2.BZ2Decompressor,
-                              "lzma": lzma.LZMADecompressor}
-    d = makers[module]()
-    try:
-        body = d.decompress(message.body, limit + 1)
-    except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError) as exc:
-        raise ValueError(f"corrupt {kind} body: {' '.join(str(exc).split())}") from None
-    if len(body) > limit:
-        raise ValueError(f"{kind} body decompresses to more than {limit} bytes "
-                         "(task_max_message_size)")
-    if not d.eof:
-        raise ValueError(f"truncated {kind} body")
-    headers = {k: v for k, v in message.headers.items() if k != "compression"}
-    return Message(body=body, headers=headers, properties=message.properties,
-                   content_type=message.content_type,
-                   content_encoding=message.content_encoding)
 
 
 # -- JSON with type tags -------------------------------------------------------------
@@ -226,13 +175,34 @@ def _hook(obj: dict[str, Any]) -> Any:
     return obj
 
 
-#: made once: ``json.dumps`` with any argument builds a new encoder at every call
-_ENVELOPE = json.JSONEncoder(separators=(",", ":"))
-_TAGGED = json.JSONEncoder(default=_default, separators=(",", ":"))
+def _writer(default: Any, circular: bool) -> Callable[[Any], str]:
+    """``json.JSONEncoder(default=default, separators=(",", ":"),
+    check_circular=circular).encode``, the same text, made without the set-up that
+    method repeats at every call (its closures cost more than the C encoder itself on a
+    task message): the C encoder is called directly, made once when it has no
+    circular-reference bookkeeping to keep (else once a call)."""
+    encoder = json.JSONEncoder(default=default, separators=(",", ":"),
+                               check_circular=circular)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator (e.g. PyPy): the stdlib's own path
+        return encoder.encode
+    args = (encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+            False, False, True)
+    if not circular:
+        fast = make(None, *args)
+        return lambda obj: "".join(fast(obj, 0))
+    return lambda obj: "".join(make({}, *args)(obj, 0))
+
+
+#: the kombu envelope: it holds only what qops built (headers, properties; the body
+#: is base64 text), never a cycle, so no circular-reference bookkeeping
+_envelope_json = _writer(None, circular=False)
+#: message bodies and results: user data, where a cycle must raise ValueError
+_tagged_json = _writer(_default, circular=True)
 
 
 def dumps(obj: Any) -> str:
-    return _TAGGED.encode(obj)
+    return _tagged_json(obj)
 
 
 def loads(data: str | bytes) -> Any:
@@ -331,65 +301,99 @@ def parse_time(value: Any) -> dt.datetime | None:
     return parsed
 
 
-def build_task_message(
-    name: str,
-    args: Any = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    task_id: str | None = None,
-    eta: dt.datetime | None = None,
-    expires: dt.datetime | None = None,
-    retries: int = 0,
-    time_limit: float | None = None,
-    soft_time_limit: float | None = None,
-    root_id: str | None = None,
-    parent_id: str | None = None,
-    group: str | None = None,
-    group_index: int | None = None,
-    callbacks: list[dict[str, Any]] | None = None,
-    errbacks: list[dict[str, Any]] | None = None,
-    chain: list[dict[str, Any]] | None = None,
-    chord: dict[str, Any] | None = None,
-    reply_to: str | None = None,
-    priority: int | None = None,
-    shadow: str | None = None,
-    ignore_result: bool = False,
-) -> Message:
-    task_id = task_id or new_id()
-    args = list(args or ())
-    kwargs = dict(kwargs or {})
-    headers: dict[str, Any] = {
-        "lang": "py",
-        "task": name,
-        "id": task_id,
-        "shadow": shadow,
-        "eta": _iso(eta),
-        "expires": _iso(expires),
-        "group": group,
-        "group_index": group_index,
-        "retries": retries,
-        # hard first, as Celery's code does (its prose doc says the reverse)
-        "timelimit": [time_limit, soft_time_limit],
-        "root_id": root_id or task_id,
-        "parent_id": parent_id,
-        "argsrepr": saferepr(args),
-        "kwargsrepr": saferepr(kwargs),
-        "origin": origin(),
-        "ignore_result": ignore_result,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-    }
-    embed = {"callbacks": callbacks, "errbacks": errbacks, "chain": chain, "chord": chord}
-    body = dumps([args, kwargs, embed]).encode("utf-8")
-    props: dict[str, Any] = {"correlation_id": task_id, "reply_to": reply_to or "",
-                             "delivery_mode": 2}
-    if priority is not None:
-        props["priority"] = max(0, min(9, int(priority)))
-    return Message(body=body, headers=headers, properties=props)
+#: ``argsrepr`` and ``kwargsrepr`` are cut to this many characters (Celery's default)
+REPR_LIMIT = 1024
 
 
-def saferepr(value: Any, limit: int = 1024) -> str:
+class TaskMessages:
+    """Task messages of task ``name`` sent with one set of options: the headers,
+    properties and embedded callbacks they share are made once, and ``build`` fills in
+    what each message has of its own (task id, arguments). ``build_task_message`` is
+    one of them; a bulk send makes them all from one."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        task_id: str | None = None,
+        eta: dt.datetime | None = None,
+        expires: dt.datetime | None = None,
+        retries: int = 0,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        group: str | None = None,
+        group_index: int | None = None,
+        callbacks: list[dict[str, Any]] | None = None,
+        errbacks: list[dict[str, Any]] | None = None,
+        chain: list[dict[str, Any]] | None = None,
+        chord: dict[str, Any] | None = None,
+        reply_to: str | None = None,
+        priority: int | None = None,
+        shadow: str | None = None,
+        ignore_result: bool = False,
+    ) -> None:
+        self.task_id = task_id
+        self.root_id = root_id
+        self.time_limits = (time_limit, soft_time_limit)
+        # the wire order of the headers (id, root_id, timelimit, argsrepr, kwargsrepr
+        # and stamps are each message's own)
+        self.headers: dict[str, Any] = {
+            "lang": "py",
+            "task": name,
+            "id": None,
+            "shadow": shadow,
+            "eta": _iso(eta),
+            "expires": _iso(expires),
+            "group": group,
+            "group_index": group_index,
+            "retries": retries,
+            # hard first, as Celery's code does (its prose doc says the reverse)
+            "timelimit": None,
+            "root_id": None,
+            "parent_id": parent_id,
+            "argsrepr": None,
+            "kwargsrepr": None,
+            "origin": origin(),
+            "ignore_result": ignore_result,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": None,
+        }
+        self.embed = {"callbacks": callbacks, "errbacks": errbacks, "chain": chain,
+                      "chord": chord}
+        self.reply_to = reply_to or ""
+        self.priority = None if priority is None else max(0, min(9, int(priority)))
+
+    def build(self, args: list[Any], kwargs: dict[str, Any],
+              task_id: str | None = None) -> Message:
+        """The message for ``args`` (a list) and ``kwargs`` (a dict), each used as is."""
+        tid = task_id or self.task_id or new_id()
+        headers = self.headers.copy()
+        headers["id"] = tid
+        headers["timelimit"] = list(self.time_limits)
+        headers["root_id"] = self.root_id or tid
+        text = repr(args)
+        headers["argsrepr"] = text if len(text) <= REPR_LIMIT else shorten(text, REPR_LIMIT)
+        text = repr(kwargs) if kwargs else "{}"
+        headers["kwargsrepr"] = text if len(text) <= REPR_LIMIT else shorten(text, REPR_LIMIT)
+        headers["stamps"] = {}
+        body = _tagged_json([args, kwargs, self.embed]).encode("utf-8")
+        props: dict[str, Any] = {"correlation_id": tid, "reply_to": self.reply_to,
+                                 "delivery_mode": 2}
+        if self.priority is not None:
+            props["priority"] = self.priority
+        return Message(body=body, headers=headers, properties=props)
+
+
+def build_task_message(name: str, args: Any = (), kwargs: dict[str, Any] | None = None,
+                       **options: Any) -> Message:
+    """One task message: ``TaskMessages(name, **options).build(args, kwargs)``."""
+    return TaskMessages(name, **options).build(list(args or ()), dict(kwargs or {}))
+
+
+def saferepr(value: Any, limit: int = REPR_LIMIT) -> str:
     """``repr(value)`` cut to ``limit`` characters (0: whole), as Celery's argsrepr: for
     message headers and log lines, where a 10 MB argument must not be copied whole."""
     return shorten(repr(value), limit)

@@ -49,7 +49,7 @@ def _at_least(low: int, high: float | None = None) -> Callable[[Any], Any]:
 
 
 def _compression(value: str) -> str:
-    from qops.protocol import compression_type
+    from qops.compression import compression_type
 
     compression_type(value)
     return value

@@ -12,7 +12,9 @@
   ``lpush-pipe`` (redis-py, pipelined, 2000 a round trip), ``pika-confirm`` (pika's
   BlockingChannel in confirm mode: one confirm a message, mandatory, persistent -- qops's
   guarantee), ``pika`` (no confirms), ``sqlite`` (one transaction a message, the pragmas
-  qops uses), ``sqlite-bulk`` (one executemany in one transaction).
+  qops uses), ``sqlite-bulk`` (one executemany in one transaction),
+  ``confirms-prebuilt`` (RabbitMQ's side of a confirmed bulk send: that message's
+  frames, built once, written N times on qops's confirm channel and all confirmed).
 
 Only the N measured sends are timed; the WARMUP before them open the connection, declare
 the queue and warm the code paths.
@@ -65,6 +67,21 @@ def floor(mode: str, warmup: int, n: int) -> float:  # noqa: C901 - one branch a
             pipe.lpush(key, *([raw] * min(2000, n - first)))
             pipe.execute()
         return time.perf_counter() - start
+    if mode == "confirms-prebuilt":
+        # the broker's side of a confirmed bulk send: one pre-built message's frames
+        # written N times by qops's confirm channel, the confirms collected
+        from qops.transports.amqp.wire import encode_properties
+
+        transport.publish(queue, message)  # the connection, the queue declared
+        link, _ = transport._link()
+        item = ("", queue, message.body, encode_properties(message, 2), True, None)
+        link.confirms().publish_many([item] * warmup)
+        start = time.perf_counter()
+        out = link.confirms().publish_many([item] * n)
+        seconds = time.perf_counter() - start
+        if not out.ok:
+            raise SystemExit(f"not all confirmed: {out}")
+        return seconds
     if mode.startswith("pika"):
         import pika
 

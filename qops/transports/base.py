@@ -31,8 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qops.compression import MAX_DECOMPRESSED, decompress
 from qops.errors import BrokerUnreachable, PublishError, PublishManyError, UsageError
-from qops.protocol import MAX_DECOMPRESSED, Message, decompress
+from qops.protocol import Message
 from qops.transports.declare import Declarations
 from qops.transports.urls import mask_password, url_scheme
 

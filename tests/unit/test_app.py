@@ -126,3 +126,70 @@ def test_a_send_sees_settings_changed_after_the_last_send() -> None:
     assert app.task_message("m.x")[0] == "routed"  # type: ignore[index]
     app.conf.task_routes["m.*"] = "changed"  # changed in place: seen by the next send
     assert app.task_message("m.x")[0] == "changed"  # type: ignore[index]
+
+
+def test_bulk_sends_pause_the_collector_and_leave_it_as_found() -> None:
+    import gc
+
+    from qops.task import bulk_send
+
+    app = App("bulk-gc", broker="memory://bulk-gc", task_ignore_result=True)
+
+    @app.task(name="b.noop")
+    def noop() -> None:
+        return None
+
+    seen: list[bool] = []
+
+    def build() -> list[object]:
+        seen.append(gc.isenabled())
+        return [noop.message(())]
+
+    assert gc.isenabled()
+    assert len(bulk_send(app, build)) == 1 and seen == [False]
+    assert gc.isenabled()
+
+    def bad() -> list[object]:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        bulk_send(app, bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        bulk_send(app, build)
+        assert not gc.isenabled()  # off stays off
+    finally:
+        gc.enable()
+
+
+def test_a_bulk_send_builds_what_one_send_builds() -> None:
+    from qops.protocol import parse_task_message
+    from qops.result import AsyncResult
+
+    app = App("bulk-build", broker="memory://bulk-build", task_ignore_result=True)
+
+    @app.task(name="b.add", time_limit=7, priority=2)
+    def add(x: int, y: int = 0) -> int:
+        return x + y
+
+    options = {"queue": "q", "countdown": 30, "expires": 60, "shadow": "s"}
+    one = add.message((1, 2), None, task_id="a", **options)
+    assert not isinstance(one, AsyncResult)
+    results = add.apply_many([((1, 2), {}, {"task_id": "a"}), ((3,), {"y": 4})], **options)
+    consumer = app.transport.consumer(["q"], 2)
+    got = [consumer.get(1) for _ in results]
+    consumer.close()
+    sent = [d.message for d in got if d is not None]
+    assert [m.headers["id"] for m in sent] == [r.id for r in results]
+    assert sent[0].body == one[1].body
+    assert {k: v for k, v in sent[0].properties.items() if k != "delivery_tag"} == \
+        one[1].properties
+    made_at_the_call = {"eta", "expires"}
+    assert {k: v for k, v in sent[0].headers.items() if k not in made_at_the_call} == \
+        {k: v for k, v in one[1].headers.items() if k not in made_at_the_call}
+    a, b = (parse_task_message(m) for m in (one[1], sent[0]))
+    assert a.eta and b.eta and abs((a.eta - b.eta).total_seconds()) < 5
+    second = parse_task_message(sent[1])
+    assert (second.args, second.kwargs, second.time_limit, second.priority) == \
+        ([3], {"y": 4}, 7, 2)

@@ -8,8 +8,9 @@ import uuid
 import pytest
 
 from qops import App
+from qops.compression import decompress
 from qops.errors import ConfigError, UsageError
-from qops.protocol import Message, build_task_message, decompress
+from qops.protocol import Message, build_task_message
 
 
 def sent(app: App, **options: object) -> tuple[Message, Message]:

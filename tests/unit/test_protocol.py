@@ -107,3 +107,57 @@ def test_new_id_is_a_version_4_uuid_string() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_new_id_pool_is_not_shared_with_a_forked_child() -> None:
+    import os
+
+    from qops import protocol
+
+    protocol.new_id()  # a pool is made: the child must not hand out its ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, " ".join(protocol.new_id() for _ in range(300)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        child = set(f.read().split())
+    os.waitpid(pid, 0)
+    mine = {protocol.new_id() for _ in range(300)}
+    assert len(child) == 300 and not child & mine
+
+
+def test_one_build_path_a_batch_is_messages_built_one_at_a_time() -> None:
+    from qops.protocol import TaskMessages
+
+    eta = dt.datetime(2030, 1, 1, 12, tzinfo=dt.timezone.utc)
+    options = {"eta": eta, "time_limit": 9, "group": "g", "priority": 3, "reply_to": "r",
+               "callbacks": [{"task": "cb"}]}
+    batch = TaskMessages("t", **options)
+    built = [batch.build([i], {"k": i}) for i in range(3)]
+    for i, m in enumerate(built):
+        alone = protocol.build_task_message("t", (i,), {"k": i}, task_id=m.headers["id"],
+                                            **options)
+        assert (m.body, m.headers, m.properties) == (alone.body, alone.headers,
+                                                     alone.properties)
+        assert list(m.headers) == list(alone.headers)  # the wire order too
+    # each message has its own mutable headers
+    built[0].headers["timelimit"].append(1)
+    built[0].headers["stamps"]["x"] = 1
+    assert built[1].headers["timelimit"] == [9, None] and built[1].headers["stamps"] == {}
+    assert len({m.headers["id"] for m in built}) == 3
+
+
+def test_json_writers_match_the_stdlib_encoder() -> None:
+    values = [[1, 2.5, float("nan"), "é\n", {"a": None, "b": [True, False]}], "s", 3, None,
+              {"when": dt.datetime(2030, 1, 1), "raw": b"\x00", "set": (1, 2)}]
+    stdlib = json.JSONEncoder(default=protocol._default, separators=(",", ":"))
+    for value in values:
+        assert protocol.dumps(value) == stdlib.encode(value)
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular"):
+        protocol.dumps(loop)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        protocol.dumps(object())

@@ -25,7 +25,7 @@ from typing import Any
 import pika.exceptions as pex
 from pika.spec import Basic
 
-from qops.transports.amqp.wire import publish_frames, short_string
+from qops.transports.amqp.wire import content_frames, method_frame, short_string
 
 #: a batch is written in pieces of about this many bytes
 WRITE_CHUNK = 256 * 1024
@@ -83,7 +83,8 @@ class Confirms:
         # BlockingChannel wrapping it, for the channels pika made): this is ours
         ch._set_cookie(self)
         self._number = ch.channel_number
-        self._names: dict[str, bytes] = {}  # exchange / routing key -> short string
+        #: (exchange, routing key, mandatory) -> its Basic.Publish method frame
+        self._methods: dict[tuple[str, str, bool], bytes] = {}
 
     @property
     def is_open(self) -> bool:
@@ -157,19 +158,16 @@ class Confirms:
                 return False
         return True
 
-    def _name(self, value: str, what: str) -> bytes:
-        raw = self._names.get(value)
-        if raw is None:
-            raw = short_string(value, what)
-            if len(self._names) < 1000:
-                self._names[value] = raw
-        return raw
-
     def _frames(self, item: Item) -> bytes:
         exchange, routing_key, body, props, mandatory, _cid = item
-        return publish_frames(self._number, self._name(exchange, "exchange name"),
-                              self._name(routing_key, "routing key"), body, props,
-                              mandatory, self._impl._body_max_length)
+        key = (exchange, routing_key, mandatory)
+        method = self._methods.get(key)
+        if method is None:
+            method = method_frame(self._number, short_string(exchange, "exchange name"),
+                                  short_string(routing_key, "routing key"), mandatory)
+            if len(self._methods) < 1000:
+                self._methods[key] = method
+        return method + content_frames(self._number, body, props, self._impl._body_max_length)
 
     def _write(self, data: bytes, frames: int) -> None:
         """Write ``data`` to the socket now if pika has nothing queued before it (else,

@@ -23,8 +23,10 @@ from qops.transports.amqp.props import _amqp_value, _expiration, _priority
 
 _FRAME = Struct(">BHI")  # type, channel, size
 _PUBLISH = Struct(">HHH")  # class Basic, method Publish, ticket
-_HEADER = Struct(">HHQ")  # class Basic, weight, body size
+#: a content header frame's start: type, channel, size; class Basic, weight, body size
+_CONTENT_HEADER = Struct(">BHIHHQ").pack
 _U32 = Struct(">I")
+_LONG_STR = Struct(">cI").pack
 _I32 = Struct(">i")
 _I64 = Struct(">q")
 _U64 = Struct(">Q")
@@ -89,20 +91,47 @@ def _value(value: Any, out: list[bytes]) -> None:
         pika.data.encode_value(out, mapped)
 
 
+#: header names as short strings: a task message has ~20, the same in every message
+_names: dict[str, bytes] = {}
+
+
+def _name(key: Any) -> bytes:
+    name = key if isinstance(key, str) else str(key)
+    raw = name.encode("utf-8")
+    if len(raw) > 255:
+        raise PublishError(f"header name {name[:40]!r}... is longer than AMQP's 255 bytes")
+    encoded = bytes((len(raw),)) + raw
+    if type(key) is str and len(_names) < 1024:
+        _names[key] = encoded
+    return encoded
+
+
 def _table(table: dict[Any, Any]) -> bytes:
+    # _value's common cases inline: this loop runs for every header of every message
     out: list[bytes] = []
+    append = out.append
+    names = _names
     for key, value in table.items():
-        name = key if isinstance(key, str) else str(key)
-        raw = name.encode("utf-8")
-        if len(raw) > 255:
-            raise PublishError(
-                f"header name {name[:40]!r}... is longer than AMQP's 255 bytes")
-        out.append(bytes((len(raw),)) + raw)
-        try:
-            _value(value, out)
-        except _Unsupported as exc:
-            exc.path.append(name)
-            raise
+        append(names.get(key) or _name(key))
+        kind = type(value)
+        if kind is str:
+            raw = value.encode("utf-8")
+            append(_LONG_STR(b"S", len(raw)))
+            append(raw)
+        elif value is None:
+            append(b"V")
+        elif kind is int and -_INT32 <= value < _INT32:
+            append(b"I" + _I32.pack(value))
+        elif kind is bool:
+            append(b"t\x01" if value else b"t\x00")
+        elif kind is dict and not value:
+            append(b"F\x00\x00\x00\x00")
+        else:
+            try:
+                _value(value, out)
+            except _Unsupported as exc:
+                exc.path.append(key if isinstance(key, str) else str(key))
+                raise
     data = b"".join(out)
     return _U32.pack(len(data)) + data
 
@@ -118,57 +147,81 @@ def encode_table(headers: dict[str, Any]) -> bytes:
             "carry: use str, int, float, bool, None, list or dict") from None
 
 
+#: (flag, property) of the short-string properties after the priority, in wire
+#: order (the timestamp, a long long, goes between message_id and type)
+_EARLY = ((_P.FLAG_CORRELATION_ID, "correlation_id"), (_P.FLAG_REPLY_TO, "reply_to"),
+          (_P.FLAG_EXPIRATION, "expiration"), (_P.FLAG_MESSAGE_ID, "message_id"))
+_LATE = ((_P.FLAG_TYPE, "type"), (_P.FLAG_APP_ID, "app_id"))
+_FLAG_CONTENT_TYPE = _P.FLAG_CONTENT_TYPE
+_FLAG_CONTENT_ENCODING = _P.FLAG_CONTENT_ENCODING
+_FLAG_HEADERS = _P.FLAG_HEADERS
+_FLAG_DELIVERY_MODE = _P.FLAG_DELIVERY_MODE
+_FLAG_PRIORITY = _P.FLAG_PRIORITY
+_FLAG_TIMESTAMP = _P.FLAG_TIMESTAMP
+#: content types and encodings as short strings (a handful of values, in every message)
+_kinds: dict[str, bytes] = {}
+
+
+def _kind(value: str, what: str) -> bytes:
+    raw = _kinds.get(value)
+    if raw is None:
+        raw = short_string(value, what)
+        if len(_kinds) < 64:
+            _kinds[value] = raw
+    return raw
+
+
 def encode_properties(message: Message, delivery_mode: int) -> bytes:
     """The property list of ``message``'s content header: the bytes pika writes for
     ``props._basic_properties(message, delivery_mode)``."""
     p = message.properties
-    flags = 0
+    flags = _FLAG_DELIVERY_MODE
     out: list[bytes] = []
     if message.content_type:
-        flags |= _P.FLAG_CONTENT_TYPE
-        out.append(short_string(message.content_type, "content type"))
+        flags |= _FLAG_CONTENT_TYPE
+        out.append(_kind(message.content_type, "content type"))
     if message.content_encoding:
-        flags |= _P.FLAG_CONTENT_ENCODING
-        out.append(short_string(message.content_encoding, "content encoding"))
+        flags |= _FLAG_CONTENT_ENCODING
+        out.append(_kind(message.content_encoding, "content encoding"))
     if message.headers:
-        flags |= _P.FLAG_HEADERS
+        flags |= _FLAG_HEADERS
         out.append(encode_table(message.headers))
-    flags |= _P.FLAG_DELIVERY_MODE
     out.append(bytes((int(p.get("delivery_mode") or delivery_mode),)))
-    priority = _priority(p.get("priority"))
+    priority = p.get("priority")
     if priority is not None:
-        flags |= _P.FLAG_PRIORITY
-        out.append(bytes((priority,)))
-    for flag, value, what in (
-            (_P.FLAG_CORRELATION_ID, p.get("correlation_id"), "correlation_id"),
-            (_P.FLAG_REPLY_TO, p.get("reply_to"), "reply_to"),
-            (_P.FLAG_EXPIRATION, _expiration(p.get("expiration")), "expiration"),
-            (_P.FLAG_MESSAGE_ID, p.get("message_id"), "message_id")):
+        flags |= _FLAG_PRIORITY
+        out.append(bytes((_priority(priority) or 0,)))
+    for flag, name in _EARLY:
+        value = p.get(name)
+        if name == "expiration":
+            value = _expiration(value)
         if value is not None:
             flags |= flag
-            out.append(short_string(value, what))
+            out.append(short_string(value, name))
     if p.get("timestamp") is not None:
-        flags |= _P.FLAG_TIMESTAMP
+        flags |= _FLAG_TIMESTAMP
         out.append(_U64.pack(int(p["timestamp"])))
-    for flag, value, what in ((_P.FLAG_TYPE, p.get("type"), "type"),
-                              (_P.FLAG_APP_ID, p.get("app_id"), "app_id")):
+    for flag, name in _LATE:
+        value = p.get(name)
         if value is not None:
             flags |= flag
-            out.append(short_string(value, what))
+            out.append(short_string(value, name))
     return flags.to_bytes(2, "big") + b"".join(out)
 
 
-def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: bytes,
-                   props: bytes, mandatory: bool, max_body: int) -> bytes:
-    """The frames of one Basic.Publish on ``channel``: ``exchange`` and ``routing_key``
-    already short strings (``short_string``), ``props`` from ``encode_properties``,
-    the body cut into frames of ``max_body`` bytes at most."""
+def method_frame(channel: int, exchange: bytes, routing_key: bytes, mandatory: bool) -> bytes:
+    """The Basic.Publish method frame on ``channel``: ``exchange`` and ``routing_key``
+    already short strings (``short_string``). The same for every message to one queue."""
     method = b"".join((_PUBLISH.pack(60, 40, 0), exchange, routing_key,
                        b"\x01" if mandatory else b"\x00"))
-    header = _HEADER.pack(60, 0, len(body)) + props
-    parts = [_FRAME.pack(1, channel, len(method)), method, _END,
-             _FRAME.pack(2, channel, len(header)), header, _END]
+    return b"".join((_FRAME.pack(1, channel, len(method)), method, _END))
+
+
+def content_frames(channel: int, body: bytes, props: bytes, max_body: int) -> bytes:
+    """The content header frame (``props`` from ``encode_properties``) and the body
+    frames (``body`` cut into frames of ``max_body`` bytes at most) of one message."""
     size = len(body)
+    parts = [_CONTENT_HEADER(2, channel, 12 + len(props), 60, 0, size), props, _END]
     if size <= max_body:
         if size:
             parts += (_FRAME.pack(3, channel, size), body, _END)
@@ -177,3 +230,10 @@ def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: byte
             chunk = body[start:start + max_body]
             parts += (_FRAME.pack(3, channel, len(chunk)), chunk, _END)
     return b"".join(parts)
+
+
+def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: bytes,
+                   props: bytes, mandatory: bool, max_body: int) -> bytes:
+    """The frames of one Basic.Publish: ``method_frame`` + ``content_frames``."""
+    return method_frame(channel, exchange, routing_key, mandatory) + \
+        content_frames(channel, body, props, max_body)

@@ -11,7 +11,10 @@ from qops.cli.worker import Detach, Gid, Logfile, Pidfile, Uid, Umask
 
 
 def register(cli: typer.Typer) -> None:
-    cli.command("beat", help="Send periodic tasks when they are due (one beat per schedule).")(beat)
+    from qops.cli.params import typed  # options shared with worker are declared its way
+
+    cli.command("beat", help="Send periodic tasks when they are due (one beat per schedule).")(
+        typed(beat))
     cli.command("schedule", help="List the periodic tasks with their next run times.")(schedule)
 
 

@@ -116,10 +116,9 @@ def _params(func: Callable[..., Any]) -> dict[str, _Param] | None:
     import inspect
     import typing
 
-    hints = typing.get_type_hints(func, include_extras=True)
     names: dict[str, _Param] = {}
-    for i, p in enumerate(inspect.signature(func).parameters.values()):
-        hint = hints.get(p.name)
+    for i, p in enumerate(inspect.signature(func, eval_str=True).parameters.values()):
+        hint = p.annotation
         if i == 0 and hint is Context:
             continue
         meta = getattr(hint, "__metadata__", ())

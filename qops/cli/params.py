@@ -99,10 +99,10 @@ def typed(func: Any) -> Any:
 
     import typer
 
-    hints = typing.get_type_hints(func, include_extras=True)
+    signature = inspect.signature(func, eval_str=True)
     params = []
-    for p in inspect.signature(func).parameters.values():
-        hint = hints.get(p.name, p.annotation)
+    for p in signature.parameters.values():
+        hint = p.annotation
         if hint is Context:
             hint = typer.Context
         elif any(isinstance(m, Option) for m in getattr(hint, "__metadata__", ())):
@@ -116,7 +116,6 @@ def typed(func: Any) -> Any:
     def command(*args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
 
-    command.__signature__ = inspect.signature(func).replace(  # type: ignore[attr-defined]
-        parameters=params)
+    command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command

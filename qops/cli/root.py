@@ -40,6 +40,10 @@ class QopsGroup(TyperGroup):
         return super().make_context(info_name, hoist_global_options(args), parent, **extra)
 
 
+#: the root callback as typer reads it (made once: ``help_root`` makes a second root)
+_root_callback = params.typed(root)
+
+
 def _new_root() -> typer.Typer:
     """The root command, without commands."""
     root_cmd = typer.Typer(
@@ -51,7 +55,7 @@ def _new_root() -> typer.Typer:
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
-    root_cmd.callback()(params.typed(root))
+    root_cmd.callback()(_root_callback)
     return root_cmd
 
 

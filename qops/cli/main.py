@@ -1,8 +1,8 @@
 """``qops`` command line: the entry point. The only package that imports typer and rich
 (``root``, imported here only when typer has work to do).
 
-A worker keeps what its command line imported for as long as it runs: a plain
-``worker`` command line (``DIRECT``) is parsed and run without typer
+A worker or beat keeps what its command line imported for as long as it runs: a plain
+``worker`` or ``beat`` command line (``DIRECT``) is parsed and run without typer
 (``qops.cli.options``); anything else goes to typer.
 
 Health checks and cron jobs run ``qops --version``, ``qops status`` and ``qops inspect
@@ -48,7 +48,7 @@ COMMANDS: dict[str, str] = {
 
 #: commands whose options are declared with qops.cli.options and which run without typer
 #: when their command line is plain (the function of that name in their module)
-DIRECT = ("worker",)
+DIRECT = ("worker", "beat")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:

@@ -1,11 +1,12 @@
 """Options declared without typer, and a command run without typer when its command line
 is plain.
 
-A worker is started by this command line and keeps what it imported for as long as it
-runs: typer and its copy of click, imported only to read ``-c 4 -Q images``, cost every
-idle worker ~2 MB. So ``worker``'s options and the global ones are declared with
-``Option`` here -- the same arguments ``typer.Option`` takes -- in the signature of the
-function that runs the command, which stays the one place they are written:
+A worker (or beat) is started by this command line and keeps what it imported for as
+long as it runs: typer and its copy of click, imported only to read ``-c 4 -Q images``,
+cost every idle worker ~2 MB. So the options of ``worker``, ``beat`` and the global ones
+are declared with ``Option`` here -- the same arguments ``typer.Option`` takes -- in
+the signature of the function that runs the command, which stays the one place they
+are written:
 
 - typer gets that function with every ``Option`` turned into a ``typer.Option``
   (``qops.cli.params.typed``), so ``--help``, completion and every error are typer's;

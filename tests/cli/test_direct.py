@@ -1,6 +1,6 @@
-"""A plain ``worker`` command line runs without typer (qops.cli.options) and gives what
-typer gives: the same option values, and the same output and exit code; anything else
-is left to typer."""
+"""A plain ``worker`` or ``beat`` command line runs without typer (qops.cli.options) and
+gives what typer gives: the same option values, and the same output and exit code;
+anything else is left to typer."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import typer
 
 from qops.cli import main as cli_main
 from qops.cli import options, params
+from qops.cli.beat import beat
 from qops.cli.context import root
 from qops.cli.worker import worker
 from tests.cli.test_fast_paths import LONG_WAY, PROBE, _loaded, _python
@@ -36,6 +37,13 @@ DECLINED = [
     ["-c", "2", "-c", "3"], ["-c", "2", "--concurrency", "2"], ["x"], ["--"], ["-"],
     ["--bogus"], ["-A", "proj"], ["--version"], ["-Q", "a", "extra"], ["--pool"],
 ]
+BEAT_PLAIN = [
+    [], ["-s", "sched.db", "-l", "INFO", "--max-interval", "2", "--show"],
+    ["--max-interval=0.01", "-D", "--pidfile", "b.pid", "-f", "b.log", "--umask=022"],
+    ["--max-interval", "1.5", "--uid", "qops", "--gid", "qops", "--loglevel=DEBUG"],
+]
+BEAT_DECLINED = [["--max-interval", "0.001"], ["--max-interval", "1e3"],
+                 ["--max-interval", "2x"], ["-n", "x"], ["--show=1"], ["-s"], ["-h"]]
 #: global options (before the command, hoisted)
 GLOBAL_PLAIN = [
     [], ["-A", "proj"], ["--app=proj", "-b", "redis://h/1", "--json", "-q", "--no-color",
@@ -61,7 +69,8 @@ def _typers(func: Any, args: list[str]) -> dict[str, Any] | None:
 
 
 @pytest.mark.parametrize(("func", "lines", "declined"), [
-    (worker, PLAIN, DECLINED), (root, GLOBAL_PLAIN, GLOBAL_DECLINED)])
+    (worker, PLAIN, DECLINED), (beat, BEAT_PLAIN, BEAT_DECLINED),
+    (root, GLOBAL_PLAIN, GLOBAL_DECLINED)])
 def test_plain_lines_parse_as_typer_parses_them(func: Any, lines: list[list[str]],
                                                 declined: list[list[str]]) -> None:
     for args in lines:
@@ -96,6 +105,9 @@ COMPARED = [
     ["-A", "proj", "-b", "ftp://x", "worker", "--check"],
     ["-A", "proj", "-b", "sqlite:///{tmp}/b.db", "worker", "--check", "-c", "3"],
     ["worker", "-A", "proj", "-b", "sqlite:///{tmp}/b.db", "--check", "--json"],
+    ["beat", "-l", "INFO"],                           # no app: exit 2
+    ["-A", "proj", "-b", "sqlite:///{tmp}/b.db", "beat", "--show", "-s", "{tmp}/s"],
+    ["--json", "-A", "proj", "-b", "sqlite:///{tmp}/b.db", "beat", "--show"],
 ]
 
 
@@ -111,6 +123,7 @@ def test_direct_runs_end_as_typers_do(args: list[str], tmp_path: Any) -> None:
 
 
 def test_what_is_not_plain_goes_to_typer() -> None:
-    for args in (["worker", "-c", "0"], ["worker", "-h"], ["worker", "--bogus"]):
+    for args in (["worker", "-c", "0"], ["worker", "-h"], ["worker", "--bogus"],
+                 ["beat", "--max-interval", "0"]):
         r = _python(PROBE, *args)
         assert r.returncode in (0, 2) and "typer" in _loaded(r), args

@@ -18,6 +18,9 @@ machinery (older releases convert with click's types): nothing to do.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -89,33 +92,40 @@ def install(command: Any, help_names: list[str] | None = None) -> None:
         install(sub, names)
 
 
-def typed(func: Any) -> Any:
+class typed:  # noqa: N801 - used as a function: typed(worker)
     """``func`` as typer reads it: a ``ctx: Context`` parameter becomes a
     ``typer.Context`` and every ``Option`` in an ``Annotated`` the ``typer.Option`` of
-    the same arguments; the rest of the signature is left as it is."""
-    import functools
-    import inspect
-    import typing
+    the same arguments; the rest of the signature is left as it is. Worked out when
+    typer first asks (``inspect.signature``), not when the command is registered: the
+    root help screen registers every command and reads only its help."""
 
-    import typer
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        functools.update_wrapper(self, func, assigned=("__module__", "__name__",
+                                                       "__qualname__", "__doc__"))
 
-    signature = inspect.signature(func, eval_str=True)
-    params = []
-    for p in signature.parameters.values():
-        hint = p.annotation
-        if hint is Context:
-            hint = typer.Context
-        elif any(isinstance(m, Option) for m in getattr(hint, "__metadata__", ())):
-            meta = [typer.Option(*m.decls, **m.kwargs) if isinstance(m, Option) else m
-                    for m in hint.__metadata__]
-            args = (typing.get_args(hint)[0], *meta)
-            hint = Annotated[args]
-        params.append(p.replace(annotation=hint))
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
 
-    @functools.wraps(func)
-    def command(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        import typer
 
-    command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    return command
+        signature = inspect.signature(self.func, eval_str=True)
+        params = []
+        for p in signature.parameters.values():
+            hint = p.annotation
+            if hint is Context:
+                hint = typer.Context
+            elif any(isinstance(m, Option) for m in getattr(hint, "__metadata__", ())):
+                meta = [typer.Option(*m.decls, **m.kwargs) if isinstance(m, Option) else m
+                        for m in hint.__metadata__]
+                args = (typing.get_args(hint)[0], *meta)
+                hint = Annotated[args]
+            params.append(p.replace(annotation=hint))
+        return signature.replace(parameters=params)
+
+    @functools.cached_property
+    def __annotations__(self) -> dict[str, Any]:  # type: ignore[override]
+        """What ``typing.get_type_hints`` reads: the converted annotations."""
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}

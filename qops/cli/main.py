@@ -2,8 +2,7 @@
 (``root``, imported here only when typer has work to do).
 
 A worker or beat keeps what its command line imported for as long as it runs: a plain
-``worker`` or ``beat`` command line (``DIRECT``) is parsed and run without typer
-(``qops.cli.options``); anything else goes to typer.
+``worker`` or ``beat`` command line (``DIRECT``) is run without typer (``direct``).
 
 Health checks and cron jobs run ``qops --version``, ``qops status`` and ``qops inspect
 ping`` every few seconds, so start-up is kept short: ``--version`` is answered before
@@ -46,8 +45,8 @@ COMMANDS: dict[str, str] = {
 }
 
 
-#: commands whose options are declared with qops.cli.options and which run without typer
-#: when their command line is plain (the function of that name in their module)
+#: commands run without typer when their command line is plain (qops.cli.direct): the
+#: function of that name in their module, its options declared with qops.cli.options
 DIRECT = ("worker", "beat")
 
 
@@ -134,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["NO_COLOR"] = "1"
     _, i = _leading_globals(args)
     if i < len(args) and args[i] in DIRECT and not {"-h", "--help"} & set(args):
-        _run_direct(args, i, term)  # returns when typer must parse the command line
+        from qops.cli.direct import run_direct
+
+        run_direct(args, i, term)  # returns when typer must parse the command line
     if os.environ.get("NO_COLOR") or not args or {"-h", "--help"} & set(args):
         # a help screen is likely (NO_COLOR: usage errors too): typer's renderer, lighter
         from qops.cli.richhelp import rich_utils
@@ -149,22 +150,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)
-
-
-def _run_direct(args: list[str], i: int, term: Terminal) -> None:
-    """Run the command at ``args[i]`` without typer and exit with its code, unless its
-    command line is not plain (then return)."""
-    import importlib
-
-    from qops.cli import options
-
-    func = getattr(importlib.import_module(f"qops.cli.{COMMANDS[args[i]]}"), args[i])
-    try:
-        code = options.run(args, i, func, term)
-    except KeyboardInterrupt:
-        code = 130
-    if code is not None:
-        raise SystemExit(code)
 
 
 def __getattr__(name: str) -> Any:

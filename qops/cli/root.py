@@ -3,7 +3,7 @@ are ``qops.cli.context.root``'s), the registration of the commands, and ``run``,
 every error becomes its exit code (the table in docs/commands.md): a QopsError its own,
 a usage error from the parser 2, anything unexpected 1 -- each as one line on stderr
 (the traceback only with ``--debug``) and, with ``--json``, as ``{"error": ...,
-"exit_code": ...}`` on stdout (``qops.cli.terminal.outcome``).
+"exit_code": ...}`` on stdout (``qops.cli.options.outcome``).
 
 ``qops.cli.main`` (the entry point) imports this module only when typer has work to
 do, and asks ``register`` for only the module of the command on the command line.
@@ -20,8 +20,9 @@ from typer.core import TyperGroup
 from qops.cli import params, shell
 from qops.cli.context import root
 from qops.cli.main import MODULES, hoist_global_options, undecodable
+from qops.cli.options import outcome
 from qops.cli.shell import Context
-from qops.cli.terminal import Terminal, outcome
+from qops.cli.terminal import Terminal
 from qops.errors import EX_FAILURE, EX_USAGE, UsageError
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, NoReturn
 
 from qops.errors import EX_FAILURE, QopsError
@@ -120,46 +120,6 @@ class Terminal:
             code = EX_FAILURE
         self.fail(str(exc), code)
         raise SystemExit(code)
-
-
-def outcome(term: Terminal, call: Callable[[], Any],
-            other: Callable[[Exception], int | None] | None = None) -> int:
-    """Run ``call`` (a command): its exit code -- the int it returns, else 0 -- with every
-    error as one line on stderr (the traceback only with ``--debug``) and, with
-    ``--json``, as ``{"error": ..., "exit_code": ...}`` on stdout: a QopsError its own
-    code, a SystemExit its code, anything else 1 unless ``other`` (typer's errors) gives
-    the code, having reported it."""
-    code: int
-    try:
-        rv = call()
-        code = rv if isinstance(rv, int) else 0
-    except QopsError as exc:
-        _traceback(term)
-        code = exc.exit_code
-        term.fail(str(exc), code)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception as exc:
-        handled = other(exc) if other is not None else None
-        if handled is not None:
-            return handled
-        from qops.transports.base import one_line
-
-        _traceback(term)
-        code = EX_FAILURE
-        term.fail(f"unexpected {type(exc).__name__}: {one_line(exc)} (this is a bug: "
-                  "run again with --debug for the traceback)", code)
-    if code and term.json_mode and not term.documents:
-        term.json({"error": f"failed with exit code {code} (details on stderr)",
-                   "exit_code": code})
-    return code
-
-
-def _traceback(term: Terminal) -> None:
-    if term.debug:
-        import traceback
-
-        traceback.print_exc()
 
 
 def _cell(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""A plain ``worker`` or ``beat`` command line runs without typer (qops.cli.options) and
+"""A plain ``worker`` or ``beat`` command line runs without typer (qops.cli.direct) and
 gives what typer gives: the same option values, and the same output and exit code;
 anything else is left to typer."""
 
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import typer
 
+from qops.cli import direct, options, params
 from qops.cli import main as cli_main
-from qops.cli import options, params
 from qops.cli.beat import beat
 from qops.cli.context import root
 from qops.cli.worker import worker
@@ -74,15 +74,15 @@ def _typers(func: Any, args: list[str]) -> dict[str, Any] | None:
 def test_plain_lines_parse_as_typer_parses_them(func: Any, lines: list[list[str]],
                                                 declined: list[list[str]]) -> None:
     for args in lines:
-        parsed = options.parse(func, args)
+        parsed = direct.parse(func, args)
         assert parsed is not None, args
-        mine = options.callbacks(func, options.Context(None), parsed)
+        mine = direct.callbacks(func, options.Context(None), parsed)
         theirs = _typers(func, args)
         assert theirs is not None, args
         assert {k: (v, type(v)) for k, v in mine.items()} == \
             {k: (v, type(v)) for k, v in theirs.items()}, args
     for args in declined:
-        assert options.parse(func, args) is None, args
+        assert direct.parse(func, args) is None, args
 
 
 def test_global_options_table_is_roots() -> None:
@@ -114,12 +114,12 @@ COMPARED = [
 @pytest.mark.parametrize("args", COMPARED)
 def test_direct_runs_end_as_typers_do(args: list[str], tmp_path: Any) -> None:
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    direct = _python(PROBE, *args)
+    fast = _python(PROBE, *args)
     long = _python(LONG_WAY, *cli_main.hoist_global_options(args))
-    assert (direct.returncode, direct.stdout) == (long.returncode, long.stdout), args
-    assert [ln for ln in direct.stderr.splitlines() if not ln.startswith("LOADED")] == \
+    assert (fast.returncode, fast.stdout) == (long.returncode, long.stdout), args
+    assert [ln for ln in fast.stderr.splitlines() if not ln.startswith("LOADED")] == \
         long.stderr.splitlines(), args
-    assert "typer" not in _loaded(direct), args
+    assert "typer" not in _loaded(fast), args
 
 
 def test_what_is_not_plain_goes_to_typer() -> None:

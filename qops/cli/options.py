@@ -31,8 +31,8 @@ class Option:
 
 
 class Context:
-    """What a command function gets as ``ctx``: typer's context on typer's path; on this
-    module's, this with the same two attributes the commands read."""
+    """What a command function gets as ``ctx``: typer's context on typer's path; without
+    typer (qops.cli.direct), this, with the two attributes the commands read."""
 
     def __init__(self, obj: Any, invoked_subcommand: str | None = None) -> None:
         self.obj = obj

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import builtins
 import datetime as dt
-import decimal
 import json
 import os
 import socket
@@ -146,7 +145,8 @@ def _default(obj: Any) -> Any:
         return {"__type__": "time", "__value__": obj.isoformat()}
     if isinstance(obj, uuid.UUID):
         return {"__type__": "uuid", "__value__": str(obj)}
-    if isinstance(obj, decimal.Decimal):
+    decimal = sys.modules.get("decimal")  # imported by whoever made a Decimal
+    if decimal is not None and isinstance(obj, decimal.Decimal):
         return {"__type__": "decimal", "__value__": str(obj)}
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"__type__": "bytes", "__value__": base64.b64encode(bytes(obj)).decode("ascii")}
@@ -157,12 +157,18 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+def _decimal(value: str) -> Any:
+    from decimal import Decimal  # on first use: its C module costs every worker ~0.3 MB
+
+    return Decimal(value)
+
+
 _DECODERS: dict[str, Any] = {
     "datetime": dt.datetime.fromisoformat,
     "date": dt.date.fromisoformat,
     "time": dt.time.fromisoformat,
     "uuid": uuid.UUID,
-    "decimal": decimal.Decimal,
+    "decimal": _decimal,
     "bytes": lambda v: base64.b64decode(v),
 }
 

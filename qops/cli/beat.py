@@ -1,33 +1,41 @@
-"""``qops beat`` and ``qops schedule`` (= ``beat --show``)."""
+"""``qops beat`` and ``qops schedule`` (= ``beat --show``). Their options are declared
+with ``qops.cli.options.Option``, as worker's: a plain ``beat`` command line runs
+without typer (qops.cli.options)."""
 
 from __future__ import annotations
 
 import signal
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import typer
-
+from qops.cli.options import Context, Option
 from qops.cli.worker import Detach, Gid, Logfile, Pidfile, Uid, Umask
+
+if TYPE_CHECKING:
+    import typer
 
 
 def register(cli: typer.Typer) -> None:
-    cli.command("beat", help="Send periodic tasks when they are due (one beat per schedule).")(beat)
-    cli.command("schedule", help="List the periodic tasks with their next run times.")(schedule)
+    from qops.cli.params import typed
+
+    cli.command("beat", help="Send periodic tasks when they are due (one beat per schedule).")(
+        typed(beat))
+    cli.command("schedule", help="List the periodic tasks with their next run times.")(
+        typed(schedule))
 
 
 def beat(
-    ctx: typer.Context,
-    schedule_file: Annotated[str | None, typer.Option("-s", "--schedule", help="Schedule file keeping last-run times (default: beat_schedule_filename, ./qops-beat-schedule).")] = None,
-    loglevel: Annotated[str, typer.Option("-l", "--loglevel", help="DEBUG, INFO (default: a line per task sent), WARNING, ERROR.")] = "INFO",
+    ctx: Context,
+    schedule_file: Annotated[str | None, Option("-s", "--schedule", help="Schedule file keeping last-run times (default: beat_schedule_filename, ./qops-beat-schedule).")] = None,
+    loglevel: Annotated[str, Option("-l", "--loglevel", help="DEBUG, INFO (default: a line per task sent), WARNING, ERROR.")] = "INFO",
     logfile: Logfile = None,
     pidfile: Pidfile = None,
     detach: Detach = False,
     uid: Uid = None,
     gid: Gid = None,
     umask: Umask = None,
-    max_interval: Annotated[float | None, typer.Option("--max-interval", min=0.01, help="Seconds to sleep at most between looks at the schedule (default 2; the lock's ttl is 3x this).")] = None,
-    show: Annotated[bool, typer.Option("--show", help="List the entries with their next run times and exit.")] = False,
-) -> None:
+    max_interval: Annotated[float | None, Option("--max-interval", min=0.01, help="Seconds to sleep at most between looks at the schedule (default 2; the lock's ttl is 3x this).")] = None,
+    show: Annotated[bool, Option("--show", help="List the entries with their next run times and exit.")] = False,
+) -> int:
     from qops.beat import Beat
     from qops.ops.daemon import NodeProcess
     from qops.ops.nodes import node_name
@@ -38,7 +46,7 @@ def beat(
     app = g.load_app(required=True, import_tasks=True)
     if show:
         _show(app, g.terminal, schedule_file)
-        return
+        return 0
     check_root(accept_content=list(app.conf.accept_content), uid=proc.uid_n)
     from qops.cli.worker import check_security
 
@@ -52,12 +60,12 @@ def beat(
         signal.signal(signal.SIGINT, lambda *_: b.stop())
         readiness.ready()
         b.run()
-    raise typer.Exit(0)
+    return 0
 
 
 def schedule(
-    ctx: typer.Context,
-    schedule_file: Annotated[str | None, typer.Option("-s", "--schedule", help="Schedule file to read last-run times from.")] = None,
+    ctx: Context,
+    schedule_file: Annotated[str | None, Option("-s", "--schedule", help="Schedule file to read last-run times from.")] = None,
 ) -> None:
     g = ctx.obj
     _show(g.load_app(required=True, import_tasks=True), g.terminal, schedule_file)

@@ -1,6 +1,9 @@
 """``qops`` command line: the entry point. The only package that imports typer and rich
 (``root``, imported here only when typer has work to do).
 
+A worker or beat keeps what its command line imported for as long as it runs: a plain
+``worker`` or ``beat`` command line (``DIRECT``) is run without typer (``direct``).
+
 Health checks and cron jobs run ``qops --version``, ``qops status`` and ``qops inspect
 ping`` every few seconds, so start-up is kept short: ``--version`` is answered before
 typer is imported, and a command line naming a command registers only the module of
@@ -40,6 +43,11 @@ COMMANDS: dict[str, str] = {
     "config": "config_cmd", "dlq": "dlq", "demo": "demo", "generate": "generate",
     "top": "monitor", "exporter": "monitor",
 }
+
+
+#: commands run without typer when their command line is plain (qops.cli.direct): the
+#: function of that name in their module, its options declared with qops.cli.options
+DIRECT = ("worker", "beat")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
         os.environ["NO_COLOR"] = "1"
+    _, i = _leading_globals(args)
+    if i < len(args) and args[i] in DIRECT and not {"-h", "--help"} & set(args):
+        from qops.cli.direct import run_direct
+
+        run_direct(args, i, term)  # returns when typer must parse the command line
     if os.environ.get("NO_COLOR") or not args or {"-h", "--help"} & set(args):
         # a help screen is likely (NO_COLOR: usage errors too): typer's renderer, lighter
         from qops.cli.richhelp import rich_utils
@@ -130,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
         rich_utils()
     from qops.cli import root
 
-    _, i = _leading_globals(args)
     command = root.help_root() if args[i:] in (["-h"], ["--help"]) else \
         root.register(modules_for(args))
     try:

@@ -11,52 +11,25 @@ bounds, the list of strings -- and hands anything else (a malformed or out-of-ra
 number, another type) to typer's own converter, so every result and every error message
 is typer's (tests/cli/test_fast_paths.py compares the two). A typer without this
 machinery (older releases convert with click's types): nothing to do.
+
+``typed`` hands typer a command function whose options are declared with
+``qops.cli.options.Option`` (worker's and the global ones; see that module).
 """
 
 from __future__ import annotations
 
-import re
+import functools
+import inspect
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from qops.cli.options import _NOT_PLAIN, Context, Option, plain_value
 
 try:  # typer >= 0.2x
     from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
 except ImportError:  # pragma: no cover - typer converting with click's types
     RuntimeParam = None  # type: ignore[assignment,misc]
-
-_INT = re.compile(r"-?(0|[1-9][0-9]{0,17})")
-_FLOAT = re.compile(r"-?[0-9]{1,15}(\.[0-9]{1,15})?")
-_NOT_PLAIN = object()
-
-
-def plain_value(annotation: Any, low: float | None, high: float | None, value: Any) -> Any:
-    """``value`` converted to ``annotation`` when that is plain, else ``_NOT_PLAIN``."""
-    if annotation is str:
-        return value if isinstance(value, str) else _NOT_PLAIN
-    if annotation is bool:
-        return value if type(value) is bool else _NOT_PLAIN
-    if annotation is list:  # list[str]
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        return list(value) if ok else _NOT_PLAIN
-    number: int | float
-    if annotation is int:
-        if type(value) is int:
-            number = value
-        elif isinstance(value, str) and _INT.fullmatch(value):
-            number = int(value)
-        else:
-            return _NOT_PLAIN
-    elif annotation is float:
-        if type(value) in (int, float) or (isinstance(value, str) and _FLOAT.fullmatch(value)):
-            number = float(value)
-        else:
-            return _NOT_PLAIN
-    else:
-        return _NOT_PLAIN
-    if (low is not None and number < low) or (high is not None and number > high):
-        return _NOT_PLAIN  # typer's converter words the error
-    return number
-
 
 def _plain_annotation(param: Any) -> Any:
     """str, bool, int, float or list (for list[str]) when ``param`` converts that plainly;
@@ -117,3 +90,42 @@ def install(command: Any, help_names: list[str] | None = None) -> None:
                                               kind=kind)
     for sub in getattr(command, "commands", {}).values():
         install(sub, names)
+
+
+class typed:  # noqa: N801 - used as a function: typed(worker)
+    """``func`` as typer reads it: a ``ctx: Context`` parameter becomes a
+    ``typer.Context`` and every ``Option`` in an ``Annotated`` the ``typer.Option`` of
+    the same arguments; the rest of the signature is left as it is. Worked out when
+    typer first asks (``inspect.signature``), not when the command is registered: the
+    root help screen registers every command and reads only its help."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        functools.update_wrapper(self, func, assigned=("__module__", "__name__",
+                                                       "__qualname__", "__doc__"))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        import typer
+
+        signature = inspect.signature(self.func, eval_str=True)
+        params = []
+        for p in signature.parameters.values():
+            hint = p.annotation
+            if hint is Context:
+                hint = typer.Context
+            elif any(isinstance(m, Option) for m in getattr(hint, "__metadata__", ())):
+                meta = [typer.Option(*m.decls, **m.kwargs) if isinstance(m, Option) else m
+                        for m in hint.__metadata__]
+                args = (typing.get_args(hint)[0], *meta)
+                hint = Annotated[args]
+            params.append(p.replace(annotation=hint))
+        return signature.replace(parameters=params)
+
+    @functools.cached_property
+    def __annotations__(self) -> dict[str, Any]:  # type: ignore[override]
+        """What ``typing.get_type_hints`` reads: the converted annotations."""
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}

@@ -1,8 +1,9 @@
-"""The typer side of the ``qops`` command line: the root command with the global
-options, the registration of the commands, and ``run``, where every error becomes its
-exit code (the table in docs/commands.md): a QopsError its own, a usage error from the
-parser 2, anything unexpected 1 -- each as one line on stderr (the traceback only with
-``--debug``) and, with ``--json``, as ``{"error": ..., "exit_code": ...}`` on stdout.
+"""The typer side of the ``qops`` command line: the root command (its global options
+are ``qops.cli.context.root``'s), the registration of the commands, and ``run``, where
+every error becomes its exit code (the table in docs/commands.md): a QopsError its own,
+a usage error from the parser 2, anything unexpected 1 -- each as one line on stderr
+(the traceback only with ``--debug``) and, with ``--json``, as ``{"error": ...,
+"exit_code": ...}`` on stdout (``qops.cli.options.outcome``).
 
 ``qops.cli.main`` (the entry point) imports this module only when typer has work to
 do, and asks ``register`` for only the module of the command on the command line.
@@ -11,67 +12,18 @@ do, and asks ``register`` for only the module of the command on the command line
 from __future__ import annotations
 
 import importlib
-import os
-import sys
-import traceback
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
 from qops.cli import params, shell
-from qops.cli.main import MODULES, hoist_global_options, show_version, undecodable
+from qops.cli.context import root
+from qops.cli.main import MODULES, hoist_global_options, undecodable
+from qops.cli.options import outcome
 from qops.cli.shell import Context
 from qops.cli.terminal import Terminal
-from qops.errors import EX_FAILURE, EX_USAGE, QopsError, UsageError
-
-
-@dataclass
-class Globals:
-    app: str | None = None
-    broker: str | None = None
-    result_backend: str | None = None
-    config: str | None = None
-    workdir: str | None = None
-    compat: str | None = None
-    terminal: Terminal = Terminal()
-
-    def load_app(self, *, required: bool = False, import_tasks: bool = False) -> Any:
-        """The App for this command. Broker-only commands pass ``required=False`` and get
-        a bare App unless ``-A`` (or QOPS_APP / ``app:`` in the config file) names one."""
-        from qops.app import App
-        from qops.loading import load_app
-        from qops.settings import find_config_file, read_yaml
-
-        spec = self.app or os.environ.get("QOPS_APP")
-        if not spec:
-            path = find_config_file()
-            if path is not None:
-                spec = read_yaml(path).get("app")
-        if spec:
-            app = load_app(str(spec))
-            if import_tasks:
-                app.import_modules()
-        elif required:
-            from qops.errors import UsageError
-
-            raise UsageError("this command needs the app: pass -A/--app (e.g. -A proj), "
-                             "set QOPS_APP, or put 'app: proj' in qops.yaml")
-        else:
-            app = App("qops")
-        for key, value in (("broker_url", self.broker),
-                           ("result_backend", self.result_backend),
-                           ("compat", self.compat)):
-            if value is not None:
-                app.conf.set(key, value, layer="cli", source="command line")
-        return app
-
-
-def _version(ctx: typer.Context, value: bool) -> None:
-    if value:
-        show_version(ctx.obj if isinstance(ctx.obj, Terminal) else Terminal())
-        raise typer.Exit()
+from qops.errors import EX_FAILURE, EX_USAGE, UsageError
 
 
 class QopsGroup(TyperGroup):
@@ -89,36 +41,8 @@ class QopsGroup(TyperGroup):
         return super().make_context(info_name, hoist_global_options(args), parent, **extra)
 
 
-def root(
-    ctx: typer.Context,
-    app: Annotated[str | None, typer.Option("-A", "--app", help="The app: module, module:attr or module.attr.")] = None,
-    broker: Annotated[str | None, typer.Option("-b", "--broker", help="Broker URL (sqlite://, redis://, sentinel://, amqp://; a cluster: amqp://h1;amqp://h2).")] = None,
-    result_backend: Annotated[str | None, typer.Option("--result-backend", help="Result backend URL.")] = None,
-    config: Annotated[str | None, typer.Option("--config", help="YAML config file (default ./qops.yaml, then /etc/qops/qops.yaml).")] = None,
-    workdir: Annotated[str | None, typer.Option("--workdir", help="Change to this directory first.")] = None,
-    compat: Annotated[str | None, typer.Option("--compat", help="Names on the wire: qops or celery.")] = None,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print less.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
-    no_color: Annotated[bool, typer.Option("--no-color", help="No colours.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-) -> None:
-    # main's Terminal (already serving usage errors), set up from the parsed options
-    terminal = ctx.obj if isinstance(ctx.obj, Terminal) else Terminal()
-    terminal.__init__(json_mode=json_out, quiet=quiet,  # type: ignore[misc]
-                      no_color=no_color, debug=debug)
-    if workdir and ctx.invoked_subcommand != "generate":  # generate: the target host's dir
-        try:
-            os.chdir(workdir)
-        except OSError as exc:
-            terminal.abort(f"--workdir {workdir}: {exc.strerror}", EX_USAGE)
-    if config:
-        os.environ["QOPS_CONFIG"] = os.path.abspath(config)
-    # -A names modules relative to the working directory, as Celery does.
-    if (workdir or app) and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    ctx.obj = Globals(app=app, broker=broker, result_backend=result_backend, config=config,
-                      workdir=workdir, compat=compat, terminal=terminal)
+#: the root callback as typer reads it (made once: ``help_root`` makes a second root)
+_root_callback = params.typed(root)
 
 
 def _new_root() -> typer.Typer:
@@ -132,7 +56,7 @@ def _new_root() -> typer.Typer:
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
-    root_cmd.callback()(root)
+    root_cmd.callback()(_root_callback)
     return root_cmd
 
 
@@ -197,41 +121,28 @@ def _is_parser_error(exc: Exception) -> bool:
     return all(hasattr(exc, a) for a in ("exit_code", "format_message", "show"))
 
 
+def _typer_error(term: Terminal, exc: Exception) -> int | None:
+    """The exit code of an error of typer's (reported here), None for any other."""
+    if isinstance(exc, typer.Abort):
+        term.fail("aborted", EX_FAILURE)
+        return EX_FAILURE
+    if _is_parser_error(exc):  # click's (typer's own copy of click in newer typer)
+        shell.show_usage_error(exc)
+        code = int(getattr(exc, "exit_code", EX_USAGE))
+        term.error_document(exc.format_message(), code)  # type: ignore[attr-defined]
+        return code
+    return None
+
+
 def run(args: list[str], term: Terminal, command: typer.Typer) -> int:
     """Run the command line ``args`` (global options hoisted) with the root ``command``;
-    its exit code. Every error ends here as one line (see the module doc)."""
-    code: int
-    try:
+    its exit code. Every error ends as one line (``terminal.outcome``)."""
+
+    def call() -> Any:
         bad = undecodable(args)
         if bad is not None:
             raise UsageError(f"argument '{bad}' is not valid UTF-8: check the shell's "
                              "locale (LANG/LC_ALL) or the file the value came from")
-        rv = command(args=args, prog_name="qops", standalone_mode=False, obj=term)
-        code = rv if isinstance(rv, int) else 0
-    except typer.Abort:
-        code = EX_FAILURE
-        term.fail("aborted", code)
-    except QopsError as exc:
-        if term.debug:
-            traceback.print_exc()
-        code = exc.exit_code
-        term.fail(str(exc), code)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception as exc:
-        from qops.transports.base import one_line
+        return command(args=args, prog_name="qops", standalone_mode=False, obj=term)
 
-        if _is_parser_error(exc):  # click's (typer's own copy of click in newer typer)
-            shell.show_usage_error(exc)
-            code = int(getattr(exc, "exit_code", EX_USAGE))
-            term.error_document(exc.format_message(), code)  # type: ignore[attr-defined]
-            return code
-        if term.debug:
-            traceback.print_exc()
-        code = EX_FAILURE
-        term.fail(f"unexpected {type(exc).__name__}: {one_line(exc)} (this is a bug: "
-                  "run again with --debug for the traceback)", code)
-    if code and term.json_mode and not term.documents:
-        term.json({"error": f"failed with exit code {code} (details on stderr)",
-                   "exit_code": code})
-    return code
+    return outcome(term, call, lambda exc: _typer_error(term, exc))

@@ -1,47 +1,54 @@
-"""``qops worker``."""
+"""``qops worker``. Its options are declared with ``qops.cli.options.Option``: a plain
+``worker`` command line is run without typer (see that module), which a worker would
+otherwise keep in memory for as long as it runs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import typer
-
+from qops.cli.options import Context, Option
 from qops.values import MAX_POOL_SIZE
 
+if TYPE_CHECKING:
+    import typer
+
 # Options shared by the long-running commands (worker, beat)
-Pidfile = Annotated[str | None, typer.Option("--pidfile", help="Pidfile (templates %n ...), locked while the process runs.")]
-Detach = Annotated[bool, typer.Option("--detach", "-D", help="Run in the background; exit 0 once it runs.")]
-Uid = Annotated[str | None, typer.Option("--uid", help="Drop privileges to this user (name or number).")]
-Gid = Annotated[str | None, typer.Option("--gid", help="Drop privileges to this group.")]
-Umask = Annotated[str | None, typer.Option("--umask", help="Octal umask, e.g. 022.")]
-Logfile = Annotated[str | None, typer.Option("--logfile", "-f", help="Log file (templates %n %I ...).")]
+Pidfile = Annotated[str | None, Option("--pidfile", help="Pidfile (templates %n ...), locked while the process runs.")]
+Detach = Annotated[bool, Option("--detach", "-D", help="Run in the background; exit 0 once it runs.")]
+Uid = Annotated[str | None, Option("--uid", help="Drop privileges to this user (name or number).")]
+Gid = Annotated[str | None, Option("--gid", help="Drop privileges to this group.")]
+Umask = Annotated[str | None, Option("--umask", help="Octal umask, e.g. 022.")]
+Logfile = Annotated[str | None, Option("--logfile", "-f", help="Log file (templates %n %I ...).")]
 
 
 def register(cli: typer.Typer) -> None:
-    cli.command("worker", help="Run a worker node (in the foreground, or --detach).")(worker)
+    from qops.cli.params import typed
+
+    cli.command("worker", help="Run a worker node (in the foreground, or --detach).")(
+        typed(worker))
 
 
 def worker(
-    ctx: typer.Context,
-    hostname: Annotated[str | None, typer.Option("-n", "--hostname", help="Node name, e.g. w1@%h.")] = None,
-    queues: Annotated[str | None, typer.Option("-Q", "--queues", help="Queues to consume, comma separated.")] = None,
-    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency", min=1, max=MAX_POOL_SIZE, help="Pool size (default: CPUs).")] = None,
-    pool: Annotated[str | None, typer.Option("-P", "--pool", help="prefork, threads or solo.")] = None,
-    loglevel: Annotated[str, typer.Option("-l", "--loglevel", help="DEBUG, INFO, WARNING, ERROR.")] = "WARNING",
+    ctx: Context,
+    hostname: Annotated[str | None, Option("-n", "--hostname", help="Node name, e.g. w1@%h.")] = None,
+    queues: Annotated[str | None, Option("-Q", "--queues", help="Queues to consume, comma separated.")] = None,
+    concurrency: Annotated[int | None, Option("-c", "--concurrency", min=1, max=MAX_POOL_SIZE, help="Pool size (default: CPUs).")] = None,
+    pool: Annotated[str | None, Option("-P", "--pool", help="prefork, threads or solo.")] = None,
+    loglevel: Annotated[str, Option("-l", "--loglevel", help="DEBUG, INFO, WARNING, ERROR.")] = "WARNING",
     logfile: Logfile = None,
     pidfile: Pidfile = None,
     detach: Detach = False,
     uid: Uid = None,
     gid: Gid = None,
     umask: Umask = None,
-    prefetch_multiplier: Annotated[int | None, typer.Option("--prefetch-multiplier", min=1, help="Messages reserved per pool slot.")] = None,
-    max_tasks_per_child: Annotated[int | None, typer.Option("--max-tasks-per-child", min=1, help="Replace a prefork child after N tasks.")] = None,
-    task_events: Annotated[bool, typer.Option("-E", "--task-events", help="Send task events (worker events are always sent).")] = False,
-    beat: Annotated[bool, typer.Option("-B", "--beat", help="Also run beat in this node (development only).")] = False,
-    schedule: Annotated[str | None, typer.Option("-s", "--schedule", help="With -B: beat's schedule file.")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Check that this worker could start (options, app and tasks, root guard, broker) and exit 0, or with the error.")] = False,
-    statedb: Annotated[str | None, typer.Option("-S", "--statedb", help="File keeping revoked task ids across restarts (templates %n ...).")] = None,
-) -> None:
+    prefetch_multiplier: Annotated[int | None, Option("--prefetch-multiplier", min=1, help="Messages reserved per pool slot.")] = None,
+    max_tasks_per_child: Annotated[int | None, Option("--max-tasks-per-child", min=1, help="Replace a prefork child after N tasks.")] = None,
+    task_events: Annotated[bool, Option("-E", "--task-events", help="Send task events (worker events are always sent).")] = False,
+    beat: Annotated[bool, Option("-B", "--beat", help="Also run beat in this node (development only).")] = False,
+    schedule: Annotated[str | None, Option("-s", "--schedule", help="With -B: beat's schedule file.")] = None,
+    check: Annotated[bool, Option("--check", help="Check that this worker could start (options, app and tasks, root guard, broker) and exit 0, or with the error.")] = False,
+    statedb: Annotated[str | None, Option("-S", "--statedb", help="File keeping revoked task ids across restarts (templates %n ...).")] = None,
+) -> int:
     from qops.errors import UsageError
     from qops.ops.daemon import NodeProcess, setup_logging
     from qops.ops.nodes import node_name
@@ -59,7 +66,7 @@ def worker(
     check_security(app, g.terminal, [proc.pid_path])
     if check:
         app.transport.ping()
-        return
+        return 0
     if detach and not logfile:
         g.terminal.note("qops: --detach without --logfile: the worker's logs are discarded")
     from qops.worker.worker import Worker
@@ -97,7 +104,7 @@ def worker(
         finally:
             if embedded is not None:
                 embedded.stop()
-    raise typer.Exit(code)
+    return code
 
 
 def check_security(app: Any, terminal: Any, pidfiles: list[Any]) -> None:

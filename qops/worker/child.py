@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from qops.events import EventDispatcher
 from qops.worker.consumer import ConsumerLoop
 from qops.worker.control import run_task_command
-from qops.worker.pool import InlinePool, child_process_setup
+from qops.worker.pool import InlinePool
+from qops.worker.prefork import child_process_setup
 from qops.worker.shared import (
     HARD_LIMIT_GRACE,
     LOST,

@@ -56,12 +56,8 @@ from typing import TYPE_CHECKING, Any
 from qops import errors
 from qops.backends.base import FAILURE, REVOKED
 from qops.worker.child import child_main
-from qops.worker.pool import (
-    Pool,
-    describe_status,
-    fork_child,
-    signal_child,
-)
+from qops.worker.pool import Pool, describe_status
+from qops.worker.prefork import fork_child, signal_child
 from qops.worker.shared import (
     LOST,
     MAX_CHILDREN,

@@ -5,18 +5,12 @@ it from the queue: its ``start()`` is called then, on that thread (the consumer 
 checks the task again and marks it started there: see ConsumerLoop.begin), and says
 whether it runs. ``drain_unstarted`` empties the queue (warm shutdown).
 
-prefork: each slot is a parent thread that owns one child process and a pipe to it.
-The thread sends a job, waits for the outcome -- at most the hard time limit, after
-which it kills the child and starts a new one -- and reports the outcome. A child that
-dies mid-task is reported as LOST. Children die with the parent (PR_SET_PDEATHSIG).
+prefork lives in qops/worker/prefork.py (imported by ``make_pool`` when asked for).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
-import multiprocessing
 import os
 import queue
 import signal
@@ -25,12 +19,10 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Connection, Pipe
 from typing import TYPE_CHECKING, Any
 
-from qops import protocol
-from qops.errors import TimeLimitExceeded, UsageError, WorkerLostError
-from qops.worker.request import LOST, execute
+from qops.errors import UsageError
+from qops.worker.request import execute
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -40,7 +32,7 @@ log = logging.getLogger("qops.worker")
 OnDone = Callable[[dict[str, Any]], None]
 #: called when a slot takes the job, on its thread: False, and the job does not run
 Start = Callable[[], bool]
-_STOP = object()
+STOP = object()
 
 
 class Pool(ABC):
@@ -74,7 +66,7 @@ class Pool(ABC):
                 item = self.jobs.get_nowait()
             except queue.Empty:
                 return out
-            if item is not _STOP:
+            if item is not STOP:
                 out.append(item[0])
 
     def busy(self) -> int:
@@ -135,7 +127,7 @@ class Pool(ABC):
         go into the job queue, and each ends the thread or slot that takes it once its
         job is done."""
         for _ in range(self._fewer(n)):
-            self.jobs.put(_STOP)
+            self.jobs.put(STOP)
 
     def _fewer(self, n: int) -> int:
         """Lower the concurrency by ``n``, keeping at least one; returns by how much."""
@@ -159,7 +151,7 @@ class ThreadPool(Pool):
     def _run(self) -> None:
         while True:
             item = self.jobs.get()
-            if item is _STOP:
+            if item is STOP:
                 return
             job, on_done, _hard, start = item
             if start is not None and not start():
@@ -170,14 +162,14 @@ class ThreadPool(Pool):
                 outcome = execute(self.app, job)
             finally:
                 self._mark(job, False)
-            _report(on_done, outcome)
+            report(on_done, outcome)
 
     def stop(self, timeout: float | None = None) -> None:
-        _stop_and_join(self.jobs, self.threads, timeout)
+        stop_and_join(self.jobs, self.threads, timeout)
 
     def terminate(self) -> None:
         for _ in self.threads:
-            self.jobs.put(_STOP)
+            self.jobs.put(STOP)
 
     def grow(self, n: int) -> None:
         for i in range(n):
@@ -197,294 +189,20 @@ class SoloPool(ThreadPool):
         super().__init__(app, 1, **kwargs)
 
 
-def _stop_and_join(jobs: queue.Queue[Any], threads: list[Any], timeout: float | None) -> None:
+def stop_and_join(jobs: queue.Queue[Any], threads: list[Any], timeout: float | None) -> None:
     """One stop marker per thread (each takes one and ends), then wait for them all."""
     for _ in threads:
-        jobs.put(_STOP)
+        jobs.put(STOP)
     deadline = None if timeout is None else time.monotonic() + timeout
     for t in threads:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-def _report(on_done: OnDone, outcome: dict[str, Any]) -> None:
+def report(on_done: OnDone, outcome: dict[str, Any]) -> None:
     try:
         on_done(outcome)
     except Exception:  # the worker logs its own errors; this keeps the pool alive
         log.exception("error while handling a task outcome")
-
-
-# -- prefork ------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def fork_child(main: Callable[[Connection, mmap.mmap], int]
-               ) -> tuple[int, Connection, mmap.mmap]:
-    """Fork a pool child that runs ``main`` with its end of a pipe and its TERM flag
-    (see signal_child) and exits with the code it returns (1 if it raises). Returns the
-    child's pid, our end of the pipe and the flag."""
-    parent_conn, child_conn = Pipe()
-    term = mmap.mmap(-1, 1)  # shared with the child
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            parent_conn.close()
-            code = main(child_conn, term)
-        except BaseException:
-            log.exception("pool process %d failed", os.getpid())
-        finally:
-            os._exit(code)
-    child_conn.close()
-    return pid, parent_conn, term
-
-
-def signal_child(pid: int, term: mmap.mmap, sig: int) -> None:
-    """Send ``sig`` to a pool child (revoke --terminate). Children ignore a TERM that
-    was not meant for them alone (one sent to the whole process group, as systemd's
-    KillMode=control-group does, must not cut their tasks short); the flag tells them
-    that this one is."""
-    if sig == signal.SIGTERM:
-        term[0] = 1
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-class _Child:
-    def __init__(self, pid: int, conn: Connection, term: mmap.mmap) -> None:
-        self.pid = pid
-        self.conn = conn
-        self.term = term
-        self.done = 0
-
-
-class _Slot(threading.Thread):
-    def __init__(self, pool: PreforkPool, index: int) -> None:
-        super().__init__(name=f"prefork-slot-{index}", daemon=True)
-        self.pool = pool
-        self.index = index
-        self.child: _Child | None = None
-        self.job: dict[str, Any] | None = None
-        self.stopping = False
-        self.generation = 0  # the pool's generation its child was forked in
-        self.lock = threading.Lock()  # the child and the job, against restart()
-
-    def spawn(self) -> None:
-        self.generation = self.pool.generation
-        ppid = os.getpid()
-        pid, parent_conn, term = fork_child(
-            lambda conn, term: _child_main(self.pool, self.index, conn, term, ppid))
-        self.child = _Child(pid, parent_conn, term)
-        if self.pool.on_child_start:
-            self.pool.on_child_start(pid)
-
-    def reap(self, kill: bool) -> int | None:
-        child, self.child = self.child, None
-        if child is None:
-            return None
-        if kill:
-            signal_child(child.pid, child.term, signal.SIGKILL)
-        child.conn.close()
-        try:
-            _, status = os.waitpid(child.pid, 0)
-        except ChildProcessError:
-            return None
-        return status
-
-    def run(self) -> None:
-        # A child is forked on this thread (PR_SET_PDEATHSIG kills a child when the
-        # thread that forked it ends): a slot added by pool_grow on the control thread
-        # gets its first child here, and pool_restart's new children are made here.
-        pool = self.pool
-        with self.lock:
-            self.renew()
-        while True:
-            try:
-                item = pool.jobs.get(timeout=0.5)
-            except queue.Empty:
-                if self.generation != pool.generation:
-                    with self.lock:
-                        self.renew()  # pool_restart, while idle
-                continue
-            if item is _STOP:
-                break
-            job, on_done, hard, start = item
-            if start is not None and not start():
-                continue
-            with self.lock:
-                self.renew()
-                assert self.child is not None
-                job["worker_pid"] = self.child.pid
-                self.job = job
-            pool._mark(job, True)
-            try:
-                outcome = self._run_one(job, hard)
-            finally:
-                pool._mark(job, False)
-                with self.lock:
-                    self.job = None
-                    if self.generation != pool.generation and not self.stopping:
-                        self.renew()  # restarted while it ran: replace it now
-            _report(on_done, outcome)
-        self.reap(kill=False)
-
-    def renew(self) -> None:
-        """A child of the pool's current generation (the slot's lock held): the one
-        it has, or a new one in place of an older or missing one."""
-        child = self.child
-        if child is not None and self.generation != self.pool.generation:
-            # it runs nothing now; TERM, since a sibling forked meanwhile may hold our
-            # end of its pipe open, so that it would not see EOF
-            signal_child(child.pid, child.term, signal.SIGTERM)
-            self.reap(kill=False)
-        if self.child is None:
-            self.spawn()
-
-    def _run_one(self, job: dict[str, Any], hard: float | None) -> dict[str, Any]:
-        child = self.child
-        assert child is not None
-        start = time.monotonic()
-        try:
-            child.conn.send(job)
-            ready = child.conn.poll(hard) if hard else child.conn.poll(None)
-            if not ready:
-                self.reap(kill=True)
-                exc = TimeLimitExceeded(f"hard time limit ({hard}s) exceeded")
-                return {"state": "FAILURE", "result": protocol.exception_to_dict(exc),
-                        "traceback": None, "runtime": time.monotonic() - start}
-            outcome: dict[str, Any] = child.conn.recv()
-        except (EOFError, OSError):
-            status = self.reap(kill=True)
-            how = describe_status(status)
-            exc2 = WorkerLostError(f"pool process exited during the task ({how})")
-            return {"state": LOST, "result": protocol.exception_to_dict(exc2),
-                    "traceback": None, "runtime": time.monotonic() - start, "how": how}
-        child.done += 1
-        if outcome.pop("_exit", False):
-            self.reap(kill=False)
-        return outcome
-
-
-def describe_status(status: int | None) -> str:
-    if status is None:
-        return "unknown status"
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(sig).name} (signal {sig})"
-    return f"exit code {os.WEXITSTATUS(status)}"
-
-
-def child_process_setup(index: int, ppid: int, term: mmap.mmap,
-                        child_init: Callable[[int], None] | None) -> bool:
-    """First steps in a freshly forked pool child; False if the parent is gone already."""
-    _die_with_parent()
-    if os.getppid() != ppid:  # the parent died before prctl took effect
-        return False
-    # The parent decides about shutdown: a TERM or INT sent to the whole process group
-    # must not stop a task half-way (warm shutdown lets it finish). A TERM the parent
-    # sends to this child alone (signal_child) ends it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def on_term(signum: int, frame: Any) -> None:
-        if term[0]:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    from qops.ops.daemon import reopen_log_files
-
-    signal.signal(signal.SIGHUP, lambda *_: reopen_log_files())  # logrotate
-    os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears from the worker, not its pool
-    os.environ["QOPS_POOL_INDEX"] = str(index)
-    multiprocessing.current_process().name = f"PoolWorker-{index}"  # in log lines
-    if child_init:
-        child_init(index)
-    return True
-
-
-def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap,
-                ppid: int) -> int:
-    if not child_process_setup(index, ppid, term, pool.child_init):
-        return 0
-    done = 0
-    limit = pool.max_tasks_per_child
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return 0
-        outcome = execute(pool.app, job)
-        done += 1
-        if limit and done >= limit:
-            outcome["_exit"] = True
-        conn.send(outcome)
-        if outcome.get("_exit"):
-            return 0
-
-
-class PreforkPool(Pool):
-    name = "prefork"
-    task_crash_kills_node = False
-
-    def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
-                 on_child_start: Callable[[int], None] | None = None,
-                 child_init: Callable[[int], None] | None = None) -> None:
-        super().__init__(app, concurrency, max_tasks_per_child, on_child_start)
-        self.child_init = child_init
-        self.slots: list[_Slot] = []
-        self.generation = 0  # pool_restart: children of an older one are replaced
-
-    def start(self) -> None:
-        for _ in range(self.concurrency):
-            self._add_slot()
-
-    def _add_slot(self, spawn: bool = True) -> None:
-        slot = _Slot(self, len(self.slots) + 1)
-        if spawn:
-            slot.spawn()  # children start now, so a broken app fails at start-up
-        self.slots.append(slot)
-        slot.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        _stop_and_join(self.jobs, self.slots, timeout)
-
-    def terminate(self) -> None:
-        for s in self.slots:
-            s.stopping = True
-            s.reap(kill=True)
-        for _ in self.slots:
-            self.jobs.put(_STOP)
-
-    def pids(self) -> list[int]:
-        return [s.child.pid for s in self.slots if s.child is not None]
-
-    def terminate_job(self, task_id: str, sig: int) -> bool:
-        for s in self.slots:
-            if s.job is not None and s.job["id"] == task_id and s.child is not None:
-                signal_child(s.child.pid, s.child.term, sig)
-                return True
-        return False
-
-    def grow(self, n: int) -> None:
-        for _ in range(n):
-            self._add_slot(spawn=False)  # forked on the slot's thread, not the caller's
-        self.concurrency += n
-
-    def restart(self) -> None:
-        """New children forked from the node as it is now, each by its slot's thread:
-        idle ones within half a second, busy ones as soon as their task is done."""
-        self.generation += 1
 
 
 class InlinePool(Pool):
@@ -539,7 +257,7 @@ class InlinePool(Pool):
             limit = self.max_tasks_per_child
             if outcome.pop("_exit", False) or (limit and self.done >= limit):
                 self.exit_requested = True
-            _report(on_done, outcome)
+            report(on_done, outcome)
             return
 
     def stop(self, timeout: float | None = None) -> None:
@@ -554,15 +272,27 @@ class InlinePool(Pool):
     shrink = grow
 
 
-POOLS: dict[str, type[Pool]] = {"prefork": PreforkPool, "threads": ThreadPool,
-                                "solo": SoloPool}
+def describe_status(status: int | None) -> str:
+    if status is None:
+        return "unknown status"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by {signal.Signals(sig).name} (signal {sig})"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+POOLS: dict[str, type[Pool]] = {"threads": ThreadPool, "solo": SoloPool}
 
 
 def make_pool(kind: str, app: App, concurrency: int, **kwargs: Any) -> Pool:
+    if kind == "prefork":
+        # its own module: multiprocessing, ctypes and mmap are for prefork alone
+        from qops.worker.prefork import PreforkPool
+
+        return PreforkPool(app, concurrency, **kwargs)
     try:
         cls = POOLS[kind]
     except KeyError:
         raise UsageError(f"unknown pool {kind!r}: choose prefork, threads or solo") from None
-    if cls is not PreforkPool:
-        kwargs.pop("child_init", None)
+    kwargs.pop("child_init", None)
     return cls(app, concurrency, **kwargs)

@@ -12,7 +12,7 @@ import pytest
 import typer
 
 from qops.cli import main as cli_main
-from qops.cli import params
+from qops.cli import options
 from tests.helpers import ROOT, qops_env, run_qops
 
 # Prints the modules of interest loaded by a command line, at exit (stderr).
@@ -80,8 +80,8 @@ def test_one_command_imports_its_module_only_and_no_pydantic() -> None:
     mods = loaded("inspect", "--list")
     assert "pydantic" not in mods and "rich" not in mods
     assert [m for m in mods if m.startswith("qops.cli.")] == [
-        "qops.cli.control", "qops.cli.main", "qops.cli.params", "qops.cli.root",
-        "qops.cli.shell", "qops.cli.terminal"]
+        "qops.cli.context", "qops.cli.control", "qops.cli.main", "qops.cli.options",
+        "qops.cli.params", "qops.cli.root", "qops.cli.shell", "qops.cli.terminal"]
 
 
 def test_bad_values_keep_typers_messages() -> None:
@@ -109,8 +109,8 @@ def test_plain_values_are_what_typer_gives(annotation: Any, low: Any, high: Any,
     desc = resolve_type_descriptor(kind, OptionInfo(min=low, max=high))
     typers = build_runtime_param(desc)
     for value in values:
-        mine = params.plain_value(annotation, low, high, value)
-        assert mine is not params._NOT_PLAIN, value
+        mine = options.plain_value(annotation, low, high, value)
+        assert mine is not options._NOT_PLAIN, value
         theirs = typers._coerce_value(value, param=None, ctx=None)  # type: ignore[arg-type]
         assert (mine, type(mine)) == (theirs, type(theirs)), value
 
@@ -122,4 +122,4 @@ def test_plain_values_are_what_typer_gives(annotation: Any, low: Any, high: Any,
     (bool, None, None, "yes"), (list, None, None, ("a", 1)),
 ])
 def test_the_rest_goes_to_typer(annotation: Any, low: Any, high: Any, value: Any) -> None:
-    assert params.plain_value(annotation, low, high, value) is params._NOT_PLAIN
+    assert options.plain_value(annotation, low, high, value) is options._NOT_PLAIN

@@ -89,6 +89,26 @@ class WorkerProcess:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
+    def log(self) -> str:
+        """What the node wrote to its logfile so far ("" before it wrote anything)."""
+        assert self.logfile is not None, "a WorkerProcess without a logfile has no log"
+        try:
+            return self.logfile.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until the node logs "<name> ready." (needs ``-l INFO``): by then its remote
+        control answers. Watching the log costs nothing, where polling with a CLI
+        command costs a Python start each time and, sent before the node listens, waits
+        out its whole --timeout. Fails at once if the node exits instead."""
+        ok = wait_until(lambda: " ready." in self.log() or (self.proc is not None and
+                                                             self.proc.poll() is not None),
+                        timeout=timeout)
+        assert self.proc is not None and self.proc.poll() is None, \
+            f"worker exited at start-up:\n{self.log()[-3000:]}"
+        assert ok, f"worker not ready within {timeout}s:\n{self.log()[-3000:]}"
+
     def wait(self, timeout: float = 20) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)

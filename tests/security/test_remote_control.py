@@ -24,10 +24,11 @@ NODE = "w1@signed.test"
 @pytest.fixture
 def node(broker: str, key: Path, tmp_path: Path) -> Iterator[WorkerProcess]:
     w = WorkerProcess("-n", NODE, "-Q", f"q-{uuid.uuid4().hex[:8]}", "-P", "threads",
-                      "-c", "1", broker=broker,
+                      "-c", "1", "-l", "INFO", broker=broker,
                       env=qops_env(QOPS_CONTROL_KEY_FILE=str(key)),
                       logfile=tmp_path / "w1.log")
     with w:
+        w.wait_ready()
         assert wait_until(lambda: status(broker, key).returncode == 0, timeout=30), \
             (tmp_path / "w1.log").read_text()
         yield w

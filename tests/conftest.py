@@ -24,6 +24,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,30 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 def real_broker_url(request: pytest.FixtureRequest) -> str:
     """The three transports that work across processes."""
     return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@contextmanager
+def shared_broker_url(kind: str, request: pytest.FixtureRequest, folder: Path) -> Iterator[str]:
+    """A broker URL for a module-scoped fixture (nodes shared by a module's tests):
+    ``kind`` is sqlite (a file in ``folder``), redis (this worker's database, flushed
+    before and after: the function-scoped ``redis_url`` of a test would flush it under
+    the shared nodes) or amqp (this worker's vhost)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder}/broker.db"
+    elif kind == "redis":
+        import redis
+
+        db = int(request.getfixturevalue("redis_db"))
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+        client.flushdb()
+        try:
+            yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+        finally:
+            client.flushdb()
+            client.close()
+    else:
+        vhost = str(request.getfixturevalue("amqp_vhost"))
+        yield f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
 
 
 @pytest.fixture

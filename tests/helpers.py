@@ -70,9 +70,11 @@ class WorkerProcess:
         self.env = env or qops_env()
         self.logfile = logfile
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_start = 0  # where this run's lines begin in the (appended) logfile
 
     def start(self) -> WorkerProcess:
         out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL  # noqa: SIM115
+        self.log_start = self.logfile.stat().st_size if self.logfile else 0
         self.proc = subprocess.Popen([sys.executable, "-m", "qops", *self.args], env=self.env,
                                      stdout=out, stderr=subprocess.STDOUT if self.logfile
                                      else subprocess.DEVNULL,
@@ -88,6 +90,36 @@ class WorkerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
+
+    def log(self) -> str:
+        """What the node wrote to its logfile so far ("" before it wrote anything)."""
+        assert self.logfile is not None, "a WorkerProcess without a logfile has no log"
+        try:
+            return self.logfile.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until the node logs "<name> ready." (needs ``-l INFO``): by then its remote
+        control answers. Watching the log costs nothing, where polling with a CLI
+        command costs a Python start each time and, sent before the node listens, waits
+        out its whole --timeout. Fails at once if the node exits instead. Only this run's
+        lines count: a node started again appends to the same logfile."""
+        def this_run() -> bytes:
+            assert self.logfile is not None
+            try:
+                with open(self.logfile, "rb") as f:
+                    f.seek(self.log_start)
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+
+        ok = wait_until(lambda: b" ready." in this_run() or (self.proc is not None and
+                                                              self.proc.poll() is not None),
+                        timeout=timeout)
+        assert self.proc is not None and self.proc.poll() is None, \
+            f"worker exited at start-up:\n{self.log()[-3000:]}"
+        assert ok, f"worker not ready within {timeout}s:\n{self.log()[-3000:]}"
 
     def wait(self, timeout: float = 20) -> int:
         assert self.proc is not None

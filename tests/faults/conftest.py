@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.helpers import WorkerProcess, qops_env, wait_until
+from tests.helpers import WorkerProcess, qops_env
 
 
 class BrokerProxy:
@@ -243,19 +243,10 @@ class Workers:
         return w.start()
 
     def log(self, w: WorkerProcess) -> str:
-        assert w.logfile is not None
-        try:
-            return w.logfile.read_text("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return w.log()
 
     def wait_ready(self, w: WorkerProcess, timeout: float = 30) -> None:
-        ok = wait_until(lambda: " ready." in self.log(w) or (w.proc is not None and
-                                                              w.proc.poll() is not None),
-                        timeout=timeout)
-        assert w.proc is not None and w.proc.poll() is None, \
-            f"worker exited at start-up:\n{self.log(w)[-3000:]}"
-        assert ok, f"worker not ready within {timeout}s:\n{self.log(w)[-3000:]}"
+        w.wait_ready(timeout)
 
     def stop_all(self) -> None:
         for w in self.started:

@@ -6,7 +6,7 @@ import inspect
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from qops.canvas import chain, chord, group, maybe_signature, propagate_chain_fa
 from qops.errors import ChordError, UsageError
 from qops.result import AsyncResult, GroupResult
 from qops.task import signature
+from tests.conftest import shared_broker_url
 from tests.helpers import WorkerProcess, qops_env, wait_until
 
 
@@ -39,9 +40,24 @@ needs_chain_failure = pytest.mark.skipif(
     reason="the worker does not call qops.canvas.propagate_chain_failure yet")
 
 
-@pytest.fixture
-def proj(urls: tuple[str, str], tmp_path: Path) -> Iterator[object]:
-    """The example app on this test's broker, with a worker running."""
+@pytest.fixture(scope="module", params=["sqlite", "redis", "amqp"])
+def urls(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(broker, result backend) of each transport for the whole module (RabbitMQ keeps
+    results in Redis): every test sends its own workflows and waits for their results
+    by id, so they share one worker instead of starting one each."""
+    folder = tmp_path_factory.mktemp(f"canvas-{request.param}")
+    with ExitStack() as stack:
+        broker = stack.enter_context(shared_broker_url(request.param, request, folder))
+        backend = broker if request.param != "amqp" else \
+            stack.enter_context(shared_broker_url("redis", request, folder))
+        yield broker, backend
+
+
+@pytest.fixture(scope="module")
+def proj(urls: tuple[str, str],
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The example app on the module's broker, with a worker running."""
     import proj.tasks
     from proj.qops import app
 
@@ -49,11 +65,14 @@ def proj(urls: tuple[str, str], tmp_path: Path) -> Iterator[object]:
     app.conf.set("broker_url", broker, layer="cli")
     app.conf.set("result_backend", backend, layer="cli")
     app.close()
-    with WorkerProcess("-c", "4", "-P", "threads", broker=broker, backend=backend,
-                       env=qops_env(), logfile=tmp_path / "worker.log"):
-        yield proj.tasks
-    app.conf._layers["cli"].clear()
-    app.close()
+    log = tmp_path_factory.mktemp("canvas-worker") / "worker.log"
+    try:
+        with WorkerProcess("-c", "4", "-P", "threads", broker=broker, backend=backend,
+                           env=qops_env(), logfile=log):
+            yield proj.tasks
+    finally:
+        app.conf._layers["cli"].clear()
+        app.close()
 
 
 def test_chain_of_chain_and_pipe(proj) -> None:

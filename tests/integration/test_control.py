@@ -27,12 +27,14 @@ def broker(request: pytest.FixtureRequest) -> str:
 def cluster(broker: str, tmp_path: Path) -> Iterator[dict[str, WorkerProcess]]:
     queue = f"ctl-{uuid.uuid4().hex[:8]}"
     nodes = {name: WorkerProcess("-n", name, "-Q", queue, "-P", "threads", "-c", "2",
-                                 broker=broker, backend=broker if "amqp" not in broker
+                                 "-l", "INFO", broker=broker, backend=broker if "amqp" not in broker
                                  else None, logfile=tmp_path / f"{name}.log")
              for name in (W1, W2)}
     for w in nodes.values():
         w.start()
     try:
+        for w in nodes.values():
+            w.wait_ready()
         assert wait_until(lambda: qops(broker, "status", "-d", f"{W1},{W2}").returncode == 0,
                           timeout=30), "the nodes did not come up"
         yield nodes

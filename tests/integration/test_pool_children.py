@@ -45,9 +45,11 @@ def setup(amqp_url: str, redis_url: str) -> Iterator[tuple[Any, str, str]]:
 def node(broker: str, backend: str, queue: str, tmp_path: Path, *args: str,
          **env: str) -> Iterator[WorkerProcess]:
     """A worker node (-c 2 unless ``args`` say otherwise) that answers pings."""
-    with WorkerProcess("-n", NODE, "-Q", queue, "-c", "2", *args, broker=broker,
-                       backend=backend, env=qops_env(QOPS_TASK_TRACK_STARTED="1", **env),
+    with WorkerProcess("-n", NODE, "-Q", queue, "-c", "2", "-l", "INFO", *args,
+                       broker=broker, backend=backend,
+                       env=qops_env(QOPS_TASK_TRACK_STARTED="1", **env),
                        logfile=tmp_path / "worker.log") as w:
+        w.wait_ready()
         assert wait_until(lambda: inspect(broker, "ping", timeout="1")[0] == 0, timeout=30), \
             log(tmp_path)
         yield w

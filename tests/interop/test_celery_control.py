@@ -25,11 +25,16 @@ def celery_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
     log = open(tmp_path / "celery.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "celery_side", "worker", "-n", node,
-         "-P", "solo", "-l", "WARNING", "--without-gossip", "--without-mingle"],
+         "-P", "solo", "-l", "INFO", "--without-gossip", "--without-mingle"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         cwd=str(tmp_path))
     try:
         deadline = time.monotonic() + 60
+        # Celery logs "<node> ready." once it consumes: polling before that costs a CLI
+        # start and a whole --timeout per try
+        while (b" ready." not in (tmp_path / "celery.log").read_bytes()
+               and proc.poll() is None and time.monotonic() < deadline):
+            time.sleep(0.05)
         while time.monotonic() < deadline:
             r = run_qops("-b", url, "--compat", "celery", "--json", "status", "-d", node)
             if r.returncode == 0:

@@ -72,7 +72,8 @@ def test_logs_banner_and_json_mask_the_amqp_password(amqp_url: str, tmp_path: Pa
     env = qops_env(QOPS_BROKER_TRANSPORT_OPTIONS=json.dumps(
         {"sentinel_kwargs": {"password": SECRET}}))  # inspect conf shows settings
     with WorkerProcess("-n", "mask@sec.test", "-P", "threads", "-c", "1", "-l", "INFO",
-                       broker=amqp_url, logfile=log, env=env):
+                       broker=amqp_url, logfile=log, env=env) as w:
+        w.wait_ready()
         assert wait_until(lambda: run_qops("-b", amqp_url, "status", "-d", "mask@sec.test",
                                            "--timeout", "2").returncode == 0, timeout=30)
         outputs = [run_qops("-b", amqp_url, "--json", "inspect", what, "-d",

@@ -286,10 +286,11 @@ def test_revoke_in_group_and_chord(client: Client, side: Side) -> None:
     chord fails with a ChordError naming it."""
     c = client
     gid, cid = str(uuid.uuid4()), str(uuid.uuid4())
-    group_ = c.group([c.s("add", 1, 1), c.s("add", 2, 2, task_id=gid, countdown=1.0)]
+    # 3 s of countdown: the revokes below must arrive before it ends, also under load
+    group_ = c.group([c.s("add", 1, 1), c.s("add", 2, 2, task_id=gid, countdown=3.0)]
                      ).apply_async()
     chord_ = None if side.rpc else c.chord(
-        [c.s("add", 1, 1), c.s("add", 2, 2, task_id=cid, countdown=1.0)],
+        [c.s("add", 1, 1), c.s("add", 2, 2, task_id=cid, countdown=3.0)],
         c.s("xsum")).apply_async()
     time.sleep(0.2)  # received, held for its countdown
     c.revoke(gid)

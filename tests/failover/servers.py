@@ -125,9 +125,9 @@ class SentinelCluster:
             finally:
                 r.close()
 
-        _wait(up, 20, f"the replica on port {replica} to sync")
+        _wait(up, 40, f"the replica on port {replica} to sync")
 
-    def wait_healthy(self, timeout: float = 30) -> None:
+    def wait_healthy(self, timeout: float = 60) -> None:
         """Every Sentinel sees the master, a replica and the two other Sentinels, and
         the replica's link is up (before that a failover aborts: no good replica)."""
         def ready() -> bool:

@@ -136,8 +136,10 @@ def test_redis_waits_share_one_connection_per_thread(request: pytest.FixtureRequ
         assert sock is not None
         for i in range(1, 5):
             t = tid()
-            threading.Timer(0.02, lambda t=t, i=i: b.store(t, "SUCCESS", i)).start()
+            timer = threading.Timer(0.02, lambda t=t, i=i: b.store(t, "SUCCESS", i))
+            timer.start()
             assert b.wait(t, timeout=5)["result"] == i
+            timer.join(5)  # its store may still read a reply: not after close()
         assert b._pubsub() is pubsub and pubsub.connection._sock is sock  # type: ignore[attr-defined]
         other: list[object] = []
         th = threading.Thread(target=lambda: other.append(b._pubsub()))  # type: ignore[attr-defined]

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: seconds an event may wait before the follower reads it (SQLite polls this often and
+#: reads what came at once; top draws once a second, Prometheus scrapes every 15 s)
+FOLLOW_LAG = 0.1
+
 class Feed:
     def __init__(self, app: App, state: ClusterState | None = None, *,
                  poll_interval: float = 2.0, enable_events: bool = True,
@@ -72,7 +76,7 @@ class Feed:
         between two subscriptions would be lost)."""
         from qops.events import decode
 
-        sub = self.app.transport.subscribe(self.app.names["events"], pattern="#")
+        sub = self.app.transport.subscribe(self.app.names["events"], pattern="#", lag=FOLLOW_LAG)
         self._backoff = 0.5  # subscribed: the next failure starts again from a short wait
         try:
             while not self._stop.is_set():

@@ -366,10 +366,13 @@ class Transport(ABC):
         ``PUBLISH /<db>.<channel>/<routing_key>``) and subscribers filter by pattern."""
 
     @abstractmethod
-    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+    def subscribe(self, channel: str, *, pattern: str | None = None,
+                  lag: float = 0.0) -> Subscription:
         """Subscribe to ``channel``; with ``pattern`` (topic syntax: ``#`` any words,
         ``*`` one word, e.g. ``task.#``) to the routing keys that match it. Messages
-        broadcast before subscribe() returned are not seen."""
+        broadcast before subscribe() returned are not seen. ``lag``: seconds a message
+        may wait to be read (an events follower); a polling transport (SQLite) then
+        looks that often and reads what came in one go, the others push at once."""
 
     # -- the live-node registry -----------------------------------------------------
     @abstractmethod

@@ -129,7 +129,8 @@ class MemoryTransport(Transport):
                     sub.items.append(message)
             self.state.lock.notify_all()
 
-    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+    def subscribe(self, channel: str, *, pattern: str | None = None,
+                  lag: float = 0.0) -> Subscription:
         sub = _MemorySubscription(self, channel, pattern)
         with self.state.lock:
             self.state.subscribers.setdefault(channel, []).append(sub)

@@ -401,7 +401,8 @@ class AMQPTransport(Transport):
             self._send(channel, routing_key, message.body, props, queue=None,
                        exchange_kind="topic", confirm=False)
 
-    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+    def subscribe(self, channel: str, *, pattern: str | None = None,
+                  lag: float = 0.0) -> Subscription:
         return _AMQPSubscription(self, channel, pattern)
 
     # -- the live-node registry ------------------------------------------------------------

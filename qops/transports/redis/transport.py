@@ -286,7 +286,8 @@ class RedisTransport(Transport):
         with self.sending("broadcasting on", "the broadcast on", channel):
             self._client.publish(name, raw)
 
-    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
+    def subscribe(self, channel: str, *, pattern: str | None = None,
+                  lag: float = 0.0) -> Subscription:
         return RedisSubscription(self, channel, pattern)
 
     # -- the live-node registry and locks (presence.py) ------------------------------------

@@ -342,8 +342,9 @@ class SQLiteTransport(Transport):
                          "VALUES (?, ?, ?, ?)", (channel, raw, now, routing_key))
             conn.execute("DELETE FROM broadcasts WHERE created < ?", (now - BROADCAST_KEEP,))
 
-    def subscribe(self, channel: str, *, pattern: str | None = None) -> Subscription:
-        return SQLiteSubscription(self, channel, pattern)
+    def subscribe(self, channel: str, *, pattern: str | None = None,
+                  lag: float = 0.0) -> Subscription:
+        return SQLiteSubscription(self, channel, pattern, lag)
 
     # -- live nodes -------------------------------------------------------------------------
     def register_node(self, name: str, info: dict[str, Any], ttl: float) -> None:
@@ -436,7 +437,7 @@ _BATCH = 100  # broadcasts read per query
 
 class SQLiteSubscription(Subscription):
     def __init__(self, transport: SQLiteTransport, channel: str,
-                 pattern: str | None = None) -> None:
+                 pattern: str | None = None, lag: float = 0.0) -> None:
         self.db = transport.db
         self.channel = channel
         self.pattern = pattern
@@ -444,8 +445,8 @@ class SQLiteSubscription(Subscription):
         self.last = row[0] or 0
         # a poll that finds nothing costs ~80 us here (a new read transaction after a
         # sleep): the interval only halves per arrival. 20 ms at most while idle: a
-        # worker's control commands arrive this way
-        self._backoff = Backoff(0.001, 0.02)
+        # worker's control commands arrive this way. With a lag, every ``lag`` seconds.
+        self._backoff = Backoff(max(0.001, lag), max(0.02, lag))
         self._closed = False
         self._rows: deque[tuple[int, bytes, str | None]] = deque()  # read, not yet returned
         self._caught_up = False  # the last query found fewer rows than it asked for

@@ -2,9 +2,10 @@
 (``qops.lost.<sha1 of the payload>``, docs/protocol.md section 2).
 
 ``LostRecords.started`` writes ``running`` = the consumer id when an acks_late task starts
-(one round trip); ``lua/worker_lost.lua`` turns a start that was never settled (or a
+(one round trip, ``lua/start.lua``, which also deletes the records of the tasks that
+ended since and applies their acks when it may); ``lua/worker_lost.lua`` turns a start that was never settled (or a
 death the worker saw) into ``count`` + 1; the consumer deletes the hash when it acks
-or dead-letters the message (the delete rides with the ack's round trip). A message's
+or dead-letters the message (the delete rides with the next start or reserve). A message's
 payload does not change when it is given back or recovered, so every node finds the
 same hash. Each write sets an expiry of ``LOST_TTL``: the record of a message that is
 gone (purged, or its hash left behind by a crash) does not stay."""
@@ -15,13 +16,18 @@ import hashlib
 import threading
 from typing import TYPE_CHECKING, Any
 
-from qops.transports.redis.link import Link
+import redis
+
+from qops.transports.redis.link import Link, bulk, load_script
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
 
 #: seconds a worker-lost record is kept after its last change
 LOST_TTL = 7 * 86400
+START = load_script("start.lua")
+#: what a start write settles first: (records to delete, acks as (in-flight list, payload))
+Settled = tuple[list[str], list[tuple[str, bytes]]]
 
 
 def lost_key(t: RedisTransport, raw: bytes) -> str:
@@ -42,10 +48,15 @@ class LostRecords:
     their count). ``*_locked`` methods run under the consumer's lock; the others take
     it (``lock``) around their bookkeeping only, never around a round trip."""
 
-    __slots__ = ("t", "keys", "clears", "flagged", "_pool", "_local", "_links")
+    __slots__ = ("t", "keys", "clears", "flagged", "prefix", "_pool", "_local", "_links",
+                 "_evalsha", "_static")
 
-    def __init__(self, t: RedisTransport, pool: Any) -> None:
+    def __init__(self, t: RedisTransport, pool: Any, cid: str) -> None:
         self.t = t
+        self.prefix = t.key("qops.lost.")
+        # the start command's fixed parts, packed once
+        self._evalsha = bulk("EVALSHA") + bulk(hashlib.sha1(START.encode()).hexdigest())
+        self._static = bulk(cid) + bulk(LOST_TTL)
         # Starts are written on a Link of the starting thread's own (a pool thread: one
         # for solo, several for threads), made from the consumer's connection pool.
         self._pool = pool
@@ -73,20 +84,30 @@ class LostRecords:
         clears, self.clears = self.clears, []
         return clears
 
-    def started(self, cid: str, seq: int, raw: bytes, lock: Any) -> None:
-        """Record the start (``running`` = ``cid``), in one round trip, before the task
-        runs. The write goes over the thread's own Link, not through redis-py's
-        transaction pipeline: for a no-op task on the solo pool that pipeline was most of
-        the per-task cost."""
-        key = lost_key(self.t, raw)
+    def started(self, cid: str, seq: int, raw: bytes, settled: Settled, lock: Any) -> None:
+        """Record the start (``running`` = ``cid``) before the task runs, in one command
+        and one round trip (``lua/start.lua``) that first settles ``settled``: the
+        records to delete and the acks (in-flight list, payload) taken for this write.
+        It goes over the thread's own Link, packed here (not through redis-py's client
+        and transaction pipeline: for a no-op task on the solo pool those were most of
+        the per-task cost)."""
+        key = self.prefix + hashlib.sha1(raw).hexdigest()
         link = getattr(self._local, "link", None)
         if link is None:
             link = self._local.link = Link(self._pool)
             with lock:
                 self._links.append(link)
+        clears, acks = settled
+        nkeys = 1 + len(clears) + len(acks)
+        rest = (b"".join([bulk(nkeys), bulk(key), *map(bulk, clears),
+                          *(bulk(name) for name, _ in acks), self._static,
+                          bulk(len(clears)), *(bulk(raw) for _, raw in acks)]))
+        head = b"*%d\r\n" % (6 + nkeys + len(acks))
         with self.t.guard("recording a task start"):
-            link.many([["MULTI"], ["HSET", key, "running", cid], ["EXPIRE", key, LOST_TTL],
-                       ["EXEC"]])
+            try:
+                link.send(head + self._evalsha + rest)
+            except redis.exceptions.NoScriptError:  # did not run: once with the script
+                link.send(head + bulk("EVAL") + bulk(START) + rest)
         with lock:
             self.keys[seq] = key
 

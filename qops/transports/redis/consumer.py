@@ -94,11 +94,13 @@ class RedisConsumer(Consumer):
         self.id = cid
         self._queues = list(dict.fromkeys(queues))
         # Handed out and not yet settled: seq -> (list name, raw); and the exempt ones.
+        # Guards the books and everything below; get() waits on it (through the books'
+        # condition, made on it). Taken as the plain lock: a Condition's ``with`` runs
+        # Python code, the lock's does not (several times per task).
+        self._lock = threading.Lock()
         self._books: Prefetch[tuple[str, bytes]] = Prefetch(
-            prefetch, threading.Condition(threading.Lock()))
+            prefetch, threading.Condition(self._lock))
         self._batch = max(1, self._books.limit // 2)
-        # Guards the books and everything below; get() waits on it (through the books).
-        self._lock = self._books.cond
         # Held for the whole of get(): close() takes it so that it never unregisters the
         # consumer while a reserve/BLMOVE may still add to its in-flight lists.
         self._get_lock = threading.Lock()
@@ -585,7 +587,7 @@ class RedisConsumer(Consumer):
         self.transport.bind([queue])
         self.heartbeat()  # records the new queue and its lists
         with self._lock:
-            self._lock.notify_all()
+            self._books.cond.notify_all()
 
     def cancel_queue(self, queue: str) -> None:
         with self._lock:

@@ -69,6 +69,39 @@ class Link:
             conn.disconnect()
             raise
 
+    def send_expecting(self, packed: bytes, reply: bytes) -> None:
+        """``send(packed)`` for a command whose one good reply is ``reply`` (its RESP
+        bytes, e.g. ``b":1\\r\\n"``), read straight off the socket: redis-py's parser
+        costs a dozen Python calls per reply, which shows on a per-task path. Safe
+        because a Link reads every reply of what it sent before it sends again, so
+        the parser never holds bytes of its own here. An error reply raises what
+        send() would (the connection stays in step); anything else drops it."""
+        conn = self._connected()
+        sock = conn._sock
+        try:
+            assert sock is not None
+            sock.sendall(packed)
+            data = sock.recv(4096)
+            while not data.endswith(b"\r\n"):  # (a reply split across reads)
+                more = sock.recv(4096)
+                if not more:
+                    raise redis.ConnectionError("Connection closed by server.")
+                data += more
+        except BaseException as exc:
+            conn.disconnect()
+            if isinstance(exc, TimeoutError):  # (socket.timeout)
+                raise redis.TimeoutError(f"Timeout reading from {conn.host}") from exc
+            if isinstance(exc, OSError):
+                raise redis.ConnectionError(f"Error while reading from {conn.host}: "
+                                            f"{exc}") from exc
+            raise
+        if data == reply:
+            return
+        if data[:1] == b"-" and data.count(b"\r\n") == 1:
+            raise conn._parser.parse_error(data[1:-2].decode("utf-8", "replace"))
+        conn.disconnect()
+        raise redis.ResponseError(f"unexpected reply {data[:200]!r}")
+
     def call(self, *args: bytes | str | int | float) -> Any:
         return self.send(pack(args))
 

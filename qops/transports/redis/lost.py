@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from qops.transports.redis.link import Link, bulk, load_script
+from qops.transports.redis.link import UNREACHABLE, Link, bulk, load_script
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -49,7 +49,7 @@ class LostRecords:
     it (``lock``) around their bookkeeping only, never around a round trip."""
 
     __slots__ = ("t", "keys", "clears", "flagged", "prefix", "_pool", "_local", "_links",
-                 "_evalsha", "_static")
+                 "_evalsha", "_static", "_static_none")
 
     def __init__(self, t: RedisTransport, pool: Any, cid: str) -> None:
         self.t = t
@@ -57,6 +57,7 @@ class LostRecords:
         # the start command's fixed parts, packed once
         self._evalsha = bulk("EVALSHA") + bulk(hashlib.sha1(START.encode()).hexdigest())
         self._static = bulk(cid) + bulk(LOST_TTL)
+        self._static_none = self._static + bulk(0)  # nothing settled with it
         # Starts are written on a Link of the starting thread's own (a pool thread: one
         # for solo, several for threads), made from the consumer's connection pool.
         self._pool = pool
@@ -99,15 +100,20 @@ class LostRecords:
                 self._links.append(link)
         clears, acks = settled
         nkeys = 1 + len(clears) + len(acks)
-        rest = (b"".join([bulk(nkeys), bulk(key), *map(bulk, clears),
-                          *(bulk(name) for name, _ in acks), self._static,
-                          bulk(len(clears)), *(bulk(raw) for _, raw in acks)]))
-        head = b"*%d\r\n" % (6 + nkeys + len(acks))
-        with self.t.guard("recording a task start"):
+        parts = [b"*%d\r\n" % (6 + nkeys + len(acks)), self._evalsha, bulk(nkeys), bulk(key)]
+        if clears or acks:
+            parts += [*map(bulk, clears), *(bulk(name) for name, _ in acks), self._static,
+                      bulk(len(clears)), *(bulk(payload) for _, payload in acks)]
+        else:
+            parts.append(self._static_none)
+        try:
             try:
-                link.send(head + self._evalsha + rest)
+                link.send_expecting(b"".join(parts), b":1\r\n")
             except redis.exceptions.NoScriptError:  # did not run: once with the script
-                link.send(head + bulk("EVAL") + bulk(START) + rest)
+                parts[1] = bulk("EVAL") + bulk(START)
+                link.send(b"".join(parts))
+        except UNREACHABLE as exc:
+            raise self.t.unreachable(exc, "recording a task start") from exc
         with lock:
             self.keys[seq] = key
 

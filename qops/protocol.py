@@ -452,7 +452,9 @@ class TaskRequest:
         """What ``task.request`` shows inside a running task."""
         return {
             "id": self.id, "task": self.name, "args": self.args, "kwargs": self.kwargs,
-            "retries": self.retries, "eta": _iso(self.eta), "expires": _iso(self.expires),
+            "retries": self.retries,
+            "eta": None if self.eta is None else _iso(self.eta),
+            "expires": None if self.expires is None else _iso(self.expires),
             "root_id": self.root_id, "parent_id": self.parent_id, "group": self.group,
             "group_index": self.group_index, "reply_to": self.reply_to,
             "timelimit": [self.time_limit, self.soft_time_limit],
@@ -523,16 +525,19 @@ def _parse_task_message(message: Message) -> TaskRequest:
     if retries < 0:
         raise ProtocolError(f"retries is negative ({retries})")
     prio = message.properties.get("priority")
+    # (the calls only for what is there: this runs for every message)
+    eta, expires = headers.get("eta"), headers.get("expires")
+    hard, soft = timelimit
     return TaskRequest(
         id=task_id,
         name=name,
         args=args,
         kwargs=kwargs,
         retries=retries,
-        eta=parse_time(headers.get("eta")),
-        expires=parse_time(headers.get("expires")),
-        time_limit=_num(timelimit[0]),
-        soft_time_limit=_num(timelimit[1]),
+        eta=None if eta is None else parse_time(eta),
+        expires=None if expires is None else parse_time(expires),
+        time_limit=None if hard is None else _num(hard),
+        soft_time_limit=None if soft is None else _num(soft),
         root_id=headers.get("root_id"),
         parent_id=headers.get("parent_id"),
         group=headers.get("group"),

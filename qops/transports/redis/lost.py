@@ -100,7 +100,9 @@ class LostRecords:
                 self._links.append(link)
         clears, acks = settled
         nkeys = 1 + len(clears) + len(acks)
-        parts = [b"*%d\r\n" % (6 + nkeys + len(acks)), self._evalsha, bulk(nkeys), bulk(key)]
+        k = key.encode()
+        parts = [b"*%d\r\n" % (6 + nkeys + len(acks)), self._evalsha,
+                 b"$%d\r\n%d\r\n$%d\r\n%s\r\n" % (len(str(nkeys)), nkeys, len(k), k)]
         if clears or acks:
             parts += [*map(bulk, clears), *(bulk(name) for name, _ in acks), self._static,
                       bulk(len(clears)), *(bulk(payload) for _, payload in acks)]

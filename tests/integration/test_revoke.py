@@ -175,7 +175,9 @@ def test_group_revoke_and_terminate_from_results(proj, urls, tmp_path, queue) ->
             with pytest.raises(TaskRevokedError):
                 r.get(timeout=3)
         busy = proj.record.apply_async((str(runs_file), 30.0), queue=queue)
-        assert wait_until(lambda: busy.state == "STARTED", timeout=15)
+        # running, not only STARTED (stored before the pool process takes the task: a
+        # terminate in between kills it before its first line, under load)
+        assert wait_until(lambda: runs(runs_file)[busy.id] == 1, timeout=15)
         busy.revoke(terminate=True, wait=True)
         with pytest.raises(TaskRevokedError):
             busy.get(timeout=15)

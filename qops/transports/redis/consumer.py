@@ -280,8 +280,9 @@ class RedisConsumer(Consumer):
         rest = plan.packed + b"".join(tail)
         try:
             try:  # the others ride in the same write
-                res = self._link.many_then(others, b"*%d\r\n" % count + bulk("EVALSHA") +
-                                           bulk(cast("str", script.sha)) + rest)
+                evalsha = b"*%d\r\n" % count + bulk("EVALSHA") + bulk(cast("str", script.sha))
+                res = (self._link.many_then(others, evalsha + rest) if others else
+                       self._link.send_flat(evalsha + rest))
             except redis.exceptions.NoScriptError:  # did not run: run it once, with EVAL
                 res = self._link.send(b"*%d\r\n" % count + bulk("EVAL") +
                                       bulk(cast("str", script.script)) + rest)

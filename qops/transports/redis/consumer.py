@@ -451,36 +451,7 @@ class RedisConsumer(Consumer):
 
     # -- worker-lost accounting (qops/worker/lost.py) -------------------------------------
     def mark_started(self, delivery: Delivery) -> None:
-        """Write the start record (lost.py), settling in the same round trip what ended
-        since the last one: the worker-lost records of finished tasks are deleted, and
-        their queued acks go too when the wire is free right now and the lease needs no
-        check-in (else they wait for the next reserve, as any queued ack). So a task that
-        kills the process never takes the tasks that ended before it along: they are
-        neither counted as worker losses nor, when acked here, run again."""
-        held = self._held(delivery)
-        if held is None:
-            return
-        tag, _, raw = held
-        wire = self._wire.acquire(blocking=False)
-        try:
-            if wire and self._lease.must_check_in():
-                self._wire.release()  # acks after a check-in only: the next reserve's
-                wire = False
-            with self._lock:
-                acks = self._acks if wire else []
-                if wire:
-                    self._acks = []
-                clears = self._lost.take_clears_locked()
-            inflight = self._inflight
-            try:
-                self._lost.started(self.id, tag.seq, raw,
-                                   (clears, [(inflight(n), r) for n, r in acks]), self._lock)
-            except BaseException:
-                self._put_back_acks(acks, clears)
-                raise
-        finally:
-            if wire:
-                self._wire.release()
+        lost.mark_started(self, delivery)
 
     def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
         held = self._held(delivery)

@@ -21,6 +21,8 @@ import redis
 from qops.transports.redis.link import UNREACHABLE, Link, bulk, load_script
 
 if TYPE_CHECKING:
+    from qops.transports.base import Delivery
+    from qops.transports.redis.consumer import RedisConsumer
     from qops.transports.redis.transport import RedisTransport
 
 #: seconds a worker-lost record is kept after its last change
@@ -32,6 +34,39 @@ Settled = tuple[list[str], list[tuple[str, bytes]]]
 
 def lost_key(t: RedisTransport, raw: bytes) -> str:
     return t.key("qops.lost." + hashlib.sha1(raw).hexdigest())
+
+
+def mark_started(c: RedisConsumer, delivery: Delivery) -> None:
+    """``c.mark_started``: write the start record, settling in the same round trip what
+    ended since the last one: the records of finished tasks are deleted, and their
+    queued acks go too when ``c``'s wire is free right now and its lease needs no
+    check-in (the reserve's rule; else they wait for the next reserve, as any queued
+    ack). So a task that kills the process never takes the tasks that ended before it
+    along: they are neither counted as worker losses nor, when acked here, run again."""
+    held = c._held(delivery)
+    if held is None:
+        return
+    tag, _, raw = held
+    wire = c._wire.acquire(blocking=False)
+    try:
+        if wire and c._lease.must_check_in():
+            c._wire.release()  # acks after a check-in only: the next reserve's
+            wire = False
+        with c._lock:
+            acks = c._acks if wire else []
+            if wire:
+                c._acks = []
+            clears = c._lost.take_clears_locked()
+        inflight = c._inflight
+        try:
+            c._lost.started(c.id, tag.seq, raw,
+                            (clears, [(inflight(n), r) for n, r in acks]), c._lock)
+        except BaseException:
+            c._put_back_acks(acks, clears)
+            raise
+    finally:
+        if wire:
+            c._wire.release()
 
 
 def count(t: RedisTransport, raw: bytes, died: bool) -> tuple[int, bool]:

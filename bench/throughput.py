@@ -87,6 +87,7 @@ from benchproc import (  # noqa: E402  (bench/common is no package)
     raise_on_term,
     spread,
     tail,
+    tree_cpu,
     versions,
 )
 from venvs import CELERY_VENV, DRAMATIQ_VENV, celery_python, dramatiq_python  # noqa: E402
@@ -212,7 +213,9 @@ class Bench:
         proc = self.procs.start(self.worker_cmd(config, queue), env, side, logfile)
         try:
             start = self.wait_mark("start", proc, launched, logfile)
+            cpu0 = tree_cpu(proc.pid)
             end = self.wait_mark("end", proc, launched, logfile)
+            cpu1 = tree_cpu(proc.pid)
         finally:
             self.procs.stop(proc)
         if not config.solo:  # (the no-op task counts in its process: its marks are the check)
@@ -222,6 +225,7 @@ class Bench:
                 raise PhaseError(f"counter is {final} after the run, expected {expected} "
                                  "(tasks lost or run twice)")
         return {"enqueue_per_s": enqueue, "tasks_per_s": args.n / (end - start),
+                "cpu_us_per_task": (cpu1 - cpu0) * 1e6 / args.n if cpu0 else None,
                 "startup_s": start - launched, "seconds": end - start}
 
     def wait_mark(self, kind: str, proc: subprocess.Popen[bytes], launched: float,
@@ -296,7 +300,9 @@ class Bench:
                             continue
                         result.runs.append(r)
                         log(f"{what}: enqueue {r['enqueue_per_s']:,.0f}/s, "
-                            f"tasks {r['tasks_per_s']:,.0f}/s (start-up {r['startup_s']:.2f}s)")
+                            f"tasks {r['tasks_per_s']:,.0f}/s (start-up {r['startup_s']:.2f}s"
+                            + (f", worker CPU {r['cpu_us_per_task']:.0f} µs/task)"
+                               if r.get("cpu_us_per_task") else ")"))
             finally:
                 broker.close()
                 self.redis.flushdb()
@@ -326,6 +332,7 @@ def summarize(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             "startup_s": _round(o.median("startup_s"), 2),
             "runs": len(o.runs),
             "all_tasks_per_s": [_round(r["tasks_per_s"]) for r in o.runs],
+            "cpu_us_per_task": _round(o.median("cpu_us_per_task"), 1),
             "errors": o.errors,
         })
     return rows

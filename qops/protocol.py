@@ -9,6 +9,7 @@ import base64
 import builtins
 import datetime as dt
 import json
+import json.scanner
 import os
 import socket
 import sys
@@ -105,7 +106,7 @@ def encode_envelope(queue: str, message: Message, exchange: str = "",
 def decode_envelope(raw: bytes | str) -> Message:
     """Parse a kombu JSON envelope. Raises ValueError with a reason when it is not one."""
     try:
-        env = json.loads(raw)
+        env = json_loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"invalid JSON envelope: {exc}") from None
     if not isinstance(env, dict) or "body" not in env:
@@ -126,7 +127,8 @@ def decode_envelope(raw: bytes | str) -> Message:
     headers = env.get("headers") or {}
     if not isinstance(headers, dict):
         raise ValueError("envelope 'headers' is not an object")
-    props = {k: v for k, v in props.items() if k not in ("body_encoding", "delivery_info")}
+    props.pop("body_encoding", None)  # (a dict of this decode's own)
+    props.pop("delivery_info", None)
     return Message(body=data, headers=headers, properties=props,
                    content_type=env.get("content-type") or JSON,
                    content_encoding=env.get("content-encoding") or "utf-8")
@@ -211,10 +213,30 @@ def dumps(obj: Any) -> str:
     return _tagged_json(obj)
 
 
+# the decoder's scanner (the C one, when there is one)
+_scan: Any = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def json_loads(data: str | bytes) -> Any:
+    """``json.loads(data)``, faster for what workers read on every message (a UTF-8
+    document with no whitespace around it, as qops and kombu write them): one call of
+    the decoder's scanner instead of four Python frames (loads, detect_encoding,
+    decode, raw_decode). Anything else, errors included, goes to ``json.loads``, so
+    results and error messages are json.loads's own."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value, end = _scan(text, 0)
+    except (StopIteration, UnicodeDecodeError, ValueError):
+        return json.loads(data)
+    if end != len(text):
+        return json.loads(data)
+    return value
+
+
 def loads(data: str | bytes) -> Any:
     # The hook runs in Python for every object: skip it when no tag can be there.
     tagged = b"__type__" in data if isinstance(data, bytes) else "__type__" in data
-    return json.loads(data, object_hook=_hook) if tagged else json.loads(data)
+    return json.loads(data, object_hook=_hook) if tagged else json_loads(data)
 
 
 # -- exceptions on the wire ----------------------------------------------------------
@@ -440,7 +462,9 @@ class TaskRequest:
         """What ``task.request`` shows inside a running task."""
         return {
             "id": self.id, "task": self.name, "args": self.args, "kwargs": self.kwargs,
-            "retries": self.retries, "eta": _iso(self.eta), "expires": _iso(self.expires),
+            "retries": self.retries,
+            "eta": None if self.eta is None else _iso(self.eta),
+            "expires": None if self.expires is None else _iso(self.expires),
             "root_id": self.root_id, "parent_id": self.parent_id, "group": self.group,
             "group_index": self.group_index, "reply_to": self.reply_to,
             "timelimit": [self.time_limit, self.soft_time_limit],
@@ -511,16 +535,19 @@ def _parse_task_message(message: Message) -> TaskRequest:
     if retries < 0:
         raise ProtocolError(f"retries is negative ({retries})")
     prio = message.properties.get("priority")
+    # (the calls only for what is there: this runs for every message)
+    eta, expires = headers.get("eta"), headers.get("expires")
+    hard, soft = timelimit
     return TaskRequest(
         id=task_id,
         name=name,
         args=args,
         kwargs=kwargs,
         retries=retries,
-        eta=parse_time(headers.get("eta")),
-        expires=parse_time(headers.get("expires")),
-        time_limit=_num(timelimit[0]),
-        soft_time_limit=_num(timelimit[1]),
+        eta=None if eta is None else parse_time(eta),
+        expires=None if expires is None else parse_time(expires),
+        time_limit=None if hard is None else _num(hard),
+        soft_time_limit=None if soft is None else _num(soft),
         root_id=headers.get("root_id"),
         parent_id=headers.get("parent_id"),
         group=headers.get("group"),

@@ -360,7 +360,7 @@ class ConsumerLoop:
         if acks_late and d.redelivered and self.lost_books.redelivered(
                 d, req, task, lambda: self.on_due(d, req, task)):
             return
-        wait = self.rate_limits.take(req.name)
+        wait = self.rate_limits.take(req.name) if self.rate_limits.buckets else 0.0
         if wait > 0:
             self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
             return
@@ -472,12 +472,14 @@ class ConsumerLoop:
             if log.isEnabledFor(logging.INFO):  # the repr only when it is logged
                 log.info("Task %s[%s] succeeded in %.4fs: %s", req.name, req.id, runtime,
                          protocol.saferepr(outcome["result"], self.repr_maxsize))
-            self.store(req, SUCCESS, outcome["result"])
+            if self.has_backend:
+                self.store(req, SUCCESS, outcome["result"])
             if self.sending_task_events:
                 self.event("task-succeeded", req,
                            result=protocol.saferepr(outcome["result"], self.repr_maxsize),
                            runtime=runtime)
-            followers.send_followers(self.app, req, outcome["result"])
+            if req.callbacks or req.chain:
+                followers.send_followers(self.app, req, outcome["result"])
         elif state == FAILURE:
             log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
                       protocol.shorten(_exc_line(outcome["result"]), self.repr_maxsize),

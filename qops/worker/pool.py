@@ -49,7 +49,8 @@ class Pool(ABC):
         self.concurrency = max(1, concurrency)
         self.max_tasks_per_child = max_tasks_per_child
         self.on_child_start = on_child_start
-        self.jobs: queue.Queue[Any] = queue.Queue()
+        # (SimpleQueue: put and get in C, no task_done bookkeeping: per task, it counts)
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.running: dict[str, dict[str, Any]] = {}  # task id -> job, while it runs
         self._lock = threading.Lock()
 
@@ -189,7 +190,8 @@ class SoloPool(ThreadPool):
         super().__init__(app, 1, **kwargs)
 
 
-def stop_and_join(jobs: queue.Queue[Any], threads: list[Any], timeout: float | None) -> None:
+def stop_and_join(jobs: queue.SimpleQueue[Any], threads: list[Any],
+                  timeout: float | None) -> None:
     """One stop marker per thread (each takes one and ends), then wait for them all."""
     for _ in threads:
         jobs.put(STOP)

@@ -78,6 +78,32 @@ def test_task_that_kills_its_node_is_dead_lettered(app, broker, workers, queue, 
     assert stats.ready == 0
 
 
+def test_tasks_that_ended_before_the_death_are_not_counted(app, broker, workers, queue,
+                                                         tmp_path):
+    """Solo pool: tasks that ended just before the task that kills the node (their acks
+    may not have reached the broker yet, so they may run again) are not counted as
+    worker losses: after the three deaths only the killer is dead-lettered."""
+    import proj.tasks
+
+    path = tmp_path / "runs.txt"
+    before = [proj.tasks.record.apply_async((str(path),), queue=queue) for _ in range(5)]
+    res = proj.tasks.crash.apply_async((str(path),), queue=queue)
+    starts = 0
+    deadline = time.monotonic() + 120
+    while res.state != "FAILURE" and time.monotonic() < deadline:
+        w = workers.start(f"n{starts}", "-Q", queue, "-P", "solo", **FAST)
+        starts += 1
+        assert w.proc is not None
+        while w.proc.poll() is None and res.state != "FAILURE":
+            time.sleep(0.1)
+        assert starts <= 6, workers.log(w)
+    _check_failed(app, res, queue, "")
+    for r in before:
+        assert r.get(timeout=10) >= 1, workers.log(w)
+    if broker.kind != "amqp":  # (RabbitMQ counts what a dead connection held: the doc)
+        assert [dl.queue for dl in app.transport.dead_letters(100)].count(queue) == 1
+
+
 def test_count_ends_when_the_task_succeeds(app, broker, workers, queue, tmp_path):
     """Dies once, then succeeds: SUCCESS, and the broker keeps no record of it."""
     import proj.tasks

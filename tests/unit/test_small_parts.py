@@ -118,3 +118,27 @@ def test_sd_notify_sends_ready(tmp_path, monkeypatch) -> None:
         assert server.recv(100) == b"READY=1\nSTATUS=running"
     finally:
         server.close()
+
+
+def test_read_flat_parses_a_reserve_reply_however_it_arrives():
+    """The reserve reply's own parser (qops/transports/redis/link.py): integers and bulk
+    strings (which may hold CRLF), read in chunks of any size; an error reply comes back
+    as its text; anything else is out of step."""
+    import redis
+
+    from qops.transports.redis.link import read_flat
+
+    def feeder(data: bytes, size: int):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        return lambda _n: chunks.pop(0) if chunks else b""
+
+    reply = b"*4\r\n:-1\r\n$7\r\na\r\nb\r\nc\r\n:2\r\n$0\r\n\r\n"
+    for size in (1, 2, 3, 5, 7, 64, 65536):
+        assert read_flat(feeder(reply, size)) == [-1, b"a\r\nb\r\nc", 2, b""]
+    assert read_flat(feeder(b"*0\r\n", 1)) == []
+    assert read_flat(feeder(b"*-1\r\n", 2)) == []
+    assert read_flat(feeder(b"-NOSCRIPT No matching script\r\n", 4)) == \
+        "NOSCRIPT No matching script"
+    for bad in (b"+OK\r\n", b"*1\r\n$-1\r\n", b"*2\r\n:1\r\n", b"*1\r\n$5\r\nab"):
+        with pytest.raises(redis.ConnectionError):
+            read_flat(feeder(bad, 3))

@@ -94,11 +94,13 @@ class RedisConsumer(Consumer):
         self.id = cid
         self._queues = list(dict.fromkeys(queues))
         # Handed out and not yet settled: seq -> (list name, raw); and the exempt ones.
+        # Guards the books and everything below; get() waits on it (through the books'
+        # condition, made on it). Taken as the plain lock: a Condition's ``with`` runs
+        # Python code, the lock's does not (several times per task).
+        self._lock = threading.Lock()
         self._books: Prefetch[tuple[str, bytes]] = Prefetch(
-            prefetch, threading.Condition(threading.Lock()))
+            prefetch, threading.Condition(self._lock))
         self._batch = max(1, self._books.limit // 2)
-        # Guards the books and everything below; get() waits on it (through the books).
-        self._lock = self._books.cond
         # Held for the whole of get(): close() takes it so that it never unregisters the
         # consumer while a reserve/BLMOVE may still add to its in-flight lists.
         self._get_lock = threading.Lock()
@@ -127,7 +129,7 @@ class RedisConsumer(Consumer):
             Retry(NoBackoff(), 0),
             socket_timeout=max(1.0, transport.options.connect_timeout) + WAIT_SLICE)
         self._link = Link(self._pool)
-        self._lost = lost.LostRecords(transport, self._pool)  # worker-lost records (lost.py)
+        self._lost = lost.LostRecords(transport, self._pool, cid)  # worker-lost records
         transport.bind(self._queues)
         self.heartbeat()
 
@@ -278,8 +280,9 @@ class RedisConsumer(Consumer):
         rest = plan.packed + b"".join(tail)
         try:
             try:  # the others ride in the same write
-                res = self._link.many_then(others, b"*%d\r\n" % count + bulk("EVALSHA") +
-                                           bulk(cast("str", script.sha)) + rest)
+                evalsha = b"*%d\r\n" % count + bulk("EVALSHA") + bulk(cast("str", script.sha))
+                res = (self._link.many_then(others, evalsha + rest) if others else
+                       self._link.send_flat(evalsha + rest))
             except redis.exceptions.NoScriptError:  # did not run: run it once, with EVAL
                 res = self._link.send(b"*%d\r\n" % count + bulk("EVAL") +
                                       bulk(cast("str", script.script)) + rest)
@@ -440,14 +443,15 @@ class RedisConsumer(Consumer):
 
     def stale(self, delivery: Delivery) -> bool:
         """True when the delivery was taken back (see qops/transports/lease.py)."""
-        return is_stale(self._lease, tag_of(delivery).epoch, self._check_in_now,
-                        self._taken_back, self.id)
+        epoch = tag_of(delivery).epoch
+        lease = self._lease
+        if epoch == lease.epoch and not lease.overdue():
+            return False  # (is_stale's answer, without its calls: asked twice per task)
+        return is_stale(lease, epoch, self._check_in_now, self._taken_back, self.id)
 
     # -- worker-lost accounting (qops/worker/lost.py) -------------------------------------
     def mark_started(self, delivery: Delivery) -> None:
-        held = self._held(delivery)
-        if held is not None:
-            self._lost.started(self.id, held[0].seq, held[2], self._lock)
+        lost.mark_started(self, delivery)
 
     def worker_lost(self, delivery: Delivery, died: bool = False) -> tuple[int, bool]:
         held = self._held(delivery)
@@ -558,7 +562,7 @@ class RedisConsumer(Consumer):
         self.transport.bind([queue])
         self.heartbeat()  # records the new queue and its lists
         with self._lock:
-            self._lock.notify_all()
+            self._books.cond.notify_all()
 
     def cancel_queue(self, queue: str) -> None:
         with self._lock:

@@ -3,7 +3,7 @@ for ``base.make_delivery`` (on the per-message path of ``get``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qops.errors import UsageError
 from qops.protocol import Message, decode_envelope
@@ -11,10 +11,10 @@ from qops.transports.base import Delivery
 from qops.transports.redis.names import qops_priority
 
 
-@dataclass(frozen=True)
-class Tag:
+class Tag(NamedTuple):
     """Delivery.tag: which hand-out of this consumer, the list it was taken from, and the
-    consumer's epoch then (see qops/transports/lease.py)."""
+    consumer's epoch then (see qops/transports/lease.py). A tuple: made for every
+    message, and a frozen dataclass's ``__init__`` costs three ``object.__setattr__``."""
 
     seq: int
     name: str

@@ -6,7 +6,7 @@ pid check or retry wrapper per command); everything else goes through redis-py."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, cast
 
@@ -39,6 +39,58 @@ def pack(args: Sequence[bytes | str | int | float]) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
 
 
+def read_flat(recv: Callable[[int], bytes]) -> list[int | bytes] | str:
+    """Read one RESP reply that is an array of integers and bulk strings (or a null
+    array: empty) with ``recv`` (a socket's); an error reply is returned as its text.
+    Anything else raises ``redis.ConnectionError`` (the stream is out of step)."""
+    buf = b""
+    pos = 0
+    out: list[int | bytes] = []
+    n = -1  # elements still to read; -1 before the header
+    while n:
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            chunk = recv(65536)
+            if not chunk:
+                raise redis.ConnectionError("Connection closed by server.")
+            buf = buf[pos:] + chunk
+            pos = 0
+            continue
+        kind = buf[pos:pos + 1]
+        if n < 0:
+            if kind == b"-":
+                return buf[pos + 1:end].decode("utf-8", "replace")
+            if kind == b"_" or buf[pos:end] == b"*-1":  # (RESP3 / RESP2 null)
+                return out
+            if kind != b"*":
+                raise redis.ConnectionError(f"unexpected reply {buf[pos:end][:100]!r}")
+            n = int(buf[pos + 1:end])
+            pos = end + 2
+        elif kind == b":":
+            out.append(int(buf[pos + 1:end]))
+            pos = end + 2
+            n -= 1
+        elif kind == b"$":
+            size = int(buf[pos + 1:end])
+            if size < 0:
+                raise redis.ConnectionError("unexpected null in an array reply")
+            start = end + 2
+            stop = start + size
+            while len(buf) < stop + 2:
+                chunk = recv(max(65536, stop + 2 - len(buf)))
+                if not chunk:
+                    raise redis.ConnectionError("Connection closed by server.")
+                buf += chunk
+            out.append(buf[start:stop])
+            pos = stop + 2
+            n -= 1
+        else:
+            raise redis.ConnectionError(f"unexpected reply element {buf[pos:end][:100]!r}")
+    if pos != len(buf):
+        raise redis.ConnectionError("more bytes than one reply")
+    return out
+
+
 class Link:
     """One connection owned by one thread (a consumer's get loop), used without redis-py's
     client and pool layers: no pool checkout, pid check or retry wrapper per command.
@@ -68,6 +120,64 @@ class Link:
         except BaseException:
             conn.disconnect()
             raise
+
+    def send_expecting(self, packed: bytes, reply: bytes) -> None:
+        """``send(packed)`` for a command whose one good reply is ``reply`` (its RESP
+        bytes, e.g. ``b":1\\r\\n"``), read straight off the socket: redis-py's parser
+        costs a dozen Python calls per reply, which shows on a per-task path. Safe
+        because a Link reads every reply of what it sent before it sends again, so
+        the parser never holds bytes of its own here. An error reply raises what
+        send() would (the connection stays in step); anything else drops it."""
+        conn = self._connected()
+        sock = conn._sock
+        try:
+            assert sock is not None
+            sock.sendall(packed)
+            data = sock.recv(4096)
+            while not data.endswith(b"\r\n"):  # (a reply split across reads)
+                more = sock.recv(4096)
+                if not more:
+                    raise redis.ConnectionError("Connection closed by server.")
+                data += more
+        except BaseException as exc:
+            conn.disconnect()
+            if isinstance(exc, TimeoutError):  # (socket.timeout)
+                raise redis.TimeoutError(f"Timeout reading from {conn.host}") from exc
+            if isinstance(exc, OSError):
+                raise redis.ConnectionError(f"Error while reading from {conn.host}: "
+                                            f"{exc}") from exc
+            raise
+        if data == reply:
+            return
+        if data[:1] == b"-" and data.count(b"\r\n") == 1:
+            raise conn._parser.parse_error(data[1:-2].decode("utf-8", "replace"))
+        conn.disconnect()
+        raise redis.ResponseError(f"unexpected reply {data[:200]!r}")
+
+    def send_flat(self, packed: bytes) -> list[int | bytes]:
+        """``send(packed)`` for a command whose reply is an array of integers and bulk
+        strings (the reserve script's), parsed here straight off the socket: redis-py's
+        parser makes about ten Python calls per element. Same rules as send_expecting:
+        an error reply raises (in step), anything unexpected drops the connection."""
+        conn = self._connected()
+        sock = conn._sock
+        try:
+            assert sock is not None
+            sock.sendall(packed)
+            out = read_flat(sock.recv)
+        except redis.ResponseError:
+            raise  # an error reply, read whole: in step
+        except BaseException as exc:
+            conn.disconnect()
+            if isinstance(exc, TimeoutError):  # (socket.timeout)
+                raise redis.TimeoutError(f"Timeout reading from {conn.host}") from exc
+            if isinstance(exc, OSError):
+                raise redis.ConnectionError(f"Error while reading from {conn.host}: "
+                                            f"{exc}") from exc
+            raise
+        if isinstance(out, str):
+            raise conn._parser.parse_error(out)
+        return out
 
     def call(self, *args: bytes | str | int | float) -> Any:
         return self.send(pack(args))

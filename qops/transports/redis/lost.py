@@ -2,9 +2,10 @@
 (``qops.lost.<sha1 of the payload>``, docs/protocol.md section 2).
 
 ``LostRecords.started`` writes ``running`` = the consumer id when an acks_late task starts
-(one round trip); ``lua/worker_lost.lua`` turns a start that was never settled (or a
+(one round trip, ``lua/start.lua``, which also deletes the records of the tasks that
+ended since and applies their acks when it may); ``lua/worker_lost.lua`` turns a start that was never settled (or a
 death the worker saw) into ``count`` + 1; the consumer deletes the hash when it acks
-or dead-letters the message (the delete rides with the ack's round trip). A message's
+or dead-letters the message (the delete rides with the next start or reserve). A message's
 payload does not change when it is given back or recovered, so every node finds the
 same hash. Each write sets an expiry of ``LOST_TTL``: the record of a message that is
 gone (purged, or its hash left behind by a crash) does not stay."""
@@ -15,17 +16,57 @@ import hashlib
 import threading
 from typing import TYPE_CHECKING, Any
 
-from qops.transports.redis.link import Link
+import redis
+
+from qops.transports.redis.link import UNREACHABLE, Link, bulk, load_script
 
 if TYPE_CHECKING:
+    from qops.transports.base import Delivery
+    from qops.transports.redis.consumer import RedisConsumer
     from qops.transports.redis.transport import RedisTransport
 
 #: seconds a worker-lost record is kept after its last change
 LOST_TTL = 7 * 86400
+START = load_script("start.lua")
+#: what a start write settles first: (records to delete, acks as (in-flight list, payload))
+Settled = tuple[list[str], list[tuple[str, bytes]]]
 
 
 def lost_key(t: RedisTransport, raw: bytes) -> str:
     return t.key("qops.lost." + hashlib.sha1(raw).hexdigest())
+
+
+def mark_started(c: RedisConsumer, delivery: Delivery) -> None:
+    """``c.mark_started``: write the start record, settling in the same round trip what
+    ended since the last one: the records of finished tasks are deleted, and their
+    queued acks go too when ``c``'s wire is free right now and its lease needs no
+    check-in (the reserve's rule; else they wait for the next reserve, as any queued
+    ack). So a task that kills the process never takes the tasks that ended before it
+    along: they are neither counted as worker losses nor, when acked here, run again."""
+    held = c._held(delivery)
+    if held is None:
+        return
+    tag, _, raw = held
+    wire = c._wire.acquire(blocking=False)
+    try:
+        if wire and c._lease.must_check_in():
+            c._wire.release()  # acks after a check-in only: the next reserve's
+            wire = False
+        with c._lock:
+            acks = c._acks if wire else []
+            if wire:
+                c._acks = []
+            clears = c._lost.take_clears_locked()
+        inflight = c._inflight
+        try:
+            c._lost.started(c.id, tag.seq, raw,
+                            (clears, [(inflight(n), r) for n, r in acks]), c._lock)
+        except BaseException:
+            c._put_back_acks(acks, clears)
+            raise
+    finally:
+        if wire:
+            c._wire.release()
 
 
 def count(t: RedisTransport, raw: bytes, died: bool) -> tuple[int, bool]:
@@ -42,10 +83,16 @@ class LostRecords:
     their count). ``*_locked`` methods run under the consumer's lock; the others take
     it (``lock``) around their bookkeeping only, never around a round trip."""
 
-    __slots__ = ("t", "keys", "clears", "flagged", "_pool", "_local", "_links")
+    __slots__ = ("t", "keys", "clears", "flagged", "prefix", "_pool", "_local", "_links",
+                 "_evalsha", "_static", "_static_none")
 
-    def __init__(self, t: RedisTransport, pool: Any) -> None:
+    def __init__(self, t: RedisTransport, pool: Any, cid: str) -> None:
         self.t = t
+        self.prefix = t.key("qops.lost.")
+        # the start command's fixed parts, packed once
+        self._evalsha = bulk("EVALSHA") + bulk(hashlib.sha1(START.encode()).hexdigest())
+        self._static = bulk(cid) + bulk(LOST_TTL)
+        self._static_none = self._static + bulk(0)  # nothing settled with it
         # Starts are written on a Link of the starting thread's own (a pool thread: one
         # for solo, several for threads), made from the consumer's connection pool.
         self._pool = pool
@@ -73,20 +120,37 @@ class LostRecords:
         clears, self.clears = self.clears, []
         return clears
 
-    def started(self, cid: str, seq: int, raw: bytes, lock: Any) -> None:
-        """Record the start (``running`` = ``cid``), in one round trip, before the task
-        runs. The write goes over the thread's own Link, not through redis-py's
-        transaction pipeline: for a no-op task on the solo pool that pipeline was most of
-        the per-task cost."""
-        key = lost_key(self.t, raw)
+    def started(self, cid: str, seq: int, raw: bytes, settled: Settled, lock: Any) -> None:
+        """Record the start (``running`` = ``cid``) before the task runs, in one command
+        and one round trip (``lua/start.lua``) that first settles ``settled``: the
+        records to delete and the acks (in-flight list, payload) taken for this write.
+        It goes over the thread's own Link, packed here (not through redis-py's client
+        and transaction pipeline: for a no-op task on the solo pool those were most of
+        the per-task cost)."""
+        key = self.prefix + hashlib.sha1(raw).hexdigest()
         link = getattr(self._local, "link", None)
         if link is None:
             link = self._local.link = Link(self._pool)
             with lock:
                 self._links.append(link)
-        with self.t.guard("recording a task start"):
-            link.many([["MULTI"], ["HSET", key, "running", cid], ["EXPIRE", key, LOST_TTL],
-                       ["EXEC"]])
+        clears, acks = settled
+        nkeys = 1 + len(clears) + len(acks)
+        k = key.encode()
+        parts = [b"*%d\r\n" % (6 + nkeys + len(acks)), self._evalsha,
+                 b"$%d\r\n%d\r\n$%d\r\n%s\r\n" % (len(str(nkeys)), nkeys, len(k), k)]
+        if clears or acks:
+            parts += [*map(bulk, clears), *(bulk(name) for name, _ in acks), self._static,
+                      bulk(len(clears)), *(bulk(payload) for _, payload in acks)]
+        else:
+            parts.append(self._static_none)
+        try:
+            try:
+                link.send_expecting(b"".join(parts), b":1\r\n")
+            except redis.exceptions.NoScriptError:  # did not run: once with the script
+                parts[1] = bulk("EVAL") + bulk(START)
+                link.send(b"".join(parts))
+        except UNREACHABLE as exc:
+            raise self.t.unreachable(exc, "recording a task start") from exc
         with lock:
             self.keys[seq] = key
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -89,21 +90,30 @@ def _live(feed: Any, view: Any, interval: float) -> None:
     from qops.cli import top_view
 
     console = Console()
-    with feed, _cbreak(), Live(console=console, screen=True, auto_refresh=False) as live:
-        next_draw = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_draw:
-                snap = top_view.select(feed.state.snapshot(), top_view.SORTS[view.sort][0],
-                                       view.filter)
-                live.update(top_view.rich_view(snap, view), refresh=True)
-                next_draw = now + interval
-            ready, _, _ = select.select([sys.stdin], [], [], max(0.0, next_draw - now))
-            if ready:
-                ch = os.read(sys.stdin.fileno(), 1).decode(errors="ignore")
-                if not view.key(ch):
-                    return
-                next_draw = 0.0  # show what the key changed now
+    try:
+        with feed, _cbreak(), Live(console=console, screen=True, auto_refresh=False) as live:
+            next_draw = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= next_draw:
+                    snap = top_view.select(feed.state.snapshot(), top_view.SORTS[view.sort][0],
+                                           view.filter)
+                    live.update(top_view.rich_view(snap, view), refresh=True)
+                    next_draw = now + interval
+                ready, _, _ = select.select([sys.stdin], [], [], max(0.0, next_draw - now))
+                if ready:
+                    try:
+                        data = os.read(sys.stdin.fileno(), 1)
+                    except OSError:  # EIO: the terminal hung up
+                        return
+                    if not data:  # end of input: the terminal is gone (it used to spin here)
+                        return
+                    if not view.key(data.decode(errors="ignore")):
+                        return
+                    next_draw = 0.0  # show what the key changed now
+    except OSError as exc:  # EIO: the terminal hung up while drawing or restoring it
+        if exc.errno != errno.EIO:
+            raise
 
 
 @contextlib.contextmanager
@@ -118,7 +128,10 @@ def _cbreak() -> Iterator[None]:
         tty.setcbreak(fd)
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except termios.error:  # the terminal is gone: nothing left to restore
+            pass
 
 
 def exporter(

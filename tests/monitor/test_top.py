@@ -117,3 +117,33 @@ def test_live_view_in_tmux(sqlite_url: str, queue_name: str) -> None:
             assert wait_until(lambda: tmux("has-session", "-t", "top").returncode != 0, 10)
         finally:
             tmux("kill-server")
+
+
+def test_live_view_ends_when_its_terminal_goes_away(sqlite_url: str) -> None:
+    """The terminal closes (an ssh session dropped, a tmux pane killed): top ends instead
+    of reading end-of-input at full speed for ever (it did: one left behind spun at 60%
+    of a core for hours)."""
+    import os
+    import pty
+    import signal
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "qops", "-b", sqlite_url, "top",
+                             "--no-enable-events"], stdin=slave, stdout=slave,
+                            stderr=subprocess.DEVNULL, env={**qops_env(), "COLUMNS": "120",
+                                                            "LINES": "40"},
+                            cwd=str(ROOT), start_new_session=True)
+    os.close(slave)
+    try:
+        seen = b""
+        while b"qops top" not in seen:  # drawn once: it is in its loop
+            seen += os.read(master, 65536)
+        os.close(master)
+        master = -1
+        assert proc.wait(10) == 0
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -62,15 +62,7 @@ def test_task_that_kills_its_node_is_dead_lettered(app, broker, workers, queue, 
 
     path = tmp_path / "runs.txt"
     res = proj.tasks.crash.apply_async((str(path),), queue=queue)
-    starts = 0
-    deadline = time.monotonic() + 120
-    while res.state != "FAILURE" and time.monotonic() < deadline:
-        w = workers.start(f"n{starts}", "-Q", queue, "-P", "solo", **FAST)
-        starts += 1
-        assert w.proc is not None
-        while w.proc.poll() is None and res.state != "FAILURE":
-            time.sleep(0.1)
-        assert starts <= 6, workers.log(w)
+    _restart_until_failed(res, workers, queue)
     assert res.state == "FAILURE"
     _check_failed(app, res, queue, "")
     assert runs(path)[res.id] == 3
@@ -88,15 +80,7 @@ def test_tasks_that_ended_before_the_death_are_not_counted(app, broker, workers,
     path = tmp_path / "runs.txt"
     before = [proj.tasks.record.apply_async((str(path),), queue=queue) for _ in range(5)]
     res = proj.tasks.crash.apply_async((str(path),), queue=queue)
-    starts = 0
-    deadline = time.monotonic() + 120
-    while res.state != "FAILURE" and time.monotonic() < deadline:
-        w = workers.start(f"n{starts}", "-Q", queue, "-P", "solo", **FAST)
-        starts += 1
-        assert w.proc is not None
-        while w.proc.poll() is None and res.state != "FAILURE":
-            time.sleep(0.1)
-        assert starts <= 6, workers.log(w)
+    w = _restart_until_failed(res, workers, queue)
     _check_failed(app, res, queue, "")
     for r in before:
         assert r.get(timeout=10) >= 1, workers.log(w)
@@ -120,3 +104,18 @@ def test_count_ends_when_the_task_succeeds(app, broker, workers, queue, tmp_path
     if broker.kind == "sqlite":
         conn = app.transport.db.conn()
         assert conn.execute("SELECT COUNT(*) FROM messages WHERE lost > 0").fetchone()[0] == 0
+
+
+def _restart_until_failed(res, workers, queue):
+    """Start a solo node again each time the task kills it, until the task has failed
+    (at most six starts); the last node started."""
+    w, starts = None, 0
+    deadline = time.monotonic() + 120
+    while res.state != "FAILURE" and time.monotonic() < deadline:
+        w = workers.start(f"n{starts}", "-Q", queue, "-P", "solo", **FAST)
+        starts += 1
+        assert w.proc is not None
+        while w.proc.poll() is None and res.state != "FAILURE":
+            time.sleep(0.1)
+        assert starts <= 6, workers.log(w)
+    return w

@@ -91,6 +91,16 @@ def read_flat(recv: Callable[[int], bytes]) -> list[int | bytes] | str:
     return out
 
 
+def _drop(conn: redis.Connection, exc: BaseException) -> None:
+    """A raw read or write failed: drop the connection (the next command connects
+    again) and raise a socket failure as the redis-py error it would have been."""
+    conn.disconnect()
+    if isinstance(exc, TimeoutError):  # (socket.timeout)
+        raise redis.TimeoutError(f"Timeout reading from {conn.host}") from exc
+    if isinstance(exc, OSError):
+        raise redis.ConnectionError(f"Error while reading from {conn.host}: {exc}") from exc
+
+
 class Link:
     """One connection owned by one thread (a consumer's get loop), used without redis-py's
     client and pool layers: no pool checkout, pid check or retry wrapper per command.
@@ -140,12 +150,7 @@ class Link:
                     raise redis.ConnectionError("Connection closed by server.")
                 data += more
         except BaseException as exc:
-            conn.disconnect()
-            if isinstance(exc, TimeoutError):  # (socket.timeout)
-                raise redis.TimeoutError(f"Timeout reading from {conn.host}") from exc
-            if isinstance(exc, OSError):
-                raise redis.ConnectionError(f"Error while reading from {conn.host}: "
-                                            f"{exc}") from exc
+            _drop(conn, exc)
             raise
         if data == reply:
             return
@@ -168,12 +173,7 @@ class Link:
         except redis.ResponseError:
             raise  # an error reply, read whole: in step
         except BaseException as exc:
-            conn.disconnect()
-            if isinstance(exc, TimeoutError):  # (socket.timeout)
-                raise redis.TimeoutError(f"Timeout reading from {conn.host}") from exc
-            if isinstance(exc, OSError):
-                raise redis.ConnectionError(f"Error while reading from {conn.host}: "
-                                            f"{exc}") from exc
+            _drop(conn, exc)
             raise
         if isinstance(out, str):
             raise conn._parser.parse_error(out)

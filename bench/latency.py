@@ -26,14 +26,10 @@ temporary directory, and every process started here is stopped by pid / process 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,9 +49,10 @@ from benchproc import (  # noqa: E402  (bench/common is no package)
     PhaseError,
     Processes,
     clean_env,
+    doc_head,
     log,
     qops_tree,
-    raise_on_term,
+    run_bench,
     spread,
     versions,
 )
@@ -283,44 +280,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_term)
-    signal.signal(signal.SIGHUP, raise_on_term)
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="qops-latency-"))
-    failed = True
-    try:
-        loadavg = os.getloadavg()
-        bench = Bench(args, procs, tmp)
-        started = time.time()
-        outcomes = bench.run()
-        failed = any(o.errors for o in outcomes)
-        rows = measures(outcomes)
-        doc = {
-            "bench": "latency", "date": dt.datetime.now().astimezone().isoformat(
-                timespec="seconds"),
-            "host": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg},
-            "n": args.n, "warmup": args.warmup, "concurrency": args.concurrency,
-            "repeat": args.repeat, "seconds": round(time.time() - started, 1),
-            "qops_source": bench.qops_source, "versions": bench.versions(), "rows": rows,
-            "runs": [{"broker": o.broker, "config": o.config.label, "runs": o.runs,
-                      "errors": o.errors} for o in outcomes],
-        }
-        if not args.json:
-            print_table(rows)
-            for o in outcomes:
-                for e in dict.fromkeys(o.errors):
-                    print(f"! {o.broker} {o.config.label}: {e}")
-        print(json.dumps(doc, separators=(",", ":")))
-        return 1 if failed else 0
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc or 'Ctrl-C'}): stopping what was started")
-        return 130
-    finally:
-        procs.stop_all()
-        if failed or args.keep_logs:
-            log(f"worker logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run_bench("qops-latency-", lambda procs, tmp: run(args, procs, tmp))
+
+
+def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> tuple[int, bool]:
+    """The measures; (exit code, keep the logs)."""
+    loadavg = os.getloadavg()
+    bench = Bench(args, procs, tmp)
+    started = time.time()
+    outcomes = bench.run()
+    failed = any(o.errors for o in outcomes)
+    rows = measures(outcomes)
+    doc = {
+        **doc_head("latency", loadavg),
+        "n": args.n, "warmup": args.warmup, "concurrency": args.concurrency,
+        "repeat": args.repeat, "seconds": round(time.time() - started, 1),
+        "qops_source": bench.qops_source, "versions": bench.versions(), "rows": rows,
+        "runs": [{"broker": o.broker, "config": o.config.label, "runs": o.runs,
+                  "errors": o.errors} for o in outcomes],
+    }
+    if not args.json:
+        print_table(rows)
+        for o in outcomes:
+            for e in dict.fromkeys(o.errors):
+                print(f"! {o.broker} {o.config.label}: {e}")
+    print(json.dumps(doc, separators=(",", ":")))
+    return (1 if failed else 0), failed or args.keep_logs
 
 
 if __name__ == "__main__":

@@ -34,14 +34,10 @@ stopped by pid / process group.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,9 +57,10 @@ from benchproc import (  # noqa: E402  (bench/common is no package)
     PhaseError,
     Processes,
     clean_env,
+    doc_head,
     log,
     qops_tree,
-    raise_on_term,
+    run_bench,
     spread,
     versions,
 )
@@ -288,33 +285,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_term)
-    signal.signal(signal.SIGHUP, raise_on_term)
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="qops-publish-"))
-    try:
-        loadavg = os.getloadavg()
-        bench = Bench(args, procs, tmp)
-        started = time.time()
-        rows = json_rows(bench.run())
-        doc = {
-            "bench": "publish", "date": dt.datetime.now().astimezone().isoformat(
-                timespec="seconds"),
-            "host": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg},
-            "n": args.n, "bulk_n": args.bulk_n, "warmup": args.warmup,
-            "repeat": args.repeat, "seconds": round(time.time() - started, 1),
-            "qops_source": bench.qops_source, "versions": bench.versions(), "rows": rows,
-        }
-        if not args.json:
-            print_table(rows)
-        print(json.dumps(doc, separators=(",", ":")))
-        return 1 if any(r["errors"] for r in rows) else 0
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc or 'Ctrl-C'}): stopping what was started")
-        return 130
-    finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_bench("qops-publish-", lambda procs, tmp: run(args, procs, tmp))
+
+
+def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> tuple[int, bool]:
+    """The measures; (exit code, keep the logs)."""
+    loadavg = os.getloadavg()
+    bench = Bench(args, procs, tmp)
+    started = time.time()
+    rows = json_rows(bench.run())
+    doc = {
+        **doc_head("publish", loadavg),
+        "n": args.n, "bulk_n": args.bulk_n, "warmup": args.warmup,
+        "repeat": args.repeat, "seconds": round(time.time() - started, 1),
+        "qops_source": bench.qops_source, "versions": bench.versions(), "rows": rows,
+    }
+    if not args.json:
+        print_table(rows)
+    print(json.dumps(doc, separators=(",", ":")))
+    failed = any(r["errors"] for r in rows)
+    return (1 if failed else 0), failed
 
 
 if __name__ == "__main__":

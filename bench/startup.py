@@ -29,15 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,8 +51,9 @@ from benchproc import (  # noqa: E402
     PhaseError,
     Processes,
     clean_env,
+    doc_head,
     log,
-    raise_on_term,
+    run_bench,
     spread,
     tail,
     versions,
@@ -343,55 +340,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _flush(redis_url: str) -> None:
+    with contextlib.suppress(Exception):
+        redis.Redis.from_url(redis_url).flushdb()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_term)
-    signal.signal(signal.SIGHUP, raise_on_term)
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="qops-startup-"))
+    return run_bench("qops-startup-", lambda procs, tmp: run(args, procs, tmp),
+                     after=lambda: _flush(args.redis_url))
+
+
+def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> tuple[int, bool]:
+    """The measures; (exit code, keep the logs)."""
     errors: list[str] = []
-    try:
-        loadavg = os.getloadavg()
-        started = time.time()
-        redis.Redis.from_url(args.redis_url).flushdb()
-        bench = Bench(args, procs, tmp)
-        rows: list[dict[str, Any]] = []
-        for part, make in (("cli", bench.cli_rows), ("memory", bench.memory_rows)):
-            if part in args.skip:
-                continue
-            try:
-                for r in make():
-                    rows.append(r)
-            except PhaseError as exc:
-                errors.append(f"{part}: {exc}")
-                log(f"{part}: FAILED: {exc}")
-        doc = {
-            "bench": "startup",
-            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg},
-            "runs": args.runs, "repeat": args.repeat,
-            "seconds": round(time.time() - started, 1),
-            "versions": versions({
-                "qops": (bench.pythons["qops"], ["qops", "typer", "rich", "redis"]),
-                "celery-venv": (bench.pythons["celery"], ["celery", "kombu", "redis"]),
-                "dramatiq-venv": (bench.pythons["dramatiq"], ["dramatiq", "redis"])}),
-            "rows": rows, "errors": errors,
-        }
-        if not args.json:
-            print_table(rows)
-        print(json.dumps(doc, separators=(",", ":")))
-        return 1 if errors else 0
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc or 'Ctrl-C'}): stopping what was started")
-        return 130
-    finally:
-        procs.stop_all()
-        with contextlib.suppress(Exception):
-            redis.Redis.from_url(args.redis_url).flushdb()
-        if errors:
-            log(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    loadavg = os.getloadavg()
+    started = time.time()
+    redis.Redis.from_url(args.redis_url).flushdb()
+    bench = Bench(args, procs, tmp)
+    rows: list[dict[str, Any]] = []
+    for part, make in (("cli", bench.cli_rows), ("memory", bench.memory_rows)):
+        if part in args.skip:
+            continue
+        try:
+            for r in make():
+                rows.append(r)
+        except PhaseError as exc:
+            errors.append(f"{part}: {exc}")
+            log(f"{part}: FAILED: {exc}")
+    doc = {
+        **doc_head("startup", loadavg),
+        "runs": args.runs, "repeat": args.repeat,
+        "seconds": round(time.time() - started, 1),
+        "versions": versions({
+            "qops": (bench.pythons["qops"], ["qops", "typer", "rich", "redis"]),
+            "celery-venv": (bench.pythons["celery"], ["celery", "kombu", "redis"]),
+            "dramatiq-venv": (bench.pythons["dramatiq"], ["dramatiq", "redis"])}),
+        "rows": rows, "errors": errors,
+    }
+    if not args.json:
+        print_table(rows)
+    print(json.dumps(doc, separators=(",", ":")))
+    return (1 if errors else 0), bool(errors)
 
 
 if __name__ == "__main__":

@@ -54,15 +54,11 @@ on errors and Ctrl-C. Each phase gives up after ``--timeout`` seconds and report
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -82,9 +78,10 @@ from benchproc import (  # noqa: E402  (bench/common is no package)
     PhaseError,
     Processes,
     clean_env,
+    doc_head,
     log,
     qops_tree,
-    raise_on_term,
+    run_bench,
     spread,
     tail,
     tree_cpu,
@@ -460,40 +457,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_term)
-    signal.signal(signal.SIGHUP, raise_on_term)
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="qops-bench-"))
-    failed = True
-    try:
-        loadavg = os.getloadavg()
-        bench = Bench(args, procs, tmp)
-        started = time.time()
-        outcomes = bench.run()
-        results = summarize(outcomes)
-        failed = any(r["errors"] for r in results)
-        doc = {
-            "bench": "throughput", "date": dt.datetime.now().astimezone().isoformat(
-                timespec="seconds"),
-            "host": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg},
-            "n": args.n, "warmup": args.warmup, "concurrency": args.concurrency,
-            "repeat": args.repeat, "seconds": round(time.time() - started, 1),
-            "qops_source": bench.qops_source, "versions": bench.versions(),
-            "rows": measures(outcomes), "results": results,
-        }
-        if not args.json:
-            print_table(results)
-        print(json.dumps(doc, separators=(",", ":")))
-        return 1 if failed else 0
-    except KeyboardInterrupt as exc:
-        log(f"interrupted ({exc or 'Ctrl-C'}): stopping what was started")
-        return 130
-    finally:
-        procs.stop_all()
-        if failed or args.keep_logs:
-            log(f"worker logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return run_bench("qops-bench-", lambda procs, tmp: run(args, procs, tmp))
+
+
+def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> tuple[int, bool]:
+    """The measures; (exit code, keep the logs)."""
+    loadavg = os.getloadavg()
+    bench = Bench(args, procs, tmp)
+    started = time.time()
+    outcomes = bench.run()
+    results = summarize(outcomes)
+    failed = any(r["errors"] for r in results)
+    doc = {
+        **doc_head("throughput", loadavg),
+        "n": args.n, "warmup": args.warmup, "concurrency": args.concurrency,
+        "repeat": args.repeat, "seconds": round(time.time() - started, 1),
+        "qops_source": bench.qops_source, "versions": bench.versions(),
+        "rows": measures(outcomes), "results": results,
+    }
+    if not args.json:
+        print_table(results)
+    print(json.dumps(doc, separators=(",", ":")))
+    return (1 if failed else 0), failed or args.keep_logs
 
 
 if __name__ == "__main__":

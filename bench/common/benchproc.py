@@ -4,6 +4,7 @@ port and ``rabbitmqctl`` for a vhost of the run's own, and the Redis URL option.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -11,7 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +130,38 @@ def tail(text: str, lines: int = 15) -> str:
 
 def raise_on_term(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_bench(prefix: str, body: Callable[[Processes, Path], tuple[int, bool]],
+              after: Callable[[], None] | None = None) -> int:
+    """A bench script's main: ``body(procs, tmp)`` returns (exit code, keep tmp). TERM
+    and HUP stop it as Ctrl-C does (exit 130, tmp kept); every process started through
+    ``procs`` is stopped, then ``after`` runs; tmp is removed unless kept."""
+    signal.signal(signal.SIGTERM, raise_on_term)
+    signal.signal(signal.SIGHUP, raise_on_term)
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    keep = True
+    try:
+        code, keep = body(procs, tmp)
+        return code
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc or 'Ctrl-C'}): stopping what was started")
+        return 130
+    finally:
+        procs.stop_all()
+        if after is not None:
+            after()
+        if keep:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def doc_head(bench: str, loadavg: tuple[float, float, float]) -> dict[str, Any]:
+    """The first fields of every script's JSON document."""
+    return {"bench": bench, "date": dt.datetime.now().astimezone().isoformat(
+        timespec="seconds"), "host": {"cpus": os.cpu_count(), "loadavg_at_start": loadavg}}
 
 
 # -- brokers -----------------------------------------------------------------------------

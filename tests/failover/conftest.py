@@ -4,21 +4,26 @@ before each test; every process stopped by pid at the end (servers.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.failover.servers import RABBIT_BIN, RabbitCluster, SentinelCluster, need_binaries
 
 
-@pytest.fixture(scope="module")
-def sentinel_cluster() -> Iterator[SentinelCluster]:
-    need_binaries("redis-server")
-    cluster = SentinelCluster()
+def _running(cluster: Any) -> Iterator[Any]:
+    """Start ``cluster`` for the module; stop every process of it at the end."""
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_cluster() -> Iterator[SentinelCluster]:
+    need_binaries("redis-server")
+    yield from _running(SentinelCluster())
 
 
 @pytest.fixture
@@ -36,12 +41,7 @@ def sentinels(sentinel_cluster: SentinelCluster) -> SentinelCluster:
 @pytest.fixture(scope="module")
 def rabbit_cluster() -> Iterator[RabbitCluster]:
     need_binaries("epmd", str(RABBIT_BIN / "rabbitmq-server"), str(RABBIT_BIN / "rabbitmqctl"))
-    cluster = RabbitCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _running(RabbitCluster())
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,3 +206,16 @@ def run_through_failover(app: Any, queue: str, path: Path, kill: Callable[[], No
             time.sleep(0.2)
     return Measured(total, count_runs(path), kill_at, recovered_at, in_flight_bound,
                     retries, prober.results)
+
+
+def configured_app(**settings: str) -> Iterator[Any]:
+    """The example project's app with ``settings`` on its command-line layer, its
+    connections closed before and after."""
+    from proj.qops import app
+
+    app.close()
+    for name, value in settings.items():
+        app.conf.set(name, value, layer="cli")
+    yield app
+    app.conf._layers["cli"].clear()
+    app.close()

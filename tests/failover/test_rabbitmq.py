@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.failover.fleet import Prober, cli_works, count_runs, run_through_failover
+from tests.failover.fleet import Prober, cli_works, configured_app, count_runs, run_through_failover
 from tests.failover.servers import RabbitCluster
 from tests.failover.test_sentinel import beat_sends, stop_beats
 from tests.helpers import WorkerProcess, qops_env, wait_until
@@ -31,16 +31,9 @@ QUORUM = {"QOPS_TASK_DEFAULT_QUEUE_TYPE": "quorum",
 
 @pytest.fixture
 def app(rabbits: RabbitCluster) -> Iterator[Any]:
-    from proj.qops import app
-
-    app.close()
-    app.conf.set("broker_url", rabbits.url(), layer="cli")
-    app.conf.set("result_backend", "rpc://", layer="cli")
-    app.conf.set("task_default_queue_type", "quorum", layer="cli")
-    app.conf.set("task_create_missing_queue_type", "quorum", layer="cli")
-    yield app
-    app.conf._layers["cli"].clear()
-    app.close()
+    yield from configured_app(broker_url=rabbits.url(), result_backend="rpc://",
+                              task_default_queue_type="quorum",
+                              task_create_missing_queue_type="quorum")
 
 
 def test_a_busy_worker_goes_on_when_its_node_dies(app, rabbits, tmp_path: Path) -> None:

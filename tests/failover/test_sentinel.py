@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.failover.fleet import Prober, cli_works, run_through_failover
+from tests.failover.fleet import Prober, cli_works, configured_app, run_through_failover
 from tests.failover.servers import SentinelCluster
 from tests.helpers import WorkerProcess, qops_env, wait_until
 
@@ -30,14 +30,7 @@ PREFETCH = 4  # worker_prefetch_multiplier
 
 @pytest.fixture
 def app(sentinels: SentinelCluster) -> Iterator[Any]:
-    from proj.qops import app
-
-    app.close()
-    app.conf.set("broker_url", sentinels.url(), layer="cli")
-    app.conf.set("result_backend", sentinels.url(), layer="cli")
-    yield app
-    app.conf._layers["cli"].clear()
-    app.close()
+    yield from configured_app(broker_url=sentinels.url(), result_backend=sentinels.url())
 
 
 def test_a_busy_worker_goes_on_when_its_master_dies(app, sentinels, tmp_path: Path) -> None:

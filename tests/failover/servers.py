@@ -150,6 +150,17 @@ class SentinelCluster:
 
         _wait(ready, timeout, "the Sentinels to see the master, a replica and each other",
               interval=0.2)
+        # the Sentinels' view of a replica is up to 10 s old (a replica restarted by
+        # heal() may still be loading its full sync): a WAIT the master answers says
+        # the link carries writes now
+        import redis
+
+        master = redis.Redis(port=self.master_port(), socket_timeout=5)
+        try:
+            _wait(lambda: master.execute_command("WAIT", 1, 1000) >= 1, timeout,
+                  "the replica to acknowledge a write", interval=0.1)
+        finally:
+            master.close()
 
     # -- facts ---------------------------------------------------------------------------
     def url(self, db: int = 0, **query: str) -> str:

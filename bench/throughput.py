@@ -77,6 +77,7 @@ from benchproc import (  # noqa: E402  (bench/common is no package)
     Broker,
     PhaseError,
     Processes,
+    broker_cpu,
     clean_env,
     doc_head,
     log,
@@ -210,9 +211,9 @@ class Bench:
         proc = self.procs.start(self.worker_cmd(config, queue), env, side, logfile)
         try:
             start = self.wait_mark("start", proc, launched, logfile)
-            cpu0 = tree_cpu(proc.pid)
+            cpu0, broker0 = tree_cpu(proc.pid), broker_cpu(broker)
             end = self.wait_mark("end", proc, launched, logfile)
-            cpu1 = tree_cpu(proc.pid)
+            cpu1, broker1 = tree_cpu(proc.pid), broker_cpu(broker)
         finally:
             self.procs.stop(proc)
         if not config.solo:  # (the no-op task counts in its process: its marks are the check)
@@ -223,6 +224,8 @@ class Bench:
                                  "(tasks lost or run twice)")
         return {"enqueue_per_s": enqueue, "tasks_per_s": args.n / (end - start),
                 "cpu_us_per_task": (cpu1 - cpu0) * 1e6 / args.n if cpu0 else None,
+                "broker_cpu_us_per_task": ((broker1 - broker0) * 1e6 / args.n
+                                           if broker.pid else None),
                 "startup_s": start - launched, "seconds": end - start}
 
     def wait_mark(self, kind: str, proc: subprocess.Popen[bytes], launched: float,
@@ -298,8 +301,10 @@ class Bench:
                         result.runs.append(r)
                         log(f"{what}: enqueue {r['enqueue_per_s']:,.0f}/s, "
                             f"tasks {r['tasks_per_s']:,.0f}/s (start-up {r['startup_s']:.2f}s"
-                            + (f", worker CPU {r['cpu_us_per_task']:.0f} µs/task)"
-                               if r.get("cpu_us_per_task") else ")"))
+                            + (f", worker CPU {r['cpu_us_per_task']:.0f} µs/task"
+                               if r.get("cpu_us_per_task") else "")
+                            + (f", broker CPU {r['broker_cpu_us_per_task']:.0f} µs/task"
+                               if r.get("broker_cpu_us_per_task") else "") + ")")
             finally:
                 broker.close()
                 self.redis.flushdb()
@@ -330,6 +335,7 @@ def summarize(outcomes: list[Outcome]) -> list[dict[str, Any]]:
             "runs": len(o.runs),
             "all_tasks_per_s": [_round(r["tasks_per_s"]) for r in o.runs],
             "cpu_us_per_task": _round(o.median("cpu_us_per_task"), 1),
+            "broker_cpu_us_per_task": _round(o.median("broker_cpu_us_per_task"), 1),
             "errors": o.errors,
         })
     return rows

@@ -175,13 +175,28 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def rabbitmqctl(*args: str) -> None:
+def rabbitmqctl(*args: str) -> str:
     exe = shutil.which("rabbitmqctl")
     if exe is None:
         raise PhaseError("rabbitmqctl not found")
     res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
         raise PhaseError(f"rabbitmqctl {' '.join(args)}: {tail(res.stderr or res.stdout)}")
+    return res.stdout
+
+
+def broker_cpu(broker: Broker) -> float:
+    """CPU seconds the broker's server process has used so far (0.0 without one)."""
+    return tree_cpu(broker.pid) if broker.pid else 0.0
+
+
+def _local_pid(value: Any) -> int | None:
+    """``value`` as the pid of a process this machine runs, else None."""
+    try:
+        pid = int(str(value).strip())
+    except ValueError:
+        return None
+    return pid if os.path.exists(f"/proc/{pid}") else None
 
 
 BROKERS = ("redis", "amqp", "sqlite")
@@ -198,6 +213,9 @@ class Broker:
     redis_url: str = DEFAULT_REDIS_URL
     vhost: str | None = None
     count: int = 0
+    #: the broker server's process on this machine (None: SQLite, or not found); its
+    #: CPU per task is the other half of a worker's cost
+    pid: int | None = None
 
     def open(self) -> None:
         if self.name == "amqp":
@@ -206,6 +224,15 @@ class Broker:
             self.vhost = f"qops-bench-{uuid.uuid4().hex[:8]}"
             rabbitmqctl("add_vhost", self.vhost)
             rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            self.pid = _local_pid(rabbitmqctl("eval", "list_to_integer(os:getpid())."))
+        elif self.name == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            try:
+                self.pid = _local_pid(client.info("server").get("process_id"))
+            finally:
+                client.close()
 
     def phase_url(self) -> str:
         """The broker URL for the next phase (SQLite: a fresh file each time)."""

@@ -20,7 +20,7 @@ from qops.settings import Settings, default_broker_url
 from qops.signing import HEADER, Signer, task_context, task_signer
 from qops.task import Context, Signature, Task, bulk_send, send_options
 from qops.transports.base import Transport, TransportOptions, from_url
-from qops.transports.declare import QOPS_MAX_PRIORITY, Declarations
+from qops.transports.declare import Declarations
 
 if TYPE_CHECKING:
     from qops.control import Control
@@ -152,14 +152,11 @@ class App:
         with the same settings under the celery preset (docs/protocol.md §3.1)."""
         c = self.conf
         celery = self.names is NAMES["celery"]
-        prio = c.task_queue_max_priority
-        if prio is None:
-            prio = None if celery else QOPS_MAX_PRIORITY
         return Declarations(
             default_queue=self.default_queue,
             default_type=str(c.task_default_queue_type),
             other_type=str(c.task_create_missing_queue_type),
-            max_priority=prio or None,
+            max_priority=c.task_queue_max_priority or None,
             exchanges=celery,
             default_exchange=c.task_default_exchange or None,
             default_exchange_type=str(c.task_default_exchange_type),

@@ -100,8 +100,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("task_default_priority", None, "int", "priority 0..9 (9 runs first)",
        _at_least(0, 9)),
     _s("task_queue_max_priority", None, "int",
-       "x-max-priority of the queues declared on RabbitMQ (1..255, 0 = none; default: 9 "
-       "under the qops preset, none under celery, as Celery)", _at_least(0, 255)),
+       "x-max-priority of the queues declared on RabbitMQ, which then apply task "
+       "priorities (1..255, e.g. 9; default: none, as Celery)", _at_least(0, 255)),
     _s("task_default_queue_type", "classic", "str",
        "RabbitMQ type of the default queue: 'classic' or 'quorum'", declare.queue_type),
     _s("task_create_missing_queue_type", "classic", "str",

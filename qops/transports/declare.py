@@ -8,7 +8,10 @@ itself, or ``task_default_exchange`` for the default queue), the durable queue w
 ``task_queue_max_priority`` is set, and a binding with routing key ``Q`` (or
 ``task_default_routing_key``). RabbitMQ refuses (406) a declaration whose arguments
 differ from the queue's, so the ``celery`` preset declares exactly that. The ``qops``
-preset declares the queue alone, with ``x-max-priority`` 9 unless told otherwise.
+preset declares the queue alone. Under both, ``x-max-priority`` only when
+``task_queue_max_priority`` is set: RabbitMQ's priority queues cost it 40-60% more CPU
+per message (bench/README.md, "Priorities on RabbitMQ"), so, as in Celery, they are
+asked for.
 
 Quorum queues take no ``x-max-priority`` (RabbitMQ refuses it) and are always durable,
 never exclusive or auto-delete (qops's work queues are all three anyway).
@@ -23,10 +26,6 @@ from qops.errors import UsageError
 
 QUEUE_TYPES = ("classic", "quorum")
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
-#: x-max-priority of the qops preset when task_queue_max_priority is unset
-QOPS_MAX_PRIORITY = 9
-
-
 def queue_type(value: Any) -> str:
     """A queue type setting's value, checked: 'classic' or 'quorum'."""
     return _one_of(value, QUEUE_TYPES)
@@ -64,7 +63,7 @@ class Declarations:
     default_queue: str = "qops"
     default_type: str = "classic"  # task_default_queue_type: the default queue's
     other_type: str = "classic"  # task_create_missing_queue_type: every other queue's
-    max_priority: int | None = QOPS_MAX_PRIORITY  # None: no x-max-priority
+    max_priority: int | None = None  # task_queue_max_priority; None: no x-max-priority
     exchanges: bool = False  # declare kombu's exchange and binding (celery preset)
     default_exchange: str | None = None  # default: the default queue's name
     default_exchange_type: str = "direct"

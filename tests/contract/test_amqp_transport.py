@@ -17,6 +17,7 @@ from qops.errors import BrokerUnreachable, PublishError
 from qops.protocol import Message
 from qops.transports.amqp import AMQPTransport, parse_url
 from qops.transports.base import TransportOptions
+from qops.transports.declare import Declarations
 
 pytestmark = pytest.mark.amqp
 
@@ -235,12 +236,27 @@ def test_queue_declared_by_celery_without_priority_still_works(
     assert admin.queue_declare(q, durable=True).method.message_count == 0
 
 
-def test_queues_get_x_max_priority(transport: AMQPTransport, admin: Any,
-                                   queues: list[str]) -> None:
-    q = new_queue(queues)
-    transport.publish(q, task(1))
-    # a declare with the same arguments succeeds, any other one is a 406
-    admin.queue_declare(q, durable=True, arguments={"x-max-priority": 9})
+def test_queues_get_x_max_priority_when_asked(transport: AMQPTransport, admin: Any,
+                                              amqp_url: str, queues: list[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # (a declare with the same arguments succeeds, any other one is a 406)
+    plain = new_queue(queues)
+    with caplog.at_level("WARNING", logger="qops.transports.amqp.transport"):
+        transport.publish(plain, task(1))  # no priority: nothing to say
+        assert not caplog.records
+        transport.publish(plain, task(2, priority=5))
+        transport.publish(plain, task(3, priority=5))
+    admin.queue_declare(plain, durable=True)  # no x-max-priority by default
+    [said] = [r.getMessage() for r in caplog.records]  # once per transport
+    assert "has a priority" in said and "task_queue_max_priority" in said
+    caplog.clear()
+
+    ranked = new_queue(queues)
+    options = TransportOptions(declarations=Declarations(max_priority=9))
+    with AMQPTransport(amqp_url, options) as t:
+        t.publish(ranked, task(1, priority=5))
+    admin.queue_declare(ranked, durable=True, arguments={"x-max-priority": 9})
+    assert not caplog.records
 
 
 def test_redelivered_flag(transport: AMQPTransport, queues: list[str]) -> None:

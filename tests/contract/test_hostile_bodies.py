@@ -183,7 +183,7 @@ def inject(transport: Transport, queue: str, case: Case) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(transport.url.split("?")[0]))
         try:
             ch = conn.channel()
-            ch.queue_declare(queue, durable=True, arguments={"x-max-priority": 9})
+            ch.queue_declare(queue, durable=True)
             ch.basic_publish("", queue, case.body or b"",
                              pika.BasicProperties(delivery_mode=2, **case.props))
         finally:

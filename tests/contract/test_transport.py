@@ -12,6 +12,7 @@ import pytest
 from qops.errors import PublishError
 from qops.protocol import Message
 from qops.transports.base import Transport, from_url
+from qops.transports.declare import Declarations
 from tests.contract import FAST
 from tests.helpers import drain
 
@@ -61,7 +62,9 @@ def test_fifo(transport: Transport, queue_name: str) -> None:
         c.close()
 
 
-def test_priority_nine_runs_first(transport: Transport, queue_name: str) -> None:
+def test_priority_nine_runs_first(broker_url: str, queue_name: str) -> None:
+    # (RabbitMQ: with queues declared with x-max-priority, task_queue_max_priority)
+    transport = from_url(broker_url, replace(FAST, declarations=Declarations(max_priority=9)))
     transport.publish(queue_name, msg(0, priority=0))
     transport.publish(queue_name, msg(5, priority=5))
     transport.publish(queue_name, msg(9, priority=9))
@@ -76,6 +79,7 @@ def test_priority_nine_runs_first(transport: Transport, queue_name: str) -> None
         assert order == ["id-9", "id-5", "id-0"]
     finally:
         c.close()
+        transport.close()
 
 
 def test_prefetch_limits_unacked(transport: Transport, queue_name: str) -> None:

@@ -60,7 +60,7 @@ def fill(broker: Broker, transport: object, queue: str, n: int) -> None:
         conn = pika.BlockingConnection(pika.URLParameters(broker.url.split("?")[0]))
         try:
             ch = conn.channel()
-            ch.queue_declare(queue, durable=True, arguments={"x-max-priority": 9})
+            ch.queue_declare(queue, durable=True)
             # pika's blocking channel flushes every publish; its underlying channel
             # writes without waiting, and the connection is pumped every 2,000
             raw_channel = ch._impl

@@ -45,7 +45,7 @@ def inject(broker: Broker, transport: Any, queue: str, raw: bytes,
         conn = pika.BlockingConnection(pika.URLParameters(broker.url.split("?")[0]))
         try:
             ch = conn.channel()
-            ch.queue_declare(queue, durable=True, arguments={"x-max-priority": 9})
+            ch.queue_declare(queue, durable=True)
             ch.basic_publish("", queue, raw, pika.BasicProperties(
                 content_type="application/json", content_encoding="utf-8",
                 headers=headers or {}, delivery_mode=2))

@@ -3,8 +3,9 @@
 Wire layout (docs/protocol.md §1, §3): tasks go through the default exchange ``""``
 with routing key = queue name, ``delivery_mode`` 2, to durable queues declared as the
 app's ``Declarations`` say (``qops.transports.declare``): under the celery preset as
-Celery declares them, under the qops preset with ``x-max-priority`` 9 (so qops's
-priority 9 = AMQP's highest, passed through as is).
+Celery declares them, under the qops preset alone (no exchange), ``x-max-priority`` only
+when ``task_queue_max_priority`` is set (qops's priority 9 = AMQP's highest with 9,
+passed through as is).
 Broadcasts go to a fanout exchange named after the channel (not durable, not
 auto-deleted, like Celery's pidbox exchange); events (a broadcast with a routing key,
 docs/protocol.md §5) to a topic exchange (durable, like Celery's ``celeryev``),

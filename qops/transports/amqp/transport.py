@@ -9,6 +9,7 @@ The wire layout and the threading rules are in the package docstring (``__init__
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -48,6 +49,8 @@ from qops.transports.base import (
 )
 from qops.transports.failover import NodeOrder
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 
@@ -71,6 +74,8 @@ class AMQPTransport(Transport):
         self._links: weakref.WeakSet[_Link] = weakref.WeakSet()
         self._consumers: weakref.WeakSet[_AMQPConsumer] = weakref.WeakSet()
         self._known: set[str] = set()  # queues this transport declared or consumed
+        #: a task priority would be ignored by the queues we declare (told once)
+        self._priority_unused = self.options.declarations.max_priority is None
         self._presence = _Presence(self)
         self._locks = _Locks(self)
 
@@ -210,7 +215,17 @@ class AMQPTransport(Transport):
                               exc) + "; the message may not have been delivered") from None
 
     def publish(self, queue: str, message: Message) -> None:
+        if self._priority_unused and "priority" in message.properties:
+            self._tell_priority_unused(queue)
         self._send("", queue, message.body, self._properties(message, 2), queue=queue)
+
+    def _tell_priority_unused(self, queue: str) -> None:
+        """Once per transport: a message has a priority, and the queues are declared
+        without ``x-max-priority`` (RabbitMQ then ignores it)."""
+        self._priority_unused = False
+        log.warning("A task for %r has a priority, but qops declares RabbitMQ queues "
+                    "without x-max-priority unless task_queue_max_priority is set (e.g. 9); "
+                    "on such a queue RabbitMQ ignores priorities", queue)
 
     def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
         """All of ``items`` written on the confirm channel, then their confirms
@@ -225,6 +240,8 @@ class AMQPTransport(Transport):
             return
         batch = []
         for index, (queue, message) in enumerate(items):
+            if self._priority_unused and "priority" in message.properties:
+                self._tell_priority_unused(queue)
             try:
                 self.check_size(repr(queue), message.body)
                 batch.append(("", queue, message.body, encode_properties(message, 2), True,

@@ -17,7 +17,10 @@ are reported):
 2. **tasks/s** -- with all of them queued, a worker is started (``qops -A benchapp
    worker`` / ``celery -A benchapp worker``, same ``-c``, ``-Q <unique queue>``, ``-l
    WARNING``; ``dramatiq benchapp -p <c> -t 8 -Q <queue>``: as many processes, each with
-   Dramatiq's default 8 threads). The task, identical on every side
+   Dramatiq's default 8 threads). A qops threads node is one process: it runs both
+   alone (``-c`` threads) and as two nodes side by side (``-n bench1@%h``, ``-n
+   bench2@%h``, ``-c`` threads each), the latter being the "2 processes" row that is
+   compared with the others. The task, identical on every side
    (bench/common/benchcounter.py), does one Redis INCR on a bench key. The task that
    completes the last warm-up task (counter == warmup) pushes a ``start`` timestamp, the
    one that completes the last task (counter == warmup + N) an ``end`` timestamp
@@ -106,6 +109,7 @@ class Config:
     acks_late: bool
     baseline: bool = False  # the ratio column's 1.00x
     solo: bool = False  # one process, one slot, prefetch 64, the no-op task
+    processes: int = 1  # qops worker nodes started side by side (threads: 1 and 2)
 
     @property
     def label(self) -> str:
@@ -118,6 +122,8 @@ class Config:
             return f"celery {self.pool} ({acks})"
         if self.system == "dramatiq":
             return "dramatiq (threads 8/process)"
+        if self.processes > 1:
+            return f"qops {self.pool} ({self.processes} processes, acks_late)"
         return f"qops {self.pool}" + (" (default: acks_late)" if self.pool == "prefork"
                                       else " (acks_late)")
 
@@ -174,7 +180,7 @@ class Bench:
         })
         return env
 
-    def worker_cmd(self, config: Config, queue: str) -> list[str]:
+    def worker_cmd(self, config: Config, queue: str, index: int = 1) -> list[str]:
         python = self.pythons[config.system]
         assert python is not None
         c = 1 if config.solo else self.args.concurrency
@@ -185,6 +191,8 @@ class Bench:
         common = ["worker", "-c", str(c), "-P", config.pool, "-Q", queue, "-l", "WARNING"]
         if config.solo:
             common += ["--prefetch-multiplier", str(SOLO_PREFETCH)]
+        if config.processes > 1:
+            common += ["-n", f"bench{index}@%h"]
         tool = "qops" if config.system == "qops" else "celery"
         return [str(python), "-m", tool, "-A", "benchapp", *common]
 
@@ -208,14 +216,19 @@ class Bench:
 
         logfile = self.tmp / f"worker-{self.phase_no}-{config.system}-{config.pool}.log"
         launched = time.monotonic()
-        proc = self.procs.start(self.worker_cmd(config, queue), env, side, logfile)
+        procs = [self.procs.start(self.worker_cmd(config, queue, i), env, side, logfile)
+                 for i in range(1, config.processes + 1)]
+
+        def cpu() -> float:
+            return sum(tree_cpu(p.pid) for p in procs)
         try:
-            start = self.wait_mark("start", proc, launched, logfile)
-            cpu0, broker0 = tree_cpu(proc.pid), broker_cpu(broker)
-            end = self.wait_mark("end", proc, launched, logfile)
-            cpu1, broker1 = tree_cpu(proc.pid), broker_cpu(broker)
+            start = self.wait_mark("start", procs, launched, logfile)
+            cpu0, broker0 = cpu(), broker_cpu(broker)
+            end = self.wait_mark("end", procs, launched, logfile)
+            cpu1, broker1 = cpu(), broker_cpu(broker)
         finally:
-            self.procs.stop(proc)
+            for proc in procs:
+                self.procs.stop(proc)
         if not config.solo:  # (the no-op task counts in its process: its marks are the check)
             final = int(self.redis.get(COUNTER_KEY) or 0)
             expected = args.warmup + args.n
@@ -228,7 +241,7 @@ class Bench:
                                            if broker.pid else None),
                 "startup_s": start - launched, "seconds": end - start}
 
-    def wait_mark(self, kind: str, proc: subprocess.Popen[bytes], launched: float,
+    def wait_mark(self, kind: str, procs: list[subprocess.Popen[bytes]], launched: float,
                   logfile: Path) -> float:
         deadline = launched + self.args.timeout
         while True:
@@ -244,9 +257,10 @@ class Bench:
                 if name != kind:
                     raise PhaseError(f"got mark {name!r} before {kind!r}")
                 return float(value)
-            if proc.poll() is not None:
-                raise PhaseError(f"worker exited with {proc.returncode}: "
-                                 f"{tail(logfile.read_text(errors='replace'))}")
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise PhaseError(f"worker exited with {proc.returncode}: "
+                                     f"{tail(logfile.read_text(errors='replace'))}")
 
     # -- everything ------------------------------------------------------------------------
     def configs(self, broker: str) -> list[Config]:
@@ -262,6 +276,8 @@ class Bench:
                 out.append(Config("dramatiq", "threads", True))
         for pool in self.args.pool:
             out.append(Config("qops", pool, True))
+            if pool == "threads":  # a threads node is one process; the others run two
+                out.append(Config("qops", pool, True, processes=2))
         if broker == "redis" and self.args.solo:
             out += [Config(p, "solo", p != "celery", solo=True) for p in ("qops", *peers)]
         return out
@@ -328,6 +344,7 @@ def summarize(outcomes: list[Outcome]) -> list[dict[str, Any]]:
         rows.append({
             "broker": o.broker, "system": o.config.system, "pool": o.config.pool,
             "acks_late": o.config.acks_late, "solo": o.config.solo, "config": o.config.label,
+            "processes": o.config.processes,
             "enqueue_per_s": _round(enqueue), "tasks_per_s": _round(tasks),
             "tasks_vs_celery": round(tasks / bt, 2) if tasks and bt else None,
             "enqueue_vs_celery": round(enqueue / be, 2) if enqueue and be else None,
@@ -344,24 +361,33 @@ def summarize(outcomes: list[Outcome]) -> list[dict[str, Any]]:
 def measures(outcomes: list[Outcome]) -> list[dict[str, Any]]:
     """The rows of bench/all.py's table (``{"rows": [...]}``): tasks/s of each qops pool
     against Celery's default and Dramatiq on each broker, and the solo process."""
-    def pick(broker: str, system: str, solo: bool, pool: str | None = None) -> list[float]:
+    def pick(broker: str, system: str, solo: bool,
+             pool: tuple[str, int] | None = None) -> list[float]:
         for o in outcomes:
             c = o.config
             if (o.broker, c.system, c.solo) == (broker, system, solo) and \
-                    (pool is None or c.pool == pool) and (system != "celery" or solo or
-                                                          c.baseline):
+                    (pool is None or (c.pool, c.processes) == pool) and \
+                    (system != "celery" or solo or c.baseline):
                 return [r["tasks_per_s"] for r in o.runs]
         return []
+
+    def title_of(broker: str, pool: str, processes: int) -> str:
+        title = BROKER_TITLES[broker]
+        if pool == "prefork":
+            return f"tasks/s, {title}, 2 processes"
+        if processes > 1:
+            return f"tasks/s, {title}, {processes} processes (qops {pool} -c 2 each)"
+        return f"tasks/s, {title}, one process (qops {pool} -c 2)"
 
     out = []
     brokers = list(dict.fromkeys(o.broker for o in outcomes))
     for broker in brokers:
         title = BROKER_TITLES[broker]
-        pools = list(dict.fromkeys(o.config.pool for o in outcomes
+        pools = list(dict.fromkeys((o.config.pool, o.config.processes) for o in outcomes
                                    if o.broker == broker and o.config.system == "qops"
                                    and not o.config.solo))
-        kinds = [(f"tasks/s, {title}, 2 processes" + ("" if p == "prefork" else f" (qops {p})"),
-                  False, p) for p in pools]
+        kinds: list[tuple[str, bool, tuple[str, int] | None]] = [
+            (title_of(broker, *p), False, p) for p in pools]
         if any(o.broker == broker and o.config.solo for o in outcomes):
             kinds.append((f"tasks/s, {title}, one solo process (no-op, prefetch 64)", True,
                           None))

@@ -32,12 +32,14 @@ def complete(words: str, env: dict[str, str] | None = None, cwd: Path = ROOT) ->
 
 
 def test_completion_scripts_for_bash_zsh_fish(tmp_path: Path) -> None:
+    # typer finds the shell among qops's parents; '; exit $?' keeps bash from exec'ing
+    # qops in its place (then no parent need be a shell: CI started from a service)
     qops = f"{shlex.quote(sys.executable)} -m qops"
-    r = subprocess.run(["bash", "-c", f"{qops} --show-completion"], env=qops_env(),
+    r = subprocess.run(["bash", "-c", f"{qops} --show-completion; exit $?"], env=qops_env(),
                        capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
     assert "_QOPS_COMPLETE=complete_bash" in r.stdout and "-F _qops_completion qops" in r.stdout
-    r = subprocess.run(["bash", "-c", f"{qops} --install-completion"],
+    r = subprocess.run(["bash", "-c", f"{qops} --install-completion; exit $?"],
                        env=qops_env(HOME=str(tmp_path)), capture_output=True, text=True,
                        timeout=60, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr

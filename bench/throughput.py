@@ -40,9 +40,8 @@ each worker's defaults otherwise (prefetch multiplier 4, no ``-O fair``, gossip/
 heartbeat left on for Celery; Dramatiq's default middleware). qops's default is
 acks_late=True; Celery's is False, so Celery runs both ways: ``celery prefork`` (its
 default, the baseline of the ratio column) and ``celery prefork acks_late``. Dramatiq
-acks after the actor ran. Each phase has its own queue name (qops declares AMQP queues
-with ``x-max-priority``, the others without, so one name cannot serve them all) and
-starts from an empty Redis db. The counter lives in the Redis db of ``--redis-url`` for
+acks after the actor ran. Each phase has its own queue name and starts from an empty
+Redis db. The counter lives in the Redis db of ``--redis-url`` for
 every broker, so Redis is needed even for ``--brokers amqp,sqlite``. qops's AMQP
 publishes wait for publisher confirms; Celery's and Dramatiq's (default settings) do
 not.

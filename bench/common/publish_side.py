@@ -89,7 +89,7 @@ def floor(mode: str, warmup: int, n: int) -> float:  # noqa: C901 - one branch a
 
         conn = pika.BlockingConnection(pika.URLParameters(URL))
         ch = conn.channel()
-        ch.queue_declare(queue, durable=True, arguments={"x-max-priority": 9})
+        ch.queue_declare(queue, durable=True)  # as qops declares it
         props = _basic_properties(message, 2)
         confirm = mode == "pika-confirm"
         if confirm:

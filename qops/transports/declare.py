@@ -10,8 +10,8 @@ itself, or ``task_default_exchange`` for the default queue), the durable queue w
 differ from the queue's, so the ``celery`` preset declares exactly that. The ``qops``
 preset declares the queue alone. Under both, ``x-max-priority`` only when
 ``task_queue_max_priority`` is set: RabbitMQ's priority queues cost it 40-60% more CPU
-per message (bench/README.md, "Priorities on RabbitMQ"), so, as in Celery, they are
-asked for.
+per message (bench/README.md, "RabbitMQ: priority queues were half of the broker's
+cost"), so, as in Celery, they are asked for.
 
 Quorum queues take no ``x-max-priority`` (RabbitMQ refuses it) and are always durable,
 never exclusive or auto-delete (qops's work queues are all three anyway).
@@ -26,6 +26,8 @@ from qops.errors import UsageError
 
 QUEUE_TYPES = ("classic", "quorum")
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
+
+
 def queue_type(value: Any) -> str:
     """A queue type setting's value, checked: 'classic' or 'quorum'."""
     return _one_of(value, QUEUE_TYPES)

@@ -201,6 +201,7 @@ def test_a_queue_with_other_arguments_is_used_as_it_is_with_one_warning(
     warnings = [r.getMessage() for r in caplog.records if "other arguments" in r.getMessage()]
     assert len(warnings) == 2, warnings  # one per connection: the publisher's, the consumer's
     assert queue in warnings[0] and "x-max-priority" in warnings[0]
+    assert "task_queue_max_priority set to its x-max-priority" in warnings[0]  # the way out
 
 
 @pytest.mark.parametrize(("setting", "value"), [

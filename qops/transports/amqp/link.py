@@ -196,8 +196,11 @@ class _Link:
         except pex.ChannelClosedByBroker as exc:
             if exc.reply_code != PRECONDITION_FAILED:
                 raise
+            reason = _reason(exc)
+            hint = ("; task_queue_max_priority set to its x-max-priority declares it the "
+                    "same way" if "x-max-priority" in reason else "")
             log.warning("queue %s exists with other arguments than qops declares (%s): "
-                        "using it as it is", name, _reason(exc))
+                        "using it as it is%s", name, reason, hint)
             ok = self.admin().queue_declare(name, passive=True)
         self.queues.add(name)
         return ok

@@ -215,13 +215,14 @@ class AMQPTransport(Transport):
                               exc) + "; the message may not have been delivered") from None
 
     def publish(self, queue: str, message: Message) -> None:
-        if self._priority_unused and "priority" in message.properties:
-            self._tell_priority_unused(queue)
+        self._check_priority(queue, message)
         self._send("", queue, message.body, self._properties(message, 2), queue=queue)
 
-    def _tell_priority_unused(self, queue: str) -> None:
+    def _check_priority(self, queue: str, message: Message) -> None:
         """Once per transport: a message has a priority, and the queues are declared
         without ``x-max-priority`` (RabbitMQ then ignores it)."""
+        if not (self._priority_unused and "priority" in message.properties):
+            return
         self._priority_unused = False
         log.warning("A task for %r has a priority, but qops declares RabbitMQ queues "
                     "without x-max-priority unless task_queue_max_priority is set (e.g. 9); "
@@ -240,8 +241,7 @@ class AMQPTransport(Transport):
             return
         batch = []
         for index, (queue, message) in enumerate(items):
-            if self._priority_unused and "priority" in message.properties:
-                self._tell_priority_unused(queue)
+            self._check_priority(queue, message)
             try:
                 self.check_size(repr(queue), message.body)
                 batch.append(("", queue, message.body, encode_properties(message, 2), True,

@@ -51,6 +51,7 @@ from benchproc import (  # noqa: E402
     PhaseError,
     Processes,
     clean_env,
+    compile_qops,
     doc_head,
     log,
     run_bench,
@@ -136,6 +137,7 @@ class Bench:
             self.pythons["celery"] = celery_python(Path(args.celery_venv))
         if "dramatiq" in args.peers:
             self.pythons["dramatiq"] = dramatiq_python(Path(args.dramatiq_venv))
+        compile_qops(REPO)
 
     def systems(self) -> list[str]:
         return [s for s in SYSTEMS if self.pythons[s] is not None]

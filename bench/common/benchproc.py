@@ -292,6 +292,7 @@ def qops_tree(src: Path, rev: str | None, tmp: Path) -> tuple[Path, str]:
         res = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"],
                              capture_output=True, text=True)
         desc = res.stdout.strip() if res.returncode == 0 else "not a git checkout"
+        compile_qops(src)
         return src, f"working tree {src} ({desc})"
     sha = subprocess.run(["git", "-C", str(src), "rev-parse", "--verify", f"{rev}^{{commit}}"],
                          capture_output=True, text=True, check=True).stdout.strip()
@@ -300,7 +301,18 @@ def qops_tree(src: Path, rev: str | None, tmp: Path) -> tuple[Path, str]:
     archive = subprocess.run(["git", "-C", str(src), "archive", sha], capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    compile_qops(dest)
     return dest, f"git archive {sha[:12]} ({rev})"
+
+
+def compile_qops(root: Path) -> None:
+    """Write the bytecode of ``root``/qops, as pip does when it installs a package: the
+    runs set PYTHONDONTWRITEBYTECODE (so nothing else is written), and a fresh checkout
+    would otherwise compile every module it imports on every start, which the installed
+    peers never do (it doubled ``qops --help`` in a fresh clone)."""
+    import compileall
+
+    compileall.compile_dir(str(root / "qops"), quiet=1)
 
 
 def spread(values: list[float], digits: int = 1) -> dict[str, Any]:

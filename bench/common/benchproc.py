@@ -200,6 +200,7 @@ def _local_pid(value: Any) -> int | None:
 
 
 BROKERS = ("redis", "amqp", "sqlite")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # a server whose pid /proc can read
 BROKER_TITLES = {"redis": "Redis", "amqp": "RabbitMQ", "sqlite": "SQLite"}
 
 
@@ -225,7 +226,7 @@ class Broker:
             rabbitmqctl("add_vhost", self.vhost)
             rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
             self.pid = _local_pid(rabbitmqctl("eval", "list_to_integer(os:getpid())."))
-        elif self.name == "redis":
+        elif self.name == "redis" and urlsplit(self.redis_url).hostname in LOCAL_HOSTS:
             import redis
 
             client = redis.Redis.from_url(self.redis_url)

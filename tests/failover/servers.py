@@ -130,9 +130,9 @@ class SentinelCluster:
     def wait_healthy(self, timeout: float = 60) -> None:
         """Every Sentinel sees the master, a replica and the two other Sentinels, and
         the replica's link is up (before that a failover aborts: no good replica)."""
-        def ready() -> bool:
-            import redis
+        import redis
 
+        def ready() -> bool:
             for port in self.sentinel_ports:
                 s = redis.Redis(port=port, socket_timeout=1)
                 try:
@@ -153,8 +153,6 @@ class SentinelCluster:
         # the Sentinels' view of a replica is up to 10 s old (a replica restarted by
         # heal() may still be loading its full sync): a WAIT the master answers says
         # the link carries writes now
-        import redis
-
         master = redis.Redis(port=self.master_port(), socket_timeout=5)
         try:
             _wait(lambda: master.execute_command("WAIT", 1, 1000) >= 1, timeout,

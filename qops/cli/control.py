@@ -1,50 +1,51 @@
-"""``qops control``, ``qops inspect``, ``qops status``."""
+"""``qops control``, ``qops inspect``, ``qops status``. Health checks and cron jobs run
+them every few seconds: their parameters are declared with ``qops.cli.options`` so that
+a plain command line runs without typer (``qops.cli.direct``)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import typer
+from qops.cli.options import Argument, Context, Option
 
-from qops.cli.shell import (
-    complete_control_args,
-    complete_control_method,
-    complete_inspect_method,
-)
+if TYPE_CHECKING:
+    import typer
 
-Destination = Annotated[str | None, typer.Option("-d", "--destination", help="Only these nodes, comma separated (w1@h,w2@h).")]
-Timeout = Annotated[float, typer.Option("--timeout", "-t", min=0.01, help="Total deadline in seconds; only silent nodes make it last.")]
-ListOpt = Annotated[bool, typer.Option("--list", help="List the commands and exit.")]
-Pattern = Annotated[str | None, typer.Option("--pattern", help="Only nodes whose name matches (glob; --matcher pcre for a regex).")]
-Matcher = Annotated[str, typer.Option("--matcher", help="glob or pcre.")]
+Destination = Annotated[str | None, Option("-d", "--destination", help="Only these nodes, comma separated (w1@h,w2@h).")]
+Timeout = Annotated[float, Option("--timeout", "-t", min=0.01, help="Total deadline in seconds; only silent nodes make it last.")]
+ListOpt = Annotated[bool, Option("--list", help="List the commands and exit.")]
+Pattern = Annotated[str | None, Option("--pattern", help="Only nodes whose name matches (glob; --matcher pcre for a regex).")]
+Matcher = Annotated[str, Option("--matcher", help="glob or pcre.")]
 
 
 def register(cli: typer.Typer) -> None:
+    from qops.cli.params import typed
+
     settings = {"allow_extra_args": True, "ignore_unknown_options": False}
     cli.command("control", help="Change workers at run time (rate_limit, revoke, shutdown, ...).",
-                context_settings=settings)(control)
+                context_settings=settings)(typed(control))
     cli.command("inspect", help="Ask workers what they are doing (active, stats, ping, ...).",
-                context_settings=settings)(inspect)
-    cli.command("status", help="List the nodes that answer a ping.")(status)
+                context_settings=settings)(typed(inspect))
+    cli.command("status", help="List the nodes that answer a ping.")(typed(status))
 
 
 def control(
-    ctx: typer.Context,
-    method: Annotated[str | None, typer.Argument(help="The command; see --list.",
-                                                 autocompletion=complete_control_method)] = None,
-    args: Annotated[list[str] | None, typer.Argument(help="Its arguments.",
-                                                     autocompletion=complete_control_args)] = None,
+    ctx: Context,
+    method: Annotated[str | None, Argument(help="The command; see --list.",
+                                           completion="complete_control_method")] = None,
+    args: Annotated[list[str] | None, Argument(help="Its arguments.",
+                                               completion="complete_control_args")] = None,
     destination: Destination = None,
     timeout: Timeout = 1.0,
     list_: ListOpt = False,
     pattern: Pattern = None,
     matcher: Matcher = "glob",
-    terminate: Annotated[bool, typer.Option("--terminate", help="revoke: also kill the task if it runs.")] = False,
-    signal: Annotated[str, typer.Option("--signal", "-s", help="revoke --terminate: the signal (TERM, KILL, ...).")] = "SIGTERM",
-    reload: Annotated[bool, typer.Option("--reload", help="pool_restart: reload the modules already imported.")] = False,
-) -> None:
+    terminate: Annotated[bool, Option("--terminate", help="revoke: also kill the task if it runs.")] = False,
+    signal: Annotated[str, Option("--signal", "-s", help="revoke --terminate: the signal (TERM, KILL, ...).")] = "SIGTERM",
+    reload: Annotated[bool, Option("--reload", help="pool_restart: reload the modules already imported.")] = False,
+) -> int:
     from qops.control import CONTROL
 
     extra: dict[str, Any] = {}
@@ -52,28 +53,28 @@ def control(
         extra = {"terminate": terminate, "signal": signal}
     elif method == "pool_restart":
         extra = {"reload": reload}
-    _run(ctx, "control", CONTROL, method, args or [], destination, timeout, list_,
-         pattern, matcher, extra)
+    return _run(ctx, "control", CONTROL, method, args or [], destination, timeout, list_,
+                pattern, matcher, extra)
 
 
 def inspect(
-    ctx: typer.Context,
-    method: Annotated[str | None, typer.Argument(help="The command; see --list.",
-                                                 autocompletion=complete_inspect_method)] = None,
-    args: Annotated[list[str] | None, typer.Argument(help="Its arguments.")] = None,
+    ctx: Context,
+    method: Annotated[str | None, Argument(help="The command; see --list.",
+                                           completion="complete_inspect_method")] = None,
+    args: Annotated[list[str] | None, Argument(help="Its arguments.")] = None,
     destination: Destination = None,
     timeout: Timeout = 1.0,
     list_: ListOpt = False,
     pattern: Pattern = None,
     matcher: Matcher = "glob",
-) -> None:
+) -> int:
     from qops.control import INSPECT
 
-    _run(ctx, "inspect", INSPECT, method, args or [], destination, timeout, list_,
-         pattern, matcher, {})
+    return _run(ctx, "inspect", INSPECT, method, args or [], destination, timeout, list_,
+                pattern, matcher, {})
 
 
-def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout = 1.0) -> None:
+def status(ctx: Context, destination: Destination = None, timeout: Timeout = 1.0) -> int:
     from qops import control as ctl
 
     g = ctx.obj
@@ -100,7 +101,7 @@ def status(ctx: typer.Context, destination: Destination = None, timeout: Timeout
         if n:
             term.print(f"\n{n} node{'s' if n != 1 else ''} online.")
     _report_missing(res, timeout)
-    raise typer.Exit(res.exit_code() or (1 if res.duplicates else 0))
+    return res.exit_code() or (1 if res.duplicates else 0)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -109,9 +110,9 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None,
+def _run(ctx: Context, group: str, commands: list[Any], method: str | None,
          args: list[str], destination: str | None, timeout: float, list_: bool,
-         pattern: str | None, matcher: str, extra: dict[str, Any]) -> None:
+         pattern: str | None, matcher: str, extra: dict[str, Any]) -> int:
     from qops import control as ctl
     from qops.errors import UsageError
 
@@ -126,9 +127,7 @@ def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None
                        [(c.name, " ".join(a.name + ("..." if a.many else "")
                                           if a.required else f"[{a.name}]" for a in c.args),
                          c.help) for c in sorted(commands, key=lambda c: c.name)])
-        if not method and not list_:
-            raise typer.Exit(2)
-        return
+        return 0 if list_ else 2
     if method not in {c.name for c in commands}:
         other = "inspect" if group == "control" else "control"
         hint = f" (it is a '{other}' command)" if method in ctl.COMMANDS else ""
@@ -145,7 +144,7 @@ def _run(ctx: typer.Context, group: str, commands: list[Any], method: str | None
     else:
         _print_replies(term, res)
     _report_missing(res, timeout)
-    raise typer.Exit(res.exit_code())
+    return res.exit_code()
 
 
 def _print_replies(term: Any, res: Any) -> None:

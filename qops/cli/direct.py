@@ -2,20 +2,24 @@
 
 A worker (or beat) is started by this command line and keeps what it imported for as
 long as it runs: typer and its copy of click, imported only to read ``-c 4 -Q images``,
-cost every idle worker ~2 MB. So the options of ``worker``, ``beat`` and the global ones
-are declared with ``qops.cli.options.Option`` -- the arguments ``typer.Option`` takes --
-in the signature of the function that runs the command, which stays the one place they
-are written:
+cost every idle worker ~2 MB. Health checks and cron jobs run ``qops status`` and ``qops
+inspect ping`` every few seconds, and importing typer was a fifth of their time. So the
+parameters of ``worker``, ``beat``, ``inspect``, ``control``, ``status`` and the global
+options are declared with ``qops.cli.options.Option`` and ``Argument`` -- the arguments
+``typer.Option`` and ``typer.Argument`` take -- in the signature of the function that
+runs the command, which stays the one place they are written:
 
-- typer gets that function with every ``Option`` turned into a ``typer.Option``
+- typer gets that function with each turned into typer's own
   (``qops.cli.params.typed``), so ``--help``, completion and every error are typer's;
 - ``run`` reads the same signature and parses a *plain* command line itself: options
   spelt ``--name value``, ``--name=value``, ``-x value`` or ``-xvalue`` (a flag alone),
-  each given once, with well-formed values (``plain_value``). On anything else -- help,
-  completion, a positional argument, ``--``, an unknown or repeated option, a value that
-  starts with ``-``, a value typer's converter would have to judge -- it declines and
-  typer parses the command line as before, so a mistake gets typer's message and exit
-  code. Where it does parse, the values are the ones typer would give
+  each given once, with well-formed values (``plain_value``), and positional values
+  (not starting with ``-``) for the command's arguments, in order, the last one taking
+  the rest when it is a list. On anything else -- help, completion, more positional
+  values than the command takes, ``-`` or ``--``, an unknown or repeated option, a
+  value that starts with ``-``, a value typer's converter would have to judge -- it
+  declines and typer parses the command line as before, so a mistake gets typer's
+  message and exit code. Where it does parse, the values are the ones typer would give
   (tests/cli/test_direct.py parses command lines both ways and compares).
 
 Both ways, the command's errors become one line and an exit code in
@@ -31,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from qops.cli.options import _NOT_PLAIN, Context, Option, outcome, plain_value
+from qops.cli.options import _NOT_PLAIN, Argument, Context, Option, outcome, plain_value
 from qops.errors import EX_FAILURE
 
 if TYPE_CHECKING:
@@ -45,58 +49,72 @@ _PLAIN_KWARGS = {"help", "min", "max"}
 #: a command line giving an option with a callback (``--version``) is left to typer;
 #: absent, its callback is called with the default as click does (``callbacks``)
 _WHEN_GIVEN = {"callback", "is_eager"}
+#: Argument arguments that change nothing in parsing (completion is typer's)
+_ARGUMENT_KWARGS = {"help", "completion"}
 
 
 class _Param:
-    """One option of a command function, as this module parses it."""
+    """One parameter of a command function, as this module parses it: an option, or a
+    positional argument (of kind list: it takes every positional value left)."""
 
     def __init__(self, name: str, kind: Any, default: Any, option: Option) -> None:
         self.name = name
-        self.kind = kind  # str, int, float, or bool (a flag)
+        self.kind = kind  # str, int, float, bool (a flag), or list (list[str])
         self.default = default
         self.low = option.kwargs.get("min")
         self.high = option.kwargs.get("max")
         self.callback = option.kwargs.get("callback")
+        self.positional = isinstance(option, Argument)
 
 
 @functools.cache
-def _params(func: Callable[..., Any]) -> dict[str, _Param] | None:
-    """Option name -> parameter of ``func`` (a ``ctx`` first, then options declared with
-    ``Option``); None when one of them is of a kind this module leaves to typer."""
+def _params(func: Callable[..., Any]) -> tuple[dict[str, _Param], list[_Param]] | None:
+    """Option name -> parameter of ``func`` (a ``ctx`` first, then parameters declared
+    with ``Option``), and its positional arguments in order (``Argument``); None when
+    one of them is of a kind this module leaves to typer."""
     import inspect
     import typing
 
     names: dict[str, _Param] = {}
+    positionals: list[_Param] = []
     for i, p in enumerate(inspect.signature(func, eval_str=True).parameters.values()):
         hint = p.annotation
         if i == 0 and hint is Context:
             continue
         meta = getattr(hint, "__metadata__", ())
         option = next((m for m in meta if isinstance(m, Option)), None)
-        if option is None or set(option.kwargs) - _PLAIN_KWARGS - _WHEN_GIVEN \
-                or p.default is p.empty:
-            return None  # typer's own arguments, or a required option
+        plain = _ARGUMENT_KWARGS if isinstance(option, Argument) else _PLAIN_KWARGS | _WHEN_GIVEN
+        if option is None or set(option.kwargs) - plain or p.default is p.empty:
+            return None  # typer's own parameters, or a required one
         base = typing.get_args(hint)[0]
         kinds = set(typing.get_args(base)) - {type(None)} or {base}
         kind = kinds.pop() if len(kinds) == 1 else None
+        if kind == list[str]:
+            kind = list
         if kind is bool and (p.default is not False or base is not bool):
             return None  # a flag is a bool that is False unless given
+        param = _Param(p.name, kind, p.default, option)
+        if param.positional:
+            if kind not in (str, list) or positionals and positionals[-1].kind is list:
+                return None
+            positionals.append(param)
+            continue
         if kind not in (str, int, float, bool):
             return None
-        param = _Param(p.name, kind, p.default, option)
         for decl in option.decls:
             names[decl] = param
-    return names
+    return names, positionals
 
 
 def parse(func: Callable[..., Any], args: list[str]) -> dict[str, Any] | None:
-    """The keyword arguments typer would call ``func`` with for the options ``args``;
-    None when the command line is not plain (see the module doc)."""
-    names = _params(func)
-    if names is None:
+    """The keyword arguments typer would call ``func`` with for the command line
+    ``args``; None when it is not plain (see the module doc)."""
+    found = _params(func)
+    if found is None:
         return None
+    names, positionals = found
     given: dict[str, Any] = {}
-    i = 0
+    i = pos = 0
     while i < len(args):
         arg = args[i]
         if arg.startswith("--") and len(arg) > 2:
@@ -104,8 +122,19 @@ def parse(func: Callable[..., Any], args: list[str]) -> dict[str, Any] | None:
         elif arg.startswith("-") and len(arg) > 1:
             name, attached = arg[:2], arg[2:]
             eq = "=" if attached else ""
-        else:
-            return None  # a positional argument, "-" or "--"
+        elif arg == "-":
+            return None
+        else:  # a positional value: the next argument's, or one more of a list's
+            if pos == len(positionals):
+                return None  # more than the command takes
+            positional = positionals[pos]
+            if positional.kind is list:
+                given.setdefault(positional.name, []).append(arg)
+            else:
+                given[positional.name] = arg
+                pos += 1
+            i += 1
+            continue
         param = names.get(name)
         if param is None or param.name in given or param.callback is not None:
             return None
@@ -126,7 +155,7 @@ def parse(func: Callable[..., Any], args: list[str]) -> dict[str, Any] | None:
                 return None
         given[param.name] = value
         i += 1
-    values = {p.name: p.default for p in names.values()}
+    values = {p.name: p.default for p in [*names.values(), *positionals]}
     values.update(given)
     return values
 
@@ -137,7 +166,8 @@ def callbacks(func: Callable[..., Any], ctx: Context, values: dict[str, Any]
     each with the option's value -- the default here, since ``parse`` declines a command
     line that gives one -- and keeps what it returns as the value."""
     out = dict(values)
-    for param in (_params(func) or {}).values():
+    found = _params(func)
+    for param in (found[0] if found else {}).values():
         if param.callback is not None:
             out[param.name] = param.callback(ctx, out[param.name])
     return out

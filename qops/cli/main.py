@@ -1,14 +1,13 @@
 """``qops`` command line: the entry point. The only package that imports typer and rich
 (``root``, imported here only when typer has work to do).
 
-A worker or beat keeps what its command line imported for as long as it runs: a plain
-``worker`` or ``beat`` command line (``DIRECT``) is run without typer (``direct``).
-
-Health checks and cron jobs run ``qops --version``, ``qops status`` and ``qops inspect
-ping`` every few seconds, so start-up is kept short: ``--version`` is answered before
-typer is imported, and a command line naming a command registers only the module of
-that command (``COMMANDS``); ``qops --help``, completion and unknown commands register
-them all.
+A worker or beat keeps what its command line imported for as long as it runs, and
+health checks and cron jobs run ``qops --version``, ``qops status`` and ``qops inspect
+ping`` every few seconds: a plain ``worker``, ``beat``, ``inspect``, ``control`` or
+``status`` command line (``DIRECT``) is run without typer (``direct``), and
+``--version`` is answered before typer is imported. Otherwise a command line naming a
+command registers only the module of that command (``COMMANDS``); ``qops --help``,
+completion and unknown commands register them all.
 
 Global options may stand before or after the command (``qops -A proj worker`` and
 ``qops worker -A proj`` are the same): ``main`` moves them to the front before typer
@@ -46,8 +45,8 @@ COMMANDS: dict[str, str] = {
 
 
 #: commands run without typer when their command line is plain (qops.cli.direct): the
-#: function of that name in their module, its options declared with qops.cli.options
-DIRECT = ("worker", "beat")
+#: function of that name in their module, its parameters declared with qops.cli.options
+DIRECT = ("worker", "beat", "inspect", "control", "status")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:

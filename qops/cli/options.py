@@ -1,7 +1,8 @@
-"""Options declared without typer: ``Option`` records what ``typer.Option`` is given, in
-the ``Annotated`` signature of the function that runs a command (``worker``, ``beat``
+"""Parameters declared without typer: ``Option`` and ``Argument`` record what
+``typer.Option`` and ``typer.Argument`` are given, in the ``Annotated`` signature of the
+function that runs a command (``worker``, ``beat``, ``inspect``, ``control``, ``status``
 and the global options of ``qops.cli.context.root``), which stays the one place they are
-written. typer gets that function with every ``Option`` turned into a ``typer.Option``
+written. typer gets that function with each turned into typer's own
 (``qops.cli.params.typed``); ``qops.cli.direct`` reads the same signature to run a plain
 command line without typer.
 
@@ -28,6 +29,15 @@ class Option:
     def __init__(self, *decls: str, **kwargs: Any) -> None:
         self.decls = decls
         self.kwargs = kwargs
+
+
+class Argument(Option):
+    """``typer.Argument``'s arguments (in ``Annotated``): a positional parameter. Its
+    shell completion is named, not given: ``completion="complete_task"`` is
+    ``autocompletion=qops.cli.shell.complete_task`` (that module imports typer)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
 
 
 class Context:

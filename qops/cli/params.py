@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from qops.cli.options import _NOT_PLAIN, Context, Option, plain_value
+from qops.cli.options import _NOT_PLAIN, Argument, Context, Option, plain_value
 
 try:  # typer >= 0.2x
     from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
@@ -92,10 +92,26 @@ def install(command: Any, help_names: list[str] | None = None) -> None:
         install(sub, names)
 
 
+def _typers(marker: Any) -> Any:
+    """typer's parameter for an ``Option`` or ``Argument``; anything else as it is."""
+    import typer
+
+    if isinstance(marker, Argument):
+        kwargs = dict(marker.kwargs)
+        if "completion" in kwargs:
+            from qops.cli import shell
+
+            kwargs["autocompletion"] = getattr(shell, kwargs.pop("completion"))
+        return typer.Argument(**kwargs)
+    if isinstance(marker, Option):
+        return typer.Option(*marker.decls, **marker.kwargs)
+    return marker
+
+
 class typed:  # noqa: N801 - used as a function: typed(worker)
     """``func`` as typer reads it: a ``ctx: Context`` parameter becomes a
-    ``typer.Context`` and every ``Option`` in an ``Annotated`` the ``typer.Option`` of
-    the same arguments; the rest of the signature is left as it is. Worked out when
+    ``typer.Context`` and every ``Option`` (``Argument``) in an ``Annotated`` the
+    ``typer.Option`` (``typer.Argument``) of the same arguments; the rest of the signature is left as it is. Worked out when
     typer first asks (``inspect.signature``), not when the command is registered: the
     root help screen registers every command and reads only its help."""
 
@@ -118,8 +134,7 @@ class typed:  # noqa: N801 - used as a function: typed(worker)
             if hint is Context:
                 hint = typer.Context
             elif any(isinstance(m, Option) for m in getattr(hint, "__metadata__", ())):
-                meta = [typer.Option(*m.decls, **m.kwargs) if isinstance(m, Option) else m
-                        for m in hint.__metadata__]
+                meta = [_typers(m) for m in hint.__metadata__]
                 args = (typing.get_args(hint)[0], *meta)
                 hint = Annotated[args]
             params.append(p.replace(annotation=hint))

@@ -77,11 +77,22 @@ def test_commands_table_matches_the_modules() -> None:
 
 
 def test_one_command_imports_its_module_only_and_no_pydantic() -> None:
-    mods = loaded("inspect", "--list")
+    mods = loaded("inspect", "--list", "--")  # "--": not plain, typer parses it
     assert "pydantic" not in mods and "rich" not in mods
     assert [m for m in mods if m.startswith("qops.cli.")] == [
-        "qops.cli.context", "qops.cli.control", "qops.cli.main", "qops.cli.options",
+        "qops.cli.context", "qops.cli.control", "qops.cli.direct", "qops.cli.main",
+        "qops.cli.options",
         "qops.cli.params", "qops.cli.root", "qops.cli.shell", "qops.cli.terminal"]
+
+
+def test_health_checks_run_without_typer() -> None:
+    for args in (["inspect", "--list"], ["status", "-t", "0.01"],
+                 ["control", "rate_limit", "t", "10/m", "-d", "w1@h", "-t", "0.01"]):
+        mods = loaded("-b", "memory://", *args)
+        assert [m for m in mods if not m.startswith("qops.cli.")] == [], args
+        assert [m for m in mods if m.startswith("qops.cli.")] == [
+            "qops.cli.context", "qops.cli.control", "qops.cli.direct", "qops.cli.main",
+            "qops.cli.options", "qops.cli.terminal"], args
 
 
 def test_bad_values_keep_typers_messages() -> None:

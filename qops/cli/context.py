@@ -6,6 +6,7 @@ for every command: ``root`` is the root command's callback, declared with
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ class Globals:
                            ("compat", self.compat)):
             if value is not None:
                 app.conf.set(key, value, layer="cli", source="command line")
+        # Its connections end cleanly when the command does (a SQLite database is
+        # checkpointed, RabbitMQ gets its Connection.Close), not when, if ever, the
+        # garbage collector gets to them (see qops.cli.main.end).
+        atexit.register(app.close)
         return app
 
 

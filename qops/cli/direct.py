@@ -176,20 +176,18 @@ def callbacks(func: Callable[..., Any], ctx: Context, values: dict[str, Any]
 # -- running --------------------------------------------------------------------------
 
 
-def run_direct(args: list[str], i: int, term: Terminal) -> None:
-    """Run the command at ``args[i]`` (one of main's DIRECT) without typer and exit with
-    its code, unless its command line is not plain: then return."""
+def run_direct(args: list[str], i: int, term: Terminal) -> int | None:
+    """Run the command at ``args[i]`` (one of main's DIRECT) without typer: its exit
+    code, or None when its command line is not plain (typer's turn)."""
     import importlib
 
     from qops.cli.main import COMMANDS
 
     func = getattr(importlib.import_module(f"qops.cli.{COMMANDS[args[i]]}"), args[i])
     try:
-        code = run(args, i, func, term)
+        return run(args, i, func, term)
     except KeyboardInterrupt:
-        code = 130
-    if code is not None:
-        raise SystemExit(code)
+        return 130
 
 
 def run(args: list[str], command: int, func: Callable[..., Any], term: Terminal

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from qops.cli.terminal import Terminal
 
@@ -122,19 +122,22 @@ def modules_for(args: list[str]) -> tuple[str, ...]:
     return (module,) if module else MODULES
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the command line ``argv`` (default: the process's) and exit with its code."""
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     term = _early_terminal(args)
     if args[_leading_globals(args)[1]:] == ["--version"] and undecodable(args) is None:
         show_version(term)  # what typer would print (its --version is eager), sooner
-        raise SystemExit(0)
+        end(0, _quick(argv, args))
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
         os.environ["NO_COLOR"] = "1"
     _, i = _leading_globals(args)
     if i < len(args) and args[i] in DIRECT and not {"-h", "--help"} & set(args):
         from qops.cli.direct import run_direct
 
-        run_direct(args, i, term)  # returns when typer must parse the command line
+        code = run_direct(args, i, term)  # None when typer must parse the command line
+        if code is not None:
+            end(code, _quick(argv, args))
     if os.environ.get("NO_COLOR") or not args or {"-h", "--help"} & set(args):
         # a help screen is likely (NO_COLOR: usage errors too): typer's renderer, lighter
         from qops.cli.richhelp import rich_utils
@@ -148,7 +151,30 @@ def main(argv: list[str] | None = None) -> None:
         code = root.run(args, term, command)
     except KeyboardInterrupt:
         code = 130
+    end(code, _quick(argv, args))
+
+
+def end(code: int, quick: bool) -> NoReturn:
+    """Exit with ``code``. ``quick``: every object made so far is first moved out of
+    the garbage collector's sight (``gc.freeze``), so that the interpreter's exit skips
+    a full collection of them: ~40 ms after ``qops inspect ping`` had its answer (a
+    fifth of the command), for memory the OS frees anyway. The rest of the exit is as
+    usual: exit handlers (the app's connections are closed by one), flushed streams,
+    objects released as their last reference goes. Objects caught in reference cycles
+    are not finalized then, which Python never promises at exit anyway."""
+    if quick:
+        import gc
+
+        gc.freeze()
     raise SystemExit(code)
+
+
+def _quick(argv: list[str] | None, args: list[str]) -> bool:
+    """Whether ``end`` may skip the last collection: for the program's short commands
+    (``main`` given no arguments, so not a test calling it), not a worker or beat,
+    which run tasks, whose objects get the whole exit."""
+    _, i = _leading_globals(args)
+    return argv is None and (i >= len(args) or args[i] not in ("worker", "beat"))
 
 
 def __getattr__(name: str) -> Any:

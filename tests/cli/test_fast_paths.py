@@ -134,3 +134,33 @@ def test_plain_values_are_what_typer_gives(annotation: Any, low: Any, high: Any,
 ])
 def test_the_rest_goes_to_typer(annotation: Any, low: Any, high: Any, value: Any) -> None:
     assert options.plain_value(annotation, low, high, value) is options._NOT_PLAIN
+
+
+# Prints, at exit, whether the objects were frozen away from the last collection.
+FREEZE_PROBE = ("import atexit, gc, sys\n"
+                "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0, "
+                "file=sys.stderr))\n"
+                "from qops.cli.main import main\n"
+                "if sys.argv[1] == 'as-function':\n"
+                "    main(sys.argv[2:])\n"
+                "sys.argv = ['qops', *sys.argv[1:]]\n"
+                "main()\n")
+
+
+def _frozen(*args: str) -> tuple[int, bool]:
+    r = _python(FREEZE_PROBE, *args)
+    line = next(x for x in r.stderr.splitlines() if x.startswith("FROZEN"))
+    return r.returncode, line == "FROZEN True"
+
+
+def test_short_commands_skip_the_last_collection_and_close_the_app(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/b.db"
+    assert _frozen("--version") == (0, True)
+    assert _frozen("-b", url, "queues") == (0, True)  # typer's path
+    assert _frozen("-b", url, "inspect", "ping", "-t", "0.05") == (69, True)  # direct
+    # a worker or beat gets the whole exit; so does a caller of main() as a function
+    assert _frozen("worker", "-P", "bogus") == (2, False)
+    assert _frozen("beat", "--max-interval", "0") == (2, False)
+    assert _frozen("as-function", "--version") == (0, False)
+    # the app's database was closed at exit, not left to the collector: no WAL files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db"]

@@ -125,10 +125,15 @@ def modules_for(args: list[str]) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the command line ``argv`` (default: the process's) and exit with its code."""
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    quick = _quick(argv, args)
+    if quick:
+        import gc
+
+        gc.disable()
     term = _early_terminal(args)
     if args[_leading_globals(args)[1]:] == ["--version"] and undecodable(args) is None:
         show_version(term)  # what typer would print (its --version is eager), sooner
-        end(0, _quick(argv, args))
+        end(0, quick)
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
         os.environ["NO_COLOR"] = "1"
     _, i = _leading_globals(args)
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
         code = run_direct(args, i, term)  # None when typer must parse the command line
         if code is not None:
-            end(code, _quick(argv, args))
+            end(code, quick)
     if os.environ.get("NO_COLOR") or not args or {"-h", "--help"} & set(args):
         # a help screen is likely (NO_COLOR: usage errors too): typer's renderer, lighter
         from qops.cli.richhelp import rich_utils
@@ -151,17 +156,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = root.run(args, term, command)
     except KeyboardInterrupt:
         code = 130
-    end(code, _quick(argv, args))
+    end(code, quick)
+
+
+#: commands that run until stopped: they keep the garbage collector and get the whole exit
+LONG_RUNNING = ("worker", "beat", "events", "top", "exporter")
 
 
 def end(code: int, quick: bool) -> NoReturn:
-    """Exit with ``code``. ``quick``: every object made so far is first moved out of
-    the garbage collector's sight (``gc.freeze``), so that the interpreter's exit skips
-    a full collection of them: ~40 ms after ``qops inspect ping`` had its answer (a
-    fifth of the command), for memory the OS frees anyway. The rest of the exit is as
-    usual: exit handlers (the app's connections are closed by one), flushed streams,
-    objects released as their last reference goes. Objects caught in reference cycles
-    are not finalized then, which Python never promises at exit anyway."""
+    """Exit with ``code``. ``quick`` (see ``_quick``): every object made so far is first
+    moved out of the garbage collector's sight (``gc.freeze``), so that the
+    interpreter's exit skips a full collection of them: ~40 ms after ``qops inspect
+    ping`` had its answer (a fifth of the command), for memory the OS frees anyway. The
+    rest of the exit is as usual: exit handlers (the app's connections are closed by
+    one), flushed streams, objects released as their last reference goes. Objects
+    caught in reference cycles are not finalized then, which Python never promises at
+    exit anyway."""
     if quick:
         import gc
 
@@ -170,11 +180,13 @@ def end(code: int, quick: bool) -> NoReturn:
 
 
 def _quick(argv: list[str] | None, args: list[str]) -> bool:
-    """Whether ``end`` may skip the last collection: for the program's short commands
-    (``main`` given no arguments, so not a test calling it), not a worker or beat,
-    which run tasks, whose objects get the whole exit."""
+    """Whether the command line is a short command of the program (``main`` given no
+    arguments, so not a test calling it; not one of LONG_RUNNING): ``main`` then runs it
+    with the garbage collector off (its passes during the imports were ~10 ms of
+    ``qops --help``; a short command makes little cyclic garbage) and ``end`` skips the
+    last collection."""
     _, i = _leading_globals(args)
-    return argv is None and (i >= len(args) or args[i] not in ("worker", "beat"))
+    return argv is None and (i >= len(args) or args[i] not in LONG_RUNNING)
 
 
 def __getattr__(name: str) -> Any:

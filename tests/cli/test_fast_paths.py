@@ -136,10 +136,11 @@ def test_the_rest_goes_to_typer(annotation: Any, low: Any, high: Any, value: Any
     assert options.plain_value(annotation, low, high, value) is options._NOT_PLAIN
 
 
-# Prints, at exit, whether the objects were frozen away from the last collection.
+# Prints, at exit, whether the objects were frozen away from the last collection and
+# the collector was off.
 FREEZE_PROBE = ("import atexit, gc, sys\n"
-                "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0, "
-                "file=sys.stderr))\n"
+                "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0 and "
+                "not gc.isenabled(), file=sys.stderr))\n"
                 "from qops.cli.main import main\n"
                 "if sys.argv[1] == 'as-function':\n"
                 "    main(sys.argv[2:])\n"
@@ -153,14 +154,16 @@ def _frozen(*args: str) -> tuple[int, bool]:
     return r.returncode, line == "FROZEN True"
 
 
-def test_short_commands_skip_the_last_collection_and_close_the_app(tmp_path: Any) -> None:
+def test_short_commands_run_without_the_collector_and_close_the_app(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path}/b.db"
     assert _frozen("--version") == (0, True)
     assert _frozen("-b", url, "queues") == (0, True)  # typer's path
     assert _frozen("-b", url, "inspect", "ping", "-t", "0.05") == (69, True)  # direct
-    # a worker or beat gets the whole exit; so does a caller of main() as a function
+    # long-running commands keep the collector and get the whole exit; so does a
+    # caller of main() as a function
     assert _frozen("worker", "-P", "bogus") == (2, False)
     assert _frozen("beat", "--max-interval", "0") == (2, False)
+    assert _frozen("-b", url, "events", "--bogus") == (2, False)
     assert _frozen("as-function", "--version") == (0, False)
     # the app's database was closed at exit, not left to the collector: no WAL files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.db"]

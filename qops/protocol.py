@@ -41,6 +41,9 @@ class Message:
     properties: dict[str, Any] = field(default_factory=dict)
     content_type: str = JSON
     content_encoding: str = "utf-8"
+    #: (TaskMessages, task id) of a message ``TaskMessages.build`` made: its envelope
+    #: can come from that TaskMessages's template (qops/envelopes.py)
+    made: Any = field(default=None, repr=False, compare=False)
 
     @property
     def priority(self) -> int:
@@ -83,6 +86,11 @@ def encode_envelope(queue: str, message: Message, exchange: str = "",
                     priority: int | None = None) -> bytes:
     """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded.
     ``priority``: the envelope's, in place of the message's (Redis: the wire step)."""
+    if message.made is not None:
+        messages, tid = message.made
+        raw = messages.envelope(queue, exchange, priority).fill(message, tid)
+        if raw is not None:
+            return raw
     props = dict(message.properties)
     props.setdefault("delivery_mode", 2)
     if priority is not None:
@@ -393,6 +401,19 @@ class TaskMessages:
                       "chord": chord}
         self.reply_to = reply_to or ""
         self.priority = None if priority is None else max(0, min(9, int(priority)))
+        #: (queue, exchange, priority) -> the envelope template (qops/envelopes.py)
+        self.templates: dict[tuple[str, str, int | None], Any] = {}
+
+    def envelope(self, queue: str, exchange: str, priority: int | None) -> Any:
+        """The template of this TaskMessages's envelopes for one list (made on first
+        use; qops/envelopes.py)."""
+        key = (queue, exchange, priority)
+        template = self.templates.get(key)
+        if template is None:
+            from qops.envelopes import Template
+
+            template = self.templates[key] = Template(self, queue, exchange, priority)
+        return template
 
     def build(self, args: list[Any], kwargs: dict[str, Any],
               task_id: str | None = None) -> Message:
@@ -412,7 +433,7 @@ class TaskMessages:
                                  "delivery_mode": 2}
         if self.priority is not None:
             props["priority"] = self.priority
-        return Message(body=body, headers=headers, properties=props)
+        return Message(body=body, headers=headers, properties=props, made=(self, tid))
 
 
 def build_task_message(name: str, args: Any = (), kwargs: dict[str, Any] | None = None,

@@ -1,0 +1,98 @@
+"""A task message's kombu envelope from its TaskMessages's template (qops/envelopes.py)
+is, byte for byte, what encode_envelope writes for the message whole; a message changed
+after it was built is encoded whole."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from qops.compression import compress
+from qops.protocol import Message, TaskMessages, encode_envelope
+
+_TAG = re.compile(rb',"delivery_tag":"[^"]*"}}$')
+NOW = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.timezone.utc)
+
+OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"priority": 0}, {"priority": 9}, {"reply_to": "r.%s\"q"},
+    {"root_id": "root-1", "parent_id": "parent-1", "group": "g", "group_index": 3},
+    {"eta": NOW, "expires": NOW + dt.timedelta(hours=1), "retries": 2},
+    {"time_limit": 30.0, "soft_time_limit": 20.5, "shadow": "n\u00e9e", "ignore_result": True},
+    {"task_id": "fixed-id"}, {"task_id": 'odd "id" \\ \u00e9 %s'},
+    {"callbacks": [{"task": "t.cb", "args": [1], "kwargs": {}, "options": {}}],
+     "errbacks": [{"task": "t.eb"}], "chain": [{"task": "t.next"}],
+     "chord": {"task": "t.body", "options": {"group_id": "g2"}}},
+]
+ARGS: list[tuple[list[Any], dict[str, Any]]] = [
+    ([], {}), ([1, 2], {}), (["\u00e9\u4e2d\U0001f600", 'q"uote', "back\\slash", "%d %%"], {}),
+    ([], {"x": 1, "y": "%(name)s"}), (["x" * 5000], {"big": "y" * 3000}), ([None, 1.5, True], {}),
+]
+LISTS = [("celery", "", None), ("q%s.\u00e9", "", 3), ('q"x', "ex", 0), ("high", "", 9)]
+
+
+def _whole(queue: str, message: Message, exchange: str, priority: int | None) -> bytes:
+    return encode_envelope(queue, replace(message, made=None), exchange, priority)
+
+
+def _same(a: bytes, b: bytes) -> None:
+    """Equal but for the delivery tag, a new id each time (and both well-formed)."""
+    assert _TAG.search(a) and _TAG.search(b)
+    assert _TAG.sub(b"", a) == _TAG.sub(b"", b)
+    json.loads(a)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize(("queue", "exchange", "priority"), LISTS)
+def test_a_template_writes_what_encode_envelope_writes(options: dict[str, Any], queue: str,
+                                                       exchange: str,
+                                                       priority: int | None) -> None:
+    messages = TaskMessages('t.n\u00e9 "%s"', **options)
+    for args, kwargs in ARGS:
+        message = messages.build(list(args), dict(kwargs))
+        assert message.made is not None
+        _same(encode_envelope(queue, message, exchange, priority),
+              _whole(queue, message, exchange, priority))
+    template = messages.templates[(queue, exchange, priority)]
+    assert template.format is not None  # (the messages above used it)
+
+
+CHANGES = {
+    "a header added (signing)": lambda m: m.headers.__setitem__("x-signature", "s"),
+    "a header changed": lambda m: m.headers.__setitem__("retries", 5),
+    "a header's value changed in place": lambda m: m.headers["timelimit"].__setitem__(0, 9),
+    "the stamps": lambda m: m.headers["stamps"].__setitem__("k", ["v"]),
+    "the id": lambda m: m.headers.__setitem__("id", "other"),
+    "the root id": lambda m: m.headers.__setitem__("root_id", "other"),
+    "argsrepr not a string": lambda m: m.headers.__setitem__("argsrepr", 5),
+    "a header removed": lambda m: m.headers.pop("origin"),
+    "a property added": lambda m: m.properties.__setitem__("priority", 4),
+    "a property changed": lambda m: m.properties.__setitem__("reply_to", "elsewhere"),
+    "the content type": lambda m: setattr(m, "content_type", "application/x-other"),
+    "compressed": lambda m: compress(m, "gzip"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_message_changed_after_build_is_encoded_whole(change: str) -> None:
+    messages = TaskMessages("t.add", time_limit=5.0)
+    first = messages.build([1], {})
+    encode_envelope("celery", first)  # the template exists
+    message = messages.build([2], {"k": "v"})
+    CHANGES[change](message)
+    _same(encode_envelope("celery", message), _whole("celery", message, "", None))
+
+
+def test_properties_replaced_by_a_transport_are_seen() -> None:
+    messages = TaskMessages("t.add")
+    message = messages.build([1], {})
+    props = dict(message.properties, priority=7)
+    moved = replace(message, properties=props)  # what a delayed requeue does (made kept)
+    assert moved.made is not None
+    _same(encode_envelope("q", moved), _whole("q", moved, "", None))
+    assert json.loads(encode_envelope("q", moved))["properties"]["priority"] == 7

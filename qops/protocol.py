@@ -86,7 +86,7 @@ def encode_envelope(queue: str, message: Message, exchange: str = "",
                     priority: int | None = None) -> bytes:
     """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded.
     ``priority``: the envelope's, in place of the message's (Redis: the wire step)."""
-    if message.made is not None:
+    if message.made is not None and message.made[0].built > 1:
         messages, tid = message.made
         raw = messages.envelope(queue, exchange, priority).fill(message, tid)
         if raw is not None:
@@ -403,6 +403,7 @@ class TaskMessages:
         self.priority = None if priority is None else max(0, min(9, int(priority)))
         #: (queue, exchange, priority) -> the envelope template (qops/envelopes.py)
         self.templates: dict[tuple[str, str, int | None], Any] = {}
+        self.built = 0  # messages built: a template pays from the second one on
 
     def envelope(self, queue: str, exchange: str, priority: int | None) -> Any:
         """The template of this TaskMessages's envelopes for one list (made on first
@@ -419,6 +420,7 @@ class TaskMessages:
               task_id: str | None = None) -> Message:
         """The message for ``args`` (a list) and ``kwargs`` (a dict), each used as is."""
         tid = task_id or self.task_id or new_id()
+        self.built += 1
         headers = self.headers.copy()
         headers["id"] = tid
         headers["timelimit"] = list(self.time_limits)

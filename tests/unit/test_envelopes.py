@@ -90,9 +90,20 @@ def test_a_message_changed_after_build_is_encoded_whole(change: str) -> None:
 
 def test_properties_replaced_by_a_transport_are_seen() -> None:
     messages = TaskMessages("t.add")
+    encode_envelope("q", messages.build([0], {}))
     message = messages.build([1], {})
     props = dict(message.properties, priority=7)
     moved = replace(message, properties=props)  # what a delayed requeue does (made kept)
     assert moved.made is not None
     _same(encode_envelope("q", moved), _whole("q", moved, "", None))
     assert json.loads(encode_envelope("q", moved))["properties"]["priority"] == 7
+    assert messages.templates  # (the template was there, and passed over)
+
+
+def test_a_single_message_makes_no_template() -> None:
+    """Making a template costs more than one envelope: a lone delay() does without."""
+    messages = TaskMessages("t.add")
+    encode_envelope("q", messages.build([1], {}))
+    assert not messages.templates
+    encode_envelope("q", messages.build([2], {}))
+    assert list(messages.templates) == [("q", "", None)]

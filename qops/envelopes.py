@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from base64 import b64encode
+from operator import is_
 from typing import TYPE_CHECKING
 
 from qops.protocol import JSON, Message, encode_envelope, new_id
@@ -85,14 +86,18 @@ class Template:
                 message.content_encoding != "utf-8":
             return None
         try:
-            same = (tuple(map(h.__getitem__, self.keys)) == self.values
-                    and h["id"] == tid and h["root_id"] == (self.root_id or tid)
-                    and h["timelimit"] == self.timelimit and h["stamps"] == {}
-                    and p["correlation_id"] == tid and p["reply_to"] == self.reply_to
-                    and p["delivery_mode"] == 2
-                    and p.get("priority", self.priority) == self.priority)
+            # the very objects build() put there (equal is not enough: 0 == False, and
+            # JSON writes them differently)
+            same = (all(map(is_, map(h.__getitem__, self.keys), self.values))
+                    and h["id"] is tid and h["root_id"] is (self.root_id or tid)
+                    and len(h["timelimit"]) == 2
+                    and all(map(is_, h["timelimit"], self.timelimit))
+                    and type(h["stamps"]) is dict and not h["stamps"]
+                    and p["correlation_id"] is tid and p["reply_to"] is self.reply_to
+                    and type(p["delivery_mode"]) is int and p["delivery_mode"] == 2
+                    and p.get("priority", self.priority) is self.priority)
             args, kwargs = h["argsrepr"], h["kwargsrepr"]
-        except KeyError:
+        except (KeyError, TypeError):
             return None
         if not same or type(args) is not str or type(kwargs) is not str:
             return None

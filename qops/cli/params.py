@@ -111,9 +111,10 @@ def _typers(marker: Any) -> Any:
 class typed:  # noqa: N801 - used as a function: typed(worker)
     """``func`` as typer reads it: a ``ctx: Context`` parameter becomes a
     ``typer.Context`` and every ``Option`` (``Argument``) in an ``Annotated`` the
-    ``typer.Option`` (``typer.Argument``) of the same arguments; the rest of the signature is left as it is. Worked out when
-    typer first asks (``inspect.signature``), not when the command is registered: the
-    root help screen registers every command and reads only its help."""
+    ``typer.Option`` (``typer.Argument``) of the same arguments; the rest of the
+    signature is left as it is. Worked out when typer first asks
+    (``inspect.signature``), not when the command is registered: the root help screen
+    registers every command and reads only its help."""
 
     def __init__(self, func: Any) -> None:
         self.func = func

@@ -65,6 +65,12 @@ def test_a_template_writes_what_encode_envelope_writes(options: dict[str, Any], 
 CHANGES = {
     "a header added (signing)": lambda m: m.headers.__setitem__("x-signature", "s"),
     "a header changed": lambda m: m.headers.__setitem__("retries", 5),
+    "a header made an equal value of another type": lambda m: m.headers.__setitem__(
+        "retries", False),
+    "the time limits, equal but of another type": lambda m: m.headers.__setitem__(
+        "timelimit", [5, None]),
+    "the delivery mode as a float": lambda m: m.properties.__setitem__("delivery_mode", 2.0),
+    "the stamps a subclass": lambda m: m.headers.__setitem__("stamps", type("D", (dict,), {})()),
     "a header's value changed in place": lambda m: m.headers["timelimit"].__setitem__(0, 9),
     "the stamps": lambda m: m.headers["stamps"].__setitem__("k", ["v"]),
     "the id": lambda m: m.headers.__setitem__("id", "other"),

@@ -16,6 +16,7 @@ import pytest
 from qops.errors import BrokerUnreachable, PublishError
 from qops.protocol import Message
 from qops.transports.amqp import AMQPTransport, parse_url
+from qops.transports.amqp.deadletters import FIND_AGAIN
 from qops.transports.base import TransportOptions
 from qops.transports.declare import Declarations
 
@@ -443,6 +444,35 @@ def test_dead_letter_keeps_and_restores_original_headers(
     finally:
         c.close()
     assert [x for x in transport.dead_letters(1000) if x.queue == q] == []
+
+
+def test_requeue_finds_a_dead_letter_another_channel_holds(transport: AMQPTransport,
+                                                           queues: list[str],
+                                                           amqp_url: str) -> None:
+    """A dead letter that someone else browses at that moment (``qops dlq list`` holds
+    what it reads until its channel closes) is found once it is back in the DLQ."""
+    q = new_queue(queues)
+    transport.dead_letter(q, b"held", "invalid JSON envelope")
+    [dl] = [x for x in transport.dead_letters(1000) if x.queue == q]
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        browser = conn.channel()
+        method, _, body = browser.basic_get(transport.dead_letter_queue, auto_ack=False)
+        assert method is not None and body == b"held"
+        moved: list[int] = []
+        requeue = threading.Thread(
+            target=lambda: moved.append(transport.requeue_dead_letters([dl.id])))
+        requeue.start()
+        time.sleep(0.3)  # the requeue looks while the browser holds it
+        browser.close()
+        requeue.join(10)
+    finally:
+        conn.close()
+    assert moved == [1]
+    assert transport.purge(q) == 1
+    started = time.monotonic()
+    assert transport.requeue_dead_letters(["no-such-id"]) == 0
+    assert time.monotonic() - started < FIND_AGAIN + 2
 
 
 def test_dead_letters_can_be_listed_from_raw_bytes(transport: AMQPTransport,

@@ -30,6 +30,8 @@ DL_TIME = "x-qops-time"  # int, milliseconds since the epoch (pika can't encode 
 DL_EXPIRATION = "x-qops-expiration"  # the original per-message TTL, parked (see below)
 DL_MESSAGE_ID = "x-qops-message-id"  # the original message_id, parked
 DL_PREFIX = "x-qops-"
+#: seconds ``requeue_dead_letters`` looks again for ids it did not find
+FIND_AGAIN = 1.0
 
 
 def dead_letter(transport: AMQPTransport, queue: str, raw: bytes, reason: str,
@@ -116,42 +118,52 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
     properties: publish (confirmed) to the queue, then ack in the DLQ. The ones not
     chosen are held unacked and return in place when the browsing channel closes.
     Not retried on a connection loss: a message published but not yet acked would
-    be moved twice."""
+    be moved twice.
+
+    Ids not found are looked for again for up to ``FIND_AGAIN`` seconds: a dead letter
+    that another channel browses at that moment (``qops dlq list``), or whose browsing
+    channel has just closed, is not in the queue until RabbitMQ has put it back, which
+    it does after the channel's close is confirmed (it was seen missing right after a
+    listing on a busy broker)."""
     wanted = None if ids is None else set(ids)
     if wanted is not None and not wanted:
         return 0
     dlq = transport.dead_letter_queue
     link, _ = transport._link()
     moved = 0
+    deadline = time.monotonic() + FIND_AGAIN
     try:
-        total = link.declare_queue(dlq, None).method.message_count
-        ch = link.conn.channel()
-        try:
-            for _ in range(total):
-                method, props, body = ch.basic_get(dlq, auto_ack=False)
-                if method is None:
-                    break
-                if wanted is not None and dead_letter_id(props, body) not in wanted:
-                    continue
-                h = dict(props.headers or {})
-                queue = h.get(DL_QUEUE)
-                if not queue:
-                    continue  # not ours: we don't know where it goes
-                transport._send("", str(queue), body or b"", _restored(props, h),
-                                queue=str(queue))
-                ch.basic_ack(method.delivery_tag)
-                moved += 1
-                if wanted is not None:
-                    wanted.discard(dead_letter_id(props, body))
-                    if not wanted:
+        while True:
+            total = link.declare_queue(dlq, None).method.message_count
+            ch = link.conn.channel()
+            try:
+                for _ in range(total):
+                    method, props, body = ch.basic_get(dlq, auto_ack=False)
+                    if method is None:
                         break
-        finally:
-            _close_channel(ch)
+                    if wanted is not None and dead_letter_id(props, body) not in wanted:
+                        continue
+                    h = dict(props.headers or {})
+                    queue = h.get(DL_QUEUE)
+                    if not queue:
+                        continue  # not ours: we don't know where it goes
+                    transport._send("", str(queue), body or b"", _restored(props, h),
+                                    queue=str(queue))
+                    ch.basic_ack(method.delivery_tag)
+                    moved += 1
+                    if wanted is not None:
+                        wanted.discard(dead_letter_id(props, body))
+                        if not wanted:
+                            break
+            finally:
+                _close_channel(ch)
+            if not wanted or time.monotonic() >= deadline:
+                return moved
+            time.sleep(0.05)
     except LINK_ERRORS as exc:
         transport._drop_link(link)
         raise BrokerUnreachable(lost_text(transport.safe_url(),
                                           f"requeueing dead letters after {moved}", exc)) from None
-    return moved
 
 
 def purge_dead_letters(transport: AMQPTransport) -> int:

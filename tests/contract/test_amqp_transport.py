@@ -475,6 +475,48 @@ def test_requeue_finds_a_dead_letter_another_channel_holds(transport: AMQPTransp
     assert time.monotonic() - started < FIND_AGAIN + 2
 
 
+def test_dlq_operations_wait_for_what_a_closed_channel_held(transport: AMQPTransport,
+                                                            queues: list[str],
+                                                            amqp_url: str) -> None:
+    """``_put_back`` (after a listing or a requeue pass) returns once the DLQ's ready
+    messages are back to what it had: here two held by another channel come back
+    0.3 s later; with nothing missing it returns at once, and it gives up after
+    FIND_AGAIN when they never come back."""
+    from qops.transports.amqp.deadletters import _put_back
+
+    q = new_queue(queues)
+    for i in range(2):
+        transport.dead_letter(q, b"x%d" % i, "invalid JSON envelope")
+    dlq = transport.dead_letter_queue
+    link, _ = transport._link()
+    ready = link.declare_queue(dlq, None).method.message_count
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        browser = conn.channel()
+        browser.basic_qos(prefetch_count=0)
+        for _ in range(ready):
+            assert browser.basic_get(dlq, auto_ack=False)[0] is not None
+        done: list[float] = []
+        waiter = threading.Thread(target=lambda: (_put_back(link, dlq, ready),
+                                                  done.append(time.monotonic())))
+        started = time.monotonic()
+        waiter.start()
+        time.sleep(0.3)
+        assert not done  # still waiting: they are held
+        browser.close()  # RabbitMQ puts them back
+        waiter.join(5)
+    finally:
+        conn.close()
+    assert done and 0.3 <= done[0] - started < FIND_AGAIN + 1
+    started = time.monotonic()
+    _put_back(link, dlq, ready)
+    assert time.monotonic() - started < 0.5
+    started = time.monotonic()
+    _put_back(link, dlq, ready + 1)  # one that never comes
+    assert FIND_AGAIN <= time.monotonic() - started < FIND_AGAIN + 1
+    transport.purge_dead_letters()
+
+
 def test_dead_letters_can_be_listed_from_raw_bytes(transport: AMQPTransport,
                                                    queues: list[str]) -> None:
     q = new_queue(queues)

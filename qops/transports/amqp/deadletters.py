@@ -81,8 +81,7 @@ def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
     dlq = transport.dead_letter_queue
 
     def run(link: _Link) -> list[DeadLetter]:
-        if dlq not in link.queues:
-            link.declare_queue(dlq, None)
+        ready = link.declare_queue(dlq, None).method.message_count
         ch = link.conn.channel()
         out: list[DeadLetter] = []
         try:
@@ -101,9 +100,22 @@ def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
                 ))
         finally:
             _close_channel(ch)
+        _put_back(link, dlq, ready)
         return out
 
     return transport._admin("listing dead letters", run)
+
+
+def _put_back(link: _Link, dlq: str, ready: int) -> None:
+    """Wait until the DLQ has ``ready`` messages ready again (at most ``FIND_AGAIN``):
+    RabbitMQ puts back what a closed channel held a moment after the close is
+    confirmed, and what comes next -- a listing, a requeue, a count, a purge -- should
+    find them there. Fewer than that for the whole wait means another client took
+    some meanwhile."""
+    deadline = time.monotonic() + FIND_AGAIN
+    while link.declare_queue(dlq, None).method.message_count < ready and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def dead_letter_count(transport: AMQPTransport) -> int:
@@ -135,6 +147,7 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
     try:
         while True:
             total = link.declare_queue(dlq, None).method.message_count
+            passed = 0  # moved in this pass
             ch = link.conn.channel()
             try:
                 for _ in range(total):
@@ -151,12 +164,14 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
                                     queue=str(queue))
                     ch.basic_ack(method.delivery_tag)
                     moved += 1
+                    passed += 1
                     if wanted is not None:
                         wanted.discard(dead_letter_id(props, body))
                         if not wanted:
                             break
             finally:
                 _close_channel(ch)
+            _put_back(link, dlq, total - passed)
             if not wanted or time.monotonic() >= deadline:
                 return moved
             time.sleep(0.05)

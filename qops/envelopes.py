@@ -19,6 +19,7 @@ returns None on any difference (a signature or compression added, a
 from __future__ import annotations
 
 import json
+import re
 from base64 import b64encode
 from operator import is_
 from typing import TYPE_CHECKING
@@ -58,14 +59,12 @@ class Template:
                 text.count(_ID) != ids or text.count(f'"{_ARGS}"') != 1 or \
                 text.count(f'"{_KWARGS}"') != 1:
             return  # a name or value of the probe's own looked like a stand-in
-        text = text[len(_BODY):tag + len(_TAG)].replace("%", "%%")
         # the values in the order they stand: 0 body, 1 id, 2 args, 3 kwargs, 4 tag
         marks = {_ID: 1, f'"{_ARGS}"': 2, f'"{_KWARGS}"': 3}
-        found = sorted((at, mark) for mark in marks for at in _starts(text, mark))
-        self.order = (0, *(marks[mark] for _, mark in found), 4)
-        for mark in marks:
-            text = text.replace(mark, "%s")
-        self.format = _BODY + "%s" + text + '%s"}}'
+        parts = re.split("(" + "|".join(map(re.escape, marks)) + ")",
+                         text[len(_BODY):tag + len(_TAG)].replace("%", "%%"))
+        self.order = (0, *(marks[mark] for mark in parts[1::2]), 4)
+        self.format = _BODY + "%s" + "%s".join(parts[0::2]) + '%s"}}'
         # what the checks compare: every header but the message's own, in order
         own = {"id", "root_id", "argsrepr", "kwargsrepr", "timelimit", "stamps"}
         self.keys = tuple(k for k in messages.headers if k not in own)
@@ -110,12 +109,3 @@ def _plain(text: str) -> str:
     """``text`` as the encoder writes it inside quotes (a task id is plain ASCII)."""
     return text if text.isascii() and text.isprintable() and '"' not in text and \
         "\\" not in text else _escape(text)[1:-1]
-
-
-def _starts(text: str, mark: str) -> list[int]:
-    """Where ``mark`` starts in ``text``, each time."""
-    out, at = [], text.find(mark)
-    while at >= 0:
-        out.append(at)
-        at = text.find(mark, at + 1)
-    return out

@@ -17,6 +17,7 @@ parses, so every command sees them in one place. Errors become their exit codes 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any, NoReturn
@@ -47,6 +48,9 @@ COMMANDS: dict[str, str] = {
 #: commands run without typer when their command line is plain (qops.cli.direct): the
 #: function of that name in their module, its parameters declared with qops.cli.options
 DIRECT = ("worker", "beat", "inspect", "control", "status")
+
+#: commands that run until stopped: they keep the garbage collector and get the whole exit
+LONG_RUNNING = ("worker", "beat", "events", "top", "exporter")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
@@ -125,18 +129,19 @@ def modules_for(args: list[str]) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the command line ``argv`` (default: the process's) and exit with its code."""
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
-    quick = _quick(argv, args)
+    _, i = _leading_globals(args)  # the command's index
+    # A short command of the program (not a test calling main; not LONG_RUNNING) runs
+    # with the garbage collector off: its passes during the imports were ~10 ms of
+    # ``qops --help``, and a short command makes little cyclic garbage (see ``end``).
+    quick = argv is None and (i >= len(args) or args[i] not in LONG_RUNNING)
     if quick:
-        import gc
-
         gc.disable()
     term = _early_terminal(args)
-    if args[_leading_globals(args)[1]:] == ["--version"] and undecodable(args) is None:
+    if args[i:] == ["--version"] and undecodable(args) is None:
         show_version(term)  # what typer would print (its --version is eager), sooner
         end(0, quick)
     if "--no-color" in args[:args.index("--") if "--" in args else None]:
         os.environ["NO_COLOR"] = "1"
-    _, i = _leading_globals(args)
     if i < len(args) and args[i] in DIRECT and not {"-h", "--help"} & set(args):
         from qops.cli.direct import run_direct
 
@@ -159,12 +164,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     end(code, quick)
 
 
-#: commands that run until stopped: they keep the garbage collector and get the whole exit
-LONG_RUNNING = ("worker", "beat", "events", "top", "exporter")
-
-
 def end(code: int, quick: bool) -> NoReturn:
-    """Exit with ``code``. ``quick`` (see ``_quick``): every object made so far is first
+    """Exit with ``code``. ``quick`` (see ``main``): every object made so far is first
     moved out of the garbage collector's sight (``gc.freeze``), so that the
     interpreter's exit skips a full collection of them: ~40 ms after ``qops inspect
     ping`` had its answer (a fifth of the command), for memory the OS frees anyway. The
@@ -173,20 +174,8 @@ def end(code: int, quick: bool) -> NoReturn:
     caught in reference cycles are not finalized then, which Python never promises at
     exit anyway."""
     if quick:
-        import gc
-
         gc.freeze()
     raise SystemExit(code)
-
-
-def _quick(argv: list[str] | None, args: list[str]) -> bool:
-    """Whether the command line is a short command of the program (``main`` given no
-    arguments, so not a test calling it; not one of LONG_RUNNING): ``main`` then runs it
-    with the garbage collector off (its passes during the imports were ~10 ms of
-    ``qops --help``; a short command makes little cyclic garbage) and ``end`` skips the
-    last collection."""
-    _, i = _leading_globals(args)
-    return argv is None and (i >= len(args) or args[i] not in LONG_RUNNING)
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pika
@@ -81,12 +82,10 @@ def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
     dlq = transport.dead_letter_queue
 
     def run(link: _Link) -> list[DeadLetter]:
-        ready = link.declare_queue(dlq, None).method.message_count
-        ch = link.conn.channel()
         out: list[DeadLetter] = []
-        try:
+        with _browsing(link, dlq) as browse:
             while len(out) < limit:
-                method, props, body = ch.basic_get(dlq, auto_ack=False)
+                method, props, body = browse.ch.basic_get(dlq, auto_ack=False)
                 if method is None:
                     break
                 h = props.headers or {}
@@ -98,12 +97,32 @@ def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
                     time=(int(h[DL_TIME]) / 1000 if h.get(DL_TIME) is not None
                           else float(props.timestamp or 0)),
                 ))
-        finally:
-            _close_channel(ch)
-        _put_back(link, dlq, ready)
         return out
 
     return transport._admin("listing dead letters", run)
+
+
+class _Browse:
+    """A channel browsing the DLQ (see ``_browsing``)."""
+
+    def __init__(self, ch: Any, ready: int) -> None:
+        self.ch = ch
+        self.ready = ready  # the DLQ's ready messages when it began
+        self.acked = 0  # of them, taken off for good
+
+
+@contextmanager
+def _browsing(link: _Link, dlq: str) -> Iterator[_Browse]:
+    """A channel of its own to take dead letters from without acking them; what it did
+    not ack goes back in place when it closes, and leaving waits until it is back
+    (``_put_back``)."""
+    browse = _Browse(None, link.declare_queue(dlq, None).method.message_count)
+    browse.ch = link.conn.channel()
+    try:
+        yield browse
+    finally:
+        _close_channel(browse.ch)
+    _put_back(link, dlq, browse.ready - browse.acked)
 
 
 def _put_back(link: _Link, dlq: str, ready: int) -> None:
@@ -146,15 +165,13 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
     deadline = time.monotonic() + FIND_AGAIN
     try:
         while True:
-            total = link.declare_queue(dlq, None).method.message_count
-            passed = 0  # moved in this pass
-            ch = link.conn.channel()
-            try:
-                for _ in range(total):
-                    method, props, body = ch.basic_get(dlq, auto_ack=False)
+            with _browsing(link, dlq) as browse:
+                for _ in range(browse.ready):
+                    method, props, body = browse.ch.basic_get(dlq, auto_ack=False)
                     if method is None:
                         break
-                    if wanted is not None and dead_letter_id(props, body) not in wanted:
+                    dl_id = dead_letter_id(props, body)
+                    if wanted is not None and dl_id not in wanted:
                         continue
                     h = dict(props.headers or {})
                     queue = h.get(DL_QUEUE)
@@ -162,16 +179,13 @@ def requeue_dead_letters(transport: AMQPTransport, ids: Sequence[str] | None) ->
                         continue  # not ours: we don't know where it goes
                     transport._send("", str(queue), body or b"", _restored(props, h),
                                     queue=str(queue))
-                    ch.basic_ack(method.delivery_tag)
+                    browse.ch.basic_ack(method.delivery_tag)
+                    browse.acked += 1
                     moved += 1
-                    passed += 1
                     if wanted is not None:
-                        wanted.discard(dead_letter_id(props, body))
+                        wanted.discard(dl_id)
                         if not wanted:
                             break
-            finally:
-                _close_channel(ch)
-            _put_back(link, dlq, total - passed)
             if not wanted or time.monotonic() >= deadline:
                 return moved
             time.sleep(0.05)

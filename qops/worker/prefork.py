@@ -134,10 +134,15 @@ class _Slot(threading.Thread):
             if item is STOP:
                 break
             job, on_done, hard, start = item
+            with self.lock:
+                self.renew()  # a pool_restart asked before this job: a new child runs it
             if start is not None and not start():
                 continue
+            # Started now (STARTED stored, task-started sent): a pool_restart asked from
+            # here on replaces the child after this job, never before it.
             with self.lock:
-                self.renew()
+                if self.child is None:  # reaped meanwhile (a cold shutdown)
+                    self.spawn()
                 assert self.child is not None
                 job["worker_pid"] = self.child.pid
                 self.job = job

@@ -32,45 +32,49 @@ if TYPE_CHECKING:
 _escape = json.encoder.encode_basestring_ascii  # what the envelope's encoder writes
 # stand-ins in the probe message, found again in its envelope (plain ASCII: the
 # encoder writes them as they are)
-_ID, _ARGS, _KWARGS = "qops-template-id-2f1c", "qops-template-args-2f1c", \
-    "qops-template-kwargs-2f1c"
+_ID, _ROOT = "qops-template-id-2f1c", "qops-template-root-2f1c"
+_ARGS, _KWARGS = '"qops-template-args-2f1c"', '"qops-template-kwargs-2f1c"'
+#: where each message's own values stand in the envelope, in order: the headers id,
+#: root_id, argsrepr, kwargsrepr, then the properties' correlation_id (the id again)
+_ORDER = (_ID, _ROOT, _ARGS, _KWARGS, _ID)
+_SPLIT = re.compile("(" + "|".join(map(re.escape, _ORDER[:4])) + ")")
 _BODY = '{"body":"'
 _TAG = ',"delivery_tag":"'
+_END = b'"}}'
 
 
 class Template:
     """The envelopes of one ``TaskMessages``'s messages for one list (see module doc)."""
 
-    __slots__ = ("format", "order", "keys", "values", "size", "root_id", "timelimit",
+    __slots__ = ("parts", "keys", "values", "size", "root_id", "root", "timelimit",
                  "reply_to", "priority")
 
     def __init__(self, messages: TaskMessages, queue: str, exchange: str,
                  priority: int | None) -> None:
-        self.format: str | None = None  # None: this TaskMessages can't have one
+        #: the envelope's text between the values (bytes), None: this TaskMessages
+        #: can't have a template
+        self.parts: tuple[bytes, ...] | None = None
         probe = messages.build([], {}, task_id=_ID)
         probe.made = None  # encoded whole, by encode_envelope
-        probe.headers["argsrepr"] = _ARGS
-        probe.headers["kwargsrepr"] = _KWARGS
+        probe.headers["root_id"] = _ROOT
+        probe.headers["argsrepr"] = _ARGS[1:-1]
+        probe.headers["kwargsrepr"] = _KWARGS[1:-1]
         probe.body = b""
         text = encode_envelope(queue, probe, exchange, priority).decode("ascii")
         tag = text.rfind(_TAG)
-        ids = 2 + (messages.root_id is None)  # id, correlation_id, and root_id
-        if not text.startswith(_BODY + '"') or tag < 0 or not text.endswith('"}}') or \
-                text.count(_ID) != ids or text.count(f'"{_ARGS}"') != 1 or \
-                text.count(f'"{_KWARGS}"') != 1:
+        if not text.startswith(_BODY + '"') or tag < 0 or not text.endswith('"}}'):
+            return
+        pieces = _SPLIT.split(text[len(_BODY):tag + len(_TAG)])
+        if tuple(pieces[1::2]) != _ORDER:
             return  # a name or value of the probe's own looked like a stand-in
-        # the values in the order they stand: 0 body, 1 id, 2 args, 3 kwargs, 4 tag
-        marks = {_ID: 1, f'"{_ARGS}"': 2, f'"{_KWARGS}"': 3}
-        parts = re.split("(" + "|".join(map(re.escape, marks)) + ")",
-                         text[len(_BODY):tag + len(_TAG)].replace("%", "%%"))
-        self.order = (0, *(marks[mark] for mark in parts[1::2]), 4)
-        self.format = _BODY + "%s" + "%s".join(parts[0::2]) + '%s"}}'
+        self.parts = (_BODY.encode(), *(piece.encode() for piece in pieces[0::2]))
         # what the checks compare: every header but the message's own, in order
         own = {"id", "root_id", "argsrepr", "kwargsrepr", "timelimit", "stamps"}
         self.keys = tuple(k for k in messages.headers if k not in own)
         self.values = tuple(messages.headers[k] for k in self.keys)
         self.size = len(messages.headers)
         self.root_id = messages.root_id
+        self.root = None if self.root_id is None else _plain(self.root_id).encode()
         self.timelimit = list(messages.time_limits)
         self.reply_to = messages.reply_to
         self.priority = messages.priority
@@ -80,7 +84,7 @@ class Template:
         it (encode it whole then)."""
         h = message.headers
         p = message.properties
-        if self.format is None or len(h) != self.size or len(p) != 3 + (
+        if self.parts is None or len(h) != self.size or len(p) != 3 + (
                 self.priority is not None) or message.content_type != JSON or \
                 message.content_encoding != "utf-8":
             return None
@@ -100,9 +104,12 @@ class Template:
             return None
         if not same or type(args) is not str or type(kwargs) is not str:
             return None
-        values = (b64encode(message.body).decode("ascii"), _plain(tid), _escape(args),
-                  _escape(kwargs), new_id())
-        return (self.format % tuple(map(values.__getitem__, self.order))).encode("ascii")
+        head, to_id, to_root, to_args, to_kwargs, to_id2, to_tag = self.parts
+        own = _plain(tid).encode("ascii")
+        return b"".join((head, b64encode(message.body), to_id, own, to_root,
+                         self.root or own, to_args, _escape(args).encode("ascii"),
+                         to_kwargs, _escape(kwargs).encode("ascii"), to_id2, own, to_tag,
+                         new_id().encode("ascii"), _END))
 
 
 def _plain(text: str) -> str:

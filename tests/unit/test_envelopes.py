@@ -59,7 +59,7 @@ def test_a_template_writes_what_encode_envelope_writes(options: dict[str, Any], 
         _same(encode_envelope(queue, message, exchange, priority),
               _whole(queue, message, exchange, priority))
     template = messages.templates[(queue, exchange, priority)]
-    assert template.format is not None  # (the messages above used it)
+    assert template.parts is not None  # (the messages above used it)
 
 
 CHANGES = {
@@ -113,3 +113,20 @@ def test_a_single_message_makes_no_template() -> None:
     assert not messages.templates
     encode_envelope("q", messages.build([2], {}))
     assert list(messages.templates) == [("q", "", None)]
+
+
+@pytest.mark.parametrize("where", ["name", "reply_to", "root_id", "group"])
+def test_a_message_holding_a_stand_in_gets_no_template(where: str) -> None:
+    """The template finds each message's values by the stand-ins of its probe: a value
+    of the TaskMessages's own that looks like one makes no template (encoded whole)."""
+    from qops import envelopes
+
+    text = f"x{envelopes._ID}{envelopes._ARGS}"
+    messages = TaskMessages(text if where == "name" else "t.add",
+                            **({} if where == "name" else {where: text}))
+    first = messages.build([1], {})
+    second = messages.build([2], {})
+    _same(encode_envelope("q", second), _whole("q", second, "", None))
+    # (a root id is filled in like the id: it never stands in the probe)
+    assert (messages.templates[("q", "", None)].parts is None) == (where != "root_id")
+    _same(encode_envelope("q", first), _whole("q", first, "", None))

@@ -2,7 +2,8 @@
 ports (servers.py). The master a busy worker uses is killed in the middle of 5,000
 tasks; every task runs, duplicates stay within what was in flight, the fleet consumes
 again within seconds, ``status``/``inspect`` keep answering, one beat keeps sending.
-And ``wait_replicas``: a publish or a stored result the replica did not confirm raises."""
+And ``wait_replicas``: a publish, a bulk send or a stored result the replica did not
+confirm raises."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def beat_sends(beats: list[Any]) -> list[tuple[float, int]]:
 
 def test_wait_replicas_refuses_what_the_replica_did_not_confirm(sentinels) -> None:
     from qops import App
-    from qops.errors import PublishError
+    from qops.errors import PublishError, PublishManyError
 
     # long enough that a loaded machine's replica answers the first send in time
     options = {"wait_replicas": 1, "wait_timeout_ms": 1000}
@@ -153,10 +154,16 @@ def test_wait_replicas_refuses_what_the_replica_did_not_confirm(sentinels) -> No
             assert "0 of the 1 replica(s)" in str(info.value)
             with pytest.raises(PublishError):
                 app.backend.store("id2", "SUCCESS", 2)
+            # a bulk send too: each chunk waits (3 messages: one chunk, unconfirmed)
+            with pytest.raises(PublishManyError) as many:
+                app.send_many([app.signature("t.x", queue="waits")] * 3)
+            assert many.value.unconfirmed == [0, 1, 2]
+            assert "0 of the 1 replica(s)" in str(many.value)
         finally:
             os.kill(replica.pid, signal.SIGCONT)
-        # the refused message is on the master all the same (WAIT does not roll back)
-        assert app.transport.queue_stats(["waits"])[0].ready == 2
+        assert len(app.send_many([app.signature("t.x", queue="waits")] * 2)) == 2
+        # the refused messages are on the master all the same (WAIT does not roll back)
+        assert app.transport.queue_stats(["waits"])[0].ready == 7
         assert json.loads(app.backend._get("id1") or b"{}")["result"] == 1
     finally:
         app.close()

@@ -3,17 +3,25 @@ broker did not confirm, and every other one is on the queue, once."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from qops.errors import PublishManyError
 from qops.protocol import Message
 from qops.transports.base import from_url
 from tests.contract import FAST
+from tests.failover.servers import free_port, need_binaries
 from tests.faults.conftest import BrokerProxy
-from tests.helpers import drain
+from tests.helpers import drain, wait_until
 
 
 def msg(n: int) -> Message:
@@ -70,3 +78,53 @@ def test_amqp_batch_cut_half_way(amqp_url: str, queue_name: str,
         stop.set()
         t.close()
         direct.close()
+
+
+def test_redis_batch_refused_for_memory_half_way(tmp_path: Path) -> None:
+    """A private redis-server whose maxmemory (noeviction) fills during a bulk send:
+    Redis refuses the LPUSH of a chunk as it queues it (OOM), so that chunk's
+    transaction does nothing. The error names that chunk and every later one; the
+    chunks before are on the queue, whole and once."""
+    need_binaries("redis-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--maxmemory", "6mb", "--maxmemory-policy", "noeviction",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t = None
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        assert wait_until(lambda: _answers(url), timeout=10), "the private redis-server"
+        t = from_url(url, FAST)
+        n = 8000  # 4 chunks of ~3 MB: the first fits in 6 MB, not all of them
+        pad = "x" * 1000
+        with pytest.raises(PublishManyError) as info:
+            t.publish_many([("q", replace(msg(i), body=f'[["{pad}"], {{}}, {{}}]'.encode()))
+                            for i in range(n)])
+        unconfirmed = info.value.unconfirmed
+        assert "maxmemory" in str(info.value)
+        first = unconfirmed[0]
+        assert first > 0 and first % 2000 == 0 and unconfirmed == list(range(first, n))
+        c = t.consumer(["q"], prefetch=1000)
+        got: list[str] = []
+        while batch := drain(c, 1000, timeout=1.0):
+            got.extend(d.message.headers["id"] for d in batch)
+            for d in batch:
+                c.ack(d)
+        c.close()
+        assert sorted(got) == sorted(f"id-{i}" for i in range(first))
+    finally:
+        if t is not None:
+            t.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False

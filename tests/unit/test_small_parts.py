@@ -142,3 +142,13 @@ def test_read_flat_parses_a_reserve_reply_however_it_arrives():
     for bad in (b"+OK\r\n", b"*1\r\n$-1\r\n", b"*2\r\n:1\r\n", b"*1\r\n$5\r\nab"):
         with pytest.raises(redis.ConnectionError):
             read_flat(feeder(bad, 3))
+
+
+def test_pack_push_writes_what_the_general_packer_writes():
+    """A bulk send's LPUSH, packed in one join (link.pack_push), is byte for byte what
+    ``pack`` (and so redis-py) writes, for any payloads and key."""
+    from qops.transports.redis.link import pack, pack_push
+
+    for key, payloads in (("q", [b"a"]), ("pre:q\u00e9", [b"", b"x" * 70000, b"\r\n$3\r\n"]),
+                          ("k", [bytes([i % 256]) * i for i in range(300)])):
+        assert pack_push(key, payloads) == pack(["LPUSH", key, *payloads])

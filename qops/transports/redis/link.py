@@ -39,6 +39,62 @@ def pack(args: Sequence[bytes | str | int | float]) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(bulk(a) for a in args)
 
 
+def pack_push(key: str, payloads: Sequence[bytes]) -> bytes:
+    """``LPUSH key payload...`` in RESP: what ``pack`` writes, made in one join (a bulk
+    send pushes thousands of envelopes; redis-py's packer takes a dozen Python steps
+    an argument)."""
+    name = key.encode("utf-8")
+    parts: list[bytes | None] = [None] * (2 * len(payloads))
+    parts[0::2] = [b"\r\n$%d\r\n" % len(p) for p in payloads]
+    parts[1::2] = payloads
+    return b"".join((b"*%d\r\n$5\r\nLPUSH\r\n$%d\r\n%s" % (len(payloads) + 2, len(name), name),
+                     *cast("list[bytes]", parts), b"\r\n"))
+
+
+_MULTI, _EXEC = pack(["MULTI"]), pack(["EXEC"])
+
+
+def transaction(pool: redis.ConnectionPool, commands: Sequence[bytes],
+                then: bytes | None = None) -> tuple[list[Any], Any]:
+    """MULTI, the pre-packed ``commands``, EXEC, then the pre-packed ``then`` (a WAIT,
+    say) if any, in one round trip on a connection of ``pool``: (EXEC's replies, an
+    error reply as its exception object; ``then``'s reply). A command Redis refused
+    as it queued it (out of memory, say) aborts the transaction: that refusal is
+    raised (nothing of it was done). Not retried: an EXEC whose reply was lost may
+    have run. A failure other than an error reply drops the connection."""
+    conn = cast("redis.Connection", pool.get_connection())
+    try:
+        conn.send_packed_command([b"".join((_MULTI, *commands, _EXEC, then or b""))],
+                                 check_health=False)
+        refused: list[redis.ResponseError] = []
+        for _ in range(len(commands) + 1):  # MULTI's +OK, then a +QUEUED each
+            try:
+                conn.read_response()
+            except redis.ResponseError as exc:
+                refused.append(exc)
+        try:
+            replies = conn.read_response()
+        except redis.ResponseError as exc:  # EXECABORT
+            refused.append(exc)
+        after = None
+        if then is not None:
+            try:
+                after = conn.read_response()
+            except redis.ResponseError as exc:
+                after = exc
+    except BaseException:
+        conn.disconnect()  # replies may be left unread: never reuse the stream
+        raise
+    finally:
+        pool.release(conn)
+    if refused:
+        raise refused[0]
+    if not isinstance(replies, list) or len(replies) != len(commands):
+        raise redis.ResponseError(f"EXEC answered {replies!r:.100} to {len(commands)} "
+                                  "commands")
+    return replies, after
+
+
 def read_flat(recv: Callable[[int], bytes]) -> list[int | bytes] | str:
     """Read one RESP reply that is an array of integers and bulk strings (or a null
     array: empty) with ``recv`` (a socket's); an error reply is returned as its text.

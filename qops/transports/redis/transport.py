@@ -28,7 +28,7 @@ from qops.transports.base import (
 )
 from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
-from qops.transports.redis.link import UNREACHABLE, load_script
+from qops.transports.redis.link import UNREACHABLE, load_script, pack, pack_push, transaction
 from qops.transports.redis.names import (
     BINDING_PREFIX,
     SEP,
@@ -159,10 +159,12 @@ class RedisTransport(Transport):
 
     def publish_many(self, items: Sequence[tuple[str, Message]]) -> None:
         """Pipelined: each chunk of ``BATCH`` messages is one MULTI/EXEC (one LPUSH
-        per run of messages for the same list), sent in one round trip. Redis runs
-        every command of a transaction even when one fails (e.g. WRONGTYPE), so the
-        messages of a failed LPUSH are the unconfirmed ones of a chunk; a chunk whose
-        EXEC did not answer is unconfirmed whole, and those after it are not sent."""
+        per run of messages for the same list, packed here: ``link.pack_push``), sent
+        in one round trip, followed by WAIT with ``wait_replicas``. Redis runs every
+        command of a transaction even when one fails (e.g. WRONGTYPE), so the messages
+        of a failed LPUSH are the unconfirmed ones of a chunk; a chunk whose EXEC (or
+        WAIT) did not answer, or refused, is unconfirmed whole, and those after it are
+        not sent."""
         n = len(items)
         encoded = []
         for index, (queue, message) in enumerate(items):
@@ -173,24 +175,27 @@ class RedisTransport(Transport):
                 raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
                                        list(range(n))) from None
             encoded.append((queue, self.key(name), raw))
+        wait = pack(self.replicas.command) if self.replicas.count else None
         failed: list[int] = []
         reasons: dict[str, None] = {}
         for start in range(0, n, BATCH):
             end = min(n, start + BATCH)
-            pipe = self._client.pipeline(transaction=True)
-            unbound = {encoded[i][0] for i in range(start, end)} - self._bound
-            for q in sorted(unbound):
-                pipe.sadd(self.key(BINDING_PREFIX + q), binding_member(q))
+            unbound = sorted({encoded[i][0] for i in range(start, end)} - self._bound)
+            commands = [pack(["SADD", self.key(BINDING_PREFIX + q), binding_member(q)])
+                        for q in unbound]
             runs: list[range] = []  # the indexes each LPUSH carries
             first = start
             for i in range(start + 1, end + 1):
                 if i == end or encoded[i][1] != encoded[first][1]:
-                    pipe.lpush(encoded[first][1], *(encoded[j][2] for j in range(first, i)))
+                    commands.append(pack_push(encoded[first][1],
+                                              [encoded[j][2] for j in range(first, i)]))
                     runs.append(range(first, i))
                     first = i
             try:
                 with self.sending("publishing to", "the messages for", encoded[start][0]):
-                    replies = pipe.execute(raise_on_error=False)
+                    replies, acked = transaction(self._pool, commands, wait)
+                    if wait is not None:
+                        self.replicas.check(acked, f"messages {start} to {end - 1} of {n}")
             except (PublishError, BrokerUnreachable) as exc:
                 raise PublishManyError(
                     f"{exc}: messages {start} to {n - 1} of {n} were not confirmed"

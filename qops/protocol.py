@@ -447,7 +447,7 @@ class TaskMessages:
         headers["stamps"] = {}
         end = self.body_end
         if end is None:
-            end = self.body_end = f",{_tagged_json(self.embed)}]".encode("utf-8")
+            end = self.body_end = f",{_tagged_json(self.embed)}]".encode()
         body = _tagged_json([args, kwargs])[:-1].encode("utf-8") + end
         props: dict[str, Any] = {"correlation_id": tid, "reply_to": self.reply_to,
                                  "delivery_mode": 2}

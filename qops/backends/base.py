@@ -78,27 +78,28 @@ class ResultBackend(ABC):
         self._store(task_id, protocol.dumps(meta).encode(), state, reply_to=reply_to)
 
     def get_meta(self, task_id: str) -> dict[str, Any]:
-        raw = self._get(task_id)
-        if raw is None:
-            return pending(task_id)
-        meta = protocol.loads(raw)
-        if not isinstance(meta, dict):
-            return pending(task_id)
-        return meta
+        return _parse(task_id, self._get(task_id))
 
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the task is ready; raise ResultTimeout after ``timeout`` seconds."""
+        """Block until the task is ready; raise ResultTimeout after ``timeout`` seconds.
+        A wake-up that carries the stored meta (Redis publishes what it stores) is taken
+        as read when it is ready: no read of the key after it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._watch(task_id) as pause:
-            while True:
-                meta = self.get_meta(task_id)
-                if meta["status"] in READY_STATES:
-                    return meta
+            meta = self.get_meta(task_id)
+            while meta["status"] not in READY_STATES:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise ResultTimeout(f"task {task_id} not ready after {timeout}s "
                                         f"(state {meta['status']})")
-                pause(1.0 if left is None else min(left, 1.0))
+                woke = pause(1.0 if left is None else min(left, 1.0))
+                try:  # (anyone may publish on the channel)
+                    meta = _parse(task_id, woke)
+                except ValueError:
+                    meta = pending(task_id)
+                if meta["status"] not in READY_STATES:
+                    meta = self.get_meta(task_id)
+            return meta
 
     def forget(self, task_id: str) -> None:
         self._delete(task_id)
@@ -150,13 +151,18 @@ class ResultBackend(ABC):
     def _delete(self, task_id: str) -> None: ...
 
     @contextmanager
-    def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:
+    def _watch(self, task_id: str) -> Iterator[Callable[[float], bytes | None]]:
         """While waiting for a task: yield a function that returns when its state may
-        have changed, or after the seconds it is given. Set up before the first read,
-        so a result stored in between is not missed. Default: ``_wait`` (polling), its
-        interval starting short again for each wait."""
+        have changed, or after the seconds it is given: the meta that was stored, when
+        it knows (else None: read it). Set up before the first read, so a result stored
+        in between is not missed. Default: ``_wait`` (polling), its interval starting
+        short again for each wait."""
         self._poll = POLL_FIRST
-        yield lambda seconds: self._wait(task_id, seconds)
+
+        def pause(seconds: float) -> None:
+            self._wait(task_id, seconds)
+
+        yield pause
 
     def _wait(self, task_id: str, timeout: float) -> None:
         """Return when the task's state may have changed, or after ``timeout``.
@@ -165,6 +171,14 @@ class ResultBackend(ABC):
         step = getattr(self, "_poll", POLL_FIRST)
         time.sleep(min(step, timeout))
         self._poll = min(step * 2, POLL_MAX)
+
+
+def _parse(task_id: str, raw: bytes | None) -> dict[str, Any]:
+    """A stored meta (JSON), or PENDING for none or for anything that is not a meta."""
+    if raw is None:
+        return pending(task_id)
+    meta = protocol.loads(raw)
+    return meta if isinstance(meta, dict) and "status" in meta else pending(task_id)
 
 
 #: the polling interval of a wait (backends that cannot be woken): first, and longest

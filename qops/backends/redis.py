@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from qops.backends.base import ResultBackend
 from qops.errors import BrokerUnreachable, ResultTimeout
@@ -138,16 +138,17 @@ class RedisBackend(ResultBackend):
             except Exception:  # noqa: S110 - a broken connection is being dropped anyway
                 pass
 
-    def _next_on(self, pubsub: Any, channel: bytes, kind: str, seconds: float) -> bool:
+    def _next_on(self, pubsub: Any, channel: bytes, kind: str, seconds: float
+                 ) -> dict[str, Any] | None:
         """Read until a ``kind`` message ("subscribe" or "message") on ``channel``, at
-        most ``seconds``; whether one came."""
+        most ``seconds``; the message, or None when none came."""
         deadline = time.monotonic() + seconds
         while True:
             msg = self._call(pubsub.get_message, timeout=max(0.0, deadline - time.monotonic()))
             if msg is not None and msg["type"] == kind and msg["channel"] == channel:
-                return True
+                return cast("dict[str, Any]", msg)
             if time.monotonic() >= deadline:
-                return False
+                return None
 
     # -- the chord counter join ---------------------------------------------------------
     native_join = True
@@ -193,20 +194,23 @@ class RedisBackend(ResultBackend):
         self._call(self.client.delete, *self._gkeys(group_id, ".s"))
 
     @contextmanager
-    def _watch(self, task_id: str) -> Iterator[Callable[[float], None]]:
+    def _watch(self, task_id: str) -> Iterator[Callable[[float], bytes | None]]:
         # Subscribed (confirmed) before the first read: a result stored in between wakes us.
         pubsub = self._pubsub()
         channel = self._key(task_id).encode()
         ok = False
         try:
             self._call(pubsub.subscribe, channel)
-            if not self._next_on(pubsub, channel, "subscribe", 10.0):
+            if self._next_on(pubsub, channel, "subscribe", 10.0) is None:
                 raise BrokerUnreachable(f"result backend {mask_password(self.url)} did not "
                                         "confirm a subscription in 10 s")
             ok = True
 
-            def pause(seconds: float) -> None:
-                self._next_on(pubsub, channel, "message", seconds)
+            def pause(seconds: float) -> bytes | None:
+                # the store script (and Celery's backend) publishes what it stored
+                msg = self._next_on(pubsub, channel, "message", seconds)
+                data = None if msg is None else msg["data"]
+                return data if isinstance(data, bytes) else None
 
             yield pause
         except BaseException as exc:

@@ -150,6 +150,38 @@ def test_redis_waits_share_one_connection_per_thread(request: pytest.FixtureRequ
         b.close()
 
 
+def test_a_redis_wait_takes_the_published_result_as_read(
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis publishes what it stores: a wait woken by a ready result returns it without
+    reading the key again (a round trip of every .get() that waits), and one woken by a
+    state that is not ready (STARTED), or by a payload that is not a result, reads it."""
+    b = backend_from_url(request.getfixturevalue("redis_url"), expires=60)
+    reads: list[str] = []
+    real_get = b._get
+    monkeypatch.setattr(b, "_get", lambda task_id: reads.append(task_id) or real_get(task_id))
+    try:
+        t = tid()
+        threading.Timer(0.1, lambda: b.store(t, "SUCCESS", 7)).start()
+        assert b.wait(t, timeout=5)["result"] == 7
+        assert reads == [t]  # the read before the wait only
+        reads.clear()
+        t = tid()
+
+        def started_then_done() -> None:
+            b.store(t, "STARTED")
+            time.sleep(0.1)
+            b.client.publish(b._key(t), b"not a result")  # type: ignore[attr-defined]
+            time.sleep(0.1)
+            b.store(t, "SUCCESS", 8)
+
+        threading.Timer(0.1, started_then_done).start()
+        assert b.wait(t, timeout=5)["result"] == 8
+        assert reads == [t, t, t]  # before, after STARTED, after the stray message
+    finally:
+        time.sleep(0.1)
+        b.close()
+
+
 def test_a_polling_wait_starts_with_a_short_interval_again(request: pytest.FixtureRequest) -> None:
     """SQLite results are polled with a growing interval: each wait starts short again
     (it stayed at its longest after the first slow wait, so every later .get() took

@@ -40,6 +40,10 @@ class ResultBackend(ABC):
     #: (the counter join of docs/canvas.md); without it a ``celery.chord_unlock`` task
     #: polls the header's results
     native_join = False
+    #: whether a prefork pool child may store its task's result itself (the backend is
+    #: safe to use in a forked process: it connects again there); the result is then
+    #: there before the parent hears of the task's end
+    stored_by_children = False
 
     def __init__(self, url: str, *, expires: float | None = 86400,
                  prefix: str = "qops-task-meta-") -> None:

@@ -39,6 +39,8 @@ def _script(name: str) -> str:
 
 
 class RedisBackend(ResultBackend):
+    stored_by_children = True  # (redis-py's pool makes new connections after a fork)
+
     @classmethod
     def check_url(cls, url: str) -> None:
         parse_url(url, "result backend URL")

@@ -100,6 +100,14 @@ class ConsumerLoop:
         self._stop_event = threading.Event()
         self.lost_books = LostBooks(self)  # worker-lost accounting
 
+    @functools.cached_property
+    def children_store(self) -> bool:
+        """Whether the pool's children store a task's SUCCESS themselves (prefork, with
+        a backend they may use after the fork): the result is out before the parent has
+        read the child's answer. Fixed once the pool is there."""
+        return bool(self.has_backend and self.pool is not None and self.pool.stores_results
+                    and self.app.backend.stored_by_children)
+
     # -- set-up ---------------------------------------------------------------------------------
     def apply_rate_limits(self) -> None:
         for name, task in self.app.tasks.items():
@@ -372,6 +380,8 @@ class ConsumerLoop:
         # the result goes nowhere: don't check that it could be serialized
         job["check_result"] = bool((self.has_backend and not req.ignore_result)
                                    or req.callbacks or req.chain)
+        if self.children_store and not req.ignore_result:
+            job["store"], job["reply_to"] = True, req.reply_to
         self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
                          hard, functools.partial(self.begin, d, req, acks_late))
 
@@ -473,7 +483,8 @@ class ConsumerLoop:
                 log.info("Task %s[%s] succeeded in %.4fs: %s", req.name, req.id, runtime,
                          protocol.saferepr(outcome["result"], self.repr_maxsize))
             if self.has_backend:
-                self.store(req, SUCCESS, outcome["result"])
+                self.store(req, SUCCESS, outcome["result"],
+                           stored=outcome.get("stored", False))
             if self.sending_task_events:
                 self.event("task-succeeded", req,
                            result=protocol.saferepr(outcome["result"], self.repr_maxsize),
@@ -541,12 +552,13 @@ class ConsumerLoop:
                    traceback=outcome.get("traceback"))
 
     def store(self, req: TaskRequest, state: str, result: Any,
-              traceback: str | None = None) -> None:
-        """Store the task's state; a chord header task's final state is also its part
-        of the chord (qops/chords.py), even when its result is ignored."""
+              traceback: str | None = None, stored: bool = False) -> None:
+        """Store the task's state (``stored``: the pool child did); a chord header
+        task's final state is also its part of the chord (qops/chords.py), even when
+        its result is ignored."""
         if not self.has_backend:
             return
-        if not req.ignore_result or state == FAILURE:
+        if not stored and (not req.ignore_result or state == FAILURE):
             try:
                 self.app.backend.store(req.id, state, result, traceback,
                                        reply_to=req.reply_to)

@@ -42,6 +42,9 @@ class Pool(ABC):
     #: worker loss (qops/worker/lost.py). Where a child runs it, the parent sees the
     #: death and counts it itself.
     task_crash_kills_node = True
+    #: a job's ``store`` asks the process that runs it to store a SUCCESS itself
+    #: (prefork: the child, so the result is out before the parent hears of it)
+    stores_results = False
 
     def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
                  on_child_start: Callable[[int], None] | None = None) -> None:

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection, Pipe
 from typing import TYPE_CHECKING, Any
 
 from qops import protocol
+from qops.backends.base import SUCCESS
 from qops.errors import TimeLimitExceeded, WorkerLostError
 from qops.worker.pool import STOP, Pool, describe_status, log, report, stop_and_join
 from qops.worker.request import LOST, execute
@@ -236,6 +237,13 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap
         except (EOFError, OSError):
             return 0
         outcome = execute(pool.app, job)
+        if job.get("store") and outcome["state"] == SUCCESS:
+            try:
+                pool.app.backend.store(job["id"], SUCCESS, outcome["result"],
+                                       reply_to=job.get("reply_to"))
+                outcome["stored"] = True
+            except Exception:  # noqa: S110 - the parent stores it then (and logs why not)
+                pass
         done += 1
         if limit and done >= limit:
             outcome["_exit"] = True
@@ -247,6 +255,7 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap
 class PreforkPool(Pool):
     name = "prefork"
     task_crash_kills_node = False
+    stores_results = True
 
     def __init__(self, app: App, concurrency: int, max_tasks_per_child: int | None = None,
                  on_child_start: Callable[[int], None] | None = None,

@@ -10,10 +10,11 @@ turned into a format string; a message is then its envelope in one ``%``. So the
 are encode_envelope's by construction (tests/unit/test_envelopes.py compares them over
 many kinds of message).
 
-A message gets its template only while it holds exactly what ``TaskMessages.build``
-put in it: ``fill`` checks every header, the properties and the content type and
-returns None on any difference (a signature or compression added, a
-``before_task_publish`` handler's change), and the message is encoded whole.
+A message gets its template only while it holds what ``TaskMessages.build`` put in it:
+its headers and properties are ``Noted`` dicts, which note any change made through
+them (a signature or compression added, a handler's or a transport's change), and
+``fill`` checks the rest (the content type, the two values a change in place could
+touch); anything else and the message is encoded whole.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from __future__ import annotations
 import json
 import re
 from base64 import b64encode
-from operator import is_
 from typing import TYPE_CHECKING
 
-from qops.protocol import JSON, Message, encode_envelope, new_id
+from qops.protocol import JSON, Message, Noted, encode_envelope, new_id
 
 if TYPE_CHECKING:
     from qops.protocol import TaskMessages
@@ -46,8 +46,7 @@ _END = b'"}}'
 class Template:
     """The envelopes of one ``TaskMessages``'s messages for one list (see module doc)."""
 
-    __slots__ = ("parts", "keys", "values", "size", "root_id", "root", "timelimit",
-                 "reply_to", "priority")
+    __slots__ = ("parts", "root", "timelimit")
 
     def __init__(self, messages: TaskMessages, queue: str, exchange: str,
                  priority: int | None) -> None:
@@ -68,48 +67,30 @@ class Template:
         if tuple(pieces[1::2]) != _ORDER:
             return  # a name or value of the probe's own looked like a stand-in
         self.parts = (_BODY.encode(), *(piece.encode() for piece in pieces[0::2]))
-        # what the checks compare: every header but the message's own, in order
-        own = {"id", "root_id", "argsrepr", "kwargsrepr", "timelimit", "stamps"}
-        self.keys = tuple(k for k in messages.headers if k not in own)
-        self.values = tuple(messages.headers[k] for k in self.keys)
-        self.size = len(messages.headers)
-        self.root_id = messages.root_id
-        self.root = None if self.root_id is None else _plain(self.root_id).encode()
-        self.timelimit = list(messages.time_limits)
-        self.reply_to = messages.reply_to
-        self.priority = messages.priority
+        self.root = None if messages.root_id is None else _plain(messages.root_id).encode()
+        self.timelimit = messages.time_limits
 
     def fill(self, message: Message, tid: str) -> bytes | None:
         """``message``'s envelope, or None when it no longer holds what build() put in
         it (encode it whole then)."""
         h = message.headers
         p = message.properties
-        if self.parts is None or len(h) != self.size or len(p) != 3 + (
-                self.priority is not None) or message.content_type != JSON or \
+        if self.parts is None or type(h) is not Noted or h.changed or \
+                type(p) is not Noted or p.changed or message.content_type != JSON or \
                 message.content_encoding != "utf-8":
             return None
-        try:
-            # the very objects build() put there (equal is not enough: 0 == False, and
-            # JSON writes them differently)
-            same = (all(map(is_, map(h.__getitem__, self.keys), self.values))
-                    and h["id"] is tid and h["root_id"] is (self.root_id or tid)
-                    and len(h["timelimit"]) == 2
-                    and all(map(is_, h["timelimit"], self.timelimit))
-                    and type(h["stamps"]) is dict and not h["stamps"]
-                    and p["correlation_id"] is tid and p["reply_to"] is self.reply_to
-                    and type(p["delivery_mode"]) is int and p["delivery_mode"] == 2
-                    and p.get("priority", self.priority) is self.priority)
-            args, kwargs = h["argsrepr"], h["kwargsrepr"]
-        except (KeyError, TypeError):
-            return None
-        if not same or type(args) is not str or type(kwargs) is not str:
+        # changed in place? (the very objects build() put in: 0 == False, but JSON
+        # writes them differently)
+        limits = h["timelimit"]
+        if len(limits) != 2 or limits[0] is not self.timelimit[0] or \
+                limits[1] is not self.timelimit[1] or h["stamps"]:
             return None
         head, to_id, to_root, to_args, to_kwargs, to_id2, to_tag = self.parts
         own = _plain(tid).encode("ascii")
         return b"".join((head, b64encode(message.body), to_id, own, to_root,
-                         self.root or own, to_args, _escape(args).encode("ascii"),
-                         to_kwargs, _escape(kwargs).encode("ascii"), to_id2, own, to_tag,
-                         new_id().encode("ascii"), _END))
+                         self.root or own, to_args, _escape(h["argsrepr"]).encode("ascii"),
+                         to_kwargs, _escape(h["kwargsrepr"]).encode("ascii"), to_id2, own,
+                         to_tag, new_id().encode("ascii"), _END))
 
 
 def _plain(text: str) -> str:

@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from qops.errors import ProtocolError, UsageError
 from qops.values import seconds
@@ -436,24 +436,67 @@ class TaskMessages:
         """The message for ``args`` (a list) and ``kwargs`` (a dict), each used as is."""
         tid = task_id or self.task_id or new_id()
         self.built += 1
-        headers = self.headers.copy()
-        headers["id"] = tid
-        headers["timelimit"] = list(self.time_limits)
-        headers["root_id"] = self.root_id or tid
-        text = repr(args)
-        headers["argsrepr"] = text if len(text) <= REPR_LIMIT else shorten(text, REPR_LIMIT)
-        text = repr(kwargs) if kwargs else "{}"
-        headers["kwargsrepr"] = text if len(text) <= REPR_LIMIT else shorten(text, REPR_LIMIT)
-        headers["stamps"] = {}
+        args_text = repr(args)
+        kwargs_text = repr(kwargs) if kwargs else "{}"
+        # (made in one go: Noted notes only what is changed through it later)
+        headers = Noted(self.headers, id=tid, timelimit=list(self.time_limits),
+                        root_id=self.root_id or tid,
+                        argsrepr=args_text if len(args_text) <= REPR_LIMIT
+                        else shorten(args_text, REPR_LIMIT),
+                        kwargsrepr=kwargs_text if len(kwargs_text) <= REPR_LIMIT
+                        else shorten(kwargs_text, REPR_LIMIT),
+                        stamps={})
         end = self.body_end
         if end is None:
             end = self.body_end = f",{_tagged_json(self.embed)}]".encode()
         body = _tagged_json([args, kwargs])[:-1].encode("utf-8") + end
-        props: dict[str, Any] = {"correlation_id": tid, "reply_to": self.reply_to,
-                                 "delivery_mode": 2}
-        if self.priority is not None:
-            props["priority"] = self.priority
+        props = Noted(correlation_id=tid, reply_to=self.reply_to, delivery_mode=2) \
+            if self.priority is None else \
+            Noted(correlation_id=tid, reply_to=self.reply_to, delivery_mode=2,
+                  priority=self.priority)
         return Message(body=body, headers=headers, properties=props, made=(self, tid))
+
+
+class Noted(dict[str, Any]):
+    """A dict that notes whether it was changed through it since it was made (``changed``):
+    the headers and properties of the messages ``TaskMessages.build`` makes, whose
+    envelope then comes from a template unless something changed them
+    (qops/envelopes.py). Making one (``Noted(mapping, **more)``) is not a change; a
+    value changed in place (a list in it) is not seen."""
+
+    changed = False
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.changed = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.changed = True
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> Noted:  # type: ignore[misc,override]
+        self.changed = True
+        return cast("Noted", super().__ior__(other))
+
+    def pop(self, *args: Any) -> Any:
+        self.changed = True
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.changed = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.changed = True
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.changed = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.changed = True
+        return super().setdefault(key, default)
 
 
 def build_task_message(name: str, args: Any = (), kwargs: dict[str, Any] | None = None,

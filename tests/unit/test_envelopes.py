@@ -130,3 +130,38 @@ def test_a_message_holding_a_stand_in_gets_no_template(where: str) -> None:
     # (a root id is filled in like the id: it never stands in the probe)
     assert (messages.templates[("q", "", None)].parts is None) == (where != "root_id")
     _same(encode_envelope("q", first), _whole("q", first, "", None))
+
+
+NOTED_CHANGES = {
+    "set": lambda d: d.__setitem__("x-new", 1),
+    "del": lambda d: d.__delitem__("origin"),
+    "pop": lambda d: d.pop("origin"),
+    "popitem": lambda d: d.popitem(),
+    "clear": lambda d: d.clear(),
+    "update": lambda d: d.update({"retries": 3}),
+    "update kwargs": lambda d: d.update(retries=3),
+    "setdefault": lambda d: d.setdefault("x-new", 2),
+    "|=": lambda d: d.__ior__({"retries": 4}),
+}
+
+
+@pytest.mark.parametrize("change", list(NOTED_CHANGES))
+def test_every_way_of_changing_the_headers_is_noted(change: str) -> None:
+    """A built message's headers note every change made through them (qops.protocol.
+    Noted): that, not a comparison of every header, is what keeps the template off a
+    changed message. Making one, and copying it, are no change."""
+    from qops.protocol import Noted
+
+    messages = TaskMessages("t.add")
+    encode_envelope("q", messages.build([0], {}))
+    message = messages.build([1], {})
+    assert type(message.headers) is Noted and not message.headers.changed
+    assert type(message.headers.copy()) is dict and not message.headers.changed
+    NOTED_CHANGES[change](message.headers)
+    assert message.headers.changed
+    _same(encode_envelope("q", message), _whole("q", message, "", None))
+    props = messages.build([2], {})
+    NOTED_CHANGES[change](props.properties) if change not in ("del", "pop") else \
+        props.properties.pop("reply_to")
+    assert props.properties.changed
+    _same(encode_envelope("q", props), _whole("q", props, "", None))

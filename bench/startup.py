@@ -59,7 +59,14 @@ from benchproc import (  # noqa: E402
     tail,
     versions,
 )
-from venvs import CELERY_VENV, DRAMATIQ_VENV, celery_python, dramatiq_python  # noqa: E402
+from venvs import (  # noqa: E402
+    CELERY_VENV,
+    DRAMATIQ_VENV,
+    QOPS_VENV,
+    celery_python,
+    dramatiq_python,
+    qops_python,
+)
 
 SYSTEMS = ("qops", "celery", "dramatiq")
 PEERS = ("celery", "dramatiq")
@@ -131,19 +138,27 @@ class Bench:
         self.tmp = tmp
         self.run_id = uuid.uuid4().hex[:8]
         self.count = 0
-        self.pythons: dict[str, Path | None] = {"qops": Path(args.qops_python),
-                                                "celery": None, "dramatiq": None}
+        # qops as installed (bench/.qops-venv), or the interpreter given, which runs
+        # this checkout's qops (its bytecode compiled first, as pip would)
+        self.checkout = args.qops_python is not None
+        if self.checkout:
+            qops: Path = Path(args.qops_python)
+            compile_qops(REPO)
+        else:
+            qops = qops_python(REPO, Path(args.qops_venv))
+        self.pythons: dict[str, Path | None] = {"qops": qops, "celery": None,
+                                                "dramatiq": None}
         if "celery" in args.peers:
             self.pythons["celery"] = celery_python(Path(args.celery_venv))
         if "dramatiq" in args.peers:
             self.pythons["dramatiq"] = dramatiq_python(Path(args.dramatiq_venv))
-        compile_qops(REPO)
 
     def systems(self) -> list[str]:
         return [s for s in SYSTEMS if self.pythons[s] is not None]
 
     def env(self, system: str, queue: str) -> dict[str, str]:
-        path = [SIDES[system], COMMON] + ([REPO] if system == "qops" else [])
+        path = [SIDES[system], COMMON] + ([REPO] if system == "qops" and self.checkout
+                                          else [])
         env = clean_env(path)
         env.update({"BENCH_BROKER_URL": self.args.redis_url, "BENCH_QUEUE": queue})
         return env
@@ -328,8 +343,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", type=csv, default=[], help="cli,memory")
     p.add_argument("--timeout", type=float, default=120, help="seconds before a step gives up")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    p.add_argument("--qops-python", default=sys.executable,
-                   help="the interpreter of a venv with qops installed (default: this one)")
+    p.add_argument("--qops-python", default=None,
+                   help="an interpreter that runs this checkout's qops (default: qops "
+                   "installed from the checkout into --qops-venv, as a user installs it)")
+    p.add_argument("--qops-venv", default=str(QOPS_VENV))
     p.add_argument("--celery-venv", default=str(CELERY_VENV))
     p.add_argument("--dramatiq-venv", default=str(DRAMATIQ_VENV))
     p.add_argument("--json", action="store_true", help="print only the JSON document")

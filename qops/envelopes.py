@@ -24,7 +24,8 @@ import re
 from base64 import b64encode
 from typing import TYPE_CHECKING
 
-from qops.protocol import JSON, Message, Noted, encode_envelope, new_id
+from qops.ids import new_id
+from qops.protocol import JSON, Message, Noted, encode_envelope
 
 if TYPE_CHECKING:
     from qops.protocol import TaskMessages

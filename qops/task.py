@@ -471,6 +471,6 @@ def _from_dict(d: dict[str, Any], app: App | None = None) -> Signature:
 
 
 def new_task_id() -> str:
-    from qops.protocol import new_id
+    from qops.ids import new_id
 
     return new_id()

@@ -100,9 +100,9 @@ def test_envelope_errors(raw: bytes, reason: str) -> None:
 def test_new_id_is_a_version_4_uuid_string() -> None:
     import uuid
 
-    from qops import protocol
+    from qops.ids import new_id
 
-    ids = {protocol.new_id() for _ in range(500)}
+    ids = {new_id() for _ in range(500)}
     assert len(ids) == 500
     for text in ids:
         parsed = uuid.UUID(text)
@@ -112,19 +112,19 @@ def test_new_id_is_a_version_4_uuid_string() -> None:
 def test_new_id_pool_is_not_shared_with_a_forked_child() -> None:
     import os
 
-    from qops import protocol
+    from qops.ids import new_id
 
-    protocol.new_id()  # a pool is made: the child must not hand out its ids
+    new_id()  # a pool is made: the child must not hand out its ids
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        os.write(write, " ".join(protocol.new_id() for _ in range(300)).encode())
+        os.write(write, " ".join(new_id() for _ in range(300)).encode())
         os._exit(0)
     os.close(write)
     with os.fdopen(read) as f:
         child = set(f.read().split())
     os.waitpid(pid, 0)
-    mine = {protocol.new_id() for _ in range(300)}
+    mine = {new_id() for _ in range(300)}
     assert len(child) == 300 and not child & mine
 
 

@@ -5,8 +5,8 @@ but for the task id, root id and the arguments' reprs, the same properties but f
 id. Encoding each envelope whole with ``encode_envelope`` was about half of what a bulk
 send on Redis cost (bench/README.md, "Where bulk-send time went"). A ``Template`` is
 ``encode_envelope``'s own output for a probe message of that ``TaskMessages``, made
-once per list (queue, exchange, priority), with the places of each message's values
-turned into a format string; a message is then its envelope in one ``%``. So the bytes
+once per list (queue, exchange, priority), cut at the places of each message's values;
+a message is then its envelope in one join of those pieces and its values. So the bytes
 are encode_envelope's by construction (tests/unit/test_envelopes.py compares them over
 many kinds of message).
 
@@ -25,7 +25,8 @@ from base64 import b64encode
 from typing import TYPE_CHECKING
 
 from qops.ids import new_id
-from qops.protocol import JSON, Message, Noted, encode_envelope
+from qops.noted import Noted
+from qops.protocol import JSON, Message, encode_envelope
 
 if TYPE_CHECKING:
     from qops.protocol import TaskMessages

@@ -150,7 +150,7 @@ def test_every_way_of_changing_the_headers_is_noted(change: str) -> None:
     """A built message's headers note every change made through them (qops.protocol.
     Noted): that, not a comparison of every header, is what keeps the template off a
     changed message. Making one, and copying it, are no change."""
-    from qops.protocol import Noted
+    from qops.noted import Noted
 
     messages = TaskMessages("t.add")
     encode_envelope("q", messages.build([0], {}))

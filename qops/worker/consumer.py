@@ -553,7 +553,7 @@ class ConsumerLoop:
 
     def store(self, req: TaskRequest, state: str, result: Any,
               traceback: str | None = None, stored: bool = False) -> None:
-        """Store the task's state (``stored``: the pool child did); a chord header
+        """Store the task's state (``stored``: the pool child did, or tried); a chord header
         task's final state is also its part of the chord (qops/chords.py), even when
         its result is ignored."""
         if not self.has_backend:

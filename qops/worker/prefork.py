@@ -241,9 +241,10 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap
             try:
                 pool.app.backend.store(job["id"], SUCCESS, outcome["result"],
                                        reply_to=job.get("reply_to"))
-                outcome["stored"] = True
-            except Exception:  # noqa: S110 - the parent stores it then (and logs why not)
-                pass
+            except Exception as exc:  # as the parent would log it
+                log.error("Task %s[%s]: could not store %s: %s", job["name"], job["id"],
+                          SUCCESS, exc)
+            outcome["stored"] = True  # (not again by the parent: the backend said why)
         done += 1
         if limit and done >= limit:
             outcome["_exit"] = True

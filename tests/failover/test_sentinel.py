@@ -167,3 +167,38 @@ def test_wait_replicas_refuses_what_the_replica_did_not_confirm(sentinels) -> No
         assert json.loads(app.backend._get("id1") or b"{}")["result"] == 1
     finally:
         app.close()
+
+
+def test_a_bulk_send_after_a_switchover_goes_to_the_new_master(sentinels) -> None:
+    """SENTINEL FAILOVER demotes the master without stopping it (no process dies). A bulk
+    send (qops's own MULTI/EXEC on a pooled connection, not redis-py's pipeline with its
+    retry) right after goes to the new master: the Sentinels close the demoted one's
+    client connections, and the pool's check at checkout connects again through them."""
+    import redis
+
+    from qops import App
+
+    app = App("switch", broker=sentinels.url())
+    try:
+        sig = app.signature("t.x", queue="switch")
+        assert len(app.send_many([sig] * 3)) == 3  # a pooled connection to the master
+        old = sentinels.master_port()
+        sentinel = redis.Redis(port=sentinels.sentinel_ports[0], socket_timeout=5)
+        try:
+            sentinel.execute_command("SENTINEL", "FAILOVER", "mymaster")
+        finally:
+            sentinel.close()
+        new = sentinels.wait_master_not(old)
+        demoted = redis.Redis(port=old, socket_timeout=5)
+        try:
+            assert wait_until(lambda: demoted.info("replication")["role"] == "slave", 20)
+        finally:
+            demoted.close()
+        assert len(app.send_many([sig] * 4)) == 4
+        master = redis.Redis(port=new, socket_timeout=5)
+        try:
+            assert master.llen("switch") == 7
+        finally:
+            master.close()
+    finally:
+        app.close()

@@ -56,8 +56,8 @@ class Replicas:
         if got < self.count:
             raise PublishError(
                 f"Redis took {what}, but only {got} of the {self.count} replica(s) asked "
-                f"for (wait_replicas) confirmed it within {self.timeout_ms} ms: it would "
-                "be lost if the master failed now (sending it again may run it twice)")
+                f"for (wait_replicas) confirmed the write within {self.timeout_ms} ms: "
+                "the master failing now would lose it (sending again may run a task twice)")
 
     def wait(self, pipe: Any, what: str) -> list[Any]:
         """Run ``pipe`` (a redis-py pipeline, not a transaction, holding the writes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import uuid
 from collections.abc import Iterator
@@ -20,12 +19,6 @@ from tests.conftest import shared_broker_url
 from tests.helpers import WorkerProcess, qops_env, wait_until
 
 
-def _worker_propagates_chain_failures() -> bool:
-    from qops.worker.consumer import ConsumerLoop
-
-    return "propagate_chain_failure" in inspect.getsource(ConsumerLoop)
-
-
 def _apps_have_builtins() -> bool:
     from qops import App
 
@@ -35,11 +28,6 @@ def _apps_have_builtins() -> bool:
 needs_builtins = pytest.mark.skipif(
     not _apps_have_builtins(),
     reason="App.__init__ does not call qops.canvas.register_builtins yet")
-needs_chain_failure = pytest.mark.skipif(
-    not _worker_propagates_chain_failures(),
-    reason="the worker does not call qops.canvas.propagate_chain_failure yet")
-
-
 @pytest.fixture(scope="module", params=["sqlite", "redis", "amqp"])
 def urls(request: pytest.FixtureRequest,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
@@ -156,7 +144,6 @@ def test_chord_member_failure_fails_the_chord(proj) -> None:
     assert res.failed()
 
 
-@needs_chain_failure
 def test_failing_chain_member_fails_the_chain(proj) -> None:
     t = proj
     res = (t.add.s(1, 1) | t.fail.si("mid-chain") | t.add.s(1) | t.mul.s(2))()
@@ -166,7 +153,6 @@ def test_failing_chain_member_fails_the_chain(proj) -> None:
 
 
 @needs_builtins
-@needs_chain_failure
 def test_failing_chain_inside_a_chord_header(proj) -> None:
     t = proj
     res = chord([t.fail.si("deep") | t.add.s(1), t.add.s(1, 1)], t.xsum.s())()

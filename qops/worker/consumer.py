@@ -4,6 +4,8 @@
              -> result store, events, followers (chains, links) or errbacks, retries
              -> ack / requeue / dead-letter
 
+(from the outcome on: ``qops/worker/outcomes.py``)
+
 A ``ConsumerLoop`` owns a transport Consumer, a timer (ETA and rate-limit waits) and
 what a process knows about its tasks: reserved (taken, not started: waiting for an ETA,
 a rate limit or a free slot in the pool's queue), revoked, lost, processed, rate limits
@@ -35,14 +37,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qops import chords, protocol
-from qops.backends.base import FAILURE, READY_STATES, RETRY, REVOKED, STARTED, SUCCESS
+from qops.backends.base import FAILURE, READY_STATES, REVOKED, STARTED
 from qops.errors import NotRegistered, ProtocolError, TaskRevokedError
 from qops.events import dead_letter_fields
 from qops.signing import HEADER, SignatureError, task_context, task_signer
-from qops.worker import followers
 from qops.worker.lost import LostBooks
+from qops.worker.outcomes import Outcomes
 from qops.worker.ratelimit import RateLimits
-from qops.worker.request import LOST, REJECTED, make_job
+from qops.worker.request import make_job
 from qops.worker.state import Revoked
 from qops.worker.timer import Timer
 
@@ -99,14 +101,7 @@ class ConsumerLoop:
         self.stopping = False
         self._stop_event = threading.Event()
         self.lost_books = LostBooks(self)  # worker-lost accounting
-
-    @functools.cached_property
-    def children_store(self) -> bool:
-        """Whether the pool's children store a task's SUCCESS themselves (prefork, with
-        a backend they may use after the fork): the result is out before the parent has
-        read the child's answer. Fixed once the pool is there."""
-        return bool(self.has_backend and self.pool is not None and self.pool.stores_results
-                    and self.app.backend.stored_by_children)
+        self.outcomes = Outcomes(self)  # what a task's end leaves
 
     # -- set-up ---------------------------------------------------------------------------------
     def apply_rate_limits(self) -> None:
@@ -380,9 +375,10 @@ class ConsumerLoop:
         # the result goes nowhere: don't check that it could be serialized
         job["check_result"] = bool((self.has_backend and not req.ignore_result)
                                    or req.callbacks or req.chain)
-        if self.children_store and not req.ignore_result:
+        if self.outcomes.children_store and not req.ignore_result:
             job["store"], job["reply_to"] = True, req.reply_to
-        self.pool.submit(job, lambda outcome: self.on_done(d, req, task, outcome, acks_late),
+        self.pool.submit(job, lambda outcome: self.outcomes.done(d, req, task, outcome,
+                                                              acks_late),
                          hard, functools.partial(self.begin, d, req, acks_late))
 
     def begin(self, d: Delivery, req: TaskRequest, acks_late: bool) -> bool:
@@ -469,87 +465,9 @@ class ConsumerLoop:
         with self.lock:
             self.reserved.pop(id(d), None)
 
-    def on_done(self, d: Delivery, req: TaskRequest, task: Task, outcome: dict[str, Any],
-                acks_late: bool) -> None:
-        """A task ended (called from a pool thread): record it, then ack."""
-        assert self.consumer is not None
-        state = outcome["state"]
-        if state == LOST and req.id in self.revoked:
-            state = self._terminated(req)
-        runtime = outcome.get("runtime", 0.0)
-        requeue = False  # a Reject(requeue=True): back to the queue, acked early or not
-        if state == SUCCESS:
-            if log.isEnabledFor(logging.INFO):  # the repr only when it is logged
-                log.info("Task %s[%s] succeeded in %.4fs: %s", req.name, req.id, runtime,
-                         protocol.saferepr(outcome["result"], self.repr_maxsize))
-            if self.has_backend:
-                self.store(req, SUCCESS, outcome["result"],
-                           stored=outcome.get("stored", False))
-            if self.sending_task_events:
-                self.event("task-succeeded", req,
-                           result=protocol.saferepr(outcome["result"], self.repr_maxsize),
-                           runtime=runtime)
-            if req.callbacks or req.chain:
-                followers.send_followers(self.app, req, outcome["result"])
-        elif state == FAILURE:
-            log.error("Task %s[%s] raised: %s\n%s", req.name, req.id,
-                      protocol.shorten(_exc_line(outcome["result"]), self.repr_maxsize),
-                      outcome.get("traceback") or "")
-            self.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
-            self.event("task-failed", req, exception=_exc_line(outcome["result"]),
-                       traceback=outcome.get("traceback"))
-            followers.send_errbacks(self.app, req)
-            if req.chain:
-                from qops.canvas import propagate_chain_failure
-
-                propagate_chain_failure(self.app, req.chain, outcome["result"],
-                                        outcome.get("traceback"))
-        elif state == RETRY:
-            self.retry(req, d, task, outcome)
-        elif state == REJECTED:
-            if outcome.get("requeue"):
-                requeue = True
-                self.event("task-rejected", req, requeue=True)
-            else:
-                self.dead_letter(d, outcome["reason"])
-                self._count(req.name)
-                return
-        elif state == LOST:
-            if self.requeue_when_lost(task):  # counted, then requeued or dead-lettered
-                self.lost_books.died(d, req, task, outcome)
-                self._count(req.name)
-                return
-            else:
-                log.error("Task %s[%s] failed: %s", req.name, req.id,
-                          _exc_line(outcome["result"]))
-                self.store(req, FAILURE, outcome["result"])
-        if requeue:
-            self.consumer.requeue(d)
-        elif acks_late:  # (an at-most-once task was acked when it started)
-            self.consumer.ack(d)
-        self._count(req.name)
-
-    def _terminated(self, req: TaskRequest) -> str:
-        """A revoked task whose process died: killed by ``revoke --terminate``."""
-        log.warning("Task %s[%s] terminated (revoked)", req.name, req.id)
-        self.store(req, REVOKED, TaskRevokedError("terminated"))
-        self.event("task-revoked", req, terminated=True, signum=None, expired=False)
-        return REVOKED
-
     def _count(self, name: str) -> None:
         with self.lock:
             self.processed[name] = self.processed.get(name, 0) + 1
-
-    def retry(self, req: TaskRequest, d: Delivery, task: Task, outcome: dict[str, Any]) -> None:
-        when = float(outcome.get("when") or 0.0)
-        log.info("Task %s[%s] retry %d in %.2fs: %s", req.name, req.id, req.retries + 1, when,
-                 _exc_line(outcome["result"]))
-        # Publish the new attempt before the old message is acked: a crash in between
-        # runs the task once more rather than never.
-        followers.send_retry(self.app, req, d.queue, when, outcome)
-        self.store(req, RETRY, outcome["result"], outcome.get("traceback"))
-        self.event("task-retried", req, exception=_exc_line(outcome["result"]),
-                   traceback=outcome.get("traceback"))
 
     def store(self, req: TaskRequest, state: str, result: Any,
               traceback: str | None = None, stored: bool = False) -> None:
@@ -599,12 +517,4 @@ class ConsumerLoop:
             consumer.close()  # returns every message still unacked
         except Exception as exc:
             log.error("closing the consumer failed: %s", exc)
-
-
-def _exc_line(meta: Any) -> str:
-    if isinstance(meta, dict) and "exc_type" in meta:
-        msg = meta.get("exc_message") or []
-        text = ", ".join(str(m) for m in msg) if isinstance(msg, list) else str(msg)
-        return f"{meta['exc_type']}({text})"
-    return repr(meta)
 

@@ -34,13 +34,20 @@ def ensure_venv(venv: Path, requirements: list[str], imports: list[str]) -> Path
     check = [str(python), "-c", "import " + ", ".join(imports)]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python
-    if not python.exists():
-        print(f"creating the venv {venv} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    _create(venv)
     print(f"installing {' '.join(requirements)} into {venv} ...", file=sys.stderr, flush=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet",
                     "--disable-pip-version-check", *requirements], check=True, timeout=900)
     subprocess.run(check, check=True)
+    return python
+
+
+def _create(venv: Path) -> Path:
+    """``venv`` made with this interpreter's ``venv`` module if missing; its python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"creating the venv {venv} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     return python
 
 
@@ -60,10 +67,7 @@ def qops_python(source: Path, venv: Path = QOPS_VENV) -> Path:
     start: about 28 ms of every command on this machine, which the installed peers
     don't pay). Installed again at every call (the source may have changed); its
     dependencies come from PyPI the first time."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        print(f"creating the venv {venv} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = _create(venv)
     check = [str(python), "-c", "import " + ", ".join(QOPS_IMPORTS[1:])]
     has_deps = subprocess.run(check, capture_output=True).returncode == 0
     print(f"installing qops from {source} into {venv} ...", file=sys.stderr, flush=True)

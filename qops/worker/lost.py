@@ -7,7 +7,9 @@ delivered again by the broker. The broker side remembers how many times that hap
 way; the rule per transport is in docs/guarantees.md), so the count survives restarts
 and is the same on every node:
 
-- an acks_late task records its start (``started``, as it starts);
+- an acks_late task records its start (``started``, as it starts; the transport may
+  skip it: Redis writes starts only of messages a node died holding, and counts that
+  death from its recovery);
 - when the node sees its process die running it (``died``), or when a message comes
   back redelivered (``redelivered``), the start that never ended counts one loss;
 - after ``task_max_worker_lost`` losses (task option ``max_worker_lost``) the message
@@ -113,7 +115,7 @@ class LostBooks:
         if not new:
             return False
         wait = self.wait(n)
-        log.error("Task %s[%s]: its worker died running it (%d of %d); it runs again in "
+        log.error("Task %s[%s]: its worker died holding it (%d of %d); it runs again in "
                   "%gs", req.name, req.id, n, self.limit_for(task), wait)
         self.how.pop(req.id, None)
         self.loop.hold(d)

@@ -120,6 +120,7 @@ class RedisConsumer(Consumer):
         self._wire = threading.Lock()
         self._lease = Lease(transport.options.heartbeat_ttl)
         self._registered = False  # a first check-in went through
+        self._unseen = False  # its tasks' deaths are unseen: registered as such (lost.py)
         # Every list name this consumer may hold messages from; re-registered by heartbeat().
         self._used: set[str] = set(self._candidates())
         self._alive_value = f"{os.getpid()}@{socket.gethostname()}"
@@ -506,8 +507,8 @@ class RedisConsumer(Consumer):
         ttl_ms = max(1, int(t.options.heartbeat_ttl * 1000))
         pipe.set(t.key(f"qops.alive.{self.id}"), self._alive_value, px=ttl_ms)
         pipe.sadd(t.key("qops.consumers"), self.id)
-        pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping={
-            "queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()})
+        info = {"queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()}
+        pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping=info | lost.unseen(self))
         pipe.sadd(t.key(f"qops.sources.{self.id}"), *used)
 
     def _check_in(self, with_acks: bool = False) -> None:

@@ -1,14 +1,22 @@
-"""Worker-lost accounting on Redis: one small hash per message that a worker started
-(``qops.lost.<sha1 of the payload>``, docs/protocol.md section 2).
+"""Worker-lost accounting on Redis: one small hash per message that a worker may have
+been running when its node died (``qops.lost.<sha1 of the payload>``, docs/protocol.md
+section 2).
 
-``LostRecords.started`` writes ``running`` = the consumer id when an acks_late task starts
-(one round trip, ``lua/start.lua``, which also deletes the records of the tasks that
-ended since and applies their acks when it may); ``lua/worker_lost.lua`` turns a start that was never settled (or a
-death the worker saw) into ``count`` + 1; the consumer deletes the hash when it acks
-or dead-letters the message (the delete rides with the next start or reserve). A message's
-payload does not change when it is given back or recovered, so every node finds the
-same hash. Each write sets an expiry of ``LOST_TTL``: the record of a message that is
-gone (purged, or its hash left behind by a crash) does not stay."""
+A message runs **unwatched** until a node dies holding it: a solo or threads node
+writes nothing when such a task starts. Such a consumer registers as ``unseen`` (its
+hash ``qops.consumer.<cid>``, written once, before its first task starts); when it is
+found dead, ``lua/restore.lua`` gives each message it held and that has no record one
+with ``running`` = '?' (it may have been running: nobody saw). From then on the message
+runs **watched**: the reserve scripts tell which messages have a record (handed out as
+redelivered), and ``mark_started`` writes ``running`` = the consumer id before such a
+task runs (one round trip, ``lua/start.lua``, which also deletes the records of the
+tasks that ended since and applies their acks when it may). ``lua/worker_lost.lua``
+turns a ``running`` that was never settled (or a death the worker saw) into ``count`` +
+1; the consumer deletes the hash when it acks or dead-letters the message (the delete
+rides with the next start or reserve). A message's payload does not change when it is
+given back or recovered, so every node finds the same hash. Each write sets an expiry
+of ``LOST_TTL``: the record of a message that is gone (purged, or its hash left behind
+by a crash) does not stay. Why this order: docs/guarantees.md."""
 
 from __future__ import annotations
 
@@ -36,13 +44,29 @@ def lost_key(t: RedisTransport, raw: bytes) -> str:
     return t.key("qops.lost." + hashlib.sha1(raw).hexdigest())
 
 
+def unseen(c: RedisConsumer) -> dict[str, int]:
+    """The field of ``c``'s registration that asks ``lua/restore.lua`` to give the
+    unwatched messages of ``c`` a record when ``c`` is found dead ({} until it ran one)."""
+    return {"unseen": 1} if c._unseen else {}
+
+
 def mark_started(c: RedisConsumer, delivery: Delivery) -> None:
-    """``c.mark_started``: write the start record, settling in the same round trip what
-    ended since the last one: the records of finished tasks are deleted, and their
-    queued acks go too when ``c``'s wire is free right now and its lease needs no
-    check-in (the reserve's rule; else they wait for the next reserve, as any queued
-    ack). So a task that kills the process never takes the tasks that ended before it
-    along: they are neither counted as worker losses nor, when acked here, run again."""
+    """``c.mark_started``: before ``c``'s first task, register it as ``unseen`` (one
+    round trip, once). A delivery taken without a record then runs unwatched: nothing
+    to write. One taken with a record (watched) gets its start written, settling in the
+    same round trip what ended since the last one: the records of finished tasks are
+    deleted, and their queued acks go too when ``c``'s wire is free right now and its
+    lease needs no check-in (the reserve's rule; else they wait for the next reserve,
+    as any queued ack). So a watched task that kills the process does not take the
+    watched tasks that ended before it along: they are not counted again, nor, when
+    acked here, run again."""
+    if not c._unseen:
+        t = c.transport
+        with t.guard("registering the consumer"):
+            t._client.hset(t.key(f"qops.consumer.{c.id}"), "unseen", 1)
+        c._unseen = True  # (only now: a check-in that adds a field means a restore)
+    if not delivery.redelivered:
+        return
     held = c._held(delivery)
     if held is None:
         return

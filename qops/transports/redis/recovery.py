@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+from qops.transports.redis.lost import LOST_TTL
+
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
 
@@ -48,12 +50,13 @@ def recover(t: RedisTransport) -> int:
 
 def restore(t: RedisTransport, cid: str, only_if_dead: bool, client: Any = None) -> int:
     """Give back what consumer ``cid`` holds in flight and unregister it; -1 (nothing
-    done) when ``only_if_dead`` and it is alive. With ``client`` (a pipeline), the
+    done) when ``only_if_dead`` and it is alive. A dead consumer's unwatched messages
+    get a worker-lost record (``lua/restore.lua``; qops/transports/redis/lost.py). With ``client`` (a pipeline), the
     script is only queued there and its reply is the pipeline's."""
     keys = [t.key("qops.consumers"), t.key(f"qops.alive.{cid}"),
             t.key(f"qops.sources.{cid}"), t.key(f"qops.consumer.{cid}")]
-    mode = "1" if only_if_dead else "0"
+    args = [cid, t.prefix, "1" if only_if_dead else "0", LOST_TTL]
     if client is not None:
-        t._lua_restore(keys=keys, args=[cid, t.prefix, mode], client=client)
+        t._lua_restore(keys=keys, args=args, client=client)
         return 0
-    return int(t._lua_restore(keys=keys, args=[cid, t.prefix, mode]))
+    return int(t._lua_restore(keys=keys, args=args))

@@ -1,0 +1,134 @@
+"""Worker-lost records on Redis (qops/transports/redis/lost.py): a message runs
+unwatched (no write when it starts) until a node whose tasks run in its own process
+(solo, threads: registered ``unseen``) dies holding it; from then on it is watched
+(its start written before it runs) until it is acked or dead-lettered."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import redis
+
+from qops.protocol import Message
+from qops.transports.redis import RedisConsumer, RedisTransport
+from tests.helpers import drain
+
+pytestmark = pytest.mark.redis
+
+
+def msg(n: int) -> Message:
+    return Message(body=b"[[], {}, {}]", headers={"id": f"id-{n}", "task": "t"},
+                   properties={"delivery_tag": f"tag-{n}"})
+
+
+def record(raw: redis.Redis, d) -> dict[bytes, bytes]:
+    return raw.hgetall("qops.lost." + hashlib.sha1(d.raw).hexdigest())
+
+
+def lost_keys(raw: redis.Redis) -> list[bytes]:
+    return sorted(raw.scan_iter("qops.lost.*"))
+
+
+def consumer(t: RedisTransport, cid: str, prefetch: int = 3) -> RedisConsumer:
+    c = t.consumer(["q"], prefetch=prefetch, consumer_id=cid)
+    assert isinstance(c, RedisConsumer)
+    return c
+
+
+def die(t: RedisTransport, raw: redis.Redis, cid: str) -> None:
+    """What a node killed with its process looks like to the others: its heartbeat
+    lapses and another node's recover() gives back what it held."""
+    raw.delete(f"qops.alive.{cid}")
+    assert t.recover() > 0
+
+
+def test_a_start_without_a_record_writes_nothing(transport: RedisTransport,
+                                                 raw: redis.Redis) -> None:
+    transport.publish("q", msg(1))
+    c = consumer(transport, "w1")
+    try:
+        [d] = drain(c, 1)
+        assert not d.redelivered
+        c.mark_started(d)
+        assert lost_keys(raw) == []
+        assert raw.hget("qops.consumer.w1", "unseen") == b"1"
+        c.heartbeat()  # registering again keeps it
+        assert raw.hget("qops.consumer.w1", "unseen") == b"1"
+        c.ack(d)
+    finally:
+        c.close()
+    assert lost_keys(raw) == []
+
+
+def test_a_dead_unseen_consumer_leaves_a_record_on_all_it_held(
+        transport: RedisTransport, raw: redis.Redis) -> None:
+    """Started or only taken: nobody saw what it ran. Each counts one loss at its next
+    delivery, then runs watched."""
+    for i in range(3):
+        transport.publish("q", msg(i))
+    dead = consumer(transport, "dead")
+    got = drain(dead, 3)
+    dead.mark_started(got[0])
+    die(transport, raw, "dead")
+    assert len(lost_keys(raw)) == 3
+    assert all(record(raw, d) == {b"running": b"?"} for d in got)
+    c = consumer(transport, "w2")
+    try:
+        again = drain(c, 3)
+        assert [d.message.headers["id"] for d in again] == ["id-0", "id-1", "id-2"]
+        assert all(d.redelivered for d in again)
+        assert [c.worker_lost(d) for d in again] == [(1, True)] * 3
+        c.mark_started(again[0])  # watched: its start is written
+        assert record(raw, again[0]) == {b"count": b"1", b"running": b"w2"}
+        for d in again:
+            c.ack(d)
+        c.heartbeat()  # the acks and the record's delete go
+        assert lost_keys(raw) == []
+    finally:
+        c.close()
+
+
+def test_a_watched_message_not_started_is_not_counted_again(
+        transport: RedisTransport, raw: redis.Redis) -> None:
+    transport.publish("q", msg(1))
+    first = consumer(transport, "first", prefetch=1)
+    [d] = drain(first, 1)
+    first.mark_started(d)
+    die(transport, raw, "first")
+    transport.publish("q", msg(2))
+    second = consumer(transport, "second")
+    [d, e] = drain(second, 2)
+    assert second.worker_lost(d) == (1, True)
+    second.mark_started(e)  # unwatched: nothing written
+    die(transport, raw, "second")  # d held, counted, never started; e started
+    assert record(raw, d) == {b"count": b"1"}
+    assert record(raw, e) == {b"running": b"?"}
+    third = consumer(transport, "third")
+    try:
+        [d, e] = drain(third, 2)
+        assert d.redelivered and third.worker_lost(d) == (1, False)
+        assert e.redelivered and third.worker_lost(e) == (1, True)
+    finally:
+        third.close()
+
+
+def test_consumers_that_never_ran_a_task_leave_no_record(transport: RedisTransport,
+                                                         raw: redis.Redis) -> None:
+    """A prefork node's consumer (its children run the tasks: the node sees a death)
+    never registers as unseen; nor do messages given back on close count."""
+    for i in range(2):
+        transport.publish("q", msg(i))
+    parent = consumer(transport, "prefork")
+    drain(parent, 2)
+    die(transport, raw, "prefork")
+    closing = consumer(transport, "closing")
+    [d, _] = drain(closing, 2)
+    closing.mark_started(d)  # unseen, but it closes: nothing of it died
+    closing.close()
+    assert lost_keys(raw) == []
+    c = consumer(transport, "w3")
+    try:
+        assert not any(d.redelivered for d in drain(c, 2))
+    finally:
+        c.close()

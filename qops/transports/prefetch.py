@@ -19,7 +19,8 @@ notify waiters only when someone waits, and only through ``wait_locked`` or
 you. A waiter says how many free slots it waits for (``want``), and a settlement wakes
 it only once there are that many: a consumer that waits for half its prefetch to
 come free before it reserves again is woken once, not at every ack (a thread switch
-each).
+each). ``woke_locked`` tells the settler that its settlement woke a waiter, which it
+may want to let run at once (the Redis consumer's ack yields the GIL to it).
 
 Tags are the transport's (row ids, channel tags, ...); ``take_locked`` makes them for
 transports that have none of their own (a sequence number within the consumer). Each
@@ -44,7 +45,8 @@ class Prefetch(Generic[V]):
     ``held`` (tag -> value, in hand-out order) and ``exempted`` may be read under
     ``cond``; change them only through the methods."""
 
-    __slots__ = ("limit", "cond", "held", "exempted", "_seq", "_waiting", "_wake_at")
+    __slots__ = ("limit", "cond", "held", "exempted", "_seq", "_waiting", "_wake_at",
+                 "_woke")
 
     def __init__(self, limit: int, cond: threading.Condition | None = None) -> None:
         self.limit = max(1, limit)
@@ -54,6 +56,7 @@ class Prefetch(Generic[V]):
         self._seq = 0
         self._waiting = 0  # threads in wait_locked()
         self._wake_at = _NOBODY  # the fewest free slots (pending aside) a waiter wants
+        self._woke = False  # a settlement woke a waiter since woke_locked() last asked
 
     # -- with ``cond`` held ---------------------------------------------------------------
     def room_locked(self, pending: int = 0) -> int:
@@ -86,11 +89,17 @@ class Prefetch(Generic[V]):
                 self._wake_if_room()
         return value
 
+    def woke_locked(self) -> bool:
+        """Whether a settlement woke a waiter since the last call."""
+        woke, self._woke = self._woke, False
+        return woke
+
     def _wake_if_room(self) -> None:
         # Free slots not counting pending: at least as many as the waiter's own count,
         # so nobody sleeps past their room (an early wake only checks again).
         if self.limit - len(self.held) + len(self.exempted) >= self._wake_at:
             self.cond.notify_all()
+            self._woke = True
 
     def exempt_locked(self, tag: Hashable) -> bool:
         """Stop counting held ``tag`` against the prefetch. False if it is not held or

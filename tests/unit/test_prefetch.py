@@ -81,11 +81,17 @@ def test_a_waiter_wakes_once_its_room_is_there_not_at_every_settlement() -> None
     waiter = threading.Thread(target=wait)
     waiter.start()
     ready.wait(5)
+    woke = []
     for tag in "abc":
         time.sleep(0.05)
-        books.settle(tag)
+        with books.cond:  # the settler learns which of its settlements woke the waiter
+            books.settle_locked(tag)
+            woke.append(books.woke_locked())
     waiter.join(5)
     assert not waiter.is_alive() and wakes == 1
+    assert woke == [False, False, True]
+    with books.cond:
+        assert not books.woke_locked()  # told once
     with books.cond:  # nobody waits: settlements notify nobody
         assert books._wake_at > books.limit
 

@@ -38,10 +38,7 @@ log = logging.getLogger(__name__)
 # A message on the list being waited on wakes the consumer at once; one on another list
 # (another queue, or a priority step) waits at most this long when the consumer is idle.
 WAIT_SLICE = 0.1
-# When less than half of a consumer's prefetch is free and messages are in hand, get()
-# waits up to this long for more acks before it reserves, so that one round trip takes
-# (and acks) several messages instead of one each.
-LINGER = 0.002
+LINGER = 0.002  # seconds get() waits for half its prefetch to come free (class doc)
 # A queued ack waits for the next reserve to carry it to Redis at most about this long
 # while get() is being called (once the consumer is idle in BLMOVE: one WAIT_SLICE).
 ACK_DELAY = 0.1
@@ -77,7 +74,10 @@ class RedisConsumer(Consumer):
 
     Reserving in batches: when less than half the prefetch is free and messages are in
     hand, get() waits up to ``LINGER`` for more acks, so that one round trip takes (and
-    acks) several messages instead of one each.
+    acks) several messages instead of one each. The pool thread whose ack frees that
+    room yields the GIL to get() at once, so that the round trip overlaps the tasks the
+    pool still has queued (without it, get() got the GIL only once they were done: the
+    pool idled during every reserve; solo no-op tasks 17.5k -> 20.5k/s).
 
     Taken for dead (see qops/transports/lease.py): every command about its in-flight
     lists (reserve, ack, requeue, reject, heartbeat) goes out under ``_wire``, after a
@@ -369,8 +369,11 @@ class RedisConsumer(Consumer):
                 self._acks_since = time.monotonic()
             self._acks.append(entry)
             self._lost.settled_locked(seq, done=True)  # and so is its worker-lost record
+            woke = self._books.woke_locked()
         if threading.get_ident() == self._get_thread:
             self._flush_now()
+        elif woke:
+            time.sleep(0)  # get() waits for this room to reserve: let it run (class doc)
 
     def _flush_now(self) -> None:
         """Send the queued acks at once, from the consumer thread between two get()s.

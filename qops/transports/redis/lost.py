@@ -16,7 +16,9 @@ turns a ``running`` that was never settled (or a death the worker saw) into ``co
 rides with the next start or reserve). A message's payload does not change when it is
 given back or recovered, so every node finds the same hash. Each write sets an expiry
 of ``LOST_TTL``: the record of a message that is gone (purged, or its hash left behind
-by a crash) does not stay. Why this order: docs/guarantees.md."""
+by a crash) does not stay; and sets ``qops.lost`` with the same expiry, so that while
+no record can exist the reserve script skips the lookup (a SHA-1 of each payload).
+Why this order: docs/guarantees.md."""
 
 from __future__ import annotations
 

@@ -70,21 +70,53 @@ def test_a_dead_unseen_consumer_leaves_a_record_on_all_it_held(
     dead = consumer(transport, "dead")
     got = drain(dead, 3)
     dead.mark_started(got[0])
+    assert not raw.exists("qops.lost")
     die(transport, raw, "dead")
     assert len(lost_keys(raw)) == 3
     assert all(record(raw, d) == {b"running": b"?"} for d in got)
+    flag_outlives_records(raw)
     c = consumer(transport, "w2")
     try:
         again = drain(c, 3)
         assert [d.message.headers["id"] for d in again] == ["id-0", "id-1", "id-2"]
         assert all(d.redelivered for d in again)
         assert [c.worker_lost(d) for d in again] == [(1, True)] * 3
+        raw.expire("qops.lost", 10)
         c.mark_started(again[0])  # watched: its start is written
         assert record(raw, again[0]) == {b"count": b"1", b"running": b"w2"}
+        flag_outlives_records(raw)
         for d in again:
             c.ack(d)
         c.heartbeat()  # the acks and the record's delete go
         assert lost_keys(raw) == []
+    finally:
+        c.close()
+
+
+def flag_outlives_records(raw: redis.Redis) -> None:
+    """``qops.lost`` (the reserve script looks for records only when it exists) expires
+    no sooner than any record: every write of a record sets both."""
+    ttls = [raw.ttl(k) for k in lost_keys(raw)]
+    assert ttls and raw.ttl("qops.lost") >= max(ttls) > 0
+
+
+def test_records_are_looked_for_only_when_some_exist(transport: RedisTransport,
+                                                     raw: redis.Redis) -> None:
+    """Without ``qops.lost`` the reserve skips the per-message lookup (a SHA-1 of the
+    payload each): a record left without it (by hand here) is not seen."""
+    transport.publish("q", msg(1))
+    c = consumer(transport, "w1")
+    try:
+        [d] = drain(c, 1)
+        c.requeue(d)
+        raw.hset("qops.lost." + hashlib.sha1(d.raw).hexdigest(), "running", "?")
+        [d] = drain(c, 1)
+        assert not d.redelivered
+        c.requeue(d)
+        raw.set("qops.lost", 1)
+        [d] = drain(c, 1)
+        assert d.redelivered and c.worker_lost(d) == (1, True)
+        flag_outlives_records(raw)
     finally:
         c.close()
 

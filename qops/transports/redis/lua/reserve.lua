@@ -17,14 +17,18 @@
 --
 -- Returns a flat array {k, payload, k, payload, ...} of what was taken, in that order;
 -- k is negative when the message has a worker-lost record (qops.lost.<sha1 of the
--- payload>: a worker started it before, see qops/transports/redis/lost.py).
+-- payload>: a node died holding it before, see qops/transports/redis/lost.py). Every
+-- script that writes a record sets qops.lost, with an expiry no shorter than the
+-- record's: without it there is none, and the SHA-1 of each payload is not computed.
 
 local n = tonumber(ARGV[1])
 local want = tonumber(ARGV[n + 3])
 local wait = tonumber(ARGV[n + 4])
 local out = {}
 -- the key prefix: KEYS[1] is '<prefix>qops.consumers'
-local lost = string.sub(KEYS[1], 1, #KEYS[1] - #'qops.consumers') .. 'qops.lost.'
+local lost = string.sub(KEYS[1], 1, #KEYS[1] - #'qops.consumers') .. 'qops.lost'
+local any_lost = redis.call('EXISTS', lost) == 1
+lost = lost .. '.'
 
 -- Acks first: each removes one copy of its payload from the in-flight list it sits in,
 -- scanning from the right, where the oldest messages are.
@@ -47,7 +51,7 @@ for k = 1, n do
             -- LPUSH: the in-flight list holds the newest on the left, the oldest on the
             -- right, which is the order the restore script relies on.
             redis.call('LPUSH', inflight, raw)
-            if redis.call('EXISTS', lost .. redis.sha1hex(raw)) == 1 then
+            if any_lost and redis.call('EXISTS', lost .. redis.sha1hex(raw)) == 1 then
                 out[#out + 1] = -k
             else
                 out[#out + 1] = k

@@ -50,6 +50,7 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
             if redis.call('EXISTS', key) == 0 then
                 redis.call('HSET', key, 'running', '?')
                 redis.call('EXPIRE', key, ARGV[4])
+                redis.call('SET', ARGV[2] .. 'qops.lost', '1', 'EX', ARGV[4])  -- (reserve.lua)
             end
         end
     end

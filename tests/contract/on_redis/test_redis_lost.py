@@ -121,6 +121,25 @@ def test_records_are_looked_for_only_when_some_exist(transport: RedisTransport,
         c.close()
 
 
+def test_a_record_without_the_key_is_looked_for_after_a_death(
+        transport: RedisTransport, raw: redis.Redis) -> None:
+    """A record an older qops wrote (no ``qops.lost``) is not seen at first, so the
+    message runs unwatched; the death of the node holding it sets the key, and the
+    count goes on from the record instead of the message running again uncounted."""
+    transport.publish("q", msg(1))
+    c = consumer(transport, "w1")
+    [d] = drain(c, 1)
+    raw.hset("qops.lost." + hashlib.sha1(d.raw).hexdigest(), "count", 2)
+    c.mark_started(d)  # unwatched: nothing written
+    die(transport, raw, "w1")
+    c2 = consumer(transport, "w2")
+    try:
+        [d] = drain(c2, 1)
+        assert d.redelivered and c2.worker_lost(d) == (2, False)
+    finally:
+        c2.close()
+
+
 def test_a_watched_message_not_started_is_not_counted_again(
         transport: RedisTransport, raw: redis.Redis) -> None:
     transport.publish("q", msg(1))

@@ -31,7 +31,7 @@ if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
 end
 
 local unseen = ARGV[3] == '1' and redis.call('HGET', KEYS[4], 'unseen') == '1'
-local lost = ARGV[2] .. 'qops.lost.'
+local lost = ARGV[2] .. 'qops.lost'  -- set: some record may exist (reserve.lua)
 local moved = 0
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     local inflight = ARGV[2] .. 'qops.unacked.' .. ARGV[1] .. '/' .. name
@@ -46,14 +46,18 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
         end
         moved = moved + 1
         if unseen then
-            local key = lost .. redis.sha1hex(raw)
+            local key = lost .. '.' .. redis.sha1hex(raw)
             if redis.call('EXISTS', key) == 0 then
                 redis.call('HSET', key, 'running', '?')
                 redis.call('EXPIRE', key, ARGV[4])
-                redis.call('SET', ARGV[2] .. 'qops.lost', '1', 'EX', ARGV[4])  -- (reserve.lua)
             end
         end
     end
+end
+-- every message moved above has a record now: the reserve must look for them (also
+-- for a record an older qops wrote without setting this key)
+if unseen and moved > 0 then
+    redis.call('SET', lost, '1', 'EX', ARGV[4])
 end
 
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])

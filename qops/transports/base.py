@@ -144,6 +144,10 @@ class Consumer(ABC):
     #: settlements a consumer may hold back while it has deliveries to hand out, to send
     #: them together (transports that batch writes: AMQP); 1 = at the next get()
     ack_batch: int = 1
+    #: the worker's pool runs tasks on threads of this process and settles them there
+    #: (solo, threads pools): a settlement that frees the room get() waits for to
+    #: reserve may hand get() the GIL at once (Redis; not worth it for prefork's slots)
+    pool_threads: bool = False
 
     @abstractmethod
     def get(self, timeout: float) -> Delivery | None:

@@ -32,7 +32,7 @@ from qops.events import EventDispatcher
 from qops.ops.nodes import expand
 from qops.worker.consumer import ConsumerLoop
 from qops.worker.control import ControlServer
-from qops.worker.pool import Pool, make_pool
+from qops.worker.pool import Pool, ThreadPool, make_pool
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -156,6 +156,8 @@ class Worker:
         self.pool = self.loop.pool = make_pool(
             self.pool_kind, self.app, self.concurrency,
             max_tasks_per_child=self.max_tasks_per_child, child_init=self.child_init)
+        if self.loop.consumer is not None:
+            self.loop.consumer.pool_threads = isinstance(self.pool, ThreadPool)
         self.pool.start()
 
     def start_control(self) -> None:

@@ -74,10 +74,9 @@ class RedisConsumer(Consumer):
 
     Reserving in batches: when less than half the prefetch is free and messages are in
     hand, get() waits up to ``LINGER`` for more acks, so that one round trip takes (and
-    acks) several messages instead of one each. The pool thread whose ack frees that
-    room yields the GIL to get() at once, so that the round trip overlaps the tasks the
-    pool still has queued (without it, get() got the GIL only once they were done: the
-    pool idled during every reserve; solo no-op tasks 17.5k -> 20.5k/s).
+    acks) several messages instead of one each. With the solo and threads pools
+    (``pool_threads``) the pool thread whose ack frees that room yields the GIL to get(),
+    so that the round trip overlaps the tasks still queued (bench/README.md, session 10).
 
     Taken for dead (see qops/transports/lease.py): every command about its in-flight
     lists (reserve, ack, requeue, reject, heartbeat) goes out under ``_wire``, after a
@@ -372,7 +371,7 @@ class RedisConsumer(Consumer):
             woke = self._books.woke_locked()
         if threading.get_ident() == self._get_thread:
             self._flush_now()
-        elif woke:
+        elif woke and self.pool_threads:
             time.sleep(0)  # get() waits for this room to reserve: let it run (class doc)
 
     def _flush_now(self) -> None:

@@ -183,3 +183,28 @@ def test_consumers_that_never_ran_a_task_leave_no_record(transport: RedisTranspo
         assert not any(d.redelivered for d in drain(c, 2))
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_the_worker_tells_its_consumer_where_tasks_settle(redis_url: str, pool: str) -> None:
+    """Acks from the solo and threads pools' own threads yield the GIL to a get() waiting
+    to reserve (RedisConsumer.ack); prefork's slot threads don't (9% slower with it)."""
+    from qops import App
+    from qops.worker.pool import ThreadPool
+    from qops.worker.prefork import PreforkPool
+    from qops.worker.worker import Worker
+
+    assert not issubclass(PreforkPool, ThreadPool)  # (prefork: the consumer's default)
+    app = App("lostpools", broker=redis_url)
+    w = Worker(app, hostname=f"pools-{pool}@test", queues=["q"], pool=pool, concurrency=1,
+               task_events=False)
+    w.connect()
+    consumer = w.loop.consumer
+    assert consumer is not None and consumer.pool_threads is False
+    try:
+        w.start_pool()
+        assert consumer.pool_threads is True
+        w.pool.stop(5)
+    finally:
+        consumer.close()
+        app.close()

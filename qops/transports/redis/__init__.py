@@ -18,7 +18,7 @@ qops's own keys (never kombu's ``unacked``/``unacked_index``/``unacked_mutex``):
 
 - ``qops.consumers``: set of registered consumer ids.
 - ``qops.alive.<cid>``: heartbeat, TTL = heartbeat_ttl; gone = the consumer is dead.
-- ``qops.consumer.<cid>``: hash (queues as JSON, pid, host) for stats.
+- ``qops.consumer.<cid>``: hash (queues as JSON, pid, host; ``unseen``: registration.py).
 - ``qops.sources.<cid>``: set of the list names the consumer took messages from.
 - ``qops.unacked.<cid>/<list name>``: the messages taken from that list and not yet
   settled. Keeping one in-flight list per source list means a message always goes back

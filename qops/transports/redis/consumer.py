@@ -7,10 +7,7 @@ trip carries the queued acks and the next reserve batch as pre-packed RESP over 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -28,6 +25,7 @@ from qops.transports.redis import deadletters, lost, recovery
 from qops.transports.redis.delivery import Tag, decode, tag_of
 from qops.transports.redis.link import UNREACHABLE, Link, bulk, load_script
 from qops.transports.redis.names import SEP, STEPS, list_name
+from qops.transports.redis.registration import Registration
 
 if TYPE_CHECKING:
     from qops.transports.redis.transport import RedisTransport
@@ -119,10 +117,9 @@ class RedisConsumer(Consumer):
         self._wire = threading.Lock()
         self._lease = Lease(transport.options.heartbeat_ttl)
         self._registered = False  # a first check-in went through
-        self._unseen = False  # its tasks' deaths are unseen: registered as such (lost.py)
         # Every list name this consumer may hold messages from; re-registered by heartbeat().
         self._used: set[str] = set(self._candidates())
-        self._alive_value = f"{os.getpid()}@{socket.gethostname()}"
+        self._registration = Registration(transport, cid)
         # No automatic retries on this connection: a retried reserve whose first reply was
         # lost would take messages twice. A failed call sets _resync_needed instead.
         self._pool = transport._make_pool(
@@ -499,20 +496,6 @@ class RedisConsumer(Consumer):
         with self._wire, self.transport.guard("checking in with Redis"):
             self._check_in()
 
-    def _register(self, pipe: Any, queues: list[str], used: list[str]) -> None:
-        """Queue the registration on ``pipe``: the alive key, the consumer set, the hash
-        (its HSET's reply, the fourth, counts the fields it added: none unless a
-        restore deleted the hash) and the sources. If a late heartbeat let recover()
-        unregister this consumer, registering again keeps new reservations
-        recoverable."""
-        t = self.transport
-        ttl_ms = max(1, int(t.options.heartbeat_ttl * 1000))
-        pipe.set(t.key(f"qops.alive.{self.id}"), self._alive_value, px=ttl_ms)
-        pipe.sadd(t.key("qops.consumers"), self.id)
-        info = {"queues": json.dumps(queues), "pid": os.getpid(), "host": socket.gethostname()}
-        pipe.hset(t.key(f"qops.consumer.{self.id}"), mapping=info | lost.unseen(self))
-        pipe.sadd(t.key(f"qops.sources.{self.id}"), *used)
-
     def _check_in(self, with_acks: bool = False) -> None:
         """Register again, with ``_wire`` held. If a recover() took this consumer for
         dead since the last check-in (its hash is gone), or it assumed so itself (the
@@ -529,7 +512,7 @@ class RedisConsumer(Consumer):
         sent = clock()
         pipe = t._client.pipeline(transaction=True)
         acks = self._flush_acks(pipe) if with_acks else []
-        self._register(pipe, queues, used)
+        self._registration.queue(pipe, queues, used)
         try:
             added = pipe.execute()[len(acks) + 2]
         except BaseException:
@@ -538,7 +521,7 @@ class RedisConsumer(Consumer):
         if (added and self._registered) or self._lease.giveback_due:
             pipe = t._client.pipeline(transaction=True)
             recovery.restore(t, self.id, only_if_dead=False, client=pipe)
-            self._register(pipe, queues, used)
+            self._registration.queue(pipe, queues, used)
             moved = int(pipe.execute()[0])
             self._taken_back()
             warn_taken_back(self.id, self._lease, moved)

@@ -3,10 +3,10 @@ been running when its node died (``qops.lost.<sha1 of the payload>``, docs/proto
 section 2).
 
 A message runs **unwatched** until a node dies holding it: a solo or threads node
-writes nothing when such a task starts. Such a consumer registers as ``unseen`` (its
-hash ``qops.consumer.<cid>``, written once, before its first task starts); when it is
-found dead, ``lua/restore.lua`` gives each message it held and that has no record one
-with ``running`` = '?' (it may have been running: nobody saw). From then on the message
+writes nothing when such a task starts. Such a consumer registers as ``unseen``
+(registration.py: once, before its first task starts); when it is found dead,
+``lua/restore.lua`` gives each message it held and that has no record one with
+``running`` = '?' (it may have been running: nobody saw). From then on the message
 runs **watched**: the reserve scripts tell which messages have a record (handed out as
 redelivered), and ``mark_started`` writes ``running`` = the consumer id before such a
 task runs (one round trip, ``lua/start.lua``, which also deletes the records of the
@@ -46,12 +46,6 @@ def lost_key(t: RedisTransport, raw: bytes) -> str:
     return t.key("qops.lost." + hashlib.sha1(raw).hexdigest())
 
 
-def unseen(c: RedisConsumer) -> dict[str, int]:
-    """The field of ``c``'s registration that asks ``lua/restore.lua`` to give the
-    unwatched messages of ``c`` a record when ``c`` is found dead ({} until it ran one)."""
-    return {"unseen": 1} if c._unseen else {}
-
-
 def mark_started(c: RedisConsumer, delivery: Delivery) -> None:
     """``c.mark_started``: before ``c``'s first task, register it as ``unseen`` (one
     round trip, once). A delivery taken without a record then runs unwatched: nothing
@@ -62,11 +56,8 @@ def mark_started(c: RedisConsumer, delivery: Delivery) -> None:
     as any queued ack). So a watched task that kills the process does not take the
     watched tasks that ended before it along: they are not counted again, nor, when
     acked here, run again."""
-    if not c._unseen:
-        t = c.transport
-        with t.guard("registering the consumer"):
-            t._client.hset(t.key(f"qops.consumer.{c.id}"), "unseen", 1)
-        c._unseen = True  # (only now: a check-in that adds a field means a restore)
+    if not c._registration.unseen:
+        c._registration.mark_unseen()
     if not delivery.redelivered:
         return
     held = c._held(delivery)

@@ -5,6 +5,7 @@ a failure names exactly the messages the broker did not take, and the others are
 from __future__ import annotations
 
 import sqlite3
+import struct
 import uuid
 from collections.abc import Iterator
 
@@ -170,6 +171,35 @@ def test_amqp_nacks_are_named_and_the_rest_delivered(amqp_url: str, queue_name: 
         take(app.transport, queue_name, 3)
     finally:
         app.close()
+
+
+def test_amqp_acks_are_read_without_pika_and_counted_as_pika_counts(
+        amqp_url: str, queue_name: str) -> None:
+    """The confirm channel settles the Basic.Ack frames at the start of what it reads
+    itself: its own channel's only, up to the first other frame (left to pika, in
+    order), and it counts them as pika would (pika's heartbeat checker watches them)."""
+    t = from_url(amqp_url, FAST)
+    try:
+        t.publish(queue_name, msg(0))  # the link and its confirm channel
+        confirms = t._link()[0].confirms()
+        impl = confirms._impl
+        read, frames = impl.bytes_received, impl.frames_received
+        for n in range(1, 4):
+            t.publish(queue_name, msg(n))  # one Basic.Ack (21 bytes) each
+        assert (impl.bytes_received - read, impl.frames_received - frames) == (63, 3)
+
+        def ack(channel: int, tag: int, multiple: int) -> bytes:
+            return struct.pack(">BHLLQBB", 1, channel, 13, 0x003C0050, tag, multiple, 0xCE)
+
+        number = confirms._number
+        confirms._pending.update({101: 0, 102: 1, 103: 2, 104: 3})
+        rest = ack(number + 1, 104, 0) + ack(number, 104, 0)[:9]
+        assert confirms._acks(ack(number, 101, 0) + ack(number, 103, 1) + rest) == rest
+        assert confirms._pending == {104: 3}
+        confirms._pending.clear()
+        assert ids(take(t, queue_name, 4)) == [f"id-{n}" for n in range(4)]
+    finally:
+        t.close()
 
 
 def test_amqp_redeclares_a_queue_deleted_under_a_batch(amqp_url: str, queue_name: str) -> None:

@@ -51,8 +51,9 @@ def recover(t: RedisTransport) -> int:
 def restore(t: RedisTransport, cid: str, only_if_dead: bool, client: Any = None) -> int:
     """Give back what consumer ``cid`` holds in flight and unregister it; -1 (nothing
     done) when ``only_if_dead`` and it is alive. A dead consumer's unwatched messages
-    get a worker-lost record (``lua/restore.lua``; qops/transports/redis/lost.py). With ``client`` (a pipeline), the
-    script is only queued there and its reply is the pipeline's."""
+    get a worker-lost record (``lua/restore.lua``; qops/transports/redis/lost.py). With
+    ``client`` (a pipeline), the script is only queued there and its reply is the
+    pipeline's."""
     keys = [t.key("qops.consumers"), t.key(f"qops.alive.{cid}"),
             t.key(f"qops.sources.{cid}"), t.key(f"qops.consumer.{cid}")]
     args = [cid, t.prefix, "1" if only_if_dead else "0", LOST_TTL]

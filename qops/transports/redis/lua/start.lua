@@ -25,6 +25,6 @@ for i = 4, #ARGV do
 end
 redis.call('HSET', KEYS[1], 'running', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
--- '<prefix>qops.lost' (the key without '.<sha1>'): some record may exist (reserve.lua)
-redis.call('SET', string.sub(KEYS[1], 1, #KEYS[1] - 41), '1', 'EX', ARGV[2])
+-- '<prefix>qops.lost' (KEYS[1] up to its last dot): some record may exist (reserve.lua)
+redis.call('SET', string.match(KEYS[1], '^(.*)%.'), '1', 'EX', ARGV[2])
 return 1

@@ -14,8 +14,8 @@ if started or ARGV[1] == '1' then
     local n = redis.call('HINCRBY', KEYS[1], 'count', 1)
     redis.call('HDEL', KEYS[1], 'running')
     redis.call('EXPIRE', KEYS[1], ARGV[2])
-    -- '<prefix>qops.lost' (the key without '.<sha1>'): some record may exist (reserve.lua)
-    redis.call('SET', string.sub(KEYS[1], 1, #KEYS[1] - 41), '1', 'EX', ARGV[2])
+    -- '<prefix>qops.lost' (KEYS[1] up to its last dot): some record may exist (reserve.lua)
+    redis.call('SET', string.match(KEYS[1], '^(.*)%.'), '1', 'EX', ARGV[2])
     return {n, 1}
 end
 return {tonumber(redis.call('HGET', KEYS[1], 'count') or '0'), 0}

@@ -141,8 +141,9 @@ class Consumer(ABC):
 
     #: unique id of this consumer, used for in-flight tracking and liveness
     id: str
-    #: settlements a consumer may hold back while it has deliveries to hand out, to send
-    #: them together (transports that batch writes: AMQP); 1 = at the next get()
+    #: settlements a consumer may hold back, to send them together, while it has
+    #: deliveries to hand out or its caller has other work (``get(0)``): transports
+    #: that batch writes (AMQP); 1 = at the next get()
     ack_batch: int = 1
     #: the worker's pool runs tasks on threads of this process and settles them there
     #: (solo, threads pools): a settlement that frees the room get() waits for to

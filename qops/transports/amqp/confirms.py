@@ -21,27 +21,22 @@ from __future__ import annotations
 import select
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from struct import Struct
 from typing import Any
 
 import pika.exceptions as pex
 from pika.spec import Basic
 
-from qops.transports.amqp.wire import content_frames, method_frame, short_string
+from qops.transports.amqp.rawio import RECV_SIZE, TIMER_SLICE, plain_socket, write
+from qops.transports.amqp.wire import SETTLE, content_frames, method_frame, short_string
 
 #: a batch is written in pieces of about this many bytes
 WRITE_CHUNK = 256 * 1024
-#: bytes read from the socket at a time, and seconds to wait for them before pika's
-#: timers (heartbeats) get a turn
-RECV_SIZE = 256 * 1024
-TIMER_SLICE = 0.25
 #: at most this many messages of a batch unconfirmed at once: past it, the writer waits
 #: for confirms before writing more (bounded memory; the broker's flow control keeps
 #: working)
 WINDOW = 20000
-#: a Basic.Ack method frame (a confirm): frame type 1, channel, payload size 13, class 60
-#: and method 80, delivery tag, flags (bit 0: multiple), frame end
-_ACK = Struct(">BHIHHQBB")
+#: a Basic.Ack frame (a confirm): wire's SETTLE, method 80
+_ACK = SETTLE
 _ACK_SIZE = _ACK.size  # 21
 
 
@@ -142,7 +137,7 @@ class Confirms:
         over, when that is not simple: TLS, data waiting to be written, the socket
         at its end or failing, the connection closing (pika then reports it)."""
         impl = self._impl
-        sock = _plain_socket(impl)
+        sock = plain_socket(impl)
         if sock is None:
             return False
         while not done():
@@ -198,25 +193,6 @@ class Confirms:
                 self._methods[key] = method
         return method + content_frames(self._number, body, props, self._impl._body_max_length)
 
-    def _write(self, data: bytes, frames: int) -> None:
-        """Write ``data`` to the socket now if pika has nothing queued before it (else,
-        or for what the socket did not take, queue it in pika's write buffer)."""
-        impl = self._impl
-        impl.bytes_sent += len(data)
-        impl.frames_sent += frames
-        sock = _plain_socket(impl)
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # pika meets the error again on its write, and reports it
-            if sent == len(data):
-                return
-            data = data[sent:]
-        impl._adapter_emit_data(data)
-
     def _start(self) -> None:
         if self._closed is not None or not self.ch.is_open:
             raise self._closed or pex.ChannelWrongStateError("channel is closed")
@@ -234,7 +210,7 @@ class Confirms:
         data = self._frames(item)
         self._tag += 1
         self._pending[self._tag] = 0
-        self._write(data, 3 if item[2] else 2)
+        write(self._impl, data, 3 if item[2] else 2)
         self._wait(lambda: not self._pending)
         if self._nacked:
             raise pex.NackError([])
@@ -268,7 +244,7 @@ class Confirms:
                 size += len(data)
                 frames += 3 if item[2] else 2
                 if size >= WRITE_CHUNK or index == len(items) - 1:
-                    self._write(b"".join(buf), frames)
+                    write(self._impl, b"".join(buf), frames)
                     written = index + 1
                     buf.clear()
                     size = frames = 0
@@ -289,13 +265,3 @@ class Confirms:
         out.lost = sorted(set(out.lost) - set(out.nacked) - returned)
         return out
 
-
-def _plain_socket(impl: Any) -> Any:
-    """The socket of ``impl`` (a pika Connection) when bytes may be read from and written
-    to it here: open, plain TCP, nothing waiting in pika's write buffer. Else None
-    (TLS, a closed connection, a write pending): pika's own loop does the work."""
-    transport = impl._transport
-    if transport is None or impl._get_write_buffer_size() or \
-            type(transport).__name__ != "_AsyncPlaintextTransport":
-        return None
-    return transport._sock

@@ -23,6 +23,7 @@ import pika.exceptions as pex
 from qops.errors import BrokerUnreachable, UsageError
 from qops.transports.amqp import lost
 from qops.transports.amqp.deadletters import dead_letter
+from qops.transports.amqp.frames import Deliver
 from qops.transports.amqp.link import (
     LINK_ERRORS,
     NOT_IMPLEMENTED,
@@ -33,6 +34,8 @@ from qops.transports.amqp.link import (
     lost_text,
 )
 from qops.transports.amqp.props import _message
+from qops.transports.amqp.rawio import DeliveryReader, write
+from qops.transports.amqp.wire import settlements
 from qops.transports.base import REPLY_ONLY, Consumer, Delivery, make_delivery
 from qops.transports.prefetch import Prefetch
 
@@ -62,22 +65,23 @@ class _AMQPConsumer(Consumer):
     seen before the current channel. Settling a delivery from an older channel is a
     no-op: the broker already requeued it when that connection dropped.
 
-    Threads: pika runs ``_on_message`` only inside ``process_data_events``, which only
-    ``get()``, ``keepalive()`` and ``close()`` call, each holding ``_io``; so ``_buffer``
-    (and ``_top``, ``_base``, the consumer tags) change only under ``_io``, and
-    ``_on_message`` takes no lock. The books (``_books``: handed out, not settled) and
-    the settlements not yet sent are shared with any thread, under ``_lock``;
-    ``_hand_out`` moves a delivery from ``_buffer`` to the books under it.
+    Threads: deliveries reach ``_take`` only while the connection is pumped (by
+    ``DeliveryReader``, rawio.py, reading them off the socket itself, or by pika),
+    which only ``get()``, ``keepalive()`` and ``close()`` do, each holding ``_io``; so
+    ``_buffer`` (and ``_top``, ``_base``, the consumer tags) change only under ``_io``,
+    and ``_take`` takes no lock. The books (``_books``: handed out, not settled) and the
+    settlements not yet sent are shared with any thread, under ``_lock``; ``_hand_out``
+    moves a delivery from ``_buffer`` to the books under it.
 
     Settlements are batched. ``ack``/``requeue`` (any thread) move the tag from the
     books to ``_acks``/``_nacks`` in one step under ``_lock``. They wake the owner
     only while it is blocked pumping the connection, and then once (a wake-up is a
-    pipe write and a context switch); an owner that is busy handing out messages takes
-    the settlements at its next ``get()`` anyway, which checks for them under the same
-    lock before it blocks. The owner writes each batch out with one flush: acks below
-    the lowest tag still held, buffered or requeued become one ``basic.ack(multiple)``
-    (RabbitMQ's tags only grow on a channel, and the books and ``_buffer`` keep them in
-    that order), the others go one by one.
+    pipe write and a context switch); an owner that is busy takes them at its next
+    ``get()``, which writes them before it blocks, and while it has deliveries to hand
+    out or its caller has other work (timeout 0) once there are ``ack_batch`` of them.
+    Each batch is one write: acks below the lowest tag still held, buffered or requeued
+    become one ``basic.ack(multiple)`` (RabbitMQ's tags only grow on a channel, and the
+    books and ``_buffer`` keep them in that order), the others go one by one.
 
     The prefetch is a channel-wide ``basic.qos`` (``global``, in RabbitMQ's meaning:
     shared by the consumers of all our queues, as Celery sets it). ``exempt()`` grows
@@ -94,6 +98,7 @@ class _AMQPConsumer(Consumer):
     """
 
     transport: AMQPTransport
+    _reader: DeliveryReader  # reads the current channel's deliveries (set by _open)
 
     def __init__(self, transport: AMQPTransport, queues: list[str], prefetch: int,
                  cid: str, reply: bool = False,
@@ -167,6 +172,8 @@ class _AMQPConsumer(Consumer):
             self._base = self._top
             self._tags.clear()
             self._queue_of.clear()
+            self._reader = DeliveryReader(link.conn, ch.channel_number, self._queue_of,
+                                          self._take)
             self._link = link
             with self._lock:
                 wanted = list(self._wanted)
@@ -262,12 +269,18 @@ class _AMQPConsumer(Consumer):
         self._buffer = keep
 
     def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
-        tag = self._base + method.delivery_tag
+        self._take((method.consumer_tag, method.delivery_tag, method.redelivered,
+                    method.routing_key, props, body))
+
+    def _take(self, d: Deliver) -> None:
+        """A delivery, read by pika (``_on_message``) or by ``DeliveryReader``."""
+        consumer_tag, tag, redelivered, routing_key, props, body = d
+        tag += self._base
         if tag > self._top:
             self._top = tag
         # no lock: only the thread pumping under _io gets here (see the class doc)
-        self._buffer.append((tag, self._queue_of.get(method.consumer_tag, method.routing_key),
-                             method.redelivered, props, body))
+        self._buffer.append((tag, self._queue_of.get(consumer_tag, routing_key), redelivered,
+                             props, body))
 
     def _on_cancel(self, frame: Any) -> None:
         """The broker cancelled a consumer (its queue was deleted): declare the queue
@@ -314,27 +327,15 @@ class _AMQPConsumer(Consumer):
             link.main().basic_qos(prefetch_count=window, global_qos=True)
             self._window = window
         if acks or nacks:
-            ch = link.main()._impl  # write without a flush each: one flush for the batch
-            if nacks:
-                floor = min(floor, min(nacks))
-            top = 0
-            for tag in acks:
-                if tag <= base:
-                    continue  # from a previous connection: already back in its queue
-                if tag < floor:
-                    if tag > top:
-                        top = tag
-                else:
-                    ch.basic_ack(tag - base)
-                    written = True
-            if top:
-                # every tag below floor is acked now or was settled before
-                ch.basic_ack(top - base, multiple=True)
-                written = True
-            for tag in nacks:
-                if tag > base:
-                    ch.basic_nack(tag - base, requeue=True)
-                    written = True
+            ch = link.main()
+            if not ch.is_open:
+                raise pex.ChannelWrongStateError("Channel is closed.")
+            floor = min(floor, *nacks) if nacks else floor
+            # tags from a previous connection are back in their queue already
+            frames = settlements(ch.channel_number, [t - base for t in acks if t > base],
+                                 [t - base for t in nacks if t > base], floor - base)
+            if frames:  # one write for the batch
+                written = write(link.conn._impl, b"".join(frames), len(frames))
         for op, queue in ops:
             with self._lock:
                 wanted = queue in self._wanted
@@ -381,13 +382,17 @@ class _AMQPConsumer(Consumer):
                         assert link is not None
                     if self._buffer and (d := self._hand_out(False)) is not None:
                         return d
-                    if self._run_ops() and self._buffer:
-                        # send the settlements now, not when the buffer runs dry: they
-                        # free prefetch slots (else the pump below flushes them)
-                        link.conn.process_data_events(0)
+                    left = deadline - time.monotonic()
+                    if left <= 0 and not self._buffer:
+                        with self._lock:
+                            if not self._due_locked():
+                                return None  # the caller has work: settlements wait
+                    if self._run_ops() and (self._buffer or left <= 0):
+                        # what waits in pika's buffer goes now: settlements free prefetch
+                        # slots, which the broker fills while the caller works
+                        self._reader.pump(0)
                     if self._buffer and (d := self._hand_out(True)) is not None:
                         return d
-                    left = deadline - time.monotonic()
                     if left <= 0:
                         return None
                     with self._lock:
@@ -396,9 +401,9 @@ class _AMQPConsumer(Consumer):
                         self._pumping = True
                         self._woken = False
                     try:
-                        # flushes what _run_ops wrote, then waits for deliveries or a
-                        # wake-up
-                        link.conn.process_data_events(time_limit=min(left, PUMP_SLICE))
+                        # flushes what _run_ops left in pika's buffer, then waits for
+                        # deliveries or a wake-up
+                        self._reader.pump(min(left, PUMP_SLICE))
                     finally:
                         self._pumping = False
                 except LINK_ERRORS as exc:
@@ -424,6 +429,11 @@ class _AMQPConsumer(Consumer):
         finally:
             self._io.release()
 
+    def _due_locked(self) -> bool:
+        """``ack_batch`` settlements, or a queue or window change, wait to be written."""
+        return (len(self._acks) + len(self._nacks) >= self.ack_batch or bool(self._ops)
+                or self._qos_due)
+
     def _hand_out(self, now: bool) -> Delivery | None:
         """The oldest buffered delivery (``_buffer`` not empty; under ``_io``), now held,
         if there is room (fewer than ``prefetch`` handed out and not settled, exempt ones
@@ -433,9 +443,7 @@ class _AMQPConsumer(Consumer):
         change). Else None. One lock: this runs for every delivery."""
         buffer = self._buffer
         with self._lock:
-            if self._replacing or not now and (
-                    len(self._acks) + len(self._nacks) >= self.ack_batch
-                    or self._ops or self._qos_due):
+            if self._replacing or not now and self._due_locked():
                 return None
             item = buffer[0]
             if not self._books.hold_if_room_locked(item[0], item):

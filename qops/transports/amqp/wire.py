@@ -1,6 +1,7 @@
-"""Publish frames built by qops: ``encode_properties`` (a ``Message``'s content-header
-property list) and ``publish_frames`` (Basic.Publish + content header + body frames, as
-one ``bytes`` to write at once). The write-side twin of ``frames``.
+"""Frames built by qops: ``encode_properties`` (a ``Message``'s content-header property
+list), ``publish_frames`` (Basic.Publish + content header + body frames, as one
+``bytes`` to write at once) and ``settlements`` (a consumer's acks and requeues). The
+write-side twin of ``frames``.
 
 pika builds a ``BasicProperties`` object, then encodes it with a struct call per header
 value and writes the three frames of a message separately; that was a third of the CPU
@@ -31,6 +32,9 @@ _I32 = Struct(">i")
 _I64 = Struct(">q")
 _U64 = Struct(">Q")
 _END = b"\xce"
+#: basic.ack / basic.nack frames: type 1, channel, size 13, class 60, method (ack 80,
+#: nack 120), delivery tag, flags (bit 0: multiple; nack: bit 1, requeue), frame end
+SETTLE = Struct(">BHIHHQBB")
 _INT32 = 2 ** 31
 _INT64 = 2 ** 63
 
@@ -237,3 +241,22 @@ def publish_frames(channel: int, exchange: bytes, routing_key: bytes, body: byte
     """The frames of one Basic.Publish: ``method_frame`` + ``content_frames``."""
     return method_frame(channel, exchange, routing_key, mandatory) + \
         content_frames(channel, body, props, max_body)
+
+
+def settlements(channel: int, acks: list[int], requeues: list[int], floor: int) -> list[bytes]:
+    """The frames that ack ``acks`` and requeue ``requeues`` (delivery tags on
+    ``channel``): the acks below ``floor`` (the lowest tag the broker still holds for us
+    and that is not acked here) as one ack(multiple) of the highest, the others one by
+    one."""
+    frames = []
+    top = 0
+    for tag in acks:
+        if tag < floor:
+            if tag > top:
+                top = tag
+        else:
+            frames.append(SETTLE.pack(1, channel, 13, 60, 80, tag, 0, 0xCE))
+    if top:
+        frames.append(SETTLE.pack(1, channel, 13, 60, 80, top, 1, 0xCE))
+    frames += [SETTLE.pack(1, channel, 13, 60, 120, tag, 2, 0xCE) for tag in requeues]
+    return frames

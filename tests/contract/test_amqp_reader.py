@@ -1,0 +1,174 @@
+"""A consumer's deliveries read off the socket by qops (rawio.DeliveryReader,
+frames.deliveries) and its settlements written by qops (wire.settlements): the same
+bytes and the same deliveries as pika's, anything else left to pika in order, and acks
+that reach the broker while the caller works. The parsers need no broker; the rest runs
+against the real one, in the session's private vhost."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pytest
+from pika.spec import Basic
+
+from qops.protocol import Message
+from qops.transports.amqp import AMQPTransport
+from qops.transports.amqp.frames import deliveries
+from qops.transports.amqp.wire import settlements
+from qops.transports.base import TransportOptions
+
+pytestmark = pytest.mark.amqp
+
+
+def delivery_frames(channel: int, ctag: str, tag: int, body: bytes, props: Any,
+                    frame_body: int = 131072 - 8) -> bytes:
+    """A delivery as RabbitMQ sends it, marshalled by pika (the body cut into frames)."""
+    out = [pika.frame.Method(channel, Basic.Deliver(ctag, tag, tag % 2 == 0, "ex",
+                                                    f"rk{tag}")).marshal(),
+           pika.frame.Header(channel, len(body), props).marshal()]
+    for start in range(0, len(body), frame_body):
+        out.append(pika.frame.Body(channel, body[start:start + frame_body]).marshal())
+    return b"".join(out)
+
+
+def test_deliveries_are_parsed_whole_and_the_rest_left_to_pika() -> None:
+    props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                 headers={"task": "t", "n": 5, "l": [1, "x"]},
+                                 correlation_id="c\u00e9", priority=3)
+    big = bytes(range(256)) * 50  # three body frames of 5000 bytes at most
+    one = delivery_frames(1, "c1", 1, b"[[1], {}, {}]", props)
+    two = delivery_frames(1, "c2", 2, big, props, frame_body=5000)
+    empty = delivery_frames(1, "c1", 3, b"", pika.BasicProperties())
+    data = one + two + empty
+    taken, used, frames = deliveries(data, 1, {"c1", "c2"})
+    assert used == len(data) and frames == 3 + 5 + 2
+    assert [(t[0], t[1], t[2], t[3], t[5]) for t in taken] == [
+        ("c1", 1, False, "rk1", b"[[1], {}, {}]"), ("c2", 2, True, "rk2", big),
+        ("c1", 3, False, "rk3", b"")]
+    assert vars(taken[0][4]) == vars(taken[1][4]) == vars(props)
+    # a delivery not all here yet: the whole ones before it, nothing of it
+    for cut in range(1, len(two)):
+        taken, used, frames = deliveries(one + two[:cut], 1, {"c1", "c2"})
+        assert (len(taken), used, frames) == (1, len(one), 3)
+    # whatever is not a delivery of ours stops the parse: pika reads it, in order
+    for other in (pika.frame.Heartbeat().marshal(),
+                  pika.frame.Method(1, Basic.CancelOk("c1")).marshal(),
+                  delivery_frames(2, "c1", 4, b"x", props),  # another channel
+                  delivery_frames(1, "gone", 4, b"x", props)):  # a cancelled consumer
+        taken, used, _ = deliveries(one + other + one, 1, {"c1", "c2"})
+        assert (len(taken), used) == (1, len(one))
+    assert deliveries(b"", 1, {"c1"}) == ([], 0, 0)
+
+
+def test_settlement_frames_are_pikas_bytes() -> None:
+    frames = settlements(3, [1, 2, 5, 7], [6], floor=4)
+    assert frames == [
+        pika.frame.Method(3, Basic.Ack(5, multiple=False)).marshal(),
+        pika.frame.Method(3, Basic.Ack(7, multiple=False)).marshal(),
+        pika.frame.Method(3, Basic.Ack(2, multiple=True)).marshal(),
+        pika.frame.Method(3, Basic.Nack(6, multiple=False, requeue=True)).marshal(),
+    ]
+    assert settlements(1, [], [], floor=1) == []
+
+
+# -- against the broker -------------------------------------------------------------------
+
+
+@pytest.fixture
+def transport(amqp_url: str) -> Iterator[AMQPTransport]:
+    t = AMQPTransport(amqp_url, TransportOptions())
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def queue(amqp_url: str) -> Iterator[str]:
+    name = f"reader-{uuid.uuid4().hex[:10]}"
+    yield name
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    conn.channel().queue_delete(name)
+    conn.close()
+
+
+def task(n: int, body: bytes = b"") -> Message:
+    return Message(body=body or f"[[{n}], {{}}, {{}}]".encode(),
+                   headers={"task": "t", "id": f"id-{n}"}, properties={"correlation_id": f"{n}"})
+
+
+def ready(transport: AMQPTransport, queue: str, want: int) -> int:
+    deadline = time.monotonic() + 5
+    while (n := transport.queue_stats([queue])[0].ready) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
+def test_acks_reach_the_broker_while_the_caller_works(transport: AMQPTransport,
+                                                      queue: str) -> None:
+    """A pool child takes what the broker sent, then runs the tasks, calling get(0)
+    between them: each batch of ``ack_batch`` acks goes out then, so the broker refills
+    the window while the other tasks run (not once they all ran)."""
+    for i in range(8):
+        transport.publish(queue, task(i))
+    c = transport.consumer([queue], prefetch=4)
+    c.ack_batch = 2
+    try:
+        held = [c.get(5) for _ in range(4)]
+        assert all(held) and ready(transport, queue, 4) == 4
+        c.ack(held[0])
+        assert c.get(0) is None  # one ack: it waits for the batch
+        time.sleep(0.2)
+        assert ready(transport, queue, 4) == 4
+        c.ack(held[1])
+        assert c.get(0) is None  # the batch goes out; nothing pumped here
+        assert ready(transport, queue, 2) == 2  # the broker sent two more
+        more = [c.get(5) for _ in range(2)]
+        assert [d.message.properties["correlation_id"] for d in more] == ["4", "5"]
+        for d in held[2:] + more:
+            c.ack(d)
+    finally:
+        c.close()
+    assert ready(transport, queue, 2) == 2
+
+
+def test_large_and_small_deliveries_arrive_whole_and_in_order(transport: AMQPTransport,
+                                                               queue: str) -> None:
+    """Bodies over a frame (several body frames, reads that end mid-delivery, which
+    pika then finishes) mixed with small ones: every one whole, in order, counted as
+    read for pika's heartbeat checker."""
+    bodies = [(b"%d-" % i) * (70000 if i % 3 == 0 else 3) for i in range(30)]
+    for i, body in enumerate(bodies):
+        transport.publish(queue, task(i, body))
+    c = transport.consumer([queue], prefetch=10)
+    try:
+        got = []
+        while len(got) < len(bodies):
+            d = c.get(5)
+            assert d is not None, f"{len(got)} of {len(bodies)} arrived"
+            got.append(d.message.body)
+            c.ack(d)
+        assert got == bodies
+        assert c._link.conn._impl.bytes_received > sum(map(len, bodies))
+    finally:
+        c.close()
+    assert ready(transport, queue, 0) == 0
+
+
+def test_heartbeats_keep_an_idle_consumer_connected(amqp_url: str, queue: str) -> None:
+    """While get() waits on the socket itself, pika's timers still run: with a 1-second
+    heartbeat the broker would drop a silent connection within ~2 s."""
+    t = AMQPTransport(amqp_url + "?heartbeat=1", TransportOptions())
+    c = t.consumer([queue], prefetch=4)
+    try:
+        link = c._link
+        assert c.get(4.0) is None
+        t.publish(queue, task(1))
+        d = c.get(5)
+        assert d is not None and c._link is link  # the same connection all along
+        c.ack(d)
+    finally:
+        c.close()
+        t.close()

@@ -6,6 +6,7 @@ against the real one, in the session's private vhost."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -87,10 +88,12 @@ def transport(amqp_url: str) -> Iterator[AMQPTransport]:
 
 @pytest.fixture
 def queue(amqp_url: str) -> Iterator[str]:
+    """A unique queue name; it and ``<name>-other`` are deleted afterwards."""
     name = f"reader-{uuid.uuid4().hex[:10]}"
     yield name
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    conn.channel().queue_delete(name)
+    for q in (name, f"{name}-other"):
+        conn.channel().queue_delete(q)
     conn.close()
 
 
@@ -172,3 +175,41 @@ def test_heartbeats_keep_an_idle_consumer_connected(amqp_url: str, queue: str) -
     finally:
         c.close()
         t.close()
+
+
+@pytest.mark.parametrize("itself", [True, False], ids=["reader-waits", "pika-waits"])
+def test_another_thread_wakes_the_waiting_consumer_at_once(
+        transport: AMQPTransport, queue: str, itself: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ack or a queue change from another thread ends get()'s wait on the socket,
+    whoever waits: DeliveryReader (a byte down pika's wake-up socket) or pika's loop
+    (TLS, a write pending: a callback). With the pump's slice made long, a lost wake-up
+    would show as a get() that takes it whole."""
+    import qops.transports.amqp.consumer as consumer_module
+    from qops.transports.amqp.rawio import DeliveryReader
+
+    monkeypatch.setattr(consumer_module, "PUMP_SLICE", 30.0)
+    if not itself:
+        monkeypatch.setattr(DeliveryReader, "waits_itself", lambda self: False)
+    other = f"{queue}-other"
+    for i in range(2):
+        transport.publish(queue, task(i))
+    transport.publish(other, task(9))
+    c = transport.consumer([queue], prefetch=1)
+    try:
+        first = c.get(5)
+        assert first is not None
+        threading.Timer(0.2, c.ack, args=(first,)).start()
+        started = time.monotonic()
+        second = c.get(20)  # held back by the prefetch until the other thread acks
+        assert second is not None and time.monotonic() - started < 5
+        assert second.message.properties["correlation_id"] == "1"
+        c.ack(second)
+        threading.Timer(0.2, c.add_queue, args=(other,)).start()
+        started = time.monotonic()
+        third = c.get(20)
+        assert third is not None and third.queue == other
+        assert time.monotonic() - started < 5
+        c.ack(third)
+    finally:
+        c.close()

@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 _Item = tuple[int, str, bool, Any, bytes]
 
 
-def _noop() -> None:
-    """Wakes a connection's pump (add_callback_threadsafe) so it runs queued operations."""
-
-
 class _AMQPConsumer(Consumer):
     """Reserves messages with ``basic.consume`` (manual acks, ``basic.qos`` = prefetch).
 
@@ -128,7 +124,8 @@ class _AMQPConsumer(Consumer):
         # as quorum (as Celery's worker_detect_quorum_queues), or once one refused it
         decl = transport.options.declarations
         self._global_qos = reply or not (decl.detect_quorum and decl.quorum(self._wanted))
-        self._pumping = False  # the owner is blocked in process_data_events
+        self._pumping = False  # the owner is blocked pumping the connection
+        self._pump_itself = False  # ... in DeliveryReader's wait, not pika's
         self._woken = False  # ... and a wake-up is on its way to it
         # replace(): nothing is handed out until the replaced delivery's ack is written
         # (0: off, 1: the copy is on its way, 2: its original's ack is queued)
@@ -349,18 +346,17 @@ class _AMQPConsumer(Consumer):
     def _submit(self, op: str, queue: str) -> None:
         with self._lock:
             self._ops.append((op, queue))
-        self._wake()
+            itself = self._pump_itself
+        self._wake(itself)
 
-    def _wake(self) -> None:
+    def _wake(self, itself: bool) -> None:
         """Wake the owner's pump (from another thread), so it runs the queued ops."""
         if threading.get_ident() == self._owner:
             return  # the next get() (or close()) on this thread runs them
-        link = self._link
-        if link is not None:
-            try:
-                link.conn.add_callback_threadsafe(_noop)
-            except LINK_ERRORS:
-                pass  # closed: the broker requeues everything anyway
+        try:
+            self._reader.wake(itself)
+        except LINK_ERRORS:
+            pass  # closed: the broker requeues everything anyway
 
     # -- Consumer API ----------------------------------------------------------------------
     def get(self, timeout: float) -> Delivery | None:
@@ -399,6 +395,7 @@ class _AMQPConsumer(Consumer):
                         if self._acks or self._nacks or self._ops or self._qos_due:
                             continue  # came in since _run_ops: send them first
                         self._pumping = True
+                        self._pump_itself = self._reader.waits_itself()
                         self._woken = False
                     try:
                         # flushes what _run_ops left in pika's buffer, then waits for
@@ -489,7 +486,8 @@ class _AMQPConsumer(Consumer):
             if not self._pumping or self._woken:
                 return  # the owner takes it before it blocks, or is being woken already
             self._woken = True
-        self._wake()
+            itself = self._pump_itself
+        self._wake(itself)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, True)
@@ -506,7 +504,8 @@ class _AMQPConsumer(Consumer):
             if not self._pumping or self._woken:
                 return
             self._woken = True
-        self._wake()
+            itself = self._pump_itself
+        self._wake(itself)
 
     def stale(self, delivery: Delivery) -> bool:
         # tags of the current channel are above _base (see the class doc)

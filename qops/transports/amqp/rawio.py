@@ -58,6 +58,10 @@ def write(impl: Any, data: bytes, frames: int) -> bool:
     return True
 
 
+def _noop() -> None:
+    """A callback that only wakes pika's loop (``DeliveryReader.wake``)."""
+
+
 class DeliveryReader:
     """Takes the deliveries for one channel of ``conn`` (a BlockingConnection) from its
     socket and gives each to ``take``; pika reads the rest (see the module doc).
@@ -71,10 +75,11 @@ class DeliveryReader:
         self.channel = channel
         self.tags = tags
         self.take = take
-        poller = getattr(self.impl.ioloop, "_poller", None)
-        #: pika's wake-up socket (add_callback_threadsafe writes to it), polled with ours;
-        #: None (pika reads everything) if this pika has not the parts used here
-        self._waker: Any = getattr(poller, "_r_interrupt", None)
+        self._poller: Any = getattr(self.impl.ioloop, "_poller", None)
+        #: pika's wake-up socket (``wake`` writes to it),
+        #: polled with ours; None (pika reads everything) if this pika has not the parts
+        #: used here
+        self._waker: Any = getattr(self._poller, "_r_interrupt", None)
         if not all(hasattr(o, a) for o, a in (
                 (conn, "_channels_pending_dispatch"), (conn, "_ready_events"),
                 (self.impl, "_frame_buffer"), (self.impl, "_transport"))):
@@ -83,18 +88,34 @@ class DeliveryReader:
         self._fd = -1
         self._timers_at = 0.0
 
+    def waits_itself(self) -> bool:
+        """Whether ``pump`` reads and waits here, where ``interrupt`` wakes it; else
+        pika's loop does, which only a callback ends early (add_callback_threadsafe):
+        pika has part of a frame, or holds what it read and has not dispatched yet (the
+        deliveries that came with a consume-ok, say), or a write waiting, or TLS."""
+        conn = self.conn
+        return not (self._waker is None or self.impl._frame_buffer
+                    or conn._channels_pending_dispatch or conn._ready_events
+                    or plain_socket(self.impl) is None)
+
+    def wake(self, itself: bool) -> None:
+        """Wake ``pump`` from another thread: ``itself`` (``waits_itself()`` when it
+        began) with a byte down pika's wake-up socket, else with a callback through
+        pika's loop, which ends its wait."""
+        if itself:
+            self._poller.wake_threadsafe()
+        else:
+            self.conn.add_callback_threadsafe(_noop)
+
     def pump(self, seconds: float) -> None:
         """Read what the broker sent, waiting up to ``seconds`` for something (or for a
         wake-up, or a turn of pika's timers: the caller calls again)."""
         impl = self.impl
         conn = self.conn
-        sock = plain_socket(impl)
-        if sock is None or impl._frame_buffer or self._waker is None or \
-                conn._channels_pending_dispatch or conn._ready_events:
-            # pika's way: it has read part of a frame, or holds what it read and has not
-            # dispatched yet (the deliveries that came with a consume-ok, say)
-            conn.process_data_events(time_limit=seconds)
+        if not self.waits_itself():
+            conn.process_data_events(time_limit=seconds)  # pika's way
             return
+        sock = impl._transport._sock
         now = time.monotonic()
         if now >= self._timers_at:
             self._timers_at = now + TIMER_SLICE
@@ -137,11 +158,12 @@ class DeliveryReader:
         fds = [fd for fd, _event in self._poll.poll(seconds * 1000)]
         if self._fd in fds and len(fds) == 1:
             return True
-        if fds:
+        if fds:  # a wake-up: the caller has something to do
             try:
                 self._waker.recv(512)
             except OSError:
                 pass
-        self._timers_at = time.monotonic() + TIMER_SLICE
-        self.impl.ioloop.process_timeouts()
+        else:
+            self._timers_at = time.monotonic() + TIMER_SLICE
+            self.impl.ioloop.process_timeouts()
         return False

@@ -3,8 +3,8 @@
 pika's BlockingChannel waits for each confirm before the next publish, and gets there
 through two turns of its I/O loop (one to write the three frames as three ``send``
 calls, one to read the ack). Here a message is one ``bytes`` (``wire``) written to the
-socket at once, and the ack is read from the socket here, without pika's I/O loop (its
-timers still get their turn while we wait): a Basic.Ack for this channel is settled
+socket at once (rawio.write), and the ack is read from the socket here, without pika's
+I/O loop (its timers still get their turn while we wait): a Basic.Ack for this channel is settled
 here, anything else handed to pika's frame reader, in order. A
 batch is written whole (in large writes), and its confirms are collected as they come
 -- RabbitMQ acks several at once (``multiple``) -- so N messages cost about one round

@@ -76,9 +76,8 @@ class DeliveryReader:
         self.tags = tags
         self.take = take
         self._poller: Any = getattr(self.impl.ioloop, "_poller", None)
-        #: pika's wake-up socket (``wake`` writes to it),
-        #: polled with ours; None (pika reads everything) if this pika has not the parts
-        #: used here
+        #: pika's wake-up socket (``wake`` writes to it), polled with ours; None (pika
+        #: reads everything) if this pika has not the parts used here
         self._waker: Any = getattr(self._poller, "_r_interrupt", None)
         if not all(hasattr(o, a) for o, a in (
                 (conn, "_channels_pending_dispatch"), (conn, "_ready_events"),
@@ -89,10 +88,10 @@ class DeliveryReader:
         self._timers_at = 0.0
 
     def waits_itself(self) -> bool:
-        """Whether ``pump`` reads and waits here, where ``interrupt`` wakes it; else
-        pika's loop does, which only a callback ends early (add_callback_threadsafe):
-        pika has part of a frame, or holds what it read and has not dispatched yet (the
-        deliveries that came with a consume-ok, say), or a write waiting, or TLS."""
+        """Whether ``pump`` reads and waits here, where a byte down pika's wake-up socket
+        wakes it; else pika's loop does, which only a callback ends early: pika has part
+        of a frame, or holds what it read and has not dispatched yet (the deliveries that
+        came with a consume-ok, say), or a write waiting, or TLS."""
         conn = self.conn
         return not (self._waker is None or self.impl._frame_buffer
                     or conn._channels_pending_dispatch or conn._ready_events

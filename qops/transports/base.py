@@ -142,8 +142,10 @@ class Consumer(ABC):
     #: unique id of this consumer, used for in-flight tracking and liveness
     id: str
     #: settlements a consumer may hold back, to send them together, while it has
-    #: deliveries to hand out or its caller has other work (``get(0)``): transports
-    #: that batch writes (AMQP); 1 = at the next get()
+    #: deliveries to hand out, while its caller has other work (``get(0)``) and, for
+    #: settlements from other threads, while get() waits and other deliveries are held
+    #: (a wait of a pump slice at most): transports that batch writes (AMQP); 1 = at
+    #: the next get()
     ack_batch: int = 1
     #: the worker's pool runs tasks on threads of this process and settles them there
     #: (solo, threads pools): a settlement that frees the room get() waits for to

@@ -100,10 +100,6 @@ class PoolChild:
         except Exception as exc:
             self.send(Failed(type(exc).__name__, str(exc)))
             return 1
-        assert loop.consumer is not None
-        # acks go out two or more at a time (one write, one flush) while deliveries wait:
-        # the flush is the costly part; half the prefetch keeps the broker sending
-        loop.consumer.ack_batch = max(1, loop.prefetch // 2)
         pool = InlinePool(self.app, self.max_tasks_per_child, on_run=self._on_run)
         loop.pool = pool
         loop.events = EventDispatcher(self.app, loop.hostname, task_events=self.task_events)

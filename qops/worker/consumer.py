@@ -117,6 +117,10 @@ class ConsumerLoop:
         if consume:
             self.consumer = self.app.transport.consumer(
                 self.queues, self.prefetch, consumer_id=f"{self.hostname}.{os.getpid()}")
+            # settlements go out two or more at a time while more deliveries are held (a
+            # write and a wake-up fewer each; AMQP): half the prefetch keeps the broker
+            # sending while the rest run
+            self.consumer.ack_batch = max(1, self.prefetch // 2)
         if self.has_backend:
             self.app.backend  # noqa: B018
 

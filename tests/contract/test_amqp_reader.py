@@ -17,7 +17,7 @@ import pytest
 from pika.spec import Basic
 
 from qops.protocol import Message
-from qops.transports.amqp import AMQPTransport
+from qops.transports.amqp import AMQPTransport, rawio
 from qops.transports.amqp.frames import deliveries
 from qops.transports.amqp.wire import settlements
 from qops.transports.base import TransportOptions
@@ -183,12 +183,13 @@ def test_another_thread_wakes_the_waiting_consumer_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An ack or a queue change from another thread ends get()'s wait on the socket,
     whoever waits: DeliveryReader (a byte down pika's wake-up socket) or pika's loop
-    (TLS, a write pending: a callback). With the pump's slice made long, a lost wake-up
-    would show as a get() that takes it whole."""
+    (TLS, a write pending: a callback). With the pump's slices made long, a lost
+    wake-up would show as a get() that takes one whole."""
     import qops.transports.amqp.consumer as consumer_module
     from qops.transports.amqp.rawio import DeliveryReader
 
     monkeypatch.setattr(consumer_module, "PUMP_SLICE", 30.0)
+    monkeypatch.setattr(rawio, "TIMER_SLICE", 30.0)
     if not itself:
         monkeypatch.setattr(DeliveryReader, "waits_itself", lambda self: False)
     other = f"{queue}-other"
@@ -211,5 +212,46 @@ def test_another_thread_wakes_the_waiting_consumer_at_once(
         assert third is not None and third.queue == other
         assert time.monotonic() - started < 5
         c.ack(third)
+    finally:
+        c.close()
+
+
+def test_acks_from_other_threads_wake_a_waiting_get_for_a_batch(
+        transport: AMQPTransport, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool threads settle while get() waits for the broker: with ``ack_batch`` 2 the
+    first ack does not wake it (one write and one wake-up for the pair), the second
+    does; the last delivery held wakes it at once. The pump's slice is made long, so
+    a wake-up missed or made too early shows."""
+    import qops.transports.amqp.consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "PUMP_SLICE", 30.0)
+    monkeypatch.setattr(rawio, "TIMER_SLICE", 30.0)
+    for i in range(8):
+        transport.publish(queue, task(i))
+    c = transport.consumer([queue], prefetch=4)
+    c.ack_batch = 2
+    try:
+        held = [c.get(5) for _ in range(4)]
+        assert all(held)
+        threading.Timer(0.2, c.ack, args=(held[0],)).start()
+        threading.Timer(0.8, c.ack, args=(held[1],)).start()
+        started = time.monotonic()
+        d = c.get(20)  # the window is full until the pair of acks is out
+        elapsed = time.monotonic() - started
+        assert d is not None and 0.7 < elapsed < 5, elapsed
+        for x in [*held[2:], d, c.get(5)]:
+            c.ack(x)
+    finally:
+        c.close()
+    c = transport.consumer([queue], prefetch=1)
+    c.ack_batch = 2
+    try:
+        last = c.get(5)
+        assert last is not None
+        threading.Timer(0.2, c.ack, args=(last,)).start()
+        started = time.monotonic()
+        d = c.get(20)  # nothing else held: the single ack goes at once
+        assert d is not None and time.monotonic() - started < 5
+        c.ack(d)
     finally:
         c.close()

@@ -485,6 +485,9 @@ class _AMQPConsumer(Consumer):
                 self._qos_due = True  # the window shrinks back
             if not self._pumping or self._woken:
                 return  # the owner takes it before it blocks, or is being woken already
+            if len(self._acks) + len(self._nacks) < self.ack_batch and books.held \
+                    and not exempt:
+                return  # more are coming: wake for a batch (PUMP_SLICE bounds the wait)
             self._woken = True
             itself = self._pump_itself
         self._wake(itself)

@@ -70,14 +70,14 @@ class _AMQPConsumer(Consumer):
     moves a delivery from ``_buffer`` to the books under it.
 
     Settlements are batched. ``ack``/``requeue`` (any thread) move the tag from the
-    books to ``_acks``/``_nacks`` in one step under ``_lock``. They wake the owner
-    only while it is blocked pumping the connection, and then once (a wake-up is a
-    pipe write and a context switch); an owner that is busy takes them at its next
-    ``get()``, which writes them before it blocks, and while it has deliveries to hand
-    out or its caller has other work (timeout 0) once there are ``ack_batch`` of them.
-    Each batch is one write: acks below the lowest tag still held, buffered or requeued
-    become one ``basic.ack(multiple)`` (RabbitMQ's tags only grow on a channel, and the
-    books and ``_buffer`` keep them in that order), the others go one by one.
+    books to ``_acks``/``_nacks`` under ``_lock``, and wake the owner only while it is
+    blocked pumping, once, when ``ack_batch`` of them wait or nothing else is held (a
+    wake-up is a pipe write and a context switch; the pump's slice bounds the wait). A
+    busy owner takes them at its next ``get()``, which writes them before it blocks,
+    and while it has deliveries to hand out or its caller has other work (timeout 0)
+    once there are ``ack_batch``. Each batch is one write: acks below the lowest tag
+    still held, buffered or requeued become one ``basic.ack(multiple)`` (tags only grow
+    on a channel; the books and ``_buffer`` keep that order), the others go one by one.
 
     The prefetch is a channel-wide ``basic.qos`` (``global``, in RabbitMQ's meaning:
     shared by the consumers of all our queues, as Celery sets it). ``exempt()`` grows
@@ -555,8 +555,7 @@ class _AMQPConsumer(Consumer):
                 self._replacing = 0  # nothing to wait for (settled already, or written)
 
     def heartbeat(self) -> None:
-        """Nothing to do: the broker watches the connection (AMQP heartbeats, sent while
-        get() pumps it; the worker calls get() all the time)."""
+        """Nothing to do: AMQP heartbeats go while get() pumps (it is called all along)."""
 
     def add_queue(self, queue: str) -> None:
         if self.reply:

@@ -102,6 +102,26 @@ def task(n: int, body: bytes = b"") -> Message:
                    headers={"task": "t", "id": f"id-{n}"}, properties={"correlation_id": f"{n}"})
 
 
+def four_held(transport: AMQPTransport, queue: str) -> tuple[Any, list[Any]]:
+    """8 messages queued; a consumer (prefetch 4, acks in pairs) holding the first 4."""
+    for i in range(8):
+        transport.publish(queue, task(i))
+    c = transport.consumer([queue], prefetch=4)
+    c.ack_batch = 2
+    held = [c.get(5) for _ in range(4)]
+    assert all(held)
+    return c, held
+
+
+@pytest.fixture
+def long_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """get() and DeliveryReader wait 30 s a slice: a lost wake-up shows as a long get()."""
+    import qops.transports.amqp.consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "PUMP_SLICE", 30.0)
+    monkeypatch.setattr(rawio, "TIMER_SLICE", 30.0)
+
+
 def ready(transport: AMQPTransport, queue: str, want: int) -> int:
     deadline = time.monotonic() + 5
     while (n := transport.queue_stats([queue])[0].ready) != want and time.monotonic() < deadline:
@@ -114,13 +134,9 @@ def test_acks_reach_the_broker_while_the_caller_works(transport: AMQPTransport,
     """A pool child takes what the broker sent, then runs the tasks, calling get(0)
     between them: each batch of ``ack_batch`` acks goes out then, so the broker refills
     the window while the other tasks run (not once they all ran)."""
-    for i in range(8):
-        transport.publish(queue, task(i))
-    c = transport.consumer([queue], prefetch=4)
-    c.ack_batch = 2
+    c, held = four_held(transport, queue)
     try:
-        held = [c.get(5) for _ in range(4)]
-        assert all(held) and ready(transport, queue, 4) == 4
+        assert ready(transport, queue, 4) == 4
         c.ack(held[0])
         assert c.get(0) is None  # one ack: it waits for the batch
         time.sleep(0.2)
@@ -178,6 +194,7 @@ def test_heartbeats_keep_an_idle_consumer_connected(amqp_url: str, queue: str) -
 
 
 @pytest.mark.parametrize("itself", [True, False], ids=["reader-waits", "pika-waits"])
+@pytest.mark.usefixtures("long_slices")
 def test_another_thread_wakes_the_waiting_consumer_at_once(
         transport: AMQPTransport, queue: str, itself: bool,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,11 +202,8 @@ def test_another_thread_wakes_the_waiting_consumer_at_once(
     whoever waits: DeliveryReader (a byte down pika's wake-up socket) or pika's loop
     (TLS, a write pending: a callback). With the pump's slices made long, a lost
     wake-up would show as a get() that takes one whole."""
-    import qops.transports.amqp.consumer as consumer_module
     from qops.transports.amqp.rawio import DeliveryReader
 
-    monkeypatch.setattr(consumer_module, "PUMP_SLICE", 30.0)
-    monkeypatch.setattr(rawio, "TIMER_SLICE", 30.0)
     if not itself:
         monkeypatch.setattr(DeliveryReader, "waits_itself", lambda self: False)
     other = f"{queue}-other"
@@ -216,23 +230,15 @@ def test_another_thread_wakes_the_waiting_consumer_at_once(
         c.close()
 
 
+@pytest.mark.usefixtures("long_slices")
 def test_acks_from_other_threads_wake_a_waiting_get_for_a_batch(
-        transport: AMQPTransport, queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        transport: AMQPTransport, queue: str) -> None:
     """Pool threads settle while get() waits for the broker: with ``ack_batch`` 2 the
     first ack does not wake it (one write and one wake-up for the pair), the second
     does; the last delivery held wakes it at once. The pump's slice is made long, so
     a wake-up missed or made too early shows."""
-    import qops.transports.amqp.consumer as consumer_module
-
-    monkeypatch.setattr(consumer_module, "PUMP_SLICE", 30.0)
-    monkeypatch.setattr(rawio, "TIMER_SLICE", 30.0)
-    for i in range(8):
-        transport.publish(queue, task(i))
-    c = transport.consumer([queue], prefetch=4)
-    c.ack_batch = 2
+    c, held = four_held(transport, queue)
     try:
-        held = [c.get(5) for _ in range(4)]
-        assert all(held)
         threading.Timer(0.2, c.ack, args=(held[0],)).start()
         threading.Timer(0.8, c.ack, args=(held[1],)).start()
         started = time.monotonic()

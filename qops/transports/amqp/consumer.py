@@ -215,18 +215,7 @@ class _AMQPConsumer(Consumer):
     def _consume(self, queue: str) -> None:
         link = self._link
         assert link is not None
-        if self.reply:
-            if queue not in link.queues:
-                link.declare_reply_queue(queue)
-                if self.binding is not None:
-                    exchange, routing_key = self.binding
-                    link.declare_exchange(exchange, "direct")
-                    link.admin().queue_bind(queue, exchange, routing_key)
-            # not remembered: queue_stats(None) lists work queues only
-        else:
-            if queue not in link.queues:
-                self.transport.declare(link, queue)
-            self.transport._remember(queue)
+        self.transport.declare_consumed(link, queue, self.reply, self.binding)
         tag = link.main().basic_consume(queue, self._on_message, auto_ack=False)
         self._tags[queue] = tag
         self._queue_of[tag] = queue

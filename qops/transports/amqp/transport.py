@@ -135,6 +135,24 @@ class AMQPTransport(Transport):
         with self._lock:
             self._known.add(queue)
 
+    def declare_consumed(self, link: _Link, queue: str, reply: bool,
+                         binding: tuple[str, str] | None) -> None:
+        """Make ``queue`` ready to consume on ``link`` (once a connection): a work queue
+        declared and remembered for ``queue_stats(None)``; a reply queue declared on this
+        connection (the broker deletes it with the connection), not remembered, and bound
+        to ``binding`` (exchange, routing key) if given, as kombu binds a pidbox reply
+        queue."""
+        if not reply:
+            if queue not in link.queues:
+                self.declare(link, queue)
+            self._remember(queue)
+        elif queue not in link.queues:
+            link.declare_reply_queue(queue)
+            if binding is not None:
+                exchange, routing_key = binding
+                link.declare_exchange(exchange, "direct")
+                link.admin().queue_bind(queue, exchange, routing_key)
+
     # -- publishing ------------------------------------------------------------------------
     def _send(self, exchange: str, routing_key: str, body: bytes, props: Any, *,
               queue: str | None, exchange_kind: str | None = None, confirm: bool = True,

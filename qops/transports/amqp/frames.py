@@ -187,6 +187,16 @@ def _properties(buf: bytes, offset: int) -> Any:
     return props
 
 
+def _deliver(data: bytes, start: int) -> tuple[Any, int, bool, Any, Any]:
+    """A basic.deliver method frame's arguments, the frame at ``start`` (whole): consumer
+    tag, delivery tag, redelivered, exchange, routing key."""
+    consumer_tag, offset = _short_str(data, start + 11)
+    delivery_tag = _U64.unpack_from(data, offset)[0]
+    redelivered = bool(data[offset + 8] & 1)
+    exchange, offset = _short_str(data, offset + 9)
+    return consumer_tag, delivery_tag, redelivered, exchange, _short_str(data, offset)[0]
+
+
 def decode_frame(data: bytes) -> tuple[int, Any]:
     """``pika.frame.decode_frame``, faster for the frames of a delivery (see above)."""
     if len(data) < 7:
@@ -199,14 +209,7 @@ def decode_frame(data: bytes) -> tuple[int, Any]:
             return end, pika.frame.Header(channel, body_size, _properties(data, 19))
     elif kind == pika.spec.FRAME_METHOD and end <= len(data) and data[end - 1] == _FRAME_END \
             and size >= 4 and _U32.unpack_from(data, 7)[0] == _DELIVER_ID:
-        consumer_tag, offset = _short_str(data, 11)
-        delivery_tag = _U64.unpack_from(data, offset)[0]
-        redelivered = bool(data[offset + 8] & 1)
-        exchange, offset = _short_str(data, offset + 9)
-        routing_key, offset = _short_str(data, offset)
-        method = pika.spec.Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange,
-                                         routing_key)
-        return end, pika.frame.Method(channel, method)
+        return end, pika.frame.Method(channel, pika.spec.Basic.Deliver(*_deliver(data, 0)))
     return pika.frame.decode_frame(data)
 
 
@@ -229,13 +232,9 @@ def deliveries(data: bytes, channel: int, tags: Container[str]) -> tuple[list[De
         if kind != 1 or ch != channel or method_id != _DELIVER_ID or end > size \
                 or data[end - 1] != _FRAME_END:
             break
-        consumer_tag, offset = _short_str(data, start + 11)
+        consumer_tag, delivery_tag, redelivered, _exchange, routing_key = _deliver(data, start)
         if consumer_tag not in tags:
             break  # cancelled: pika knows what to do with it
-        delivery_tag = _U64.unpack_from(data, offset)[0]
-        redelivered = bool(data[offset + 8] & 1)
-        offset += 10 + data[offset + 9]  # the exchange's name: not needed
-        routing_key = _short_str(data, offset)[0]
         if size - end < 19:
             break
         kind, ch, length = _FRAME_START.unpack_from(data, end)

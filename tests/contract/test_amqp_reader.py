@@ -261,3 +261,37 @@ def test_acks_from_other_threads_wake_a_waiting_get_for_a_batch(
         c.ack(d)
     finally:
         c.close()
+
+
+def test_publish_and_consume_with_more_than_1024_files_open(transport: AMQPTransport,
+                                                            queue: str) -> None:
+    """A busy web server has more than 1024 files open: the sockets qops then opens are
+    ones select() refuses (ValueError), so waiting for a confirm or a delivery uses
+    poll()."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"the open-file limit here is {hard}, below {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    filler = [socket.socket() for _ in range(1100)]
+    try:
+        t = AMQPTransport(transport.url, TransportOptions())
+        try:
+            t.publish(queue, task(1))  # waits for its confirm
+            c = t.consumer([queue], prefetch=4)
+            try:
+                d = c.get(5)
+                assert d is not None and c._link.conn._impl._transport._sock.fileno() > 1024
+                c.ack(d)
+            finally:
+                c.close()
+        finally:
+            t.close()
+    finally:
+        for s in filler:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

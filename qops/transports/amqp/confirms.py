@@ -4,10 +4,10 @@ pika's BlockingChannel waits for each confirm before the next publish, and gets 
 through two turns of its I/O loop (one to write the three frames as three ``send``
 calls, one to read the ack). Here a message is one ``bytes`` (``wire``) written to the
 socket at once (rawio.write), and the ack is read from the socket here, without pika's
-I/O loop (its timers still get their turn while we wait): a Basic.Ack for this channel is settled
-here, anything else handed to pika's frame reader, in order. A
-batch is written whole (in large writes), and its confirms are collected as they come
--- RabbitMQ acks several at once (``multiple``) -- so N messages cost about one round
+I/O loop (its timers still get their turn while we wait): a Basic.Ack for this channel
+is settled here, anything else handed to pika's frame reader, in order. A batch is
+written whole (in large writes), and its confirms are collected as they come --
+RabbitMQ acks several at once (``multiple``) -- so N messages cost about one round
 trip, not N.
 
 The channel is pika's own (an ``impl`` channel of the link's BlockingConnection, so
@@ -18,7 +18,6 @@ nothing else may publish on it. Used by one thread at a time, like its link.
 
 from __future__ import annotations
 
-import select
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pika.exceptions as pex
 from pika.spec import Basic
 
-from qops.transports.amqp.rawio import RECV_SIZE, TIMER_SLICE, plain_socket, write
+from qops.transports.amqp.rawio import RECV_SIZE, TIMER_SLICE, plain_socket, readable, write
 from qops.transports.amqp.wire import SETTLE, content_frames, method_frame, short_string
 
 #: a batch is written in pieces of about this many bytes
@@ -146,7 +145,7 @@ class Confirms:
             try:
                 data = sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                if not select.select([sock], [], [], TIMER_SLICE)[0]:
+                if not readable(sock, TIMER_SLICE):
                     impl.ioloop.process_timeouts()  # pika's timers: heartbeats
                 continue
             except OSError:

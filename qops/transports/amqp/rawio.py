@@ -58,6 +58,15 @@ def write(impl: Any, data: bytes, frames: int) -> bool:
     return True
 
 
+def readable(sock: Any, seconds: float) -> bool:
+    """Whether ``sock`` has something to read within ``seconds``. poll(), not select():
+    a process with more than 1024 files open (a busy web server) has sockets that
+    select() refuses."""
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLIN)
+    return bool(poll.poll(seconds * 1000))
+
+
 def _noop() -> None:
     """A callback that only wakes pika's loop (``DeliveryReader.wake``)."""
 

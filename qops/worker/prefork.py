@@ -14,6 +14,7 @@ import ctypes
 import mmap
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -74,6 +75,18 @@ def signal_child(pid: int, term: mmap.mmap, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _send(conn: Connection, obj: dict[str, Any]) -> None:
+    """A job or an outcome down the pipe, pickled as plain data: multiprocessing's own
+    ``send`` builds a ForkingPickler (a Pickler subclass with a copy of its dispatch
+    table) for every call, a seventh of the parent's time a task (bench/README.md)."""
+    conn.send_bytes(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+
+
+def _receive(conn: Connection) -> dict[str, Any]:
+    obj: dict[str, Any] = pickle.loads(conn.recv_bytes())
+    return obj
 
 
 class _Child:
@@ -176,14 +189,13 @@ class _Slot(threading.Thread):
         assert child is not None
         start = time.monotonic()
         try:
-            child.conn.send(job)
-            ready = child.conn.poll(hard) if hard else child.conn.poll(None)
-            if not ready:
+            _send(child.conn, job)
+            if hard and not child.conn.poll(hard):
                 self.reap(kill=True)
                 exc = TimeLimitExceeded(f"hard time limit ({hard}s) exceeded")
                 return {"state": "FAILURE", "result": protocol.exception_to_dict(exc),
                         "traceback": None, "runtime": time.monotonic() - start}
-            outcome: dict[str, Any] = child.conn.recv()
+            outcome: dict[str, Any] = _receive(child.conn)
         except (EOFError, OSError):
             status = self.reap(kill=True)
             how = describe_status(status)
@@ -233,7 +245,7 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap
     limit = pool.max_tasks_per_child
     while True:
         try:
-            job = conn.recv()
+            job = _receive(conn)
         except (EOFError, OSError):
             return 0
         outcome = execute(pool.app, job)
@@ -248,7 +260,7 @@ def _child_main(pool: PreforkPool, index: int, conn: Connection, term: mmap.mmap
         done += 1
         if limit and done >= limit:
             outcome["_exit"] = True
-        conn.send(outcome)
+        _send(conn, outcome)
         if outcome.get("_exit"):
             return 0
 

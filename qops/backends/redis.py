@@ -2,11 +2,14 @@
 meta JSON; every write is published on the same name, so a waiting client wakes at once.
 
 A waiting thread keeps one pub/sub connection for all its waits (a new connection per
-``get()`` cost a TCP connect, HELLO and SELECT each time): it subscribes to the task's
-key, reads the confirmation (so the subscription is in place before it reads the key),
-reads the key, waits for a message on that channel, and unsubscribes without waiting
-for the reply (stale replies and messages of earlier channels are skipped by the next
-wait).
+``get()`` cost a TCP connect, HELLO and SELECT each time). It sends SUBSCRIBE on the task's
+key and reads the key at once, without waiting for the subscription: where the result is
+there already (a ``get()`` after a confirmed RabbitMQ publish, a finished task) that is one
+round trip. Else it reads the subscription's confirmation, which came meanwhile, reads the
+key again (a result stored before the subscription took effect is seen there), and waits
+for a message on the channel. It unsubscribes without waiting for the reply; replies and
+messages left unread are skipped by the next wait, which counts the confirmations of
+each channel so that an old one is not taken for its own.
 
 Chords join here with Celery's counter keys (``<group prefix><group id>.j/.t/.s/.d/.c``,
 docs/canvas.md), so Celery and qops workers can finish each other's chords."""
@@ -18,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -124,6 +128,7 @@ class RedisBackend(ResultBackend):
         if pubsub is None or local.pid != os.getpid():
             pubsub = self.client.pubsub()
             local.pubsub, local.pid = pubsub, os.getpid()
+            local.unconfirmed = Counter()  # channel -> SUBSCRIBEs sent, not yet confirmed
             with self._pubsubs_lock:
                 self._pubsubs.append(pubsub)
         return pubsub
@@ -143,12 +148,22 @@ class RedisBackend(ResultBackend):
     def _next_on(self, pubsub: Any, channel: bytes, kind: str, seconds: float
                  ) -> dict[str, Any] | None:
         """Read until a ``kind`` message ("subscribe" or "message") on ``channel``, at
-        most ``seconds``; the message, or None when none came."""
+        most ``seconds``; the message, or None when none came. A "subscribe" counts
+        only as the confirmation of the channel's last SUBSCRIBE."""
+        unconfirmed = self._local.unconfirmed
         deadline = time.monotonic() + seconds
         while True:
             msg = self._call(pubsub.get_message, timeout=max(0.0, deadline - time.monotonic()))
-            if msg is not None and msg["type"] == kind and msg["channel"] == channel:
-                return cast("dict[str, Any]", msg)
+            if msg is not None:
+                if msg["type"] == "subscribe" and unconfirmed[msg["channel"]] > 0:
+                    unconfirmed[msg["channel"]] -= 1
+                    if not unconfirmed[msg["channel"]]:
+                        del unconfirmed[msg["channel"]]
+                    if kind == "subscribe" and msg["channel"] == channel \
+                            and channel not in unconfirmed:
+                        return cast("dict[str, Any]", msg)
+                elif msg["type"] == kind == "message" and msg["channel"] == channel:
+                    return cast("dict[str, Any]", msg)
             if time.monotonic() >= deadline:
                 return None
 
@@ -197,18 +212,25 @@ class RedisBackend(ResultBackend):
 
     @contextmanager
     def _watch(self, task_id: str) -> Iterator[Callable[[float], bytes | None]]:
-        # Subscribed (confirmed) before the first read: a result stored in between wakes us.
+        # The first read goes out with the SUBSCRIBE, unconfirmed; the first pause
+        # confirms it and has the key read again (a result stored before the
+        # subscription took effect is seen then), later ones wait for the message.
         pubsub = self._pubsub()
         channel = self._key(task_id).encode()
-        ok = False
+        ok = confirmed = False
         try:
             self._call(pubsub.subscribe, channel)
-            if self._next_on(pubsub, channel, "subscribe", 10.0) is None:
-                raise BrokerUnreachable(f"result backend {mask_password(self.url)} did not "
-                                        "confirm a subscription in 10 s")
+            self._local.unconfirmed[channel] += 1
             ok = True
 
             def pause(seconds: float) -> bytes | None:
+                nonlocal confirmed
+                if not confirmed:
+                    if self._next_on(pubsub, channel, "subscribe", 10.0) is None:
+                        raise BrokerUnreachable(f"result backend {mask_password(self.url)} "
+                                                "did not confirm a subscription in 10 s")
+                    confirmed = True
+                    return None
                 # the store script (and Celery's backend) publishes what it stored
                 msg = self._next_on(pubsub, channel, "message", seconds)
                 data = None if msg is None else msg["data"]

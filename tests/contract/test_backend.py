@@ -155,7 +155,9 @@ def test_a_redis_wait_takes_the_published_result_as_read(
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis publishes what it stores: a wait woken by a ready result returns it without
     reading the key again (a round trip of every .get() that waits), and one woken by a
-    state that is not ready (STARTED), or by a payload that is not a result, reads it."""
+    state that is not ready (STARTED), or by a payload that is not a result, reads it.
+    (A wait reads the key twice before it waits: with its SUBSCRIBE, and once that is
+    confirmed.)"""
     b = backend_from_url(request.getfixturevalue("redis_url"), expires=60)
     reads: list[str] = []
     real_get = b._get
@@ -164,7 +166,7 @@ def test_a_redis_wait_takes_the_published_result_as_read(
         t = tid()
         threading.Timer(0.1, lambda: b.store(t, "SUCCESS", 7)).start()
         assert b.wait(t, timeout=5)["result"] == 7
-        assert reads == [t]  # the read before the wait only
+        assert reads == [t, t]  # the reads before the wait only
         reads.clear()
         t = tid()
 
@@ -177,7 +179,30 @@ def test_a_redis_wait_takes_the_published_result_as_read(
 
         threading.Timer(0.1, started_then_done).start()
         assert b.wait(t, timeout=5)["result"] == 8
-        assert reads == [t, t, t]  # before, after STARTED, after the stray message
+        assert reads == [t, t, t, t]  # two before, after STARTED, after the stray message
+    finally:
+        time.sleep(0.1)
+        b.close()
+
+
+def test_a_redis_wait_for_a_ready_result_reads_no_confirmation(
+        request: pytest.FixtureRequest) -> None:
+    """A result that is there already (a .get() after a publish RabbitMQ confirmed) costs a
+    wait one round trip: the key is read with the SUBSCRIBE, whose confirmation is not
+    waited for. A later wait on the same channel skips the confirmations left unread
+    (they are counted): it waits for its own before reading the key again."""
+    b = backend_from_url(request.getfixturevalue("redis_url"), expires=60)
+    t = tid()
+    channel = b._key(t).encode()  # type: ignore[attr-defined]
+    try:
+        b.store(t, "SUCCESS", 1)
+        for _ in range(3):
+            assert b.wait(t, timeout=5)["result"] == 1
+        assert b._local.unconfirmed == {channel: 3}  # type: ignore[attr-defined]
+        b.forget(t)
+        threading.Timer(0.2, lambda: b.store(t, "SUCCESS", 2)).start()
+        assert b.wait(t, timeout=5)["result"] == 2
+        assert not b._local.unconfirmed  # type: ignore[attr-defined]
     finally:
         time.sleep(0.1)
         b.close()

@@ -38,6 +38,11 @@ FAILOVER_WAIT = 10.0
 FAILOVER_RETRY = 0.2
 
 
+#: SUBSCRIBEs left unconfirmed (by waits that found their result at once) before a wait
+#: reads what came of them
+UNREAD_MAX = 32
+
+
 def _script(name: str) -> str:
     return resources.files("qops.backends").joinpath(name).read_text()
 
@@ -150,22 +155,36 @@ class RedisBackend(ResultBackend):
         """Read until a ``kind`` message ("subscribe" or "message") on ``channel``, at
         most ``seconds``; the message, or None when none came. A "subscribe" counts
         only as the confirmation of the channel's last SUBSCRIBE."""
-        unconfirmed = self._local.unconfirmed
         deadline = time.monotonic() + seconds
         while True:
             msg = self._call(pubsub.get_message, timeout=max(0.0, deadline - time.monotonic()))
             if msg is not None:
-                if msg["type"] == "subscribe" and unconfirmed[msg["channel"]] > 0:
-                    unconfirmed[msg["channel"]] -= 1
-                    if not unconfirmed[msg["channel"]]:
-                        del unconfirmed[msg["channel"]]
-                    if kind == "subscribe" and msg["channel"] == channel \
-                            and channel not in unconfirmed:
-                        return cast("dict[str, Any]", msg)
-                elif msg["type"] == kind == "message" and msg["channel"] == channel:
+                last = self._count_off(msg)
+                if msg["channel"] == channel and (
+                        last if kind == "subscribe" else msg["type"] == kind):
                     return cast("dict[str, Any]", msg)
             if time.monotonic() >= deadline:
                 return None
+
+    def _count_off(self, msg: dict[str, Any]) -> bool:
+        """Count ``msg`` off if it confirms a SUBSCRIBE; True if it confirms its
+        channel's last one."""
+        unconfirmed, channel = self._local.unconfirmed, msg["channel"]
+        if msg["type"] != "subscribe" or not unconfirmed[channel]:
+            return False
+        unconfirmed[channel] -= 1
+        if unconfirmed[channel]:
+            return False
+        del unconfirmed[channel]
+        return True
+
+    def _read_unread(self, pubsub: Any) -> None:
+        """Read, without waiting, the replies that waits which found their result at
+        once left unread: else a client whose every get() finds its result (a web app
+        reading finished tasks) would pile them up in its socket, and Redis would drop
+        the connection at its pub/sub output limit."""
+        while (msg := self._call(pubsub.get_message, timeout=0.0)) is not None:
+            self._count_off(msg)
 
     # -- the chord counter join ---------------------------------------------------------
     native_join = True
@@ -216,6 +235,8 @@ class RedisBackend(ResultBackend):
         # confirms it and has the key read again (a result stored before the
         # subscription took effect is seen then), later ones wait for the message.
         pubsub = self._pubsub()
+        if len(self._local.unconfirmed) >= UNREAD_MAX:
+            self._read_unread(pubsub)
         channel = self._key(task_id).encode()
         ok = confirmed = False
         try:

@@ -203,6 +203,16 @@ def test_a_redis_wait_for_a_ready_result_reads_no_confirmation(
         threading.Timer(0.2, lambda: b.store(t, "SUCCESS", 2)).start()
         assert b.wait(t, timeout=5)["result"] == 2
         assert not b._local.unconfirmed  # type: ignore[attr-defined]
+        # a client whose every wait finds its result does not pile up unread replies
+        from qops.backends.redis import UNREAD_MAX
+
+        done = [tid() for _ in range(5 * UNREAD_MAX)]
+        for one in done:
+            b.store(one, "SUCCESS", 3)
+        for one in done:
+            assert b.wait(one, timeout=5)["result"] == 3
+            assert len(b._local.unconfirmed) <= UNREAD_MAX  # type: ignore[attr-defined]
+        assert len(b._local.pubsub.channels) <= 2 * UNREAD_MAX  # type: ignore[attr-defined]
     finally:
         time.sleep(0.1)
         b.close()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops import protocol
 from qops.backends.base import FAILURE, READY_STATES, REVOKED, SUCCESS
-from qops.errors import NoResultBackend, TaskRevokedError
+from qops.errors import TaskRevokedError
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -39,8 +39,10 @@ class AsyncResult:
     @property
     def backend(self) -> ResultBackend:
         if self._backend is None:
-            if self.app is None:
-                raise NoResultBackend("this result has no app; make it with app.AsyncResult(id)")
+            if self.app is None:  # AsyncResult(id), as in Celery: the current app's
+                from qops.app import current_app
+
+                self.app = current_app()
             self._backend = self.app.backend
         return self._backend
 

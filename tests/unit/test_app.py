@@ -193,3 +193,16 @@ def test_a_bulk_send_builds_what_one_send_builds() -> None:
     second = parse_task_message(sent[1])
     assert (second.args, second.kwargs, second.time_limit, second.priority) == \
         ([3], {"y": 4}, 7, 2)
+
+
+def test_an_async_result_made_without_an_app_reads_the_current_apps_backend() -> None:
+    """``AsyncResult(id)``, as a Django status view writes it after Celery: the current
+    app's result backend, as in Celery (it raised NoResultBackend)."""
+    from qops.result import AsyncResult
+
+    app = App("current-results", broker="memory://current-results",
+              backend="memory://current-results")
+    app.backend.store("done-1", "SUCCESS", 5)
+    result = AsyncResult("done-1")
+    assert result.get(timeout=1) == 5
+    assert result.state == "SUCCESS" and result.app is app

@@ -156,3 +156,48 @@ def test_broker_outage_mid_stream(app, broker, make_proxy, workers, queue, tmp_p
         assert twice <= 16 + 4 + len(errors), twice
     else:
         assert twice == 0
+
+
+def test_a_redis_that_does_not_answer_fails_a_send_after_one_socket_timeout() -> None:
+    """A Redis that takes the connection and never answers (stopped, or cut off by a
+    firewall after the connect): the send raises BrokerUnreachable after the URL's
+    socket_timeout, once -- it was sent again after a timeout, which cost it twice (and
+    a send that timed out may have been made)."""
+    import socket
+
+    from qops import App
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    port = server.getsockname()[1]
+    app = App("silent", broker=f"redis://127.0.0.1:{port}/0?socket_timeout=1")
+    try:
+        start = time.monotonic()
+        try:
+            app.send_task("silent.add", (1, 2))
+        except BrokerUnreachable as exc:
+            assert "Timeout" in str(exc)
+        else:
+            raise AssertionError("a send to a silent Redis returned")
+        assert 0.9 < time.monotonic() - start < 1.9  # (twice: 2 s and more)
+    finally:
+        stop.set()
+        acceptor.join(2)
+        app.close()
+        for conn in held:
+            conn.close()
+        server.close()

@@ -58,9 +58,12 @@ class RedisTransport(Transport):
         self._parsed = parsed = parse_url(url)
         self._redis_url, self.prefix = parsed.url, parsed.prefix
         # Stale pooled connections (e.g. after a Redis restart) fail once and are retried
-        # once at once; an unreachable server still fails fast (no backoff loop).
-        self._pool = self._make_pool(Retry(NoBackoff(), 1),
-                                     socket_timeout=max(30.0, self.options.connect_timeout))
+        # once at once; an unreachable server still fails fast (no backoff loop). A
+        # command that timed out is not sent again: it may have run (a publish would be
+        # made twice), and a server that does not answer would cost the timeout twice.
+        self._pool = self._make_pool(
+            Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            socket_timeout=max(30.0, self.options.connect_timeout))
         self._client = redis.Redis(connection_pool=self._pool)
         self.db = int(self._pool.connection_kwargs.get("db") or 0)
         self._lua_reserve = self._client.register_script(load_script("reserve.lua"))

@@ -246,6 +246,14 @@ class Consumer(ABC):
     def close(self) -> None:
         """Stop consuming; every message still reserved goes back to its queue at once."""
 
+    def give_back(self, unstarted: list[Delivery]) -> None:
+        """Close on purpose (a warm shutdown, a pool child's recycling), giving back the
+        messages handed out that never started and every one still reserved. Here:
+        ``requeue`` each, then ``close``; RabbitMQ's does more (its consumer)."""
+        for d in unstarted:
+            self.requeue(d)
+        self.close()
+
     transport: Transport
 
 

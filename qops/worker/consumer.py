@@ -508,17 +508,17 @@ class ConsumerLoop:
         return list(held.values())
 
     def give_back(self, unstarted: list[Delivery]) -> None:
-        """Requeue ``unstarted`` (from take_back()) and close the consumer."""
+        """Give ``unstarted`` (from take_back()) back and close the consumer, which
+        returns every message still unacked."""
         consumer = self.consumer
         if consumer is None:
             return
-        for d in unstarted:
-            try:
-                consumer.requeue(d)
-            except Exception as exc:
-                log.error("could not requeue a message: %s", exc)
         try:
-            consumer.close()  # returns every message still unacked
+            consumer.give_back(unstarted)
         except Exception as exc:
-            log.error("closing the consumer failed: %s", exc)
+            log.error("giving back the messages not started failed: %s", exc)
+            try:
+                consumer.close()
+            except Exception as exc2:
+                log.error("closing the consumer failed: %s", exc2)
 

@@ -276,6 +276,34 @@ def test_redelivered_flag(transport: AMQPTransport, queues: list[str]) -> None:
         c.close()
 
 
+def test_give_back_returns_what_was_taken_without_a_redelivered_flag(
+        transport: AMQPTransport, queues: list[str]) -> None:
+    """A consumer closing on purpose (a pool child recycled by --max-tasks-per-child, a
+    warm shutdown) gives back what it took and did not start -- handed out, or still in
+    its buffer -- as copies at the queue's tail, not as redeliveries: a redelivery counts
+    as a worker loss, and a child recycled every few tasks had healthy messages
+    dead-lettered. A message that came redelivered goes back as it is."""
+    q = new_queue(queues)
+    for n in range(6):
+        transport.publish(q, task(n))
+    c = transport.consumer([q], prefetch=4)
+    got = [get_one(c) for _ in range(2)]
+    c.ack(got[0])
+    c.give_back([got[1]])  # the other two are in its buffer
+    c = transport.consumer([q], prefetch=10)
+    try:
+        seen = []
+        for _ in range(5):
+            d = get_one(c)
+            seen.append((d.message.headers["id"], d.redelivered))
+            c.ack(d)
+        assert not any(redelivered for _, redelivered in seen)
+        assert sorted(i for i, _ in seen) == [f"id-{n}" for n in range(1, 6)]
+        assert c.get(0.3) is None  # once each
+    finally:
+        c.close()
+
+
 def test_ack_from_another_thread_is_applied(transport: AMQPTransport,
                                             queues: list[str]) -> None:
     q = new_queue(queues)

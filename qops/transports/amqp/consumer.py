@@ -569,6 +569,25 @@ class _AMQPConsumer(Consumer):
         with self._lock:
             return list(self._wanted)
 
+    def give_back(self, unstarted: list[Delivery]) -> None:
+        """Close on purpose: what has arrived is read, consuming stops (basic.cancel:
+        nothing more comes), and what was handed out and not started (``unstarted``) or
+        is still buffered goes back without counting as a worker loss (lost.give_back)."""
+        with self._io:
+            link, buffered = self._link, []
+            if not self._closed and link is not None and link.conn.is_open:
+                try:
+                    link.cancel_consumers(list(self._tags.values()), self._reader.pump)
+                    self._tags.clear()
+                    buffered = self.buffered()
+                    for item in self._buffer:
+                        self._books.hold(item[0], item)
+                    self._buffer.clear()
+                except LINK_ERRORS:
+                    buffered = []  # the close returns them all
+                lost.give_back(self, [*unstarted, *buffered])
+        self.close()
+
     def close(self) -> None:
         """Send the acks still queued, then close the connection: RabbitMQ puts every
         message still reserved back in its queue."""

@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -241,6 +241,23 @@ class _Link:
                       name, exc.reply_text)
             self.admin().exchange_declare(name, passive=True)
         self.exchanges.add(name)
+
+    def cancel_consumers(self, tags: list[str], pump: Callable[[float], None]) -> None:
+        """Cancel the main channel's consumers ``tags``, calling ``pump`` until the
+        broker confirmed (at most PUMP_SLICE): deliveries sent before that reach the
+        consumer as usual. pika's own basic_cancel rejects them (requeued, they come back
+        ``redelivered``, which counts as a worker loss: lost.py)."""
+        ch, pending = self.main(), set(tags)
+        for tag in tags:
+            ch._impl.basic_cancel(tag, lambda frame: pending.discard(frame.method.consumer_tag))
+            ch._impl._cancelled.discard(tag)  # what pika rejects by
+        deadline = time.monotonic() + PUMP_SLICE
+        while pending and time.monotonic() < deadline:
+            pump(0.05)
+        self.conn.process_data_events(0)  # deliveries pika read: to the consumer
+        for tag in tags:
+            if tag not in pending:  # (else pika's close would cancel it again)
+                ch._consumer_infos.pop(tag, None)
 
     def close(self) -> None:
         if self.pid != os.getpid():

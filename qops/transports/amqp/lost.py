@@ -15,6 +15,7 @@ Queue arguments are never changed: the queues Celery declares stay as they are."
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from qops.protocol import Message
@@ -22,6 +23,8 @@ from qops.transports.base import Delivery
 
 if TYPE_CHECKING:
     from qops.transports.amqp.consumer import _AMQPConsumer
+
+log = logging.getLogger(__name__)
 
 #: the count on a copy qops republished (classic queues); docs/protocol.md section 3
 LOST_HEADER = "x-qops-worker-lost"
@@ -55,3 +58,22 @@ def keep(consumer: _AMQPConsumer, delivery: Delivery, n: int) -> bool:
                    content_encoding=msg.content_encoding)
     consumer.replace(delivery, lambda: consumer.transport.publish(delivery.queue, copy))
     return False
+
+
+def give_back(consumer: _AMQPConsumer, unstarted: list[Delivery]) -> None:
+    """Messages a consumer closing on purpose (a warm shutdown, a pool child recycled by
+    --max-tasks-per-child or pool_restart) took and never started. A requeue, or the
+    close, would bring each back ``redelivered``, which counts as a worker loss: a child
+    recycled every few tasks had healthy messages dead-lettered after its third
+    recycling. So each is published again to its queue (to its tail), its count as it
+    is, and acked (``keep``). One that came redelivered (a loss not counted yet), from a
+    quorum queue that counts returns, or whose copy could not be published is requeued,
+    as before."""
+    for d in unstarted:
+        try:
+            again = d.redelivered or keep(consumer, d, count(d, False)[0])
+        except Exception as exc:
+            log.warning("could not give back a message by a copy (%s); requeued", exc)
+            again = True
+        if again:
+            consumer.requeue(d)

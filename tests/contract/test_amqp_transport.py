@@ -276,6 +276,28 @@ def test_redelivered_flag(transport: AMQPTransport, queues: list[str]) -> None:
         c.close()
 
 
+def test_a_consumer_whose_channel_the_broker_closed_consumes_again(
+        transport: AMQPTransport, queues: list[str]) -> None:
+    """RabbitMQ closes the channel of a delivery held past its consumer_timeout (406
+    'delivery acknowledgement on channel 1 timed out') and keeps the connection: the
+    consumer reconnects and consumes again (it sat on an open connection with no
+    consumer, for good, while status said OK). Provoked here with another 406, an ack of
+    an unknown tag on the consumer's channel."""
+    q = new_queue(queues)
+    transport.publish(q, task(1))
+    c = transport.consumer([q], prefetch=2)
+    try:
+        first = get_one(c)
+        assert c._link is not None
+        c._link.main().basic_ack(999_999)  # the broker closes the channel for it
+        transport.publish(q, task(2))
+        ids = {get_one(c).message.headers["id"] for _ in range(2)}
+        assert ids == {"id-1", "id-2"}  # the held one came back, and the new one
+        c.ack(first)  # from the closed channel: ignored
+    finally:
+        c.close()
+
+
 def test_give_back_returns_what_was_taken_without_a_redelivered_flag(
         transport: AMQPTransport, queues: list[str]) -> None:
     """A consumer closing on purpose (a pool child recycled by --max-tasks-per-child, a

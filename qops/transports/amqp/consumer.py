@@ -30,7 +30,7 @@ from qops.transports.amqp.link import (
     PUMP_SLICE,
     _channel_error,
     _Link,
-    _reason,
+    consumer_lost,
     lost_text,
 )
 from qops.transports.amqp.props import _message
@@ -201,8 +201,7 @@ class _AMQPConsumer(Consumer):
 
     def _lost(self, exc: BaseException) -> None:
         """The connection is gone: the broker requeues everything it had given us."""
-        log.warning("consumer %s lost its RabbitMQ connection (%s); reconnecting",
-                    self.id, _reason(exc))
+        log.warning("consumer %s %s; reconnecting", self.id, consumer_lost(exc))
         link, self._link = self._link, None
         if link is not None:
             link.close()
@@ -357,9 +356,9 @@ class _AMQPConsumer(Consumer):
                     return None
                 try:
                     link = self._link
-                    if link is not None and not link.conn.is_open:
+                    if link is not None and (why := link.broken()) is not None:
                         # closed under us (pika raises ValueError if pumped now)
-                        self._lost(ConnectionError("connection closed"))
+                        self._lost(why)
                         link = None
                     if link is None:
                         self._connect()

@@ -169,6 +169,19 @@ class _Link:
     def main_is_open(self) -> bool:
         return self._main is not None and bool(self._main.is_open)
 
+    def broken(self) -> BaseException | None:
+        """Why a consumer on this link must reconnect: the connection closed, or the
+        broker closed the main channel (its deliveries') and kept the connection, as
+        RabbitMQ does for a delivery held past its consumer_timeout (406 'delivery
+        acknowledgement on channel 1 timed out'). None while both are open."""
+        if not self.conn.is_open:
+            return ConnectionError("connection closed")
+        ch = self._main
+        if ch is None or ch.is_open:
+            return None
+        reason: BaseException | None = getattr(ch._impl, "_closing_reason", None)
+        return reason or pex.ChannelClosed(0, "channel closed")
+
     def admin(self) -> Any:
         ch = self._admin
         if ch is None or not ch.is_open:
@@ -276,6 +289,17 @@ def _reason(exc: BaseException) -> str:
     if not text and exc.args:
         text = "; ".join(str(a).strip() or repr(a) for a in exc.args)
     return " ".join((text or type(exc).__name__).split())
+
+
+def consumer_lost(exc: BaseException) -> str:
+    """What a consumer lost, for its log line."""
+    if not isinstance(exc, pex.ChannelClosedByBroker):
+        return f"lost its RabbitMQ connection ({_reason(exc)})"
+    hint = ""
+    if exc.reply_code == PRECONDITION_FAILED and "acknowledgement" in exc.reply_text:
+        hint = ("; it held a delivery unacknowledged past RabbitMQ's consumer_timeout "
+                "(docs/production.md), and what it held goes back to the queue")
+    return f"lost its channel, closed by RabbitMQ ({exc.reply_code} {exc.reply_text}){hint}"
 
 
 def lost_text(safe: str, doing: str, exc: BaseException) -> str:

@@ -411,12 +411,19 @@ def handle_revoke(loop: ConsumerLoop, task_id: Any, terminate: bool = False,
     loop.revoked.update(ids)
     loop.revoked.save()  # with a state file (the node's)
     loop.revoke_reserved(ids)
-    killed = []
+    killed: list[str] = []
+    unstoppable: list[str] = []
     if terminate and loop.pool is not None:
-        for tid in ids:
-            if loop.pool.terminate_job(tid, signum):
-                killed.append(tid)
+        killed = [tid for tid in ids if loop.pool.terminate_job(tid, signum)]
+        unstoppable = loop.pool.cannot_terminate(ids)
     text = f"tasks {', '.join(ids)} flagged as revoked"
+    if unstoppable:
+        assert loop.pool is not None
+        return {"error": f"cannot terminate {', '.join(unstoppable)}: the {loop.pool.name} "
+                         "pool runs tasks on threads of the worker, which cannot be stopped "
+                         "(prefork can); running, it will finish"
+                         + (f"; terminated {', '.join(killed)}" if killed else "")
+                         + f"; {text}"}
     if terminate:
         text = f"terminate: {', '.join(killed) or 'none running'}; " + text
     return {"ok": text}

@@ -118,6 +118,11 @@ class Pool(ABC):
         """Signal the process running ``task_id`` (prefork only)."""
         return False
 
+    def cannot_terminate(self, task_ids: list[str]) -> list[str]:
+        """Those of ``task_ids`` running here that ``terminate_job`` cannot stop: none,
+        but where they run on a thread of the worker itself (threads, solo)."""
+        return []
+
     @abstractmethod
     def grow(self, n: int) -> None: ...
 
@@ -145,6 +150,10 @@ class ThreadPool(Pool):
     (a thread cannot be killed); use prefork for them."""
 
     name = "threads"
+
+    def cannot_terminate(self, task_ids: list[str]) -> list[str]:
+        running = {job.get("id") for job in self.running_jobs()}
+        return [t for t in task_ids if t in running]
 
     def start(self) -> None:
         self.threads = [threading.Thread(target=self._run, name=f"{self.name}-{i + 1}",

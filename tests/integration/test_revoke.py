@@ -189,6 +189,25 @@ def test_group_revoke_and_terminate_from_results(proj, urls, tmp_path, queue) ->
     assert runs(runs_file) == {busy.id: 1, after.id: 1}
 
 
+def test_terminate_on_a_threads_pool_says_it_cannot(proj, urls, tmp_path, queue) -> None:
+    """A threads node cannot stop a running task: ``revoke --terminate`` answers with an
+    error that says so (it answered "none running" and exit 0 while the task ran on),
+    and the task, flagged as revoked, runs to its end."""
+    from proj.qops import app
+
+    runs_file = tmp_path / "runs"
+    with worker(urls, tmp_path, queue, "-P", "threads"):
+        up(app, tmp_path)
+        busy = proj.record.apply_async((str(runs_file), 2.0), queue=queue)
+        assert wait_until(lambda: runs(runs_file)[busy.id] == 1, timeout=15)
+        reply = ask(app, "revoke", task_id=busy.id, terminate=True, signal="SIGTERM")
+        assert "cannot terminate" in reply["error"] and "threads" in reply["error"]
+        assert busy.id in reply["error"]
+        idle = ask(app, "revoke", task_id="not-running", terminate=True, signal="SIGTERM")
+        assert idle == {"ok": "terminate: none running; tasks not-running flagged as revoked"}
+        assert busy.get(timeout=15) == 1  # ran on
+
+
 def test_statedb_keeps_revoked_ids_across_a_restart(proj, urls, tmp_path, queue) -> None:
     from proj.qops import app
 

@@ -28,11 +28,8 @@ class Globals:
     compat: str | None = None
     terminal: Terminal = Terminal()
 
-    def load_app(self, *, required: bool = False, import_tasks: bool = False) -> Any:
-        """The App for this command. Broker-only commands pass ``required=False`` and get
-        a bare App unless ``-A`` (or QOPS_APP / ``app:`` in the config file) names one."""
-        from qops.app import App
-        from qops.loading import load_app
+    def app_spec(self) -> str | None:
+        """What names the app: -A, else QOPS_APP, else ``app:`` in the config file."""
         from qops.settings import find_config_file, read_yaml
 
         spec = self.app or os.environ.get("QOPS_APP")
@@ -40,8 +37,17 @@ class Globals:
             path = find_config_file()
             if path is not None:
                 spec = read_yaml(path).get("app")
+        return str(spec) if spec else None
+
+    def load_app(self, *, required: bool = False, import_tasks: bool = False) -> Any:
+        """The App for this command. Broker-only commands pass ``required=False`` and get
+        a bare App unless ``-A`` (or QOPS_APP / ``app:`` in the config file) names one."""
+        from qops.app import App
+        from qops.loading import load_app
+
+        spec = self.app_spec()
         if spec:
-            app = load_app(str(spec))
+            app = load_app(spec)
             if import_tasks:
                 app.import_modules()
         elif required:

@@ -81,7 +81,11 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
         return
 
     timeout = float(args.own("--timeout") or 30)
-    if action == "start":
+    if action == "start" and g.app_spec() is None and all(n.cmdfile.exists() for n in nodes):
+        # without -A: the nodes as recorded by their last start (the records stay after
+        # a crash or a 'multi kill'); the worker itself checks the rest as it starts
+        outcomes = actions.start(nodes, use_recorded=True)
+    elif action == "start":
         from qops.ops.privileges import check_root
 
         app = g.load_app(required=True)

@@ -125,6 +125,13 @@ def test_status_exit_codes_and_stale_pidfiles(shell: Shell, sqlite_url: str) -> 
     assert shell("multi", "status", "w2").returncode == 0
     assert path.read_text() == f"{pid}\n"
     assert shell("multi", "kill", "w2").returncode == 0
+    # after a kill (or a crash) the record stays: start works from it alone, as every
+    # verb does (it said "this command needs the app"); w1 has none, so it needs -A
+    r = shell("multi", "start", "w2", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)[0]["result"] == "ok"
+    assert shell("multi", "start", "w1").returncode == 2
+    assert shell("multi", "stopwait", "w2").returncode == 0
 
 
 def test_node_names_are_checked_everywhere(shell: Shell, sqlite_url: str) -> None:

@@ -34,9 +34,10 @@ def list_(
         return
     import datetime as dt
 
-    g.terminal.table(["id", "queue", "time", "reason"], [
-        (d.id, d.queue, dt.datetime.fromtimestamp(d.time).isoformat(timespec="seconds"),
-         d.reason) for d in items])
+    g.terminal.table(["id", "queue", "task", "task id", "time", "reason"], [
+        (d.id, d.queue, d.task, d.task_id,
+         dt.datetime.fromtimestamp(d.time).isoformat(timespec="seconds"), d.reason)
+        for d in items])
 
 
 def requeue(

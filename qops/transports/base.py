@@ -33,7 +33,7 @@ from typing import Any
 
 from qops.compression import MAX_DECOMPRESSED, decompress
 from qops.errors import BrokerUnreachable, PublishError, PublishManyError, UsageError
-from qops.protocol import Message
+from qops.protocol import Message, decode_envelope
 from qops.transports.declare import Declarations
 from qops.transports.urls import mask_password, url_scheme
 
@@ -98,12 +98,23 @@ class DeadLetter:
     reason: str
     raw: bytes
     time: float
+    #: the task's name and id (from the message's headers; "" when it has none)
+    task: str = ""
+    task_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.task and self.raw[:1] == b"{":  # a kombu envelope (Redis, SQLite)
+            try:
+                headers = decode_envelope(self.raw).headers
+            except ValueError:
+                return
+            self.task, self.task_id = str(headers.get("task") or ""), str(headers.get("id") or "")
 
     def as_dict(self) -> dict[str, Any]:
         text = self.raw.decode("utf-8", "replace")
-        return {"id": self.id, "queue": self.queue, "reason": self.reason,
-                "time": self.time, "size": len(self.raw),
-                "preview": text[:200]}
+        return {"id": self.id, "queue": self.queue, "task": self.task,
+                "task_id": self.task_id, "reason": self.reason, "time": self.time,
+                "size": len(self.raw), "preview": text[:200]}
 
 
 @dataclass

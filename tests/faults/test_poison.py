@@ -129,6 +129,10 @@ def test_poison_is_dead_lettered_and_dlq_commands(app, broker, workers, queue):
     assert any("unknown task 'nope.missing'" in r for r in reasons), text
     assert any("unknown task 'proj.tasks.mul'" in r for r in reasons), text
     assert any("arguments do not fit proj.tasks.add" in r for r in reasons), text
+    # each names its task, where the message says it: an operator traces them back
+    named = {d["task_id"]: d["task"] for d in items if d["task_id"]}
+    assert named[missing.id] == "nope.missing" and named[wrong.id] == "proj.tasks.add"
+    assert named[later.id] == "proj.tasks.mul" and named["bad-json"] == "proj.tasks.add"
     # clients waiting on tasks that can't run are told
     assert isinstance(missing.get(timeout=5, propagate=False), NotRegistered)
     assert isinstance(wrong.get(timeout=5, propagate=False), TypeError)

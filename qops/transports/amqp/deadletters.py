@@ -96,6 +96,7 @@ def list_dead_letters(transport: AMQPTransport, limit: int) -> list[DeadLetter]:
                     raw=body or b"",
                     time=(int(h[DL_TIME]) / 1000 if h.get(DL_TIME) is not None
                           else float(props.timestamp or 0)),
+                    task=str(h.get("task") or ""), task_id=str(h.get("id") or ""),
                 ))
         return out
 

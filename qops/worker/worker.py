@@ -158,7 +158,22 @@ class Worker:
             max_tasks_per_child=self.max_tasks_per_child, child_init=self.child_init)
         if self.loop.consumer is not None:
             self.loop.consumer.pool_threads = isinstance(self.pool, ThreadPool)
+        if isinstance(self.pool, ThreadPool):
+            self._warn_time_limits()
         self.pool.start()
+
+    def _warn_time_limits(self) -> None:
+        """A threads or solo pool cannot stop a task: say so, once, for the tasks that
+        have a time limit (it would be ignored without a word)."""
+        app = self.app
+        limited = sorted(
+            name for name, task in app.tasks.items()
+            if app.option_for(task, "time_limit", "task_time_limit")
+            or app.option_for(task, "soft_time_limit", "task_soft_time_limit"))
+        if limited:
+            log.warning("time limits are not enforced by the %s pool (a task running on "
+                        "a thread cannot be stopped; -P prefork enforces them): %s",
+                        self.pool_kind, ", ".join(limited))
 
     def start_control(self) -> None:
         """Remote control and events: subscribe to the mailbox, say we are online."""

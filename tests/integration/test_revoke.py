@@ -206,6 +206,10 @@ def test_terminate_on_a_threads_pool_says_it_cannot(proj, urls, tmp_path, queue)
         idle = ask(app, "revoke", task_id="not-running", terminate=True, signal="SIGTERM")
         assert idle == {"ok": "terminate: none running; tasks not-running flagged as revoked"}
         assert busy.get(timeout=15) == 1  # ran on
+    # and it said at start that it would not enforce the time limits proj's tasks have
+    [line] = [x for x in (tmp_path / "worker.log").read_text().splitlines()
+              if "time limits are not enforced by the threads pool" in x]
+    assert line.endswith(": proj.tasks.limited, proj.tasks.stubborn"), line
 
 
 def test_statedb_keeps_revoked_ids_across_a_restart(proj, urls, tmp_path, queue) -> None:

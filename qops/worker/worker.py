@@ -166,10 +166,11 @@ class Worker:
         """A threads or solo pool cannot stop a task: say so, once, for the tasks that
         have a time limit (it would be ignored without a word)."""
         app = self.app
-        limited = sorted(
+        limits = (("time_limit", "task_time_limit"), ("soft_time_limit", "task_soft_time_limit"))
+        # a limit for every task: the setting; else the tasks that have one of their own
+        limited = [f"{s}={app.conf.get(s)}" for _, s in limits if app.conf.get(s)] or sorted(
             name for name, task in app.tasks.items()
-            if app.option_for(task, "time_limit", "task_time_limit")
-            or app.option_for(task, "soft_time_limit", "task_soft_time_limit"))
+            if any(app.option_for(task, key, setting) for key, setting in limits))
         if limited:
             log.warning("time limits are not enforced by the %s pool (a task running on "
                         "a thread cannot be stopped; -P prefork enforces them): %s",

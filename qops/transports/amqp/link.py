@@ -263,7 +263,7 @@ class _Link:
         ch, pending = self.main(), set(tags)
         for tag in tags:
             ch._impl.basic_cancel(tag, lambda frame: pending.discard(frame.method.consumer_tag))
-            ch._impl._cancelled.discard(tag)  # what pika rejects by
+            ch._impl._cancelled.discard(tag)  # pika rejects deliveries of tags in it
         deadline = time.monotonic() + PUMP_SLICE
         while pending and time.monotonic() < deadline:
             pump(0.05)

@@ -158,6 +158,10 @@ class Consumer(ABC):
     #: (a wait of a pump slice at most): transports that batch writes (AMQP); 1 = at
     #: the next get()
     ack_batch: int = 1
+    #: seconds a delivery may stay unsettled before the broker takes it back (RabbitMQ's
+    #: consumer_timeout): a message held longer for its ETA is given back (renew) and
+    #: held again when it comes back. None: as long as the consumer lives
+    hold_limit: float | None = None
     #: the worker's pool runs tasks on threads of this process and settles them there
     #: (solo, threads pools): a settlement that frees the room get() waits for to
     #: reserve may hand get() the GIL at once (Redis; not worth it for prefork's slots)
@@ -256,6 +260,11 @@ class Consumer(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop consuming; every message still reserved goes back to its queue at once."""
+
+    def renew(self, delivery: Delivery) -> None:
+        """Give back a message held for its ETA before ``hold_limit`` runs out, so that
+        it comes back as a new delivery (transports with a ``hold_limit``)."""
+        raise NotImplementedError(f"{type(self).__name__} holds deliveries for good")
 
     def give_back(self, unstarted: list[Delivery]) -> None:
         """Close on purpose (a warm shutdown, a pool child's recycling), giving back the

@@ -295,9 +295,25 @@ class ConsumerLoop:
                 # Held (reserved, so neither lost nor taken by another worker) but not
                 # counted against the prefetch: far-future tasks never stall the worker.
                 self.hold(d)
-                self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
+                limit = self.consumer.hold_limit if self.consumer is not None else None
+                if limit and wait > limit:  # RabbitMQ would take it back first
+                    self.timer.call_later(limit, lambda: self.renew(d), d)
+                else:
+                    self.timer.call_later(wait, lambda: self.on_due(d, req, task), d)
                 return
         self.on_due(d, req, task)
+
+    def renew(self, d: Delivery) -> None:
+        """A message held for its ETA longer than the broker lets a delivery stay
+        unsettled: given back now (it comes back, and is held again)."""
+        assert self.consumer is not None
+        with self.lock:
+            if self.stopping or self.reserved.pop(id(d), None) is None:
+                return  # settled meanwhile (revoked), or shutdown gives it back
+        try:
+            self.consumer.renew(d)
+        except Exception as exc:  # the broker takes it back itself, then
+            log.error("could not give back a message held for its ETA: %s", exc)
 
     def _requeue_quietly(self, d: Delivery) -> None:
         try:

@@ -79,3 +79,28 @@ def test_held_eta_tasks_do_not_use_up_the_prefetch(app, broker, workers, queue):
     assert w.wait(20) == 0
     [stats] = app.transport.queue_stats([queue])
     assert stats.ready == 4
+
+
+def test_an_eta_held_past_half_the_consumer_timeout_is_renewed(app, broker, workers, queue,
+                                                               tmp_path):
+    """RabbitMQ takes back a delivery held unacknowledged past its consumer_timeout (30
+    minutes by default) by closing the channel: a countdown of an hour came back
+    redelivered every half hour, each time counted as a worker loss, and was
+    dead-lettered. A worker gives such a message back (a copy, not a redelivery) after
+    half the timeout and holds it again: it runs once, at its time, and no loss is
+    counted. Here with consumer_timeout 2 s (broker_transport_options)."""
+    import proj.tasks
+
+    path = tmp_path / "runs.txt"
+    sent = time.monotonic()
+    r = proj.tasks.record.apply_async((str(path),), countdown=4, queue=queue)
+    w = workers.start("w", "-Q", queue, "-c", "1",
+                      QOPS_BROKER_TRANSPORT_OPTIONS='{"consumer_timeout": 2}')
+    assert r.get(timeout=30) == 1  # ran once
+    assert time.monotonic() - sent >= 3.9  # not early
+    log = workers.log(w)
+    if broker.kind == "amqp":
+        assert received(log) >= 3, log  # held, given back, held again: every second
+    else:
+        assert received(log) == 1, log  # Redis and SQLite keep a delivery for good
+    assert "died holding" not in log and "worker lost" not in log

@@ -101,6 +101,7 @@ class _AMQPConsumer(Consumer):
                  binding: tuple[str, str] | None = None) -> None:
         self.transport = transport
         self.id = cid
+        self.hold_limit = transport.hold_limit
         # _wanted, _books, _acks, _nacks, _ops, _woken. A plain Lock, taken directly (a
         # Condition's ``with`` is a Python call more); the books' Condition wraps it
         self._lock = threading.Lock()
@@ -567,6 +568,9 @@ class _AMQPConsumer(Consumer):
     def queues(self) -> list[str]:
         with self._lock:
             return list(self._wanted)
+
+    def renew(self, delivery: Delivery) -> None:
+        lost.give_back(self, [delivery])  # (held past half the consumer_timeout)
 
     def give_back(self, unstarted: list[Delivery]) -> None:
         """Close on purpose: what has arrived is read, consuming stops (basic.cancel:

@@ -61,8 +61,9 @@ def keep(consumer: _AMQPConsumer, delivery: Delivery, n: int) -> bool:
 
 
 def give_back(consumer: _AMQPConsumer, unstarted: list[Delivery]) -> None:
-    """Messages a consumer closing on purpose (a warm shutdown, a pool child recycled by
-    --max-tasks-per-child or pool_restart) took and never started. A requeue, or the
+    """Messages a consumer took and never started, given back on purpose: as it closes
+    (a warm shutdown, a pool child recycled by --max-tasks-per-child or pool_restart),
+    or held for an ETA past half the broker's consumer_timeout (renew). A requeue, or the
     close, would bring each back ``redelivered``, which counts as a worker loss: a child
     recycled every few tasks had healthy messages dead-lettered after its third
     recycling. So each is published again to its queue (to its tail), its count as it

@@ -10,6 +10,7 @@ The wire layout and the threading rules are in the package docstring (``__init__
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import pika.exceptions as pex
 
-from qops.errors import BrokerUnreachable, PublishError, PublishManyError
+from qops.errors import BrokerUnreachable, ConfigError, PublishError, PublishManyError
 from qops.protocol import Message
 from qops.transports.amqp import deadletters
 from qops.transports.amqp.consumer import _AMQPConsumer
@@ -69,6 +70,7 @@ class AMQPTransport(Transport):
         self.params = self.nodes[0]
         self._order = NodeOrder(len(self.nodes), self.options.failover_strategy)
         self.dead_letter_queue = self.params.dead_letter_queue
+        self.hold_limit = _hold_limit(self.options.extra)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._links: weakref.WeakSet[_Link] = weakref.WeakSet()
@@ -508,3 +510,19 @@ def _indexes(indexes: list[int], shown: int = 10) -> str:
     text = ", ".join(map(str, indexes[:shown]))
     return f"messages {text}" + (f" and {len(indexes) - shown} more"
                                   if len(indexes) > shown else "")
+
+
+#: RabbitMQ's default consumer_timeout (seconds)
+CONSUMER_TIMEOUT = 1800.0
+
+
+def _hold_limit(options: dict[str, Any]) -> float | None:
+    """How long a consumer holds a message for its ETA before it gives it back: half the
+    broker's ``consumer_timeout`` (``broker_transport_options``, seconds, RabbitMQ's
+    default 1800; 0 for a broker that has none)."""
+    value = options.get("consumer_timeout", CONSUMER_TIMEOUT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        raise ConfigError("setting 'broker_transport_options': consumer_timeout must be "
+                          f"a number of seconds >= 0 (0: the broker has none), not {value!r}")
+    return value / 2 if value else None

@@ -421,7 +421,7 @@ def handle_revoke(loop: ConsumerLoop, task_id: Any, terminate: bool = False,
         assert loop.pool is not None
         return {"error": f"cannot terminate {', '.join(unstoppable)}: the {loop.pool.name} "
                          "pool runs tasks on threads of the worker, which cannot be stopped "
-                         "(prefork can); running, it will finish"
+                         "(prefork can): it runs on to its end"
                          + (f"; terminated {', '.join(killed)}" if killed else "")
                          + f"; {text}"}
     if terminate:

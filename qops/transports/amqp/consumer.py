@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pika.exceptions as pex
 
-from qops.errors import BrokerUnreachable, UsageError
+from qops.errors import BrokerUnreachable
 from qops.transports.amqp import lost
 from qops.transports.amqp.deadletters import dead_letter
 from qops.transports.amqp.frames import Deliver
@@ -34,9 +34,10 @@ from qops.transports.amqp.link import (
     lost_text,
 )
 from qops.transports.amqp.props import _message
+from qops.transports.amqp.queueset import QueueSet
 from qops.transports.amqp.rawio import DeliveryReader, write
 from qops.transports.amqp.wire import settlements
-from qops.transports.base import REPLY_ONLY, Consumer, Delivery, make_delivery
+from qops.transports.base import Consumer, Delivery, make_delivery
 from qops.transports.prefetch import Prefetch
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 _Item = tuple[int, str, bool, Any, bytes]
 
 
-class _AMQPConsumer(Consumer):
+class _AMQPConsumer(QueueSet, Consumer):
     """Reserves messages with ``basic.consume`` (manual acks, ``basic.qos`` = prefetch).
 
     The broker pushes at most ``prefetch`` unacknowledged messages; they wait in
@@ -212,40 +213,11 @@ class _AMQPConsumer(Consumer):
             self._qos_due = False
             self._ops.clear()
 
-    def _consume(self, queue: str) -> None:
+    def _requeue_buffered(self, queue: str) -> None:
+        """Messages of ``queue`` delivered and not handed out go back now (its consumer
+        was cancelled)."""
         link = self._link
         assert link is not None
-        self.transport.declare_consumed(link, queue, self.reply, self.binding)
-        tag = link.main().basic_consume(queue, self._on_message, auto_ack=False)
-        self._tags[queue] = tag
-        self._queue_of[tag] = queue
-
-    def _add(self, queue: str) -> None:
-        """Consume one more queue at run time (add_queue). If the broker refuses it (403
-        on a reserved name, 405 exclusive to another connection, ...) only that queue is
-        given up: the error closed the admin channel, not the one our reserved messages
-        are on, so the others carry on."""
-        try:
-            self._consume(queue)
-        except pex.ChannelClosedByBroker as exc:
-            assert self._link is not None
-            if not self._link.main_is_open():
-                raise  # our reservations went with the channel: get() reconnects
-            log.error("consumer %s cannot consume from queue %s: %s %s", self.id, queue,
-                      exc.reply_code, exc.reply_text)
-            with self._lock:
-                if queue in self._wanted:
-                    self._wanted.remove(queue)
-
-    def _cancel(self, queue: str) -> None:
-        link = self._link
-        assert link is not None
-        tag = self._tags.pop(queue, None)
-        if tag is None:
-            return
-        self._queue_of.pop(tag, None)
-        link.main().basic_cancel(tag)
-        # messages of that queue not handed out yet go back now, for other workers
         keep: deque[_Item] = deque()
         for item in self._buffer:
             if item[1] == queue:
@@ -267,21 +239,6 @@ class _AMQPConsumer(Consumer):
         # no lock: only the thread pumping under _io gets here (see the class doc)
         self._buffer.append((tag, self._queue_of.get(consumer_tag, routing_key), redelivered,
                              props, body))
-
-    def _on_cancel(self, frame: Any) -> None:
-        """The broker cancelled a consumer (its queue was deleted): declare the queue
-        again and resume on the next get(), as Celery workers do."""
-        tag = frame.method.consumer_tag
-        queue = self._queue_of.pop(tag, None)
-        if queue is None:
-            return
-        self._tags.pop(queue, None)
-        if self._link is not None:
-            self._link.queues.discard(queue)
-        log.warning("RabbitMQ cancelled the consumer of queue %s (deleted?); declaring "
-                    "it again", queue)
-        with self._lock:
-            self._ops.append(("consume", queue))
 
     def _run_ops(self) -> bool:
         """Send the settlements made since the last call, then apply queue changes.
@@ -331,12 +288,6 @@ class _AMQPConsumer(Consumer):
             elif not wanted:
                 self._cancel(queue)
         return written
-
-    def _submit(self, op: str, queue: str) -> None:
-        with self._lock:
-            self._ops.append((op, queue))
-            itself = self._pump_itself
-        self._wake(itself)
 
     def _wake(self, itself: bool) -> None:
         """Wake the owner's pump (from another thread), so it runs the queued ops."""
@@ -545,29 +496,6 @@ class _AMQPConsumer(Consumer):
 
     def heartbeat(self) -> None:
         """Nothing to do: AMQP heartbeats go while get() pumps (it is called all along)."""
-
-    def add_queue(self, queue: str) -> None:
-        if self.reply:
-            raise UsageError(REPLY_ONLY)
-        with self._lock:
-            if queue in self._wanted:
-                return
-            self._wanted.append(queue)
-        self._submit("consume", queue)
-
-    def cancel_queue(self, queue: str) -> None:
-        if self.reply:
-            raise UsageError(REPLY_ONLY)
-        with self._lock:
-            if queue not in self._wanted:
-                return
-            self._wanted.remove(queue)
-        self._submit("cancel", queue)
-
-    @property
-    def queues(self) -> list[str]:
-        with self._lock:
-            return list(self._wanted)
 
     def renew(self, delivery: Delivery) -> None:
         lost.give_back(self, [delivery])  # (held past half the consumer_timeout)

@@ -117,11 +117,13 @@ def test_waits_in_a_row_each_wake_on_their_own_result(backend: ResultBackend) ->
     assert backend.wait(done, timeout=5)["result"] == 0
     for i in range(1, 4):
         t = tid()
-        threading.Timer(0.05, lambda t=t, i=i: (backend.store(done, "STARTED"),
-                                                backend.store(t, "SUCCESS", i))).start()
+        timer = threading.Timer(0.05, lambda t=t, i=i: (backend.store(done, "STARTED"),
+                                                        backend.store(t, "SUCCESS", i)))
+        timer.start()
         start = time.monotonic()
         assert backend.wait(t, timeout=5)["result"] == i
         assert time.monotonic() - start < 2
+        timer.join(5)  # its store may still read a reply: not after close()
 
 
 def test_redis_waits_share_one_connection_per_thread(request: pytest.FixtureRequest) -> None:
@@ -162,9 +164,11 @@ def test_a_redis_wait_takes_the_published_result_as_read(
     reads: list[str] = []
     real_get = b._get
     monkeypatch.setattr(b, "_get", lambda task_id: reads.append(task_id) or real_get(task_id))
+    timers: list[threading.Timer] = []
     try:
         t = tid()
-        threading.Timer(0.1, lambda: b.store(t, "SUCCESS", 7)).start()
+        timers.append(threading.Timer(0.1, lambda: b.store(t, "SUCCESS", 7)))
+        timers[-1].start()
         assert b.wait(t, timeout=5)["result"] == 7
         assert reads == [t, t]  # the reads before the wait only
         reads.clear()
@@ -177,11 +181,13 @@ def test_a_redis_wait_takes_the_published_result_as_read(
             time.sleep(0.1)
             b.store(t, "SUCCESS", 8)
 
-        threading.Timer(0.1, started_then_done).start()
+        timers.append(threading.Timer(0.1, started_then_done))
+        timers[-1].start()
         assert b.wait(t, timeout=5)["result"] == 8
         assert reads == [t, t, t, t]  # two before, after STARTED, after the stray message
     finally:
-        time.sleep(0.1)
+        for timer in timers:  # a store may still read its reply: not after close()
+            timer.join(5)
         b.close()
 
 
@@ -200,8 +206,10 @@ def test_a_redis_wait_for_a_ready_result_reads_no_confirmation(
             assert b.wait(t, timeout=5)["result"] == 1
         assert b._local.unconfirmed == {channel: 3}  # type: ignore[attr-defined]
         b.forget(t)
-        threading.Timer(0.2, lambda: b.store(t, "SUCCESS", 2)).start()
+        timer = threading.Timer(0.2, lambda: b.store(t, "SUCCESS", 2))
+        timer.start()
         assert b.wait(t, timeout=5)["result"] == 2
+        timer.join(5)  # its store may still read a reply: not after close()
         assert not b._local.unconfirmed  # type: ignore[attr-defined]
         # a client whose every wait finds its result does not pile up unread replies
         from qops.backends.redis import UNREAD_MAX
@@ -214,7 +222,6 @@ def test_a_redis_wait_for_a_ready_result_reads_no_confirmation(
             assert len(b._local.unconfirmed) <= UNREAD_MAX  # type: ignore[attr-defined]
         assert len(b._local.pubsub.channels) <= 2 * UNREAD_MAX  # type: ignore[attr-defined]
     finally:
-        time.sleep(0.1)
         b.close()
 
 
@@ -232,7 +239,9 @@ def test_a_polling_wait_starts_with_a_short_interval_again(request: pytest.Fixtu
         t = tid()
         with b._watch(t):
             assert b._poll == POLL_FIRST  # type: ignore[attr-defined]
-        threading.Timer(0.01, b.store, (t, "SUCCESS", 1)).start()
+        timer = threading.Timer(0.01, b.store, (t, "SUCCESS", 1))
+        timer.start()
         assert b.wait(t, timeout=5)["result"] == 1
+        timer.join(5)
     finally:
         b.close()

@@ -304,7 +304,7 @@ def test_give_back_returns_what_was_taken_without_a_redelivered_flag(
     warm shutdown) gives back what it took and did not start -- handed out, or still in
     its buffer -- as copies at the queue's tail, not as redeliveries: a redelivery counts
     as a worker loss, and a child recycled every few tasks had healthy messages
-    dead-lettered. A message that came redelivered goes back as it is."""
+    dead-lettered."""
     q = new_queue(queues)
     for n in range(6):
         transport.publish(q, task(n))

@@ -10,11 +10,9 @@ a message is then its envelope in one join of those pieces and its values. So th
 are encode_envelope's by construction (tests/unit/test_envelopes.py compares them over
 many kinds of message).
 
-A message gets its template only while it holds what ``TaskMessages.build`` put in it:
-its headers and properties are ``Noted`` dicts, which note any change made through
-them (a signature or compression added, a handler's or a transport's change), and
-``fill`` checks the rest (the content type, the two values a change in place could
-touch); anything else and the message is encoded whole.
+A message gets its template only while it holds what ``TaskMessages.build`` put in it
+(``protocol.as_built``); anything else is encoded whole. The AMQP transport does the
+same with a message's properties (qops/transports/amqp/template.py).
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ from base64 import b64encode
 from typing import TYPE_CHECKING
 
 from qops.ids import new_id
-from qops.noted import Noted
-from qops.protocol import JSON, Message, encode_envelope
+from qops.protocol import Message, encode_envelope
 
 if TYPE_CHECKING:
     from qops.protocol import TaskMessages
@@ -48,7 +45,7 @@ _END = b'"}}'
 class Template:
     """The envelopes of one ``TaskMessages``'s messages for one list (see module doc)."""
 
-    __slots__ = ("parts", "root", "timelimit")
+    __slots__ = ("parts", "root")
 
     def __init__(self, messages: TaskMessages, queue: str, exchange: str,
                  priority: int | None) -> None:
@@ -70,23 +67,13 @@ class Template:
             return  # a name or value of the probe's own looked like a stand-in
         self.parts = (_BODY.encode(), *(piece.encode() for piece in pieces[0::2]))
         self.root = None if messages.root_id is None else _plain(messages.root_id).encode()
-        self.timelimit = messages.time_limits
 
     def fill(self, message: Message, tid: str) -> bytes | None:
-        """``message``'s envelope, or None when it no longer holds what build() put in
-        it (encode it whole then)."""
+        """The envelope of ``message``, one ``protocol.as_built`` passed; None when
+        there is no template (encode it whole then)."""
+        if self.parts is None:
+            return None
         h = message.headers
-        p = message.properties
-        if self.parts is None or type(h) is not Noted or h.changed or \
-                type(p) is not Noted or p.changed or message.content_type != JSON or \
-                message.content_encoding != "utf-8":
-            return None
-        # changed in place? (the very objects build() put in: 0 == False, but JSON
-        # writes them differently)
-        limits = h["timelimit"]
-        if len(limits) != 2 or limits[0] is not self.timelimit[0] or \
-                limits[1] is not self.timelimit[1] or h["stamps"]:
-            return None
         head, to_id, to_root, to_args, to_kwargs, to_id2, to_tag = self.parts
         own = _plain(tid).encode("ascii")
         return b"".join((head, b64encode(message.body), to_id, own, to_root,

@@ -44,7 +44,7 @@ class Message:
     content_type: str = JSON
     content_encoding: str = "utf-8"
     #: (TaskMessages, task id) of a message ``TaskMessages.build`` made: its envelope
-    #: can come from that TaskMessages's template (qops/envelopes.py)
+    #: or AMQP properties can come from that TaskMessages's templates (``as_built``)
     made: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -57,9 +57,9 @@ def encode_envelope(queue: str, message: Message, exchange: str = "",
                     priority: int | None = None) -> bytes:
     """The kombu JSON envelope used on Redis (and in SQLite rows): body base64-encoded.
     ``priority``: the envelope's, in place of the message's (Redis: the wire step)."""
-    if message.made is not None and message.made[0].built > 1:
-        messages, tid = message.made
-        raw = messages.envelope(queue, exchange, priority).fill(message, tid)
+    made = as_built(message)
+    if made is not None:
+        raw = made[0].envelope(queue, exchange, priority).fill(message, made[1])
         if raw is not None:
             return raw
     props = dict(message.properties)
@@ -375,20 +375,24 @@ class TaskMessages:
         self.body_end: bytes | None = None
         self.reply_to = reply_to or ""
         self.priority = None if priority is None else max(0, min(9, int(priority)))
-        #: (queue, exchange, priority) -> the envelope template (qops/envelopes.py)
-        self.templates: dict[tuple[str, str, int | None], Any] = {}
+        #: templates of the encoded messages, by what they are for (``template``)
+        self.templates: dict[tuple[Any, ...], Any] = {}
         self.built = 0  # messages built: a template pays from the second one on
 
-    def envelope(self, queue: str, exchange: str, priority: int | None) -> Any:
-        """The template of this TaskMessages's envelopes for one list (made on first
-        use; qops/envelopes.py)."""
-        key = (queue, exchange, priority)
+    def template(self, key: tuple[Any, ...], make: Callable[[TaskMessages], Any]) -> Any:
+        """The template for ``key``, made by ``make(self)`` on first use."""
         template = self.templates.get(key)
         if template is None:
-            from qops.envelopes import Template
-
-            template = self.templates[key] = Template(self, queue, exchange, priority)
+            template = self.templates[key] = make(self)
         return template
+
+    def envelope(self, queue: str, exchange: str, priority: int | None) -> Any:
+        """The template of this TaskMessages's envelopes for one list
+        (qops/envelopes.py)."""
+        from qops.envelopes import Template
+
+        return self.template(("envelope", queue, exchange, priority),
+                             lambda messages: Template(messages, queue, exchange, priority))
 
     def build(self, args: list[Any], kwargs: dict[str, Any],
               task_id: str | None = None) -> Message:
@@ -414,6 +418,32 @@ class TaskMessages:
             Noted(correlation_id=tid, reply_to=self.reply_to, delivery_mode=2,
                   priority=self.priority)
         return Message(body=body, headers=headers, properties=props, made=(self, tid))
+
+
+def as_built(message: Message) -> tuple[TaskMessages, str] | None:
+    """(TaskMessages, task id) of a message that holds what ``TaskMessages.build`` put in
+    it, from that TaskMessages's second message on (a template costs more than one
+    message): its encodings can come from the TaskMessages's templates, which fill in
+    the id, root id and argument reprs (qops/envelopes.py). None for any other message,
+    or one changed since: its headers and properties are ``Noted`` dicts, which note a
+    change made through them (a signature or compression added, a handler's or a
+    transport's change); the content type and the two values a change in place could
+    touch are checked here."""
+    made = message.made
+    if made is None or made[0].built < 2:
+        return None
+    h = message.headers
+    p = message.properties
+    if type(h) is not Noted or h.changed or type(p) is not Noted or p.changed or \
+            message.content_type != JSON or message.content_encoding != "utf-8":
+        return None
+    # changed in place? (the very objects build() put in: 0 == False, but an encoder
+    # writes them differently)
+    limits, own = h["timelimit"], made[0].time_limits
+    if len(limits) != 2 or limits[0] is not own[0] or limits[1] is not own[1] or \
+            h["stamps"]:
+        return None
+    return made
 
 
 def build_task_message(name: str, args: Any = (), kwargs: dict[str, Any] | None = None,

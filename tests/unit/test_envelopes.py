@@ -58,7 +58,7 @@ def test_a_template_writes_what_encode_envelope_writes(options: dict[str, Any], 
         assert message.made is not None
         _same(encode_envelope(queue, message, exchange, priority),
               _whole(queue, message, exchange, priority))
-    template = messages.templates[(queue, exchange, priority)]
+    template = messages.templates[("envelope", queue, exchange, priority)]
     assert template.parts is not None  # (the messages above used it)
 
 
@@ -98,6 +98,7 @@ def test_properties_replaced_by_a_transport_are_seen() -> None:
     messages = TaskMessages("t.add")
     encode_envelope("q", messages.build([0], {}))
     message = messages.build([1], {})
+    encode_envelope("q", messages.build([2], {}))  # the template exists
     props = dict(message.properties, priority=7)
     moved = replace(message, properties=props)  # what a delayed requeue does (made kept)
     assert moved.made is not None
@@ -112,7 +113,7 @@ def test_a_single_message_makes_no_template() -> None:
     encode_envelope("q", messages.build([1], {}))
     assert not messages.templates
     encode_envelope("q", messages.build([2], {}))
-    assert list(messages.templates) == [("q", "", None)]
+    assert list(messages.templates) == [("envelope", "q", "", None)]
 
 
 @pytest.mark.parametrize("where", ["name", "reply_to", "root_id", "group"])
@@ -128,7 +129,7 @@ def test_a_message_holding_a_stand_in_gets_no_template(where: str) -> None:
     second = messages.build([2], {})
     _same(encode_envelope("q", second), _whole("q", second, "", None))
     # (a root id is filled in like the id: it never stands in the probe)
-    assert (messages.templates[("q", "", None)].parts is None) == (where != "root_id")
+    assert (messages.templates[("envelope", "q", "", None)].parts is None) == (where != "root_id")
     _same(encode_envelope("q", first), _whole("q", first, "", None))
 
 

@@ -22,7 +22,7 @@ import pika.exceptions as pex
 
 from qops.errors import BrokerUnreachable, ConfigError, PublishError, PublishManyError
 from qops.protocol import Message
-from qops.transports.amqp import deadletters
+from qops.transports.amqp import deadletters, template
 from qops.transports.amqp.consumer import _AMQPConsumer
 from qops.transports.amqp.link import (
     LINK_ERRORS,
@@ -38,7 +38,6 @@ from qops.transports.amqp.presence import _Presence
 from qops.transports.amqp.props import _basic_properties
 from qops.transports.amqp.subscription import _AMQPSubscription
 from qops.transports.amqp.url import parse_urls
-from qops.transports.amqp.wire import encode_properties
 from qops.transports.base import (
     REPLY_PREFETCH,
     Consumer,
@@ -264,7 +263,7 @@ class AMQPTransport(Transport):
             self._check_priority(queue, message)
             try:
                 self.check_size(repr(queue), message.body)
-                batch.append(("", queue, message.body, encode_properties(message, 2), True,
+                batch.append(("", queue, message.body, template.properties(message, 2), True,
                               message.properties.get("correlation_id")))
             except PublishError as exc:
                 raise PublishManyError(f"{exc} (message {index} of {n}; none was sent)",
@@ -336,7 +335,7 @@ class AMQPTransport(Transport):
         """``message``'s properties for ``_send``: encoded here when they go on the
         confirm channel, as pika's BasicProperties for pika's unconfirmed one."""
         if self.options.confirm_publish:
-            return encode_properties(message, delivery_mode)
+            return template.properties(message, delivery_mode)
         return _basic_properties(message, delivery_mode)
 
     # -- consuming ------------------------------------------------------------------------

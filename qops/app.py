@@ -9,15 +9,15 @@ import os
 import threading
 import traceback as tb_mod
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
-from qops.compression import compress
 from qops.errors import ConfigError, NoResultBackend, PublishManyError, UsageError
+from qops.outgoing import Outgoing, Sending
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
-from qops.signing import HEADER, Signer, task_context, task_signer
+from qops.signing import Signer, task_signer
 from qops.task import Context, Signature, Task, bulk_send, send_options
 from qops.transports.base import Transport, TransportOptions, from_url
 from qops.transports.declare import Declarations
@@ -79,7 +79,7 @@ class App:
         self._transport: Transport | None = None
         self._backend: ResultBackend | None = None
         self._task_signer: object = _UNSET
-        self._sending: _Sending | None = None
+        self._sending: Sending | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
         from qops.builtins import register_builtins
@@ -322,13 +322,13 @@ class App:
         return self.conf.get(setting) if value is None else value
 
     # -- routing and sending ---------------------------------------------------------------
-    def _sending_conf(self) -> _Sending:
+    def _sending_conf(self) -> Sending:
         """The settings every send reads, read again only when a setting changed."""
         sc = self._sending
         version = self.conf.version
         if sc is None or sc.version != version:
             c = self.conf
-            sc = self._sending = _Sending(
+            sc = self._sending = Sending(
                 version, bool(c.task_always_eager), c.task_default_priority,
                 bool(c.task_ignore_result), c.task_routes, self.default_queue,
                 self.has_backend, c.task_compression)
@@ -338,7 +338,7 @@ class App:
         return self._route(self._sending_conf(), name, queue, task)
 
     @staticmethod
-    def _route(sc: _Sending, name: str, queue: str | None, task: Task | None) -> str:
+    def _route(sc: Sending, name: str, queue: str | None, task: Task | None) -> str:
         if queue:
             return queue
         routes = sc.routes or {}
@@ -511,52 +511,6 @@ class App:
     def current_request() -> Context | None:
         stack = getattr(_running, "stack", None)
         return stack[-1] if stack else None
-
-
-class Outgoing:
-    """Messages of one task sent with one set of options (``App.outgoing``): ``build``
-    makes each, signed and compressed as the settings say, or runs the task here under
-    ``task_always_eager``."""
-
-    __slots__ = ("app", "queue", "messages", "task_id", "eager", "signer", "compression")
-
-    def __init__(self, app: App, queue: str, messages: protocol.TaskMessages | None,
-                 task_id: str | None, *, eager: Task | None = None,
-                 signer: Signer | None = None, compression: str | None = None) -> None:
-        self.app = app
-        self.queue = queue
-        self.messages = messages
-        self.task_id = task_id
-        self.eager = eager
-        self.signer = signer
-        self.compression = compression
-
-    def build(self, args: list[Any], kwargs: dict[str, Any]
-              ) -> tuple[str, protocol.Message] | AsyncResult:
-        """The (queue, message) for ``args`` (a list) and ``kwargs`` (a dict)."""
-        if self.messages is None:
-            assert self.eager is not None
-            return self.app._apply_eager(self.eager, args, kwargs, self.task_id)
-        message = self.messages.build(args, kwargs)
-        if self.signer is not None:  # task_signing: docs/security.md
-            message.headers[HEADER] = self.signer.sign("task", message.body,
-                                                       task_context(message.headers))
-        if self.compression:  # after signing: the signature is over the plain body
-            compress(message, self.compression)
-        return self.queue, message
-
-
-class _Sending(NamedTuple):
-    """The settings a send reads (``App._sending_conf``), as of settings ``version``."""
-
-    version: int
-    always_eager: bool
-    default_priority: int | None
-    ignore_result: bool
-    routes: dict[str, Any] | None
-    default_queue: str
-    has_backend: bool
-    compression: str | None
 
 
 def _sig_list(value: Any) -> list[dict[str, Any]] | None:

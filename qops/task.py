@@ -15,7 +15,8 @@ from qops.rates import parse_rate
 from qops.values import time_limits
 
 if TYPE_CHECKING:
-    from qops.app import App, Outgoing
+    from qops.app import App
+    from qops.outgoing import Outgoing
     from qops.protocol import Message
     from qops.result import AsyncResult
 

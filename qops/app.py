@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from qops import protocol
 from qops.backends.base import FAILURE, SUCCESS, ResultBackend, backend_from_url
 from qops.errors import ConfigError, NoResultBackend, PublishManyError, UsageError
-from qops.outgoing import Outgoing, Sending
+from qops.outgoing import Outgoing, Recent, Sending
 from qops.result import AsyncResult
 from qops.settings import Settings, default_broker_url
 from qops.signing import Signer, task_signer
@@ -80,6 +80,7 @@ class App:
         self._backend: ResultBackend | None = None
         self._task_signer: object = _UNSET
         self._sending: Sending | None = None
+        self._recent = Recent()
         self._pid = os.getpid()
         self._lock = threading.Lock()
         from qops.builtins import register_builtins
@@ -233,6 +234,7 @@ class App:
 
     def close(self) -> None:
         self._task_signer = _UNSET
+        self._recent.clear()
         with self._lock:
             if self._transport is not None:
                 self._transport.close()
@@ -446,16 +448,29 @@ class App:
         # reply_to along; only a new send asks the backend (rpc opens its reply queue).
         if reply_to is None and sc.has_backend and not ignore_result:
             reply_to = self.backend.prepare_send()
+        priority = sc.default_priority if priority is None else priority
+        compression = compression or sc.compression
+        # a plain send (a delay() in a loop) gets the Outgoing of the last one like it
+        key = None
+        if eta is expires is task_id is link is link_error is chain is chord is \
+                parent_id is root_id is group is group_index is None and not retries:
+            key = (name, target, priority, time_limit, soft_time_limit, ignore_result,
+                   shadow, reply_to, compression, sc.version, os.getpid())
+            out = self._recent.get(key)
+            if out is not None:
+                return out
         messages = protocol.TaskMessages(
             name, task_id=task_id, eta=eta, expires=expires, retries=retries,
             time_limit=time_limit, soft_time_limit=soft_time_limit, root_id=root_id,
             parent_id=parent_id, group=group, group_index=group_index,
             callbacks=_sig_list(link), errbacks=_sig_list(link_error), chain=chain,
-            chord=chord, reply_to=reply_to,
-            priority=sc.default_priority if priority is None else priority,
-            shadow=shadow, ignore_result=ignore_result)
-        return Outgoing(self, target, messages, task_id, signer=self.task_signer,
-                        compression=compression or sc.compression)
+            chord=chord, reply_to=reply_to, priority=priority, shadow=shadow,
+            ignore_result=ignore_result)
+        out = Outgoing(self, target, messages, task_id, signer=self.task_signer,
+                       compression=compression)
+        if key is not None:
+            self._recent.put(key, out)
+        return out
 
     def send_signature(self, sig: Signature | dict[str, Any], **extra: Any) -> AsyncResult:
         sig = sig if isinstance(sig, Signature) else Signature(sig, app=self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import builtins
 import datetime as dt
+import functools
 import json
 import json.scanner
 import os
@@ -59,7 +60,8 @@ def encode_envelope(queue: str, message: Message, exchange: str = "",
     ``priority``: the envelope's, in place of the message's (Redis: the wire step)."""
     made = as_built(message)
     if made is not None:
-        raw = made[0].envelope(queue, exchange, priority).fill(message, made[1])
+        raw = made[0].template((_envelope_template(), queue, exchange, priority)).fill(
+            message, made[1])
         if raw is not None:
             return raw
     props = dict(message.properties)
@@ -379,20 +381,12 @@ class TaskMessages:
         self.templates: dict[tuple[Any, ...], Any] = {}
         self.built = 0  # messages built: a template pays from the second one on
 
-    def template(self, key: tuple[Any, ...], make: Callable[[TaskMessages], Any]) -> Any:
-        """The template for ``key``, made by ``make(self)`` on first use."""
+    def template(self, key: tuple[Any, ...]) -> Any:
+        """The template ``key[0](self, *key[1:])``, made on first use."""
         template = self.templates.get(key)
         if template is None:
-            template = self.templates[key] = make(self)
+            template = self.templates[key] = key[0](self, *key[1:])
         return template
-
-    def envelope(self, queue: str, exchange: str, priority: int | None) -> Any:
-        """The template of this TaskMessages's envelopes for one list
-        (qops/envelopes.py)."""
-        from qops.envelopes import Template
-
-        return self.template(("envelope", queue, exchange, priority),
-                             lambda messages: Template(messages, queue, exchange, priority))
 
     def build(self, args: list[Any], kwargs: dict[str, Any],
               task_id: str | None = None) -> Message:
@@ -418,6 +412,13 @@ class TaskMessages:
             Noted(correlation_id=tid, reply_to=self.reply_to, delivery_mode=2,
                   priority=self.priority)
         return Message(body=body, headers=headers, properties=props, made=(self, tid))
+
+
+@functools.cache
+def _envelope_template() -> Any:
+    from qops.envelopes import Template  # (it imports this module)
+
+    return Template
 
 
 def as_built(message: Message) -> tuple[TaskMessages, str] | None:

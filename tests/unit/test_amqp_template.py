@@ -23,7 +23,7 @@ def _whole(message: Message, mode: int = 2) -> bytes:
 
 
 def _templates(messages: TaskMessages) -> list[Any]:
-    return [t for key, t in messages.templates.items() if key[0] == "amqp"]
+    return [t for t in messages.templates.values() if isinstance(t, template.Template)]
 
 
 @pytest.mark.parametrize("options", OPTIONS)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from qops.compression import compress
+from qops.envelopes import Template
 from qops.protocol import Message, TaskMessages, encode_envelope
 
 _TAG = re.compile(rb',"delivery_tag":"[^"]*"}}$')
@@ -58,7 +59,7 @@ def test_a_template_writes_what_encode_envelope_writes(options: dict[str, Any], 
         assert message.made is not None
         _same(encode_envelope(queue, message, exchange, priority),
               _whole(queue, message, exchange, priority))
-    template = messages.templates[("envelope", queue, exchange, priority)]
+    template = messages.templates[(Template, queue, exchange, priority)]
     assert template.parts is not None  # (the messages above used it)
 
 
@@ -113,7 +114,7 @@ def test_a_single_message_makes_no_template() -> None:
     encode_envelope("q", messages.build([1], {}))
     assert not messages.templates
     encode_envelope("q", messages.build([2], {}))
-    assert list(messages.templates) == [("envelope", "q", "", None)]
+    assert list(messages.templates) == [(Template, "q", "", None)]
 
 
 @pytest.mark.parametrize("where", ["name", "reply_to", "root_id", "group"])
@@ -129,7 +130,7 @@ def test_a_message_holding_a_stand_in_gets_no_template(where: str) -> None:
     second = messages.build([2], {})
     _same(encode_envelope("q", second), _whole("q", second, "", None))
     # (a root id is filled in like the id: it never stands in the probe)
-    assert (messages.templates[("envelope", "q", "", None)].parts is None) == (where != "root_id")
+    assert (messages.templates[(Template, "q", "", None)].parts is None) == (where != "root_id")
     _same(encode_envelope("q", first), _whole("q", first, "", None))
 
 

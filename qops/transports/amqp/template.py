@@ -98,9 +98,7 @@ def properties(message: Message, delivery_mode: int) -> bytes:
     message's ``TaskMessages`` where it has one."""
     made = as_built(message)
     if made is not None:
-        raw = made[0].template(("amqp", delivery_mode),
-                               lambda messages: Template(messages, delivery_mode)
-                               ).fill(message, made[1])
+        raw = made[0].template((Template, delivery_mode)).fill(message, made[1])
         if raw is not None:
             return raw
     return encode_properties(message, delivery_mode)

@@ -90,7 +90,9 @@ def test_children_consume_and_answer_control(setup, redis_url, tmp_path) -> None
         ran = {tasks.pid.apply_async(queue=queue).get(timeout=10) for _ in range(20)}
         assert ran <= set(pids)
 
-        slow = tasks.sleep.apply_async((3,), queue=queue)
+        # (long enough for `inspect active` to find it running on a loaded host: with 3 s
+        # a CI run on a slow host once saw it finished first)
+        slow = tasks.sleep.apply_async((8,), queue=queue)
         later = tasks.add.apply_async((1, 1), countdown=60, queue=queue)
         assert wait_until(lambda: slow.state == "STARTED", timeout=10)
         code, active = inspect(broker, "active")
@@ -106,7 +108,7 @@ def test_children_consume_and_answer_control(setup, redis_url, tmp_path) -> None
         code, revoked = inspect(broker, "revoked")
         assert later.id in revoked
         # stats counts what the children did, merged
-        assert slow.get(timeout=10) == 3
+        assert slow.get(timeout=20) == 8
         code, stats_doc = inspect(broker, "stats")
         assert stats_doc["total"]["proj.tasks.pid"] == 20
 

@@ -35,7 +35,7 @@ def list_(
     import datetime as dt
 
     g.terminal.table(["id", "queue", "task", "task id", "time", "reason"], [
-        (d.id, d.queue, d.task, d.task_id,
+        (d.id, d.queue, *d.names(),
          dt.datetime.fromtimestamp(d.time).isoformat(timespec="seconds"), d.reason)
         for d in items])
 

@@ -98,23 +98,29 @@ class DeadLetter:
     reason: str
     raw: bytes
     time: float
-    #: the task's name and id (from the message's headers; "" when it has none)
+    #: the task's name and id where the transport read them with the message (AMQP's
+    #: headers); else ``names()`` reads them from ``raw``
     task: str = ""
     task_id: str = ""
 
-    def __post_init__(self) -> None:
-        if not self.task and self.raw[:1] == b"{":  # a kombu envelope (Redis, SQLite)
-            try:
-                headers = decode_envelope(self.raw).headers
-            except ValueError:
-                return
-            self.task, self.task_id = str(headers.get("task") or ""), str(headers.get("id") or "")
+    def names(self) -> tuple[str, str]:
+        """(task name, task id) of the message, "" where it has none: read from the
+        kombu envelope (Redis, SQLite) only when asked (a listing; a requeue of
+        thousands does without)."""
+        if self.task or self.task_id or self.raw[:1] != b"{":
+            return self.task, self.task_id
+        try:
+            headers = decode_envelope(self.raw).headers
+        except ValueError:
+            return "", ""
+        return str(headers.get("task") or ""), str(headers.get("id") or "")
 
     def as_dict(self) -> dict[str, Any]:
         text = self.raw.decode("utf-8", "replace")
-        return {"id": self.id, "queue": self.queue, "task": self.task,
-                "task_id": self.task_id, "reason": self.reason, "time": self.time,
-                "size": len(self.raw), "preview": text[:200]}
+        task, task_id = self.names()
+        return {"id": self.id, "queue": self.queue, "task": task, "task_id": task_id,
+                "reason": self.reason, "time": self.time, "size": len(self.raw),
+                "preview": text[:200]}
 
 
 @dataclass

@@ -168,9 +168,11 @@ class Worker:
         app = self.app
         limits = (("time_limit", "task_time_limit"), ("soft_time_limit", "task_soft_time_limit"))
         # a limit for every task: the setting; else the tasks that have one of their own
-        limited = [f"{s}={app.conf.get(s)}" for _, s in limits if app.conf.get(s)] or sorted(
-            name for name, task in app.tasks.items()
-            if any(app.option_for(task, key, setting) for key, setting in limits))
+        limited = [f"{s}={app.conf.get(s)}" for _, s in limits if app.conf.get(s)]
+        if not limited:
+            limited = sorted(name for name, task in app.tasks.items()
+                             if any(app.option_for(task, key, setting)
+                                    for key, setting in limits))
         if limited:
             log.warning("time limits are not enforced by the %s pool (a task running on "
                         "a thread cannot be stopped; -P prefork enforces them): %s",

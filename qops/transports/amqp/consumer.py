@@ -474,25 +474,30 @@ class _AMQPConsumer(QueueSet, Consumer):
     def after_lost(self, delivery: Delivery, count: int) -> bool:
         return lost.keep(self, delivery, count)
 
-    def replace(self, delivery: Delivery, publish: Callable[[], None]) -> None:
-        """``publish`` a copy of ``delivery``, then ack it; nothing is handed out from
-        the start until that ack is written, so the copy never runs while the broker
-        could still deliver the original again too (a crash of the copy's run before
-        the ack went out would leave two)."""
+    def replace(self, deliveries: list[Delivery], publish: Callable[[], list[int]]
+                ) -> list[Delivery]:
+        """``publish`` copies of ``deliveries`` (it returns the indexes of the copies not
+        confirmed), then ack those whose copy was; nothing is handed out from the start
+        until the acks are written, so a copy never runs while the broker could still
+        deliver the original again too (a crash of the copy's run before the ack went
+        out would leave two). Returns the deliveries not acked."""
         with self._lock:
             self._replacing = 1
         try:
-            publish()
+            unconfirmed = set(publish())
         except BaseException:
             with self._lock:
                 self._replacing = 0
             raise
         with self._lock:
             self._replacing = 2
-        self._settle(delivery, True)
+        for i, d in enumerate(deliveries):
+            if i not in unconfirmed:
+                self._settle(d, True)
         with self._lock:
             if self._replacing == 2 and not self._acks:
                 self._replacing = 0  # nothing to wait for (settled already, or written)
+        return [d for i, d in enumerate(deliveries) if i in unconfirmed]
 
     def heartbeat(self) -> None:
         """Nothing to do: AMQP heartbeats go while get() pumps (it is called all along)."""

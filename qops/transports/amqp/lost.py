@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from qops.errors import PublishError, PublishManyError
 from qops.protocol import Message
 from qops.transports.base import Delivery
 
@@ -58,21 +59,38 @@ def keep(consumer: _AMQPConsumer, delivery: Delivery, n: int) -> bool:
     msg = delivery.message
     if msg is None or DELIVERY_COUNT in msg.headers:
         return True
-    _republish(consumer, delivery, n)
+    if _republish(consumer, [(delivery, n)]):
+        raise PublishError(f"RabbitMQ did not confirm the copy on {delivery.queue!r}")
     return False
 
 
-def _republish(consumer: _AMQPConsumer, delivery: Delivery, n: int) -> None:
-    """Publish a copy of ``delivery`` carrying the count ``n`` to its queue, then ack it.
-    The copy drops the broker's own count: a quorum queue sets ``x-delivery-count`` only
-    once the copy is returned, so an old one would be read as the copy's own."""
-    msg = delivery.message
-    assert msg is not None
+def _copy(msg: Message, n: int) -> Message:
+    """``msg`` carrying the count ``n``, without the broker's own count: a quorum queue
+    sets ``x-delivery-count`` only once the copy is returned, so an old one would be read
+    as the copy's own."""
     headers = {k: v for k, v in msg.headers.items() if k != DELIVERY_COUNT}
     headers[LOST_HEADER] = n
-    copy = Message(body=msg.body, headers=headers, properties=dict(msg.properties),
+    return Message(body=msg.body, headers=headers, properties=dict(msg.properties),
                    content_type=msg.content_type, content_encoding=msg.content_encoding)
-    consumer.replace(delivery, lambda: consumer.transport.publish(delivery.queue, copy))
+
+
+def _republish(consumer: _AMQPConsumer, counted: list[tuple[Delivery, int]]
+               ) -> list[Delivery]:
+    """Publish a copy of each delivery carrying its count to its queue, in one confirmed
+    batch, then ack those whose copy was confirmed; returns the others (not acked)."""
+    copies = []
+    for d, n in counted:
+        assert d.message is not None
+        copies.append((d.queue, _copy(d.message, n)))
+
+    def publish() -> list[int]:
+        try:
+            consumer.transport.publish_many(copies)
+        except PublishManyError as exc:
+            return exc.unconfirmed
+        return []
+
+    return consumer.replace([d for d, _ in counted], publish)
 
 
 def give_back(consumer: _AMQPConsumer, unstarted: list[Delivery]) -> None:
@@ -83,14 +101,16 @@ def give_back(consumer: _AMQPConsumer, unstarted: list[Delivery]) -> None:
     recycled every few tasks had healthy messages dead-lettered after its third
     recycling, and a quorum queue's count grew at every renewal of an ETA held for
     hours. So each is published again to its queue (to its tail) carrying its count so
-    far (a redelivery not counted yet included), and acked. One whose copy could not be
+    far (a redelivery not counted yet included), all in one confirmed batch (a warm
+    shutdown holding thousands of ETA tasks), and acked. One whose copy could not be
     published is requeued."""
-    for d in unstarted:
-        if d.message is None:  # undecodable: nothing to copy
-            consumer.requeue(d)
-            continue
+    left = [d for d in unstarted if d.message is None]  # undecodable: nothing to copy
+    counted = [(d, count(d, False)[0]) for d in unstarted if d.message is not None]
+    if counted:
         try:
-            _republish(consumer, d, count(d, False)[0])
+            left += _republish(consumer, counted)
         except Exception as exc:
-            log.warning("could not give back a message by a copy (%s); requeued", exc)
-            consumer.requeue(d)
+            log.warning("could not give back messages by copies (%s); requeued", exc)
+            left += [d for d, _ in counted]
+    for d in left:
+        consumer.requeue(d)

@@ -92,10 +92,11 @@ def test_an_eta_held_past_half_the_consumer_timeout_is_renewed(app, broker, work
     import proj.tasks
 
     path = tmp_path / "runs.txt"
-    sent = time.monotonic()
-    r = proj.tasks.record.apply_async((str(path),), countdown=4, queue=queue)
     w = workers.start("w", "-Q", queue, "-c", "1",
                       QOPS_BROKER_TRANSPORT_OPTIONS='{"consumer_timeout": 2}')
+    workers.wait_ready(w)  # the countdown is the worker's, not its start-up's
+    sent = time.monotonic()
+    r = proj.tasks.record.apply_async((str(path),), countdown=4, queue=queue)
     assert r.get(timeout=30) == 1  # ran once
     assert time.monotonic() - sent >= 3.9  # not early
     log = workers.log(w)

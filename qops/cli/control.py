@@ -150,7 +150,10 @@ def _run(ctx: Context, group: str, commands: list[Any], method: str | None,
 def _print_replies(term: Any, res: Any) -> None:
     for node in sorted(res.replies):
         reply = res.replies[node]
-        if isinstance(reply, dict) and set(reply) <= {"ok", "error"}:
+        if not reply and isinstance(reply, (list, dict)):  # query_task of an id not held
+            term.print(f"->  {node}: OK")
+            term.print("    - empty -")
+        elif isinstance(reply, dict) and set(reply) <= {"ok", "error"}:
             state = "OK" if "ok" in reply else "ERROR"
             term.print(f"->  {node}: {state}")
             text = reply.get("ok", reply.get("error"))
@@ -158,10 +161,7 @@ def _print_replies(term: Any, res: Any) -> None:
                 term.print(f"        {line}")
         else:
             term.print(f"->  {node}: OK")
-            items = reply if isinstance(reply, list) else [reply]
-            if isinstance(reply, list) and not reply:
-                term.print("    - empty -")
-            for item in items:
+            for item in reply if isinstance(reply, list) else [reply]:
                 term.print("    " + (item if isinstance(item, str)
                                      else json.dumps(item, default=str, sort_keys=True)))
 
@@ -174,10 +174,10 @@ def _report_missing(res: Any, timeout: float) -> None:
         print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
     if not res.replies and res.rejected:
         n = len(res.rejected)
-        print(f"Error: no valid replies: the signatures of {n} repl{'ies' if n > 1 else 'y'} "
+        print(f"qops: error: no valid replies: the signatures of {n} repl{'ies' if n > 1 else 'y'} "
               "did not verify; is control_key_file the key the nodes use?", file=sys.stderr)
     elif not res.replies:
-        print("Error: no nodes replied within time constraint.", file=sys.stderr)
+        print(f"qops: error: no nodes replied within {timeout}s", file=sys.stderr)
         if res.method == "revoke":
             print("qops: the revoke reached no node: a node that starts later does not "
                   "know it and runs the task", file=sys.stderr)

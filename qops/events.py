@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SW_IDENT = "qops"
+#: the event types a qops or Celery node sends (task-sent: a Celery client's, when asked)
+TYPES = ("worker-online", "worker-heartbeat", "worker-offline", "task-sent",
+         "task-received", "task-started", "task-succeeded", "task-failed", "task-retried",
+         "task-rejected", "task-revoked")
 
 
 def utcoffset() -> int:

@@ -17,16 +17,16 @@ def events(
     ctx: typer.Context,
     count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after this many events.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.1, help="Stop after this many seconds without an event.")] = None,
-    types: Annotated[str | None, typer.Option("--type", help="Only these event types, comma separated (e.g. task-failed).")] = None,
+    types: Annotated[str | None, typer.Option("--type", help="Only these event types, comma separated, globs allowed (e.g. task-failed,worker-*).")] = None,
 ) -> None:
     from qops.events import receive
 
     g = ctx.obj
+    wanted = _types(types)
     app = g.load_app()
-    wanted = {t.strip() for t in (types or "").split(",") if t.strip()}
     seen = 0
     for event in receive(app, timeout=timeout):
-        if wanted and event.get("type") not in wanted:
+        if wanted is not None and event.get("type") not in wanted:
             continue
         if g.terminal.json_mode:
             print(json.dumps(event, default=str), flush=True)
@@ -35,6 +35,25 @@ def events(
         seen += 1
         if count and seen >= count:
             break
+
+
+def _types(value: str | None) -> set[str] | None:
+    """The event types ``--type`` names, globs allowed (``task-*``); None: all."""
+    import fnmatch
+
+    from qops.errors import UsageError
+    from qops.events import TYPES
+
+    patterns = [t.strip() for t in (value or "").split(",") if t.strip()]
+    if not patterns:
+        return None
+    wanted: set[str] = set()
+    for p in patterns:
+        matched = fnmatch.filter(TYPES, p)
+        if not matched:
+            raise UsageError(f"--type: no event type {p!r}; the types: {', '.join(TYPES)}")
+        wanted.update(matched)
+    return wanted
 
 
 def format_event(e: dict[str, Any]) -> str:

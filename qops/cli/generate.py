@@ -147,7 +147,7 @@ def supervisor(
     task_events: Events = False,
     logdir: Logdir = "/var/log/qops",
     statedir: Annotated[str, typer.Option("--statedir", help="Directory of beat's schedule file.")] = "/var/lib/qops",
-    name: Annotated[str, typer.Option("--name", help="Group name and program prefix ([program:NAME-w1], [group:NAME]).")] = "qops",
+    name: Annotated[str, typer.Option("--name", help="Group name and program prefix (\\[program:NAME-w1], \\[group:NAME]).")] = "qops",
     startsecs: Annotated[int, typer.Option("--startsecs", min=1, help="Seconds a program must run to count as started.")] = 10,
     no_beat: NoBeat = False,
     control_key_file: ControlKey = None,

@@ -23,7 +23,7 @@ def register(cli: typer.Typer) -> None:
     cli.command("top", help="The cluster live: nodes, queues, running tasks, failures "
                             "(--once: one snapshot).")(top)
     cli.command("exporter", help="Serve Prometheus metrics (/metrics) and /healthz "
-                                 "(needs qops[metrics]).")(exporter)
+                                 "(needs qops\\[metrics]).")(exporter)
 
 
 Queues = Annotated[str | None, typer.Option("-Q", "--queues", help="Only these queues, comma separated (default: every queue found).")]

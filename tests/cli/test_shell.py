@@ -116,6 +116,24 @@ def test_every_help_has_an_example_that_parses(monkeypatch: pytest.MonkeyPatch,
     capsys.readouterr()
 
 
+def test_no_help_text_is_eaten_as_rich_markup() -> None:
+    """Help is rendered with rich markup: an unescaped ``[metrics]`` vanished from
+    "needs qops[metrics]". Every ``[`` written in a help text shows."""
+    from rich.text import Text
+
+    texts = []
+    for path, cmd in _commands():
+        texts += [(path, getattr(cmd, "help", None)), (path, getattr(cmd, "epilog", None))]
+        texts += [(f"{path} {p.name}", getattr(p, "help", None))
+                  for p in getattr(cmd, "params", [])]
+    checked = 0
+    for where, text in texts:
+        if text and "[" in text:
+            checked += 1
+            assert Text.from_markup(text).plain.count("[") == text.count("["), (where, text)
+    assert checked >= 3
+
+
 def _help(*args: str, **env: str) -> str:
     r = run_qops(*args, "--help", env=qops_env(FORCE_COLOR="1", **env))
     assert r.returncode == 0, r.stderr

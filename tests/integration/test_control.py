@@ -106,6 +106,8 @@ def test_inspect_active_shows_running_task(broker: str, cluster: dict[str, Worke
     code, doc = j(broker, "inspect", "query_task", task_id)
     assert code == 0
     assert any(task_id in rep for rep in doc["replies"].values())
+    r = qops(broker, "inspect", "query_task", task_id, "--timeout", REPLY_TIMEOUT)  # a node without it: empty, no error
+    assert r.returncode == 0 and "ERROR" not in r.stdout and "- empty -" in r.stdout, r.stdout
     for w in cluster.values():  # cold shutdown: don't wait for the sleeping task
         w.signal(signal.SIGQUIT)
 
@@ -123,6 +125,9 @@ def test_shutdown_partial_and_no_nodes(broker: str, cluster: dict[str, WorkerPro
     cluster[W1].stop()
     code, doc = j(broker, "status", "--timeout", "0.5")
     assert code == 69 and doc["nodes"] == {}
+    r = qops(broker, "control", "ping", "--timeout", "0.5")
+    assert r.returncode == 69
+    assert "qops: error: no nodes replied within 0.5s" in r.stderr.splitlines(), r.stderr
 
 
 def test_purge_counts_and_leaves_other_queues(broker: str) -> None:
@@ -154,8 +159,10 @@ def test_purge_counts_and_leaves_other_queues(broker: str) -> None:
 
 
 def test_events_stream(broker: str, cluster: dict[str, WorkerProcess]) -> None:
+    r = qops(broker, "events", "--type", "worker-heartbeat,task-bogus", "--count", "1")
+    assert r.returncode == 2 and "no event type 'task-bogus'" in r.stderr, r.stderr
     r = run_qops("-b", broker, "--json", "events", "--count", "2", "--timeout", "5",
-                 "--type", "worker-heartbeat")
+                 "--type", "worker-h*")
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(events) == 2

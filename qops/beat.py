@@ -115,12 +115,15 @@ class Entry:
     options: dict[str, Any] = field(default_factory=dict)
     last_run: dt.datetime | None = None
     total_run_count: int = 0
+    #: when beat first saw the entry: what the schedule counts from until its first run
+    #: (not shown as a last run: it never ran)
+    since: dt.datetime | None = None
 
     def is_due(self, now: dt.datetime, tz: dt.tzinfo) -> tuple[bool, float]:
-        return self.schedule.is_due(self.last_run or now, now, tz)
+        return self.schedule.is_due(self.last_run or self.since or now, now, tz)
 
     def next_run(self, now: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
-        return self.schedule.next_run(self.last_run or now, tz)
+        return self.schedule.next_run(self.last_run or self.since or now, tz)
 
     def as_dict(self, now: dt.datetime, tz: dt.tzinfo) -> dict[str, Any]:
         nxt = self.next_run(now, tz)
@@ -209,7 +212,8 @@ class ScheduleFile:
         self.path = Path(path)
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """name -> {"last_run": aware datetime, "total_run_count": int}; {} when absent."""
+        """name -> {"last_run": aware datetime or None, "since": the same, "total_run_count":
+        int}; {} when absent."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -224,9 +228,10 @@ class ScheduleFile:
             raw = data["entries"]
             out: dict[str, dict[str, Any]] = {}
             for name, item in raw.items():
-                last = item.get("last_run")
+                last, since = item.get("last_run"), item.get("since")
                 out[name] = {
                     "last_run": dt.datetime.fromisoformat(last) if last else None,
+                    "since": dt.datetime.fromisoformat(since) if since else None,
                     "total_run_count": int(item.get("total_run_count") or 0)}
             return out
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -238,6 +243,7 @@ class ScheduleFile:
         data = {"format": STATE_FORMAT, "version": STATE_VERSION,
                 "saved": utcnow().isoformat(),
                 "entries": {name: {"last_run": e.last_run.isoformat() if e.last_run else None,
+                                   "since": e.since.isoformat() if e.since else None,
                                    "total_run_count": e.total_run_count, "task": e.task,
                                    "schedule": e.schedule.human()}
                             for name, e in sorted(entries.items())}}
@@ -300,7 +306,7 @@ class Beat:
                 entry.last_run = saved["last_run"]
                 entry.total_run_count = saved["total_run_count"]
             else:
-                entry.last_run = now
+                entry.since = (saved or {}).get("since") or now
         if check_writable:
             try:
                 self.schedule_file.save(self.entries)

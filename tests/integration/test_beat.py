@@ -203,6 +203,30 @@ def test_restart_does_not_refire_and_missed_run_fires_once(app, tmp_path):
     beat.close()
 
 
+def test_an_entry_that_never_ran_has_no_last_run_and_keeps_its_start(app, tmp_path):
+    """Before its first run an entry shows no last run (not the time beat started), and
+    a beat restarted before then still counts the period from when the entry was first
+    seen: an hourly entry whose beat restarts every half hour runs within the hour."""
+    app.conf.beat_schedule = {"h": {"task": "t.h", "schedule": 3600, "options": {"queue": "h"}}}
+    path = tmp_path / "schedule"
+    clock = Clock()
+    for _ in range(2):
+        beat = Beat(app, schedule_file=path, now=clock, max_interval=30)
+        beat.setup()
+        [row] = beat.table()
+        assert row["last_run"] is None and row["total_run_count"] == 0
+        run_for(beat, clock, 1800, step=30)
+        beat.close()
+        assert json.loads(path.read_text())["entries"]["h"]["last_run"] is None
+    beat = Beat(app, schedule_file=path, now=clock, max_interval=30)
+    beat.setup()
+    run_for(beat, clock, 30, step=1)
+    assert ready(app, "h") == 1
+    [row] = beat.table()
+    assert row["last_run"] is not None and row["total_run_count"] == 1
+    beat.close()
+
+
 def test_unreadable_schedule_file_is_replaced(app, tmp_path, caplog):
     path = tmp_path / "celerybeat-schedule"
     path.write_bytes(b"\x00\x01 a shelve file")

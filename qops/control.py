@@ -99,6 +99,9 @@ def parse_arguments(method: str, values: Sequence[str],
         raise UsageError(f"unknown command {method!r}: see --list")
     out: dict[str, Any] = {}
     rest = list(values)
+    for raw in rest:
+        if not raw.strip():  # "$RATE" unset: never read as "no limit" or "every task"
+            raise UsageError(f"{method}: an empty argument (an unset variable?)")
     for arg in cmd.args:
         if arg.many:
             if not rest:

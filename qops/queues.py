@@ -49,11 +49,12 @@ def discover(app: App, *, ask_workers: float = 0.3) -> list[str]:
     return sorted(names)
 
 
-def _require(app: App, queues: Sequence[str], note: str = "") -> None:
-    """Queues named with -Q must exist: raise naming every one that does not."""
+def _require(app: App, queues: Sequence[str], note: str = "",
+             what: str = "no such queue") -> None:
+    """Queues named with -Q or -X must exist: raise naming every one that does not."""
     missing = [q for q in queues if not app.transport.queue_exists(q)]
     if missing:
-        raise QueueNotFound(f"no such queue: {', '.join(missing)}{note}")
+        raise QueueNotFound(f"{what}: {', '.join(missing)}{note}")
 
 
 @dataclass
@@ -104,13 +105,17 @@ def _api_queues(app: App) -> tuple[dict[str, APIQueue] | None, str]:
         return None, f"no management API at {api.safe_url} ({exc})"
 
 
-def listing(app: App, queues: Sequence[str] | None = None, exclude: Sequence[str] = (),
-            *, note: str = "") -> Listing:
+def listing(app: App, queues: Sequence[str] | None = None,
+            exclude: Sequence[str] | None = None, *, note: str = "") -> Listing:
     """Count ``queues`` (default: every queue found), minus ``exclude``. A queue named
-    that does not exist is an error (QueueNotFound, ending with ``note``)."""
+    in either that does not exist is an error (QueueNotFound, ending with ``note``): a
+    misspelt ``-X`` must not leave the queue it meant unprotected."""
     transport = app.transport
+    exclude = exclude or ()
     if queues:
         _require(app, queues, note)
+    if exclude:
+        _require(app, exclude, note, what="no such queue to exclude")
     if transport.scheme != "amqp":
         names = list(queues) if queues else discover(app)
         names = [q for q in names if q not in exclude]

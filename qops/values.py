@@ -111,6 +111,19 @@ def queue_name(value: Any) -> str:
     return value
 
 
+def names(value: str | None, what: str) -> list[str] | None:
+    """A comma-separated list typed on the command line (``-Q``, ``-X``, ``-d``): None
+    when the option was not given. An empty item -- ``-Q "$QUEUES"`` with the variable
+    unset, ``a,,b`` -- is a usage error: never read as "every queue" or "every node"."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    if not all(items):
+        raise UsageError(f"{what}: an empty name in {value!r} (an unset variable?); "
+                         "give the names, comma separated")
+    return items
+
+
 def task_name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"a task name must be a non-empty string, not {value!r}")
@@ -153,26 +166,26 @@ def target(destination: Any, pattern: Any,
     """Which nodes a control message is for: (exact node names or None, a test of a
     node name by ``pattern`` -- a glob, or a regular expression with matcher
     ``pcre`` -- or None). Neither: every node."""
-    names: list[str] | None = None
+    exact: list[str] | None = None
     if destination:
-        names = [destination] if isinstance(destination, str) else destination
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        exact = [destination] if isinstance(destination, str) else destination
+        if not isinstance(exact, list) or not all(isinstance(n, str) for n in exact):
             raise UsageError(f"destination must be a list of node names, not {destination!r}")
     if not pattern:
-        return names, None
+        return exact, None
     if not isinstance(pattern, str):
         raise UsageError(f"pattern must be a string, not {pattern!r}")
     if matcher in (None, "glob"):
         import fnmatch
 
-        return names, lambda name: fnmatch.fnmatchcase(name, pattern)
+        return exact, lambda name: fnmatch.fnmatchcase(name, pattern)
     if matcher != "pcre":
         raise UsageError(f"matcher must be glob or pcre, not {matcher!r}")
     try:
         regex = re.compile(pattern)
     except re.error as exc:
         raise UsageError(f"invalid pcre pattern {pattern!r}: {exc}") from None
-    return names, lambda name: regex.search(name) is not None
+    return exact, lambda name: regex.search(name) is not None
 
 
 def _time_limit(a: dict[str, Any]) -> None:

@@ -76,10 +76,11 @@ def inspect(
 
 def status(ctx: Context, destination: Destination = None, timeout: Timeout = 1.0) -> int:
     from qops import control as ctl
+    from qops.values import names
 
     g = ctx.obj
+    dest = names(destination, "-d/--destination")
     app = g.load_app()
-    dest = _split(destination)
     res = ctl.broadcast(app, "ping", destination=dest, timeout=timeout, linger=0.1)
     term = g.terminal
     if not res.signed:
@@ -104,17 +105,12 @@ def status(ctx: Context, destination: Destination = None, timeout: Timeout = 1.0
     return res.exit_code() or (1 if res.duplicates else 0)
 
 
-def _split(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _run(ctx: Context, group: str, commands: list[Any], method: str | None,
          args: list[str], destination: str | None, timeout: float, list_: bool,
          pattern: str | None, matcher: str, extra: dict[str, Any]) -> int:
     from qops import control as ctl
     from qops.errors import UsageError
+    from qops.values import names
 
     g = ctx.obj
     term = g.terminal
@@ -134,9 +130,12 @@ def _run(ctx: Context, group: str, commands: list[Any], method: str | None,
         raise UsageError(f"unknown {group} command {method!r}{hint}: see 'qops {group} --list'")
     if matcher not in ("glob", "pcre"):
         raise UsageError("--matcher must be glob or pcre")
+    if pattern is not None and not pattern.strip():
+        raise UsageError("--pattern: empty (an unset variable?); omit it to reach every node")
     arguments = ctl.parse_arguments(method, args, extra)
+    dest = names(destination, "-d/--destination")
     app = g.load_app()
-    res = ctl.broadcast(app, method, arguments, destination=_split(destination),
+    res = ctl.broadcast(app, method, arguments, destination=dest,
                         pattern=pattern, matcher=matcher if pattern else None,
                         timeout=timeout)
     if term.json_mode:

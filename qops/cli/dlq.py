@@ -51,12 +51,14 @@ def requeue(
     if ids and all_:
         raise UsageError("give ids or --all, not both")
     n = g.load_app().transport.requeue_dead_letters(None if all_ else ids)
+    missing = len(ids) - n if ids else 0
     if g.terminal.json_mode:
-        g.terminal.json({"requeued": n})
+        g.terminal.json({"requeued": n, "not_found": missing})
     else:
         g.terminal.print(f"requeued {n} message(s)")
-    if ids and n < len(ids):
-        raise UsageError(f"{len(ids) - n} of the ids were not found")
+    if missing:  # exit 1: well-formed, not there (requeued already, or purged)
+        raise QopsError(f"{missing} of {len(ids or [])} id(s) not found among the dead "
+                        "letters: see 'qops dlq list'")
 
 
 def purge(
@@ -67,7 +69,7 @@ def purge(
     if not force:
         if not sys.stdin.isatty():
             raise UsageError("refusing to purge without a terminal to confirm: pass -f/--force")
-        if not typer.confirm("Delete every dead letter?"):
+        if not typer.confirm("Delete every dead letter?", err=True):
             raise QopsError("not confirmed: nothing was purged")  # exit 1
     n = g.load_app().transport.purge_dead_letters()
     if g.terminal.json_mode:

@@ -43,9 +43,10 @@ def _types(value: str | None) -> set[str] | None:
 
     from qops.errors import UsageError
     from qops.events import TYPES
+    from qops.values import names
 
-    patterns = [t.strip() for t in (value or "").split(",") if t.strip()]
-    if not patterns:
+    patterns = names(value, "--type")
+    if patterns is None:
         return None
     wanted: set[str] = set()
     for p in patterns:

@@ -32,10 +32,11 @@ NoEnable = Annotated[bool, typer.Option("--no-enable-events", help="Do not ask w
 
 def _feed(ctx: typer.Context, queues: str | None, interval: float, no_enable: bool) -> Any:
     from qops.monitor.feed import Feed
+    from qops.values import names
 
+    only = names(queues, "-Q/--queues") or []
     app = ctx.obj.load_app()
-    names = [q.strip() for q in (queues or "").split(",") if q.strip()]
-    return Feed(app, poll_interval=interval, enable_events=not no_enable, queues=names)
+    return Feed(app, poll_interval=interval, enable_events=not no_enable, queues=only)
 
 
 def top(

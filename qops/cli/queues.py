@@ -20,10 +20,6 @@ def register(cli: typer.Typer) -> None:
     cli.command("queues", help="Each queue with ready and in-flight counts and consumers.")(queues)
 
 
-def _split(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
-
-
 def _unknown(value: int | None) -> Any:
     """The table's cell for a count the broker cannot tell."""
     return "?" if value is None else value
@@ -45,11 +41,12 @@ def purge(
     broker_api: BrokerAPI = None,
 ) -> None:
     from qops import queues as q
+    from qops.values import names
 
     term = ctx.obj.terminal
+    only, skip = names(queues, "-Q/--queues"), names(exclude, "-X/--exclude-queues")
     app = _load(ctx, broker_api)
-    names = _split(queues)
-    found = q.listing(app, names or None, _split(exclude), note=" (nothing was purged)")
+    found = q.listing(app, only, skip, note=" (nothing was purged)")
     if found.unseen:
         term.note(f"qops: note: {found.unseen}")
     if not dry_run and not force:
@@ -59,7 +56,7 @@ def purge(
         preview = q.purge(app, dry_run=True, found=found)
         total = sum(r.purged for r in preview)
         listing = ", ".join(f"{r.queue} ({r.purged})" for r in preview) or "none"
-        if not typer.confirm(f"Delete {total} message(s) from: {listing}?"):
+        if not typer.confirm(f"Delete {total} message(s) from: {listing}?", err=True):
             raise QopsError("not confirmed: nothing was purged")  # exit 1
     reports = q.purge(app, dry_run=dry_run, found=found)
     total = sum(r.purged for r in reports)
@@ -76,13 +73,15 @@ def purge(
 
 def queues(
     ctx: typer.Context,
-    names: Annotated[str | None, typer.Option("-Q", "--queues", help="Only these queues, comma separated.")] = None,
+    only: Annotated[str | None, typer.Option("-Q", "--queues", help="Only these queues, comma separated.")] = None,
     broker_api: BrokerAPI = None,
 ) -> None:
     from qops import queues as q
+    from qops.values import names
 
     term = ctx.obj.terminal
-    found = q.listing(_load(ctx, broker_api), _split(names) or None)
+    wanted = names(only, "-Q/--queues")
+    found = q.listing(_load(ctx, broker_api), wanted)
     if found.unseen:
         term.note(f"qops: note: {found.unseen}")
     if term.json_mode:

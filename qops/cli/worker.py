@@ -53,12 +53,13 @@ def worker(
     from qops.ops.daemon import NodeProcess, setup_logging
     from qops.ops.nodes import node_name
     from qops.ops.privileges import check_root
+    from qops.values import names as qnames
     from qops.values import queue_name
 
     g = ctx.obj
     if pool is not None and pool not in ("prefork", "threads", "solo"):
         raise UsageError(f"unknown pool {pool!r}: choose prefork, threads or solo")
-    names = [queue_name(q.strip()) for q in (queues or "").split(",") if q.strip()]
+    names = [queue_name(q) for q in qnames(queues, "-Q/--queues") or []]
     node = node_name(hostname)
     proc = NodeProcess(node, loglevel, logfile, pidfile, detach, uid, gid, umask)
     app = g.load_app(required=True, import_tasks=True)

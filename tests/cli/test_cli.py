@@ -99,6 +99,10 @@ def test_dlq_commands(sqlite_url: str) -> None:
     r = run_qops(*g, "dlq", "requeue", items[0]["id"])
     assert r.returncode == 0 and "requeued 1" in r.stdout
     assert t.queue_stats(["q1"])[0].ready == 1
+    r = run_qops(*g, "--json", "dlq", "requeue", items[0]["id"], items[1]["id"])  # 1 gone
+    assert r.returncode == 1 and json.loads(r.stdout) == {"requeued": 1, "not_found": 1}
+    assert "1 of 2 id(s) not found" in r.stderr
+    t.dead_letter("q1", b"again", "invalid JSON envelope")
     r = run_qops(*g, "dlq", "purge")
     assert r.returncode == 2 and "--force" in r.stderr
     r = run_qops(*g, "dlq", "purge", "-f")

@@ -39,6 +39,34 @@ def test_a_redis_db_that_is_not_a_number_purges_nothing(redis_url: str) -> None:
     client.close()
 
 
+def test_an_empty_or_misspelt_name_purges_nothing(redis_url: str) -> None:
+    """An unset variable (-Q "$QUEUES", -d "$NODE") is not "every queue" or "every node",
+    and a misspelt -X does not leave the queue it meant unprotected."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.lpush("cli-keep", b"keep me")
+    client.sadd("_kombu.binding.cli-keep", "cli-keep\x06\x16\x06\x16cli-keep")
+    for args, code, says in [
+            (["purge", "-f", "-Q", ""], 2, "-Q/--queues: an empty name in ''"),
+            (["purge", "-f", "-Q", " , "], 2, "an empty name"),
+            (["purge", "-f", "-Q", "cli-keep,,other"], 2, "an empty name"),
+            (["purge", "-f", "-X", ""], 2, "-X/--exclude-queues: an empty name"),
+            (["purge", "-f", "-X", "cli-kep"], 1, "no such queue to exclude: cli-kep"),
+            (["control", "shutdown", "-d", ""], 2, "-d/--destination: an empty name"),
+            (["control", "shutdown", "--pattern", ""], 2, "--pattern: empty"),
+            (["status", "-d", ","], 2, "an empty name"),
+            (["control", "rate_limit", "proj.tasks.add", ""], 2, "an empty argument"),
+            (["control", "revoke", " "], 2, "an empty argument")]:
+        r = run_qops("-b", redis_url, *args)
+        assert r.returncode == code and says in one_error_line(r.stderr), (args, r.stderr)
+        r = run_qops("-b", redis_url, "--json", *args)
+        assert r.returncode == code and json.loads(r.stdout)["exit_code"] == code, args
+    assert client.llen("cli-keep") == 1
+    client.delete("cli-keep", "_kombu.binding.cli-keep")
+    client.close()
+
+
 def test_an_out_of_range_redis_db_is_one_line(redis_url: str) -> None:
     r = run_qops("-b", redis_url.rsplit("/", 1)[0] + "/9999", "queues")
     assert r.returncode == 2
@@ -134,29 +162,52 @@ def test_non_utf8_argument_is_one_line() -> None:
     assert "not valid UTF-8" in one_error_line(r.stderr)
 
 
-def test_declining_the_purge_prompt_says_nothing_was_purged(sqlite_url: str) -> None:
+def on_a_terminal(args: list[str], answer: bytes, stdout: Path | None = None
+                  ) -> tuple[int, bytes]:
+    """Run qops on a pseudo-terminal (its stdout to ``stdout`` if given), answer its
+    ``[y/N]`` prompt; (exit code, what the terminal showed). Killed after 30 s: a prompt
+    that never shows on the terminal fails the test, not hangs it."""
+    import select
+    import signal
+    import time
+
     pid, fd = pty.fork()
     if pid == 0:  # the child: qops on a terminal
         os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, "-m", "qops", "-b", sqlite_url, "purge"],
-                  qops_env())
-    out = b""
-    answered = False
-    while True:
+        if stdout is not None:
+            os.dup2(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.execve(sys.executable, [sys.executable, "-m", "qops", *args], qops_env())
+    seen, answered, deadline = b"", False, time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
         try:
             data = os.read(fd, 1024)
         except OSError:
             break
         if not data:
             break
-        out += data
-        if not answered and b"[y/N]" in out:
-            os.write(fd, b"n\n")
+        seen += data
+        if not answered and b"[y/N]" in seen:
+            os.write(fd, answer + b"\n")
             answered = True
+    else:
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    assert answered, out
-    assert os.waitstatus_to_exitcode(status) == 1
-    assert b"nothing was purged" in out
+    assert answered, seen
+    return os.waitstatus_to_exitcode(status), seen
+
+
+def test_declining_the_purge_prompt_says_nothing_was_purged(sqlite_url: str) -> None:
+    code, seen = on_a_terminal(["-b", sqlite_url, "purge"], b"n")
+    assert code == 1 and b"nothing was purged" in seen
+
+
+def test_the_purge_prompt_goes_to_stderr_under_json(sqlite_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"  # a script's file
+    code, _ = on_a_terminal(["-b", sqlite_url, "--json", "purge"], b"y", stdout=out)
+    assert code == 0
+    assert json.loads(out.read_text())["dry_run"] is False  # the prompt is not in it
 
 
 def test_call_args_from_a_file_and_stdin(tmp_path: Path, sqlite_url: str) -> None:

@@ -84,6 +84,12 @@ class ResultBackend(ABC):
     def get_meta(self, task_id: str) -> dict[str, Any]:
         return _parse(task_id, self._get(task_id))
 
+    def check(self) -> None:
+        """One read, raising as reading a result would (BrokerUnreachable): done before
+        sending a task whose result the caller waits for, so that an unreachable backend
+        fails before the task runs -- a script trying again would run it twice."""
+        self._get("qops-check-reachable")
+
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the task is ready; raise ResultTimeout after ``timeout`` seconds.
         A wake-up that carries the stored meta (Redis publishes what it stores) is taken

@@ -29,6 +29,7 @@ from typing import Any, NoReturn, cast
 
 from qops.backends.base import ResultBackend
 from qops.errors import BrokerUnreachable, ResultTimeout
+from qops.transports.redis.link import reason
 from qops.transports.redis.replicas import Replicas
 from qops.transports.redis.url import connection_pool, parse_url, select_db
 from qops.transports.urls import mask_password
@@ -102,7 +103,7 @@ class RedisBackend(ResultBackend):
 
     def _unreachable(self, exc: BaseException) -> NoReturn:
         raise BrokerUnreachable(
-            f"result backend {mask_password(self.url)} is unreachable: {exc}; "
+            f"result backend {mask_password(self.url)} is unreachable: {reason(exc)}; "
             "check that Redis runs and the URL is right") from None
 
     def _get(self, task_id: str) -> bytes | None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from qops.cli.shell import complete_task
-from qops.errors import EX_FAILURE, EX_TEMPFAIL, UsageError
+from qops.errors import EX_FAILURE, EX_TEMPFAIL, QopsError, UsageError
 
 
 def register(cli: typer.Typer) -> None:
@@ -71,6 +71,8 @@ def call(
     a = _json_arg(args, "args", list)
     kw = _json_arg(kwargs, "kwargs", dict)
     app = g.load_app()
+    if wait:
+        app.backend.check()
     res = app.send_task(name, a, kw, queue=queue, countdown=countdown, expires=expires,
                         priority=priority)
     if not wait:
@@ -79,7 +81,11 @@ def call(
         else:
             print(res.id)
         return
-    _show(g, res, wait=True, timeout=timeout)
+    try:
+        _show(g, res, wait=True, timeout=timeout)
+    except QopsError as exc:  # sent: the id, to follow it up rather than send it again
+        exc.args = (f"task {res.id} was sent; waiting for its result: {exc}",)
+        raise
 
 
 def result(

@@ -67,6 +67,28 @@ def test_an_empty_or_misspelt_name_purges_nothing(redis_url: str) -> None:
     client.close()
 
 
+def test_no_sentinel_answering_is_one_short_line() -> None:
+    r = run_qops("-b", "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2/0?master_name=m",
+                 "status")
+    line = one_error_line(r.stderr)
+    assert r.returncode == 74 and "127.0.0.1:1 - " in line and "127.0.0.1:2 - " in line
+    assert "redis.client" not in line and len(line) < 500, line
+
+
+def test_call_wait_checks_the_result_backend_before_sending(redis_url: str) -> None:
+    """A script that tries again after "unreachable" must not run the task twice."""
+    import redis
+
+    queue = f"cli-wait-{os.getpid()}"
+    r = run_qops("-A", "proj", "-b", redis_url, "call", "proj.tasks.add", "--args", "[1, 2]",
+                 "--queue", queue, "--wait", "--result-backend", "redis://127.0.0.1:1/0")
+    assert r.returncode == 74 and "result backend" in one_error_line(r.stderr)
+    assert "Connection refused;" in r.stderr  # one stop, then the hint
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(queue) == 0  # not sent
+    client.close()
+
+
 def test_an_out_of_range_redis_db_is_one_line(redis_url: str) -> None:
     r = run_qops("-b", redis_url.rsplit("/", 1)[0] + "/9999", "queues")
     assert r.returncode == 2

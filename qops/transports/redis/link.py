@@ -6,15 +6,27 @@ pid check or retry wrapper per command); everything else goes through redis-py."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, cast
 
 import redis
 
+from qops.transports.base import one_line
+
 # Errors that mean "the broker is not there or refused us" (AuthenticationError and
 # BusyLoadingError are ConnectionError subclasses in redis-py).
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoPermissionError)
+#: a redis-py client's repr, as a MasterNotFoundError lists the Sentinels it asked
+_CLIENT = re.compile(r"<redis\.client\.Redis\(<.*?\bhost=([^,]+),port=(\d+),.*?\)>\)>\)>")
+
+
+def reason(exc: BaseException) -> str:
+    """A redis-py error on one line for an operator, without a trailing full stop (a
+    hint follows), and the Sentinels a MasterNotFoundError lists as host:port rather than
+    the 1 kB repr of each one's connection pool."""
+    return _CLIENT.sub(r"\1:\2", one_line(exc)).rstrip(".")
 
 
 def load_script(name: str) -> str:

@@ -138,6 +138,8 @@ def make_pool(spec: SentinelURL, options: dict[str, Any], url: str, what: str,
     """A redis-py ``SentinelConnectionPool`` for the master: ``kwargs`` are the pool's
     connection arguments (timeouts, retry, client name, connect hook) as for a plain
     ``redis://`` pool; the URL's options come on top."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
     from redis.sentinel import Sentinel, SentinelConnectionPool
 
     name = master_name(spec, options, url, what)
@@ -146,13 +148,13 @@ def make_pool(spec: SentinelURL, options: dict[str, Any], url: str, what: str,
         raise UsageError(f"sentinel_kwargs must be a mapping (e.g. {{password: ...}}), "
                          f"not {type(sentinel_kwargs).__name__}")
     conn = {**kwargs, **spec.master_kwargs, "db": spec.db}
-    if sentinel_kwargs is None:
-        # the Sentinels get the socket options only (redis-py's default), never the
-        # master's password
-        sentinel_kwargs = {k: v for k, v in conn.items() if k.startswith("socket_")}
-    else:
-        sentinel_kwargs = {**{k: v for k, v in conn.items() if k.startswith("socket_")},
-                           **sentinel_kwargs}
+    # The Sentinels get the socket options only (redis-py's default), never the master's
+    # password; and no retry of their own: a Sentinel that does not answer is passed for
+    # the next at once (redis-py's default retried each with back-off, and a command
+    # line with no Sentinel running took 16 s to say so). Waiting out a failover is the
+    # callers' (the worker's reconnect, the result backend's FAILOVER_WAIT).
+    sentinel_kwargs = {**{k: v for k, v in conn.items() if k.startswith("socket_")},
+                       "retry": Retry(NoBackoff(), 0), **(sentinel_kwargs or {})}
     manager = Sentinel(list(spec.sentinels),
                        min_other_sentinels=int(options.get("min_other_sentinels") or 0),
                        sentinel_kwargs=sentinel_kwargs)

@@ -28,7 +28,14 @@ from qops.transports.base import (
 )
 from qops.transports.redis import deadletters, presence, recovery, stats
 from qops.transports.redis.consumer import RedisConsumer
-from qops.transports.redis.link import UNREACHABLE, load_script, pack, pack_push, transaction
+from qops.transports.redis.link import (
+    UNREACHABLE,
+    load_script,
+    pack,
+    pack_push,
+    reason,
+    transaction,
+)
 from qops.transports.redis.names import (
     BINDING_PREFIX,
     SEP,
@@ -114,7 +121,7 @@ class RedisTransport(Transport):
             hint = ("check that redis-server is running and that the URL's host, port, "
                     "db and TLS scheme (rediss://) are right")
         return BrokerUnreachable(f"Redis broker {self.safe_url()} unreachable while {doing}: "
-                                 f"{one_line(exc)}; {hint}")
+                                 f"{reason(exc)}; {hint}")
 
     @contextmanager
     def guard(self, doing: str) -> Iterator[None]:

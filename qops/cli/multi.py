@@ -37,6 +37,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
     from qops.ops import multi as m
     from qops.ops.daemon import resolve_ids
     from qops.ops.nodes import expand
+    from qops.values import number
 
     g = ctx.obj
     term = g.terminal
@@ -54,6 +55,9 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
             raise UsageError("multi get needs a node name, e.g. 'multi get w1 w1 w2'")
         wanted, raw = raw[0], raw[1:]
     args = m.parse_args(raw)
+    timeout = number(args.own("--timeout") or 30, "--timeout", above=0)
+    unavailable = number(args.own("--max-unavailable") or 1, "--max-unavailable",
+                         at_least=1, whole=True)
     uid = args.own("--uid")
     uid_n, gid_n, _ = resolve_ids(uid, args.own("--gid"))
     root_with_uid = os.getuid() == 0 and uid_n not in (None, 0)
@@ -80,7 +84,6 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
                 print(line)
         return
 
-    timeout = float(args.own("--timeout") or 30)
     if action == "start" and g.app_spec() is None and all(n.cmdfile.exists() for n in nodes):
         # without -A: the nodes as recorded by their last start (the records stay after
         # a crash or a 'multi kill'); the worker itself checks the rest as it starts
@@ -101,8 +104,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
     elif action == "kill":
         outcomes = actions.kill(nodes)
     elif action == "restart":
-        outcomes = actions.restart(nodes, timeout=timeout,
-                                   max_unavailable=int(args.own("--max-unavailable") or 1))
+        outcomes = actions.restart(nodes, timeout=timeout, max_unavailable=unavailable)
     else:
         outcomes = actions.status(nodes)
     render_outcomes(term, outcomes)

@@ -222,7 +222,7 @@ def _note_identity(node: Node, pid: int | None) -> None:
     record.pid, record.start_time = pid, start_time
     try:
         rec.save(node.cmdfile, record)
-    except OSError:
+    except UsageError:
         pass
 
 
@@ -256,8 +256,11 @@ def check(nodes: Sequence[Node], action: str = "restart") -> list[Outcome]:
 def _signal(node: Node, sig: int, action: str) -> Outcome | int:
     """Send ``sig`` to the node's main process if the pidfile is really its; else say why."""
     state, pid = node_state(node)
-    if state == "stopped":
-        return Outcome(node.name, action, True, None, "stopped", "not running")
+    if state == "stopped":  # stopping what is stopped succeeds, as systemctl's does
+        known = node.cmdfile.exists()
+        return Outcome(node.name, action, True, None, "stopped", "not running" if known else
+                       f"not running (never started here: no pidfile or record in "
+                       f"{node.pidfile.parent})")
     if state == "stale":
         node.pidfile.unlink(missing_ok=True)
         return Outcome(node.name, action, True, pid, "stopped",

@@ -254,7 +254,10 @@ def setup_logging(level: str, logfile: str | None, node: str, index: int = 0) ->
                              0o640))
         except OSError:
             pass  # there already (its mode is the operator's), or FileHandler says why
-        handler = logging.FileHandler(path, delay=False)
+        try:
+            handler = logging.FileHandler(path, delay=False)
+        except OSError as exc:
+            raise UsageError(f"cannot open log file {path}: {exc.strerror}") from None
     else:
         handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -313,6 +316,7 @@ class NodeProcess:
         if not self.detach and self.mask is not None:
             os.umask(self.mask)
         lock = Pidfile(self.pid_path) if self.pid_path else None
+        to_file = False  # where errors go: a log file once it is open
         try:
             # Import what will be needed now: after dropping privileges the Python
             # installation itself may no longer be readable (e.g. under /root).
@@ -321,18 +325,23 @@ class NodeProcess:
             if lock is not None:
                 lock.acquire()
             setup_logging(self.level, self.logfile, self.node)
+            to_file = bool(self.logfile)
             if lock is not None and lock.replaced is not None:
                 log.warning("Replaced a stale pidfile %s (pid %d was not running it).",
                             self.pid_path, lock.replaced.pid)
             install_operator_signals(children=lambda: self.children())
             yield readiness
+        # An error is logged when the log is a file; on the terminal the command line
+        # says it (qops: error: ...), once.
         except QopsError as exc:
             readiness.failed(str(exc), exc.exit_code)
-            log.error("%s", exc)
+            if to_file:
+                log.error("%s", exc)
             raise
         except Exception as exc:
             readiness.failed(f"{type(exc).__name__}: {exc}")
-            log.exception("failed")
+            if to_file:
+                log.exception("failed")
             raise
         finally:
             if lock is not None:

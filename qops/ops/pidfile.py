@@ -77,6 +77,8 @@ def read(path: str | Path) -> PidInfo | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a directory, a path through a file, no permission
+        raise UsageError(f"cannot read pidfile {path}: {exc.strerror}") from None
     try:
         text = os.read(fd, 256).decode(errors="replace").split()
         try:

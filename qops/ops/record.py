@@ -123,18 +123,23 @@ def load(path: Path) -> Record | None:
 
 
 def save(path: Path, record: Record) -> None:
-    """Write ``record`` to ``path``, mode 0600, replacing it atomically."""
+    """Write ``record`` to ``path``, mode 0600, replacing it atomically; UsageError when
+    the pidfile's directory does not let us."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data: dict[str, Any] = {"version": VERSION, **asdict(record)}
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, json.dumps(data, indent=1).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, json.dumps(data, indent=1).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write the node's record {path} (beside its pidfile): "
+                         f"{exc.strerror}") from None
 
 
 def _int(value: Any) -> int | None:

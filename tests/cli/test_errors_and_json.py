@@ -89,6 +89,29 @@ def test_call_wait_checks_the_result_backend_before_sending(redis_url: str) -> N
     client.close()
 
 
+def test_a_node_that_cannot_start_says_why_once(tmp_path: Path, sqlite_url: str) -> None:
+    """Foreground worker and beat, multi: a file they cannot open or a bad option is one
+    line and a usage error, never a traceback nor "unexpected"; an unreachable broker
+    is said once (not a log record and then the same as qops: error:)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for args, code, says in [
+            (["worker", "--logfile", str(tmp_path)], 2, "cannot open log file"),
+            (["beat", "--logfile", str(tmp_path), "-s", str(tmp_path / "s")], 2,
+             "cannot open log file"),
+            (["worker", "--pidfile", f"{a_file}/w.pid"], 2, "cannot read pidfile"),
+            (["worker", "-b", "redis://127.0.0.1:1/0"], 74, "unreachable"),
+            (["multi", "stopwait", "w1", "--timeout", "abc"], 2, "--timeout must be a number"),
+            (["multi", "restart", "w1", "--timeout", "-1"], 2, "greater than 0"),
+            (["multi", "start", "w1", "--pidfile", f"{a_file}/%n.pid"], 2, "cannot read pid")]:
+        r = run_qops("-A", "proj", "-b", sqlite_url, *args, timeout=60)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert says in one_error_line(r.stderr), (args, r.stderr)
+        assert "unexpected" not in r.stderr
+    r = run_qops("multi", "stop", "w9", "--rundir", str(tmp_path))
+    assert r.returncode == 0 and "never started here" in r.stdout, r.stdout
+
+
 def test_an_out_of_range_redis_db_is_one_line(redis_url: str) -> None:
     r = run_qops("-b", redis_url.rsplit("/", 1)[0] + "/9999", "queues")
     assert r.returncode == 2

@@ -66,6 +66,7 @@ def worker(
     check_root(accept_content=list(app.conf.accept_content), uid=proc.uid_n)
     check_security(app, g.terminal, [proc.pid_path])
     if check:
+        proc.check_files()
         app.transport.ping()
         return 0
     if detach and not logfile:

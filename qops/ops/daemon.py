@@ -294,6 +294,34 @@ class NodeProcess:
         if self.logfile:
             expand(self.logfile, self.node, 1)  # a bad template fails now, not in the daemon
 
+    def check_files(self) -> None:
+        """What ``worker --check`` can tell of the files a start opens, leaving none
+        behind: the pidfile can be read where it is, the log file opened for appending
+        (or created, or its directories made). A node of the same name running is not
+        an error here: ``multi restart`` checks a node while it runs."""
+        from qops.ops.nodes import expand
+        from qops.ops.pidfile import read
+
+        if self.pid_path:
+            read(self.pid_path)
+        if self.logfile:
+            path = expand(self.logfile, self.node)
+            try:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+                    os.unlink(path)
+                except FileExistsError:
+                    os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            except FileNotFoundError:  # directories to make: the nearest one there
+                above = os.path.dirname(os.path.abspath(path))
+                while not os.path.exists(above):
+                    above = os.path.dirname(above)
+                if not os.path.isdir(above):
+                    raise UsageError(f"cannot create the directory of log file {path}: "
+                                     f"{above} is not a directory") from None
+            except OSError as exc:
+                raise UsageError(f"cannot open log file {path}: {exc.strerror}") from None
+
     @contextmanager
     def run(self, preload: Callable[[], None] = lambda: None) -> Iterator[Readiness]:
         """Check, detach, drop privileges, lock the pidfile, set up logging; yield the

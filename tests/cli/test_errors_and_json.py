@@ -108,6 +108,12 @@ def test_a_node_that_cannot_start_says_why_once(tmp_path: Path, sqlite_url: str)
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert says in one_error_line(r.stderr), (args, r.stderr)
         assert "unexpected" not in r.stderr
+        if args[0] == "worker":  # --check finds it too, and leaves no file
+            r = run_qops("-A", "proj", "-b", sqlite_url, *args, "--check", timeout=60)
+            assert r.returncode == code and says in one_error_line(r.stderr), (args, r.stderr)
+    r = run_qops("-A", "proj", "-b", sqlite_url, "worker", "--check", "--logfile",
+                 str(tmp_path / "new" / "w.log"))
+    assert r.returncode == 0 and not (tmp_path / "new").exists(), r.stderr
     r = run_qops("multi", "stop", "w9", "--rundir", str(tmp_path))
     assert r.returncode == 0 and "never started here" in r.stdout, r.stdout
 

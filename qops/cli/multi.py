@@ -84,31 +84,40 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
                 print(line)
         return
 
+    try:
+        outcomes = _act(g, action, nodes, uid_n, timeout, unavailable)
+    except KeyboardInterrupt:  # the nodes launched go on starting, in their own sessions
+        print("qops: interrupted: nodes already launched go on starting; their state "
+              "now:", file=sys.stderr)
+        render_outcomes(term, actions.status(nodes))
+        raise typer.Exit(130) from None
+    render_outcomes(term, outcomes)
+    raise typer.Exit(actions.exit_code(action, outcomes))
+
+
+def _act(g: Any, action: str, nodes: list[Any], uid_n: int | None, timeout: float,
+         unavailable: int) -> list[Any]:
+    from qops.ops import actions
+
+    term = g.terminal
     if action == "start" and g.app_spec() is None and all(n.cmdfile.exists() for n in nodes):
         # without -A: the nodes as recorded by their last start (the records stay after
         # a crash or a 'multi kill'); the worker itself checks the rest as it starts
-        outcomes = actions.start(nodes, use_recorded=True)
-    elif action == "start":
+        return actions.start(nodes, use_recorded=True)
+    if action == "start":
+        from qops.cli.worker import check_security
         from qops.ops.privileges import check_root
 
         app = g.load_app(required=True)
         check_root(accept_content=list(app.conf.accept_content), uid=uid_n)
-        from qops.cli.worker import check_security
-
         check_security(app, term, [n.pidfile for n in nodes])
-        outcomes = actions.start(nodes, pinger(app))
-    elif action == "stop":
-        outcomes = actions.stop(nodes)
-    elif action == "stopwait":
-        outcomes = actions.stopwait(nodes, timeout)
-    elif action == "kill":
-        outcomes = actions.kill(nodes)
-    elif action == "restart":
-        outcomes = actions.restart(nodes, timeout=timeout, max_unavailable=unavailable)
-    else:
-        outcomes = actions.status(nodes)
-    render_outcomes(term, outcomes)
-    raise typer.Exit(actions.exit_code(action, outcomes))
+        return actions.start(nodes, pinger(app))
+    if action == "restart":
+        return actions.restart(nodes, timeout=timeout, max_unavailable=unavailable)
+    if action == "stopwait":
+        return actions.stopwait(nodes, timeout)
+    return {"stop": actions.stop, "kill": actions.kill,
+            "status": actions.status}[action](nodes)
 
 
 def pinger(app: Any) -> Any:

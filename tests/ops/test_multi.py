@@ -199,6 +199,34 @@ def test_rolling_restart_keeps_a_node_answering(multi: Multi) -> None:
     assert answered and min(answered) >= 1, answered
 
 
+def test_ctrl_c_during_start_says_where_the_nodes_are(multi: Multi) -> None:
+    """Ctrl-C while multi waits for its nodes: the nodes go on starting (their own
+    sessions), and multi says so and shows their state, exit 130."""
+    (multi.rundir / "slowstart.py").write_text(
+        "import sys, time\n"
+        "if 'worker' in sys.argv:\n"
+        "    time.sleep(3)  # a slow start: multi is still waiting at the Ctrl-C\n"
+        "from proj.qops import app\n")
+    env = {**multi.env, "PYTHONPATH": f"{multi.rundir}{os.pathsep}{multi.env['PYTHONPATH']}"}
+    p = subprocess.Popen([sys.executable, "-m", "qops", "multi", "start", "w1", "-A",
+                          "slowstart", "-b", multi.broker], env=env, cwd=multi.rundir,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (multi.rundir / "w1.pid.cmd").exists(), timeout=30)
+        time.sleep(0.5)  # launched, not running yet
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (out, err)
+    assert "interrupted: nodes already launched go on starting" in err
+    assert "> w1@" in out, out
+    assert wait_until(lambda: multi("status", "w1").returncode == 0, timeout=30)
+    multi.pidfiles.add(multi.rundir / "w1.pid")
+    assert multi("stopwait", "w1").returncode == 0
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to drop privileges")
 def test_root_guard_and_uid_drop(nobody_python: ReachablePython) -> None:
     import shutil

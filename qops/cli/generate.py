@@ -248,8 +248,8 @@ def _command_line(g: Any, kind: str, d: Any, names: list[str] | None, nodes: int
                 "force_root": False, "name": "qops", "startsecs": 10, "beat": True,
                 "control_key_file": None, "exporter": None}
     for key, value in extra.items():
-        if value == defaults.get(key, object()):
-            continue
+        if value == defaults.get(key, object()) or (key == "user" and extra.get("force_root")):
+            continue  # (--force-root: no user, whatever --user says)
         if key == "beat":
             args.append("--no-beat")
         elif value is True:

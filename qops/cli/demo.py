@@ -84,9 +84,10 @@ def _run(term: Any, spec: str, workdir: Path) -> dict[str, Any]:
     check_root(accept_content=list(app.conf.accept_content), environ=env)  # as multi start
     options = ["-c", "2", "-l", "INFO", f"--pidfile={workdir}/%n.pid",
                f"--logfile={workdir}/%n%I.log"]
+    from qops.cli.multi import worker_options
     from qops.ops.record import environment
 
-    nodes = m.build_nodes(m.parse_args([*NODES, *options]),
+    nodes = m.build_nodes(m.parse_args([*NODES, *options], worker_options()),
                           global_argv=["-A", spec, "--workdir", os.getcwd()],
                           root_with_uid=False, env=environment(env))
     names = " ".join(NODES)

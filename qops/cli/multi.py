@@ -43,7 +43,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
     term = g.terminal
     if action not in ACTIONS:
         raise UsageError(f"unknown multi action {action!r}: use one of {', '.join(ACTIONS)}")
-    raw = list(ctx.args)
+    raw = _with_dashes(list(ctx.args), sys.argv[1:])
     template = None
     if action == "expand":
         if not raw:
@@ -54,7 +54,7 @@ def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, sto
         if not raw:
             raise UsageError("multi get needs a node name, e.g. 'multi get w1 w1 w2'")
         wanted, raw = raw[0], raw[1:]
-    args = m.parse_args(raw)
+    args = m.parse_args(raw, worker_options())
     timeout = number(args.own("--timeout") or 30, "--timeout", above=0)
     unavailable = number(args.own("--max-unavailable") or 1, "--max-unavailable",
                          at_least=1, whole=True)
@@ -118,6 +118,29 @@ def _act(g: Any, action: str, nodes: list[Any], uid_n: int | None, timeout: floa
         return actions.stopwait(nodes, timeout)
     return {"stop": actions.stop, "kill": actions.kill,
             "status": actions.status}[action](nodes)
+
+
+def _with_dashes(args: list[str], argv: list[str]) -> list[str]:
+    """``args`` (click's, which drops the ``--``) with the ``--`` put back before the
+    words that followed it on the command line ``argv``: they go to every worker as
+    they are, not checked as multi's options."""
+    if "--" not in argv:
+        return args
+    tail = argv[argv.index("--") + 1:]
+    if tail and args[len(args) - len(tail):] == tail:
+        return [*args[:len(args) - len(tail)], "--", *tail]
+    return args
+
+
+def worker_options() -> dict[str, bool]:
+    """Each option of ``qops worker`` -> whether it takes a value: what multi passes on."""
+    import typer.main
+
+    from qops.cli.main import cli
+
+    command = typer.main.get_command(cli).commands["worker"]  # type: ignore[attr-defined]
+    return {opt: not p.is_flag for p in command.params if p.param_type_name == "option"
+            for opt in [*p.opts, *p.secondary_opts]}
 
 
 def pinger(app: Any) -> Any:

@@ -25,9 +25,7 @@ from qops.errors import UsageError
 from qops.ops import record as rec
 from qops.ops.nodes import check_name, expand, hostname
 
-# worker options that take no value
-FLAGS = {"-E", "--task-events", "-D", "--detach", "-B", "--beat"}
-# multi's own options (not passed to the worker as such)
+# multi's own options, each with a value (not passed to the worker as such)
 OWN = {"--pidfile", "--logfile", "--range-prefix", "--rundir", "--logdir", "--timeout",
        "--max-unavailable", "--uid", "--gid"}
 
@@ -86,8 +84,11 @@ class MultiArgs:
 _OPT = re.compile(r"^(--?[A-Za-z][\w-]*)(?::([^=]+))?(?:=(.*))?$", re.DOTALL)
 
 
-def parse_args(argv: Sequence[str]) -> MultiArgs:
-    """Split ``w1 w2 -c 3 -c:1 10 --logfile:w2=/x.log -- extra`` into its parts."""
+def parse_args(argv: Sequence[str], worker_options: Mapping[str, bool]) -> MultiArgs:
+    """Split ``w1 w2 -c 3 -c:1 10 --logfile:w2=/x.log -- extra`` into its parts.
+    ``worker_options``: each option of ``qops worker`` -> whether it takes a value; an
+    option neither the worker's nor multi's own is a usage error (after ``--``: the
+    worker's to judge)."""
     names: list[str] = []
     options: list[tuple[str, str | None, str | None]] = []
     passthrough: list[str] = []
@@ -106,7 +107,10 @@ def parse_args(argv: Sequence[str]) -> MultiArgs:
             i += 1
             continue
         opt, selector, value = m.group(1), m.group(2), m.group(3)
-        if value is None and opt not in FLAGS:
+        if opt not in OWN and opt not in worker_options:
+            raise UsageError(f"no such option: {opt} (see 'qops worker --help' and "
+                             "'qops multi --help')")
+        if value is None and (opt in OWN or worker_options[opt]):
             if i + 1 >= len(args):
                 raise UsageError(f"option {opt} needs a value")
             value = args[i + 1]

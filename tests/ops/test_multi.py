@@ -96,6 +96,12 @@ def test_templates_and_names(multi: Multi, tmp_path: Path) -> None:
     assert " -B" in first and " -B" not in second and " -E" in second
     r = multi("expand", "%x", "w1")
     assert r.returncode == 2 and "%x" in r.stderr
+    r = multi("start", "w1", "--concurency", "2")  # misspelt: refused, nothing started
+    assert r.returncode == 2 and "no such option: --concurency" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "qops", "-A", "proj", "multi", "show", "w1",
+                        "-c", "2", "--", "--anything", "goes"], env=multi.env,
+                       cwd=multi.rundir, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("-c 2 --anything goes"), r
     logs = tmp_path / "logs"
     code, out = multi.json("start", "w1", "-c", "2", f"--pidfile={tmp_path}/run/%n.pid",
                            f"--logfile={logs}/%n%I.log")

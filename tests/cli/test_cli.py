@@ -85,6 +85,12 @@ def test_config_show_names_sources(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("result_expire: 3\n")
     r = run_qops("--config", str(tmp_path / "bad.yaml"), "config", "show")
     assert r.returncode == 2 and "result_expire" in r.stderr
+    (tmp_path / "broken.yaml").write_text("broker_url: redis://h\nresult_expires: [1, 2\n")
+    r = run_qops("--config", str(tmp_path / "broken.yaml"), "config", "show")
+    assert r.returncode == 2 and "not valid YAML" in r.stderr and "(line 3, column 1)" in \
+        r.stderr, r.stderr
+    r = run_qops("--config", str(tmp_path), "config", "show")
+    assert r.returncode == 2 and "is a directory" in r.stderr
 
 
 def test_dlq_commands(sqlite_url: str) -> None:

@@ -13,16 +13,19 @@ ACTIONS = ("start", "stop", "stopwait", "restart", "kill", "show", "names", "exp
 
 HELP = """Manage worker nodes as daemons.
 
-  qops multi start w1 w2 -A proj -c 4 -c:w2 8 --logfile=/var/log/qops/%n%I.log
-  qops multi start 3 -A proj                       (qops1..qops3)
-  qops multi stopwait w1 w2 --timeout 60
-  qops multi restart w1 w2                         (rolling, one node at a time)
+qops multi start w1 w2 -A proj -c 4 -c:w2 8 --logfile=/var/log/qops/%n%I.log
+qops multi start 3 -A proj               (qops1..qops3)
+qops multi stopwait w1 w2 --timeout 60
+qops multi restart w1 w2                 (rolling, one node at a time)
 
-Actions: start, stop, stopwait, restart, kill, show, names, expand TEMPLATE, get NODE,
-status. Per-node options: -c:1 10, -c:1-3 4, -c:w1 5, --logfile:w2=/x.log; everything
-after -- goes to every worker. Multi's own options: --pidfile (default %n.pid),
---logfile (default %n%I.log), --rundir, --logdir, --range-prefix, --timeout (stopwait,
-restart; default 30), --max-unavailable (restart; default 1), --uid, --gid."""
+Actions: start, stop, stopwait, restart, kill, status, show, names,
+expand TEMPLATE NODES, get NODE NODES.
+Per-node options: -c:1 10, -c:1-3 4, -c:w1 5, --logfile:w2=/x.log.
+Everything after -- goes to every worker as it is.
+Multi's own options: --pidfile (default %n.pid), --logfile (default %n%I.log),
+--rundir, --logdir, --range-prefix, --timeout (stopwait, restart; default 30),
+--max-unavailable (restart; default 1), --uid, --gid.
+Any other option is the worker's (qops worker --help)."""
 
 
 def register(cli: typer.Typer) -> None:
@@ -31,7 +34,8 @@ def register(cli: typer.Typer) -> None:
         "help_option_names": ["-h", "--help"]})(multi)
 
 
-def multi(ctx: typer.Context, action: str = typer.Argument(..., help="start, stop, ...")) -> None:
+def multi(ctx: typer.Context, action: str = typer.Argument(
+        ..., metavar="ACTION", help="start, stop, ...")) -> None:
     from qops.errors import UsageError
     from qops.ops import actions
     from qops.ops import multi as m

@@ -127,6 +127,9 @@ def _typer_error(term: Terminal, exc: Exception) -> int | None:
         term.fail("aborted", EX_FAILURE)
         return EX_FAILURE
     if _is_parser_error(exc):  # click's (typer's own copy of click in newer typer)
+        name = str(getattr(exc, "option_name", None) or "")
+        if name[1:2].isdigit() and hasattr(exc, "message"):  # rate_limit T -1/m
+            exc.message += " (a value starting with '-'? put -- before the arguments)"
         shell.show_usage_error(exc)
         code = int(getattr(exc, "exit_code", EX_USAGE))
         term.error_document(exc.format_message(), code)  # type: ignore[attr-defined]

@@ -63,6 +63,8 @@ def test_an_empty_or_misspelt_name_purges_nothing(redis_url: str) -> None:
         r = run_qops("-b", redis_url, "--json", *args)
         assert r.returncode == code and json.loads(r.stdout)["exit_code"] == code, args
     assert client.llen("cli-keep") == 1
+    r = run_qops("-b", redis_url, "control", "rate_limit", "proj.tasks.add", "-1/m")
+    assert r.returncode == 2 and "put -- before the arguments" in r.stderr
     client.delete("cli-keep", "_kombu.binding.cli-keep")
     client.close()
 

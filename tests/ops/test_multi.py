@@ -216,7 +216,10 @@ def test_ctrl_c_during_start_says_where_the_nodes_are(multi: Multi) -> None:
     env = {**multi.env, "PYTHONPATH": f"{multi.rundir}{os.pathsep}{multi.env['PYTHONPATH']}"}
     p = subprocess.Popen([sys.executable, "-m", "qops", "multi", "start", "w1", "-A",
                           "slowstart", "-b", multi.broker], env=env, cwd=multi.rundir,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # as from a shell: pytest-xdist's workers ignore SIGINT, and
+                         # an ignored signal stays ignored across exec
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert wait_until(lambda: (multi.rundir / "w1.pid.cmd").exists(), timeout=30)
         time.sleep(0.5)  # launched, not running yet

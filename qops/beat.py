@@ -43,6 +43,7 @@ from qops.errors import ConfigError, UsageError
 from qops.schedules import BaseSchedule, get_tz, parse_schedule, utcnow
 from qops.signals import fire_app_hooks
 from qops.task import SEND_OPTIONS
+from qops.values import file_name
 
 if TYPE_CHECKING:
     from qops.app import App
@@ -274,6 +275,7 @@ class Beat:
                  lock_name: str | None = None, use_lock: bool = True,
                  now: Callable[[], dt.datetime] | None = None) -> None:
         self.app = app
+        schedule_file = file_name(schedule_file, "the schedule file (-s)")
         self.schedule_file = ScheduleFile(schedule_file or app.conf.beat_schedule_filename)
         self.max_interval = float(max_interval or DEFAULT_MAX_INTERVAL)
         if self.max_interval <= 0:

@@ -14,10 +14,11 @@ saying what is accepted; callers add where the value came from.
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from qops.errors import UsageError
 from qops.rates import parse_rate
@@ -26,6 +27,7 @@ from qops.rates import parse_rate
 MAX_SECONDS = 1e9
 #: the most pool processes a node can have (the prefork pool's shared slot table)
 MAX_POOL_SIZE = 1024
+_Path = TypeVar("_Path", bound="str | os.PathLike[str]")
 #: longest queue name: AMQP's short string
 MAX_QUEUE_NAME = 255
 
@@ -122,6 +124,15 @@ def names(value: str | None, what: str) -> list[str] | None:
         raise UsageError(f"{what}: an empty name in {value!r} (an unset variable?); "
                          "give the names, comma separated")
     return items
+
+
+def file_name(value: _Path | None, what: str) -> _Path | None:
+    """A file name given as an option (``--logfile "$LOG"``): None when not given; an
+    empty one is a usage error, never read as "no file" or "the default file"."""
+    given: Any = value
+    if given is not None and not os.fspath(given).strip():
+        raise UsageError(f"{what}: an empty file name (an unset variable?)")
+    return value
 
 
 def task_name(value: Any) -> str:

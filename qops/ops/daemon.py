@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qops.errors import EX_FAILURE, PidfileLocked, PrivilegeError, UsageError
+from qops.values import file_name
 
 log = logging.getLogger("qops")
 
@@ -287,6 +288,8 @@ class NodeProcess:
     def __post_init__(self) -> None:
         from qops.ops.nodes import expand
 
+        file_name(self.logfile, "--logfile")
+        file_name(self.pidfile, "--pidfile")
         self.level = check_level(self.loglevel)
         self.mask = parse_umask(self.umask)
         self.uid_n, self.gid_n, self.user = resolve_ids(self.uid, self.gid)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from qops.events import EventDispatcher
 from qops.ops.nodes import expand
+from qops.values import file_name
 from qops.worker.consumer import ConsumerLoop
 from qops.worker.control import ControlServer
 from qops.worker.pool import Pool, ThreadPool, make_pool
@@ -70,7 +71,7 @@ class Worker:
                                  queues=list(queues or [app.default_queue]),
                                  prefetch=self.prefetch)
         # revoked ids that outlive a restart (qops/worker/state.py)
-        self.statedb = statedb or conf.worker_state_db or None
+        self.statedb = file_name(statedb, "the state db (-S)") or conf.worker_state_db or None
         if self.statedb:
             self.loop.revoked.load(expand(self.statedb, hostname))
         self.started_at = time.time()

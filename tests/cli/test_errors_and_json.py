@@ -105,7 +105,10 @@ def test_a_node_that_cannot_start_says_why_once(tmp_path: Path, sqlite_url: str)
             (["worker", "-b", "redis://127.0.0.1:1/0"], 74, "unreachable"),
             (["multi", "stopwait", "w1", "--timeout", "abc"], 2, "--timeout must be a number"),
             (["multi", "restart", "w1", "--timeout", "-1"], 2, "greater than 0"),
-            (["multi", "start", "w1", "--pidfile", f"{a_file}/%n.pid"], 2, "cannot read pid")]:
+            (["multi", "start", "w1", "--pidfile", f"{a_file}/%n.pid"], 2, "cannot read pid"),
+            (["worker", "--logfile", ""], 2, "--logfile: an empty file name"),
+            (["worker", "-S", " "], 2, "an empty file name"),
+            (["beat", "-s", ""], 2, "the schedule file (-s): an empty file name")]:
         r = run_qops("-A", "proj", "-b", sqlite_url, *args, timeout=60)
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert says in one_error_line(r.stderr), (args, r.stderr)

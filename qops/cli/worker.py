@@ -53,13 +53,15 @@ def worker(
     from qops.ops.daemon import NodeProcess, setup_logging
     from qops.ops.nodes import node_name
     from qops.ops.privileges import check_root
+    from qops.values import file_name, queue_name
     from qops.values import names as qnames
-    from qops.values import queue_name
 
     g = ctx.obj
     if pool is not None and pool not in ("prefork", "threads", "solo"):
         raise UsageError(f"unknown pool {pool!r}: choose prefork, threads or solo")
     names = [queue_name(q) for q in qnames(queues, "-Q/--queues") or []]
+    file_name(statedb, "the state db (-S)")
+    file_name(schedule, "the schedule file (-s)")
     node = node_name(hostname)
     proc = NodeProcess(node, loglevel, logfile, pidfile, detach, uid, gid, umask)
     app = g.load_app(required=True, import_tasks=True)

@@ -216,14 +216,14 @@ class ScheduleFile:
         """name -> {"last_run": aware datetime or None, "since": the same, "total_run_count":
         int}; {} when absent."""
         try:
-            text = self.path.read_text()
+            content = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise ConfigError(f"cannot read the schedule file {self.path}: "
                               f"{exc.strerror}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(content)  # (not UTF-8, e.g. Celery's shelve: a ValueError too)
             if data.get("format") != STATE_FORMAT:
                 raise ValueError("not a qops schedule file")
             raw = data["entries"]

@@ -227,9 +227,11 @@ def test_an_entry_that_never_ran_has_no_last_run_and_keeps_its_start(app, tmp_pa
     beat.close()
 
 
-def test_unreadable_schedule_file_is_replaced(app, tmp_path, caplog):
+@pytest.mark.parametrize("content", [b"\x00\x01 a shelve file",
+                                     b"\x92\xff\x00 not even UTF-8 (a gdbm file)"])
+def test_unreadable_schedule_file_is_replaced(app, tmp_path, caplog, content):
     path = tmp_path / "celerybeat-schedule"
-    path.write_bytes(b"\x00\x01 a shelve file")
+    path.write_bytes(content)
     app.conf.beat_schedule = {"m": {"task": "t.m", "schedule": 60}}
     beat = Beat(app, schedule_file=path, now=Clock())
     beat.setup()

@@ -96,11 +96,16 @@ def status(ctx: Context, destination: Destination = None, timeout: Timeout = 1.0
                    "remote_control": "signed" if res.signed else "unauthenticated",
                    "elapsed": round(res.elapsed, 4)})
     else:
-        for node in sorted(res.replies):
-            term.print(f"{node}: OK")
-        n = len(res.replies)
-        if n:
-            term.print(f"\n{n} node{'s' if n != 1 else ''} online.")
+        online = 0
+        for node, reply in sorted(res.replies.items()):
+            if reply == {"ok": "pong"}:
+                online += 1
+                term.print(f"{node}: OK")
+            else:  # e.g. refused: the node wants signed control messages
+                error = reply.get("error", reply) if isinstance(reply, dict) else reply
+                term.print(f"{node}: ERROR {error}")
+        if online:
+            term.print(f"\n{online} node{'s' if online != 1 else ''} online.")
     _report_missing(res, timeout)
     return res.exit_code() or (1 if res.duplicates else 0)
 

@@ -109,6 +109,9 @@ def test_unsigned_client_gets_an_error_reply(node: Signed) -> None:
     r = status(node.broker, None)
     assert "remote control: unauthenticated" in r.stderr
     assert json.loads(r.stdout)["remote_control"] == "unauthenticated"
+    r = run_qops("-b", node.broker, "status", "--timeout", REPLY_TIMEOUT)  # plain text
+    assert r.returncode == 1 and f"{NODE}: ERROR refused (unsigned)" in r.stdout, r.stdout
+    assert "online" not in r.stdout  # a node that refuses us is not counted
 
 
 def test_wrong_key_is_a_clear_client_error(node: Signed, tmp_path: Path) -> None:

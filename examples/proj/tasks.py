@@ -119,3 +119,12 @@ def stubborn(self, path: str, seconds: float) -> None:
         time.sleep(seconds)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
+
+@app.task
+def errback(request, exc: BaseException, traceback: str | None, path: str) -> None:
+    """A Celery-style errback (``link_error=errback.s(path)``): called where the task
+    failed, with its request, the exception and the traceback; appends "<failed task
+    id> <exception type> <pid>" to ``path``."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{request.id} {type(exc).__name__} {bool(traceback)} {os.getpid()}\n")

@@ -6,11 +6,13 @@ in between sends them twice rather than never."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qops.app import App
     from qops.protocol import TaskRequest
+    from qops.task import Context, Task
 
 log = logging.getLogger("qops.worker")
 
@@ -42,17 +44,61 @@ def apply_signature(app: App, sig: dict[str, Any], result: Any, **options: Any) 
         app.send_signature(Signature(sig, app=app).clone([result]), **options)
 
 
-def send_errbacks(app: App, req: TaskRequest) -> None:
-    """Call the ``link_error`` errbacks with the failed task's id."""
-    from qops.task import Signature
+def _called_here(app: App, errback: dict[str, Any]) -> Task | None:
+    """The task of ``errback`` when it is called in this process with ``(request, exc,
+    traceback)``, as Celery calls an errback whose function takes more than one
+    positional argument (not bound, not immutable); None: it is sent as a task with the
+    failed task's id (the older form; an immutable one with its own arguments alone)."""
+    import inspect
 
-    for eb in req.errbacks or []:
+    task = app.tasks.get(str(errback.get("task")))
+    if task is None or task.bind or errback.get("immutable"):  # .si(): its own arguments
+        return None
+    params = inspect.signature(task.run).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return task
+    return task if sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                       for p in params) > 1 else None
+
+
+def call_errbacks(app: App, request: Context, exc: BaseException,
+                  traceback: str | None) -> list[int]:
+    """Call here the errbacks of ``request`` that take ``(request, exc, traceback)``
+    (before their own arguments); the indexes of those called."""
+    called = []
+    for i, errback in enumerate(request.errbacks or []):
+        task = _called_here(app, errback)
+        if task is None:
+            continue
+        called.append(i)
+        try:
+            task(request, exc, traceback, *errback.get("args") or (),
+                 **errback.get("kwargs") or {})
+        except Exception as error:
+            log.error("Task %s[%s]: its errback %s raised: %r", request.get("task"),
+                      request.id, task.name, error)
+    return called
+
+
+def send_errbacks(app: App, req: TaskRequest, exc: BaseException,
+                  traceback: str | None = None, called: Sequence[int] = ()) -> None:
+    """The ``link_error`` errbacks of a failed task not ``called`` already (where it ran):
+    those taking ``(request, exc, traceback)`` called here, the others sent with the
+    task's id."""
+    from qops.task import Context, Signature
+
+    left = [eb for i, eb in enumerate(req.errbacks or []) if i not in called]
+    if not left:
+        return
+    request = Context(**{**req.context(), "errbacks": left})
+    here = set(call_errbacks(app, request, exc, traceback))
+    for eb in (eb for i, eb in enumerate(left) if i not in here):
         try:
             app.send_signature(Signature(eb, app=app).clone([req.id]),
                                parent_id=req.id, root_id=req.root_id,
                                reply_to=req.reply_to or "")
-        except Exception as exc:
-            log.error("Task %s[%s]: could not send errback: %s", req.name, req.id, exc)
+        except Exception as error:
+            log.error("Task %s[%s]: could not send errback: %s", req.name, req.id, error)
 
 
 def send_retry(app: App, req: TaskRequest, queue: str, when: float,

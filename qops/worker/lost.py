@@ -181,7 +181,7 @@ class LostBooks:
         exc = WorkerLostError(reason)
         loop.store(req, FAILURE, exc)
         loop.event("task-failed", req, exception=f"WorkerLostError({reason})", traceback=None)
-        followers.send_errbacks(loop.app, req)
+        followers.send_errbacks(loop.app, req, exc)
         loop._count(req.name)
 
 

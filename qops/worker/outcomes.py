@@ -68,7 +68,10 @@ class Outcomes:
             loop.store(req, FAILURE, outcome["result"], outcome.get("traceback"))
             loop.event("task-failed", req, exception=_exc_line(outcome["result"]),
                        traceback=outcome.get("traceback"))
-            followers.send_errbacks(loop.app, req)
+            if req.errbacks:
+                followers.send_errbacks(loop.app, req, protocol.dict_to_exception(
+                    outcome["result"]), outcome.get("traceback"),
+                    outcome.get("errbacks_called", ()))
             if req.chain:
                 from qops.canvas import propagate_chain_failure
 

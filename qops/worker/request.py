@@ -98,7 +98,7 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
                 except Retry as retry:
                     return _retry_outcome(retry, start)
                 except Exception as final:
-                    return _failure(final, start)
+                    return _failed(app, ctx, final, start)
             raise
         finally:
             if use_alarm:
@@ -114,12 +114,12 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
     except Retry as retry:
         return _retry_outcome(retry, start)
     except MaxRetriesExceeded as exc:
-        return _failure(exc, start)
+        return _failed(app, ctx, exc, start)
     except Reject as rej:
         return {"state": REJECTED, "reason": rej.reason or "rejected by the task",
                 "requeue": rej.requeue, "runtime": time.monotonic() - start}
     except Exception as exc:
-        return _failure(exc, start)
+        return _failed(app, ctx, exc, start)
     except _HardLimit:
         outcome = _failure(TimeLimitExceeded(f"hard time limit ({hard}s) exceeded"), start,
                            tb=None)
@@ -130,6 +130,18 @@ def execute(app: App, job: dict[str, Any]) -> dict[str, Any]:
         task.pop_request()
         if discovery.django_ready:
             discovery.close_old_connections()
+
+
+def _failed(app: App, ctx: Context, exc: BaseException, start: float) -> dict[str, Any]:
+    """The task raised ``exc``: its failure, its errbacks that take ``(request, exc,
+    traceback)`` called here, with the exception itself (the main process sends the
+    others)."""
+    outcome = _failure(exc, start)
+    if ctx.errbacks:
+        from qops.worker.followers import call_errbacks
+
+        outcome["errbacks_called"] = call_errbacks(app, ctx, exc, outcome["traceback"])
+    return outcome
 
 
 def _failure(exc: BaseException, start: float, tb: str | None = "") -> dict[str, Any]:

@@ -171,6 +171,22 @@ def test_link_and_link_error(proj) -> None:
         failing.get(timeout=5)
 
 
+def test_a_celery_style_errback_is_called_with_request_exc_traceback(proj, tmp_path) -> None:
+    """An errback taking (request, exc, traceback) is called where the task failed, as
+    Celery does -- not sent with the task id, which does not fit it (it was dead-lettered);
+    an old-style one beside it is still sent."""
+    t = proj
+    path, eb_id = tmp_path / "errbacks.txt", str(uuid.uuid4())
+    failing = t.fail.apply_async(("boom",), link_error=[
+        t.errback.s(str(path)), t.add.si(1, 2).set(task_id=eb_id)])
+    with pytest.raises(ValueError):
+        failing.get(timeout=20)
+    assert proj.add.app.AsyncResult(eb_id).get(timeout=20) == 3
+    assert wait_until(path.exists, timeout=10)
+    task_id, exc_type, has_tb, _pid = path.read_text().split()
+    assert (task_id, exc_type, has_tb) == (failing.id, "ValueError", "True")
+
+
 # -- without a worker -------------------------------------------------------------------------
 
 

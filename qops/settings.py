@@ -55,6 +55,19 @@ def _compression(value: str) -> str:
     return value
 
 
+def _json_only(value: str) -> str:
+    if str(value).strip().lower() != "json":
+        raise UsageError(f"{value!r} is not supported: qops sends and stores JSON only")
+    return value
+
+
+def _timezone(value: str) -> str:
+    from qops.schedules import get_tz
+
+    get_tz(value)
+    return value
+
+
 def _rate(value: str) -> str:
     parse_rate(value)
     return value
@@ -74,13 +87,13 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("compat", "qops", "str", "names on the wire: 'qops' or 'celery'"),
     _s("imports", [], "list", "modules a worker imports to register tasks"),
     _s("include", [], "list", "more modules to import (as App(include=...))"),
-    _s("timezone", "UTC", "str", "time zone for crontab schedules"),
+    _s("timezone", "UTC", "str", "time zone for crontab schedules", _timezone),
     _s("enable_utc", True, "bool", "times in messages are UTC"),
     _s("task_default_queue", None, "str", "queue for tasks with no route (default: the namespace)"),
     _s("task_routes", {}, "dict", "task name or glob -> {'queue': name} or queue name"),
     _s("task_annotations", {}, "dict", "task name or '*' -> task options (rate_limit, ...)"),
-    _s("task_serializer", "json", "str", "only 'json' is supported"),
-    _s("result_serializer", "json", "str", "only 'json' is supported"),
+    _s("task_serializer", "json", "str", "only 'json' is supported", _json_only),
+    _s("result_serializer", "json", "str", "only 'json' is supported", _json_only),
     _s("accept_content", ["json"], "list", "content types a worker accepts"),
     _s("task_acks_late", True, "bool", "ack after the task ends (at-least-once); differs from Celery"),
     _s("task_reject_on_worker_lost", True, "bool",

@@ -112,6 +112,9 @@ def test_default_broker_is_per_user_sqlite(monkeypatch: pytest.MonkeyPatch,
     ("task_default_priority", 10, "at most 9"),
     ("task_default_rate_limit", "10/x", "invalid rate limit"),
     ("worker_heartbeat_interval", ".nan", "finite"),
+    ("task_serializer", "pickle", "JSON only"),
+    ("result_serializer", "msgpack", "JSON only"),
+    ("timezone", "Mars/Base", "not a known time zone"),
 ])
 def test_yaml_value_out_of_bounds_names_the_key(tmp_path: Path, key: str, value: object,
                                                 says: str) -> None:

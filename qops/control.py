@@ -106,7 +106,7 @@ def parse_arguments(method: str, values: Sequence[str],
         if arg.many:
             if not rest:
                 if arg.required:
-                    raise UsageError(f"{method} needs at least one {arg.name}")
+                    raise UsageError(f"{method} needs {arg.name} (at least one)")
                 continue
             out[arg.name] = rest
             rest = []

@@ -51,8 +51,10 @@ def check_key_file_mode(path: Path, st: os.stat_result | None = None) -> str | N
     if st.st_uid not in (os.geteuid(), 0):
         return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}) or root"
     if st.st_mode & 0o027:
-        return (f"has mode {stat.S_IMODE(st.st_mode):04o}: other users could read or "
-                "change it; chmod 600 it (or 640 to the service's group)")
+        who = "its group could change it" if not st.st_mode & 0o007 else \
+            "other users could read or change it"
+        return (f"has mode {stat.S_IMODE(st.st_mode):04o}: {who}; chmod 600 it (or 640 "
+                "to the service's group)")
     return None
 
 
@@ -147,8 +149,10 @@ class Signer:
                 raise SignatureError("malformed timestamp") from None
             now = time.time()
             if abs(now - sent) > self.window:
-                raise SignatureError(f"stale: signed {now - sent:+.0f}s from this node's "
-                                     f"clock (allowed: {self.window:g}s)")
+                when = (f"{now - sent:.0f}s ago" if now > sent
+                        else f"{sent - now:.0f}s in the future")
+                raise SignatureError(f"stale: signed {when} by this node's clock "
+                                     f"(allowed: {self.window:g}s either way)")
             with self._lock:
                 self._forget(now)
                 if nonce in self._seen:

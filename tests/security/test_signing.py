@@ -79,11 +79,13 @@ def test_key_file_rules(tmp_path: Path) -> None:
         write_key_file(path)
     os.chmod(path, 0o640)
     load_keys(path)  # group-readable: the service group's
-    for mode in (0o644, 0o660, 0o604):
+    for mode, says in ((0o644, "other users could read or change it"),
+                       (0o660, "its group could change it"),
+                       (0o604, "other users could read or change it")):
         os.chmod(path, mode)
         with pytest.raises(ConfigError) as exc:
             load_keys(path)
-        assert "other users could read or change it" in str(exc.value)
+        assert says in str(exc.value)
         assert "\n" not in str(exc.value)
     os.chmod(path, 0o600)
     path.write_text("# comment\n\n" + "n" * 20 + "\n" + "o" * 20 + "\n")

@@ -175,7 +175,8 @@ def _report_missing(res: Any, timeout: float) -> None:
     for node, why in sorted(res.rejected.items()):
         print(f"qops: warning: ignored the reply of {node}: {why}", file=sys.stderr)
     for node in res.missing:
-        print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
+        if node not in res.rejected:  # (a rejected reply was said above)
+            print(f"qops: {node}: no reply within {timeout}s", file=sys.stderr)
     if not res.replies and res.rejected:
         n = len(res.rejected)
         print(f"qops: error: no valid replies: the signatures of {n} repl{'ies' if n > 1 else 'y'} "

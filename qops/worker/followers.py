@@ -51,8 +51,10 @@ def _called_here(app: App, errback: dict[str, Any]) -> Task | None:
     failed task's id (the older form; an immutable one with its own arguments alone)."""
     import inspect
 
+    if errback.get("immutable") or errback.get("subtask_type"):  # .si(), a canvas
+        return None
     task = app.tasks.get(str(errback.get("task")))
-    if task is None or task.bind or errback.get("immutable"):  # .si(): its own arguments
+    if task is None or task.bind:
         return None
     params = inspect.signature(task.run).parameters.values()
     if any(p.kind is p.VAR_POSITIONAL for p in params):

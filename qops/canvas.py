@@ -133,9 +133,12 @@ class chain(Signature):  # noqa: N801 - Celery's name
         return errback
 
     def freeze(self) -> ResultType:
+        """The last step's result; each step's ``parent`` is the one before it."""
         result: ResultType | None = None
         for t in self.tasks:
-            result = freeze(t)
+            step = freeze(t)
+            step.parent = result
+            result = step
         assert result is not None
         return result
 

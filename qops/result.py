@@ -22,6 +22,9 @@ class AsyncResult:
         self.app = app
         self._backend = backend
         self._cache: dict[str, Any] | None = None
+        #: the result of the step before this one in a chain (None: the first, or not
+        #: sent as part of a chain by this process), as Celery's ``parent``
+        self.parent: AsyncResult | GroupResult | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult: {self.id}>"
@@ -138,6 +141,7 @@ class GroupResult:
         self.id = id
         self.results: list[AsyncResult | GroupResult] = list(results or ())
         self.app = app
+        self.parent: AsyncResult | GroupResult | None = None  # as AsyncResult.parent
 
     def __repr__(self) -> str:
         return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"

@@ -66,7 +66,9 @@ def proj(urls: tuple[str, str],
 def test_chain_of_chain_and_pipe(proj) -> None:
     t = proj
     assert chain(t.add.s(4, 4) | t.mul.s(8))().get(timeout=20) == 64
-    assert (t.add.s(2, 2) | t.mul.s(4)).delay().get(timeout=10) == 16
+    r = (t.add.s(2, 2) | t.mul.s(4)).delay()
+    assert r.get(timeout=10) == 16
+    assert r.parent.get(timeout=10) == 4 and r.parent.parent is None  # Celery's parent
     assert chain(t.add.s(1, 1), t.mul.si(3, 3), t.add.s(1)).apply_async().get(timeout=10) == 10
     assert signature("proj.tasks.add", args=(2, 2)).delay().get(timeout=10) == 4
 

@@ -31,6 +31,7 @@ Any other option is the worker's (qops worker --help)."""
 def register(cli: typer.Typer) -> None:
     cli.command("multi", help=HELP, context_settings={
         "allow_extra_args": True, "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
         "help_option_names": ["-h", "--help"]})(multi)
 
 
@@ -47,7 +48,12 @@ def multi(ctx: typer.Context, action: str = typer.Argument(
     term = g.terminal
     if action not in ACTIONS:
         raise UsageError(f"unknown multi action {action!r}: use one of {', '.join(ACTIONS)}")
-    raw = _with_dashes(list(ctx.args), sys.argv[1:])
+    # the words after the action as typed, "--" kept (allow_interspersed_args=False:
+    # click stops at the action); -h anywhere before "--" is still the help
+    raw = list(ctx.args)
+    if {"-h", "--help"} & set(raw[:raw.index("--")] if "--" in raw else raw):
+        print(ctx.get_help())
+        raise typer.Exit(0)
     template = None
     if action == "expand":
         if not raw:
@@ -122,18 +128,6 @@ def _act(g: Any, action: str, nodes: list[Any], uid_n: int | None, timeout: floa
         return actions.stopwait(nodes, timeout)
     return {"stop": actions.stop, "kill": actions.kill,
             "status": actions.status}[action](nodes)
-
-
-def _with_dashes(args: list[str], argv: list[str]) -> list[str]:
-    """``args`` (click's, which drops the ``--``) with the ``--`` put back before the
-    words that followed it on the command line ``argv``: they go to every worker as
-    they are, not checked as multi's options."""
-    if "--" not in argv:
-        return args
-    tail = argv[argv.index("--") + 1:]
-    if tail and args[len(args) - len(tail):] == tail:
-        return [*args[:len(args) - len(tail)], "--", *tail]
-    return args
 
 
 def worker_options() -> dict[str, bool]:

@@ -130,7 +130,9 @@ class Task:
         self.__module__ = getattr(fun, "__module__", "")
         self.__wrapped__ = fun
         self._signature = inspect.signature(fun)
-        self._positional = _positional_bounds(self._signature, skip=1 if bind else 0)
+        #: (fewest, most) positional arguments, most None for ``*args``; None when a
+        #: keyword-only argument is required
+        self.positional = _positional_bounds(self._signature, skip=1 if bind else 0)
 
     def __repr__(self) -> str:
         return f"<@task: {self.name}>"
@@ -158,9 +160,9 @@ class Task:
         """Raise TypeError when ``args``/``kwargs`` don't fit the function."""
         if not self.typing:
             return
-        if not kwargs and self._positional is not None:
+        if not kwargs and self.positional is not None:
             # the common case, checked without building a BoundArguments
-            low, high = self._positional
+            low, high = self.positional
             n = len(args) if isinstance(args, (list, tuple)) else len(list(args))
             if low <= n and (high is None or n <= high):
                 return

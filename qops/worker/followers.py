@@ -49,18 +49,13 @@ def _called_here(app: App, errback: dict[str, Any]) -> Task | None:
     traceback)``, as Celery calls an errback whose function takes more than one
     positional argument (not bound, not immutable); None: it is sent as a task with the
     failed task's id (the older form; an immutable one with its own arguments alone)."""
-    import inspect
-
     if errback.get("immutable") or errback.get("subtask_type"):  # .si(), a canvas
         return None
     task = app.tasks.get(str(errback.get("task")))
-    if task is None or task.bind:
+    if task is None or task.bind or task.positional is None:
         return None
-    params = inspect.signature(task.run).parameters.values()
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return task
-    return task if sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                       for p in params) > 1 else None
+    most = task.positional[1]  # (the bounds Task worked out for its argument checks)
+    return task if most is None or most > 1 else None
 
 
 def call_errbacks(app: App, request: Context, exc: BaseException,

@@ -27,7 +27,6 @@ from qops.rates import parse_rate
 MAX_SECONDS = 1e9
 #: the most pool processes a node can have (the prefork pool's shared slot table)
 MAX_POOL_SIZE = 1024
-_Path = TypeVar("_Path", bound="str | os.PathLike[str]")
 #: longest queue name: AMQP's short string
 MAX_QUEUE_NAME = 255
 
@@ -124,6 +123,9 @@ def names(value: str | None, what: str) -> list[str] | None:
         raise UsageError(f"{what}: an empty name in {value!r} (an unset variable?); "
                          "give the names, comma separated")
     return items
+
+
+_Path = TypeVar("_Path", bound="str | os.PathLike[str]")
 
 
 def file_name(value: _Path | None, what: str) -> _Path | None:

@@ -60,12 +60,17 @@ def test_task_that_kills_its_node_is_dead_lettered(app, broker, workers, queue, 
     restarted node finds the message it was running and counts the death."""
     import proj.tasks
 
-    path = tmp_path / "runs.txt"
-    res = proj.tasks.crash.apply_async((str(path),), queue=queue)
+    path, errbacks = tmp_path / "runs.txt", tmp_path / "errbacks.txt"
+    # a Celery-style errback: called by the node that counts the third death (the task's
+    # own process is gone), with the WorkerLostError
+    res = proj.tasks.crash.apply_async((str(path),), queue=queue,
+                                       link_error=proj.tasks.errback.s(str(errbacks)))
     _restart_until_failed(res, workers, queue)
     assert res.state == "FAILURE"
     _check_failed(app, res, queue, "")
     assert runs(path)[res.id] == 3
+    assert wait_until(errbacks.exists, timeout=10)
+    assert errbacks.read_text().split()[:2] == [res.id, "WorkerLostError"]
     [stats] = app.transport.queue_stats([queue])
     assert stats.ready == 0
 
